@@ -1,0 +1,20 @@
+//! lethe-kernels: numbers only. Block formats of GGUF (ggml) tensors, their dot products,
+//! and the small ops of a transformer forward pass. Nothing here knows about files or models.
+//!
+//! Every fast kernel has a scalar twin in the same family file; SIMD is chosen at run time.
+
+pub mod cpu;
+pub mod ops;
+pub mod quant;
+
+pub use quant::GgmlType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("unknown ggml type id {0}")]
+    UnknownType(u32),
+    #[error("type {0} is not supported for this operation")]
+    Unsupported(&'static str),
+    #[error("row length {n} is not a multiple of block size {block} for {ty}")]
+    BadRowLength { ty: &'static str, n: usize, block: usize },
+}

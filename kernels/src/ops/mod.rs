@@ -1,0 +1,1 @@
+//! Small ops of the forward pass.

@@ -1,0 +1,4 @@
+//! Writing GGUF files (placeholder: being written).
+
+/// Builds a GGUF file.
+pub struct GgufWriter;
