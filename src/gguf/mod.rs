@@ -21,15 +21,27 @@ pub const MAX_DIMS: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot open {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("not a GGUF file: bad magic {0:02x?} (expected \"GGUF\")")]
     BadMagic([u8; 4]),
     #[error("unsupported GGUF version {0} (lethe reads v2 and v3)")]
     UnsupportedVersion(u32),
     #[error("file truncated: {what} at offset {offset} needs {need} bytes, {have} left")]
-    Truncated { what: String, offset: usize, need: usize, have: usize },
+    Truncated {
+        what: String,
+        offset: usize,
+        need: usize,
+        have: usize,
+    },
     #[error("{what} count {count} cannot fit in the {file_size}-byte file")]
-    CountTooLarge { what: &'static str, count: u64, file_size: usize },
+    CountTooLarge {
+        what: &'static str,
+        count: u64,
+        file_size: usize,
+    },
     #[error("{what} at offset {offset} is not valid UTF-8")]
     BadUtf8 { what: String, offset: usize },
     #[error("metadata key {key:?}: unknown value type {ty}")]
@@ -43,27 +55,61 @@ pub enum GgufError {
     #[error("general.alignment must be a non-zero power of two u32, got {0}")]
     BadAlignment(String),
     #[error("tensor {name:?}: name is {len} bytes, the limit is {max}")]
-    NameTooLong { name: String, len: usize, max: usize },
+    NameTooLong {
+        name: String,
+        len: usize,
+        max: usize,
+    },
     #[error("duplicate tensor name {0:?}")]
     DuplicateTensor(String),
     #[error("tensor {name:?}: {n_dims} dimensions, at most {max} allowed")]
-    TooManyDims { name: String, n_dims: u32, max: usize },
+    TooManyDims {
+        name: String,
+        n_dims: u32,
+        max: usize,
+    },
     #[error("tensor {name:?}: bad shape {shape:?}: {why}")]
-    BadShape { name: String, shape: Vec<u64>, why: String },
+    BadShape {
+        name: String,
+        shape: Vec<u64>,
+        why: String,
+    },
     #[error("tensor {name:?}: unknown ggml type id {ty}")]
     BadTensorType { name: String, ty: u32 },
     #[error("tensor {name:?}: ne[0] = {ne0} is not a multiple of the {ty} block size {block}")]
-    BadBlockMultiple { name: String, ty: String, ne0: u64, block: usize },
+    BadBlockMultiple {
+        name: String,
+        ty: String,
+        ne0: u64,
+        block: usize,
+    },
     #[error("tensor {name:?}: offset {offset} is not a multiple of the alignment {align}")]
-    MisalignedOffset { name: String, offset: u64, align: usize },
+    MisalignedOffset {
+        name: String,
+        offset: u64,
+        align: usize,
+    },
     #[error("tensor {name:?}: offset {offset}, expected {expected} (tensor data must be packed in order)")]
-    UnpackedOffset { name: String, offset: u64, expected: u64 },
+    UnpackedOffset {
+        name: String,
+        offset: u64,
+        expected: u64,
+    },
     #[error("tensor {name:?}: data [{start}, {end}) lies outside the file ({file_size} bytes)")]
-    DataOutOfBounds { name: String, start: u64, end: u64, file_size: usize },
+    DataOutOfBounds {
+        name: String,
+        start: u64,
+        end: u64,
+        file_size: usize,
+    },
     #[error("metadata key {key:?} not found")]
     MissingKey { key: String },
     #[error("metadata key {key:?}: expected {expected}, found {found}")]
-    WrongType { key: String, expected: &'static str, found: String },
+    WrongType {
+        key: String,
+        expected: &'static str,
+        found: String,
+    },
     #[error("tensor {0:?} not found")]
     MissingTensor(String),
     #[error("write: {0}")]

@@ -1,7 +1,9 @@
 //! Reading GGUF files: one pass over the header with a bounds-checked cursor, then tensor data
 //! used in place from the memory map.
 
-use super::{GgufError, Result, Value, ValueType, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS, MAX_NAME};
+use super::{
+    GgufError, Result, Value, ValueType, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS, MAX_NAME,
+};
 use lethe_kernels::GgmlType;
 use std::collections::HashMap;
 use std::path::Path;
@@ -41,7 +43,7 @@ impl TensorInfo {
         self.shape.iter().skip(1).product()
     }
     pub fn row_len(&self) -> usize {
-        self.shape[0] as usize
+        self.shape.first().map_or(1, |&d| d as usize)
     }
 }
 
@@ -66,7 +68,12 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
         let have = self.buf.len() - self.pos;
         if n > have {
-            return Err(GgufError::Truncated { what: what(), offset: self.pos, need: n, have });
+            return Err(GgufError::Truncated {
+                what: what(),
+                offset: self.pos,
+                need: n,
+                have,
+            });
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -94,7 +101,10 @@ impl<'a> Cursor<'a> {
         }
         let start = self.pos;
         let bytes = self.take(len as usize, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| GgufError::BadUtf8 { what: what(), offset: start })
+        String::from_utf8(bytes.to_vec()).map_err(|_| GgufError::BadUtf8 {
+            what: what(),
+            offset: start,
+        })
     }
 
     fn scalar(&mut self, ty: ValueType, what: &dyn Fn() -> String) -> Result<Value> {
@@ -121,13 +131,20 @@ impl<'a> Cursor<'a> {
             return self.scalar(ty, &|| format!("value of {key:?}"));
         }
         let et = self.u32(&|| format!("array type of {key:?}"))?;
-        let et = ValueType::from_u32(et).ok_or_else(|| GgufError::BadValueType { key: key.to_string(), ty: et })?;
+        let et = ValueType::from_u32(et).ok_or_else(|| GgufError::BadValueType {
+            key: key.to_string(),
+            ty: et,
+        })?;
         if et == ValueType::Array {
-            return Err(GgufError::NestedArray { key: key.to_string() });
+            return Err(GgufError::NestedArray {
+                key: key.to_string(),
+            });
         }
         let n = self.u64(&|| format!("array length of {key:?}"))?;
         // Every element takes at least min_size bytes: bound the count before allocating.
-        let fits = n.checked_mul(et.min_size() as u64).is_some_and(|b| b <= self.remaining() as u64);
+        let fits = n
+            .checked_mul(et.min_size() as u64)
+            .is_some_and(|b| b <= self.remaining() as u64);
         if !fits {
             return Err(GgufError::Truncated {
                 what: format!("array {key:?} of {n} {}", et.name()),
@@ -136,7 +153,7 @@ impl<'a> Cursor<'a> {
                 have: self.remaining(),
             });
         }
-        let mut v = Vec::with_capacity(n as usize);
+        let mut v = Vec::with_capacity(initial_capacity(n));
         for i in 0..n {
             v.push(self.scalar(et, &|| format!("element {i} of {key:?}"))?);
         }
@@ -148,7 +165,10 @@ impl GgufFile {
     /// Open and validate a file; tensor data stays in the memory map.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io { path: path.display().to_string(), source };
+        let io = |source| GgufError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; lethe never writes model files it has open.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
@@ -174,16 +194,31 @@ impl GgufFile {
         }
         let n_tensors = c.u64(&|| "tensor count".into())?;
         let n_kv = c.u64(&|| "metadata count".into())?;
-        // A tensor info takes at least 8+4+8+4+8 bytes, a kv at least 8+4+1.
-        if n_tensors.saturating_mul(32) > file_size as u64 {
-            return Err(GgufError::CountTooLarge { what: "tensor", count: n_tensors, file_size });
+        // A tensor info takes at least 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset)
+        // bytes, a kv at least 8 (key length) + 1 (key) + 4 (type) + 1 (value): reject counts
+        // the rest of the file cannot hold before allocating anything for them.
+        let rest = c.remaining() as u64;
+        if n_tensors.saturating_mul(24) > rest {
+            return Err(GgufError::CountTooLarge {
+                what: "tensor",
+                count: n_tensors,
+                file_size,
+            });
         }
-        if n_kv.saturating_mul(13) > file_size as u64 {
-            return Err(GgufError::CountTooLarge { what: "metadata", count: n_kv, file_size });
+        if n_kv
+            .saturating_mul(14)
+            .saturating_add(n_tensors.saturating_mul(24))
+            > rest
+        {
+            return Err(GgufError::CountTooLarge {
+                what: "metadata",
+                count: n_kv,
+                file_size,
+            });
         }
 
-        let mut metadata = Vec::with_capacity(n_kv as usize);
-        let mut key_index = HashMap::with_capacity(n_kv as usize);
+        let mut metadata = Vec::with_capacity(initial_capacity(n_kv));
+        let mut key_index = HashMap::with_capacity(initial_capacity(n_kv));
         for i in 0..n_kv {
             let key_pos = c.pos;
             let key = c.string(&|| format!("key of metadata entry {i}"))?;
@@ -191,7 +226,10 @@ impl GgufFile {
                 return Err(GgufError::EmptyKey(key_pos));
             }
             let ty = c.u32(&|| format!("value type of {key:?}"))?;
-            let vt = ValueType::from_u32(ty).ok_or_else(|| GgufError::BadValueType { key: key.clone(), ty })?;
+            let vt = ValueType::from_u32(ty).ok_or_else(|| GgufError::BadValueType {
+                key: key.clone(),
+                ty,
+            })?;
             let value = c.value(&key, vt)?;
             if key_index.insert(key.clone(), metadata.len()).is_some() {
                 return Err(GgufError::DuplicateKey(key));
@@ -205,31 +243,50 @@ impl GgufFile {
             Some(other) => return Err(GgufError::BadAlignment(format!("{other:?}"))),
         };
 
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
-        let mut tensor_index = HashMap::with_capacity(n_tensors as usize);
+        let mut tensors = Vec::with_capacity(initial_capacity(n_tensors));
+        let mut tensor_index = HashMap::with_capacity(initial_capacity(n_tensors));
         for i in 0..n_tensors {
             let name = c.string(&|| format!("name of tensor {i}"))?;
             if name.len() >= MAX_NAME {
-                return Err(GgufError::NameTooLong { len: name.len(), name, max: MAX_NAME - 1 });
+                return Err(GgufError::NameTooLong {
+                    len: name.len(),
+                    name,
+                    max: MAX_NAME - 1,
+                });
             }
             let n_dims = c.u32(&|| format!("dimension count of {name:?}"))?;
             if n_dims as usize > MAX_DIMS {
-                return Err(GgufError::TooManyDims { name, n_dims, max: MAX_DIMS });
+                return Err(GgufError::TooManyDims {
+                    name,
+                    n_dims,
+                    max: MAX_DIMS,
+                });
             }
             let mut shape = Vec::with_capacity(n_dims as usize);
             for d in 0..n_dims {
                 shape.push(c.u64(&|| format!("dimension {d} of {name:?}"))?);
             }
             let ty = c.u32(&|| format!("type of {name:?}"))?;
-            let ty = GgmlType::from_u32(ty).map_err(|_| GgufError::BadTensorType { name: name.clone(), ty })?;
+            let ty = GgmlType::from_u32(ty).map_err(|_| GgufError::BadTensorType {
+                name: name.clone(),
+                ty,
+            })?;
             let offset = c.u64(&|| format!("offset of {name:?}"))?;
 
             if shape.iter().any(|&d| d > i64::MAX as u64) {
-                return Err(GgufError::BadShape { name, shape, why: "dimension exceeds INT64_MAX".into() });
+                return Err(GgufError::BadShape {
+                    name,
+                    shape,
+                    why: "dimension exceeds INT64_MAX".into(),
+                });
             }
             let n_el = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let Some(n_el) = n_el.filter(|&n| n <= i64::MAX as u64) else {
-                return Err(GgufError::BadShape { name, shape, why: "element count overflows".into() });
+                return Err(GgufError::BadShape {
+                    name,
+                    shape,
+                    why: "element count overflows".into(),
+                });
             };
             let ne0 = shape.first().copied().unwrap_or(1);
             if ne0 % ty.block_size() as u64 != 0 {
@@ -240,14 +297,31 @@ impl GgufFile {
                     block: ty.block_size(),
                 });
             }
-            let size = n_el / ty.block_size() as u64 * ty.type_size() as u64;
+            let Some(size) = (n_el / ty.block_size() as u64).checked_mul(ty.type_size() as u64)
+            else {
+                return Err(GgufError::BadShape {
+                    name,
+                    shape,
+                    why: "byte size overflows".into(),
+                });
+            };
             if offset % alignment as u64 != 0 {
-                return Err(GgufError::MisalignedOffset { name, offset, align: alignment });
+                return Err(GgufError::MisalignedOffset {
+                    name,
+                    offset,
+                    align: alignment,
+                });
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(GgufError::DuplicateTensor(name));
             }
-            tensors.push(TensorInfo { name, shape, ty, offset, size });
+            tensors.push(TensorInfo {
+                name,
+                shape,
+                ty,
+                offset,
+                size,
+            });
         }
 
         // Data section: packed in order, each tensor padded to the alignment.
@@ -255,17 +329,35 @@ impl GgufFile {
         let mut expected = 0u64;
         for t in &tensors {
             if t.offset != expected {
-                return Err(GgufError::UnpackedOffset { name: t.name.clone(), offset: t.offset, expected });
+                return Err(GgufError::UnpackedOffset {
+                    name: t.name.clone(),
+                    offset: t.offset,
+                    expected,
+                });
             }
             let start = data_offset as u64 + t.offset;
-            let end = start.checked_add(t.size).unwrap_or(u64::MAX);
+            let end = start.saturating_add(t.size);
             if end > file_size as u64 {
-                return Err(GgufError::DataOutOfBounds { name: t.name.clone(), start, end, file_size });
+                return Err(GgufError::DataOutOfBounds {
+                    name: t.name.clone(),
+                    start,
+                    end,
+                    file_size,
+                });
             }
             expected = t.offset + t.size.div_ceil(alignment as u64) * alignment as u64;
         }
 
-        Ok(Self { storage, version, alignment, data_offset, metadata, key_index, tensors, tensor_index })
+        Ok(Self {
+            storage,
+            version,
+            alignment,
+            data_offset,
+            metadata,
+            key_index,
+            tensors,
+            tensor_index,
+        })
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -281,7 +373,8 @@ impl GgufFile {
     }
 
     pub fn require(&self, key: &str) -> Result<&Value> {
-        self.get(key).ok_or_else(|| GgufError::MissingKey { key: key.into() })
+        self.get(key)
+            .ok_or_else(|| GgufError::MissingKey { key: key.into() })
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
@@ -291,12 +384,16 @@ impl GgufFile {
 
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.require(key)?;
-        v.as_i64().and_then(|x| u64::try_from(x).ok()).ok_or_else(|| wrong(key, "unsigned integer", v))
+        v.as_i64()
+            .and_then(|x| u64::try_from(x).ok())
+            .ok_or_else(|| wrong(key, "unsigned integer", v))
     }
 
     pub fn get_f32(&self, key: &str) -> Result<f32> {
         let v = self.require(key)?;
-        v.as_f64().map(|x| x as f32).ok_or_else(|| wrong(key, "number", v))
+        v.as_f64()
+            .map(|x| x as f32)
+            .ok_or_else(|| wrong(key, "number", v))
     }
 
     pub fn get_array(&self, key: &str) -> Result<&[Value]> {
@@ -324,6 +421,16 @@ impl GgufFile {
     }
 }
 
+/// Room reserved up front for `n` parsed items: `n` is only bounded by the file size, so a
+/// corrupt count never reserves more than this; the vector grows as items actually parse.
+fn initial_capacity(n: u64) -> usize {
+    n.min(1 << 10) as usize
+}
+
 fn wrong(key: &str, expected: &'static str, v: &Value) -> GgufError {
-    GgufError::WrongType { key: key.into(), expected, found: v.ty().name().into() }
+    GgufError::WrongType {
+        key: key.into(),
+        expected,
+        found: v.ty().name().into(),
+    }
 }

@@ -172,7 +172,7 @@ enum Family {
 }
 
 fn check_len(ty: GgmlType, n: usize) -> Result<(), KernelError> {
-    if n % ty.block_size() != 0 {
+    if !n.is_multiple_of(ty.block_size()) {
         return Err(KernelError::BadRowLength { ty: ty.name(), n, block: ty.block_size() });
     }
     Ok(())
@@ -206,7 +206,7 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Ker
 /// `ty.vec_dot_type()`. SIMD chosen at run time. Q8_K has no dot product of its own.
 #[inline]
 pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
-    debug_assert!(n % ty.block_size() == 0);
+    debug_assert!(n.is_multiple_of(ty.block_size()));
     debug_assert!(w.len() >= ty.row_bytes(n));
     debug_assert!(act.len() >= ty.vec_dot_type().row_bytes(n));
     match ty.family() {

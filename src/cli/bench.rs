@@ -1,0 +1,144 @@
+//! `lethe bench`: prefill and decode speed measured as llama-bench measures them (a 128-token
+//! prompt, 128 decoded tokens, median of repetitions), the machine's memory read bandwidth
+//! measured in the same run, and decode as a fraction of the bandwidth ceiling.
+
+use super::common::ModelArgs;
+use anyhow::Result;
+use clap::Args;
+use lethe::model::Model;
+use lethe::pool::ThreadPool;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens for the prefill test.
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]
+    pub n_prompt: usize,
+    /// Generated tokens for the decode test.
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub n_gen: usize,
+    /// Repetitions; the median is reported.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub reps: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Read bandwidth in bytes/s: the best of several passes summing a buffer far larger than the
+/// caches, on all of the pool's threads.
+pub fn measure_bandwidth(pool: &ThreadPool) -> f64 {
+    const BYTES: usize = 512 << 20;
+    let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let sink = std::sync::atomic::AtomicU64::new(0);
+    let mut best = 0.0f64;
+    for _ in 0..6 {
+        let t = Instant::now();
+        pool.run(&|ith, nth| {
+            let r = ThreadPool::split(buf.len() / 64, ith, nth);
+            let chunk = &buf[r.start * 64..r.end * 64];
+            let mut acc = [0u64; 8];
+            for c in chunk.chunks_exact(8) {
+                for k in 0..8 {
+                    acc[k] ^= c[k];
+                }
+            }
+            sink.fetch_xor(acc.iter().fold(0, |a, b| a ^ b), std::sync::atomic::Ordering::Relaxed);
+        });
+        best = best.max(BYTES as f64 / t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink.into_inner());
+    best
+}
+
+pub struct BenchResult {
+    pub pp_tps: f64,
+    pub tg_tps: f64,
+    pub bandwidth: f64,
+    pub bytes_per_token: usize,
+}
+
+pub fn run_bench(model: &Model, n_prompt: usize, n_gen: usize, reps: usize) -> Result<BenchResult> {
+    let n_ctx = (n_prompt + n_gen + 8).next_multiple_of(256);
+    let mut st = model.new_state(n_ctx);
+    let vocab = model.cfg.n_vocab as u32;
+    // Arbitrary but fixed tokens, as llama-bench uses random ones.
+    let prompt: Vec<u32> = (0..n_prompt as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    // Warm-up: touch every weight once.
+    model.forward(&mut st, &prompt[..prompt.len().min(16)], None)?;
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        st.reset();
+        let t = Instant::now();
+        model.forward(&mut st, &prompt, None)?;
+        pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
+
+        st.reset();
+        let t = Instant::now();
+        let mut next = prompt[0];
+        for _ in 0..n_gen {
+            let logits = model.forward(&mut st, &[next], None)?;
+            next = lethe::generate::sampler::argmax_raw(logits);
+        }
+        tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+    }
+    let bandwidth = measure_bandwidth(&model.pool);
+    Ok(BenchResult { pp_tps: median(pp), tg_tps: median(tg), bandwidth, bytes_per_token: model.bytes_per_token() })
+}
+
+pub fn main(a: BenchArgs) -> Result<()> {
+    let l = a.model.load()?;
+    let m = &l.model;
+    let r = run_bench(m, a.n_prompt, a.n_gen, a.reps.max(1))?;
+    let ceiling = r.bandwidth / r.bytes_per_token as f64;
+    let name = l.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let threads = m.pool.n_threads();
+    let isa = format!("{:?}", lethe_kernels::cpu::isa());
+    if a.json {
+        let j = serde_json::json!({
+            "model": name, "threads": threads, "isa": isa,
+            "pp": a.n_prompt, "tg": a.n_gen, "reps": a.reps,
+            "prefill_tps": r.pp_tps, "decode_tps": r.tg_tps,
+            "bandwidth_gbs": r.bandwidth / 1e9, "bytes_per_token": r.bytes_per_token,
+            "ceiling_tps": ceiling, "fraction_of_ceiling": r.tg_tps / ceiling,
+            "peak_rss_mib": peak_rss_mib(),
+        });
+        println!("{j}");
+        return Ok(());
+    }
+    println!("model: {name}  threads: {threads}  isa: {isa}  reps: {} (median)", a.reps);
+    println!("| test   |      tok/s |");
+    println!("| pp{:<4} | {:>10.1} |", a.n_prompt, r.pp_tps);
+    println!("| tg{:<4} | {:>10.1} |", a.n_gen, r.tg_tps);
+    println!(
+        "memory read bandwidth {:.1} GB/s; {:.1} MB read per token; ceiling {:.1} tok/s; decode at {:.0}% of the ceiling",
+        r.bandwidth / 1e9,
+        r.bytes_per_token as f64 / 1e6,
+        ceiling,
+        100.0 * r.tg_tps / ceiling
+    );
+    if let Some(rss) = peak_rss_mib() {
+        println!("peak RSS {rss:.1} MiB");
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

@@ -1,0 +1,9 @@
+//! The `lethe` command line: one file per command.
+
+pub mod bench;
+pub mod chat;
+pub mod common;
+pub mod fetch;
+pub mod inspect;
+pub mod run;
+pub mod tokenize;

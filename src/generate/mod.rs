@@ -1,0 +1,232 @@
+//! Generation: the sampler chain, stop strings, and the decoding loop over any [`Decoder`].
+
+pub mod sampler;
+pub mod stop;
+
+pub use sampler::{Sampler, SamplerParams};
+pub use stop::{StopMatcher, StopOutcome};
+
+use crate::model::{Model, State};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::{Error, Result};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Something that turns tokens into next-token logits, keeping its own cache: a plain model,
+/// or (later) a target with its assistants in lockstep.
+pub trait Decoder {
+    fn n_vocab(&self) -> usize;
+    fn n_ctx(&self) -> usize;
+    /// Tokens in the cache.
+    fn pos(&self) -> usize;
+    /// Append `tokens` and return the logits after the last one.
+    fn feed(&mut self, tokens: &[u32]) -> Result<&[f32]>;
+    /// Keep only the first `n` tokens of the cache.
+    fn truncate(&mut self, n: usize);
+}
+
+/// A model with its own run state.
+pub struct ModelDecoder {
+    pub model: Arc<Model>,
+    pub state: State,
+}
+
+impl ModelDecoder {
+    pub fn new(model: Arc<Model>, n_ctx: usize) -> Self {
+        let state = model.new_state(n_ctx);
+        Self { model, state }
+    }
+}
+
+impl Decoder for ModelDecoder {
+    fn n_vocab(&self) -> usize {
+        self.model.cfg.n_vocab
+    }
+    fn n_ctx(&self) -> usize {
+        self.state.n_ctx()
+    }
+    fn pos(&self) -> usize {
+        self.state.pos
+    }
+    fn feed(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        self.model.forward(&mut self.state, tokens, None)
+    }
+    fn truncate(&mut self, n: usize) {
+        self.state.truncate(n)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// Most tokens to generate; negative: until the context is full.
+    pub n_predict: i64,
+    pub sampler: SamplerParams,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self { n_predict: -1, sampler: SamplerParams::default(), stop: Vec::new(), ignore_eos: false }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `n_predict` reached or the context filled.
+    Length,
+    /// The caller asked to stop (client went away, Ctrl-C).
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    pub stopping_word: Option<String>,
+    pub n_prompt: usize,
+    /// Prompt tokens reused from the cache.
+    pub n_cached: usize,
+    pub prompt_ms: f64,
+    pub gen_ms: f64,
+}
+
+impl Generation {
+    pub fn prompt_tps(&self) -> f64 {
+        let n = (self.n_prompt - self.n_cached) as f64;
+        if self.prompt_ms > 0.0 {
+            n * 1000.0 / self.prompt_ms
+        } else {
+            0.0
+        }
+    }
+    pub fn gen_tps(&self) -> f64 {
+        if self.gen_ms > 0.0 {
+            self.tokens.len() as f64 * 1000.0 / self.gen_ms
+        } else {
+            0.0
+        }
+    }
+}
+
+/// What the streaming callback says.
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Generate from `prompt` with `dec`. `history` holds what is already in the decoder's cache
+/// (its common prefix with the prompt is reused); `on_text` receives decided text as it comes
+/// and may cancel.
+pub fn generate(
+    dec: &mut dyn Decoder,
+    tok: &Tokenizer,
+    history: &mut Vec<u32>,
+    prompt: &[u32],
+    params: &GenerateParams,
+    mut on_text: impl FnMut(&str) -> Flow,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(Error::Invalid("the prompt is empty".into()));
+    }
+    if prompt.len() > dec.n_ctx() {
+        return Err(Error::ContextFull { needed: prompt.len(), n_ctx: dec.n_ctx() });
+    }
+    // Reuse the cached prefix, but always run at least the last prompt token.
+    let mut common = history.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    common = common.min(prompt.len() - 1).min(dec.pos());
+    dec.truncate(common);
+    history.truncate(common);
+
+    let t0 = Instant::now();
+    let mut logits = dec.feed(&prompt[common..])?.to_vec();
+    history.extend_from_slice(&prompt[common..]);
+    let prompt_ms = t0.elapsed().as_secs_f64() * 1000.0;
+
+    let mut sampler = Sampler::new(params.sampler.clone());
+    let mut stops = StopMatcher::new(&params.stop);
+    let mut stream = StreamDecoder::new();
+    let mut out = Generation {
+        text: String::new(),
+        tokens: Vec::new(),
+        finish: FinishReason::Length,
+        stopping_word: None,
+        n_prompt: prompt.len(),
+        n_cached: common,
+        prompt_ms,
+        gen_ms: 0.0,
+    };
+    let t1 = Instant::now();
+    let budget = if params.n_predict < 0 { usize::MAX } else { params.n_predict as usize };
+    let mut cancelled = false;
+    while out.tokens.len() < budget {
+        let next = sampler.sample(&logits, history);
+        if tok.is_eog(next) && !params.ignore_eos {
+            out.finish = FinishReason::Stop;
+            break;
+        }
+        out.tokens.push(next);
+        let piece = stream.push(tok, next);
+        match stops.push(&piece) {
+            StopOutcome::Continue(t) => {
+                out.text.push_str(&t);
+                if !t.is_empty() && matches!(on_text(&t), Flow::Stop) {
+                    cancelled = true;
+                }
+            }
+            StopOutcome::Stopped(t, word) => {
+                out.text.push_str(&t);
+                if !t.is_empty() {
+                    on_text(&t);
+                }
+                out.finish = FinishReason::Stop;
+                out.stopping_word = Some(word);
+                break;
+            }
+        }
+        if cancelled {
+            out.finish = FinishReason::Cancelled;
+            break;
+        }
+        if out.tokens.len() >= budget {
+            break;
+        }
+        if dec.pos() >= dec.n_ctx() {
+            // The context is full: the answer ends here.
+            out.finish = FinishReason::Length;
+            break;
+        }
+        logits.copy_from_slice(dec.feed(&[next])?);
+        history.push(next);
+    }
+    if out.stopping_word.is_none() && !cancelled {
+        let mut rest = stream.flush();
+        rest = match stops.push(&rest) {
+            StopOutcome::Continue(t) => t + &stops.finish(),
+            StopOutcome::Stopped(t, word) => {
+                out.finish = FinishReason::Stop;
+                out.stopping_word = Some(word);
+                t
+            }
+        };
+        if !rest.is_empty() {
+            out.text.push_str(&rest);
+            on_text(&rest);
+        }
+    }
+    out.gen_ms = t1.elapsed().as_secs_f64() * 1000.0;
+    Ok(out)
+}

@@ -1,0 +1,68 @@
+//! Causal multi-head attention with GQA over the F16 cache, for a batch of new tokens.
+
+use super::kv::KvCache;
+use super::weights::SyncPtr;
+use crate::pool::ThreadPool;
+use lethe_kernels::ops;
+
+pub struct AttnShape {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    /// Keys further back than this are masked (sliding-window layers).
+    pub window: Option<usize>,
+}
+
+/// `out[t, h*hd..]` = softmax(q_t,h · K / sqrt) V for tokens at positions `pos0..pos0+n_tok`,
+/// whose keys and values are already in the cache. `q` is `[n_tok, n_head*hd]`;
+/// `scores` is scratch of `nth * n_ctx` floats.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    pool: &ThreadPool,
+    kv: &KvCache,
+    il: usize,
+    s: &AttnShape,
+    q: &[f32],
+    n_tok: usize,
+    pos0: usize,
+    out: &mut [f32],
+    scores: &mut [f32],
+) {
+    let hd = s.head_dim;
+    let qd = s.n_head * hd;
+    let kvd = kv.kv_dim;
+    let group = s.n_head / s.n_head_kv;
+    let n_ctx = kv.n_ctx;
+    let op = SyncPtr(out.as_mut_ptr());
+    let sp = SyncPtr(scores.as_mut_ptr());
+    let (kc, vc) = (kv.keys(il), kv.values(il));
+    let jobs = n_tok * s.n_head;
+    pool.run(&|ith, nth| {
+        let (op, sp) = (op, sp);
+        // SAFETY: each thread owns its slice of the scratch and distinct (t, h) outputs.
+        let sc = unsafe { std::slice::from_raw_parts_mut(sp.0.add(ith * n_ctx), n_ctx) };
+        for job in ThreadPool::split(jobs, ith, nth) {
+            let (t, h) = (job / s.n_head, job % s.n_head);
+            let pos = pos0 + t;
+            let lo = match s.window {
+                Some(w) => (pos + 1).saturating_sub(w),
+                None => 0,
+            };
+            let kh = h / group;
+            let qh = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
+            let sc = &mut sc[..pos + 1 - lo];
+            for (j, p) in (lo..=pos).enumerate() {
+                let k = &kc[p * kvd + kh * hd..p * kvd + (kh + 1) * hd];
+                sc[j] = ops::dot_f16(qh, k) * s.scale;
+            }
+            ops::softmax_inplace(sc);
+            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add(t * qd + h * hd), hd) };
+            o.fill(0.0);
+            for (j, p) in (lo..=pos).enumerate() {
+                let v = &vc[p * kvd + kh * hd..p * kvd + (kh + 1) * hd];
+                ops::axpy_f16(o, sc[j], v);
+            }
+        }
+    });
+}

@@ -1,0 +1,271 @@
+//! Models: configuration from metadata, weights in place, one file per architecture, and the
+//! preallocated run state (KV cache and activation buffers).
+//!
+//! `Model` is immutable and can be shared; each conversation owns a `State`.
+
+mod attention;
+pub mod config;
+mod gemma3;
+pub mod kv;
+mod llama;
+pub mod weights;
+
+pub use config::{Arch, Config};
+pub use weights::{Precision, Weight};
+
+use crate::gguf::GgufFile;
+use crate::pool::ThreadPool;
+use crate::{Error, Result};
+use kv::KvCache;
+use lethe_kernels::ops::{RopeKind, RopeTable};
+use std::path::Path;
+use std::sync::Arc;
+use weights::{load, load_vec, ActBuf};
+
+/// Most tokens pushed through the blocks at once (prefill is chunked to this).
+pub const MAX_BATCH: usize = 128;
+
+pub struct Layer {
+    pub attn_norm: Vec<f32>, // [n_embd]
+    pub wq: Weight,          // [n_embd, n_head*hd]
+    pub wk: Weight,          // [n_embd, n_head_kv*hd]
+    pub wv: Weight,          // [n_embd, n_head_kv*hd]
+    pub wo: Weight,          // [n_head*hd, n_embd]
+    pub q_norm: Option<Vec<f32>>,         // [hd] (gemma3)
+    pub k_norm: Option<Vec<f32>>,         // [hd] (gemma3)
+    pub post_attn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
+    pub ffn_norm: Vec<f32>,               // [n_embd]
+    pub w_gate: Weight,                   // [n_embd, n_ff]
+    pub w_up: Weight,                     // [n_embd, n_ff]
+    pub w_down: Weight,                   // [n_ff, n_embd]
+    pub post_ffn_norm: Option<Vec<f32>>,  // [n_embd] (gemma3)
+}
+
+pub struct Model {
+    pub file: Arc<GgufFile>,
+    pub cfg: Config,
+    pub tok_embd: Weight, // [n_embd, n_vocab]
+    pub output_norm: Vec<f32>,
+    /// The output head; `token_embd` itself when the embeddings are tied.
+    pub output: Weight, // [n_embd, n_vocab]
+    pub layers: Vec<Layer>,
+    pub rope_global: RopeTable,
+    pub rope_local: RopeTable,
+    pub pool: Arc<ThreadPool>,
+    pub precision: Precision,
+}
+
+impl Model {
+    pub fn open(path: impl AsRef<Path>, n_threads: usize) -> Result<Self> {
+        let file = Arc::new(GgufFile::open(path)?);
+        Self::from_file(file, Arc::new(ThreadPool::new(n_threads)))
+    }
+
+    pub fn from_file(file: Arc<GgufFile>, pool: Arc<ThreadPool>) -> Result<Self> {
+        let f = &*file;
+        let cfg = Config::from_gguf(f)?;
+        let (e, v, hd) = (cfg.n_embd, cfg.n_vocab, cfg.head_dim);
+        let tok_embd = load(f, "token_embd.weight", e, v)?;
+        let output = if f.tensor("output.weight").is_some() {
+            load(f, "output.weight", e, v)?
+        } else {
+            tok_embd.clone()
+        };
+        let opt_vec = |name: String, n| -> Result<Option<Vec<f32>>> {
+            match f.tensor(&name) {
+                Some(_) => load_vec(f, &name, n).map(Some),
+                None => Ok(None),
+            }
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let layer = Layer {
+                attn_norm: load_vec(f, &n("attn_norm"), e)?,
+                wq: load(f, &n("attn_q"), e, cfg.q_dim())?,
+                wk: load(f, &n("attn_k"), e, cfg.kv_dim())?,
+                wv: load(f, &n("attn_v"), e, cfg.kv_dim())?,
+                wo: load(f, &n("attn_output"), cfg.q_dim(), e)?,
+                q_norm: opt_vec(n("attn_q_norm"), hd)?,
+                k_norm: opt_vec(n("attn_k_norm"), hd)?,
+                post_attn_norm: opt_vec(n("post_attention_norm"), e)?,
+                ffn_norm: load_vec(f, &n("ffn_norm"), e)?,
+                w_gate: load(f, &n("ffn_gate"), e, cfg.n_ff)?,
+                w_up: load(f, &n("ffn_up"), e, cfg.n_ff)?,
+                w_down: load(f, &n("ffn_down"), cfg.n_ff, e)?,
+                post_ffn_norm: opt_vec(n("post_ffw_norm"), e)?,
+            };
+            if cfg.arch == Arch::Gemma3
+                && (layer.q_norm.is_none() || layer.k_norm.is_none() || layer.post_attn_norm.is_none() || layer.post_ffn_norm.is_none())
+            {
+                return Err(Error::Model(format!("gemma3 block {i} lacks its q/k or post norms")));
+            }
+            layers.push(layer);
+        }
+        let output_norm = load_vec(f, "output_norm.weight", e)?;
+        let kind = match cfg.arch {
+            Arch::Llama => RopeKind::Norm,
+            Arch::Gemma3 => RopeKind::Neox,
+        };
+        let mut rope_global = RopeTable::new(kind, cfg.n_rot, cfg.rope_base, cfg.rope_freq_scale);
+        let rope_local = RopeTable::new(kind, cfg.n_rot, cfg.rope_base_local, 1.0);
+        // Llama 3.1-style per-frequency factors divide the frequencies.
+        if let Some(t) = f.tensor("rope_freqs.weight") {
+            let factors = load_vec(f, &t.name, cfg.n_rot / 2)?;
+            rope_global.apply_freq_factors(&factors);
+        }
+        Ok(Self {
+            file,
+            cfg,
+            tok_embd,
+            output_norm,
+            output,
+            layers,
+            rope_global,
+            rope_local,
+            pool,
+            precision: Precision::default(),
+        })
+    }
+
+    /// A fresh run state with room for `n_ctx` tokens.
+    pub fn new_state(&self, n_ctx: usize) -> State {
+        State::new(&self.cfg, n_ctx, self.pool.n_threads())
+    }
+
+    /// Bytes of weights read per decoded token (for the bandwidth ceiling).
+    pub fn bytes_per_token(&self) -> usize {
+        let mut b = self.output.len_bytes() + self.tok_embd.row_bytes();
+        for l in &self.layers {
+            for w in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                b += w.len_bytes();
+            }
+        }
+        b
+    }
+
+    /// Run `tokens` through the model at the state's current position, appending them to the
+    /// KV cache. Returns the logits of the last token (`[n_vocab]`); with `all_logits`, the
+    /// logits of every token are appended to it (`[n_tok, n_vocab]`).
+    pub fn forward<'s>(&self, st: &'s mut State, tokens: &[u32], mut all_logits: Option<&mut Vec<f32>>) -> Result<&'s [f32]> {
+        if tokens.is_empty() {
+            return Err(Error::Invalid("forward needs at least one token".into()));
+        }
+        if st.pos + tokens.len() > st.kv.n_ctx {
+            return Err(Error::ContextFull { needed: st.pos + tokens.len(), n_ctx: st.kv.n_ctx });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
+            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary of {}", self.cfg.n_vocab)));
+        }
+        for chunk in tokens.chunks(MAX_BATCH) {
+            self.forward_batch(st, chunk);
+            let n = chunk.len();
+            match all_logits.as_deref_mut() {
+                Some(out) => {
+                    let start = out.len();
+                    out.resize(start + n * self.cfg.n_vocab, 0.0);
+                    self.head(st, n, 0..n, &mut out[start..]);
+                    let v = self.cfg.n_vocab;
+                    st.logits.copy_from_slice(&out[out.len() - v..]);
+                }
+                None => {
+                    let mut logits = std::mem::take(&mut st.logits);
+                    self.head(st, n, n - 1..n, &mut logits);
+                    st.logits = logits;
+                }
+            }
+            st.pos += n;
+        }
+        Ok(&st.logits)
+    }
+
+    /// The blocks over one chunk; leaves the final hidden states in `st.x`.
+    fn forward_batch(&self, st: &mut State, tokens: &[u32]) {
+        let e = self.cfg.n_embd;
+        for (t, &tok) in tokens.iter().enumerate() {
+            self.tok_embd.dequantize_row(&self.file, tok as usize, &mut st.x[t * e..(t + 1) * e]);
+        }
+        match self.cfg.arch {
+            Arch::Llama => llama::blocks(self, st, tokens.len()),
+            Arch::Gemma3 => gemma3::blocks(self, st, tokens.len()),
+        }
+    }
+
+    /// Final norm and output head for tokens `which` of the chunk, into `out` (`[which.len(), n_vocab]`).
+    fn head(&self, st: &mut State, _n: usize, which: std::ops::Range<usize>, out: &mut [f32]) {
+        let e = self.cfg.n_embd;
+        for t in which.clone() {
+            lethe_kernels::ops::rmsnorm(&mut st.xb[t * e..(t + 1) * e], &st.x[t * e..(t + 1) * e], &self.output_norm, self.cfg.rms_eps);
+        }
+        let xs = &st.xb[which.start * e..which.end * e];
+        weights::matmul(&self.pool, &self.file, &self.output, xs, which.len(), out, &mut st.act, self.precision);
+        if let Some(cap) = self.cfg.final_logit_softcap {
+            for v in out[..which.len() * self.cfg.n_vocab].iter_mut() {
+                *v = (*v / cap).tanh() * cap;
+            }
+        }
+    }
+}
+
+impl Weight {
+    pub fn len_bytes(&self) -> usize {
+        self.row_bytes() * self.rows
+    }
+}
+
+/// Everything a forward pass writes, allocated once.
+pub struct State {
+    pub kv: KvCache,
+    /// Tokens already in the cache.
+    pub pos: usize,
+    pub x: Vec<f32>,      // [B, n_embd] residual stream
+    pub xb: Vec<f32>,     // [B, n_embd]
+    pub xb2: Vec<f32>,    // [B, n_embd]
+    pub q: Vec<f32>,      // [B, n_head*hd]
+    pub k: Vec<f32>,      // [B, n_head_kv*hd]
+    pub v: Vec<f32>,      // [B, n_head_kv*hd]
+    pub att: Vec<f32>,    // [B, n_head*hd]
+    pub hg: Vec<f32>,     // [B, n_ff]
+    pub hu: Vec<f32>,     // [B, n_ff]
+    pub scores: Vec<f32>, // [n_threads, n_ctx]
+    pub rope_cs: Vec<f32>, // [n_rot]
+    pub logits: Vec<f32>, // [n_vocab]
+    act: ActBuf,
+}
+
+impl State {
+    fn new(c: &Config, n_ctx: usize, n_threads: usize) -> Self {
+        let b = MAX_BATCH;
+        let z = |n: usize| vec![0.0f32; n];
+        Self {
+            kv: KvCache::new(c.n_layer, n_ctx, c.kv_dim()),
+            pos: 0,
+            x: z(b * c.n_embd),
+            xb: z(b * c.n_embd),
+            xb2: z(b * c.n_embd),
+            q: z(b * c.q_dim()),
+            k: z(b * c.kv_dim()),
+            v: z(b * c.kv_dim()),
+            att: z(b * c.q_dim()),
+            hg: z(b * c.n_ff),
+            hu: z(b * c.n_ff),
+            scores: z(n_threads * n_ctx),
+            rope_cs: z(c.n_rot),
+            logits: z(c.n_vocab),
+            act: ActBuf::new(b, c.n_embd.max(c.n_ff).max(c.q_dim())),
+        }
+    }
+
+    /// Forget everything after the first `n` tokens (the cache keeps their keys and values).
+    pub fn truncate(&mut self, n: usize) {
+        self.pos = self.pos.min(n);
+    }
+
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx
+    }
+}

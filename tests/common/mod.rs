@@ -1,0 +1,26 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+pub fn goldens(model: &str) -> serde_json::Value {
+    let file = match model {
+        "smollm2" => "goldens/smollm2-135m-instruct-q4_1.json",
+        "gemma3" => "goldens/gemma3-270m-q4_k_m.json",
+        other => panic!("no goldens for {other}"),
+    };
+    let text = std::fs::read_to_string(fixture(file)).expect("golden file");
+    serde_json::from_str(&text).expect("golden json")
+}
+
+pub fn model_path(name: &str) -> PathBuf {
+    lethe::hub::resolve_model(name).unwrap_or_else(|e| panic!("fetch {name}: {e}"))
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
