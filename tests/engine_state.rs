@@ -43,3 +43,34 @@ fn rewinding_the_cache_reproduces_logits() {
     let max = batch.iter().zip(&last).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(max < 1e-3, "batch vs step logits differ by {max}");
 }
+
+#[test]
+fn another_architecture_is_named_in_the_error() {
+    let f = lethe::gguf::GgufFile::open(model_path("smollm2")).unwrap();
+    let mut w = lethe::gguf::GgufWriter::new();
+    w.copy_metadata(&f).unwrap();
+    w.set("general.architecture", "mamba").unwrap();
+    w.copy_tensor(&f, "output_norm.weight").unwrap();
+    let bytes = w.to_bytes().unwrap();
+    let file = std::sync::Arc::new(lethe::gguf::GgufFile::from_bytes(bytes).unwrap());
+    let pool = std::sync::Arc::new(lethe::pool::ThreadPool::new(1));
+    match Model::from_file(file, pool) {
+        Err(e @ Error::UnsupportedArch(_)) => assert!(e.to_string().contains("mamba"), "{e}"),
+        Err(e) => panic!("expected UnsupportedArch, got {e}"),
+        Ok(_) => panic!("a mamba file must not load"),
+    }
+}
+
+#[test]
+fn a_missing_tensor_is_an_error_not_a_panic() {
+    let f = lethe::gguf::GgufFile::open(model_path("smollm2")).unwrap();
+    let mut w = lethe::gguf::GgufWriter::new();
+    w.copy_metadata(&f).unwrap();
+    for t in f.tensors().iter().filter(|t| t.name != "blk.7.ffn_up.weight") {
+        w.copy_tensor(&f, &t.name).unwrap();
+    }
+    let file = std::sync::Arc::new(lethe::gguf::GgufFile::from_bytes(w.to_bytes().unwrap()).unwrap());
+    let pool = std::sync::Arc::new(lethe::pool::ThreadPool::new(1));
+    let err = Model::from_file(file, pool).err().expect("must fail");
+    assert!(err.to_string().contains("blk.7.ffn_up.weight"), "{err}");
+}
