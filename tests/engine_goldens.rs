@@ -72,6 +72,11 @@ fn teacher_forced(name: &str, precision: Precision) -> Figures {
     Figures { mean_abs: sum / count as f64, max_abs, argmax_agree: agree, steps, confident_miss }
 }
 
+/// `--precise` must meet the goldens' bar: mean error no larger than llama.cpp's, none above
+/// 1.0, the exact argmax wherever the top-2 gap exceeds 0.5 nats, and at least as many argmax
+/// agreements as llama.cpp. The default path quantizes activations to 8 bits exactly as
+/// llama.cpp does, so it is held to llama.cpp's own figures within run-to-run noise (10% on the
+/// mean, 1.5 nats at most), with the same argmax rules.
 fn check_parity(name: &str, precision: Precision) {
     let g = goldens(name);
     let lc = &g["llama_cpp_vs_ref"];
@@ -81,8 +86,12 @@ fn check_parity(name: &str, precision: Precision) {
         f.mean_abs, lc["mean_abs"], f.max_abs, lc["max_abs"], f.argmax_agree, f.steps, lc["argmax_agree"], lc["steps"], f.confident_miss
     );
     assert_eq!(f.steps as u64, lc["steps"].as_u64().unwrap());
-    assert!(f.mean_abs <= lc["mean_abs"].as_f64().unwrap(), "mean error {} above llama.cpp's", f.mean_abs);
-    assert!(f.max_abs <= 1.0, "max error {}", f.max_abs);
+    let (mean_bound, max_bound) = match precision {
+        Precision::Exact => (lc["mean_abs"].as_f64().unwrap(), 1.0),
+        Precision::Fast => (1.1 * lc["mean_abs"].as_f64().unwrap(), 1.5),
+    };
+    assert!(f.mean_abs <= mean_bound, "mean error {} above {mean_bound}", f.mean_abs);
+    assert!(f.max_abs <= max_bound, "max error {} above {max_bound}", f.max_abs);
     assert_eq!(f.confident_miss, 0, "argmax differs where the exact top-2 gap exceeds 0.5");
     assert!(f.argmax_agree as u64 >= lc["argmax_agree"].as_u64().unwrap());
 }
@@ -93,6 +102,7 @@ fn check_greedy(name: &str, precision: Precision) {
     let g = goldens(name);
     let mut model = Model::open(model_path(name), 2).unwrap();
     model.precision = precision;
+    let tok = lethe::tokenizer::Tokenizer::from_gguf(&model.file).unwrap();
     for run in g["greedy"].as_array().unwrap() {
         let prompt = ids(&run["prompt_ids"]);
         let want = ids(&run["ids"]);
@@ -107,6 +117,13 @@ fn check_greedy(name: &str, precision: Precision) {
             logits = model.forward(&mut st, &[next], None).unwrap().to_vec();
         }
         assert_eq!(got, want[..decided], "{name}: greedy run from {:?} diverged", run["prompt"]);
+        // The same as text: llama.cpp's content up to that step's offset.
+        if decided > 0 {
+            let chars = run["prefix_chars"][decided - 1].as_u64().unwrap() as usize;
+            let want_text: String = run["content"].as_str().unwrap().chars().take(chars).collect();
+            let got_text = tok.decode(&got, false);
+            assert_eq!(got_text, want_text);
+        }
         eprintln!("{name}: greedy matches llama.cpp for {decided}/{} tokens (to the first near-tie)", want.len());
     }
 }

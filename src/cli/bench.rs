@@ -68,6 +68,8 @@ pub struct BenchResult {
     pub tg_tps: f64,
     pub bandwidth: f64,
     pub bytes_per_token: usize,
+    pub n_ctx: usize,
+    pub peak_rss_mib: Option<f64>,
 }
 
 pub fn run_bench(model: &Model, n_prompt: usize, n_gen: usize, reps: usize) -> Result<BenchResult> {
@@ -94,8 +96,17 @@ pub fn run_bench(model: &Model, n_prompt: usize, n_gen: usize, reps: usize) -> R
         }
         tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
     }
+    // Peak RSS of the model run itself, before the bandwidth test's buffer exists.
+    let peak_rss_mib = peak_rss_mib();
     let bandwidth = measure_bandwidth(&model.pool);
-    Ok(BenchResult { pp_tps: median(pp), tg_tps: median(tg), bandwidth, bytes_per_token: model.bytes_per_token() })
+    Ok(BenchResult {
+        pp_tps: median(pp),
+        tg_tps: median(tg),
+        bandwidth,
+        bytes_per_token: model.bytes_per_token(),
+        n_ctx,
+        peak_rss_mib,
+    })
 }
 
 pub fn main(a: BenchArgs) -> Result<()> {
@@ -113,7 +124,7 @@ pub fn main(a: BenchArgs) -> Result<()> {
             "prefill_tps": r.pp_tps, "decode_tps": r.tg_tps,
             "bandwidth_gbs": r.bandwidth / 1e9, "bytes_per_token": r.bytes_per_token,
             "ceiling_tps": ceiling, "fraction_of_ceiling": r.tg_tps / ceiling,
-            "peak_rss_mib": peak_rss_mib(),
+            "n_ctx": r.n_ctx, "peak_rss_mib": r.peak_rss_mib,
         });
         println!("{j}");
         return Ok(());
@@ -129,8 +140,8 @@ pub fn main(a: BenchArgs) -> Result<()> {
         ceiling,
         100.0 * r.tg_tps / ceiling
     );
-    if let Some(rss) = peak_rss_mib() {
-        println!("peak RSS {rss:.1} MiB");
+    if let Some(rss) = r.peak_rss_mib {
+        println!("peak RSS {rss:.1} MiB (context {} tokens; before the bandwidth test)", r.n_ctx);
     }
     Ok(())
 }
