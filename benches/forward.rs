@@ -8,7 +8,9 @@ fn bench_model(c: &mut Criterion, name: &str) {
     let path = lethe::hub::resolve_model(name).expect("fetch model");
     let model = Model::open(path, 2).expect("load");
     let mut st = model.new_state(512);
-    let prompt: Vec<u32> = (0..128u32).map(|i| (i * 7919 + 13) % model.cfg.n_vocab as u32).collect();
+    let prompt: Vec<u32> = (0..128u32)
+        .map(|i| (i * 7919 + 13) % model.cfg.n_vocab as u32)
+        .collect();
 
     let mut g = c.benchmark_group(name);
     g.sample_size(10);

@@ -21,7 +21,10 @@ pub enum Error {
     #[error("fetch: {0}")]
     Fetch(String),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("invalid argument: {0}")]
     Invalid(String),
 }

@@ -5,7 +5,11 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "lethe", version, about = "Serve GGUF language models with knowledge removed at decode time")]
+#[command(
+    name = "lethe",
+    version,
+    about = "Serve GGUF language models with knowledge removed at decode time"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -59,7 +59,11 @@ impl ThreadPool {
                     .expect("spawn worker thread")
             })
             .collect();
-        Self { shared, workers, gate: Mutex::new(()) }
+        Self {
+            shared,
+            workers,
+            gate: Mutex::new(()),
+        }
     }
 
     pub fn n_threads(&self) -> usize {
@@ -145,7 +149,11 @@ impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         {
-            let _l = self.shared.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _l = self
+                .shared
+                .wake_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             self.shared.wake.notify_all();
         }
         for w in self.workers.drain(..) {

@@ -30,7 +30,12 @@ fn argmax(x: &[f32]) -> usize {
 
 /// The exact top-2 gap of a step, from the reference logprobs of llama.cpp's top ten.
 fn ref_gap(step: &serde_json::Value) -> f64 {
-    let mut r: Vec<f64> = step["ref"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+    let mut r: Vec<f64> = step["ref"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .collect();
     r.sort_by(|a, b| b.partial_cmp(a).unwrap());
     r[0] - r[1]
 }
@@ -69,7 +74,13 @@ fn teacher_forced(name: &str, precision: Precision) -> Figures {
             }
         }
     }
-    Figures { mean_abs: sum / count as f64, max_abs, argmax_agree: agree, steps, confident_miss }
+    Figures {
+        mean_abs: sum / count as f64,
+        max_abs,
+        argmax_agree: agree,
+        steps,
+        confident_miss,
+    }
 }
 
 /// `--precise` must meet the goldens' bar: mean error no larger than llama.cpp's, none above
@@ -90,9 +101,20 @@ fn check_parity(name: &str, precision: Precision) {
         Precision::Exact => (lc["mean_abs"].as_f64().unwrap(), 1.0),
         Precision::Fast => (1.1 * lc["mean_abs"].as_f64().unwrap(), 1.5),
     };
-    assert!(f.mean_abs <= mean_bound, "mean error {} above {mean_bound}", f.mean_abs);
-    assert!(f.max_abs <= max_bound, "max error {} above {max_bound}", f.max_abs);
-    assert_eq!(f.confident_miss, 0, "argmax differs where the exact top-2 gap exceeds 0.5");
+    assert!(
+        f.mean_abs <= mean_bound,
+        "mean error {} above {mean_bound}",
+        f.mean_abs
+    );
+    assert!(
+        f.max_abs <= max_bound,
+        "max error {} above {max_bound}",
+        f.max_abs
+    );
+    assert_eq!(
+        f.confident_miss, 0,
+        "argmax differs where the exact top-2 gap exceeds 0.5"
+    );
     assert!(f.argmax_agree as u64 >= lc["argmax_agree"].as_u64().unwrap());
 }
 
@@ -107,7 +129,10 @@ fn check_greedy(name: &str, precision: Precision) {
         let prompt = ids(&run["prompt_ids"]);
         let want = ids(&run["ids"]);
         let steps = run["steps"].as_array().unwrap();
-        let decided = steps.iter().position(|s| ref_gap(s) < 0.5).unwrap_or(steps.len());
+        let decided = steps
+            .iter()
+            .position(|s| ref_gap(s) < 0.5)
+            .unwrap_or(steps.len());
         let mut st = model.new_state(512);
         let mut logits = model.forward(&mut st, &prompt, None).unwrap().to_vec();
         let mut got = Vec::new();
@@ -116,15 +141,28 @@ fn check_greedy(name: &str, precision: Precision) {
             got.push(next);
             logits = model.forward(&mut st, &[next], None).unwrap().to_vec();
         }
-        assert_eq!(got, want[..decided], "{name}: greedy run from {:?} diverged", run["prompt"]);
+        assert_eq!(
+            got,
+            want[..decided],
+            "{name}: greedy run from {:?} diverged",
+            run["prompt"]
+        );
         // The same as text: llama.cpp's content up to that step's offset.
         if decided > 0 {
             let chars = run["prefix_chars"][decided - 1].as_u64().unwrap() as usize;
-            let want_text: String = run["content"].as_str().unwrap().chars().take(chars).collect();
+            let want_text: String = run["content"]
+                .as_str()
+                .unwrap()
+                .chars()
+                .take(chars)
+                .collect();
             let got_text = tok.decode(&got, false);
             assert_eq!(got_text, want_text);
         }
-        eprintln!("{name}: greedy matches llama.cpp for {decided}/{} tokens (to the first near-tie)", want.len());
+        eprintln!(
+            "{name}: greedy matches llama.cpp for {decided}/{} tokens (to the first near-tie)",
+            want.len()
+        );
     }
 }
 

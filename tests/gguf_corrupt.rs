@@ -1013,18 +1013,15 @@ fn every_corruption_of_smollm2_header_is_an_error() {
 fn light_base(f: &GgufFile) -> Vec<u8> {
     let mut w = GgufWriter::new();
     for (k, v) in f.metadata() {
-        let v = match v {
-            Value::Array(t, items) if items.len() > 3 => Value::Array(
-                *t,
-                vec![
-                    items[0].clone(),
-                    items[1].clone(),
-                    items[items.len() - 1].clone(),
-                ],
-            ),
-            v => v.clone(),
-        };
-        w.set(k.clone(), v).unwrap();
+        match v {
+            Value::Array(a) if a.len() > 3 => {
+                let keep = [0, 1, a.len() - 1].map(|i| a.get(i).unwrap());
+                w.set_array(k.clone(), a.elem_type(), keep).unwrap();
+            }
+            v => {
+                w.set(k.clone(), v.clone()).unwrap();
+            }
+        }
     }
     for t in f.tensors() {
         w.copy_tensor(f, &t.name).unwrap();

@@ -2,7 +2,7 @@
 //! read back; and SmolLM2's own file is copied through the writer.
 
 use half::f16;
-use lethe::gguf::{GgufError, GgufFile, GgufWriter, TensorInfo, Value, ValueType};
+use lethe::gguf::{Array, GgufError, GgufFile, GgufWriter, TensorInfo, Value, ValueType};
 use lethe_kernels::GgmlType;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
@@ -118,11 +118,11 @@ fn metadata() -> Vec<(String, Value)> {
         ),
         (
             "test.arr_empty_u32".into(),
-            Value::Array(ValueType::U32, vec![]),
+            Value::Array(Array::empty(ValueType::U32).unwrap()),
         ),
         (
             "test.arr_empty_str".into(),
-            Value::Array(ValueType::String, vec![]),
+            Value::Array(Array::empty(ValueType::String).unwrap()),
         ),
     ]
 }
@@ -211,7 +211,7 @@ fn expected_json(v: &Value) -> Json {
         Value::F64(x) => json!({ "f64": x.to_bits() }),
         Value::Bool(x) => json!(x),
         Value::String(s) => json!(s),
-        Value::Array(_, items) => Json::Array(items.iter().map(expected_json).collect()),
+        Value::Array(a) => Json::Array(a.iter().map(|x| expected_json(&x)).collect()),
     }
 }
 
@@ -247,8 +247,8 @@ fn check_python(path: &Path, f: &GgufFile) {
     for (pf, (k, v)) in fields.iter().zip(f.metadata()) {
         assert_eq!(pf["key"], json!(k));
         assert_eq!(pf["type"], json!(v.ty() as u32), "{k}");
-        if let Value::Array(et, _) = v {
-            assert_eq!(pf["elem"], json!(*et as u32), "{k}");
+        if let Value::Array(a) = v {
+            assert_eq!(pf["elem"], json!(a.elem_type() as u32), "{k}");
         }
         assert_eq!(pf["value"], expected_json(v), "{k}");
     }
@@ -437,14 +437,13 @@ fn writer_rejects_what_llama_cpp_rejects() {
     }
     assert!(w.get("general.alignment").is_none());
     assert!(w.set("", 1u32).is_err());
-    let nested = Value::Array(ValueType::Array, vec![]);
     assert!(matches!(
-        w.set("k", nested),
+        w.set_array("k", ValueType::Array, vec![]),
         Err(GgufError::NestedArray { .. })
     ));
-    let mixed = Value::Array(ValueType::U32, vec![Value::U32(1), Value::I32(2)]);
+    let mixed = vec![Value::U32(1), Value::I32(2)];
     assert!(matches!(
-        w.set("k", mixed),
+        w.set_array("k", ValueType::U32, mixed),
         Err(GgufError::WrongType { .. })
     ));
 

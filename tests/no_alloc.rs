@@ -18,7 +18,11 @@ unsafe impl GlobalAlloc for Counting {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
             if std::env::var_os("LETHE_ALLOC_TRACE").is_some() {
                 COUNTING.store(false, Ordering::Relaxed);
-                eprintln!("alloc of {} bytes:\n{}", l.size(), std::backtrace::Backtrace::force_capture());
+                eprintln!(
+                    "alloc of {} bytes:\n{}",
+                    l.size(),
+                    std::backtrace::Backtrace::force_capture()
+                );
             }
         }
         System.alloc(l)
@@ -42,7 +46,9 @@ fn decode_steps_do_not_allocate() {
     for name in ["smollm2", "gemma3"] {
         let model = Model::open(model_path(name), 2).unwrap();
         let mut st = model.new_state(256);
-        model.forward(&mut st, &[1, 2, 3, 4, 5, 6, 7, 8], None).unwrap();
+        model
+            .forward(&mut st, &[1, 2, 3, 4, 5, 6, 7, 8], None)
+            .unwrap();
         model.forward(&mut st, &[9], None).unwrap();
         ALLOCS.store(0, Ordering::SeqCst);
         COUNTING.store(true, Ordering::SeqCst);
@@ -50,7 +56,10 @@ fn decode_steps_do_not_allocate() {
             model.forward(&mut st, &[100 + t], None).unwrap();
         }
         COUNTING.store(false, Ordering::SeqCst);
-        assert_eq!(ALLOCS.load(Ordering::SeqCst), 0, "{name}: decode steps allocated");
+        assert_eq!(
+            ALLOCS.load(Ordering::SeqCst),
+            0,
+            "{name}: decode steps allocated"
+        );
     }
 }
-

@@ -38,7 +38,12 @@ fn detect() -> Features {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect() -> Features {
-    Features { avx2_fma: false, f16c: false, avx512: false, avx512_vnni: false }
+    Features {
+        avx2_fma: false,
+        f16c: false,
+        avx512: false,
+        avx512_vnni: false,
+    }
 }
 
 /// The best instruction set available, unless capped with `LETHE_ISA=scalar|avx2|avx512`

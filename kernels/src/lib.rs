@@ -16,5 +16,9 @@ pub enum KernelError {
     #[error("type {0} is not supported for this operation")]
     Unsupported(&'static str),
     #[error("row length {n} is not a multiple of block size {block} for {ty}")]
-    BadRowLength { ty: &'static str, n: usize, block: usize },
+    BadRowLength {
+        ty: &'static str,
+        n: usize,
+        block: usize,
+    },
 }

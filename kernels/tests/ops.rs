@@ -4,7 +4,9 @@ use half::f16;
 use lethe_kernels::ops;
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| ((i as f32 * 0.37 + seed as f32).sin() * 2.0) + 0.1).collect()
+    (0..n)
+        .map(|i| ((i as f32 * 0.37 + seed as f32).sin() * 2.0) + 0.1)
+        .collect()
 }
 
 #[test]
@@ -18,7 +20,11 @@ fn rmsnorm_matches_f64() {
         let s = 1.0 / (ms + 1e-6).sqrt();
         for i in 0..n {
             let r = x[i] as f64 * s * w[i] as f64;
-            assert!((out[i] as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()), "{i}: {} vs {r}", out[i]);
+            assert!(
+                (out[i] as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()),
+                "{i}: {} vs {r}",
+                out[i]
+            );
         }
     }
 }
@@ -62,7 +68,10 @@ fn rope_rotates_pairs_as_ggml() {
                 let (xa, xb) = (x[a] as f64, x[b] as f64);
                 let ra = xa * theta.cos() - xb * theta.sin();
                 let rb = xa * theta.sin() + xb * theta.cos();
-                assert!((y[a] as f64 - ra).abs() < 1e-4 && (y[b] as f64 - rb).abs() < 1e-4, "{kind:?} {h} {i}");
+                assert!(
+                    (y[a] as f64 - ra).abs() < 1e-4 && (y[b] as f64 - rb).abs() < 1e-4,
+                    "{kind:?} {h} {i}"
+                );
             }
         }
         // Norm is preserved.
@@ -78,7 +87,9 @@ fn activations_match_f64() {
         let xd = x as f64;
         let silu = xd / (1.0 + (-xd).exp());
         assert!((ops::silu(x) as f64 - silu).abs() < 1e-6);
-        let gelu = 0.5 * xd * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
+        let gelu = 0.5
+            * xd
+            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
         assert!((ops::gelu_tanh(x) as f64 - gelu).abs() < 1e-5);
     }
 }

@@ -55,7 +55,10 @@ pub fn measure_bandwidth(pool: &ThreadPool) -> f64 {
                     acc[k] ^= c[k];
                 }
             }
-            sink.fetch_xor(acc.iter().fold(0, |a, b| a ^ b), std::sync::atomic::Ordering::Relaxed);
+            sink.fetch_xor(
+                acc.iter().fold(0, |a, b| a ^ b),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         });
         best = best.max(BYTES as f64 / t.elapsed().as_secs_f64());
     }
@@ -77,7 +80,9 @@ pub fn run_bench(model: &Model, n_prompt: usize, n_gen: usize, reps: usize) -> R
     let mut st = model.new_state(n_ctx);
     let vocab = model.cfg.n_vocab as u32;
     // Arbitrary but fixed tokens, as llama-bench uses random ones.
-    let prompt: Vec<u32> = (0..n_prompt as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let prompt: Vec<u32> = (0..n_prompt as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
     // Warm-up: touch every weight once.
     model.forward(&mut st, &prompt[..prompt.len().min(16)], None)?;
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
@@ -114,7 +119,11 @@ pub fn main(a: BenchArgs) -> Result<()> {
     let m = &l.model;
     let r = run_bench(m, a.n_prompt, a.n_gen, a.reps.max(1))?;
     let ceiling = r.bandwidth / r.bytes_per_token as f64;
-    let name = l.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = l
+        .path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let threads = m.pool.n_threads();
     let isa = format!("{:?}", lethe_kernels::cpu::isa());
     if a.json {
@@ -129,7 +138,10 @@ pub fn main(a: BenchArgs) -> Result<()> {
         println!("{j}");
         return Ok(());
     }
-    println!("model: {name}  threads: {threads}  isa: {isa}  reps: {} (median)", a.reps);
+    println!(
+        "model: {name}  threads: {threads}  isa: {isa}  reps: {} (median)",
+        a.reps
+    );
     println!("| test   |      tok/s |");
     println!("| pp{:<4} | {:>10.1} |", a.n_prompt, r.pp_tps);
     println!("| tg{:<4} | {:>10.1} |", a.n_gen, r.tg_tps);
@@ -141,7 +153,10 @@ pub fn main(a: BenchArgs) -> Result<()> {
         100.0 * r.tg_tps / ceiling
     );
     if let Some(rss) = r.peak_rss_mib {
-        println!("peak RSS {rss:.1} MiB (context {} tokens; before the bandwidth test)", r.n_ctx);
+        println!(
+            "peak RSS {rss:.1} MiB (context {} tokens; before the bandwidth test)",
+            r.n_ctx
+        );
     }
     Ok(())
 }

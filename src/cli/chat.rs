@@ -44,7 +44,12 @@ pub fn main(a: ChatArgs) -> Result<()> {
         }
     };
     reset(&mut msgs);
-    let params = GenerateParams { n_predict: a.n_predict, sampler: a.sampling.params(), stop: Vec::new(), ignore_eos: false };
+    let params = GenerateParams {
+        n_predict: a.n_predict,
+        sampler: a.sampling.params(),
+        stop: Vec::new(),
+        ignore_eos: false,
+    };
     let arch = l.model.cfg.arch.name();
     eprintln!(
         "lethe chat: {} ({} threads, context {}). /reset starts over, /exit quits, Ctrl-C stops an answer.",
@@ -82,7 +87,10 @@ pub fn main(a: ChatArgs) -> Result<()> {
         let text = apply_chat_template(&l.tok, arch, a.chat_template.as_deref(), &msgs, true)?;
         let prompt = l.tok.encode(&text, true, true);
         if prompt.len() >= l.n_ctx {
-            eprintln!("(the conversation no longer fits the {}-token context: /reset to start over)", l.n_ctx);
+            eprintln!(
+                "(the conversation no longer fits the {}-token context: /reset to start over)",
+                l.n_ctx
+            );
             msgs.pop();
             continue;
         }

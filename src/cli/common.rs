@@ -26,24 +26,38 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn threads(&self) -> usize {
-        self.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
     }
 
     pub fn load(&self) -> Result<Loaded> {
         let path = lethe::hub::resolve_model(&self.model)?;
-        let mut model = Model::open(&path, self.threads()).with_context(|| format!("loading {}", path.display()))?;
+        let mut model = Model::open(&path, self.threads())
+            .with_context(|| format!("loading {}", path.display()))?;
         if self.precise {
             model.precision = Precision::Exact;
         }
         let tok = Tokenizer::from_gguf(&model.file)?;
         if tok.n_vocab() != model.cfg.n_vocab {
-            anyhow::bail!("tokenizer has {} tokens but the model's head has {}", tok.n_vocab(), model.cfg.n_vocab);
+            anyhow::bail!(
+                "tokenizer has {} tokens but the model's head has {}",
+                tok.n_vocab(),
+                model.cfg.n_vocab
+            );
         }
         let n_ctx = match self.ctx_size {
             0 => model.cfg.n_ctx_train.min(4096),
             n => n,
         };
-        Ok(Loaded { model: Arc::new(model), tok, n_ctx, path })
+        Ok(Loaded {
+            model: Arc::new(model),
+            tok,
+            n_ctx,
+            path,
+        })
     }
 }
 
@@ -70,7 +84,11 @@ pub struct SamplingArgs {
     pub min_p: f32,
     #[arg(long = "repeat-penalty", default_value_t = 1.0)]
     pub repeat_penalty: f32,
-    #[arg(long = "repeat-last-n", default_value_t = 64, allow_hyphen_values = true)]
+    #[arg(
+        long = "repeat-last-n",
+        default_value_t = 64,
+        allow_hyphen_values = true
+    )]
     pub repeat_last_n: i32,
     #[arg(long = "presence-penalty", default_value_t = 0.0)]
     pub presence_penalty: f32,
@@ -81,7 +99,10 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     pub fn params(&self) -> SamplerParams {
         let seed = if self.seed < 0 {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
         } else {
             self.seed as u64
         };

@@ -24,7 +24,11 @@ pub fn main(a: FetchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let names: Vec<String> = if a.names.is_empty() { m.models.keys().cloned().collect() } else { a.names };
+    let names: Vec<String> = if a.names.is_empty() {
+        m.models.keys().cloned().collect()
+    } else {
+        a.names
+    };
     for n in names {
         let p = lethe::hub::resolve_model(&n)?;
         println!("{n}: {}", p.display());

@@ -18,19 +18,35 @@ pub fn main(a: InspectArgs) -> Result<()> {
     let path = lethe::hub::resolve_model(&a.model)?;
     let f = GgufFile::open(&path)?;
     println!("file: {}", path.display());
-    println!("GGUF v{}, {} metadata keys, {} tensors, alignment {}, data at {}", f.version, f.metadata().len(), f.tensors().len(), f.alignment, f.data_offset);
+    println!(
+        "GGUF v{}, {} metadata keys, {} tensors, alignment {}, data at {}",
+        f.version,
+        f.metadata().len(),
+        f.tensors().len(),
+        f.alignment,
+        f.data_offset
+    );
     println!("\nmetadata:");
     for (k, v) in f.metadata() {
         println!("  {k:<44} {}", v.summary(96));
     }
     println!("\ntensors:");
-    println!("  {:<36} {:>6} {:>22} {:>12}", "name", "type", "shape", "bytes");
+    println!(
+        "  {:<36} {:>6} {:>22} {:>12}",
+        "name", "type", "shape", "bytes"
+    );
     let mut hist: BTreeMap<&str, (usize, u64, u64)> = BTreeMap::new();
     let mut params = 0u64;
     for (i, t) in f.tensors().iter().enumerate() {
         let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
         if a.all || i < 40 {
-            println!("  {:<36} {:>6} {:>22} {:>12}", t.name, t.ty.name(), shape.join(" x "), t.size);
+            println!(
+                "  {:<36} {:>6} {:>22} {:>12}",
+                t.name,
+                t.ty.name(),
+                shape.join(" x "),
+                t.size
+            );
         }
         let e = hist.entry(t.ty.name()).or_default();
         e.0 += 1;
@@ -43,9 +59,16 @@ pub fn main(a: InspectArgs) -> Result<()> {
     }
     println!("\ntypes:");
     for (ty, (n, el, bytes)) in &hist {
-        println!("  {ty:<6} {n:>5} tensors {el:>12} params {:>10.2} MiB", *bytes as f64 / (1 << 20) as f64);
+        println!(
+            "  {ty:<6} {n:>5} tensors {el:>12} params {:>10.2} MiB",
+            *bytes as f64 / (1 << 20) as f64
+        );
     }
     let bytes: u64 = hist.values().map(|h| h.2).sum();
-    println!("\nparameters: {params} ({:.1} M), {:.2} bits per weight", params as f64 / 1e6, bytes as f64 * 8.0 / params as f64);
+    println!(
+        "\nparameters: {params} ({:.1} M), {:.2} bits per weight",
+        params as f64 / 1e6,
+        bytes as f64 * 8.0 / params as f64
+    );
     Ok(())
 }

@@ -44,13 +44,24 @@ pub fn main(a: RunArgs) -> Result<()> {
             msgs.push(ChatMessage::new("system", s.clone()));
         }
         msgs.push(ChatMessage::new("user", a.prompt.clone()));
-        apply_chat_template(&l.tok, l.model.cfg.arch.name(), a.chat_template.as_deref(), &msgs, true)?
+        apply_chat_template(
+            &l.tok,
+            l.model.cfg.arch.name(),
+            a.chat_template.as_deref(),
+            &msgs,
+            true,
+        )?
     } else {
         a.prompt.clone()
     };
     let prompt = l.tok.encode(&text, true, true);
     let mut dec = ModelDecoder::new(l.model.clone(), l.n_ctx);
-    let params = GenerateParams { n_predict: a.n_predict, sampler: a.sampling.params(), stop: a.stop.clone(), ignore_eos: false };
+    let params = GenerateParams {
+        n_predict: a.n_predict,
+        sampler: a.sampling.params(),
+        stop: a.stop.clone(),
+        ignore_eos: false,
+    };
     let mut out = std::io::stdout().lock();
     if !a.chat {
         write!(out, "{}", a.prompt)?;

@@ -33,10 +33,14 @@ pub struct TokenizeArgs {
 pub fn main(a: TokenizeArgs) -> Result<()> {
     let text = if a.stdin {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
         s
     } else {
-        a.prompt.or(a.text).context("give a text, -p TEXT, or --stdin")?
+        a.prompt
+            .or(a.text)
+            .context("give a text, -p TEXT, or --stdin")?
     };
     let path = lethe::hub::resolve_model(&a.model)?;
     let f = GgufFile::open(&path)?;

@@ -67,7 +67,12 @@ pub struct GenerateParams {
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { n_predict: -1, sampler: SamplerParams::default(), stop: Vec::new(), ignore_eos: false }
+        Self {
+            n_predict: -1,
+            sampler: SamplerParams::default(),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
     }
 }
 
@@ -143,10 +148,17 @@ pub fn generate(
         return Err(Error::Invalid("the prompt is empty".into()));
     }
     if prompt.len() > dec.n_ctx() {
-        return Err(Error::ContextFull { needed: prompt.len(), n_ctx: dec.n_ctx() });
+        return Err(Error::ContextFull {
+            needed: prompt.len(),
+            n_ctx: dec.n_ctx(),
+        });
     }
     // Reuse the cached prefix, but always run at least the last prompt token.
-    let mut common = history.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    let mut common = history
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
     common = common.min(prompt.len() - 1).min(dec.pos());
     dec.truncate(common);
     history.truncate(common);
@@ -170,7 +182,11 @@ pub fn generate(
         gen_ms: 0.0,
     };
     let t1 = Instant::now();
-    let budget = if params.n_predict < 0 { usize::MAX } else { params.n_predict as usize };
+    let budget = if params.n_predict < 0 {
+        usize::MAX
+    } else {
+        params.n_predict as usize
+    };
     let mut cancelled = false;
     while out.tokens.len() < budget {
         let next = sampler.sample(&logits, history);

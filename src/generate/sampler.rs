@@ -44,7 +44,10 @@ impl Default for SamplerParams {
 
 impl SamplerParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 }
 
@@ -87,7 +90,12 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplerParams) -> Self {
         let rng = Rng::new(params.seed);
-        Self { params, rng, cands: Vec::new(), counts: Default::default() }
+        Self {
+            params,
+            rng,
+            cands: Vec::new(),
+            counts: Default::default(),
+        }
     }
 
     /// Choose the next token from `logits` given the tokens so far (`history`: prompt and
@@ -95,7 +103,12 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
         self.cands.clear();
-        self.cands.extend(logits.iter().enumerate().map(|(i, &l)| Cand { id: i as u32, logit: l, p: 0.0 }));
+        self.cands
+            .extend(logits.iter().enumerate().map(|(i, &l)| Cand {
+                id: i as u32,
+                logit: l,
+                p: 0.0,
+            }));
         for &(id, bias) in &p.logit_bias {
             if let Some(c) = self.cands.get_mut(id as usize) {
                 c.logit += bias;
@@ -113,10 +126,12 @@ impl Sampler {
         }
         if p.top_k > 0 && (p.top_k as usize) < self.cands.len() {
             let k = p.top_k as usize;
-            self.cands.select_nth_unstable_by(k - 1, |a, b| b.logit.total_cmp(&a.logit));
+            self.cands
+                .select_nth_unstable_by(k - 1, |a, b| b.logit.total_cmp(&a.logit));
             self.cands.truncate(k);
         }
-        self.cands.sort_unstable_by(|a, b| b.logit.total_cmp(&a.logit));
+        self.cands
+            .sort_unstable_by(|a, b| b.logit.total_cmp(&a.logit));
         if p.top_p < 1.0 {
             softmax(&mut self.cands);
             let mut cum = 0.0f32;
@@ -153,17 +168,24 @@ impl Sampler {
 
     fn apply_penalties(&mut self, history: &[u32]) {
         let p = &self.params;
-        let off = p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
+        let off =
+            p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
         if off || p.repeat_last_n == 0 || history.is_empty() {
             return;
         }
-        let n = if p.repeat_last_n < 0 { history.len() } else { (p.repeat_last_n as usize).min(history.len()) };
+        let n = if p.repeat_last_n < 0 {
+            history.len()
+        } else {
+            (p.repeat_last_n as usize).min(history.len())
+        };
         self.counts.clear();
         for &t in &history[history.len() - n..] {
             *self.counts.entry(t).or_default() += 1;
         }
         for (&id, &count) in &self.counts {
-            let Some(c) = self.cands.get_mut(id as usize) else { continue };
+            let Some(c) = self.cands.get_mut(id as usize) else {
+                continue;
+            };
             if c.logit <= 0.0 {
                 c.logit *= p.repeat_penalty;
             } else {
@@ -225,7 +247,14 @@ mod tests {
     #[test]
     fn same_seed_same_draws() {
         let l = logits();
-        let p = SamplerParams { temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 42, ..Default::default() };
+        let p = SamplerParams {
+            temperature: 1.5,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 42,
+            ..Default::default()
+        };
         let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
         let da: Vec<u32> = (0..50).map(|_| a.sample(&l, &[])).collect();
         let db: Vec<u32> = (0..50).map(|_| b.sample(&l, &[])).collect();
@@ -236,7 +265,11 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy() {
         let l = logits();
-        let mut s = Sampler::new(SamplerParams { temperature: 2.0, top_k: 1, ..Default::default() });
+        let mut s = Sampler::new(SamplerParams {
+            temperature: 2.0,
+            top_k: 1,
+            ..Default::default()
+        });
         for _ in 0..20 {
             assert_eq!(s.sample(&l, &[]), argmax_raw(&l));
         }
@@ -246,7 +279,10 @@ mod tests {
     fn logit_bias_bans() {
         let l = logits();
         let best = argmax_raw(&l);
-        let mut s = Sampler::new(SamplerParams { logit_bias: vec![(best, f32::NEG_INFINITY)], ..SamplerParams::greedy() });
+        let mut s = Sampler::new(SamplerParams {
+            logit_bias: vec![(best, f32::NEG_INFINITY)],
+            ..SamplerParams::greedy()
+        });
         assert_ne!(s.sample(&l, &[]), best);
     }
 
@@ -254,7 +290,10 @@ mod tests {
     fn repetition_penalty_matches_llama_cpp_rule() {
         // Two tokens: logit 2.0 (seen) and 1.5 (unseen); penalty 2 halves the positive logit.
         let l = vec![2.0, 1.5, -1.0];
-        let mut s = Sampler::new(SamplerParams { repeat_penalty: 2.0, ..SamplerParams::greedy() });
+        let mut s = Sampler::new(SamplerParams {
+            repeat_penalty: 2.0,
+            ..SamplerParams::greedy()
+        });
         assert_eq!(s.sample(&l, &[0]), 1);
         // A negative seen logit is multiplied: -1 * 2 = -2, still below the rest.
         let l = vec![-1.0, -1.5];
@@ -266,7 +305,14 @@ mod tests {
         let mut l = vec![-10.0f32; 50];
         l[7] = 5.0;
         l[9] = 4.9;
-        let mut s = Sampler::new(SamplerParams { temperature: 1.0, top_k: 0, top_p: 0.99, min_p: 0.5, seed: 1, ..Default::default() });
+        let mut s = Sampler::new(SamplerParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.99,
+            min_p: 0.5,
+            seed: 1,
+            ..Default::default()
+        });
         for _ in 0..50 {
             let t = s.sample(&l, &[]);
             assert!(t == 7 || t == 9);

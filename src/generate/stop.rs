@@ -17,7 +17,10 @@ pub enum StopOutcome {
 
 impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
     }
 
     pub fn push(&mut self, text: &str) -> StopOutcome {
@@ -37,7 +40,11 @@ impl StopMatcher {
         // Hold back the longest suffix that is a prefix of some stop string.
         let mut hold = 0;
         for s in &self.stops {
-            for (k, _) in s.char_indices().skip(1).chain(std::iter::once((s.len(), ' '))) {
+            for (k, _) in s
+                .char_indices()
+                .skip(1)
+                .chain(std::iter::once((s.len(), ' ')))
+            {
                 let prefix = &s[..k];
                 if k <= self.pending.len() && self.pending.ends_with(prefix) {
                     hold = hold.max(k);
@@ -79,7 +86,10 @@ mod tests {
 
     #[test]
     fn stop_split_across_pieces() {
-        assert_eq!(run(&["</s>"], &["Hello <", "/", "s> world"]), ("Hello ".into(), Some("</s>".into())));
+        assert_eq!(
+            run(&["</s>"], &["Hello <", "/", "s> world"]),
+            ("Hello ".into(), Some("</s>".into()))
+        );
     }
 
     #[test]
@@ -90,6 +100,9 @@ mod tests {
     #[test]
     fn multibyte_text_is_safe() {
         assert_eq!(run(&["é!"], &["café", "?"]), ("café?".into(), None));
-        assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), Some("é!".into())));
+        assert_eq!(
+            run(&["é!"], &["café", "!"]),
+            ("caf".into(), Some("é!".into()))
+        );
     }
 }

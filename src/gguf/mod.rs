@@ -8,7 +8,7 @@ mod value;
 mod write;
 
 pub use read::{GgufFile, TensorInfo};
-pub use value::{Value, ValueType};
+pub use value::{Array, StrArray, Value, ValueType};
 pub use write::GgufWriter;
 
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
@@ -48,6 +48,8 @@ pub enum GgufError {
     BadValueType { key: String, ty: u32 },
     #[error("metadata key {key:?}: arrays of arrays are not supported")]
     NestedArray { key: String },
+    #[error("metadata key {key:?}: string array of 4 GiB or more")]
+    ArrayTooLarge { key: String },
     #[error("duplicate metadata key {0:?}")]
     DuplicateKey(String),
     #[error("empty metadata key at offset {0}")]

@@ -2,7 +2,8 @@
 //! used in place from the memory map.
 
 use super::{
-    GgufError, Result, Value, ValueType, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS, MAX_NAME,
+    Array, GgufError, Result, StrArray, Value, ValueType, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS,
+    MAX_NAME,
 };
 use lethe_kernels::GgmlType;
 use std::collections::HashMap;
@@ -88,7 +89,8 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self, what: &dyn Fn() -> String) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
     }
-    fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
+    /// A length-prefixed UTF-8 string, borrowed from the buffer.
+    fn str_bytes(&mut self, what: &dyn Fn() -> String) -> Result<&'a str> {
         let len = self.u64(&|| format!("length of {}", what()))?;
         let have = self.remaining();
         if len > have as u64 {
@@ -101,10 +103,14 @@ impl<'a> Cursor<'a> {
         }
         let start = self.pos;
         let bytes = self.take(len as usize, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| GgufError::BadUtf8 {
+        std::str::from_utf8(bytes).map_err(|_| GgufError::BadUtf8 {
             what: what(),
             offset: start,
         })
+    }
+
+    fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
+        self.str_bytes(what).map(str::to_string)
     }
 
     fn scalar(&mut self, ty: ValueType, what: &dyn Fn() -> String) -> Result<Value> {
@@ -153,11 +159,27 @@ impl<'a> Cursor<'a> {
                 have: self.remaining(),
             });
         }
-        let mut v = Vec::with_capacity(initial_capacity(n));
-        for i in 0..n {
-            v.push(self.scalar(et, &|| format!("element {i} of {key:?}"))?);
-        }
-        Ok(Value::Array(et, v))
+        let n = n as usize;
+        let mut a = if et == ValueType::String {
+            // Strings are bounded by the bytes they take: grow as they parse.
+            let mut a = StrArray::with_capacity(initial_capacity(n as u64), 0);
+            for i in 0..n {
+                let what = || format!("element {i} of {key:?}");
+                let s = self.str_bytes(&what)?;
+                if !a.try_push(s) {
+                    return Err(GgufError::ArrayTooLarge {
+                        key: key.to_string(),
+                    });
+                }
+            }
+            Array::String(a)
+        } else {
+            // Fixed-size elements: the check above guarantees all n are in the file.
+            let bytes = self.take(n * et.min_size(), &|| format!("array {key:?}"))?;
+            fixed_array(et, bytes)
+        };
+        a.shrink_to_fit();
+        Ok(Value::Array(a))
     }
 }
 
@@ -396,7 +418,7 @@ impl GgufFile {
             .ok_or_else(|| wrong(key, "number", v))
     }
 
-    pub fn get_array(&self, key: &str) -> Result<&[Value]> {
+    pub fn get_array(&self, key: &str) -> Result<&Array> {
         let v = self.require(key)?;
         v.as_array().ok_or_else(|| wrong(key, "array", v))
     }
@@ -418,6 +440,33 @@ impl GgufFile {
     /// Architecture name (`general.architecture`).
     pub fn architecture(&self) -> Result<&str> {
         self.get_str("general.architecture")
+    }
+}
+
+/// A fixed-size-element array from its little-endian bytes (`bytes.len()` is a multiple of
+/// the element size).
+fn fixed_array(et: ValueType, bytes: &[u8]) -> Array {
+    macro_rules! le {
+        ($t:ty, $n:expr) => {
+            bytes
+                .chunks_exact($n)
+                .map(|c| <$t>::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+    }
+    match et {
+        ValueType::U8 => Array::U8(bytes.to_vec()),
+        ValueType::I8 => Array::I8(bytes.iter().map(|&b| b as i8).collect()),
+        ValueType::Bool => Array::Bool(bytes.iter().map(|&b| b != 0).collect()),
+        ValueType::U16 => Array::U16(le!(u16, 2)),
+        ValueType::I16 => Array::I16(le!(i16, 2)),
+        ValueType::U32 => Array::U32(le!(u32, 4)),
+        ValueType::I32 => Array::I32(le!(i32, 4)),
+        ValueType::F32 => Array::F32(le!(f32, 4)),
+        ValueType::U64 => Array::U64(le!(u64, 8)),
+        ValueType::I64 => Array::I64(le!(i64, 8)),
+        ValueType::F64 => Array::F64(le!(f64, 8)),
+        ValueType::String | ValueType::Array => unreachable!("not a fixed-size type"),
     }
 }
 

@@ -7,8 +7,8 @@
 //! model never has to be held in memory at once.
 
 use super::{
-    GgufError, GgufFile, Result, TensorInfo, Value, ValueType, DEFAULT_ALIGNMENT, GGUF_MAGIC,
-    MAX_DIMS, MAX_NAME,
+    Array, GgufError, GgufFile, Result, StrArray, TensorInfo, Value, ValueType, DEFAULT_ALIGNMENT,
+    GGUF_MAGIC, MAX_DIMS, MAX_NAME,
 };
 use lethe_kernels::GgmlType;
 use std::borrow::Cow;
@@ -69,7 +69,6 @@ impl<'a> GgufWriter<'a> {
         if key.is_empty() {
             return Err(GgufError::Write("empty metadata key".into()));
         }
-        check_value(&key, &value)?;
         if key == "general.alignment" {
             match value {
                 Value::U32(a) if a != 0 && a.is_power_of_two() => {}
@@ -84,6 +83,29 @@ impl<'a> GgufWriter<'a> {
             }
         }
         Ok(self)
+    }
+
+    /// Sets an array of element type `et` from individual values, which must all be `et`s
+    /// (arrays do not nest).
+    pub fn set_array(
+        &mut self,
+        key: impl Into<String>,
+        et: ValueType,
+        items: impl IntoIterator<Item = Value>,
+    ) -> Result<&mut Self> {
+        let key = key.into();
+        let a = Array::from_values(et, items).map_err(|found| {
+            if et == ValueType::Array {
+                GgufError::NestedArray { key: key.clone() }
+            } else {
+                GgufError::WrongType {
+                    key: key.clone(),
+                    expected: et.name(),
+                    found: found.name().into(),
+                }
+            }
+        })?;
+        self.set(key, Value::Array(a))
     }
 
     /// Removes a metadata key (later keys keep their order). Returns its value, if it was set.
@@ -407,22 +429,6 @@ fn check_len(info: &TensorInfo, len: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_value(key: &str, v: &Value) -> Result<()> {
-    if let Value::Array(et, items) = v {
-        if *et == ValueType::Array {
-            return Err(GgufError::NestedArray { key: key.into() });
-        }
-        if let Some(bad) = items.iter().find(|x| x.ty() != *et) {
-            return Err(GgufError::WrongType {
-                key: key.into(),
-                expected: et.name(),
-                found: bad.ty().name().into(),
-            });
-        }
-    }
-    Ok(())
-}
-
 fn put_str(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(&(s.len() as u64).to_le_bytes());
     b.extend_from_slice(s.as_bytes());
@@ -439,16 +445,42 @@ fn put_value(b: &mut Vec<u8>, v: &Value) {
         Value::F32(x) => b.extend_from_slice(&x.to_le_bytes()),
         Value::Bool(x) => b.push(*x as u8),
         Value::String(s) => put_str(b, s),
-        Value::Array(et, items) => {
-            b.extend_from_slice(&(*et as u32).to_le_bytes());
-            b.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for x in items {
-                put_value(b, x);
-            }
+        Value::Array(a) => {
+            b.extend_from_slice(&(a.elem_type() as u32).to_le_bytes());
+            b.extend_from_slice(&(a.len() as u64).to_le_bytes());
+            put_array(b, a);
         }
         Value::U64(x) => b.extend_from_slice(&x.to_le_bytes()),
         Value::I64(x) => b.extend_from_slice(&x.to_le_bytes()),
         Value::F64(x) => b.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+fn put_array(b: &mut Vec<u8>, a: &Array) {
+    macro_rules! le {
+        ($v:expr) => {
+            for x in $v {
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+        };
+    }
+    match a {
+        Array::U8(v) => b.extend_from_slice(v),
+        Array::I8(v) => b.extend(v.iter().map(|&x| x as u8)),
+        Array::Bool(v) => b.extend(v.iter().map(|&x| x as u8)),
+        Array::U16(v) => le!(v),
+        Array::I16(v) => le!(v),
+        Array::U32(v) => le!(v),
+        Array::I32(v) => le!(v),
+        Array::F32(v) => le!(v),
+        Array::U64(v) => le!(v),
+        Array::I64(v) => le!(v),
+        Array::F64(v) => le!(v),
+        Array::String(v) => {
+            for s in v.iter() {
+                put_str(b, s);
+            }
+        }
     }
 }
 
@@ -461,19 +493,49 @@ macro_rules! value_from {
         }
         impl From<Vec<$t>> for Value {
             fn from(x: Vec<$t>) -> Value {
-                Value::Array(ValueType::$v, x.into_iter().map(Value::$v).collect())
+                Value::Array(Array::$v(x))
             }
         }
         impl From<&[$t]> for Value {
             fn from(x: &[$t]) -> Value {
-                Value::Array(ValueType::$v, x.iter().cloned().map(Value::$v).collect())
+                Value::Array(Array::$v(x.to_vec()))
             }
         }
     )*};
 }
 
 value_from!(u8 => U8, i8 => I8, u16 => U16, i16 => I16, u32 => U32, i32 => I32, f32 => F32, bool => Bool,
-    String => String, u64 => U64, i64 => I64, f64 => F64);
+    u64 => U64, i64 => I64, f64 => F64);
+
+impl From<String> for Value {
+    fn from(x: String) -> Value {
+        Value::String(x)
+    }
+}
+
+impl From<Vec<String>> for Value {
+    fn from(x: Vec<String>) -> Value {
+        Value::Array(Array::String(x.iter().collect()))
+    }
+}
+
+impl From<&[String]> for Value {
+    fn from(x: &[String]) -> Value {
+        Value::Array(Array::String(x.iter().collect()))
+    }
+}
+
+impl From<Array> for Value {
+    fn from(x: Array) -> Value {
+        Value::Array(x)
+    }
+}
+
+impl From<StrArray> for Value {
+    fn from(x: StrArray) -> Value {
+        Value::Array(Array::String(x))
+    }
+}
 
 impl From<&str> for Value {
     fn from(x: &str) -> Value {
@@ -495,9 +557,6 @@ impl From<Vec<&str>> for Value {
 
 impl From<&[&str]> for Value {
     fn from(x: &[&str]) -> Value {
-        Value::Array(
-            ValueType::String,
-            x.iter().map(|s| Value::String((*s).into())).collect(),
-        )
+        Value::Array(Array::String(x.iter().collect()))
     }
 }

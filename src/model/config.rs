@@ -72,12 +72,16 @@ impl Config {
         let head_dim = opt("attention.key_length").unwrap_or(n_embd / n_head);
         if let Some(vl) = opt("attention.value_length") {
             if vl != head_dim {
-                return Err(Error::Model(format!("key length {head_dim} != value length {vl} is not supported")));
+                return Err(Error::Model(format!(
+                    "key length {head_dim} != value length {vl} is not supported"
+                )));
             }
         }
         let n_rot = opt("rope.dimension_count").unwrap_or(head_dim);
         if n_rot > head_dim || n_rot % 2 != 0 {
-            return Err(Error::Model(format!("rope dimension {n_rot} does not fit head size {head_dim}")));
+            return Err(Error::Model(format!(
+                "rope dimension {n_rot} does not fit head size {head_dim}"
+            )));
         }
         let n_vocab = match opt("vocab_size") {
             Some(v) => v,
@@ -96,7 +100,11 @@ impl Config {
                         rope_freq_scale = 1.0 / factor;
                     }
                 }
-                other => return Err(Error::Model(format!("rope scaling {other:?} is not supported"))),
+                other => {
+                    return Err(Error::Model(format!(
+                        "rope scaling {other:?} is not supported"
+                    )))
+                }
             }
         }
         let (sliding_window, swa_period, rope_base_local) = match arch {

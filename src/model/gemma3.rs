@@ -31,10 +31,18 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
             scale: c.attn_scale,
             window: if local { c.sliding_window } else { None },
         };
-        let (q_norm, k_norm) = (l.q_norm.as_deref().unwrap_or(&[]), l.k_norm.as_deref().unwrap_or(&[]));
+        let (q_norm, k_norm) = (
+            l.q_norm.as_deref().unwrap_or(&[]),
+            l.k_norm.as_deref().unwrap_or(&[]),
+        );
 
         for t in 0..n {
-            ops::rmsnorm(&mut st.xb[t * e..(t + 1) * e], &st.x[t * e..(t + 1) * e], &l.attn_norm, c.rms_eps);
+            ops::rmsnorm(
+                &mut st.xb[t * e..(t + 1) * e],
+                &st.x[t * e..(t + 1) * e],
+                &l.attn_norm,
+                c.rms_eps,
+            );
         }
         matmul(pool, f, &l.wq, &st.xb, n, &mut st.q, &mut st.act, p); // [n, qd]
         matmul(pool, f, &l.wk, &st.xb, n, &mut st.k, &mut st.act, p); // [n, kvd]
@@ -47,11 +55,38 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
                 ops::rmsnorm_inplace(head, k_norm, c.rms_eps);
             }
             rope.fill(pos0 + t, &mut st.rope_cs);
-            ops::rope_inplace(rope.kind, &mut st.q[t * qd..(t + 1) * qd], hd, c.n_rot, &st.rope_cs);
-            ops::rope_inplace(rope.kind, &mut st.k[t * kvd..(t + 1) * kvd], hd, c.n_rot, &st.rope_cs);
-            st.kv.store(il, pos0 + t, &st.k[t * kvd..(t + 1) * kvd], &st.v[t * kvd..(t + 1) * kvd]);
+            ops::rope_inplace(
+                rope.kind,
+                &mut st.q[t * qd..(t + 1) * qd],
+                hd,
+                c.n_rot,
+                &st.rope_cs,
+            );
+            ops::rope_inplace(
+                rope.kind,
+                &mut st.k[t * kvd..(t + 1) * kvd],
+                hd,
+                c.n_rot,
+                &st.rope_cs,
+            );
+            st.kv.store(
+                il,
+                pos0 + t,
+                &st.k[t * kvd..(t + 1) * kvd],
+                &st.v[t * kvd..(t + 1) * kvd],
+            );
         }
-        attend(pool, &st.kv, il, &shape, &st.q, n, pos0, &mut st.att, &mut st.scores);
+        attend(
+            pool,
+            &st.kv,
+            il,
+            &shape,
+            &st.q,
+            n,
+            pos0,
+            &mut st.att,
+            &mut st.scores,
+        );
         matmul(pool, f, &l.wo, &st.att, n, &mut st.xb2, &mut st.act, p); // [n, e]
         let post = l.post_attn_norm.as_deref().unwrap_or(&[]);
         for t in 0..n {
@@ -60,7 +95,12 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 
         for t in 0..n {
-            ops::rmsnorm(&mut st.xb[t * e..(t + 1) * e], &st.x[t * e..(t + 1) * e], &l.ffn_norm, c.rms_eps);
+            ops::rmsnorm(
+                &mut st.xb[t * e..(t + 1) * e],
+                &st.x[t * e..(t + 1) * e],
+                &l.ffn_norm,
+                c.rms_eps,
+            );
         }
         matmul(pool, f, &l.w_gate, &st.xb, n, &mut st.hg, &mut st.act, p); // [n, n_ff]
         matmul(pool, f, &l.w_up, &st.xb, n, &mut st.hu, &mut st.act, p); // [n, n_ff]

@@ -16,7 +16,12 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(n_layer: usize, n_ctx: usize, kv_dim: usize) -> Self {
         let buf = || (0..n_layer).map(|_| vec![0u16; n_ctx * kv_dim]).collect();
-        Self { n_ctx, kv_dim, k: buf(), v: buf() }
+        Self {
+            n_ctx,
+            kv_dim,
+            k: buf(),
+            v: buf(),
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -26,8 +31,12 @@ impl KvCache {
     /// Store one position's key and value rows of layer `il`.
     pub fn store(&mut self, il: usize, pos: usize, k: &[f32], v: &[f32]) {
         let d = self.kv_dim;
-        self.k[il][pos * d..(pos + 1) * d].reinterpret_cast_mut::<f16>().convert_from_f32_slice(k);
-        self.v[il][pos * d..(pos + 1) * d].reinterpret_cast_mut::<f16>().convert_from_f32_slice(v);
+        self.k[il][pos * d..(pos + 1) * d]
+            .reinterpret_cast_mut::<f16>()
+            .convert_from_f32_slice(k);
+        self.v[il][pos * d..(pos + 1) * d]
+            .reinterpret_cast_mut::<f16>()
+            .convert_from_f32_slice(v);
     }
 
     /// Keys of layer `il`, `[n_ctx, kv_dim]`.

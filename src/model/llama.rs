@@ -18,10 +18,21 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
     let (e, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
     let (pool, f, p) = (&*m.pool, &*m.file, m.precision);
     let pos0 = st.pos;
-    let shape = AttnShape { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: hd, scale: c.attn_scale, window: None };
+    let shape = AttnShape {
+        n_head: c.n_head,
+        n_head_kv: c.n_head_kv,
+        head_dim: hd,
+        scale: c.attn_scale,
+        window: None,
+    };
     for (il, l) in m.layers.iter().enumerate() {
         for t in 0..n {
-            ops::rmsnorm(&mut st.xb[t * e..(t + 1) * e], &st.x[t * e..(t + 1) * e], &l.attn_norm, c.rms_eps);
+            ops::rmsnorm(
+                &mut st.xb[t * e..(t + 1) * e],
+                &st.x[t * e..(t + 1) * e],
+                &l.attn_norm,
+                c.rms_eps,
+            );
         }
         matmul(pool, f, &l.wq, &st.xb, n, &mut st.q, &mut st.act, p); // [n, qd]
         matmul(pool, f, &l.wk, &st.xb, n, &mut st.k, &mut st.act, p); // [n, kvd]
@@ -29,16 +40,48 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
         for t in 0..n {
             m.rope_global.fill(pos0 + t, &mut st.rope_cs);
             let kind = m.rope_global.kind;
-            ops::rope_inplace(kind, &mut st.q[t * qd..(t + 1) * qd], hd, c.n_rot, &st.rope_cs);
-            ops::rope_inplace(kind, &mut st.k[t * kvd..(t + 1) * kvd], hd, c.n_rot, &st.rope_cs);
-            st.kv.store(il, pos0 + t, &st.k[t * kvd..(t + 1) * kvd], &st.v[t * kvd..(t + 1) * kvd]);
+            ops::rope_inplace(
+                kind,
+                &mut st.q[t * qd..(t + 1) * qd],
+                hd,
+                c.n_rot,
+                &st.rope_cs,
+            );
+            ops::rope_inplace(
+                kind,
+                &mut st.k[t * kvd..(t + 1) * kvd],
+                hd,
+                c.n_rot,
+                &st.rope_cs,
+            );
+            st.kv.store(
+                il,
+                pos0 + t,
+                &st.k[t * kvd..(t + 1) * kvd],
+                &st.v[t * kvd..(t + 1) * kvd],
+            );
         }
-        attend(pool, &st.kv, il, &shape, &st.q, n, pos0, &mut st.att, &mut st.scores);
+        attend(
+            pool,
+            &st.kv,
+            il,
+            &shape,
+            &st.q,
+            n,
+            pos0,
+            &mut st.att,
+            &mut st.scores,
+        );
         matmul(pool, f, &l.wo, &st.att, n, &mut st.xb2, &mut st.act, p); // [n, e]
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 
         for t in 0..n {
-            ops::rmsnorm(&mut st.xb[t * e..(t + 1) * e], &st.x[t * e..(t + 1) * e], &l.ffn_norm, c.rms_eps);
+            ops::rmsnorm(
+                &mut st.xb[t * e..(t + 1) * e],
+                &st.x[t * e..(t + 1) * e],
+                &l.ffn_norm,
+                c.rms_eps,
+            );
         }
         matmul(pool, f, &l.w_gate, &st.xb, n, &mut st.hg, &mut st.act, p); // [n, n_ff]
         matmul(pool, f, &l.w_up, &st.xb, n, &mut st.hu, &mut st.act, p); // [n, n_ff]

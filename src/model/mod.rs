@@ -26,11 +26,11 @@ use weights::{load, load_vec, ActBuf};
 pub const MAX_BATCH: usize = 128;
 
 pub struct Layer {
-    pub attn_norm: Vec<f32>, // [n_embd]
-    pub wq: Weight,          // [n_embd, n_head*hd]
-    pub wk: Weight,          // [n_embd, n_head_kv*hd]
-    pub wv: Weight,          // [n_embd, n_head_kv*hd]
-    pub wo: Weight,          // [n_head*hd, n_embd]
+    pub attn_norm: Vec<f32>,              // [n_embd]
+    pub wq: Weight,                       // [n_embd, n_head*hd]
+    pub wk: Weight,                       // [n_embd, n_head_kv*hd]
+    pub wv: Weight,                       // [n_embd, n_head_kv*hd]
+    pub wo: Weight,                       // [n_head*hd, n_embd]
     pub q_norm: Option<Vec<f32>>,         // [hd] (gemma3)
     pub k_norm: Option<Vec<f32>>,         // [hd] (gemma3)
     pub post_attn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
@@ -96,9 +96,14 @@ impl Model {
                 post_ffn_norm: opt_vec(n("post_ffw_norm"), e)?,
             };
             if cfg.arch == Arch::Gemma3
-                && (layer.q_norm.is_none() || layer.k_norm.is_none() || layer.post_attn_norm.is_none() || layer.post_ffn_norm.is_none())
+                && (layer.q_norm.is_none()
+                    || layer.k_norm.is_none()
+                    || layer.post_attn_norm.is_none()
+                    || layer.post_ffn_norm.is_none())
             {
-                return Err(Error::Model(format!("gemma3 block {i} lacks its q/k or post norms")));
+                return Err(Error::Model(format!(
+                    "gemma3 block {i} lacks its q/k or post norms"
+                )));
             }
             layers.push(layer);
         }
@@ -147,15 +152,26 @@ impl Model {
     /// Run `tokens` through the model at the state's current position, appending them to the
     /// KV cache. Returns the logits of the last token (`[n_vocab]`); with `all_logits`, the
     /// logits of every token are appended to it (`[n_tok, n_vocab]`).
-    pub fn forward<'s>(&self, st: &'s mut State, tokens: &[u32], mut all_logits: Option<&mut Vec<f32>>) -> Result<&'s [f32]> {
+    pub fn forward<'s>(
+        &self,
+        st: &'s mut State,
+        tokens: &[u32],
+        mut all_logits: Option<&mut Vec<f32>>,
+    ) -> Result<&'s [f32]> {
         if tokens.is_empty() {
             return Err(Error::Invalid("forward needs at least one token".into()));
         }
         if st.pos + tokens.len() > st.kv.n_ctx {
-            return Err(Error::ContextFull { needed: st.pos + tokens.len(), n_ctx: st.kv.n_ctx });
+            return Err(Error::ContextFull {
+                needed: st.pos + tokens.len(),
+                n_ctx: st.kv.n_ctx,
+            });
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
-            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary of {}", self.cfg.n_vocab)));
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.n_vocab
+            )));
         }
         for chunk in tokens.chunks(MAX_BATCH) {
             self.forward_batch(st, chunk);
@@ -183,7 +199,8 @@ impl Model {
     fn forward_batch(&self, st: &mut State, tokens: &[u32]) {
         let e = self.cfg.n_embd;
         for (t, &tok) in tokens.iter().enumerate() {
-            self.tok_embd.dequantize_row(&self.file, tok as usize, &mut st.x[t * e..(t + 1) * e]);
+            self.tok_embd
+                .dequantize_row(&self.file, tok as usize, &mut st.x[t * e..(t + 1) * e]);
         }
         match self.cfg.arch {
             Arch::Llama => llama::blocks(self, st, tokens.len()),
@@ -195,10 +212,24 @@ impl Model {
     fn head(&self, st: &mut State, _n: usize, which: std::ops::Range<usize>, out: &mut [f32]) {
         let e = self.cfg.n_embd;
         for t in which.clone() {
-            lethe_kernels::ops::rmsnorm(&mut st.xb[t * e..(t + 1) * e], &st.x[t * e..(t + 1) * e], &self.output_norm, self.cfg.rms_eps);
+            lethe_kernels::ops::rmsnorm(
+                &mut st.xb[t * e..(t + 1) * e],
+                &st.x[t * e..(t + 1) * e],
+                &self.output_norm,
+                self.cfg.rms_eps,
+            );
         }
         let xs = &st.xb[which.start * e..which.end * e];
-        weights::matmul(&self.pool, &self.file, &self.output, xs, which.len(), out, &mut st.act, self.precision);
+        weights::matmul(
+            &self.pool,
+            &self.file,
+            &self.output,
+            xs,
+            which.len(),
+            out,
+            &mut st.act,
+            self.precision,
+        );
         if let Some(cap) = self.cfg.final_logit_softcap {
             for v in out[..which.len() * self.cfg.n_vocab].iter_mut() {
                 *v = (*v / cap).tanh() * cap;
@@ -218,18 +249,18 @@ pub struct State {
     pub kv: KvCache,
     /// Tokens already in the cache.
     pub pos: usize,
-    pub x: Vec<f32>,      // [B, n_embd] residual stream
-    pub xb: Vec<f32>,     // [B, n_embd]
-    pub xb2: Vec<f32>,    // [B, n_embd]
-    pub q: Vec<f32>,      // [B, n_head*hd]
-    pub k: Vec<f32>,      // [B, n_head_kv*hd]
-    pub v: Vec<f32>,      // [B, n_head_kv*hd]
-    pub att: Vec<f32>,    // [B, n_head*hd]
-    pub hg: Vec<f32>,     // [B, n_ff]
-    pub hu: Vec<f32>,     // [B, n_ff]
-    pub scores: Vec<f32>, // [n_threads, n_ctx]
+    pub x: Vec<f32>,       // [B, n_embd] residual stream
+    pub xb: Vec<f32>,      // [B, n_embd]
+    pub xb2: Vec<f32>,     // [B, n_embd]
+    pub q: Vec<f32>,       // [B, n_head*hd]
+    pub k: Vec<f32>,       // [B, n_head_kv*hd]
+    pub v: Vec<f32>,       // [B, n_head_kv*hd]
+    pub att: Vec<f32>,     // [B, n_head*hd]
+    pub hg: Vec<f32>,      // [B, n_ff]
+    pub hu: Vec<f32>,      // [B, n_ff]
+    pub scores: Vec<f32>,  // [n_threads, n_ctx]
     pub rope_cs: Vec<f32>, // [n_rot]
-    pub logits: Vec<f32>, // [n_vocab]
+    pub logits: Vec<f32>,  // [n_vocab]
     act: ActBuf,
 }
 

@@ -50,7 +50,9 @@ impl Weight {
 
 /// Load a weight, checking its shape `[cols, rows]`.
 pub fn load(f: &GgufFile, name: &str, cols: usize, rows: usize) -> Result<Weight> {
-    let t = f.tensor(name).ok_or_else(|| Error::Model(format!("tensor {name:?} not found")))?;
+    let t = f
+        .tensor(name)
+        .ok_or_else(|| Error::Model(format!("tensor {name:?} not found")))?;
     let w = Weight::from_info(f, t);
     if w.cols != cols || w.rows != rows || t.shape.len() > 2 {
         return Err(Error::Model(format!(
@@ -59,16 +61,24 @@ pub fn load(f: &GgufFile, name: &str, cols: usize, rows: usize) -> Result<Weight
         )));
     }
     if rows > 1 && !quant::has_vec_dot(w.ty) {
-        return Err(Error::Model(format!("tensor {name:?}: type {} cannot be a matmul weight", w.ty)));
+        return Err(Error::Model(format!(
+            "tensor {name:?}: type {} cannot be a matmul weight",
+            w.ty
+        )));
     }
     Ok(w)
 }
 
 /// A 1-D F32 vector (norm weights), copied out (they are tiny).
 pub fn load_vec(f: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>> {
-    let t = f.tensor(name).ok_or_else(|| Error::Model(format!("tensor {name:?} not found")))?;
+    let t = f
+        .tensor(name)
+        .ok_or_else(|| Error::Model(format!("tensor {name:?} not found")))?;
     if t.n_elements() as usize != n {
-        return Err(Error::Model(format!("tensor {name:?} has shape {:?}, expected [{n}]", t.shape)));
+        return Err(Error::Model(format!(
+            "tensor {name:?} has shape {:?}, expected [{n}]",
+            t.shape
+        )));
     }
     let mut out = vec![0.0; n];
     quant::dequantize_row(t.ty, f.tensor_data(t), &mut out)?;
@@ -100,12 +110,17 @@ impl ActBuf {
     pub fn new(max_tokens: usize, max_cols: usize) -> Self {
         // Q8_1 (36 B per 32) is the widest paired format per element; F32 for float weights.
         let per_row = (max_cols * 4).max(GgmlType::Q8_1.row_bytes(max_cols.next_multiple_of(256)));
-        Self { bytes: vec![0u8; max_tokens * per_row] }
+        Self {
+            bytes: vec![0u8; max_tokens * per_row],
+        }
     }
 }
 
 /// `y[t, r] = sum_c W[r, c] * x[t, c]` for `n_tok` tokens; `x` is `[n_tok, cols]`, `y` is
 /// `[n_tok, rows]` (or rows `row_range` only, for partial heads).
+// `let yp = yp;` in the closures is not redundant: it makes them capture the whole `SyncPtr`
+// (Sync) rather than its raw-pointer field (edition 2021 disjoint captures).
+#[allow(clippy::too_many_arguments, clippy::redundant_locals)]
 pub fn matmul(
     pool: &ThreadPool,
     f: &GgufFile,
@@ -130,18 +145,34 @@ pub fn matmul(
             let abuf = &mut act.bytes[..n_tok * ab];
             quantize_rows(pool, vt, &x[..n_tok * cols], cols, abuf);
             let abuf = &*abuf;
+            // Prefill: a block of ROW_BLOCK weight rows and TOK_BLOCK activation rows stays in
+            // cache while `vec_dot_batch` unpacks each weight block once for up to four tokens.
+            const ROW_BLOCK: usize = 16;
+            const TOK_BLOCK: usize = 16;
             pool.run(&|ith, nth| {
                 let yp = yp;
                 let range = ThreadPool::split(rows, ith, nth);
-                // Blocks of rows stay in cache while every token passes over them.
-                for r0 in range.clone().step_by(16) {
-                    let r1 = (r0 + 16).min(range.end);
-                    for t in 0..n_tok {
-                        let a = &abuf[t * ab..(t + 1) * ab];
+                if n_tok == 1 {
+                    for r in range {
+                        let v = quant::vec_dot(w.ty, cols, &wd[r * rb..(r + 1) * rb], abuf);
+                        // SAFETY: each r is written by exactly one thread.
+                        unsafe { *yp.0.add(r) = v };
+                    }
+                    return;
+                }
+                let mut out = [0f32; TOK_BLOCK];
+                for r0 in range.clone().step_by(ROW_BLOCK) {
+                    let r1 = (r0 + ROW_BLOCK).min(range.end);
+                    for t0 in (0..n_tok).step_by(TOK_BLOCK) {
+                        let nt = (n_tok - t0).min(TOK_BLOCK);
+                        let a = &abuf[t0 * ab..(t0 + nt) * ab];
                         for r in r0..r1 {
-                            let v = quant::vec_dot(w.ty, cols, &wd[r * rb..(r + 1) * rb], a);
-                            // SAFETY: each (t, r) is written by exactly one thread.
-                            unsafe { *yp.0.add(t * rows + r) = v };
+                            let wr = &wd[r * rb..(r + 1) * rb];
+                            quant::vec_dot_batch(w.ty, cols, wr, a, ab, nt, &mut out[..nt]);
+                            for (k, &v) in out[..nt].iter().enumerate() {
+                                // SAFETY: each (t, r) is written by exactly one thread.
+                                unsafe { *yp.0.add((t0 + k) * rows + r) = v };
+                            }
                         }
                     }
                 }
@@ -152,7 +183,8 @@ pub fn matmul(
                 let yp = yp;
                 let mut row = vec![0.0f32; cols];
                 for r in ThreadPool::split(rows, ith, nth) {
-                    quant::dequantize_row(w.ty, &wd[r * rb..(r + 1) * rb], &mut row).expect("validated");
+                    quant::dequantize_row(w.ty, &wd[r * rb..(r + 1) * rb], &mut row)
+                        .expect("validated");
                     for t in 0..n_tok {
                         let xs = &x[t * cols..(t + 1) * cols];
                         let v: f64 = row.iter().zip(xs).map(|(&a, &b)| a as f64 * b as f64).sum();
@@ -178,7 +210,8 @@ fn quantize_rows(pool: &ThreadPool, vt: GgmlType, x: &[f32], cols: usize, dst: &
         for t in ThreadPool::split(n, ith, nth) {
             // SAFETY: disjoint row ranges per thread.
             let d = unsafe { std::slice::from_raw_parts_mut((dp as *mut u8).add(t * ab), ab) };
-            quant::quantize_row(vt, &x[t * cols..(t + 1) * cols], d).expect("row length checked at load");
+            quant::quantize_row(vt, &x[t * cols..(t + 1) * cols], d)
+                .expect("row length checked at load");
         }
     });
 }

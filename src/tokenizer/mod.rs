@@ -8,13 +8,14 @@ mod pretok;
 mod spm;
 pub mod template;
 mod unicode;
+mod vocab;
 
 pub use template::{apply_chat_template, ChatMessage};
 
-use crate::gguf::{GgufFile, Value};
+use crate::gguf::{Array, GgufFile, StrArray, Value};
 use crate::{Error, Result};
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
 /// FxHash (rustc's): much faster than SipHash for the many short lookups tokenizing does;
 /// the keys come from the model file, not from an adversary choosing collisions at run time.
@@ -36,15 +37,18 @@ impl Hasher for FxHasher {
         self.0 = h;
     }
     fn write_u8(&mut self, b: u8) {
-        self.0 = (self.0.rotate_left(26) ^ u64::from(b)).wrapping_mul(0xf1357aea2e62a9c5);
+        self.write_u64(u64::from(b));
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(u64::from(x));
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(26) ^ x).wrapping_mul(0xf1357aea2e62a9c5);
     }
     fn finish(&self) -> u64 {
         self.0.rotate_left(26)
     }
 }
-
-/// Token text -> id.
-pub(crate) type TokenMap = HashMap<String, u32, BuildHasherDefault<FxHasher>>;
 
 /// llama.cpp's token attributes (`llama_token_attr`).
 pub mod attr {
@@ -133,12 +137,11 @@ enum Frag<'a> {
 
 pub struct Tokenizer {
     model: Model,
-    tokens: Vec<String>,
+    /// Token texts and the text -> id index.
+    vocab: vocab::Vocab,
+    /// Empty where the file has no scores (all 0).
     scores: Vec<f32>,
     attrs: Vec<u16>,
-    token_to_id: TokenMap,
-    /// Pieces as `token_to_piece(id, special = true)` gives them.
-    pieces: Vec<Vec<u8>>,
     byte_tokens: Box<[Option<u32>; 256]>,
     bos: Option<u32>,
     eos: Option<u32>,
@@ -235,22 +238,22 @@ impl Tokenizer {
         if n == 0 {
             return Err(terr("empty vocabulary (tokenizer.ggml.tokens)".into()));
         }
-        if n > u32::MAX as usize {
+        if n >= u32::MAX as usize {
             return Err(terr(format!("vocabulary of {n} tokens is too large")));
         }
-        let mut tokens = Vec::with_capacity(n);
-        for (i, v) in tok_values.iter().enumerate() {
-            let s = v
-                .as_str()
-                .ok_or_else(|| terr(format!("tokenizer.ggml.tokens[{i}] is not a string")))?;
-            tokens.push(if s.is_empty() {
-                format!("[EMPTY_{i}]")
+        let strs = tok_values
+            .as_strs()
+            .ok_or_else(|| terr("tokenizer.ggml.tokens[0] is not a string".into()))?;
+        let mut tokens = StrArray::with_capacity(n, strs.total_bytes());
+        for (i, s) in strs.iter().enumerate() {
+            if s.is_empty() {
+                tokens.push(&format!("[EMPTY_{i}]"));
             } else {
-                s.to_string()
-            });
+                tokens.push(s);
+            }
         }
         let scores: Vec<f32> = match f.get("tokenizer.ggml.scores") {
-            None => vec![0.0; n],
+            None => Vec::new(),
             Some(v) => {
                 let a = v
                     .as_array()
@@ -258,10 +261,10 @@ impl Tokenizer {
                 if a.len() < n {
                     return Err(terr(format!("{} scores for {n} tokens", a.len())));
                 }
-                a[..n]
-                    .iter()
-                    .map(|x| x.as_f64().unwrap_or(0.0) as f32)
-                    .collect()
+                match a.as_f32s() {
+                    Some(x) => x[..n].to_vec(),
+                    None => (0..n).map(|i| a.f64_at(i).unwrap_or(0.0) as f32).collect(),
+                }
             }
         };
         let mut attrs: Vec<u16> = match f.get("tokenizer.ggml.token_type") {
@@ -273,9 +276,8 @@ impl Tokenizer {
                 if a.len() < n {
                     return Err(terr(format!("{} token types for {n} tokens", a.len())));
                 }
-                a[..n]
-                    .iter()
-                    .map(|t| match t.as_i64() {
+                (0..n)
+                    .map(|i| match a.i64_at(i) {
                         Some(1) => attr::NORMAL,
                         Some(2) => attr::UNKNOWN,
                         Some(3) => attr::CONTROL,
@@ -287,10 +289,8 @@ impl Tokenizer {
                     .collect()
             }
         };
-        let mut token_to_id: TokenMap = TokenMap::with_capacity_and_hasher(n, Default::default());
-        for (i, t) in tokens.iter().enumerate() {
-            token_to_id.entry(t.clone()).or_insert(i as u32);
-        }
+        let vocab = vocab::Vocab::new(tokens);
+        let tokens = vocab.texts();
 
         let pre = f
             .get("tokenizer.ggml.pre")
@@ -309,9 +309,12 @@ impl Tokenizer {
                     let pt = pretok::PreTokenizer::new(pre)?;
                     let merges_v =
                         f.get_array("tokenizer.ggml.merges").map_err(|e| terr(format!("tokenizer merges: {e}")))?;
-                    let merges: Vec<&str> = merges_v.iter().map(|m| m.as_str().unwrap_or("")).collect();
                     let (clean, add_bos) = (pt.clean_spaces, pt.add_bos);
-                    let b = bpe::Bpe::new(pt, &merges)?;
+                    let b = match merges_v {
+                        Array::String(m) => bpe::Bpe::new(pt, m, &vocab)?,
+                        // Merges that are no strings split as empty ones do.
+                        other => bpe::Bpe::new(pt, &(0..other.len()).map(|_| "").collect(), &vocab)?,
+                    };
                     (Model::Bpe(Box::new(b)), Some(11), Some(11), None, add_bos, false, false, clean)
                 }
                 other => {
@@ -359,7 +362,6 @@ impl Tokenizer {
         let mark_control = |attrs: &mut Vec<u16>, id: u32| attrs[id as usize] |= attr::CONTROL;
         for (id, t) in tokens.iter().enumerate() {
             let id = id as u32;
-            let t = t.as_str();
             for (slot, texts) in [
                 (&mut eot, EOT_TEXTS),
                 (&mut eom, &["<|eom_id|>"][..]),
@@ -383,14 +385,14 @@ impl Tokenizer {
         }
         let mut eog: HashSet<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
         for (id, t) in tokens.iter().enumerate() {
-            if EOG_TEXTS.contains(&t.as_str()) {
+            if EOG_TEXTS.contains(&t) {
                 eog.insert(id as u32);
                 mark_control(&mut attrs, id as u32);
             }
         }
         for (id, t) in tokens.iter().enumerate() {
             if matches!(
-                t.as_str(),
+                t,
                 "<|channel|>" | "<|message|>" | "<|start|>" | "<|constrain|>"
             ) {
                 attrs[id] = attr::USER_DEFINED;
@@ -398,8 +400,7 @@ impl Tokenizer {
         }
         eog.extend([eos, eot, eom].into_iter().flatten());
         // o200k_harmony / solar-open: "<|end|>" is not the end of generation there.
-        let find =
-            |eog: &HashSet<u32>, s: &str| eog.iter().copied().find(|&i| tokens[i as usize] == s);
+        let find = |eog: &HashSet<u32>, s: &str| eog.iter().copied().find(|&i| vocab.text(i) == s);
         let end = find(&eog, "<|end|>");
         let harmony = find(&eog, "<|return|>").is_some() && find(&eog, "<|call|>").is_some()
             || find(&eog, "<|calls|>").is_some() && find(&eog, "<|flush|>").is_some();
@@ -418,9 +419,10 @@ impl Tokenizer {
             })
             .collect();
         special_order.sort_by(|&a, &b| {
-            tokens[b as usize]
+            vocab
+                .text(b)
                 .len()
-                .cmp(&tokens[a as usize].len())
+                .cmp(&vocab.text(a).len())
                 .then(a.cmp(&b))
         });
         let special_rank = special_order
@@ -430,12 +432,12 @@ impl Tokenizer {
             .collect();
         let mut special_trie = Trie::default();
         for &id in &special_order {
-            special_trie.insert(tokens[id as usize].as_bytes(), id);
+            special_trie.insert(vocab.text(id).as_bytes(), id);
         }
 
         let mut byte_tokens = Box::new([None; 256]);
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
-            *slot = token_to_id.get(&format!("<0x{b:02X}>")).copied();
+            *slot = vocab.get(&format!("<0x{b:02X}>"));
         }
 
         let chat_template = f
@@ -443,13 +445,11 @@ impl Tokenizer {
             .and_then(|v| v.as_str())
             .map(str::to_string);
 
-        let mut tok = Self {
+        Ok(Self {
             model,
-            tokens,
+            vocab,
             scores,
             attrs,
-            token_to_id,
-            pieces: Vec::new(),
             byte_tokens,
             bos,
             eos,
@@ -463,39 +463,44 @@ impl Tokenizer {
             special_rank,
             special_trie,
             chat_template,
-        };
-        tok.pieces = (0..n as u32).map(|id| tok.compute_piece(id)).collect();
-        Ok(tok)
+        })
     }
 
-    /// Piece of a token as llama.cpp's `token_to_piece(.., special = true)`.
-    fn compute_piece(&self, id: u32) -> Vec<u8> {
-        let a = self.attrs[id as usize];
-        let text = &self.tokens[id as usize];
-        if a & (attr::UNKNOWN | attr::CONTROL | attr::USER_DEFINED) != 0 {
-            return text.as_bytes().to_vec();
+    /// Appends the piece of a token as llama.cpp's `token_to_piece` (without lstrip) gives
+    /// it: control and unknown tokens only when `special`.
+    fn append_piece(&self, id: u32, special: bool, out: &mut Vec<u8>) {
+        let a = self.token_attr(id);
+        if a & (attr::UNKNOWN | attr::CONTROL) != 0 && !special {
+            return;
         }
-        let byte_piece = || -> Vec<u8> {
+        let text = self.vocab.text(id);
+        if a & (attr::UNKNOWN | attr::CONTROL | attr::USER_DEFINED) != 0 {
+            out.extend_from_slice(text.as_bytes());
+            return;
+        }
+        let byte_piece = || -> u8 {
             // "<0xXX>": strtol of the two hex digits.
             let hex = text.get(3..5).unwrap_or("");
             let v = u8::from_str_radix(hex, 16)
                 .ok()
                 .or_else(|| hex.get(..1).and_then(|h| u8::from_str_radix(h, 16).ok()));
-            vec![v.unwrap_or(0)]
+            v.unwrap_or(0)
         };
         match self.model {
             Model::Spm => {
                 if a & attr::NORMAL != 0 {
-                    text.replace('\u{2581}', " ").into_bytes()
+                    for (k, part) in text.split('\u{2581}').enumerate() {
+                        if k > 0 {
+                            out.push(b' ');
+                        }
+                        out.extend_from_slice(part.as_bytes());
+                    }
                 } else if a & attr::BYTE != 0 {
-                    byte_piece()
-                } else {
-                    Vec::new()
+                    out.push(byte_piece());
                 }
             }
             Model::Bpe(_) => {
                 if a & attr::NORMAL != 0 {
-                    let mut out = Vec::with_capacity(text.len());
                     for c in text.chars() {
                         match unicode::char_to_byte(c) {
                             Some(b) => out.push(b),
@@ -510,11 +515,8 @@ impl Tokenizer {
                             }
                         }
                     }
-                    out
                 } else if a & attr::BYTE != 0 && text.starts_with("<0x") {
-                    byte_piece()
-                } else {
-                    Vec::new()
+                    out.push(byte_piece());
                 }
             }
         }
@@ -539,7 +541,7 @@ impl Tokenizer {
             .collect();
         cands.sort_by_key(|id| self.special_rank.get(id).copied().unwrap_or(usize::MAX));
         for id in cands {
-            let pat = self.tokens[id as usize].as_str();
+            let pat = self.vocab.text(id);
             let mut next = Vec::with_capacity(frags.len() + 2);
             for fr in frags {
                 match fr {
@@ -574,7 +576,7 @@ impl Tokenizer {
         match &self.model {
             Model::Spm => {
                 let v = spm::SpmVocab {
-                    token_to_id: &self.token_to_id,
+                    vocab: &self.vocab,
                     scores: &self.scores,
                     byte_tokens: &self.byte_tokens,
                     unk: self.unk,
@@ -602,7 +604,7 @@ impl Tokenizer {
             Model::Bpe(b) => {
                 for fr in frags {
                     match fr {
-                        Frag::Text(s) => b.encode(s, &self.token_to_id, &mut out),
+                        Frag::Text(s) => b.encode(s, &self.vocab, &mut out),
                         Frag::Token(id) => out.push(id),
                     }
                 }
@@ -615,7 +617,7 @@ impl Tokenizer {
     }
 
     pub fn n_vocab(&self) -> usize {
-        self.tokens.len()
+        self.vocab.len()
     }
 
     pub fn vocab_type(&self) -> VocabType {
@@ -690,27 +692,15 @@ impl Tokenizer {
 
     /// The raw vocabulary entry ("" for ids outside the vocabulary).
     pub fn token_str(&self, id: u32) -> &str {
-        self.tokens
-            .get(id as usize)
-            .map(String::as_str)
-            .unwrap_or("")
+        self.vocab.text(id)
     }
 
     /// The bytes a token stands for (llama.cpp's `token_to_piece` without lstrip): control and
     /// unknown tokens only when `special`.
     pub fn token_to_piece(&self, id: u32, special: bool) -> Vec<u8> {
-        self.piece(id, special).to_vec()
-    }
-
-    fn piece(&self, id: u32, special: bool) -> &[u8] {
-        let a = self.token_attr(id);
-        if !special && a & (attr::UNKNOWN | attr::CONTROL) != 0 {
-            return &[];
-        }
-        self.pieces
-            .get(id as usize)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        let mut out = Vec::new();
+        self.append_piece(id, special, &mut out);
+        out
     }
 
     /// Detokenize as llama.cpp's `common_detokenize(tokens, special)`: the leading space the
@@ -726,13 +716,11 @@ impl Tokenizer {
         let mut text = Vec::new();
         let mut remove_space = self.add_space_prefix;
         for &id in ids {
-            let p = self.piece(id, special);
-            let p = if remove_space && p.first() == Some(&b' ') {
-                &p[1..]
-            } else {
-                p
-            };
-            text.extend_from_slice(p);
+            let start = text.len();
+            self.append_piece(id, special, &mut text);
+            if remove_space && text.get(start) == Some(&b' ') {
+                text.remove(start);
+            }
             remove_space = false;
         }
         if self.clean_spaces {
@@ -742,7 +730,7 @@ impl Tokenizer {
     }
 
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.token_to_id.get(text).copied()
+        self.vocab.get(text)
     }
 
     /// `tokenizer.chat_template`, if the file has one.
@@ -750,8 +738,9 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
-    pub fn tokens(&self) -> &[String] {
-        &self.tokens
+    /// The vocabulary's texts, by id.
+    pub fn tokens(&self) -> &StrArray {
+        self.vocab.texts()
     }
 }
 
@@ -855,7 +844,7 @@ impl StreamDecoder {
 
     /// Add one token; returns the text that is complete so far.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
-        self.buf.extend_from_slice(tok.piece(id, self.special));
+        tok.append_piece(id, self.special, &mut self.buf);
         self.drain(false)
     }
 

@@ -3,7 +3,7 @@
 //! whose concatenation is the highest-scoring token (leftmost on ties), and spell characters
 //! that are no token as `<0xXX>` byte tokens.
 
-use super::TokenMap;
+use super::vocab::Vocab;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
@@ -48,7 +48,7 @@ impl Ord for Bigram {
 }
 
 pub(crate) struct SpmVocab<'a> {
-    pub token_to_id: &'a TokenMap,
+    pub vocab: &'a Vocab,
     pub scores: &'a [f32],
     /// `<0xXX>` token of each byte, if any.
     pub byte_tokens: &'a [Option<u32>; 256],
@@ -73,7 +73,7 @@ pub(crate) fn encode(text: &str, v: &SpmVocab, out: &mut Vec<u32>) {
             let (Some(l), Some(r)) = (l, r) else { return };
             let (sl, sr) = (&syms[l], &syms[r]);
             let piece = &text[sl.start..sl.start + sl.len + sr.len];
-            if let Some(&id) = v.token_to_id.get(piece) {
+            if let Some(id) = v.vocab.get(piece) {
                 let score = v.scores.get(id as usize).copied().unwrap_or(0.0);
                 queue.push(Bigram {
                     left: l as u32,
@@ -105,8 +105,8 @@ pub(crate) fn encode(text: &str, v: &SpmVocab, out: &mut Vec<u32>) {
     while let Some(k) = i {
         let s = syms[k];
         let piece = &text[s.start..s.start + s.len];
-        match v.token_to_id.get(piece) {
-            Some(&id) => out.push(id),
+        match v.vocab.get(piece) {
+            Some(id) => out.push(id),
             None => {
                 for &b in piece.as_bytes() {
                     if let Some(id) = byte_token(v, b) {
@@ -127,10 +127,7 @@ fn byte_token(v: &SpmVocab, b: u8) -> Option<u32> {
     }
     if b.is_ascii() {
         let mut buf = [0u8; 4];
-        if let Some(&id) = v
-            .token_to_id
-            .get(char::from(b).encode_utf8(&mut buf) as &str)
-        {
+        if let Some(id) = v.vocab.get(char::from(b).encode_utf8(&mut buf)) {
             return Some(id);
         }
     }

@@ -20,9 +20,15 @@ pub struct RopeTable {
 impl RopeTable {
     pub fn new(kind: RopeKind, n_rot: usize, base: f32, freq_scale: f32) -> Self {
         let inv_freq = (0..n_rot / 2)
-            .map(|i| (freq_scale as f64 * (base as f64).powf(-2.0 * i as f64 / n_rot as f64)) as f32)
+            .map(|i| {
+                (freq_scale as f64 * (base as f64).powf(-2.0 * i as f64 / n_rot as f64)) as f32
+            })
             .collect();
-        Self { kind, n_rot, inv_freq }
+        Self {
+            kind,
+            n_rot,
+            inv_freq,
+        }
     }
 
     /// cos/sin for one position, into `cs` (len n_rot: cos at 2i, sin at 2i+1).

@@ -9,9 +9,12 @@
 //! pairing: Q4_0/Q5_0/Q8_0 with Q8_0, Q4_1/Q5_1 with Q8_1, K-quants with Q8_K, floats with
 //! themselves).
 
+mod batch;
 pub mod float;
 pub mod kquants;
 pub mod legacy;
+
+pub use batch::has_fast_path as has_batch_fast_path;
 
 use crate::KernelError;
 
@@ -66,7 +69,11 @@ impl GgmlType {
     ];
 
     pub fn from_u32(id: u32) -> Result<Self, KernelError> {
-        Self::ALL.iter().copied().find(|t| *t as u32 == id).ok_or(KernelError::UnknownType(id))
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| *t as u32 == id)
+            .ok_or(KernelError::UnknownType(id))
     }
 
     pub fn name(self) -> &'static str {
@@ -90,7 +97,10 @@ impl GgmlType {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|t| t.name().eq_ignore_ascii_case(name))
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     /// Elements per block.
@@ -173,7 +183,11 @@ enum Family {
 
 fn check_len(ty: GgmlType, n: usize) -> Result<(), KernelError> {
     if !n.is_multiple_of(ty.block_size()) {
-        return Err(KernelError::BadRowLength { ty: ty.name(), n, block: ty.block_size() });
+        return Err(KernelError::BadRowLength {
+            ty: ty.name(),
+            n,
+            block: ty.block_size(),
+        });
     }
     Ok(())
 }
@@ -181,7 +195,10 @@ fn check_len(ty: GgmlType, n: usize) -> Result<(), KernelError> {
 /// Dequantize one row: `src` holds `dst.len() / block_size` blocks of `ty`.
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), KernelError> {
     check_len(ty, dst.len())?;
-    assert!(src.len() >= ty.row_bytes(dst.len()), "dequantize_row: source too short");
+    assert!(
+        src.len() >= ty.row_bytes(dst.len()),
+        "dequantize_row: source too short"
+    );
     match ty.family() {
         Family::Float => float::dequantize_row(ty, src, dst),
         Family::Legacy => legacy::dequantize_row(ty, src, dst),
@@ -193,7 +210,10 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), K
 /// Quantize one row with ggml's reference rounding: `dst` receives `ty.row_bytes(src.len())` bytes.
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), KernelError> {
     check_len(ty, src.len())?;
-    assert!(dst.len() >= ty.row_bytes(src.len()), "quantize_row: destination too short");
+    assert!(
+        dst.len() >= ty.row_bytes(src.len()),
+        "quantize_row: destination too short"
+    );
     match ty.family() {
         Family::Float => float::quantize_row(ty, src, dst),
         Family::Legacy => legacy::quantize_row(ty, src, dst),
@@ -213,6 +233,44 @@ pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
         Family::Float => float::vec_dot(ty, n, w, act),
         Family::Legacy => legacy::vec_dot(ty, n, w, act),
         Family::K => kquants::vec_dot(ty, n, w, act),
+    }
+}
+
+/// Batched [`vec_dot`]: `out[j] = vec_dot(ty, n, w, &act[j * act_stride..])` for
+/// `j < n_act`. Where a SIMD batch kernel exists (see [`has_batch_fast_path`]) each weight
+/// block is unpacked once and multiplied against up to four activation rows; the integer math
+/// is the single-row kernels', only the f32 accumulation order may differ slightly.
+pub fn vec_dot_batch(
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    act: &[u8],
+    act_stride: usize,
+    n_act: usize,
+    out: &mut [f32],
+) {
+    if n_act == 0 {
+        return;
+    }
+    assert!(
+        n.is_multiple_of(ty.block_size()),
+        "vec_dot_batch: bad row length"
+    );
+    assert!(
+        w.len() >= ty.row_bytes(n),
+        "vec_dot_batch: weight row too short"
+    );
+    let ab = ty.vec_dot_type().row_bytes(n);
+    assert!(
+        act.len() >= (n_act - 1) * act_stride + ab,
+        "vec_dot_batch: activation rows too short"
+    );
+    assert!(out.len() >= n_act, "vec_dot_batch: output too short");
+    if batch::vec_dot_batch(ty, n, w, act, act_stride, n_act, out) {
+        return;
+    }
+    for (j, o) in out[..n_act].iter_mut().enumerate() {
+        *o = vec_dot(ty, n, w, &act[j * act_stride..]);
     }
 }
 

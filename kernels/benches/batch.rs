@@ -1,0 +1,73 @@
+//! Batched dot products: `cargo bench -p lethe-kernels --bench batch`
+//!
+//! `batch/<type>/vec_dot_x4`: one 2048-element weight row against four activation rows with
+//! four `vec_dot` calls; `batch/<type>/vec_dot_batch_4`: the same with one `vec_dot_batch`
+//! (n_act = 4). Everything is cache resident (as in prefill's blocked matmul); throughput is
+//! in weight-row elements times activation rows (multiply-adds).
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lethe_kernels::quant::{self, GgmlType};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const TYPES: [GgmlType; 8] = [
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::Q5_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+    GgmlType::Q4_0,
+    GgmlType::Q5_1,
+    GgmlType::Q5_K,
+];
+const N: usize = 2048;
+const N_ACT: usize = 4;
+
+fn floats(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut q = vec![0u8; ty.row_bytes(x.len())];
+    quant::quantize_row(ty, x, &mut q).unwrap();
+    q
+}
+
+fn bench(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(1);
+    for ty in TYPES {
+        let vt = ty.vec_dot_type();
+        let ab = vt.row_bytes(N);
+        let w = quantize(ty, &floats(&mut rng, N));
+        let act: Vec<u8> = (0..N_ACT)
+            .flat_map(|_| quantize(vt, &floats(&mut rng, N)))
+            .collect();
+        let mut g = c.benchmark_group(format!("batch/{ty}"));
+        g.throughput(Throughput::Elements((N * N_ACT) as u64));
+        g.bench_function(BenchmarkId::from_parameter("vec_dot_x4"), |b| {
+            b.iter(|| {
+                let mut out = [0f32; N_ACT];
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = quant::vec_dot(ty, N, black_box(&w), black_box(&act[j * ab..]));
+                }
+                out
+            })
+        });
+        g.bench_function(BenchmarkId::from_parameter("vec_dot_batch_4"), |b| {
+            b.iter(|| {
+                let mut out = [0f32; N_ACT];
+                quant::vec_dot_batch(ty, N, black_box(&w), black_box(&act), ab, N_ACT, &mut out);
+                out
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_millis(300))
+        .measurement_time(std::time::Duration::from_secs(1));
+    targets = bench
+}
+criterion_main!(benches);
