@@ -9,7 +9,7 @@
 //! ```
 
 use super::attention::{attend, AttnShape};
-use super::weights::matmul;
+use super::weights::{matmul, matmul_group};
 use super::{Model, State};
 use lethe_kernels::ops;
 
@@ -34,9 +34,13 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
                 c.rms_eps,
             );
         }
-        matmul(pool, f, &l.wq, &st.xb, n, &mut st.q, &mut st.act, p); // [n, qd]
-        matmul(pool, f, &l.wk, &st.xb, n, &mut st.k, &mut st.act, p); // [n, kvd]
-        matmul(pool, f, &l.wv, &st.xb, n, &mut st.v, &mut st.act, p); // [n, kvd]
+        // q [n, qd], k [n, kvd], v [n, kvd]
+        let qkv = &mut [
+            (&l.wq, &mut st.q[..]),
+            (&l.wk, &mut st.k[..]),
+            (&l.wv, &mut st.v[..]),
+        ];
+        matmul_group(pool, f, qkv, &st.xb, n, &mut st.act, p);
         for t in 0..n {
             m.rope_global.fill(pos0 + t, &mut st.rope_cs);
             let kind = m.rope_global.kind;
@@ -83,8 +87,9 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
                 c.rms_eps,
             );
         }
-        matmul(pool, f, &l.w_gate, &st.xb, n, &mut st.hg, &mut st.act, p); // [n, n_ff]
-        matmul(pool, f, &l.w_up, &st.xb, n, &mut st.hu, &mut st.act, p); // [n, n_ff]
+        // gate, up [n, n_ff]
+        let gate_up = &mut [(&l.w_gate, &mut st.hg[..]), (&l.w_up, &mut st.hu[..])];
+        matmul_group(pool, f, gate_up, &st.xb, n, &mut st.act, p);
         ops::silu_mul(&mut st.hg[..n * c.n_ff], &st.hu[..n * c.n_ff]);
         matmul(pool, f, &l.w_down, &st.hg, n, &mut st.xb2, &mut st.act, p); // [n, e]
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);

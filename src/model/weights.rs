@@ -117,10 +117,8 @@ impl ActBuf {
 }
 
 /// `y[t, r] = sum_c W[r, c] * x[t, c]` for `n_tok` tokens; `x` is `[n_tok, cols]`, `y` is
-/// `[n_tok, rows]` (or rows `row_range` only, for partial heads).
-// `let yp = yp;` in the closures is not redundant: it makes them capture the whole `SyncPtr`
-// (Sync) rather than its raw-pointer field (edition 2021 disjoint captures).
-#[allow(clippy::too_many_arguments, clippy::redundant_locals)]
+/// `[n_tok, rows]`.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     pool: &ThreadPool,
     f: &GgufFile,
@@ -131,68 +129,174 @@ pub fn matmul(
     act: &mut ActBuf,
     precision: Precision,
 ) {
-    let cols = w.cols;
-    let rows = w.rows;
+    matmul_group(pool, f, &mut [(w, y)], x, n_tok, act, precision);
+}
+
+/// Several matmuls over the same input (q/k/v, gate/up) as one job: the input is quantized
+/// once and the threads split the rows of all of them, so there is one synchronisation instead
+/// of one per weight. Weights whose activation formats differ run one after another.
+pub fn matmul_group(
+    pool: &ThreadPool,
+    f: &GgufFile,
+    parts: &mut [(&Weight, &mut [f32])],
+    x: &[f32],
+    n_tok: usize,
+    act: &mut ActBuf,
+    precision: Precision,
+) {
+    let Some((first, _)) = parts.first() else {
+        return;
+    };
+    let (cols, vt) = (first.cols, first.ty.vec_dot_type());
+    let same = parts
+        .iter()
+        .all(|(w, _)| w.cols == cols && w.ty.vec_dot_type() == vt);
+    if !same && parts.len() > 1 {
+        for part in parts.iter_mut() {
+            matmul_group(
+                pool,
+                f,
+                std::slice::from_mut(part),
+                x,
+                n_tok,
+                act,
+                precision,
+            );
+        }
+        return;
+    }
     debug_assert!(x.len() >= n_tok * cols);
-    debug_assert!(y.len() >= n_tok * rows);
-    let wd = w.data(f);
-    let rb = w.row_bytes();
-    let yp = SyncPtr(y.as_mut_ptr());
+    let mut table = [Part::EMPTY; MAX_PARTS];
+    assert!(
+        parts.len() <= MAX_PARTS,
+        "at most {MAX_PARTS} weights per group"
+    );
+    let mut total = 0;
+    for (i, (w, y)) in parts.iter_mut().enumerate() {
+        debug_assert!(y.len() >= n_tok * w.rows);
+        table[i] = Part {
+            w: w.data(f),
+            ty: w.ty,
+            rb: w.row_bytes(),
+            rows: w.rows,
+            start: total,
+            y: SyncPtr(y.as_mut_ptr()),
+        };
+        total += w.rows;
+    }
+    let table = &table[..parts.len()];
     match precision {
         Precision::Fast => {
-            let vt = w.ty.vec_dot_type();
             let ab = vt.row_bytes(cols);
             let abuf = &mut act.bytes[..n_tok * ab];
             quantize_rows(pool, vt, &x[..n_tok * cols], cols, abuf);
             let abuf = &*abuf;
-            // Prefill: a block of ROW_BLOCK weight rows and TOK_BLOCK activation rows stays in
-            // cache while `vec_dot_batch` unpacks each weight block once for up to four tokens.
-            const ROW_BLOCK: usize = 16;
-            const TOK_BLOCK: usize = 16;
             pool.run(&|ith, nth| {
-                let yp = yp;
-                let range = ThreadPool::split(rows, ith, nth);
-                if n_tok == 1 {
-                    for r in range {
-                        let v = quant::vec_dot(w.ty, cols, &wd[r * rb..(r + 1) * rb], abuf);
-                        // SAFETY: each r is written by exactly one thread.
-                        unsafe { *yp.0.add(r) = v };
-                    }
-                    return;
-                }
-                let mut out = [0f32; TOK_BLOCK];
-                for r0 in range.clone().step_by(ROW_BLOCK) {
-                    let r1 = (r0 + ROW_BLOCK).min(range.end);
-                    for t0 in (0..n_tok).step_by(TOK_BLOCK) {
-                        let nt = (n_tok - t0).min(TOK_BLOCK);
-                        let a = &abuf[t0 * ab..(t0 + nt) * ab];
-                        for r in r0..r1 {
-                            let wr = &wd[r * rb..(r + 1) * rb];
-                            quant::vec_dot_batch(w.ty, cols, wr, a, ab, nt, &mut out[..nt]);
-                            for (k, &v) in out[..nt].iter().enumerate() {
-                                // SAFETY: each (t, r) is written by exactly one thread.
-                                unsafe { *yp.0.add((t0 + k) * rows + r) = v };
-                            }
-                        }
-                    }
-                }
+                for_rows(table, ThreadPool::split(total, ith, nth), |p, r0, r1| {
+                    p.dot_rows(r0..r1, cols, abuf, ab, n_tok)
+                });
             });
         }
         Precision::Exact => {
             pool.run(&|ith, nth| {
-                let yp = yp;
                 let mut row = vec![0.0f32; cols];
-                for r in ThreadPool::split(rows, ith, nth) {
-                    quant::dequantize_row(w.ty, &wd[r * rb..(r + 1) * rb], &mut row)
-                        .expect("validated");
-                    for t in 0..n_tok {
-                        let xs = &x[t * cols..(t + 1) * cols];
-                        let v: f64 = row.iter().zip(xs).map(|(&a, &b)| a as f64 * b as f64).sum();
+                for_rows(table, ThreadPool::split(total, ith, nth), |p, r0, r1| {
+                    for r in r0..r1 {
+                        quant::dequantize_row(p.ty, &p.w[r * p.rb..(r + 1) * p.rb], &mut row)
+                            .expect("validated");
+                        for t in 0..n_tok {
+                            let xs = &x[t * cols..(t + 1) * cols];
+                            let v: f64 =
+                                row.iter().zip(xs).map(|(&a, &b)| a as f64 * b as f64).sum();
+                            // SAFETY: each (t, r) is written by exactly one thread.
+                            unsafe { *p.y.0.add(t * p.rows + r) = v as f32 };
+                        }
+                    }
+                });
+            });
+        }
+    }
+}
+
+const MAX_PARTS: usize = 4;
+
+/// One weight of a group, with its output and its first row in the group's row numbering.
+#[derive(Clone, Copy)]
+struct Part<'a> {
+    w: &'a [u8],
+    ty: GgmlType,
+    rb: usize,
+    rows: usize,
+    start: usize,
+    y: SyncPtr,
+}
+
+impl Part<'_> {
+    const EMPTY: Part<'static> = Part {
+        w: &[],
+        ty: GgmlType::F32,
+        rb: 0,
+        rows: 0,
+        start: 0,
+        y: SyncPtr(std::ptr::null_mut()),
+    };
+
+    /// Rows `rows` of this weight against `n_tok` quantized activation rows (`ab` bytes each).
+    fn dot_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: usize,
+        abuf: &[u8],
+        ab: usize,
+        n_tok: usize,
+    ) {
+        let (w, rb, ty) = (self.w, self.rb, self.ty);
+        if n_tok == 1 {
+            for r in rows {
+                let v = quant::vec_dot(ty, cols, &w[r * rb..(r + 1) * rb], abuf);
+                // SAFETY: each row is written by exactly one thread.
+                unsafe { *self.y.0.add(r) = v };
+            }
+            return;
+        }
+        // Prefill: a block of ROW_BLOCK weight rows and TOK_BLOCK activation rows stays in
+        // cache while `vec_dot_batch` unpacks each weight block once for up to four tokens.
+        const ROW_BLOCK: usize = 16;
+        const TOK_BLOCK: usize = 16;
+        let mut out = [0f32; TOK_BLOCK];
+        for r0 in rows.clone().step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(rows.end);
+            for t0 in (0..n_tok).step_by(TOK_BLOCK) {
+                let nt = (n_tok - t0).min(TOK_BLOCK);
+                let a = &abuf[t0 * ab..(t0 + nt) * ab];
+                for r in r0..r1 {
+                    quant::vec_dot_batch(
+                        ty,
+                        cols,
+                        &w[r * rb..(r + 1) * rb],
+                        a,
+                        ab,
+                        nt,
+                        &mut out[..nt],
+                    );
+                    for (k, &v) in out[..nt].iter().enumerate() {
                         // SAFETY: each (t, r) is written by exactly one thread.
-                        unsafe { *yp.0.add(t * rows + r) = v as f32 };
+                        unsafe { *self.y.0.add((t0 + k) * self.rows + r) = v };
                     }
                 }
-            });
+            }
+        }
+    }
+}
+
+/// Call `f(part, r0, r1)` for the local row ranges of each part that `range` (in the group's
+/// row numbering) covers.
+fn for_rows(parts: &[Part], range: std::ops::Range<usize>, mut f: impl FnMut(&Part, usize, usize)) {
+    for p in parts {
+        let lo = range.start.max(p.start);
+        let hi = range.end.min(p.start + p.rows);
+        if lo < hi {
+            f(p, lo - p.start, hi - p.start);
         }
     }
 }
