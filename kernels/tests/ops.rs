@@ -111,3 +111,39 @@ fn f16_attention_loops_match_scalar() {
         }
     }
 }
+
+#[test]
+fn exp_fast_is_within_2_ulp() {
+    let mut worst = 0.0f64;
+    let mut x = -103.0f32;
+    while x < 88.5 {
+        let got = ops::exp_fast(x) as f64;
+        let want = (x as f64).exp();
+        if want > 1e-37 {
+            worst = worst.max(((got - want) / want).abs());
+        }
+        x += 0.0137;
+    }
+    assert!(worst < 2.5e-7, "max relative error {worst}");
+    assert_eq!(ops::exp_fast(-1000.0), 0.0);
+    assert!(ops::exp_fast(1000.0) > 1e38);
+    assert_eq!(ops::exp_fast(0.0), 1.0);
+}
+
+#[test]
+fn fused_activations_match_f64() {
+    let x = data(1003, 9);
+    let u = data(1003, 10);
+    let mut g = x.clone();
+    ops::gelu_tanh_mul(&mut g, &u);
+    let mut s = x.clone();
+    ops::silu_mul(&mut s, &u);
+    for i in 0..x.len() {
+        let xd = x[i] as f64;
+        let gelu = 0.5 * xd * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
+        let silu = xd / (1.0 + (-xd).exp());
+        let (wg, ws) = (gelu * u[i] as f64, silu * u[i] as f64);
+        assert!((g[i] as f64 - wg).abs() <= 1e-5 * (1.0 + wg.abs()), "gelu {i}");
+        assert!((s[i] as f64 - ws).abs() <= 1e-5 * (1.0 + ws.abs()), "silu {i}");
+    }
+}

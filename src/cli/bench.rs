@@ -44,7 +44,12 @@ pub fn measure_bandwidth(pool: &ThreadPool) -> f64 {
     let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
     let sink = std::sync::atomic::AtomicU64::new(0);
     let mut best = 0.0f64;
-    for _ in 0..6 {
+    // A shared machine's bandwidth varies from second to second: passes spread over about a
+    // second, and the best one is the ceiling (the conservative choice for the fraction).
+    for pass in 0..12 {
+        if pass % 3 == 0 && pass > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+        }
         let t = Instant::now();
         pool.run(&|ith, nth| {
             let r = ThreadPool::split(buf.len() / 64, ith, nth);
