@@ -140,10 +140,18 @@ fn fused_activations_match_f64() {
     ops::silu_mul(&mut s, &u);
     for i in 0..x.len() {
         let xd = x[i] as f64;
-        let gelu = 0.5 * xd * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
+        let gelu = 0.5
+            * xd
+            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
         let silu = xd / (1.0 + (-xd).exp());
         let (wg, ws) = (gelu * u[i] as f64, silu * u[i] as f64);
-        assert!((g[i] as f64 - wg).abs() <= 1e-5 * (1.0 + wg.abs()), "gelu {i}");
-        assert!((s[i] as f64 - ws).abs() <= 1e-5 * (1.0 + ws.abs()), "silu {i}");
+        assert!(
+            (g[i] as f64 - wg).abs() <= 1e-5 * (1.0 + wg.abs()),
+            "gelu {i}"
+        );
+        assert!(
+            (s[i] as f64 - ws).abs() <= 1e-5 * (1.0 + ws.abs()),
+            "silu {i}"
+        );
     }
 }
