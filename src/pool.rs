@@ -4,7 +4,7 @@
 //! are done. Workers spin briefly between jobs (a decode step issues a few hundred small jobs),
 //! then sleep on a condition variable, so an idle server costs nothing.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -16,6 +16,10 @@ struct Shared {
     epoch: AtomicUsize,
     /// Workers that finished the current job.
     done: AtomicUsize,
+    /// `epoch << 32 | CLOSED | workers that joined`. A worker runs a job only after joining it,
+    /// which needs the epoch it saw and an open job; `run_dynamic` closes its job when the
+    /// caller's own share is done, `run` never closes (it waits for every worker).
+    entry: AtomicU64,
     job: Mutex<Option<SendJob>>,
     sleepers: AtomicUsize,
     wake: Condvar,
@@ -36,6 +40,8 @@ pub struct ThreadPool {
 }
 
 const SPIN_ITERS: usize = 1 << 16;
+const CLOSED: u64 = 1 << 31;
+const COUNT_MASK: u64 = CLOSED - 1;
 
 impl ThreadPool {
     pub fn new(n_threads: usize) -> Self {
@@ -44,6 +50,7 @@ impl ThreadPool {
             n,
             epoch: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
+            entry: AtomicU64::new(0),
             job: Mutex::new(None),
             sleepers: AtomicUsize::new(0),
             wake: Condvar::new(),
@@ -70,8 +77,21 @@ impl ThreadPool {
         self.shared.n
     }
 
-    /// Run `f(ith, nth)` on all threads and wait.
+    /// Run `f(ith, nth)` on all threads and wait: every `ith` runs exactly once, so `f` may
+    /// split its work statically by `ith`.
     pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
+        self.start(f, false);
+    }
+
+    /// Run `f(ith, nth)` on the caller and on whichever workers arrive before the caller has
+    /// finished its own call; workers that arrive later skip the job. `f` must therefore claim
+    /// its work dynamically (an atomic counter) until none is left. On a busy machine a
+    /// pre-empted worker then costs nothing, where `run` would wait for it to be scheduled.
+    pub fn run_dynamic(&self, f: &(dyn Fn(usize, usize) + Sync)) {
+        self.start(f, true);
+    }
+
+    fn start(&self, f: &(dyn Fn(usize, usize) + Sync), dynamic: bool) {
         let n = self.shared.n;
         if n == 1 {
             f(0, 1);
@@ -83,14 +103,24 @@ impl ThreadPool {
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), Job>(f) };
         *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(SendJob(job));
         s.done.store(0, Ordering::Relaxed);
-        s.epoch.fetch_add(1, Ordering::AcqRel);
+        let epoch = s.epoch.load(Ordering::Relaxed).wrapping_add(1);
+        s.entry
+            .store((epoch as u64 & 0xFFFF_FFFF) << 32, Ordering::Release);
+        s.epoch.store(epoch, Ordering::Release);
         if s.sleepers.load(Ordering::Acquire) > 0 {
             let _l = s.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
         f(0, n);
+        // Dynamic jobs wait only for the workers that joined; static ones for all.
+        let wait_for = if dynamic {
+            let prev = s.entry.fetch_or(CLOSED, Ordering::AcqRel);
+            (prev & COUNT_MASK) as usize
+        } else {
+            n - 1
+        };
         let mut spins = 0usize;
-        while s.done.load(Ordering::Acquire) < n - 1 {
+        while s.done.load(Ordering::Acquire) < wait_for {
             spins += 1;
             if spins < SPIN_ITERS {
                 std::hint::spin_loop();
@@ -135,13 +165,36 @@ fn worker(s: Arc<Shared>, ith: usize) {
                 spins = 0;
             }
         }
+        if !join(&s, seen) {
+            // A dynamic job the caller already finished without us, or a job that has moved on.
+            continue;
+        }
         let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(SendJob(j)) = job {
-            // SAFETY: `run` keeps the closure alive until every worker has counted itself done.
+            // SAFETY: the caller keeps the closure alive until every worker that runs it has
+            // counted itself done.
             let f = unsafe { &*j };
             f(ith, s.n);
         }
         s.done.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Join the dynamic job of `epoch` if it is still open.
+fn join(s: &Shared, epoch: usize) -> bool {
+    let tag = (epoch as u64 & 0xFFFF_FFFF) << 32;
+    let mut cur = s.entry.load(Ordering::Acquire);
+    loop {
+        if cur & !(CLOSED | COUNT_MASK) != tag || cur & CLOSED != 0 {
+            return false;
+        }
+        match s
+            .entry
+            .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return true,
+            Err(now) => cur = now,
+        }
     }
 }
 
@@ -177,6 +230,30 @@ mod tests {
             });
         }
         assert_eq!(hits.load(Ordering::Relaxed), 3000);
+    }
+
+    #[test]
+    fn dynamic_jobs_do_all_work_once() {
+        let pool = ThreadPool::new(3);
+        for round in 0..2000 {
+            let next = AtomicUsize::new(0);
+            let sum = AtomicUsize::new(0);
+            let n = round % 37;
+            pool.run_dynamic(&|_, _| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                sum.fetch_add(i + 1, Ordering::Relaxed);
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), n * (n + 1) / 2);
+        }
+        // Static jobs still reach every thread after dynamic ones.
+        let hits = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 3);
     }
 
     #[test]

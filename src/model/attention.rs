@@ -4,6 +4,7 @@ use super::kv::KvCache;
 use super::weights::SyncPtr;
 use crate::pool::ThreadPool;
 use lethe_kernels::ops;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct AttnShape {
     pub n_head: usize,
@@ -38,11 +39,16 @@ pub fn attend(
     let sp = SyncPtr(scores.as_mut_ptr());
     let (kc, vc) = (kv.keys(il), kv.values(il));
     let jobs = n_tok * s.n_head;
-    pool.run(&|ith, nth| {
+    let next = AtomicUsize::new(0);
+    pool.run_dynamic(&|ith, _| {
         let (op, sp) = (op, sp);
         // SAFETY: each thread owns its slice of the scratch and distinct (t, h) outputs.
         let sc = unsafe { std::slice::from_raw_parts_mut(sp.0.add(ith * n_ctx), n_ctx) };
-        for job in ThreadPool::split(jobs, ith, nth) {
+        loop {
+            let job = next.fetch_add(1, Ordering::Relaxed);
+            if job >= jobs {
+                break;
+            }
             let (t, h) = (job / s.n_head, job % s.n_head);
             let pos = pos0 + t;
             let lo = match s.window {

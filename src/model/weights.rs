@@ -4,6 +4,7 @@ use crate::gguf::{GgufFile, TensorInfo};
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 use lethe_kernels::quant::{self, GgmlType};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A 2-D weight `[cols, rows]` in ggml order: `rows` rows of `cols` contiguous elements.
 #[derive(Debug, Clone)]
@@ -191,9 +192,19 @@ pub fn matmul_group(
             let abuf = &mut act.bytes[..n_tok * ab];
             quantize_rows(pool, vt, &x[..n_tok * cols], cols, abuf);
             let abuf = &*abuf;
-            pool.run(&|ith, nth| {
-                for_rows(table, ThreadPool::split(total, ith, nth), |p, r0, r1| {
-                    p.dot_rows(r0..r1, cols, abuf, ab, n_tok)
+            // Threads take chunks of rows as they come, so a thread that starts late or is
+            // pre-empted (a shared machine) does not hold the others up at the join.
+            let chunk = (total / (pool.n_threads() * 8))
+                .next_multiple_of(16)
+                .max(16);
+            let next = AtomicUsize::new(0);
+            pool.run_dynamic(&|_, _| loop {
+                let r0 = next.fetch_add(chunk, Ordering::Relaxed);
+                if r0 >= total {
+                    break;
+                }
+                for_rows(table, r0..(r0 + chunk).min(total), |p, a, b| {
+                    p.dot_rows(a..b, cols, abuf, ab, n_tok)
                 });
             });
         }
@@ -310,12 +321,15 @@ fn quantize_rows(pool: &ThreadPool, vt: GgmlType, x: &[f32], cols: usize, dst: &
         return;
     }
     let dp = dst.as_mut_ptr() as usize;
-    pool.run(&|ith, nth| {
-        for t in ThreadPool::split(n, ith, nth) {
-            // SAFETY: disjoint row ranges per thread.
-            let d = unsafe { std::slice::from_raw_parts_mut((dp as *mut u8).add(t * ab), ab) };
-            quant::quantize_row(vt, &x[t * cols..(t + 1) * cols], d)
-                .expect("row length checked at load");
+    let next = AtomicUsize::new(0);
+    pool.run_dynamic(&|_, _| loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= n {
+            break;
         }
+        // SAFETY: each row is claimed by one thread.
+        let d = unsafe { std::slice::from_raw_parts_mut((dp as *mut u8).add(t * ab), ab) };
+        quant::quantize_row(vt, &x[t * cols..(t + 1) * cols], d)
+            .expect("row length checked at load");
     });
 }
