@@ -299,4 +299,35 @@ impl State {
     pub fn n_ctx(&self) -> usize {
         self.kv.n_ctx
     }
+
+    /// Rotate the chunk's queries and keys (`n` tokens from position `self.pos`) and append
+    /// keys and values to layer `il` of the cache.
+    pub(crate) fn rope_and_cache(&mut self, c: &Config, rope: &RopeTable, il: usize, n: usize) {
+        let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        for t in 0..n {
+            let pos = self.pos + t;
+            rope.fill(pos, &mut self.rope_cs);
+            let q = &mut self.q[t * qd..(t + 1) * qd];
+            lethe_kernels::ops::rope_inplace(rope.kind, q, hd, c.n_rot, &self.rope_cs);
+            let k = &mut self.k[t * kvd..(t + 1) * kvd];
+            lethe_kernels::ops::rope_inplace(rope.kind, k, hd, c.n_rot, &self.rope_cs);
+            let v = &self.v[t * kvd..(t + 1) * kvd];
+            self.kv.store(il, pos, &self.k[t * kvd..(t + 1) * kvd], v);
+        }
+    }
+}
+
+/// `out[t] = rmsnorm(x[t]) * w` for each of the `n` rows of width `w.len()`.
+pub(crate) fn norm_rows(out: &mut [f32], x: &[f32], w: &[f32], n: usize, eps: f32) {
+    let e = w.len();
+    for t in 0..n {
+        lethe_kernels::ops::rmsnorm(&mut out[t * e..(t + 1) * e], &x[t * e..(t + 1) * e], w, eps);
+    }
+}
+
+/// `x[t] = rmsnorm(x[t]) * w` for each of the `n` rows (or heads) of width `w.len()`.
+pub(crate) fn norm_rows_inplace(x: &mut [f32], w: &[f32], n: usize, eps: f32) {
+    for row in x[..n * w.len()].chunks_exact_mut(w.len()) {
+        lethe_kernels::ops::rmsnorm_inplace(row, w, eps);
+    }
 }
