@@ -2,7 +2,8 @@
 //!
 //! `batch/<type>/vec_dot_x4`: one 2048-element weight row against four activation rows with
 //! four `vec_dot` calls; `batch/<type>/vec_dot_batch_4`: the same with one `vec_dot_batch`
-//! (n_act = 4). Everything is cache resident (as in prefill's blocked matmul); throughput is
+//! (n_act = 4). `tile/<type>/*`: 16 weight rows against 16 activation rows, one
+//! `vec_dot_batch` per weight row or one `vec_dot_tile`. Everything is cache resident (as in prefill's blocked matmul); throughput is
 //! in weight-row elements times activation rows (multiply-adds).
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -21,6 +22,8 @@ const TYPES: [GgmlType; 8] = [
 ];
 const N: usize = 2048;
 const N_ACT: usize = 4;
+const N_W: usize = 16;
+const TILE_ACT: usize = 16;
 
 fn floats(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
@@ -56,6 +59,46 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let mut out = [0f32; N_ACT];
                 quant::vec_dot_batch(ty, N, black_box(&w), black_box(&act), ab, N_ACT, &mut out);
+                out
+            })
+        });
+        g.finish();
+
+        // Tiles: N_W weight rows against TILE_ACT activation rows.
+        let rb = ty.row_bytes(N);
+        let ws: Vec<u8> = (0..N_W)
+            .flat_map(|_| quantize(ty, &floats(&mut rng, N)))
+            .collect();
+        let acts: Vec<u8> = (0..TILE_ACT)
+            .flat_map(|_| quantize(vt, &floats(&mut rng, N)))
+            .collect();
+        let mut g = c.benchmark_group(format!("tile/{ty}"));
+        g.throughput(Throughput::Elements((N * N_W * TILE_ACT) as u64));
+        g.bench_function(BenchmarkId::from_parameter("vec_dot_batch_rows"), |b| {
+            b.iter(|| {
+                let mut out = [0f32; N_W * TILE_ACT];
+                for (i, o) in out.chunks_exact_mut(TILE_ACT).enumerate() {
+                    let w = black_box(&ws[i * rb..]);
+                    quant::vec_dot_batch(ty, N, w, black_box(&acts), ab, TILE_ACT, o);
+                }
+                out
+            })
+        });
+        g.bench_function(BenchmarkId::from_parameter("vec_dot_tile"), |b| {
+            b.iter(|| {
+                let mut out = [0f32; N_W * TILE_ACT];
+                quant::vec_dot_tile(
+                    ty,
+                    N,
+                    black_box(&ws),
+                    rb,
+                    N_W,
+                    black_box(&acts),
+                    ab,
+                    TILE_ACT,
+                    &mut out,
+                    TILE_ACT,
+                );
                 out
             })
         });

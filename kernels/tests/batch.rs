@@ -291,6 +291,136 @@ fn short_activations_panic() {
     quant::vec_dot_batch(ty, n, &w, &a, GgmlType::Q8_K.row_bytes(n), 3, &mut out);
 }
 
+/// `vec_dot_tile` over `n_w` weight rows (`w_stride` apart) and `n_act` activation rows
+/// against `vec_dot` per element, same bits; the output padding stays untouched.
+#[allow(clippy::too_many_arguments)]
+fn check_tile(
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    w_stride: usize,
+    n_w: usize,
+    act: &[u8],
+    stride: usize,
+    n_act: usize,
+    what: &str,
+) {
+    let os = n_act + 3;
+    let mut out = vec![f32::NAN; n_w * os];
+    quant::vec_dot_tile(ty, n, w, w_stride, n_w, act, stride, n_act, &mut out, os);
+    for i in 0..n_w {
+        for j in 0..os {
+            let v = out[i * os + j];
+            if j >= n_act {
+                assert!(v.is_nan(), "{ty}: tile wrote padding ({i}, {j})");
+                continue;
+            }
+            let single = quant::vec_dot(ty, n, &w[i * w_stride..], &act[j * stride..]);
+            assert_eq!(
+                v.to_bits(),
+                single.to_bits(),
+                "{ty} n={n} n_w={n_w} n_act={n_act} ({i}, {j}) {what}: tile {v} vs vec_dot {single}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tile_matches_single_row() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for ty in weight_types() {
+        for n in [256usize, 640, 1024, 2048] {
+            if !n.is_multiple_of(ty.block_size()) {
+                continue;
+            }
+            // Odd strides: rows neither aligned nor adjacent.
+            let rb = ty.row_bytes(n);
+            let w_stride = rb + 7;
+            let max_w = 5;
+            let mut w: Vec<u8> = Vec::new();
+            for _ in 0..max_w {
+                let row = if rng.gen_bool(0.5) {
+                    random_blocks(&mut rng, ty, n)
+                } else {
+                    quantize(ty, &random_floats(&mut rng, n))
+                };
+                w.extend_from_slice(&row);
+                w.extend((0..w_stride - rb).map(|_| rng.gen::<u8>()));
+            }
+            let stride = ty.vec_dot_type().row_bytes(n) + 13;
+            let act = activations(&mut rng, ty, n, MAX_ACT, stride);
+            for n_w in 1..=max_w {
+                for n_act in 1..=MAX_ACT {
+                    check_tile(ty, n, &w, w_stride, n_w, &act, stride, n_act, "random");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tile_extreme_values() {
+    let n = 1024;
+    for ty in weight_types().filter(|t| t.is_quantized()) {
+        let rb = ty.row_bytes(n);
+        let mut w = Vec::new();
+        for fill in [0xFFu8, 0x00, 0x80, 0x7F] {
+            let mut row = vec![fill; rb];
+            for blk in row.chunks_exact_mut(ty.type_size()) {
+                for &off in f16_fields(ty) {
+                    blk[off..off + 2]
+                        .copy_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
+                }
+            }
+            w.extend_from_slice(&row);
+        }
+        let vt = ty.vec_dot_type();
+        let ab = vt.row_bytes(n);
+        let xs: Vec<Vec<f32>> = vec![
+            (0..n)
+                .map(|i| if i % 2 == 0 { 100.0 } else { -100.0 })
+                .collect(),
+            vec![100.0; n],
+            vec![-100.0; n],
+            (0..n)
+                .map(|i| if i % 3 == 0 { -100.0 } else { 0.5 })
+                .collect(),
+            (0..n).map(|i| (i as f32).sin() * 100.0).collect(),
+        ];
+        let act: Vec<u8> = xs.iter().flat_map(|x| quantize(vt, x)).collect();
+        for n_w in 1..=4 {
+            for n_act in 1..=xs.len() {
+                check_tile(ty, n, &w, rb, n_w, &act, ab, n_act, "extremes");
+            }
+        }
+    }
+}
+
+#[test]
+fn tile_empty_and_bounds() {
+    let n = 256;
+    let ty = GgmlType::Q5_0;
+    let mut out: [f32; 0] = [];
+    quant::vec_dot_tile(ty, n, &[], 0, 0, &[], 0, 0, &mut out, 0);
+    let w = vec![0u8; ty.row_bytes(n)];
+    let a = quantize(GgmlType::Q8_0, &vec![1.0; n]);
+    let mut o = [1.0f32; 1];
+    quant::vec_dot_tile(ty, n, &w, 0, 1, &a, 0, 1, &mut o, 0);
+    assert_eq!(o[0], 0.0);
+}
+
+#[test]
+#[should_panic(expected = "weight rows too short")]
+fn tile_short_weights_panic() {
+    let n = 256;
+    let ty = GgmlType::Q8_0;
+    let rb = ty.row_bytes(n);
+    let w = vec![0u8; rb * 2];
+    let a = vec![0u8; rb];
+    let mut out = [0f32; 3];
+    quant::vec_dot_tile(ty, n, &w, rb, 3, &a, rb, 1, &mut out, 1);
+}
+
 /// Re-runs the agreement tests with `LETHE_ISA=scalar` (the generic fallback) and, where
 /// AVX-512 is present, `LETHE_ISA=avx2` (the AVX2 build of the kernels).
 #[test]

@@ -271,28 +271,22 @@ impl Part<'_> {
             return;
         }
         // Prefill: a block of ROW_BLOCK weight rows and TOK_BLOCK activation rows stays in
-        // cache while `vec_dot_batch` unpacks each weight block once for up to four tokens.
+        // cache while `vec_dot_tile` unpacks each weight block once for several tokens and
+        // loads each activation block once for several weight rows.
         const ROW_BLOCK: usize = 16;
         const TOK_BLOCK: usize = 16;
-        let mut out = [0f32; TOK_BLOCK];
+        let mut out = [0f32; ROW_BLOCK * TOK_BLOCK];
         for r0 in rows.clone().step_by(ROW_BLOCK) {
-            let r1 = (r0 + ROW_BLOCK).min(rows.end);
+            let nr = (rows.end - r0).min(ROW_BLOCK);
+            let wr = &w[r0 * rb..(r0 + nr) * rb];
             for t0 in (0..n_tok).step_by(TOK_BLOCK) {
                 let nt = (n_tok - t0).min(TOK_BLOCK);
                 let a = &abuf[t0 * ab..(t0 + nt) * ab];
-                for r in r0..r1 {
-                    quant::vec_dot_batch(
-                        ty,
-                        cols,
-                        &w[r * rb..(r + 1) * rb],
-                        a,
-                        ab,
-                        nt,
-                        &mut out[..nt],
-                    );
-                    for (k, &v) in out[..nt].iter().enumerate() {
+                quant::vec_dot_tile(ty, cols, wr, rb, nr, a, ab, nt, &mut out, TOK_BLOCK);
+                for i in 0..nr {
+                    for (k, &v) in out[i * TOK_BLOCK..i * TOK_BLOCK + nt].iter().enumerate() {
                         // SAFETY: each (t, r) is written by exactly one thread.
-                        unsafe { *self.y.0.add((t0 + k) * self.rows + r) = v };
+                        unsafe { *self.y.0.add((t0 + k) * self.rows + r0 + i) = v };
                     }
                 }
             }

@@ -79,3 +79,50 @@ pub(super) fn vec_dot_batch(
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
+
+/// Fast path of [`super::vec_dot_tile`]; `false` when none applies (nothing written then).
+/// Bounds were checked by the caller.
+#[allow(unused_variables, clippy::too_many_arguments)]
+pub(super) fn vec_dot_tile(
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    w_stride: usize,
+    n_w: usize,
+    act: &[u8],
+    act_stride: usize,
+    n_act: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let isa = cpu::isa();
+        let f = cpu::features();
+        let vnni = isa == Isa::Avx512 && f.avx2_fma && f.f16c && f.avx512 && f.avx512_vnni;
+        if !vnni || !x86::vnni::has_tile(ty) {
+            return false;
+        }
+        let nb = n / ty.block_size();
+        // SAFETY: CPU features checked above; the caller checked that `nb` blocks of each of
+        // the `n_w` weight rows and `n_act` activation rows, and the `n_w` x `n_act` outputs,
+        // are in bounds. The kernels only do unaligned loads.
+        unsafe {
+            x86::vnni::dot_tile(
+                ty,
+                nb,
+                w.as_ptr(),
+                w_stride,
+                n_w,
+                act.as_ptr(),
+                act_stride,
+                n_act,
+                out.as_mut_ptr(),
+                out_stride,
+            );
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}

@@ -272,6 +272,193 @@ macro_rules! batch_kernels {
                 }
             }
 
+            // Only the VNNI build has tiles (`vpdpbusd` on the unsigned weights).
+            #[allow(dead_code)]
+            /// Quants of a Q4_0/Q5_0/Q8_0 block (kind `K`, at `xb`) as unsigned bytes: q + 8,
+            /// q + 16 and q + 128 (see [`tile_offset`]).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn legacy_unsigned<const K: u8>(xb: *const u8) -> __m256i {
+                match K {
+                    Q4_0 => nibbles(xb.add(2)),
+                    Q5_0 => q5_unsigned(xb.add(6), rd_u32(xb.add(2))),
+                    _ => _mm256_xor_si256(ld(xb.add(2)), _mm256_set1_epi8(0x80u8 as i8)),
+                }
+            }
+
+            #[allow(dead_code)]
+            /// The bias [`legacy_unsigned`] adds to the signed quants of kind `K`.
+            const fn tile_offset(k: u8) -> i8 {
+                match k {
+                    Q4_0 => 8,
+                    Q5_0 => 16,
+                    _ => 0x80u8 as i8,
+                }
+            }
+
+            #[allow(dead_code)]
+            /// One block of `R` weight rows (kind `K`, `xrs` bytes apart from `xb`) against
+            /// the matching Q8_0 block of `N` activation rows (`ys` bytes apart from `yi`).
+            /// The weights go unsigned (q + o) so that `vpdpbusd` takes them as they are; the
+            /// accumulator starts at -o * (the activation sums of each group of four bytes),
+            /// once per activation row, so every i32 lane is the single-row kernel's exactly,
+            /// and so is the f32 step (dx * dy, then one FMA into the pair's accumulator).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn tile_block<const K: u8, const R: usize, const N: usize>(
+                xb: *const u8,
+                xrs: usize,
+                yi: *const u8,
+                ys: usize,
+                acc: &mut [[__m256; N]; R],
+            ) {
+                let zero = _mm256_setzero_si256();
+                let off = _mm256_set1_epi8(tile_offset(K));
+                let mut qu = [zero; R];
+                let mut dx = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    let xr = xb.add(r * xrs);
+                    qu[r] = legacy_unsigned::<K>(xr);
+                    dx[r] = _mm256_broadcastss_ps(h2f(xr));
+                }
+                for j in 0..N {
+                    let yj = yi.add(j * ys);
+                    let y = ld(yj.add(2));
+                    let neg = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, y));
+                    let dy = _mm256_broadcastss_ps(h2f(yj));
+                    for r in 0..R {
+                        let p = _mm256_dpbusd_epi32(neg, qu[r], y);
+                        let s = _mm256_mul_ps(dx[r], dy);
+                        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][j]);
+                    }
+                }
+            }
+
+            #[allow(dead_code)]
+            /// `R` weight rows of kind `K` (`nb` blocks, `xrs` bytes apart from `x`) against
+            /// `N` Q8_0 rows: `out[r * os + j]`, in the single-row kernel's order (even and
+            /// odd blocks apart), so the same bits as `vec_dot`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn legacy_tile<const K: u8, const R: usize, const N: usize>(
+                nb: usize,
+                x: *const u8,
+                xrs: usize,
+                y: *const u8,
+                ys: usize,
+                out: *mut f32,
+                os: usize,
+            ) {
+                let xs: usize = match K {
+                    Q4_0 => 18,
+                    Q5_0 => 22,
+                    _ => 34,
+                };
+                let mut acc0 = [[_mm256_setzero_ps(); N]; R];
+                let mut acc1 = [[_mm256_setzero_ps(); N]; R];
+                let mut i = 0;
+                while i + 2 <= nb {
+                    let (xb, yi) = (x.add(i * xs), y.add(i * 34));
+                    tile_block::<K, R, N>(xb, xrs, yi, ys, &mut acc0);
+                    tile_block::<K, R, N>(xb.add(xs), xrs, yi.add(34), ys, &mut acc1);
+                    i += 2;
+                }
+                if i < nb {
+                    tile_block::<K, R, N>(x.add(i * xs), xrs, y.add(i * 34), ys, &mut acc0);
+                }
+                for r in 0..R {
+                    for j in 0..N {
+                        *out.add(r * os + j) = hsum(_mm256_add_ps(acc0[r][j], acc1[r][j]));
+                    }
+                }
+            }
+
+            #[allow(dead_code)]
+            /// Whether [`dot_tile`] has a tile kernel for `ty` (VNNI build only).
+            pub fn has_tile(ty: GgmlType) -> bool {
+                VNNI && matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0)
+            }
+
+            #[allow(dead_code)]
+            #[allow(clippy::too_many_arguments)]
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn tile_rows<const K: u8, const R: usize>(
+                nb: usize,
+                x: *const u8,
+                xrs: usize,
+                y: *const u8,
+                ys: usize,
+                n_act: usize,
+                out: *mut f32,
+                os: usize,
+            ) {
+                let mut j = 0;
+                while j + 4 <= n_act {
+                    legacy_tile::<K, R, 4>(nb, x, xrs, y.add(j * ys), ys, out.add(j), os);
+                    j += 4;
+                }
+                let (y, out) = (y.add(j * ys), out.add(j));
+                match n_act - j {
+                    3 => legacy_tile::<K, R, 3>(nb, x, xrs, y, ys, out, os),
+                    2 => legacy_tile::<K, R, 2>(nb, x, xrs, y, ys, out, os),
+                    1 => legacy_tile::<K, R, 1>(nb, x, xrs, y, ys, out, os),
+                    _ => {}
+                }
+            }
+
+            #[allow(dead_code)]
+            #[allow(clippy::too_many_arguments)]
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn tile_kind<const K: u8>(
+                nb: usize,
+                x: *const u8,
+                xrs: usize,
+                n_w: usize,
+                y: *const u8,
+                ys: usize,
+                n_act: usize,
+                out: *mut f32,
+                os: usize,
+            ) {
+                let mut i = 0;
+                while i + 2 <= n_w {
+                    tile_rows::<K, 2>(nb, x.add(i * xrs), xrs, y, ys, n_act, out.add(i * os), os);
+                    i += 2;
+                }
+                if i < n_w {
+                    tile_rows::<K, 1>(nb, x.add(i * xrs), xrs, y, ys, n_act, out.add(i * os), os);
+                }
+            }
+
+            #[allow(dead_code)]
+            /// `out[i * os + j]` = dot of weight row `i` (`nb` blocks of `ty` at
+            /// `x + i * xrs`) with activation row `j` (at `y + j * ys`), for `i < n_w`,
+            /// `j < n_act`: tiles of two weight rows by four activation rows. `ty` must pass
+            /// [`has_tile`].
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_tile(
+                ty: GgmlType,
+                nb: usize,
+                x: *const u8,
+                xrs: usize,
+                n_w: usize,
+                y: *const u8,
+                ys: usize,
+                n_act: usize,
+                out: *mut f32,
+                os: usize,
+            ) {
+                match ty {
+                    GgmlType::Q4_0 => tile_kind::<Q4_0>(nb, x, xrs, n_w, y, ys, n_act, out, os),
+                    GgmlType::Q5_0 => tile_kind::<Q5_0>(nb, x, xrs, n_w, y, ys, n_act, out, os),
+                    GgmlType::Q8_0 => tile_kind::<Q8_0>(nb, x, xrs, n_w, y, ys, n_act, out, os),
+                    _ => unreachable!("tile: no kernel for {ty}"),
+                }
+            }
+
             /// Broadcast i16 lane `k` (0..8) of each 128-bit half across that half.
             #[inline]
             #[target_feature(enable = $feat)]

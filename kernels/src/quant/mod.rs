@@ -274,6 +274,66 @@ pub fn vec_dot_batch(
     }
 }
 
+/// Tiled [`vec_dot`]: `out[i * out_stride + j] = vec_dot(ty, n, &w[i * w_stride..],
+/// &act[j * act_stride..])` for `i < n_w`, `j < n_act`, the same bits. Where a SIMD tile
+/// kernel exists (Q4_0, Q5_0 and Q8_0 with AVX-512 VNNI) blocks of two weight rows by four
+/// activation rows share their unpacked weights and loaded activations; other types go
+/// through [`vec_dot_batch`] one weight row at a time.
+#[allow(clippy::too_many_arguments)]
+pub fn vec_dot_tile(
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    w_stride: usize,
+    n_w: usize,
+    act: &[u8],
+    act_stride: usize,
+    n_act: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    if n_w == 0 || n_act == 0 {
+        return;
+    }
+    assert!(
+        n.is_multiple_of(ty.block_size()),
+        "vec_dot_tile: bad row length"
+    );
+    assert!(
+        w.len() >= (n_w - 1) * w_stride + ty.row_bytes(n),
+        "vec_dot_tile: weight rows too short"
+    );
+    let ab = ty.vec_dot_type().row_bytes(n);
+    assert!(
+        act.len() >= (n_act - 1) * act_stride + ab,
+        "vec_dot_tile: activation rows too short"
+    );
+    assert!(
+        n_w == 1 || out_stride >= n_act,
+        "vec_dot_tile: output stride shorter than a row"
+    );
+    assert!(
+        out.len() >= (n_w - 1) * out_stride + n_act,
+        "vec_dot_tile: output too short"
+    );
+    if batch::vec_dot_tile(
+        ty, n, w, w_stride, n_w, act, act_stride, n_act, out, out_stride,
+    ) {
+        return;
+    }
+    for i in 0..n_w {
+        vec_dot_batch(
+            ty,
+            n,
+            &w[i * w_stride..],
+            act,
+            act_stride,
+            n_act,
+            &mut out[i * out_stride..],
+        );
+    }
+}
+
 /// The scalar twin of [`vec_dot`].
 pub fn vec_dot_scalar(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
     match ty.family() {
