@@ -1,33 +1,15 @@
 //! Float formats (F32, F16, BF16): conversions bit-exact with numpy / gguf-py fixtures and ggml's
 //! rules, and every SIMD dot product against its scalar twin and an f64 reference.
 
+mod common;
+
+use common::*;
 use lethe_kernels::cpu::{self, Isa};
 use lethe_kernels::quant::{self, float, GgmlType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const FLOATS: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16];
-const ISAS: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-fn u16s(bytes: &[u8]) -> Vec<u16> {
-    bytes
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect()
-}
-
 fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     let mut q = vec![0u8; ty.row_bytes(x.len())];
     quant::quantize_row(ty, x, &mut q).unwrap();

@@ -2,6 +2,9 @@
 //! fixtures from llama.cpp's gguf-py, ggml's test-quantize-fns budgets, and every SIMD dot product
 //! against its scalar twin and an f64 reference.
 
+mod common;
+
+use common::*;
 use lethe_kernels::cpu::{self, Isa};
 use lethe_kernels::quant::{self, legacy, GgmlType};
 use rand::rngs::StdRng;
@@ -15,20 +18,6 @@ const LEGACY: [GgmlType; 6] = [
     GgmlType::Q8_0,
     GgmlType::Q8_1,
 ];
-const ISAS: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     let mut q = vec![0u8; ty.row_bytes(x.len())];
     quant::quantize_row(ty, x, &mut q).unwrap();
