@@ -7,5 +7,6 @@ pub mod hub;
 pub mod model;
 pub mod pool;
 pub mod tokenizer;
+pub mod unlearn;
 
 pub use error::{Error, Result};
