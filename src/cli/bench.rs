@@ -5,6 +5,7 @@
 use super::common::ModelArgs;
 use anyhow::Result;
 use clap::Args;
+use lethe::generate::Decoder;
 use lethe::model::Model;
 use lethe::pool::ThreadPool;
 use std::time::Instant;
@@ -119,9 +120,49 @@ pub fn run_bench(model: &Model, n_prompt: usize, n_gen: usize, reps: usize) -> R
     })
 }
 
+/// Decode speed of any decoder: `n_gen` single-token steps after a short prompt, median of
+/// `reps`.
+pub fn decode_tps(dec: &mut dyn Decoder, vocab: u32, n_gen: usize, reps: usize) -> Result<f64> {
+    let mut tg = Vec::new();
+    for _ in 0..reps {
+        dec.truncate(0);
+        let mut next = dec.feed(&[1 % vocab, 2 % vocab])?;
+        let t = Instant::now();
+        for _ in 0..n_gen {
+            let tok = lethe::generate::sampler::argmax_raw(next);
+            next = dec.feed(&[tok])?;
+        }
+        tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(median(tg))
+}
+
 pub fn main(a: BenchArgs) -> Result<()> {
     let l = a.model.load()?;
     let m = &l.model;
+    if let Some(am) = &l.assistant {
+        // Unlearning overhead: the base model and the model with its assistant, alternating,
+        // in the same run.
+        let n_ctx = (a.n_gen + 16).next_multiple_of(256);
+        let vocab = m.cfg.n_vocab as u32;
+        let mut base = lethe::generate::ModelDecoder::new(m.clone(), n_ctx);
+        let mut uld = l.decoder(n_ctx)?;
+        let (mut b, mut u) = (Vec::new(), Vec::new());
+        for _ in 0..a.reps.max(1) {
+            b.push(decode_tps(&mut base, vocab, a.n_gen, 1)?);
+            u.push(decode_tps(uld.as_mut(), vocab, a.n_gen, 1)?);
+        }
+        let (b, u) = (median(b), median(u));
+        println!(
+            "decode tg{}: base {b:.1} tok/s, with ULD (assistant: {} blocks, alpha {}, filter {}) {u:.1} tok/s: {:.0}% of base",
+            a.n_gen,
+            am.cfg.n_layer,
+            l.alpha,
+            l.filter,
+            100.0 * u / b
+        );
+        return Ok(());
+    }
     let r = run_bench(m, a.n_prompt, a.n_gen, a.reps.max(1))?;
     let ceiling = r.bandwidth / r.bytes_per_token as f64;
     let name = l

@@ -4,7 +4,7 @@
 use super::common::{ModelArgs, SamplingArgs};
 use anyhow::Result;
 use clap::Args;
-use lethe::generate::{generate, Decoder, Flow, GenerateParams, ModelDecoder};
+use lethe::generate::{generate, Flow, GenerateParams};
 use lethe::tokenizer::{apply_chat_template, ChatMessage};
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +34,7 @@ pub fn main(a: ChatArgs) -> Result<()> {
         let flag = interrupted.clone();
         ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
     }
-    let mut dec = ModelDecoder::new(l.model.clone(), l.n_ctx);
+    let mut dec = l.decoder(l.n_ctx)?;
     let mut cached: Vec<u32> = Vec::new();
     let mut msgs: Vec<ChatMessage> = Vec::new();
     let reset = |msgs: &mut Vec<ChatMessage>| {
@@ -95,7 +95,7 @@ pub fn main(a: ChatArgs) -> Result<()> {
             continue;
         }
         let mut out = std::io::stdout().lock();
-        let g = generate(&mut dec, &l.tok, &mut cached, &prompt, &params, |t| {
+        let g = generate(dec.as_mut(), &l.tok, &mut cached, &prompt, &params, |t| {
             let _ = write!(out, "{t}");
             let _ = out.flush();
             if interrupted.load(Ordering::SeqCst) {

@@ -2,9 +2,10 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lethe::generate::SamplerParams;
+use lethe::generate::{Decoder, ModelDecoder, SamplerParams};
 use lethe::model::{Model, Precision};
 use lethe::tokenizer::Tokenizer;
+use lethe::unlearn::{Assistant, LockstepDecoder, TermKind};
 use std::sync::Arc;
 
 #[derive(Args, Debug, Clone)]
@@ -22,6 +23,15 @@ pub struct ModelArgs {
     /// activations: slower, closer to the exact reference.
     #[arg(long)]
     pub precise: bool,
+    /// An assistant model for ULD logit subtraction (same vocabulary as the model).
+    #[arg(long = "assistant")]
+    pub assistant: Option<String>,
+    /// ULD strength: the assistant's log-probabilities are subtracted with weight alpha.
+    #[arg(long = "alpha", default_value_t = 0.75)]
+    pub alpha: f32,
+    /// Plausibility filter rate r of the assistant term (0: off).
+    #[arg(long = "filter", default_value_t = 0.01)]
+    pub filter: f32,
 }
 
 impl ModelArgs {
@@ -52,11 +62,38 @@ impl ModelArgs {
             0 => model.cfg.n_ctx_train.min(4096),
             n => n,
         };
+        let model = Arc::new(model);
+        let assistant = match &self.assistant {
+            None => None,
+            Some(a) => {
+                let apath = lethe::hub::resolve_model(a)?;
+                let file = Arc::new(lethe::gguf::GgufFile::open(&apath)?);
+                let mut am = Model::from_file(file, model.pool.clone())
+                    .with_context(|| format!("loading assistant {}", apath.display()))?;
+                am.precision = model.precision;
+                let key = "tokenizer.ggml.tokens";
+                if am.file.get_array(key)? != model.file.get_array(key)? {
+                    anyhow::bail!(
+                        "the assistant's vocabulary differs from the model's ({} and {} tokens): \
+                         ULD needs the same tokens (`lethe profile check` names the first difference)",
+                        am.cfg.n_vocab,
+                        model.cfg.n_vocab
+                    );
+                }
+                if !(0.0..1.0).contains(&self.filter) {
+                    anyhow::bail!("--filter must be in [0, 1)");
+                }
+                Some(Arc::new(am))
+            }
+        };
         Ok(Loaded {
-            model: Arc::new(model),
+            model,
             tok,
             n_ctx,
             path,
+            assistant,
+            alpha: self.alpha,
+            filter: self.filter,
         })
     }
 }
@@ -66,6 +103,29 @@ pub struct Loaded {
     pub tok: Tokenizer,
     pub n_ctx: usize,
     pub path: std::path::PathBuf,
+    /// The ULD assistant, sharing the model's thread pool.
+    pub assistant: Option<Arc<Model>>,
+    pub alpha: f32,
+    pub filter: f32,
+}
+
+impl Loaded {
+    /// The decoder for this model: plain, or in lockstep with its assistant.
+    pub fn decoder(&self, n_ctx: usize) -> Result<Box<dyn Decoder>> {
+        Ok(match &self.assistant {
+            None => Box::new(ModelDecoder::new(self.model.clone(), n_ctx)),
+            Some(a) => {
+                let term = Assistant {
+                    model: a.clone(),
+                    kind: TermKind::Uld,
+                    weight: -self.alpha,
+                    filter: self.filter,
+                    reference: None,
+                };
+                Box::new(LockstepDecoder::new(self.model.clone(), vec![term], n_ctx)?)
+            }
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]

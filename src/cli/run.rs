@@ -3,7 +3,7 @@
 use super::common::{ModelArgs, SamplingArgs};
 use anyhow::Result;
 use clap::Args;
-use lethe::generate::{generate, Flow, GenerateParams, ModelDecoder};
+use lethe::generate::{generate, Flow, GenerateParams};
 use lethe::tokenizer::{apply_chat_template, ChatMessage};
 use std::io::Write;
 
@@ -55,7 +55,7 @@ pub fn main(a: RunArgs) -> Result<()> {
         a.prompt.clone()
     };
     let prompt = l.tok.encode(&text, true, true);
-    let mut dec = ModelDecoder::new(l.model.clone(), l.n_ctx);
+    let mut dec = l.decoder(l.n_ctx)?;
     let params = GenerateParams {
         n_predict: a.n_predict,
         sampler: a.sampling.params(),
@@ -66,11 +66,18 @@ pub fn main(a: RunArgs) -> Result<()> {
     if !a.chat {
         write!(out, "{}", a.prompt)?;
     }
-    let g = generate(&mut dec, &l.tok, &mut Vec::new(), &prompt, &params, |t| {
-        let _ = write!(out, "{t}");
-        let _ = out.flush();
-        Flow::Continue
-    })?;
+    let g = generate(
+        dec.as_mut(),
+        &l.tok,
+        &mut Vec::new(),
+        &prompt,
+        &params,
+        |t| {
+            let _ = write!(out, "{t}");
+            let _ = out.flush();
+            Flow::Continue
+        },
+    )?;
     writeln!(out)?;
     if a.timings {
         eprintln!(

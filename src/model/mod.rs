@@ -158,6 +158,78 @@ impl Model {
         tokens: &[u32],
         mut all_logits: Option<&mut Vec<f32>>,
     ) -> Result<&'s [f32]> {
+        self.check_input(st, tokens)?;
+        let n_chunks = tokens.len().div_ceil(MAX_BATCH);
+        for (i, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
+            self.forward_batch(st, chunk);
+            let n = chunk.len();
+            match all_logits.as_deref_mut() {
+                Some(out) => {
+                    let start = out.len();
+                    out.resize(start + n * self.cfg.n_vocab, 0.0);
+                    self.head(st, 0..n, &mut out[start..]);
+                    let v = self.cfg.n_vocab;
+                    st.logits.copy_from_slice(&out[out.len() - v..]);
+                }
+                None if i + 1 == n_chunks => {
+                    let mut logits = std::mem::take(&mut st.logits);
+                    self.head(st, n - 1..n, &mut logits);
+                    st.logits = logits;
+                }
+                None => {}
+            }
+            st.pos += n;
+        }
+        Ok(&st.logits)
+    }
+
+    /// Like [`Model::forward`], but the output head of the last token is computed only for the
+    /// vocabulary rows `rows`: `out[i]` is the logit of token `rows[i]` (ULD's assistants need
+    /// their logits only on the target's plausible set).
+    pub fn forward_rows(
+        &self,
+        st: &mut State,
+        tokens: &[u32],
+        rows: &[u32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.check_input(st, tokens)?;
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= self.cfg.n_vocab) {
+            return Err(Error::Invalid(format!(
+                "row {bad} is outside the vocabulary of {}",
+                self.cfg.n_vocab
+            )));
+        }
+        let n_chunks = tokens.len().div_ceil(MAX_BATCH);
+        for (i, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
+            self.forward_batch(st, chunk);
+            let n = chunk.len();
+            if i + 1 == n_chunks {
+                let e = self.cfg.n_embd;
+                let (x, xb) = (&st.x[(n - 1) * e..n * e], &mut st.xb[..e]);
+                lethe_kernels::ops::rmsnorm(xb, x, &self.output_norm, self.cfg.rms_eps);
+                weights::matvec_rows(
+                    &self.pool,
+                    &self.file,
+                    &self.output,
+                    &st.xb[..e],
+                    rows,
+                    out,
+                    &mut st.act,
+                    self.precision,
+                );
+                if let Some(cap) = self.cfg.final_logit_softcap {
+                    for v in out[..rows.len()].iter_mut() {
+                        *v = (*v / cap).tanh() * cap;
+                    }
+                }
+            }
+            st.pos += n;
+        }
+        Ok(())
+    }
+
+    fn check_input(&self, st: &State, tokens: &[u32]) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::Invalid("forward needs at least one token".into()));
         }
@@ -173,26 +245,7 @@ impl Model {
                 self.cfg.n_vocab
             )));
         }
-        for chunk in tokens.chunks(MAX_BATCH) {
-            self.forward_batch(st, chunk);
-            let n = chunk.len();
-            match all_logits.as_deref_mut() {
-                Some(out) => {
-                    let start = out.len();
-                    out.resize(start + n * self.cfg.n_vocab, 0.0);
-                    self.head(st, n, 0..n, &mut out[start..]);
-                    let v = self.cfg.n_vocab;
-                    st.logits.copy_from_slice(&out[out.len() - v..]);
-                }
-                None => {
-                    let mut logits = std::mem::take(&mut st.logits);
-                    self.head(st, n, n - 1..n, &mut logits);
-                    st.logits = logits;
-                }
-            }
-            st.pos += n;
-        }
-        Ok(&st.logits)
+        Ok(())
     }
 
     /// The blocks over one chunk; leaves the final hidden states in `st.x`.
@@ -209,7 +262,7 @@ impl Model {
     }
 
     /// Final norm and output head for tokens `which` of the chunk, into `out` (`[which.len(), n_vocab]`).
-    fn head(&self, st: &mut State, _n: usize, which: std::ops::Range<usize>, out: &mut [f32]) {
+    fn head(&self, st: &mut State, which: std::ops::Range<usize>, out: &mut [f32]) {
         let e = self.cfg.n_embd;
         for t in which.clone() {
             lethe_kernels::ops::rmsnorm(

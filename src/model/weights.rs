@@ -133,6 +133,57 @@ pub fn matmul(
     matmul_group(pool, f, &mut [(w, y)], x, n_tok, act, precision);
 }
 
+/// `out[i] = W[rows[i]] · x` for one token `x` (`[cols]`): a head computed only on some rows.
+#[allow(clippy::too_many_arguments)]
+pub fn matvec_rows(
+    pool: &ThreadPool,
+    f: &GgufFile,
+    w: &Weight,
+    x: &[f32],
+    rows: &[u32],
+    out: &mut [f32],
+    act: &mut ActBuf,
+    precision: Precision,
+) {
+    let (cols, rb, wd) = (w.cols, w.row_bytes(), w.data(f));
+    let out = SyncPtr(out.as_mut_ptr());
+    let next = AtomicUsize::new(0);
+    const CHUNK: usize = 64;
+    match precision {
+        Precision::Fast => {
+            let vt = w.ty.vec_dot_type();
+            let ab = vt.row_bytes(cols);
+            quant::quantize_row(vt, &x[..cols], &mut act.bytes[..ab])
+                .expect("row length checked at load");
+            let a = &act.bytes[..ab];
+            pool.run_dynamic(&|_, _| loop {
+                let out = &out;
+                let i0 = next.fetch_add(CHUNK, Ordering::Relaxed);
+                if i0 >= rows.len() {
+                    break;
+                }
+                for (i, &r) in rows.iter().enumerate().skip(i0).take(CHUNK) {
+                    let r = r as usize;
+                    let v = quant::vec_dot(w.ty, cols, &wd[r * rb..(r + 1) * rb], a);
+                    // SAFETY: each i is claimed by one thread.
+                    unsafe { *out.0.add(i) = v };
+                }
+            });
+        }
+        Precision::Exact => {
+            let mut row = vec![0.0f32; cols];
+            for (i, &r) in rows.iter().enumerate() {
+                let r = r as usize;
+                quant::dequantize_row(w.ty, &wd[r * rb..(r + 1) * rb], &mut row)
+                    .expect("validated");
+                let v: f64 = row.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                // SAFETY: single-threaded here.
+                unsafe { *out.0.add(i) = v as f32 };
+            }
+        }
+    }
+}
+
 /// Several matmuls over the same input (q/k/v, gate/up) as one job: the input is quantized
 /// once and the threads split the rows of all of them, so there is one synchronisation instead
 /// of one per weight. Weights whose activation formats differ run one after another.

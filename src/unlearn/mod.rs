@@ -1,6 +1,8 @@
-//! Decode-time unlearning. This module starts with the logit combination of DESIGN's first way
-//! to forget (ULD and its relatives); profiles, lockstep decoding and patches build on it.
+//! Decode-time unlearning: the logit combination of DESIGN's first way to forget (ULD and its
+//! relatives), lockstep decoding of a target with its assistants, and profiles.
 
 pub mod combine;
+pub mod lockstep;
 
 pub use combine::{combine, plausible_threshold, Term, TermKind, Use};
+pub use lockstep::{Assistant, LockstepDecoder};
