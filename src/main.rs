@@ -29,6 +29,8 @@ enum Cmd {
     Bench(cli::bench::BenchArgs),
     /// Download named models into the cache (otherwise fetched on first use).
     Fetch(cli::fetch::FetchArgs),
+    /// Make unlearning artifacts (assistants).
+    Forge(cli::forge::ForgeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Tokenize(a) => cli::tokenize::main(a),
         Cmd::Bench(a) => cli::bench::main(a),
         Cmd::Fetch(a) => cli::fetch::main(a),
+        Cmd::Forge(a) => cli::forge::main(a),
     }
 }

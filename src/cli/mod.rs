@@ -4,6 +4,7 @@ pub mod bench;
 pub mod chat;
 pub mod common;
 pub mod fetch;
+pub mod forge;
 pub mod inspect;
 pub mod run;
 pub mod tokenize;
