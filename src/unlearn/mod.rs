@@ -3,6 +3,7 @@
 
 pub mod combine;
 pub mod lockstep;
+pub mod profile;
 
 pub use combine::{combine, plausible_threshold, Term, TermKind, Use};
 pub use lockstep::{Assistant, LockstepDecoder};
