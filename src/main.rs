@@ -31,6 +31,8 @@ enum Cmd {
     Fetch(cli::fetch::FetchArgs),
     /// Make unlearning artifacts (assistants).
     Forge(cli::forge::ForgeArgs),
+    /// Check unlearning profiles.
+    Profile(cli::profile::ProfileArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(a) => cli::bench::main(a),
         Cmd::Fetch(a) => cli::fetch::main(a),
         Cmd::Forge(a) => cli::forge::main(a),
+        Cmd::Profile(a) => cli::profile::main(a),
     }
 }

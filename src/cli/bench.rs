@@ -140,7 +140,7 @@ pub fn decode_tps(dec: &mut dyn Decoder, vocab: u32, n_gen: usize, reps: usize) 
 pub fn main(a: BenchArgs) -> Result<()> {
     let l = a.model.load()?;
     let m = &l.model;
-    if let Some(am) = &l.assistant {
+    if !l.terms.is_empty() {
         // Unlearning overhead: the base model and the model with its assistant, alternating,
         // in the same run.
         let n_ctx = (a.n_gen + 16).next_multiple_of(256);
@@ -153,13 +153,25 @@ pub fn main(a: BenchArgs) -> Result<()> {
             u.push(decode_tps(uld.as_mut(), vocab, a.n_gen, 1)?);
         }
         let (b, u) = (median(b), median(u));
+        let terms: Vec<String> = l
+            .terms
+            .iter()
+            .map(|t| {
+                format!(
+                    "{:?} w={} r={} ({} blocks)",
+                    t.kind, t.weight, t.filter, t.model.cfg.n_layer
+                )
+            })
+            .collect();
         println!(
-            "decode tg{}: base {b:.1} tok/s, with ULD (assistant: {} blocks, alpha {}, filter {}) {u:.1} tok/s: {:.0}% of base",
+            "decode tg{}: base {b:.1} tok/s, {} {u:.1} tok/s: {:.0}% of base [{}]",
             a.n_gen,
-            am.cfg.n_layer,
-            l.alpha,
-            l.filter,
-            100.0 * u / b
+            l.profile
+                .as_deref()
+                .map(|p| format!("profile {p:?}"))
+                .unwrap_or_else(|| "with ULD".into()),
+            100.0 * u / b,
+            terms.join("; ")
         );
         return Ok(());
     }

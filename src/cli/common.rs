@@ -5,6 +5,7 @@ use clap::Args;
 use lethe::generate::{Decoder, ModelDecoder, SamplerParams};
 use lethe::model::{Model, Precision};
 use lethe::tokenizer::Tokenizer;
+use lethe::unlearn::profile::{self, ProfileFile};
 use lethe::unlearn::{Assistant, LockstepDecoder, TermKind};
 use std::sync::Arc;
 
@@ -32,6 +33,12 @@ pub struct ModelArgs {
     /// Plausibility filter rate r of the assistant term (0: off).
     #[arg(long = "filter", default_value_t = 0.01)]
     pub filter: f32,
+    /// A profile file (TOML) naming forgotten models; its base replaces -m.
+    #[arg(long = "profile", conflicts_with = "assistant")]
+    pub profile: Option<std::path::PathBuf>,
+    /// Which profile of the file (default: the first); `base` runs the plain base model.
+    #[arg(long = "use", requires = "profile")]
+    pub use_profile: Option<String>,
 }
 
 impl ModelArgs {
@@ -44,7 +51,42 @@ impl ModelArgs {
     }
 
     pub fn load(&self) -> Result<Loaded> {
-        let path = lethe::hub::resolve_model(&self.model)?;
+        let profile = match &self.profile {
+            None => None,
+            Some(path) => {
+                let file = ProfileFile::load(path)?;
+                let p = match self.use_profile.as_deref() {
+                    // `base`: the plain base model of the file's first profile (unless a
+                    // profile is named so).
+                    None => file.profiles.first().cloned(),
+                    Some("base") if file.get("base").is_none() => file.profiles.first().cloned(),
+                    Some(name) => Some(file.get(name).cloned().with_context(|| {
+                        let names: Vec<&str> = file.names().collect();
+                        format!(
+                            "no profile {name:?} in {} (it has: {})",
+                            path.display(),
+                            names.join(", ")
+                        )
+                    })?),
+                }
+                .context("the profile file holds no profile")?;
+                if !p.patches.is_empty() {
+                    anyhow::bail!(
+                        "profile {:?} lists patches; applying layer patches is not implemented yet",
+                        p.name
+                    );
+                }
+                Some((file, p))
+            }
+        };
+        let base_only = self.use_profile.as_deref() == Some("base")
+            && profile
+                .as_ref()
+                .is_some_and(|(f, _)| f.get("base").is_none());
+        let path = match &profile {
+            Some((file, p)) => profile::locate(&file.dir, &p.base)?,
+            None => lethe::hub::resolve_model(&self.model)?,
+        };
         let mut model = Model::open(&path, self.threads())
             .with_context(|| format!("loading {}", path.display()))?;
         if self.precise {
@@ -63,39 +105,67 @@ impl ModelArgs {
             n => n,
         };
         let model = Arc::new(model);
-        let assistant = match &self.assistant {
-            None => None,
-            Some(a) => {
-                let apath = lethe::hub::resolve_model(a)?;
-                let file = Arc::new(lethe::gguf::GgufFile::open(&apath)?);
-                let mut am = Model::from_file(file, model.pool.clone())
-                    .with_context(|| format!("loading assistant {}", apath.display()))?;
-                am.precision = model.precision;
-                let key = "tokenizer.ggml.tokens";
-                if am.file.get_array(key)? != model.file.get_array(key)? {
-                    anyhow::bail!(
-                        "the assistant's vocabulary differs from the model's ({} and {} tokens): \
-                         ULD needs the same tokens (`lethe profile check` names the first difference)",
-                        am.cfg.n_vocab,
-                        model.cfg.n_vocab
-                    );
-                }
-                if !(0.0..1.0).contains(&self.filter) {
-                    anyhow::bail!("--filter must be in [0, 1)");
-                }
-                Some(Arc::new(am))
+        let mut terms = Vec::new();
+        let mut name = None;
+        if let Some(a) = &self.assistant {
+            if !(0.0..1.0).contains(&self.filter) {
+                anyhow::bail!("--filter must be in [0, 1)");
             }
-        };
+            let am = load_assistant(&model, &lethe::hub::resolve_model(a)?)?;
+            terms.push(Assistant {
+                model: am,
+                kind: TermKind::Uld,
+                weight: -self.alpha,
+                filter: self.filter,
+                reference: None,
+            });
+        }
+        if let (Some((file, p)), false) = (&profile, base_only) {
+            name = Some(p.name.clone());
+            for spec in &p.assistants {
+                let am = load_assistant(&model, &profile::locate(&file.dir, &spec.model)?)?;
+                let reference = match &spec.reference {
+                    Some(r) => Some(load_assistant(&model, &profile::locate(&file.dir, r)?)?),
+                    None => None,
+                };
+                terms.push(Assistant {
+                    model: am,
+                    kind: spec.kind.term_kind(),
+                    weight: spec.term_weight(),
+                    filter: spec.filter,
+                    reference,
+                });
+            }
+        }
         Ok(Loaded {
             model,
             tok,
             n_ctx,
             path,
-            assistant,
-            alpha: self.alpha,
-            filter: self.filter,
+            terms,
+            profile: name,
         })
     }
+}
+
+/// Load an assistant (or reference) beside `model`, sharing its thread pool, after checking
+/// that its vocabulary is the model's, token for token.
+fn load_assistant(model: &Arc<Model>, path: &std::path::Path) -> Result<Arc<Model>> {
+    let file = Arc::new(lethe::gguf::GgufFile::open(path)?);
+    let mut am = Model::from_file(file, model.pool.clone())
+        .with_context(|| format!("loading assistant {}", path.display()))?;
+    am.precision = model.precision;
+    let key = "tokenizer.ggml.tokens";
+    if am.file.get_array(key)? != model.file.get_array(key)? {
+        anyhow::bail!(
+            "{}: its vocabulary differs from the model's ({} and {} tokens); ULD needs the same \
+             tokens (`lethe profile check` names the first difference)",
+            path.display(),
+            am.cfg.n_vocab,
+            model.cfg.n_vocab
+        );
+    }
+    Ok(Arc::new(am))
 }
 
 pub struct Loaded {
@@ -103,28 +173,32 @@ pub struct Loaded {
     pub tok: Tokenizer,
     pub n_ctx: usize,
     pub path: std::path::PathBuf,
-    /// The ULD assistant, sharing the model's thread pool.
-    pub assistant: Option<Arc<Model>>,
-    pub alpha: f32,
-    pub filter: f32,
+    /// Assistant terms (ad hoc `--assistant`, or the profile's), sharing the model's pool.
+    pub terms: Vec<Assistant>,
+    /// The profile in use, if any.
+    pub profile: Option<String>,
 }
 
 impl Loaded {
-    /// The decoder for this model: plain, or in lockstep with its assistant.
+    /// The decoder for this model: plain, or in lockstep with its assistants.
     pub fn decoder(&self, n_ctx: usize) -> Result<Box<dyn Decoder>> {
-        Ok(match &self.assistant {
-            None => Box::new(ModelDecoder::new(self.model.clone(), n_ctx)),
-            Some(a) => {
-                let term = Assistant {
-                    model: a.clone(),
-                    kind: TermKind::Uld,
-                    weight: -self.alpha,
-                    filter: self.filter,
-                    reference: None,
-                };
-                Box::new(LockstepDecoder::new(self.model.clone(), vec![term], n_ctx)?)
-            }
-        })
+        if self.terms.is_empty() {
+            return Ok(Box::new(ModelDecoder::new(self.model.clone(), n_ctx)));
+        }
+        let terms = self
+            .terms
+            .iter()
+            .map(|t| Assistant {
+                model: t.model.clone(),
+                reference: t.reference.clone(),
+                ..*t
+            })
+            .collect();
+        Ok(Box::new(LockstepDecoder::new(
+            self.model.clone(),
+            terms,
+            n_ctx,
+        )?))
     }
 }
 

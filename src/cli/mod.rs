@@ -6,5 +6,6 @@ pub mod common;
 pub mod fetch;
 pub mod forge;
 pub mod inspect;
+pub mod profile;
 pub mod run;
 pub mod tokenize;
