@@ -93,3 +93,58 @@ fn sampling_gives_minus_infinity_outside_the_plausible_set() {
         "{finite} plausible tokens"
     );
 }
+
+/// The sparse path (one ULD term, filter on) gives the same sampling distribution as the dense
+/// combination over full logits: softmax over the plausible set is shift-invariant.
+#[test]
+fn the_sparse_path_samples_as_the_dense_combination() {
+    let (model, _) = load();
+    // A different assistant: the target's first 8 blocks with its norm and head.
+    let mut small = Model::from_file(model.file.clone(), model.pool.clone()).unwrap();
+    small.layers.truncate(8);
+    let small = Arc::new(small);
+    let tokens = [504u32, 2365, 6354, 16438];
+    let a = Assistant {
+        model: small.clone(),
+        kind: TermKind::Uld,
+        weight: -0.75,
+        filter: 0.01,
+        reference: None,
+    };
+    let mut uld = LockstepDecoder::new(model.clone(), vec![a], 64).unwrap();
+    let sparse = uld.feed(&tokens).unwrap().to_vec();
+
+    let (mut st, mut sa) = (model.new_state(64), small.new_state(64));
+    let tl = model.forward(&mut st, &tokens, None).unwrap().to_vec();
+    let al = small.forward(&mut sa, &tokens, None).unwrap().to_vec();
+    let term = lethe::unlearn::Term {
+        kind: TermKind::Uld,
+        weight: -0.75,
+        logits: &al,
+        reference: None,
+        filter: 0.01,
+    };
+    let mut dense = Vec::new();
+    lethe::unlearn::combine(&tl, &[term], lethe::unlearn::Use::Sample, &mut dense);
+
+    let softmax = |x: &[f32]| -> Vec<f64> {
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.iter().map(|v| v / s).collect()
+    };
+    let (p, q) = (softmax(&sparse), softmax(&dense));
+    for j in 0..p.len() {
+        assert_eq!(
+            sparse[j].is_finite(),
+            dense[j].is_finite(),
+            "token {j} in one set only"
+        );
+        assert!(
+            (p[j] - q[j]).abs() < 1e-5,
+            "token {j}: {} vs {}",
+            p[j],
+            q[j]
+        );
+    }
+}
