@@ -28,7 +28,7 @@ pub struct ChatArgs {
 }
 
 pub fn main(a: ChatArgs) -> Result<()> {
-    let l = a.model.load()?;
+    let mut l = a.model.load()?;
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -52,7 +52,7 @@ pub fn main(a: ChatArgs) -> Result<()> {
     };
     let arch = l.model.cfg.arch.name();
     eprintln!(
-        "lethe chat: {} ({} threads, context {}). /reset starts over, /exit quits, Ctrl-C stops an answer.",
+        "lethe chat: {} ({} threads, context {}). /reset starts over, /use NAME|base switches profile, /exit quits, Ctrl-C stops an answer.",
         l.path.display(),
         l.model.pool.n_threads(),
         l.n_ctx
@@ -74,6 +74,22 @@ pub fn main(a: ChatArgs) -> Result<()> {
         match input {
             "" => continue,
             "/exit" | "/quit" => break,
+            cmd if cmd.starts_with("/use") => {
+                let name = cmd["/use".len()..].trim();
+                match l.switch(name) {
+                    Ok(()) => {
+                        // A new decoder: its caches start empty; the conversation stays.
+                        dec = l.decoder(l.n_ctx)?;
+                        cached.clear();
+                        eprintln!(
+                            "(now answering as {})",
+                            l.profile.as_deref().unwrap_or("base")
+                        );
+                    }
+                    Err(e) => eprintln!("error: {e:#}"),
+                }
+                continue;
+            }
             "/reset" => {
                 reset(&mut msgs);
                 cached.clear();

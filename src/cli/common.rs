@@ -5,7 +5,7 @@ use clap::Args;
 use lethe::generate::{Decoder, ModelDecoder, SamplerParams};
 use lethe::model::{Model, Precision};
 use lethe::tokenizer::Tokenizer;
-use lethe::unlearn::profile::{self, ProfileFile};
+use lethe::unlearn::profile::{self, Profile, ProfileFile};
 use lethe::unlearn::{Assistant, LockstepDecoder, TermKind};
 use std::sync::Arc;
 
@@ -122,20 +122,7 @@ impl ModelArgs {
         }
         if let (Some((file, p)), false) = (&profile, base_only) {
             name = Some(p.name.clone());
-            for spec in &p.assistants {
-                let am = load_assistant(&model, &profile::locate(&file.dir, &spec.model)?)?;
-                let reference = match &spec.reference {
-                    Some(r) => Some(load_assistant(&model, &profile::locate(&file.dir, r)?)?),
-                    None => None,
-                };
-                terms.push(Assistant {
-                    model: am,
-                    kind: spec.kind.term_kind(),
-                    weight: spec.term_weight(),
-                    filter: spec.filter,
-                    reference,
-                });
-            }
+            terms.extend(profile_terms(&model, file, p)?);
         }
         Ok(Loaded {
             model,
@@ -144,8 +131,33 @@ impl ModelArgs {
             path,
             terms,
             profile: name,
+            profile_file: profile.map(|(f, _)| f),
         })
     }
+}
+
+/// The assistant terms of profile `p`, loaded beside `model`.
+pub fn profile_terms(
+    model: &Arc<Model>,
+    file: &ProfileFile,
+    p: &Profile,
+) -> Result<Vec<Assistant>> {
+    let mut terms = Vec::new();
+    for spec in &p.assistants {
+        let am = load_assistant(model, &profile::locate(&file.dir, &spec.model)?)?;
+        let reference = match &spec.reference {
+            Some(r) => Some(load_assistant(model, &profile::locate(&file.dir, r)?)?),
+            None => None,
+        };
+        terms.push(Assistant {
+            model: am,
+            kind: spec.kind.term_kind(),
+            weight: spec.term_weight(),
+            filter: spec.filter,
+            reference,
+        });
+    }
+    Ok(terms)
 }
 
 /// Load an assistant (or reference) beside `model`, sharing its thread pool, after checking
@@ -177,9 +189,48 @@ pub struct Loaded {
     pub terms: Vec<Assistant>,
     /// The profile in use, if any.
     pub profile: Option<String>,
+    /// The profile file it came from (`/use` in chat switches within it).
+    pub profile_file: Option<ProfileFile>,
 }
 
 impl Loaded {
+    /// Switch to profile `name` of the loaded profile file (`base`: no terms). The profile
+    /// must share the loaded base model.
+    pub fn switch(&mut self, name: &str) -> Result<()> {
+        let file = self
+            .profile_file
+            .as_ref()
+            .context("no --profile was given")?;
+        if name == "base" && file.get("base").is_none() {
+            self.terms.clear();
+            self.profile = None;
+            return Ok(());
+        }
+        let p = file.get(name).with_context(|| {
+            let names: Vec<&str> = file.names().collect();
+            format!(
+                "no profile {name:?} (the file has: {}, and base)",
+                names.join(", ")
+            )
+        })?;
+        let base = profile::locate(&file.dir, &p.base)?;
+        let same = std::fs::canonicalize(&base).ok() == std::fs::canonicalize(&self.path).ok();
+        if !same {
+            anyhow::bail!(
+                "profile {name:?} has another base model ({}); restart with --use {name}",
+                base.display()
+            );
+        }
+        if !p.patches.is_empty() {
+            anyhow::bail!(
+                "profile {name:?} lists patches; applying layer patches is not implemented yet"
+            );
+        }
+        self.terms = profile_terms(&self.model, file, p)?;
+        self.profile = Some(p.name.clone());
+        Ok(())
+    }
+
     /// The decoder for this model: plain, or in lockstep with its assistants.
     pub fn decoder(&self, n_ctx: usize) -> Result<Box<dyn Decoder>> {
         if self.terms.is_empty() {
