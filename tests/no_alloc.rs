@@ -1,5 +1,5 @@
-//! No allocation per decoded token. Alone in its test binary: the counting allocator sees
-//! every thread of the process, so no other test may run beside it.
+//! No allocation per decoded token. In a test binary of its own, and its tests take a lock:
+//! the counting allocator sees every thread of the process, so nothing may run beside a count.
 
 mod common;
 
@@ -41,8 +41,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn decode_steps_do_not_allocate() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for name in ["smollm2", "gemma3"] {
         let model = Model::open(model_path(name), 2).unwrap();
         let mut st = model.new_state(256);
@@ -62,4 +65,36 @@ fn decode_steps_do_not_allocate() {
             "{name}: decode steps allocated"
         );
     }
+}
+
+#[test]
+fn uld_decode_steps_do_not_allocate() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    use lethe::generate::Decoder;
+    use lethe::unlearn::{Assistant, LockstepDecoder, TermKind};
+    use std::sync::Arc;
+    let model = Arc::new(Model::open(model_path("smollm2"), 2).unwrap());
+    let mut small = Model::from_file(model.file.clone(), model.pool.clone()).unwrap();
+    small.layers.truncate(8);
+    let a = Assistant {
+        model: Arc::new(small),
+        kind: TermKind::Uld,
+        weight: -0.75,
+        filter: 0.01,
+        reference: None,
+    };
+    let mut dec = LockstepDecoder::new(model.clone(), vec![a], 256).unwrap();
+    dec.feed(&[1, 2, 3, 4]).unwrap();
+    dec.feed(&[5]).unwrap();
+    ALLOCS.store(0, Ordering::SeqCst);
+    COUNTING.store(true, Ordering::SeqCst);
+    for t in 0..16u32 {
+        dec.feed(&[200 + t]).unwrap();
+    }
+    COUNTING.store(false, Ordering::SeqCst);
+    assert_eq!(
+        ALLOCS.load(Ordering::SeqCst),
+        0,
+        "ULD decode steps allocated"
+    );
 }

@@ -53,6 +53,11 @@ pub struct Term<'a> {
 /// The raw-logit threshold of the plausible set of `logits` at rate `r`; `None` keeps every
 /// token (`r <= 0` or `floor(r * V) == 0`).
 pub fn plausible_threshold(logits: &[f32], r: f32) -> Option<f32> {
+    plausible_threshold_in(logits, r, &mut Vec::new())
+}
+
+/// [`plausible_threshold`] with a caller's scratch buffer (no allocation once it has grown).
+pub fn plausible_threshold_in(logits: &[f32], r: f32, scratch: &mut Vec<f32>) -> Option<f32> {
     if r <= 0.0 {
         return None;
     }
@@ -62,15 +67,11 @@ pub fn plausible_threshold(logits: &[f32], r: f32) -> Option<f32> {
     }
     let k = k.min(logits.len());
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let kth = kth_largest(logits, k);
+    // The k-th largest without sorting everything.
+    scratch.clear();
+    scratch.extend_from_slice(logits);
+    let (_, kth, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     Some(kth.min(max + r.ln()))
-}
-
-/// The `k`-th largest value (1-based) without sorting everything.
-fn kth_largest(x: &[f32], k: usize) -> f32 {
-    let mut v = x.to_vec();
-    let (_, kth, _) = v.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    *kth
 }
 
 fn log_softmax(x: &[f32], out: &mut Vec<f32>) {

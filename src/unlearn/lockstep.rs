@@ -5,7 +5,7 @@
 //! rows of the target's plausible set (DESIGN: the head is most of a small model's cost).
 //! Sampling is invariant to a constant shift over the set, so raw logits suffice there.
 
-use super::combine::{combine, plausible_threshold, Term, TermKind, Use};
+use super::combine::{combine, plausible_threshold_in, Term, TermKind, Use};
 use crate::generate::Decoder;
 use crate::model::{Model, State};
 use crate::{Error, Result};
@@ -39,6 +39,7 @@ pub struct LockstepDecoder {
     out: Vec<f32>,
     rows: Vec<u32>,
     sparse: Vec<f32>,
+    scratch: Vec<f32>,
 }
 
 impl LockstepDecoder {
@@ -74,6 +75,7 @@ impl LockstepDecoder {
             out: Vec::with_capacity(v),
             rows: Vec::with_capacity(v),
             sparse: vec![0.0; v],
+            scratch: Vec::with_capacity(v),
         })
     }
 
@@ -100,7 +102,7 @@ impl Decoder for LockstepDecoder {
         let tl = &self.target_logits;
         if self.sparse_uld() {
             let run = &mut self.runs[0];
-            let th = plausible_threshold(tl, run.spec.filter);
+            let th = plausible_threshold_in(tl, run.spec.filter, &mut self.scratch);
             self.rows.clear();
             self.rows
                 .extend((0..tl.len() as u32).filter(|&j| th.is_none_or(|th| tl[j as usize] >= th)));

@@ -5,5 +5,5 @@ pub mod combine;
 pub mod lockstep;
 pub mod profile;
 
-pub use combine::{combine, plausible_threshold, Term, TermKind, Use};
+pub use combine::{combine, plausible_threshold, plausible_threshold_in, Term, TermKind, Use};
 pub use lockstep::{Assistant, LockstepDecoder};
