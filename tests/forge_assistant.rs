@@ -4,13 +4,14 @@
 
 mod common;
 
+use common::python_dump;
+
 use lethe::forge::truncate_model;
 use lethe::gguf::{GgufFile, GgufWriter, Value};
 use lethe::model::Model;
 use lethe::pool::ThreadPool;
-use serde_json::{json, Value as Json};
+use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 struct TempDir(PathBuf);
@@ -131,28 +132,6 @@ fn check_logits(src_path: &Path, out: &Path, k: usize, tokens: &[u32]) {
         max_diff < 1e-3,
         "Model::open: max abs logit diff {max_diff}"
     );
-}
-
-fn python() -> String {
-    std::env::var("LETHE_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Reads `path` with llama.cpp's Python reader. Fails (never skips) when it is not installed.
-fn python_dump(path: &Path) -> Json {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf_dump.py");
-    let out = Command::new(python()).arg(&script).arg(path).output().unwrap_or_else(|e| {
-        panic!("cannot run {}: {e}; this test needs Python 3 with llama.cpp's reader: pip install gguf numpy", python())
-    });
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(3) {
-        panic!("{stderr}\nthis test needs llama.cpp's Python reader: pip install gguf numpy");
-    }
-    assert!(
-        out.status.success(),
-        "gguf_dump.py failed on {}: {stderr}",
-        path.display()
-    );
-    serde_json::from_slice(&out.stdout).expect("gguf_dump.py prints JSON")
 }
 
 /// What llama.cpp's Python reader sees: block_count K, the right tensors, the whole vocabulary.

@@ -1,13 +1,15 @@
 //! GGUF writer round trips: lethe writes, then lethe and llama.cpp's Python reader (PyPI `gguf`)
 //! read back; and SmolLM2's own file is copied through the writer.
 
+mod common;
+
+use common::python_dump;
 use half::f16;
 use lethe::gguf::{Array, GgufError, GgufFile, GgufWriter, TensorInfo, Value, ValueType};
 use lethe_kernels::GgmlType;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// splitmix64: deterministic test data without a rand dependency.
 struct Rng(u64);
@@ -213,28 +215,6 @@ fn expected_json(v: &Value) -> Json {
         Value::String(s) => json!(s),
         Value::Array(a) => Json::Array(a.iter().map(|x| expected_json(&x)).collect()),
     }
-}
-
-fn python() -> String {
-    std::env::var("LETHE_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Reads `path` with llama.cpp's Python reader. Fails (never skips) when it is not installed.
-fn python_dump(path: &Path) -> Json {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf_dump.py");
-    let out = Command::new(python()).arg(&script).arg(path).output().unwrap_or_else(|e| {
-        panic!("cannot run {}: {e}; this test needs Python 3 with llama.cpp's reader: pip install gguf numpy", python())
-    });
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(3) {
-        panic!("{stderr}\nthis test needs llama.cpp's Python reader: pip install gguf numpy");
-    }
-    assert!(
-        out.status.success(),
-        "gguf_dump.py failed on {}: {stderr}",
-        path.display()
-    );
-    serde_json::from_slice(&out.stdout).expect("gguf_dump.py prints JSON")
 }
 
 /// What the Python reader saw matches what lethe wrote, field by field and byte by byte.

@@ -30,3 +30,26 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+fn python() -> String {
+    std::env::var("LETHE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Reads `path` with llama.cpp's Python reader (`tests/fixtures/gguf_dump.py`, JSON out).
+/// Fails (never skips) when it is not installed.
+pub fn python_dump(path: &std::path::Path) -> serde_json::Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf_dump.py");
+    let out = std::process::Command::new(python()).arg(&script).arg(path).output().unwrap_or_else(|e| {
+        panic!("cannot run {}: {e}; this test needs Python 3 with llama.cpp's reader: pip install gguf numpy", python())
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(3) {
+        panic!("{stderr}\nthis test needs llama.cpp's Python reader: pip install gguf numpy");
+    }
+    assert!(
+        out.status.success(),
+        "gguf_dump.py failed on {}: {stderr}",
+        path.display()
+    );
+    serde_json::from_slice(&out.stdout).expect("gguf_dump.py prints JSON")
+}
