@@ -29,10 +29,12 @@ enum Cmd {
     Bench(cli::bench::BenchArgs),
     /// Download named models into the cache (otherwise fetched on first use).
     Fetch(cli::fetch::FetchArgs),
-    /// Make unlearning artifacts (assistants).
+    /// Make unlearning artifacts (assistants, ablation patches).
     Forge(cli::forge::ForgeArgs),
     /// Check unlearning profiles.
     Profile(cli::profile::ProfileArgs),
+    /// Layer patch files: inspect, bake into a model, make a random LoRA.
+    Patch(cli::patch::PatchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fetch(a) => cli::fetch::main(a),
         Cmd::Forge(a) => cli::forge::main(a),
         Cmd::Profile(a) => cli::profile::main(a),
+        Cmd::Patch(a) => cli::patch::main(a),
     }
 }

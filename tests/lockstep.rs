@@ -64,6 +64,7 @@ fn the_target_as_its_own_assistant_keeps_greedy_output() {
             weight: -0.5,
             filter,
             reference: None,
+            patches: None,
         };
         let mut uld = LockstepDecoder::new(model.clone(), vec![a], 256).unwrap();
         let got = generate(&mut uld, &tok, &mut Vec::new(), &prompt, &params, |_| {
@@ -84,6 +85,7 @@ fn sampling_gives_minus_infinity_outside_the_plausible_set() {
         weight: -0.75,
         filter: 0.1,
         reference: None,
+        patches: None,
     };
     let mut uld = LockstepDecoder::new(model.clone(), vec![a], 64).unwrap();
     let out = uld.feed(&[504, 2365, 6354]).unwrap().to_vec();
@@ -110,6 +112,7 @@ fn the_sparse_path_samples_as_the_dense_combination() {
         weight: -0.75,
         filter: 0.01,
         reference: None,
+        patches: None,
     };
     let mut uld = LockstepDecoder::new(model.clone(), vec![a], 64).unwrap();
     let sparse = uld.feed(&tokens).unwrap().to_vec();

@@ -82,6 +82,7 @@ fn uld_decode_steps_do_not_allocate() {
         weight: -0.75,
         filter: 0.01,
         reference: None,
+        patches: None,
     };
     let mut dec = LockstepDecoder::new(model.clone(), vec![a], 256).unwrap();
     dec.feed(&[1, 2, 3, 4]).unwrap();

@@ -114,9 +114,9 @@ fn parses_a_full_example_with_defaults() {
 
     assert_eq!(p.patches.len(), 2);
     assert_eq!(p.patches[0].file, "lora.gguf");
-    assert_eq!(p.patches[0].kind, PatchKind::Lora);
+    assert_eq!(p.patches[0].kind, Some(PatchKind::Lora));
     assert_eq!(p.patches[0].scale, 1.0);
-    assert_eq!(p.patches[1].kind, PatchKind::ControlVector);
+    assert_eq!(p.patches[1].kind, Some(PatchKind::ControlVector));
     assert_eq!(p.patches[1].scale, -2.0);
 
     let plain = f.get("plain").unwrap();
@@ -418,10 +418,24 @@ fn missing_files_are_named() {
         .to_string();
     assert!(m.contains("patch 0") && m.contains("lora.gguf"), "{m}");
 
-    // A patch that is not a GGUF file is refused; one that is passes.
+    // A patch that is not a GGUF file is refused, so is a model; a LoRA for the base passes.
     std::fs::write(dir.0.join("lora.gguf"), b"not gguf").unwrap();
     assert!(check_profile(&f.profiles[0], &f.dir).is_err());
     smollm2_with_token(&dir.0.join("lora.gguf"), 0, "x");
+    let m = check_profile(&f.profiles[0], &f.dir)
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("patch 0") && m.contains("not a patch"), "{m}");
+    let entry = lethe::unlearn::patch::LowRankEntry {
+        base: "blk.0.attn_q.weight".into(),
+        cols: 576,
+        rows: 576,
+        rank: 1,
+        a: vec![0.01; 576],
+        b: vec![0.01; 576],
+    };
+    lethe::unlearn::patch::write_lora(dir.0.join("lora.gguf"), "llama", "t", None, &[entry])
+        .unwrap();
     let r = check_profile(&f.profiles[0], &f.dir).unwrap();
     assert_eq!(r.files.len(), 2);
     assert_eq!(r.files[1].role, "patch 0");

@@ -6,8 +6,9 @@ use super::common::ModelArgs;
 use anyhow::Result;
 use clap::Args;
 use lethe::generate::Decoder;
-use lethe::model::Model;
+use lethe::model::{Model, PatchSet};
 use lethe::pool::ThreadPool;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -81,9 +82,17 @@ pub struct BenchResult {
     pub peak_rss_mib: Option<f64>,
 }
 
-pub fn run_bench(model: &Model, n_prompt: usize, n_gen: usize, reps: usize) -> Result<BenchResult> {
+pub fn run_bench(
+    model: &Model,
+    patches: Option<Arc<PatchSet>>,
+    n_prompt: usize,
+    n_gen: usize,
+    reps: usize,
+) -> Result<BenchResult> {
     let n_ctx = (n_prompt + n_gen + 8).next_multiple_of(256);
     let mut st = model.new_state(n_ctx);
+    let patch_bytes = patches.as_ref().map_or(0, |p| p.bytes_per_token());
+    model.attach_patches(&mut st, patches)?;
     let vocab = model.cfg.n_vocab as u32;
     // Arbitrary but fixed tokens, as llama-bench uses random ones.
     let prompt: Vec<u32> = (0..n_prompt as u32)
@@ -114,7 +123,7 @@ pub fn run_bench(model: &Model, n_prompt: usize, n_gen: usize, reps: usize) -> R
         pp_tps: median(pp),
         tg_tps: median(tg),
         bandwidth,
-        bytes_per_token: model.bytes_per_token(),
+        bytes_per_token: model.bytes_per_token() + patch_bytes,
         n_ctx,
         peak_rss_mib,
     })
@@ -140,9 +149,9 @@ pub fn decode_tps(dec: &mut dyn Decoder, vocab: u32, n_gen: usize, reps: usize) 
 pub fn main(a: BenchArgs) -> Result<()> {
     let l = a.model.load()?;
     let m = &l.model;
-    if !l.terms.is_empty() {
-        // Unlearning overhead: the base model and the model with its assistant, alternating,
-        // in the same run.
+    if !l.terms.is_empty() || !a.model.patches.is_empty() || l.patches.is_some() {
+        // Unlearning overhead: the base model and the model with its assistants and patches,
+        // alternating, in the same run.
         let n_ctx = (a.n_gen + 16).next_multiple_of(256);
         let vocab = m.cfg.n_vocab as u32;
         let mut base = lethe::generate::ModelDecoder::new(m.clone(), n_ctx);
@@ -153,7 +162,7 @@ pub fn main(a: BenchArgs) -> Result<()> {
             u.push(decode_tps(uld.as_mut(), vocab, a.n_gen, 1)?);
         }
         let (b, u) = (median(b), median(u));
-        let terms: Vec<String> = l
+        let mut terms: Vec<String> = l
             .terms
             .iter()
             .map(|t| {
@@ -163,19 +172,33 @@ pub fn main(a: BenchArgs) -> Result<()> {
                 )
             })
             .collect();
+        let parts = l.patches.as_ref().map_or(&[][..], |p| &p.parts[..]);
+        for (p, s) in parts {
+            let file = std::path::Path::new(&p.source);
+            let name = file
+                .file_name()
+                .map_or(p.source.clone(), |f| f.to_string_lossy().into_owned());
+            terms.push(format!("{} {name} x{s}", p.kind.name()));
+        }
+        if parts.is_empty() && l.terms.is_empty() {
+            terms.push("patches at scale 0: nothing applied".into());
+        }
+        let what = match (&l.profile, l.terms.is_empty()) {
+            (Some(p), _) => format!("profile {p:?}"),
+            (None, false) => "with ULD".into(),
+            (None, true) => "patched".into(),
+        };
         println!(
-            "decode tg{}: base {b:.1} tok/s, {} {u:.1} tok/s: {:.0}% of base [{}]",
+            "decode tg{}: base {b:.1} tok/s, {what} {u:.1} tok/s: {:.1}% of base (median of {} \
+             alternating runs) [{}]",
             a.n_gen,
-            l.profile
-                .as_deref()
-                .map(|p| format!("profile {p:?}"))
-                .unwrap_or_else(|| "with ULD".into()),
             100.0 * u / b,
+            a.reps.max(1),
             terms.join("; ")
         );
         return Ok(());
     }
-    let r = run_bench(m, a.n_prompt, a.n_gen, a.reps.max(1))?;
+    let r = run_bench(m, l.patches.clone(), a.n_prompt, a.n_gen, a.reps.max(1))?;
     let ceiling = r.bandwidth / r.bytes_per_token as f64;
     let name = l
         .path

@@ -3,10 +3,12 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use lethe::generate::{Decoder, ModelDecoder, SamplerParams};
-use lethe::model::{Model, Precision};
+use lethe::model::{Model, Patch, PatchKind, PatchSet, Precision};
 use lethe::tokenizer::Tokenizer;
+use lethe::unlearn::patch;
 use lethe::unlearn::profile::{self, Profile, ProfileFile};
 use lethe::unlearn::{Assistant, LockstepDecoder, TermKind};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Args, Debug, Clone)]
@@ -39,6 +41,119 @@ pub struct ModelArgs {
     /// Which profile of the file (default: the first); `base` runs the plain base model.
     #[arg(long = "use", requires = "profile")]
     pub use_profile: Option<String>,
+    #[command(flatten)]
+    pub patches: PatchArgs,
+}
+
+/// Layer patches, with llama.cpp's flags (and `--delta` for lethe's own deltas).
+#[derive(Args, Debug, Clone, Default)]
+pub struct PatchArgs {
+    /// A LoRA adapter (llama.cpp's GGUF layout), scale 1. Repeatable.
+    #[arg(long = "lora", value_name = "FILE")]
+    pub lora: Vec<PathBuf>,
+    /// LoRA adapters with their scales. Repeatable.
+    #[arg(long = "lora-scaled", value_name = "FILE:SCALE[,...]")]
+    pub lora_scaled: Vec<String>,
+    /// A control vector (llama.cpp's GGUF layout), scale 1. Repeatable.
+    #[arg(long = "control-vector", value_name = "FILE")]
+    pub control_vector: Vec<PathBuf>,
+    /// Control vectors with their scales. Repeatable.
+    #[arg(long = "control-vector-scaled", value_name = "FILE:SCALE[,...]")]
+    pub control_vector_scaled: Vec<String>,
+    /// Apply control vectors only to blocks START..=END.
+    #[arg(long = "control-vector-layer-range", num_args = 2, value_names = ["START", "END"])]
+    pub control_vector_layer_range: Option<Vec<usize>>,
+    /// A lethe delta patch (dense, sparse or low-rank), with an optional scale. Repeatable.
+    #[arg(long = "delta", value_name = "FILE[:SCALE]")]
+    pub delta: Vec<String>,
+}
+
+/// `FILE:SCALE` (or plain `FILE`, scale 1).
+fn file_scale(s: &str) -> Result<(PathBuf, f32)> {
+    if let Some((f, sc)) = s.rsplit_once(':') {
+        if let Ok(v) = sc.trim().parse::<f32>() {
+            if !v.is_finite() {
+                anyhow::bail!("{s:?}: the scale must be finite");
+            }
+            return Ok((PathBuf::from(f), v));
+        }
+    }
+    Ok((PathBuf::from(s), 1.0))
+}
+
+impl PatchArgs {
+    pub fn is_empty(&self) -> bool {
+        self.lora.is_empty()
+            && self.lora_scaled.is_empty()
+            && self.control_vector.is_empty()
+            && self.control_vector_scaled.is_empty()
+            && self.delta.is_empty()
+    }
+
+    /// The files with their scales and the kind each flag requires.
+    pub fn specs(&self) -> Result<Vec<(PathBuf, f32, PatchKind)>> {
+        let mut out = Vec::new();
+        let many = |v: &[String], kind| -> Result<Vec<(PathBuf, f32, PatchKind)>> {
+            let mut o = Vec::new();
+            for s in v
+                .iter()
+                .flat_map(|s| s.split(','))
+                .filter(|s| !s.is_empty())
+            {
+                let (f, sc) = file_scale(s)?;
+                o.push((f, sc, kind));
+            }
+            Ok(o)
+        };
+        out.extend(self.lora.iter().map(|f| (f.clone(), 1.0, PatchKind::Lora)));
+        out.extend(many(&self.lora_scaled, PatchKind::Lora)?);
+        out.extend(
+            self.control_vector
+                .iter()
+                .map(|f| (f.clone(), 1.0, PatchKind::ControlVector)),
+        );
+        out.extend(many(&self.control_vector_scaled, PatchKind::ControlVector)?);
+        for d in &self.delta {
+            let (f, sc) = file_scale(d)?;
+            out.push((f, sc, PatchKind::Delta));
+        }
+        Ok(out)
+    }
+
+    /// Load the patches against `model`, each checked to be the kind its flag names.
+    pub fn load(&self, model: &Model) -> Result<Vec<(Arc<Patch>, f32)>> {
+        let mut parts = Vec::new();
+        for (path, scale, kind) in self.specs()? {
+            let mut p = patch::load(&path, model)?;
+            if p.kind != kind {
+                anyhow::bail!(
+                    "{}: is a {} patch, not a {} (use --{})",
+                    path.display(),
+                    p.kind.name(),
+                    kind.name(),
+                    match p.kind {
+                        PatchKind::Lora => "lora",
+                        PatchKind::ControlVector => "control-vector",
+                        PatchKind::Delta => "delta",
+                    }
+                );
+            }
+            if let Some(r) = &self.control_vector_layer_range {
+                p.cvec.retain(|(n, _)| (r[0]..=r[1]).contains(n));
+            }
+            parts.push((Arc::new(p), scale));
+        }
+        Ok(parts)
+    }
+}
+
+/// A patch set from `parts`, or `None` when there is nothing to apply.
+pub fn patch_set(model: &Model, parts: &[(Arc<Patch>, f32)]) -> Result<Option<Arc<PatchSet>>> {
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    let set = PatchSet::new(model, parts)?;
+    Ok((!set.is_empty()).then(|| Arc::new(set)))
 }
 
 impl ModelArgs {
@@ -70,12 +185,6 @@ impl ModelArgs {
                     })?),
                 }
                 .context("the profile file holds no profile")?;
-                if !p.patches.is_empty() {
-                    anyhow::bail!(
-                        "profile {:?} lists patches; applying layer patches is not implemented yet",
-                        p.name
-                    );
-                }
                 Some((file, p))
             }
         };
@@ -118,18 +227,25 @@ impl ModelArgs {
                 weight: -self.alpha,
                 filter: self.filter,
                 reference: None,
+                patches: None,
             });
         }
+        let cli_patches = self.patches.load(&model)?;
+        let mut parts = cli_patches.clone();
         if let (Some((file, p)), false) = (&profile, base_only) {
             name = Some(p.name.clone());
             terms.extend(profile_terms(&model, file, p)?);
+            parts.extend(profile_patches(&model, file, p)?);
         }
+        let patches = patch_set(&model, &parts)?;
         Ok(Loaded {
             model,
             tok,
             n_ctx,
             path,
             terms,
+            patches,
+            cli_patches,
             profile: name,
             profile_file: profile.map(|(f, _)| f),
         })
@@ -149,15 +265,37 @@ pub fn profile_terms(
             Some(r) => Some(load_assistant(model, &profile::locate(&file.dir, r)?)?),
             None => None,
         };
+        let mut parts = Vec::new();
+        for ps in &spec.patches {
+            let (p, _) = profile::load_patch(&file.dir, ps, &am)?;
+            parts.push((Arc::new(p), ps.scale));
+        }
+        let patches = patch_set(&am, &parts)?;
         terms.push(Assistant {
             model: am,
             kind: spec.kind.term_kind(),
             weight: spec.term_weight(),
             filter: spec.filter,
             reference,
+            patches,
         });
     }
     Ok(terms)
+}
+
+/// The layer patches of profile `p` for `model`, with their scales.
+pub fn profile_patches(
+    model: &Model,
+    file: &ProfileFile,
+    p: &Profile,
+) -> Result<Vec<(Arc<Patch>, f32)>> {
+    let mut parts = Vec::new();
+    for ps in &p.patches {
+        let (patch, _) = profile::load_patch(&file.dir, ps, model)
+            .with_context(|| format!("profile {:?}", p.name))?;
+        parts.push((Arc::new(patch), ps.scale));
+    }
+    Ok(parts)
 }
 
 /// Load an assistant (or reference) beside `model`, sharing its thread pool, after checking
@@ -187,6 +325,10 @@ pub struct Loaded {
     pub path: std::path::PathBuf,
     /// Assistant terms (ad hoc `--assistant`, or the profile's), sharing the model's pool.
     pub terms: Vec<Assistant>,
+    /// Layer patches of the target (the flags' and the profile's), if any.
+    pub patches: Option<Arc<PatchSet>>,
+    /// The patches given by flags (kept across `/use`).
+    pub cli_patches: Vec<(Arc<Patch>, f32)>,
     /// The profile in use, if any.
     pub profile: Option<String>,
     /// The profile file it came from (`/use` in chat switches within it).
@@ -203,6 +345,7 @@ impl Loaded {
             .context("no --profile was given")?;
         if name == "base" && file.get("base").is_none() {
             self.terms.clear();
+            self.patches = patch_set(&self.model, &self.cli_patches)?;
             self.profile = None;
             return Ok(());
         }
@@ -221,35 +364,23 @@ impl Loaded {
                 base.display()
             );
         }
-        if !p.patches.is_empty() {
-            anyhow::bail!(
-                "profile {name:?} lists patches; applying layer patches is not implemented yet"
-            );
-        }
+        let mut parts = self.cli_patches.clone();
+        parts.extend(profile_patches(&self.model, file, p)?);
+        let patches = patch_set(&self.model, &parts)?;
         self.terms = profile_terms(&self.model, file, p)?;
+        self.patches = patches;
         self.profile = Some(p.name.clone());
         Ok(())
     }
 
     /// The decoder for this model: plain, or in lockstep with its assistants.
     pub fn decoder(&self, n_ctx: usize) -> Result<Box<dyn Decoder>> {
+        let (m, p) = (self.model.clone(), self.patches.clone());
         if self.terms.is_empty() {
-            return Ok(Box::new(ModelDecoder::new(self.model.clone(), n_ctx)));
+            return Ok(Box::new(ModelDecoder::with_patches(m, n_ctx, p)?));
         }
-        let terms = self
-            .terms
-            .iter()
-            .map(|t| Assistant {
-                model: t.model.clone(),
-                reference: t.reference.clone(),
-                ..*t
-            })
-            .collect();
-        Ok(Box::new(LockstepDecoder::new(
-            self.model.clone(),
-            terms,
-            n_ctx,
-        )?))
+        let dec = LockstepDecoder::new(m, self.terms.clone(), n_ctx)?.with_target_patches(p)?;
+        Ok(Box::new(dec))
     }
 }
 

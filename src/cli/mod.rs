@@ -6,6 +6,7 @@ pub mod common;
 pub mod fetch;
 pub mod forge;
 pub mod inspect;
+pub mod patch;
 pub mod profile;
 pub mod run;
 pub mod tokenize;

@@ -6,7 +6,7 @@ pub mod stop;
 pub use sampler::{Sampler, SamplerParams};
 pub use stop::{StopMatcher, StopOutcome};
 
-use crate::model::{Model, State};
+use crate::model::{Model, PatchSet, State};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -35,6 +35,17 @@ impl ModelDecoder {
     pub fn new(model: Arc<Model>, n_ctx: usize) -> Self {
         let state = model.new_state(n_ctx);
         Self { model, state }
+    }
+
+    /// A decoder that runs the model with layer patches.
+    pub fn with_patches(
+        model: Arc<Model>,
+        n_ctx: usize,
+        patches: Option<Arc<PatchSet>>,
+    ) -> Result<Self> {
+        let mut d = Self::new(model, n_ctx);
+        d.model.attach_patches(&mut d.state, patches)?;
+        Ok(d)
     }
 }
 

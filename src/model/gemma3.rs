@@ -11,6 +11,7 @@
 //! ```
 
 use super::attention::{attend, AttnShape};
+use super::patch::Slot;
 use super::weights::{matmul, matmul_group};
 use super::{norm_rows, norm_rows_inplace, Model, State};
 use lethe_kernels::ops;
@@ -26,6 +27,7 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
     let (pool, f, p) = (&*m.pool, &*m.file, m.precision);
     ops::scale_inplace(&mut st.x[..n * e], (e as f32).sqrt());
     for (il, l) in m.layers.iter().enumerate() {
+        st.tap(il, n);
         let local = c.is_local_layer(il);
         let rope = if local { &m.rope_local } else { &m.rope_global };
         let shape = AttnShape {
@@ -44,6 +46,7 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
             (&l.wv, &mut st.v[..]),
         ];
         matmul_group(pool, f, qkv, &st.xb, n, &mut st.act, p);
+        st.patch_block(pool, p, il, &[Slot::Q, Slot::K, Slot::V], n);
         norm_rows_inplace(&mut st.q, norm(&l.q_norm), n * c.n_head, eps);
         norm_rows_inplace(&mut st.k, norm(&l.k_norm), n * c.n_head_kv, eps);
         st.rope_and_cache(c, rope, il, n);
@@ -59,6 +62,7 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
             &mut st.scores,
         );
         matmul(pool, f, &l.wo, &st.att, n, &mut st.xb2, &mut st.act, p); // [n, e]
+        st.patch_block(pool, p, il, &[Slot::O], n);
         norm_rows_inplace(&mut st.xb2, norm(&l.post_attn_norm), n, eps);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 
@@ -66,9 +70,12 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
         // gate, up [n, n_ff]
         let gate_up = &mut [(&l.w_gate, &mut st.hg[..]), (&l.w_up, &mut st.hu[..])];
         matmul_group(pool, f, gate_up, &st.xb, n, &mut st.act, p);
+        st.patch_block(pool, p, il, &[Slot::Gate, Slot::Up], n);
         ops::gelu_tanh_mul(&mut st.hg[..n * ff], &st.hu[..n * ff]);
         matmul(pool, f, &l.w_down, &st.hg, n, &mut st.xb2, &mut st.act, p); // [n, e]
+        st.patch_block(pool, p, il, &[Slot::Down], n);
         norm_rows_inplace(&mut st.xb2, norm(&l.post_ffn_norm), n, eps);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
+        st.add_cvec(il, n);
     }
 }

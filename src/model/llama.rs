@@ -9,6 +9,7 @@
 //! ```
 
 use super::attention::{attend, AttnShape};
+use super::patch::Slot;
 use super::weights::{matmul, matmul_group};
 use super::{norm_rows, Model, State};
 use lethe_kernels::ops;
@@ -25,6 +26,7 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
         window: None,
     };
     for (il, l) in m.layers.iter().enumerate() {
+        st.tap(il, n);
         norm_rows(&mut st.xb, &st.x, &l.attn_norm, n, c.rms_eps);
         // q [n, n_head*hd], k and v [n, n_head_kv*hd]
         let qkv = &mut [
@@ -33,6 +35,7 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
             (&l.wv, &mut st.v[..]),
         ];
         matmul_group(pool, f, qkv, &st.xb, n, &mut st.act, p);
+        st.patch_block(pool, p, il, &[Slot::Q, Slot::K, Slot::V], n);
         st.rope_and_cache(c, &m.rope_global, il, n);
         attend(
             pool,
@@ -46,14 +49,18 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
             &mut st.scores,
         );
         matmul(pool, f, &l.wo, &st.att, n, &mut st.xb2, &mut st.act, p); // [n, e]
+        st.patch_block(pool, p, il, &[Slot::O], n);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 
         norm_rows(&mut st.xb, &st.x, &l.ffn_norm, n, c.rms_eps);
         // gate, up [n, n_ff]
         let gate_up = &mut [(&l.w_gate, &mut st.hg[..]), (&l.w_up, &mut st.hu[..])];
         matmul_group(pool, f, gate_up, &st.xb, n, &mut st.act, p);
+        st.patch_block(pool, p, il, &[Slot::Gate, Slot::Up], n);
         ops::silu_mul(&mut st.hg[..n * ff], &st.hu[..n * ff]);
         matmul(pool, f, &l.w_down, &st.hg, n, &mut st.xb2, &mut st.act, p); // [n, e]
+        st.patch_block(pool, p, il, &[Slot::Down], n);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
+        st.add_cvec(il, n);
     }
 }

@@ -8,9 +8,11 @@ pub mod config;
 mod gemma3;
 pub mod kv;
 mod llama;
+pub mod patch;
 pub mod weights;
 
 pub use config::{Arch, Config};
+pub use patch::{Change, Patch, PatchKind, PatchSet, Slot, Target, TensorDelta};
 pub use weights::{Precision, Weight};
 
 use crate::gguf::GgufFile;
@@ -138,6 +140,109 @@ impl Model {
         State::new(&self.cfg, n_ctx, self.pool.n_threads())
     }
 
+    /// Run `st` with `patches` from now on (`None`: the plain model). A change of patches
+    /// empties the state's cache, since what it holds was computed with the old ones; an empty
+    /// set (every scale 0) is the plain model.
+    pub fn attach_patches(&self, st: &mut State, patches: Option<Arc<PatchSet>>) -> Result<()> {
+        let patches = patches.filter(|p| !p.is_empty());
+        if let Some(p) = &patches {
+            p.check_model(self)?;
+        }
+        let same = match (&st.patches, &patches) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if !same {
+            st.pos = 0;
+        }
+        let need = patches.as_ref().map_or(0, |p| p.scratch_len());
+        if st.patch_tmp.len() < need {
+            st.patch_tmp = vec![0.0; need];
+        }
+        st.patches = patches;
+        Ok(())
+    }
+
+    /// `y = W x` for `n` tokens (`x` `[n, cols]`, returns `[n, rows]`) through the weight `t`
+    /// names, with `patches`' deltas on it: the matmul and patch code of a forward pass, one
+    /// weight at a time (for tests, and for checking what a patch does).
+    pub fn apply_weight(
+        &self,
+        t: Target,
+        x: &[f32],
+        n: usize,
+        patches: Option<&PatchSet>,
+    ) -> Result<Vec<f32>> {
+        let (cols, rows) = self.target_shape(t)?;
+        if x.len() != n * cols {
+            return Err(Error::Invalid(format!(
+                "{}: input has {} values, expected {n} x {cols}",
+                t.tensor_name(),
+                x.len()
+            )));
+        }
+        let w = self.target_weight(t).expect("checked by target_shape");
+        let mut y = vec![0.0f32; n * rows];
+        let mut act = ActBuf::new(n.max(1), cols);
+        if t == Target::Embd {
+            // The embedding is a lookup: `x` holds token ids.
+            let mut tmp = Vec::new();
+            for (i, &tok) in x.iter().enumerate() {
+                let row = &mut y[i * rows..(i + 1) * rows];
+                w.dequantize_row(&self.file, tok as usize, row);
+                if let Some(p) = patches {
+                    p.embd_row(tok as usize, row, &mut tmp);
+                }
+            }
+            return Ok(y);
+        }
+        weights::matmul(
+            &self.pool,
+            &self.file,
+            w,
+            x,
+            n,
+            &mut y,
+            &mut act,
+            self.precision,
+        );
+        if let Some(p) = patches {
+            p.check_model(self)?;
+            let mut tmp = vec![0.0f32; p.scratch_len().max(n * rows)];
+            p.apply(
+                &self.pool,
+                t,
+                x,
+                n,
+                &mut y,
+                &mut tmp,
+                &mut act,
+                self.precision,
+            );
+        }
+        Ok(y)
+    }
+
+    /// Run `tokens` from an empty state and return the residual stream at the input of block
+    /// `layer` for each token (`[n_tok, n_embd]`; `layer == n_layer`: after the last block,
+    /// before the final norm). The state's patches apply.
+    pub fn residuals(&self, st: &mut State, tokens: &[u32], layer: usize) -> Result<Vec<f32>> {
+        if layer > self.cfg.n_layer {
+            return Err(Error::Invalid(format!(
+                "layer {layer}: the model has {} blocks",
+                self.cfg.n_layer
+            )));
+        }
+        st.pos = 0;
+        st.tap = Some(layer);
+        st.tapped.clear();
+        let r = self.forward(st, tokens, None).map(|_| ());
+        st.tap = None;
+        r?;
+        Ok(std::mem::take(&mut st.tapped))
+    }
+
     /// Bytes of weights read per decoded token (for the bandwidth ceiling).
     pub fn bytes_per_token(&self) -> usize {
         let mut b = self.output.len_bytes() + self.tok_embd.row_bytes();
@@ -218,6 +323,11 @@ impl Model {
                     &mut st.act,
                     self.precision,
                 );
+                if let Some(p) = st.patches.as_deref().filter(|p| p.has_output()) {
+                    let (x, tmp, act) = (&st.xb[..e], &mut st.patch_tmp, &mut st.act);
+                    let o = &mut out[..rows.len()];
+                    p.apply_output_rows(&self.pool, x, rows, o, tmp, act, self.precision);
+                }
                 if let Some(cap) = self.cfg.final_logit_softcap {
                     for v in out[..rows.len()].iter_mut() {
                         *v = (*v / cap).tanh() * cap;
@@ -252,13 +362,18 @@ impl Model {
     fn forward_batch(&self, st: &mut State, tokens: &[u32]) {
         let e = self.cfg.n_embd;
         for (t, &tok) in tokens.iter().enumerate() {
-            self.tok_embd
-                .dequantize_row(&self.file, tok as usize, &mut st.x[t * e..(t + 1) * e]);
+            let x = &mut st.x[t * e..(t + 1) * e];
+            self.tok_embd.dequantize_row(&self.file, tok as usize, x);
+            if let Some(p) = &st.patches {
+                p.embd_row(tok as usize, x, &mut st.patch_row);
+            }
         }
+        let n = tokens.len();
         match self.cfg.arch {
-            Arch::Llama => llama::blocks(self, st, tokens.len()),
-            Arch::Gemma3 => gemma3::blocks(self, st, tokens.len()),
+            Arch::Llama => llama::blocks(self, st, n),
+            Arch::Gemma3 => gemma3::blocks(self, st, n),
         }
+        st.tap(self.cfg.n_layer, n);
     }
 
     /// Final norm and output head for tokens `which` of the chunk, into `out` (`[which.len(), n_vocab]`).
@@ -283,6 +398,20 @@ impl Model {
             &mut st.act,
             self.precision,
         );
+        if let Some(p) = st.patches.as_deref().filter(|p| p.has_output()) {
+            let tmp = &mut st.patch_tmp;
+            let (n, act) = (which.len(), &mut st.act);
+            p.apply(
+                &self.pool,
+                Target::Output,
+                xs,
+                n,
+                out,
+                tmp,
+                act,
+                self.precision,
+            );
+        }
         if let Some(cap) = self.cfg.final_logit_softcap {
             for v in out[..which.len() * self.cfg.n_vocab].iter_mut() {
                 *v = (*v / cap).tanh() * cap;
@@ -315,6 +444,13 @@ pub struct State {
     pub rope_cs: Vec<f32>, // [n_rot]
     pub logits: Vec<f32>,  // [n_vocab]
     act: ActBuf,
+    /// Layer patches in use ([`Model::attach_patches`]).
+    patches: Option<Arc<PatchSet>>,
+    patch_tmp: Vec<f32>, // [scratch of the patch set]
+    patch_row: Vec<f32>, // [n_embd]
+    /// [`Model::residuals`]: the block whose input residual stream is copied to `tapped`.
+    tap: Option<usize>,
+    tapped: Vec<f32>, // [n_tok, n_embd]
 }
 
 impl State {
@@ -337,6 +473,11 @@ impl State {
             rope_cs: z(c.n_rot),
             logits: z(c.n_vocab),
             act: ActBuf::new(b, c.n_embd.max(c.n_ff).max(c.q_dim())),
+            patches: None,
+            patch_tmp: Vec::new(),
+            patch_row: Vec::with_capacity(c.n_embd),
+            tap: None,
+            tapped: Vec::new(),
         }
     }
 
@@ -351,6 +492,20 @@ impl State {
 
     pub fn n_ctx(&self) -> usize {
         self.kv.n_ctx
+    }
+
+    /// Copy the residual stream of `n` tokens if block `il`'s input is tapped.
+    #[inline]
+    pub(crate) fn tap(&mut self, il: usize, n: usize) {
+        if self.tap == Some(il) {
+            let e = self.x.len() / MAX_BATCH;
+            self.tapped.extend_from_slice(&self.x[..n * e]);
+        }
+    }
+
+    /// The patches this state runs with.
+    pub fn patches(&self) -> Option<&Arc<PatchSet>> {
+        self.patches.as_ref()
     }
 
     /// Rotate the chunk's queries and keys (`n` tokens from position `self.pos`) and append

@@ -7,11 +7,12 @@
 
 use super::combine::{combine, plausible_threshold_in, Term, TermKind, Use};
 use crate::generate::Decoder;
-use crate::model::{Model, State};
+use crate::model::{Model, PatchSet, State};
 use crate::{Error, Result};
 use std::sync::Arc;
 
 /// One assistant of a lockstep decoder.
+#[derive(Clone)]
 pub struct Assistant {
     pub model: Arc<Model>,
     pub kind: TermKind,
@@ -21,6 +22,8 @@ pub struct Assistant {
     pub filter: f32,
     /// The reference model of a pair term.
     pub reference: Option<Arc<Model>>,
+    /// Layer patches of the assistant (ULD's assistant is a truncated target plus a LoRA).
+    pub patches: Option<Arc<PatchSet>>,
 }
 
 struct Run {
@@ -57,7 +60,8 @@ impl LockstepDecoder {
             if a.kind == TermKind::Pair && a.reference.is_none() {
                 return Err(Error::Invalid("a pair term needs a reference model".into()));
             }
-            let state = a.model.new_state(n_ctx);
+            let mut state = a.model.new_state(n_ctx);
+            a.model.attach_patches(&mut state, a.patches.clone())?;
             let ref_state = a.reference.as_ref().map(|r| r.new_state(n_ctx));
             runs.push(Run {
                 spec: a,
@@ -77,6 +81,12 @@ impl LockstepDecoder {
             sparse: vec![0.0; v],
             scratch: Vec::with_capacity(v),
         })
+    }
+
+    /// Run the target with `patches` (the cache starts over when they change).
+    pub fn with_target_patches(mut self, patches: Option<Arc<PatchSet>>) -> Result<Self> {
+        self.target.attach_patches(&mut self.state, patches)?;
+        Ok(self)
     }
 
     /// One ULD term with the filter on: the sparse path applies.

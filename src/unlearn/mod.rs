@@ -3,6 +3,7 @@
 
 pub mod combine;
 pub mod lockstep;
+pub mod patch;
 pub mod profile;
 
 pub use combine::{combine, plausible_threshold, plausible_threshold_in, Term, TermKind, Use};

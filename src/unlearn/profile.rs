@@ -17,10 +17,14 @@
 //! reference = "ref.gguf"            # pair: the reference model (required for pair)
 //! filter = 0.01                     # plausibility rate r (default 0.01; 0 = off)
 //!
-//! [[profile.patch]]                 # validated for shape now, applied in a later step
-//! file = "lora.gguf"
-//! scale = 1.0                       # default 1.0
-//! kind = "lora"                     # "lora" | "control_vector" | "delta"
+//!
+//! [[profile.assistant.patch]]       # patches of that assistant (a LoRA on a truncated target)
+//! file = "assistant-lora.gguf"
+//!
+//! [[profile.patch]]                 # zero or more layer patches of the base
+//! file = "lora.gguf"                # path (relative to the profile file's folder)
+//! scale = 1.0                       # default 1.0; 0 leaves the patch out
+//! kind = "lora"                     # optional check: "lora" | "control_vector" | "delta"
 //! ```
 //!
 //! [`ProfileFile::load`] parses and validates a file; [`check_profile`] then checks that every
@@ -35,8 +39,11 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::gguf::GgufFile;
+use crate::model::{Model, Patch};
+use crate::pool::ThreadPool;
 use crate::unlearn::combine::TermKind;
 use crate::{Error, Result};
+use std::sync::Arc;
 
 /// The default `alpha` of ULD and WHP terms.
 pub const DEFAULT_ALPHA: f32 = 0.75;
@@ -124,6 +131,9 @@ pub struct AssistantSpec {
     /// Plausibility filter rate `r` (0: off).
     #[serde(default = "default_filter")]
     pub filter: f32,
+    /// Layer patches of the assistant model.
+    #[serde(rename = "patch", default)]
+    pub patches: Vec<PatchSpec>,
 }
 
 impl AssistantSpec {
@@ -136,16 +146,9 @@ impl AssistantSpec {
     }
 }
 
-/// What a layer patch file holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PatchKind {
-    Lora,
-    ControlVector,
-    Delta,
-}
+pub use crate::model::PatchKind;
 
-/// One layer patch of a profile (accepted and checked now, applied in a later step).
+/// One layer patch of a profile.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatchSpec {
@@ -153,7 +156,9 @@ pub struct PatchSpec {
     pub file: String,
     #[serde(default = "default_scale")]
     pub scale: f32,
-    pub kind: PatchKind,
+    /// What the file must be (checked when given; read from the file otherwise).
+    #[serde(default)]
+    pub kind: Option<PatchKind>,
 }
 
 fn default_alpha() -> f32 {
@@ -230,13 +235,19 @@ impl Profile {
                 }
             }
         }
-        for (i, patch) in self.patches.iter().enumerate() {
+        let patches = self.patches.iter().map(|x| ("patch".to_string(), x));
+        let of_assistants = self.assistants.iter().enumerate().flat_map(|(i, a)| {
+            a.patches
+                .iter()
+                .map(move |x| (format!("assistant {i} patch"), x))
+        });
+        for (i, (what, patch)) in patches.chain(of_assistants).enumerate() {
             if patch.file.trim().is_empty() {
-                return bad(format!("patch {i}: empty file"));
+                return bad(format!("{what} {i}: empty file"));
             }
             if !patch.scale.is_finite() {
                 return bad(format!(
-                    "patch {i} ({:?}): scale must be finite, got {}",
+                    "{what} ({:?}): scale must be finite, got {}",
                     patch.file, patch.scale
                 ));
             }
@@ -416,6 +427,10 @@ pub fn check_profile(p: &Profile, dir: &Path) -> Result<CheckReport> {
     let n_vocab = base_tokens.len();
     record("base".into(), &p.base, base_path.clone())?;
 
+    let pool = Arc::new(ThreadPool::new(1));
+    let base_file = GgufFile::open(&base_path).map_err(|e| ctx("base", e.into()))?;
+    let base_model =
+        Model::from_file(Arc::new(base_file), pool.clone()).map_err(|e| ctx("base", e))?;
     for (i, a) in p.assistants.iter().enumerate() {
         let mut models = vec![(format!("assistant {i}"), a.model.as_str())];
         if let Some(r) = &a.reference {
@@ -425,19 +440,22 @@ pub fn check_profile(p: &Profile, dir: &Path) -> Result<CheckReport> {
             let path = locate(dir, spec).map_err(|e| ctx(&role, e))?;
             let f = GgufFile::open(&path).map_err(|e| ctx(&role, e.into()))?;
             same_vocab(base_tokens, &base_path, &f, &path).map_err(|e| ctx(&role, e))?;
-            record(role, spec, path)?;
+            record(role.clone(), spec, path)?;
+            if spec == a.model && !a.patches.is_empty() {
+                let m = Model::from_file(Arc::new(f), pool.clone()).map_err(|e| ctx(&role, e))?;
+                for (j, patch) in a.patches.iter().enumerate() {
+                    let role = format!("{role} patch {j}");
+                    let path = load_patch(dir, patch, &m).map_err(|e| ctx(&role, e))?.1;
+                    record(role, &patch.file, path)?;
+                }
+            }
         }
     }
     for (i, patch) in p.patches.iter().enumerate() {
         let role = format!("patch {i}");
-        let path = dir.join(&patch.file);
-        if !path.is_file() {
-            return Err(ctx(
-                &role,
-                Error::Invalid(format!("{} does not exist", path.display())),
-            ));
-        }
-        GgufFile::open(&path).map_err(|e| ctx(&role, e.into()))?;
+        let path = load_patch(dir, patch, &base_model)
+            .map_err(|e| ctx(&role, e))?
+            .1;
         record(role, &patch.file, path)?;
     }
     Ok(CheckReport {
@@ -445,6 +463,27 @@ pub fn check_profile(p: &Profile, dir: &Path) -> Result<CheckReport> {
         n_vocab,
         files,
     })
+}
+
+/// Reads the patch `spec` names (relative to `dir`) and checks it against `model` (and its
+/// kind against `spec.kind`, when given). Returns it with its path.
+pub fn load_patch(dir: &Path, spec: &PatchSpec, model: &Model) -> Result<(Patch, PathBuf)> {
+    let path = dir.join(&spec.file);
+    if !path.is_file() {
+        return Err(Error::Invalid(format!("{} does not exist", path.display())));
+    }
+    let patch = crate::unlearn::patch::load(&path, model)?;
+    if let Some(k) = spec.kind {
+        if k != patch.kind {
+            return Err(Error::Invalid(format!(
+                "{}: the profile says {} but the file is a {}",
+                path.display(),
+                k.name(),
+                patch.kind.name()
+            )));
+        }
+    }
+    Ok((patch, path))
 }
 
 /// `Ok` if `f` (at `path`) has the vocabulary `base` (of the file at `base_path`).

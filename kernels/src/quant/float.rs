@@ -65,6 +65,11 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 *y = bf16_to_fp32(u16::from_le_bytes([c[0], c[1]]));
             }
         }
+        GgmlType::I32 => {
+            for (y, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *y = i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32;
+            }
+        }
         _ => not_float(ty),
     }
 }
@@ -85,6 +90,11 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
         GgmlType::BF16 => {
             for (c, x) in dst.chunks_exact_mut(2).zip(src) {
                 c.copy_from_slice(&fp32_to_bf16(*x).to_le_bytes());
+            }
+        }
+        GgmlType::I32 => {
+            for (c, x) in dst.chunks_exact_mut(4).zip(src) {
+                c.copy_from_slice(&(x.round() as i32).to_le_bytes());
             }
         }
         _ => not_float(ty),

@@ -46,11 +46,13 @@ pub enum GgmlType {
     Q5_K = 13,
     Q6_K = 14,
     Q8_K = 15,
+    /// Integers (sparse delta indices); no dot product.
+    I32 = 26,
     BF16 = 30,
 }
 
 impl GgmlType {
-    pub const ALL: [GgmlType; 15] = [
+    pub const ALL: [GgmlType; 16] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
@@ -66,6 +68,7 @@ impl GgmlType {
         GgmlType::Q5_K,
         GgmlType::Q6_K,
         GgmlType::Q8_K,
+        GgmlType::I32,
     ];
 
     pub fn from_u32(id: u32) -> Result<Self, KernelError> {
@@ -93,6 +96,7 @@ impl GgmlType {
             GgmlType::Q5_K => "Q5_K",
             GgmlType::Q6_K => "Q6_K",
             GgmlType::Q8_K => "Q8_K",
+            GgmlType::I32 => "I32",
         }
     }
 
@@ -106,7 +110,7 @@ impl GgmlType {
     /// Elements per block.
     pub fn block_size(self) -> usize {
         match self {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I32 => 1,
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => 32,
             GgmlType::Q8_0 | GgmlType::Q8_1 => 32,
             _ => QK_K,
@@ -116,7 +120,7 @@ impl GgmlType {
     /// Bytes per block.
     pub fn type_size(self) -> usize {
         match self {
-            GgmlType::F32 => 4,
+            GgmlType::F32 | GgmlType::I32 => 4,
             GgmlType::F16 | GgmlType::BF16 => 2,
             GgmlType::Q4_0 => 2 + QK4_0 / 2,
             GgmlType::Q4_1 => 4 + QK4_1 / 2,
@@ -142,6 +146,7 @@ impl GgmlType {
     pub fn vec_dot_type(self) -> GgmlType {
         match self {
             GgmlType::F32 => GgmlType::F32,
+            GgmlType::I32 => GgmlType::I32,
             GgmlType::F16 => GgmlType::F16,
             GgmlType::BF16 => GgmlType::BF16,
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => GgmlType::Q8_0,
@@ -152,12 +157,15 @@ impl GgmlType {
     }
 
     pub fn is_quantized(self) -> bool {
-        !matches!(self, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+        !matches!(
+            self,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I32
+        )
     }
 
     fn family(self) -> Family {
         match self {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => Family::Float,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I32 => Family::Float,
             GgmlType::Q4_0
             | GgmlType::Q4_1
             | GgmlType::Q5_0
@@ -345,7 +353,7 @@ pub fn vec_dot_scalar(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
 
 /// Whether `ty` can be used as a matmul weight (has a dot product).
 pub fn has_vec_dot(ty: GgmlType) -> bool {
-    ty != GgmlType::Q8_K
+    !matches!(ty, GgmlType::Q8_K | GgmlType::I32)
 }
 
 // Compile-time block size checks (ggml's static asserts).
