@@ -99,3 +99,72 @@ fn uld_decode_steps_do_not_allocate() {
         "ULD decode steps allocated"
     );
 }
+
+#[test]
+fn patched_decode_steps_do_not_allocate() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    use lethe::model::{Change, Patch, PatchKind, PatchSet, Slot, Target, TensorDelta};
+    use lethe::unlearn::patch::{write_delta, DeltaEntry};
+    use std::sync::Arc;
+    let model = Model::open(model_path("smollm2"), 2).unwrap();
+    let low_rank = |target: Target, rank: usize| {
+        let (cols, rows) = model.target_shape(target).unwrap();
+        TensorDelta {
+            target,
+            cols,
+            rows,
+            scale: 1.0,
+            change: Change::LowRank {
+                rank,
+                a: (0..rank * cols).map(|i| (i % 7) as f32 * 1e-3).collect(),
+                bt: (0..rank * rows).map(|i| (i % 5) as f32 * 1e-3).collect(),
+            },
+        }
+    };
+    let mut tensors: Vec<TensorDelta> = Slot::ALL
+        .iter()
+        .map(|&s| low_rank(Target::Block(1, s), 8))
+        .collect();
+    tensors.push(low_rank(Target::Embd, 1));
+    tensors.push(low_rank(Target::Output, 2));
+    let mut entries: Vec<(u64, f32)> = (0..64).map(|i| (i * 977, 0.01)).collect();
+    tensors.push(
+        TensorDelta::sparse(Target::Block(2, Slot::Up), 576, 1536, 1.0, &mut entries).unwrap(),
+    );
+    let lora = Patch {
+        source: "in memory".into(),
+        kind: PatchKind::Delta,
+        tensors,
+        cvec: vec![(3, vec![0.01; 576])],
+    };
+    // A dense delta lives in its file, like a weight.
+    let path = std::env::temp_dir().join(format!("lethe-noalloc-{}.gguf", std::process::id()));
+    let dense = DeltaEntry::Dense {
+        base: "blk.4.attn_q.weight".into(),
+        cols: 576,
+        rows: 576,
+        ty: lethe_kernels::quant::GgmlType::Q8_0,
+        data: vec![1e-3; 576 * 576],
+    };
+    write_delta(&path, "llama", "t", &[dense]).unwrap();
+    let dense = lethe::unlearn::patch::load(&path, &model).unwrap();
+    std::fs::remove_file(&path).ok();
+    let set = PatchSet::new(&model, &[(Arc::new(lora), 1.0), (Arc::new(dense), 0.5)]).unwrap();
+    let mut st = model.new_state(256);
+    model.attach_patches(&mut st, Some(Arc::new(set))).unwrap();
+    model
+        .forward(&mut st, &[1, 2, 3, 4, 5, 6, 7, 8], None)
+        .unwrap();
+    model.forward(&mut st, &[9], None).unwrap();
+    ALLOCS.store(0, Ordering::SeqCst);
+    COUNTING.store(true, Ordering::SeqCst);
+    for t in 0..16u32 {
+        model.forward(&mut st, &[100 + t], None).unwrap();
+    }
+    COUNTING.store(false, Ordering::SeqCst);
+    assert_eq!(
+        ALLOCS.load(Ordering::SeqCst),
+        0,
+        "patched decode steps allocated"
+    );
+}

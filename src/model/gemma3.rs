@@ -12,7 +12,6 @@
 
 use super::attention::{attend, AttnShape};
 use super::patch::Slot;
-use super::weights::{matmul, matmul_group};
 use super::{norm_rows, norm_rows_inplace, Model, State};
 use lethe_kernels::ops;
 
@@ -24,7 +23,10 @@ fn norm(w: &Option<Vec<f32>>) -> &[f32] {
 pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
     let c = &m.cfg;
     let (e, ff, eps) = (c.n_embd, c.n_ff, c.rms_eps);
-    let (pool, f, p) = (&*m.pool, &*m.file, m.precision);
+    let pool = &*m.pool;
+    // The patches of this state (an `Arc`, so `st` can be borrowed mutably beside them).
+    let ps = st.patches().cloned();
+    let ps = ps.as_deref();
     ops::scale_inplace(&mut st.x[..n * e], (e as f32).sqrt());
     for (il, l) in m.layers.iter().enumerate() {
         st.tap(il, n);
@@ -40,13 +42,7 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
 
         norm_rows(&mut st.xb, &st.x, &l.attn_norm, n, eps);
         // q [n, n_head*hd], k and v [n, n_head_kv*hd]
-        let qkv = &mut [
-            (&l.wq, &mut st.q[..]),
-            (&l.wk, &mut st.k[..]),
-            (&l.wv, &mut st.v[..]),
-        ];
-        matmul_group(pool, f, qkv, &st.xb, n, &mut st.act, p);
-        st.patch_block(pool, p, il, &[Slot::Q, Slot::K, Slot::V], n);
+        st.mm(m, ps, il, &[Slot::Q, Slot::K, Slot::V], n);
         norm_rows_inplace(&mut st.q, norm(&l.q_norm), n * c.n_head, eps);
         norm_rows_inplace(&mut st.k, norm(&l.k_norm), n * c.n_head_kv, eps);
         st.rope_and_cache(c, rope, il, n);
@@ -61,21 +57,17 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
             &mut st.att,
             &mut st.scores,
         );
-        matmul(pool, f, &l.wo, &st.att, n, &mut st.xb2, &mut st.act, p); // [n, e]
-        st.patch_block(pool, p, il, &[Slot::O], n);
+        st.mm(m, ps, il, &[Slot::O], n); // xb2 [n, e] = Wo att
         norm_rows_inplace(&mut st.xb2, norm(&l.post_attn_norm), n, eps);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 
         norm_rows(&mut st.xb, &st.x, &l.ffn_norm, n, eps);
         // gate, up [n, n_ff]
-        let gate_up = &mut [(&l.w_gate, &mut st.hg[..]), (&l.w_up, &mut st.hu[..])];
-        matmul_group(pool, f, gate_up, &st.xb, n, &mut st.act, p);
-        st.patch_block(pool, p, il, &[Slot::Gate, Slot::Up], n);
+        st.mm(m, ps, il, &[Slot::Gate, Slot::Up], n);
         ops::gelu_tanh_mul(&mut st.hg[..n * ff], &st.hu[..n * ff]);
-        matmul(pool, f, &l.w_down, &st.hg, n, &mut st.xb2, &mut st.act, p); // [n, e]
-        st.patch_block(pool, p, il, &[Slot::Down], n);
+        st.mm(m, ps, il, &[Slot::Down], n); // xb2 [n, e] = Wdown hg
         norm_rows_inplace(&mut st.xb2, norm(&l.post_ffn_norm), n, eps);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
-        st.add_cvec(il, n);
+        st.add_cvec(ps, il, n);
     }
 }

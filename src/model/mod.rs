@@ -166,7 +166,8 @@ impl Model {
 
     /// `y = W x` for `n` tokens (`x` `[n, cols]`, returns `[n, rows]`) through the weight `t`
     /// names, with `patches`' deltas on it: the matmul and patch code of a forward pass, one
-    /// weight at a time (for tests, and for checking what a patch does).
+    /// weight at a time (for tests, and for checking what a patch does). For [`Target::Embd`]
+    /// (a lookup) `x` holds `n` token ids and the result is their rows, `[n, n_embd]`.
     pub fn apply_weight(
         &self,
         t: Target,
@@ -175,6 +176,7 @@ impl Model {
         patches: Option<&PatchSet>,
     ) -> Result<Vec<f32>> {
         let (cols, rows) = self.target_shape(t)?;
+        let cols = if t == Target::Embd { 1 } else { cols };
         if x.len() != n * cols {
             return Err(Error::Invalid(format!(
                 "{}: input has {} values, expected {n} x {cols}",
@@ -183,12 +185,20 @@ impl Model {
             )));
         }
         let w = self.target_weight(t).expect("checked by target_shape");
+        if let Some(p) = patches {
+            p.check_model(self)?;
+        }
         let mut y = vec![0.0f32; n * rows];
-        let mut act = ActBuf::new(n.max(1), cols);
         if t == Target::Embd {
             // The embedding is a lookup: `x` holds token ids.
             let mut tmp = Vec::new();
             for (i, &tok) in x.iter().enumerate() {
+                if tok < 0.0 || tok.fract() != 0.0 || tok as usize >= self.cfg.n_vocab {
+                    return Err(Error::Invalid(format!(
+                        "token id {tok} is outside the vocabulary of {}",
+                        self.cfg.n_vocab
+                    )));
+                }
                 let row = &mut y[i * rows..(i + 1) * rows];
                 w.dequantize_row(&self.file, tok as usize, row);
                 if let Some(p) = patches {
@@ -197,6 +207,35 @@ impl Model {
             }
             return Ok(y);
         }
+        if let Target::Block(il, slot) = t {
+            // A block's matmul runs through the state, as in a forward pass (fused low-rank
+            // deltas included).
+            if n > MAX_BATCH {
+                return Err(Error::Invalid(format!(
+                    "at most {MAX_BATCH} tokens at once"
+                )));
+            }
+            let mut st = self.new_state(1);
+            st.patch_tmp = vec![0.0; patches.map_or(0, |p| p.scratch_len())];
+            let input = match slot {
+                Slot::O => &mut st.att,
+                Slot::Down => &mut st.hg,
+                _ => &mut st.xb,
+            };
+            input[..n * cols].copy_from_slice(x);
+            st.mm(self, patches, il, &[slot], n);
+            let out = match slot {
+                Slot::Q => &st.q,
+                Slot::K => &st.k,
+                Slot::V => &st.v,
+                Slot::O | Slot::Down => &st.xb2,
+                Slot::Gate => &st.hg,
+                Slot::Up => &st.hu,
+            };
+            y.copy_from_slice(&out[..n * rows]);
+            return Ok(y);
+        }
+        let mut act = ActBuf::new(n.max(1), cols);
         weights::matmul(
             &self.pool,
             &self.file,
@@ -208,7 +247,6 @@ impl Model {
             self.precision,
         );
         if let Some(p) = patches {
-            p.check_model(self)?;
             let mut tmp = vec![0.0f32; p.scratch_len().max(n * rows)];
             p.apply(
                 &self.pool,

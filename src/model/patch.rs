@@ -12,11 +12,12 @@
 //! variants share one copy of the weights; a scale of 0 drops the patch from the set, so it
 //! costs nothing.
 
-use super::weights::{matmul, matvec_rows, ActBuf, Weight};
-use super::{Arch, Model, Precision, MAX_BATCH};
+use super::weights::{matmul, matvec_rows, run_parts, ActBuf, Part, Weight, MAX_PARTS};
+use super::{Arch, Layer, Model, Precision, MAX_BATCH};
 use crate::gguf::GgufFile;
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
+use half::f16;
 use lethe_kernels::quant::{self, GgmlType};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -490,6 +491,9 @@ struct Applied {
     patch: Arc<Patch>,
     idx: usize,
     scale: f32,
+    /// Low-rank factors in f16 for the fused decode path: `A` (rank rows of cols) and `B^T`
+    /// (rank rows of rows). Half the bytes of f32, read once per token.
+    f16: Option<(Vec<f16>, Vec<f16>)>,
 }
 
 impl Applied {
@@ -542,10 +546,18 @@ impl PatchSet {
             p.check(m)?;
             set.parts.push((p.clone(), *s));
             for (idx, d) in p.tensors.iter().enumerate() {
+                let f16 = match &d.change {
+                    Change::LowRank { a, bt, .. } => Some((
+                        a.iter().map(|&v| f16::from_f32(v)).collect(),
+                        bt.iter().map(|&v| f16::from_f32(v)).collect(),
+                    )),
+                    _ => None,
+                };
                 let a = Applied {
                     patch: p.clone(),
                     idx,
                     scale: *s,
+                    f16,
                 };
                 let need = match &d.change {
                     Change::LowRank { rank, .. } => MAX_BATCH * rank,
@@ -558,7 +570,21 @@ impl PatchSet {
                 match d.target {
                     Target::Embd => set.embd.push(a),
                     Target::Output => set.output.push(a),
-                    Target::Block(n, slot) => set.blocks[n].slots[slot as usize].push(a),
+                    Target::Block(n, slot) => {
+                        set.blocks[n].slots[slot as usize].push(a);
+                        // The fused path keeps every low-rank `A x` of a block's matmul group
+                        // in the scratch at once.
+                        let ranks: usize = set.blocks[n]
+                            .slots
+                            .iter()
+                            .flatten()
+                            .map(|a| match &a.delta().change {
+                                Change::LowRank { rank, .. } => *rank,
+                                _ => 0,
+                            })
+                            .sum();
+                        set.scratch = set.scratch.max(MAX_BATCH * ranks);
+                    }
                 }
             }
             for (n, v) in &p.cvec {
@@ -627,12 +653,33 @@ impl PatchSet {
         act: &mut ActBuf,
         precision: Precision,
     ) {
+        self.apply_some(pool, target, x, n, y, tmp, act, precision, false)
+    }
+
+    /// [`PatchSet::apply`], leaving out the low-rank deltas when `skip_low_rank` (the fused
+    /// path did them).
+    #[allow(clippy::too_many_arguments)]
+    fn apply_some(
+        &self,
+        pool: &ThreadPool,
+        target: Target,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        tmp: &mut [f32],
+        act: &mut ActBuf,
+        precision: Precision,
+        skip_low_rank: bool,
+    ) {
         let items = match target {
             Target::Embd => &self.embd,
             Target::Output => &self.output,
             Target::Block(il, slot) => &self.blocks[il].slots[slot as usize],
         };
         for a in items {
+            if skip_low_rank && a.f16.is_some() {
+                continue;
+            }
             a.delta().apply(pool, a.scale, x, n, y, tmp, act, precision);
         }
     }
@@ -676,20 +723,191 @@ fn f32_bytes(x: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
 
+fn weight(l: &Layer, s: Slot) -> &Weight {
+    match s {
+        Slot::Q => &l.wq,
+        Slot::K => &l.wk,
+        Slot::V => &l.wv,
+        Slot::O => &l.wo,
+        Slot::Gate => &l.w_gate,
+        Slot::Up => &l.w_up,
+        Slot::Down => &l.w_down,
+    }
+}
+
+/// A low-rank delta's second half in the fused path: `y[t] += s * B t_i[t]`.
+#[derive(Clone, Copy)]
+struct Second<'a> {
+    y: SendPtr,
+    rows: usize,
+    rank: usize,
+    bt: &'a [f16],
+    scale: f32,
+    /// Offset of `t_i` (`[n, rank]`) in the scratch.
+    off: usize,
+    /// First row in the job's row numbering.
+    start: usize,
+}
+
 impl super::State {
+    /// The matmuls `slots` of block `il` (which share their input: q/k/v, o, gate/up or down)
+    /// with the attached patches' deltas. Low-rank deltas are fused into the same job: their
+    /// `A x` rows are computed beside the weights' rows, then `B (A x)` is added by one more
+    /// job over the output rows.
+    pub(super) fn mm(
+        &mut self,
+        m: &Model,
+        ps: Option<&PatchSet>,
+        il: usize,
+        slots: &[Slot],
+        n: usize,
+    ) {
+        let l = &m.layers[il];
+        let (pool, f, p) = (&*m.pool, &*m.file, m.precision);
+        debug_assert!(slots.len() <= 3);
+        let mut outs = [std::ptr::null_mut::<f32>(); 3];
+        for (o, &s) in outs.iter_mut().zip(slots) {
+            *o = match s {
+                Slot::Q => self.q.as_mut_ptr(),
+                Slot::K => self.k.as_mut_ptr(),
+                Slot::V => self.v.as_mut_ptr(),
+                Slot::O | Slot::Down => self.xb2.as_mut_ptr(),
+                Slot::Gate => self.hg.as_mut_ptr(),
+                Slot::Up => self.hu.as_mut_ptr(),
+            };
+        }
+        let x: &[f32] = match slots[0] {
+            Slot::O => &self.att,
+            Slot::Down => &self.hg,
+            _ => &self.xb,
+        };
+        let cols = weight(l, slots[0]).cols;
+        let vt = weight(l, slots[0]).ty.vec_dot_type();
+        let same_vt = slots.iter().all(|&s| weight(l, s).ty.vec_dot_type() == vt);
+        let fused = same_vt
+            && p == Precision::Fast
+            && ps.is_some_and(|ps| {
+                let low_rank = |s: &Slot| {
+                    let items = &ps.blocks[il].slots[*s as usize];
+                    items.iter().filter(|a| a.f16.is_some()).count()
+                };
+                let n_low_rank: usize = slots.iter().map(low_rank).sum();
+                n_low_rank > 0 && slots.len() + n_low_rank <= MAX_PARTS
+            });
+        let mut table = [Part::EMPTY; MAX_PARTS];
+        let mut k = 0;
+        if !same_vt {
+            for (&s, &y) in slots.iter().zip(&outs) {
+                table[0] = Part::weight(f, weight(l, s), y);
+                run_parts(pool, &mut table[..1], cols, x, n, &mut self.act, p);
+            }
+        } else {
+            for (&s, &y) in slots.iter().zip(&outs) {
+                table[k] = Part::weight(f, weight(l, s), y);
+                k += 1;
+            }
+        }
+        let Some(ps) = ps.filter(|_| fused) else {
+            if same_vt {
+                run_parts(pool, &mut table[..k], cols, x, n, &mut self.act, p);
+            }
+            if let Some(ps) = ps {
+                self.patch_block(ps, pool, p, il, slots, n);
+            }
+            return;
+        };
+        // The first halves, `t_i = A_i x` (`[n, rank]` each, in the scratch), as more rows of
+        // the same job.
+        let tmp = self.patch_tmp.as_mut_ptr();
+        let mut second = [None::<Second>; MAX_PARTS];
+        let (mut off, mut rows_total) = (0, 0);
+        for (&s, &y) in slots.iter().zip(&outs) {
+            for a in &ps.blocks[il].slots[s as usize] {
+                let (Some((a16, bt16)), Change::LowRank { rank, .. }) = (&a.f16, &a.delta().change)
+                else {
+                    continue;
+                };
+                // SAFETY: the scratch holds MAX_BATCH * (sum of the block's ranks) floats.
+                table[k] = Part::f16_rows(a16, cols, *rank, unsafe { tmp.add(off) });
+                let rows = weight(l, s).rows;
+                second[k] = Some(Second {
+                    y: SendPtr(y),
+                    rows,
+                    rank: *rank,
+                    bt: bt16,
+                    scale: a.scale * a.delta().scale,
+                    off,
+                    start: rows_total,
+                });
+                off += n * rank;
+                rows_total += rows;
+                k += 1;
+            }
+        }
+        run_parts(pool, &mut table[..k], cols, x, n, &mut self.act, p);
+        let second = &second[..k];
+        let tmp = &self.patch_tmp;
+        let add = |r0: usize, r1: usize| {
+            for s2 in second.iter().flatten() {
+                let (lo, hi) = (r0.max(s2.start), r1.min(s2.start + s2.rows));
+                if lo >= hi {
+                    continue;
+                }
+                let (lo, hi) = (lo - s2.start, hi - s2.start);
+                for t in 0..n {
+                    // SAFETY: rows lo..hi of token t belong to this call alone.
+                    let y = unsafe {
+                        std::slice::from_raw_parts_mut(s2.y.get().add(t * s2.rows + lo), hi - lo)
+                    };
+                    for kk in 0..s2.rank {
+                        let c = s2.scale * tmp[s2.off + t * s2.rank + kk];
+                        let b = &s2.bt[kk * s2.rows + lo..kk * s2.rows + hi];
+                        lethe_kernels::ops::axpy_f16(y, c, b);
+                    }
+                }
+            }
+        };
+        let work: usize = second.iter().flatten().map(|s| s.rows * s.rank * n).sum();
+        if work < 1 << 14 {
+            add(0, rows_total);
+        } else {
+            let next = AtomicUsize::new(0);
+            const CHUNK: usize = 128;
+            let add = &add;
+            let job = move |_: usize, _: usize| loop {
+                let r0 = next.fetch_add(CHUNK, Ordering::Relaxed);
+                if r0 >= rows_total {
+                    break;
+                }
+                add(r0, (r0 + CHUNK).min(rows_total));
+            };
+            pool.run_dynamic(&job);
+        }
+        // Dense and sparse deltas, one by one.
+        for (&s, &y) in slots.iter().zip(&outs) {
+            if !ps.has_slot(il, s) {
+                continue;
+            }
+            let rows = weight(l, s).rows;
+            // SAFETY: `y` is the slot's output buffer, at least n * rows long.
+            let y = unsafe { std::slice::from_raw_parts_mut(y, n * rows) };
+            let (tmp, act) = (&mut self.patch_tmp, &mut self.act);
+            let t = Target::Block(il, s);
+            ps.apply_some(pool, t, x, n, y, tmp, act, p, true);
+        }
+    }
+
     /// Add the attached patches' deltas of block `il` to the outputs of the matmuls `slots`,
     /// just after the base matmuls wrote them.
-    pub(super) fn patch_block(
+    fn patch_block(
         &mut self,
+        ps: &PatchSet,
         pool: &ThreadPool,
         p: Precision,
         il: usize,
         slots: &[Slot],
         n: usize,
     ) {
-        let Some(ps) = self.patches.as_deref() else {
-            return;
-        };
         for &slot in slots {
             if !ps.has_slot(il, slot) {
                 continue;
@@ -709,8 +927,8 @@ impl super::State {
     }
 
     /// Add the control vector of block `il` (if any) to the residual stream of `n` tokens.
-    pub(super) fn add_cvec(&mut self, il: usize, n: usize) {
-        let Some(v) = self.patches.as_deref().and_then(|ps| ps.cvec(il)) else {
+    pub(super) fn add_cvec(&mut self, ps: Option<&PatchSet>, il: usize, n: usize) {
+        let Some(v) = ps.and_then(|ps| ps.cvec(il)) else {
             return;
         };
         let e = v.len();

@@ -217,31 +217,62 @@ pub fn matmul_group(
         }
         return;
     }
-    debug_assert!(x.len() >= n_tok * cols);
     let mut table = [Part::EMPTY; MAX_PARTS];
     assert!(
         parts.len() <= MAX_PARTS,
         "at most {MAX_PARTS} weights per group"
     );
-    let mut total = 0;
     for (i, (w, y)) in parts.iter_mut().enumerate() {
         debug_assert!(y.len() >= n_tok * w.rows);
-        table[i] = Part {
-            w: w.data(f),
-            ty: w.ty,
-            rb: w.row_bytes(),
-            rows: w.rows,
-            start: total,
-            y: SyncPtr(y.as_mut_ptr()),
-        };
-        total += w.rows;
+        table[i] = Part::weight(f, w, y.as_mut_ptr());
     }
-    let table = &table[..parts.len()];
+    run_parts(
+        pool,
+        &mut table[..parts.len()],
+        cols,
+        x,
+        n_tok,
+        act,
+        precision,
+    );
+}
+
+/// Most matrices in one job ([`run_parts`]).
+pub const MAX_PARTS: usize = 16;
+
+/// Run the matrices `table` (all with `cols` columns, all quantized ones pairing with one
+/// activation format) over the same input `x` (`[n_tok, cols]`) as one job. Parts made with
+/// [`Part::f16_rows`] (LoRA factors) take `x` in f32.
+pub(crate) fn run_parts(
+    pool: &ThreadPool,
+    table: &mut [Part],
+    cols: usize,
+    x: &[f32],
+    n_tok: usize,
+    act: &mut ActBuf,
+    precision: Precision,
+) {
+    debug_assert!(x.len() >= n_tok * cols);
+    let mut total = 0;
+    for p in table.iter_mut() {
+        p.start = total;
+        total += p.rows;
+    }
+    let table = &*table;
     match precision {
         Precision::Fast => {
-            let ab = vt.row_bytes(cols);
+            let vt = table
+                .iter()
+                .find(|p| !p.f32_act)
+                .map(|p| p.ty.vec_dot_type());
+            debug_assert!(table
+                .iter()
+                .all(|p| p.f32_act || Some(p.ty.vec_dot_type()) == vt));
+            let ab = vt.map_or(0, |vt| vt.row_bytes(cols));
             let abuf = &mut act.bytes[..n_tok * ab];
-            quantize_rows(pool, vt, &x[..n_tok * cols], cols, abuf);
+            if let Some(vt) = vt {
+                quantize_rows(pool, vt, &x[..n_tok * cols], cols, abuf);
+            }
             let abuf = &*abuf;
             // Threads take chunks of rows as they come, so a thread that starts late or is
             // pre-empted (a shared machine) does not hold the others up at the join.
@@ -255,7 +286,11 @@ pub fn matmul_group(
                     break;
                 }
                 for_rows(table, r0..(r0 + chunk).min(total), |p, a, b| {
-                    p.dot_rows(a..b, cols, abuf, ab, n_tok)
+                    if p.f32_act {
+                        p.dot_rows_f16(a..b, cols, x, n_tok)
+                    } else {
+                        p.dot_rows(a..b, cols, abuf, ab, n_tok)
+                    }
                 });
             });
         }
@@ -280,28 +315,76 @@ pub fn matmul_group(
     }
 }
 
-const MAX_PARTS: usize = 4;
-
-/// One weight of a group, with its output and its first row in the group's row numbering.
+/// One matrix of a job, with its output (`[n_tok, rows]`) and its first row in the job's row
+/// numbering.
 #[derive(Clone, Copy)]
-struct Part<'a> {
+pub(crate) struct Part<'a> {
     w: &'a [u8],
     ty: GgmlType,
+    /// F16 rows multiplied with the f32 input as it is (LoRA factors), not with a quantized copy.
+    f32_act: bool,
     rb: usize,
     rows: usize,
     start: usize,
     y: SyncPtr,
 }
 
-impl Part<'_> {
-    const EMPTY: Part<'static> = Part {
+impl<'a> Part<'a> {
+    pub(crate) const EMPTY: Part<'static> = Part {
         w: &[],
         ty: GgmlType::F32,
+        f32_act: false,
         rb: 0,
         rows: 0,
         start: 0,
         y: SyncPtr(std::ptr::null_mut()),
     };
+
+    /// A weight of the model writing to `y` (`[n_tok, w.rows]`).
+    pub(crate) fn weight(f: &'a GgufFile, w: &Weight, y: *mut f32) -> Self {
+        Part {
+            w: w.data(f),
+            ty: w.ty,
+            f32_act: false,
+            rb: w.row_bytes(),
+            rows: w.rows,
+            start: 0,
+            y: SyncPtr(y),
+        }
+    }
+
+    /// `rows` f16 rows of `cols` (`[cols, rows]`) multiplied with the f32 input, writing to `y`
+    /// (`[n_tok, rows]`).
+    pub(crate) fn f16_rows(w: &'a [half::f16], cols: usize, rows: usize, y: *mut f32) -> Self {
+        debug_assert_eq!(w.len(), rows * cols);
+        // SAFETY: f16 is two initialised bytes; u8 has alignment 1.
+        let bytes = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u8, w.len() * 2) };
+        Part {
+            w: bytes,
+            ty: GgmlType::F16,
+            f32_act: true,
+            rb: cols * 2,
+            rows,
+            start: 0,
+            y: SyncPtr(y),
+        }
+    }
+
+    /// Rows `rows` of an f16 part against `n_tok` f32 input rows.
+    fn dot_rows_f16(&self, rows: std::ops::Range<usize>, cols: usize, x: &[f32], n_tok: usize) {
+        // SAFETY: built from a `&[f16]` by `f16_rows`.
+        let w: &[half::f16] = unsafe {
+            std::slice::from_raw_parts(self.w.as_ptr() as *const half::f16, self.w.len() / 2)
+        };
+        for r in rows {
+            let wr = &w[r * cols..(r + 1) * cols];
+            for t in 0..n_tok {
+                let v = lethe_kernels::ops::dot_f16(&x[t * cols..(t + 1) * cols], wr);
+                // SAFETY: each (t, r) is written by exactly one thread.
+                unsafe { *self.y.0.add(t * self.rows + r) = v };
+            }
+        }
+    }
 
     /// Rows `rows` of this weight against `n_tok` quantized activation rows (`ab` bytes each).
     fn dot_rows(

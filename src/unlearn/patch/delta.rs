@@ -57,15 +57,24 @@ pub(super) fn read(f: &Arc<GgufFile>, model: &Model, source: String) -> Result<P
                         d.name, d.shape
                     )));
                 }
+                let w = Weight::from_info(f, d);
+                // Used in place, so checked here like the other forms: once, row by row.
+                let mut row = vec![0.0f32; cols];
+                for r in 0..rows {
+                    w.dequantize_row(f, r, &mut row);
+                    if row.iter().any(|x| !x.is_finite()) {
+                        return Err(Error::Invalid(format!(
+                            "{}: holds NaN or inf (row {r})",
+                            d.name
+                        )));
+                    }
+                }
                 TensorDelta {
                     target: tg,
                     cols,
                     rows,
                     scale: 1.0,
-                    change: Change::Dense {
-                        file: f.clone(),
-                        w: Weight::from_info(f, d),
-                    },
+                    change: Change::Dense { file: f.clone(), w },
                 }
             }
             (None, Some(i), Some(v), None, None) => {
