@@ -37,7 +37,24 @@ enum Cmd {
     Patch(cli::patch::PatchArgs),
 }
 
+/// Output piped into `head` and closed early ends the process quietly, as for other Unix
+/// tools, instead of a panic on the failed write.
+#[cfg(unix)]
+fn default_sigpipe() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    default_sigpipe();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(a) => cli::run::main(a),
