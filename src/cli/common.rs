@@ -69,7 +69,7 @@ pub struct PatchArgs {
 }
 
 /// `FILE:SCALE` (or plain `FILE`, scale 1).
-fn file_scale(s: &str) -> Result<(PathBuf, f32)> {
+pub fn file_scale(s: &str) -> Result<(PathBuf, f32)> {
     if let Some((f, sc)) = s.rsplit_once(':') {
         if let Ok(v) = sc.trim().parse::<f32>() {
             if !v.is_finite() {

@@ -176,7 +176,12 @@ impl Model {
         patches: Option<&PatchSet>,
     ) -> Result<Vec<f32>> {
         let (cols, rows) = self.target_shape(t)?;
-        let cols = if t == Target::Embd { 1 } else { cols };
+        // The embedding is a lookup: one token id in, one row of `n_embd` out.
+        let (cols, rows) = if t == Target::Embd {
+            (1, cols)
+        } else {
+            (cols, rows)
+        };
         if x.len() != n * cols {
             return Err(Error::Invalid(format!(
                 "{}: input has {} values, expected {n} x {cols}",

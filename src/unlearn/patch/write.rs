@@ -175,7 +175,7 @@ pub fn write_cvec(
     let mut w = GgufWriter::new();
     w.set("general.architecture", "controlvector")?;
     w.set("controlvector.model_hint", model_hint)?;
-    w.set("controlvector.layer_count", dirs.len() as u32)?;
+    w.set("controlvector.layer_count", dirs.len() as i32)?;
     for (n, v) in dirs {
         if *n == 0 {
             return Err(Error::Invalid("control vectors start at block 1".into()));
