@@ -129,21 +129,31 @@ pub fn run_bench(
     })
 }
 
-/// Decode speed of any decoder: `n_gen` single-token steps after a short prompt, median of
-/// `reps`.
-pub fn decode_tps(dec: &mut dyn Decoder, vocab: u32, n_gen: usize, reps: usize) -> Result<f64> {
-    let mut tg = Vec::new();
-    for _ in 0..reps {
-        dec.truncate(0);
-        let mut next = dec.feed(&[1 % vocab, 2 % vocab])?;
+/// Decode speed of two decoders measured side by side: each step of one is followed by a step
+/// of the other, so both see the same state of a shared machine. Returns the tokens/s of each
+/// over `n_gen` steps after a short prompt.
+pub fn paired_decode_tps(
+    a: &mut dyn Decoder,
+    b: &mut dyn Decoder,
+    vocab: u32,
+    n_gen: usize,
+) -> Result<(f64, f64)> {
+    fn step(d: &mut dyn Decoder, tok: u32, secs: &mut f64) -> Result<u32> {
         let t = Instant::now();
-        for _ in 0..n_gen {
-            let tok = lethe::generate::sampler::argmax_raw(next);
-            next = dec.feed(&[tok])?;
-        }
-        tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+        let logits = d.feed(&[tok])?;
+        *secs += t.elapsed().as_secs_f64();
+        Ok(lethe::generate::sampler::argmax_raw(logits))
     }
-    Ok(median(tg))
+    let mut secs = [0.0f64; 2];
+    a.truncate(0);
+    b.truncate(0);
+    let mut na = lethe::generate::sampler::argmax_raw(a.feed(&[1 % vocab])?);
+    let mut nb = lethe::generate::sampler::argmax_raw(b.feed(&[1 % vocab])?);
+    for _ in 0..n_gen {
+        na = step(a, na, &mut secs[0])?;
+        nb = step(b, nb, &mut secs[1])?;
+    }
+    Ok((n_gen as f64 / secs[0], n_gen as f64 / secs[1]))
 }
 
 pub fn main(a: BenchArgs) -> Result<()> {
@@ -158,8 +168,9 @@ pub fn main(a: BenchArgs) -> Result<()> {
         let mut uld = l.decoder(n_ctx)?;
         let (mut b, mut u) = (Vec::new(), Vec::new());
         for _ in 0..a.reps.max(1) {
-            b.push(decode_tps(&mut base, vocab, a.n_gen, 1)?);
-            u.push(decode_tps(uld.as_mut(), vocab, a.n_gen, 1)?);
+            let (tb, tu) = paired_decode_tps(&mut base, uld.as_mut(), vocab, a.n_gen)?;
+            b.push(tb);
+            u.push(tu);
         }
         let (b, u) = (median(b), median(u));
         let mut terms: Vec<String> = l
@@ -190,7 +201,7 @@ pub fn main(a: BenchArgs) -> Result<()> {
         };
         println!(
             "decode tg{}: base {b:.1} tok/s, {what} {u:.1} tok/s: {:.1}% of base (median of {} \
-             alternating runs) [{}]",
+             runs, the two decoders stepping in turn) [{}]",
             a.n_gen,
             100.0 * u / b,
             a.reps.max(1),
