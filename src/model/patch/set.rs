@@ -1,0 +1,253 @@
+//! Patches with their scales, sorted by the weight they change, ready to attach to a state.
+
+use super::{axpy, Change, Patch, Slot, Target, TensorDelta};
+use crate::model::weights::ActBuf;
+use crate::model::{Arch, Model, Precision, MAX_BATCH};
+use crate::pool::ThreadPool;
+use crate::{Error, Result};
+use half::f16;
+use std::sync::Arc;
+
+/// The shapes a patch set was built for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ShapeKey {
+    arch: Arch,
+    n_layer: usize,
+    n_embd: usize,
+    n_ff: usize,
+    n_vocab: usize,
+    q_dim: usize,
+    kv_dim: usize,
+}
+
+impl ShapeKey {
+    fn of(m: &Model) -> Self {
+        let c = &m.cfg;
+        Self {
+            arch: c.arch,
+            n_layer: c.n_layer,
+            n_embd: c.n_embd,
+            n_ff: c.n_ff,
+            n_vocab: c.n_vocab,
+            q_dim: c.q_dim(),
+            kv_dim: c.kv_dim(),
+        }
+    }
+}
+
+/// A delta of one patch with its effective scale.
+pub(crate) struct Applied {
+    patch: Arc<Patch>,
+    idx: usize,
+    pub(crate) scale: f32,
+    /// Low-rank factors in f16 for the fused decode path: `A` (rank rows of cols) and `B^T`
+    /// (rank rows of rows). Half the bytes of f32, read once per token.
+    pub(crate) f16: Option<(Vec<f16>, Vec<f16>)>,
+}
+
+impl Applied {
+    pub(crate) fn delta(&self) -> &TensorDelta {
+        &self.patch.tensors[self.idx]
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct BlockPatches {
+    pub(crate) slots: [Vec<Applied>; 7],
+    /// The scaled sum of the control vectors for this block's output.
+    cvec: Option<Vec<f32>>,
+}
+
+/// Patches with their scales, ready to attach to a state.
+pub struct PatchSet {
+    key: ShapeKey,
+    embd: Vec<Applied>,
+    output: Vec<Applied>,
+    pub(crate) blocks: Vec<BlockPatches>,
+    /// The patches and scales it was built from (zero scales left out).
+    pub parts: Vec<(Arc<Patch>, f32)>,
+    /// Scratch floats a state needs to apply it.
+    scratch: usize,
+}
+
+impl PatchSet {
+    /// Patches `parts` with their scales for model `m`. A scale of 0 leaves a patch out.
+    pub fn new(m: &Model, parts: &[(Arc<Patch>, f32)]) -> Result<Self> {
+        let c = &m.cfg;
+        let mut set = Self {
+            key: ShapeKey::of(m),
+            embd: Vec::new(),
+            output: Vec::new(),
+            blocks: (0..c.n_layer).map(|_| BlockPatches::default()).collect(),
+            parts: Vec::new(),
+            scratch: 0,
+        };
+        for (p, s) in parts {
+            if !s.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "{}: scale must be finite, got {s}",
+                    p.source
+                )));
+            }
+            if *s == 0.0 {
+                continue;
+            }
+            p.check(m)?;
+            set.parts.push((p.clone(), *s));
+            for (idx, d) in p.tensors.iter().enumerate() {
+                let f16 = match &d.change {
+                    Change::LowRank { a, bt, .. } => Some((
+                        a.iter().map(|&v| f16::from_f32(v)).collect(),
+                        bt.iter().map(|&v| f16::from_f32(v)).collect(),
+                    )),
+                    _ => None,
+                };
+                let a = Applied {
+                    patch: p.clone(),
+                    idx,
+                    scale: *s,
+                    f16,
+                };
+                let need = match &d.change {
+                    Change::LowRank { rank, .. } => MAX_BATCH * rank,
+                    Change::Dense { .. } if d.target == Target::Output => d.rows,
+                    Change::Dense { .. } => MAX_BATCH * d.rows,
+                    Change::Sparse { .. } => 0,
+                }
+                .max(d.cols);
+                set.scratch = set.scratch.max(need);
+                match d.target {
+                    Target::Embd => set.embd.push(a),
+                    Target::Output => set.output.push(a),
+                    Target::Block(n, slot) => {
+                        set.blocks[n].slots[slot as usize].push(a);
+                        // The fused path keeps every low-rank `A x` of a block's matmul group
+                        // in the scratch at once.
+                        let ranks: usize = set.blocks[n]
+                            .slots
+                            .iter()
+                            .flatten()
+                            .map(|a| match &a.delta().change {
+                                Change::LowRank { rank, .. } => *rank,
+                                _ => 0,
+                            })
+                            .sum();
+                        set.scratch = set.scratch.max(MAX_BATCH * ranks);
+                    }
+                }
+            }
+            for (n, v) in &p.cvec {
+                let acc = set.blocks[*n]
+                    .cvec
+                    .get_or_insert_with(|| vec![0.0; c.n_embd]);
+                axpy(acc, *s, v);
+            }
+        }
+        Ok(set)
+    }
+
+    /// True when nothing would change: every scale was 0.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// Bytes read per decoded token to apply the set (for the bandwidth ceiling).
+    pub fn bytes_per_token(&self) -> usize {
+        self.parts.iter().map(|(p, _)| p.bytes()).sum()
+    }
+
+    pub(crate) fn check_model(&self, m: &Model) -> Result<()> {
+        if self.key != ShapeKey::of(m) {
+            return Err(Error::Invalid(
+                "these patches were built for a model of other shapes".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn scratch_len(&self) -> usize {
+        self.scratch
+    }
+
+    /// `x += deltas of token_embd[tok]` (`x` is `[n_embd]`).
+    pub(crate) fn embd_row(&self, tok: usize, x: &mut [f32], tmp: &mut Vec<f32>) {
+        for a in &self.embd {
+            a.delta().add_row(tok, a.scale, x, tmp);
+        }
+    }
+
+    pub(crate) fn has_output(&self) -> bool {
+        !self.output.is_empty()
+    }
+
+    /// The control vector for block `il`'s output, if any.
+    pub(crate) fn cvec(&self, il: usize) -> Option<&[f32]> {
+        self.blocks[il].cvec.as_deref()
+    }
+
+    pub(crate) fn has_slot(&self, il: usize, slot: Slot) -> bool {
+        !self.blocks[il].slots[slot as usize].is_empty()
+    }
+
+    /// `y += deltas of (il, slot) times x` for `n` tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply(
+        &self,
+        pool: &ThreadPool,
+        target: Target,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        tmp: &mut [f32],
+        act: &mut ActBuf,
+        precision: Precision,
+    ) {
+        self.apply_some(pool, target, x, n, y, tmp, act, precision, false)
+    }
+
+    /// [`PatchSet::apply`], leaving out the low-rank deltas when `skip_low_rank` (the fused
+    /// path did them).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_some(
+        &self,
+        pool: &ThreadPool,
+        target: Target,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        tmp: &mut [f32],
+        act: &mut ActBuf,
+        precision: Precision,
+        skip_low_rank: bool,
+    ) {
+        let items = match target {
+            Target::Embd => &self.embd,
+            Target::Output => &self.output,
+            Target::Block(il, slot) => &self.blocks[il].slots[slot as usize],
+        };
+        for a in items {
+            if skip_low_rank && a.f16.is_some() {
+                continue;
+            }
+            a.delta().apply(pool, a.scale, x, n, y, tmp, act, precision);
+        }
+    }
+
+    /// `out[i] += output deltas at row sel[i]` for one token `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_output_rows(
+        &self,
+        pool: &ThreadPool,
+        x: &[f32],
+        sel: &[u32],
+        out: &mut [f32],
+        tmp: &mut [f32],
+        act: &mut ActBuf,
+        precision: Precision,
+    ) {
+        for a in &self.output {
+            a.delta()
+                .apply_rows(pool, a.scale, x, sel, out, tmp, act, precision);
+        }
+    }
+}
