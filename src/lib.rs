@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod hub;
 pub mod model;
 pub mod pool;
+pub mod serve;
 pub mod tokenizer;
 pub mod unlearn;
 

@@ -35,6 +35,8 @@ enum Cmd {
     Profile(cli::profile::ProfileArgs),
     /// Layer patch files: inspect, bake into a model, make a random LoRA.
     Patch(cli::patch::PatchArgs),
+    /// Serve an HTTP API compatible with llama-server's, each profile a model id.
+    Serve(cli::serve::ServeArgs),
 }
 
 /// Output piped into `head` and closed early ends the process quietly, as for other Unix
@@ -55,7 +57,9 @@ fn default_sigpipe() {
 fn main() -> anyhow::Result<()> {
     #[cfg(unix)]
     default_sigpipe();
-    let cli = Cli::parse();
+    // llama.cpp spells `--parallel` as `-np`, which is not a one-letter flag.
+    let args = std::env::args().map(|a| if a == "-np" { "--parallel".into() } else { a });
+    let cli = Cli::parse_from(args);
     match cli.cmd {
         Cmd::Run(a) => cli::run::main(a),
         Cmd::Chat(a) => cli::chat::main(a),
@@ -66,5 +70,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Forge(a) => cli::forge::main(a),
         Cmd::Profile(a) => cli::profile::main(a),
         Cmd::Patch(a) => cli::patch::main(a),
+        Cmd::Serve(a) => cli::serve::main(a),
     }
 }

@@ -2,12 +2,12 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lethe::generate::{Decoder, ModelDecoder, SamplerParams};
+use lethe::generate::{Decoder, SamplerParams};
 use lethe::model::{Model, Patch, PatchKind, PatchSet, Precision};
 use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::patch;
 use lethe::unlearn::profile::{self, Profile, ProfileFile};
-use lethe::unlearn::{Assistant, LockstepDecoder, TermKind};
+use lethe::unlearn::{Assistant, TermKind};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -375,12 +375,12 @@ impl Loaded {
 
     /// The decoder for this model: plain, or in lockstep with its assistants.
     pub fn decoder(&self, n_ctx: usize) -> Result<Box<dyn Decoder>> {
-        let (m, p) = (self.model.clone(), self.patches.clone());
-        if self.terms.is_empty() {
-            return Ok(Box::new(ModelDecoder::with_patches(m, n_ctx, p)?));
-        }
-        let dec = LockstepDecoder::new(m, self.terms.clone(), n_ctx)?.with_target_patches(p)?;
-        Ok(Box::new(dec))
+        Ok(lethe::unlearn::decoder(
+            self.model.clone(),
+            self.terms.clone(),
+            self.patches.clone(),
+            n_ctx,
+        )?)
     }
 }
 

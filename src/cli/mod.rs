@@ -9,4 +9,5 @@ pub mod inspect;
 pub mod patch;
 pub mod profile;
 pub mod run;
+pub mod serve;
 pub mod tokenize;

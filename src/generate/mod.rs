@@ -144,6 +144,173 @@ pub enum Flow {
     Stop,
 }
 
+/// A generation in progress, advanced one token at a time by [`Generator::step`]: the
+/// decoding loop of [`generate`], split so that a scheduler can interleave several.
+pub struct Generator {
+    sampler: Sampler,
+    stops: StopMatcher,
+    stream: StreamDecoder,
+    out: Generation,
+    logits: Vec<f32>,
+    budget: usize,
+    ignore_eos: bool,
+    t1: Instant,
+    done: bool,
+}
+
+impl Generator {
+    /// Check the prompt, reuse the cached prefix of `history` (what is in `dec`'s cache) and
+    /// run the rest of the prompt.
+    pub fn start(
+        dec: &mut dyn Decoder,
+        history: &mut Vec<u32>,
+        prompt: &[u32],
+        params: &GenerateParams,
+    ) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(Error::Invalid("the prompt is empty".into()));
+        }
+        if prompt.len() > dec.n_ctx() {
+            return Err(Error::ContextFull {
+                needed: prompt.len(),
+                n_ctx: dec.n_ctx(),
+            });
+        }
+        // Reuse the cached prefix, but always run at least the last prompt token.
+        let mut common = history
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        common = common.min(prompt.len() - 1).min(dec.pos());
+        dec.truncate(common);
+        history.truncate(common);
+
+        let t0 = Instant::now();
+        let logits = dec.feed(&prompt[common..])?.to_vec();
+        history.extend_from_slice(&prompt[common..]);
+        let prompt_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        Ok(Self {
+            sampler: Sampler::new(params.sampler.clone()),
+            stops: StopMatcher::new(&params.stop),
+            stream: StreamDecoder::new(),
+            out: Generation {
+                text: String::new(),
+                tokens: Vec::new(),
+                finish: FinishReason::Length,
+                stopping_word: None,
+                n_prompt: prompt.len(),
+                n_cached: common,
+                prompt_ms,
+                gen_ms: 0.0,
+            },
+            logits,
+            budget: if params.n_predict < 0 {
+                usize::MAX
+            } else {
+                params.n_predict as usize
+            },
+            ignore_eos: params.ignore_eos,
+            t1: Instant::now(),
+            done: false,
+        })
+    }
+
+    /// Whether the generation has ended.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Tokens generated so far.
+    pub fn n_generated(&self) -> usize {
+        self.out.tokens.len()
+    }
+
+    /// Sample one token and feed it: returns the text decided by it (possibly empty, held
+    /// back by a partial stop string or an incomplete UTF-8 sequence), or `None` once done.
+    pub fn step(
+        &mut self,
+        dec: &mut dyn Decoder,
+        tok: &Tokenizer,
+        history: &mut Vec<u32>,
+    ) -> Result<Option<String>> {
+        if self.done {
+            return Ok(None);
+        }
+        if self.out.tokens.len() >= self.budget {
+            return Ok(Some(self.end()));
+        }
+        let next = self.sampler.sample(&self.logits, history);
+        if tok.is_eog(next) && !self.ignore_eos {
+            self.out.finish = FinishReason::Stop;
+            return Ok(Some(self.end()));
+        }
+        self.out.tokens.push(next);
+        let piece = self.stream.push(tok, next);
+        let mut text = match self.stops.push(&piece) {
+            StopOutcome::Continue(t) => t,
+            StopOutcome::Stopped(t, word) => {
+                self.out.finish = FinishReason::Stop;
+                self.out.stopping_word = Some(word);
+                self.out.text.push_str(&t);
+                self.close();
+                return Ok(Some(t));
+            }
+        };
+        self.out.text.push_str(&text);
+        if self.out.tokens.len() >= self.budget {
+            text.push_str(&self.end());
+            return Ok(Some(text));
+        }
+        if dec.pos() >= dec.n_ctx() {
+            // The context is full: the answer ends here.
+            self.out.finish = FinishReason::Length;
+            text.push_str(&self.end());
+            return Ok(Some(text));
+        }
+        self.logits.copy_from_slice(dec.feed(&[next])?);
+        history.push(next);
+        Ok(Some(text))
+    }
+
+    /// End the generation at the caller's request (client gone, Ctrl-C).
+    pub fn cancel(&mut self) {
+        if !self.done {
+            self.out.finish = FinishReason::Cancelled;
+            self.close();
+        }
+    }
+
+    /// The finished generation (or what there is of it).
+    pub fn finish(mut self) -> Generation {
+        if !self.done {
+            self.close();
+        }
+        self.out
+    }
+
+    /// Flush the held-back text, end, and return what the flush decided.
+    fn end(&mut self) -> String {
+        let rest = self.stream.flush();
+        let rest = match self.stops.push(&rest) {
+            StopOutcome::Continue(t) => t + &self.stops.finish(),
+            StopOutcome::Stopped(t, word) => {
+                self.out.finish = FinishReason::Stop;
+                self.out.stopping_word = Some(word);
+                t
+            }
+        };
+        self.out.text.push_str(&rest);
+        self.close();
+        rest
+    }
+
+    fn close(&mut self) {
+        self.done = true;
+        self.out.gen_ms = self.t1.elapsed().as_secs_f64() * 1000.0;
+    }
+}
+
 /// Generate from `prompt` with `dec`. `history` holds what is already in the decoder's cache
 /// (its common prefix with the prompt is reused); `on_text` receives decided text as it comes
 /// and may cancel.
@@ -155,105 +322,12 @@ pub fn generate(
     params: &GenerateParams,
     mut on_text: impl FnMut(&str) -> Flow,
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(Error::Invalid("the prompt is empty".into()));
-    }
-    if prompt.len() > dec.n_ctx() {
-        return Err(Error::ContextFull {
-            needed: prompt.len(),
-            n_ctx: dec.n_ctx(),
-        });
-    }
-    // Reuse the cached prefix, but always run at least the last prompt token.
-    let mut common = history
-        .iter()
-        .zip(prompt)
-        .take_while(|(a, b)| a == b)
-        .count();
-    common = common.min(prompt.len() - 1).min(dec.pos());
-    dec.truncate(common);
-    history.truncate(common);
-
-    let t0 = Instant::now();
-    let mut logits = dec.feed(&prompt[common..])?.to_vec();
-    history.extend_from_slice(&prompt[common..]);
-    let prompt_ms = t0.elapsed().as_secs_f64() * 1000.0;
-
-    let mut sampler = Sampler::new(params.sampler.clone());
-    let mut stops = StopMatcher::new(&params.stop);
-    let mut stream = StreamDecoder::new();
-    let mut out = Generation {
-        text: String::new(),
-        tokens: Vec::new(),
-        finish: FinishReason::Length,
-        stopping_word: None,
-        n_prompt: prompt.len(),
-        n_cached: common,
-        prompt_ms,
-        gen_ms: 0.0,
-    };
-    let t1 = Instant::now();
-    let budget = if params.n_predict < 0 {
-        usize::MAX
-    } else {
-        params.n_predict as usize
-    };
-    let mut cancelled = false;
-    while out.tokens.len() < budget {
-        let next = sampler.sample(&logits, history);
-        if tok.is_eog(next) && !params.ignore_eos {
-            out.finish = FinishReason::Stop;
+    let mut g = Generator::start(dec, history, prompt, params)?;
+    while let Some(text) = g.step(dec, tok, history)? {
+        if !text.is_empty() && matches!(on_text(&text), Flow::Stop) && !g.is_done() {
+            g.cancel();
             break;
         }
-        out.tokens.push(next);
-        let piece = stream.push(tok, next);
-        match stops.push(&piece) {
-            StopOutcome::Continue(t) => {
-                out.text.push_str(&t);
-                if !t.is_empty() && matches!(on_text(&t), Flow::Stop) {
-                    cancelled = true;
-                }
-            }
-            StopOutcome::Stopped(t, word) => {
-                out.text.push_str(&t);
-                if !t.is_empty() {
-                    on_text(&t);
-                }
-                out.finish = FinishReason::Stop;
-                out.stopping_word = Some(word);
-                break;
-            }
-        }
-        if cancelled {
-            out.finish = FinishReason::Cancelled;
-            break;
-        }
-        if out.tokens.len() >= budget {
-            break;
-        }
-        if dec.pos() >= dec.n_ctx() {
-            // The context is full: the answer ends here.
-            out.finish = FinishReason::Length;
-            break;
-        }
-        logits.copy_from_slice(dec.feed(&[next])?);
-        history.push(next);
     }
-    if out.stopping_word.is_none() && !cancelled {
-        let mut rest = stream.flush();
-        rest = match stops.push(&rest) {
-            StopOutcome::Continue(t) => t + &stops.finish(),
-            StopOutcome::Stopped(t, word) => {
-                out.finish = FinishReason::Stop;
-                out.stopping_word = Some(word);
-                t
-            }
-        };
-        if !rest.is_empty() {
-            out.text.push_str(&rest);
-            on_text(&rest);
-        }
-    }
-    out.gen_ms = t1.elapsed().as_secs_f64() * 1000.0;
-    Ok(out)
+    Ok(g.finish())
 }

@@ -1,0 +1,211 @@
+//! `lethe serve`: a llama-server compatible HTTP endpoint, with every profile served as a
+//! model id. Flags are spelled as llama-server spells them.
+
+use super::common::{patch_set, profile_patches, profile_terms, PatchArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lethe::model::Model;
+use lethe::serve::{ServeConfig, ServedModel};
+use lethe::tokenizer::Tokenizer;
+use lethe::unlearn::profile::{self, ProfileFile};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Largest request body accepted, in bytes.
+const BODY_LIMIT: usize = 8 << 20;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Model: a GGUF path or a name from models/ (smollm2, gemma3). With --profile, the
+    /// profiles' base.
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Context size of each slot, in tokens (0: the model's training context, capped at 4096).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    pub ctx_size: usize,
+    /// Slots: requests served at once (`-np` is accepted too).
+    #[arg(long = "parallel", default_value_t = 1)]
+    pub parallel: usize,
+    /// Default tokens to generate per request (-1: until the context is full).
+    #[arg(short = 'n', long = "n-predict", default_value_t = -1, allow_hyphen_values = true)]
+    pub n_predict: i64,
+    /// Threads for the forward pass (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Default temperature of requests that give none.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temp: f32,
+    /// Default seed of requests that give none (-1: random).
+    #[arg(short = 's', long = "seed", default_value_t = -1, allow_hyphen_values = true)]
+    pub seed: i64,
+    /// The base model's id (default: the GGUF file's stem).
+    #[arg(short = 'a', long = "alias")]
+    pub alias: Option<String>,
+    /// API keys (comma-separated, repeatable); requests must send one.
+    #[arg(long = "api-key", value_delimiter = ',')]
+    pub api_key: Vec<String>,
+    /// A file of API keys, one a line.
+    #[arg(long = "api-key-file")]
+    pub api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub patches: PatchArgs,
+    /// Chat template: a built-in name (chatml, gemma) or Jinja source.
+    #[arg(long = "chat-template")]
+    pub chat_template: Option<String>,
+    /// Accepted for llama-server compatibility: templates are always rendered with Jinja.
+    #[arg(long)]
+    pub jinja: bool,
+    /// Accepted for llama-server compatibility.
+    #[arg(long = "no-jinja")]
+    pub no_jinja: bool,
+    /// Serve `GET /slots` (not implemented yet).
+    #[arg(long)]
+    pub slots: bool,
+    /// Do not serve `GET /slots`.
+    #[arg(long = "no-slots")]
+    pub no_slots: bool,
+    /// Serve Prometheus metrics at `GET /metrics` (not implemented yet).
+    #[arg(long)]
+    pub metrics: bool,
+    /// A profile file (TOML): each profile is served as a model id.
+    #[arg(long = "profile")]
+    pub profile: Option<PathBuf>,
+    /// The model id of requests that name none (default: the base; with --lock, the first
+    /// profile).
+    #[arg(long = "default-model")]
+    pub default_model: Option<String>,
+    /// Serve only the profiles: the base model is neither listed nor served.
+    #[arg(long, requires = "profile")]
+    pub lock: bool,
+}
+
+pub fn main(a: ServeArgs) -> Result<()> {
+    if a.slots {
+        bail!("--slots: GET /slots is not implemented yet (use --no-slots or leave it out)");
+    }
+    if a.metrics {
+        bail!("--metrics: GET /metrics is not implemented yet");
+    }
+    if a.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    let file = a.profile.as_ref().map(ProfileFile::load).transpose()?;
+    let path = match (&file, &a.model) {
+        (Some(f), None) => profile::locate(&f.dir, &f.profiles[0].base)?,
+        (_, Some(m)) => lethe::hub::resolve_model(m)?,
+        (None, None) => lethe::hub::resolve_model("smollm2")?,
+    };
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let model =
+        Model::open(&path, threads).with_context(|| format!("loading {}", path.display()))?;
+    let tok = Tokenizer::from_gguf(&model.file)?;
+    if tok.n_vocab() != model.cfg.n_vocab {
+        bail!(
+            "tokenizer has {} tokens but the model's head has {}",
+            tok.n_vocab(),
+            model.cfg.n_vocab
+        );
+    }
+    let n_ctx = match a.ctx_size {
+        0 => model.cfg.n_ctx_train.min(4096),
+        n => n,
+    };
+    let model = Arc::new(model);
+    let cli_patches = a.patches.load(&model)?;
+    let base_id = a.alias.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let mut models = vec![ServedModel {
+        id: base_id,
+        profile: None,
+        terms: Vec::new(),
+        patches: patch_set(&model, &cli_patches)?,
+    }];
+    if let Some(f) = &file {
+        let canon = std::fs::canonicalize(&path).ok();
+        for p in &f.profiles {
+            let base = profile::locate(&f.dir, &p.base)?;
+            if std::fs::canonicalize(&base).ok() != canon {
+                bail!(
+                    "profile {:?} has another base model ({}) than the one served ({}); one \
+                     server serves one base",
+                    p.name,
+                    base.display(),
+                    path.display()
+                );
+            }
+            if models.iter().any(|m| m.id == p.name) {
+                bail!(
+                    "profile {:?} has the base model's id; rename it or use --alias",
+                    p.name
+                );
+            }
+            let mut parts = cli_patches.clone();
+            parts.extend(profile_patches(&model, f, p)?);
+            models.push(ServedModel {
+                id: p.name.clone(),
+                profile: Some(p.name.clone()),
+                terms: profile_terms(&model, f, p)?,
+                patches: patch_set(&model, &parts)?,
+            });
+        }
+    }
+    let default_model = match &a.default_model {
+        Some(name) => models
+            .iter()
+            .position(|m| &m.id == name)
+            .with_context(|| format!("--default-model {name:?}: no model has this id"))?,
+        None if a.lock => 1,
+        None => 0,
+    };
+    if a.lock && default_model == 0 {
+        bail!("--lock serves only profiles: --default-model cannot be the base model");
+    }
+    let mut api_keys: Vec<String> = a
+        .api_key
+        .iter()
+        .filter(|k| !k.is_empty())
+        .cloned()
+        .collect();
+    if let Some(kf) = &a.api_key_file {
+        let text = std::fs::read_to_string(kf)
+            .with_context(|| format!("reading the API key file {}", kf.display()))?;
+        api_keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    let cfg = ServeConfig {
+        host: a.host.clone(),
+        port: a.port,
+        n_ctx,
+        n_parallel: a.parallel,
+        n_predict: a.n_predict,
+        temperature: a.temp,
+        seed: a.seed,
+        api_keys,
+        chat_template: a.chat_template.clone(),
+        default_model,
+        lock: a.lock,
+        body_limit: BODY_LIMIT,
+    };
+    let ids: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
+    lethe::serve::run(cfg, model, tok, models, |addr| {
+        eprintln!("lethe: serving {} on http://{addr}", ids.join(", "));
+    })?;
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! llama-server's error envelope: `{"error": {"code", "message", "type"}}`, with its types and
+//! status codes.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+/// An error answered to a client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiError {
+    /// 400 `invalid_request_error`: a malformed body or a bad field.
+    InvalidRequest(String),
+    /// 401 `authentication_error`.
+    Authentication,
+    /// 403 `permission_error`.
+    Permission(String),
+    /// 404 `not_found_error`.
+    NotFound(String),
+    /// 413 `invalid_request_error`: the body is over the size limit.
+    TooLarge(usize),
+    /// 501 `not_supported_error`: a feature lethe does not have.
+    NotSupported(String),
+    /// 400 `exceed_context_size_error`: the prompt does not fit the context.
+    ExceedContext {
+        n_prompt_tokens: usize,
+        n_ctx: usize,
+    },
+    /// 503 `unavailable_error`.
+    Unavailable(String),
+    /// 500 `server_error`.
+    Server(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) | ApiError::ExceedContext { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Authentication => StatusCode::UNAUTHORIZED,
+            ApiError::Permission(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotSupported(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Server(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `type` field, as llama-server names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) | ApiError::TooLarge(_) => "invalid_request_error",
+            ApiError::Authentication => "authentication_error",
+            ApiError::Permission(_) => "permission_error",
+            ApiError::NotFound(_) => "not_found_error",
+            ApiError::NotSupported(_) => "not_supported_error",
+            ApiError::ExceedContext { .. } => "exceed_context_size_error",
+            ApiError::Unavailable(_) => "unavailable_error",
+            ApiError::Server(_) => "server_error",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::InvalidRequest(m)
+            | ApiError::Permission(m)
+            | ApiError::NotFound(m)
+            | ApiError::NotSupported(m)
+            | ApiError::Unavailable(m)
+            | ApiError::Server(m) => m.clone(),
+            ApiError::Authentication => "Invalid API Key".into(),
+            ApiError::TooLarge(limit) => {
+                format!("the request body is larger than the limit of {limit} bytes")
+            }
+            ApiError::ExceedContext {
+                n_prompt_tokens,
+                n_ctx,
+            } => format!(
+                "request ({n_prompt_tokens} tokens) exceeds the available context size \
+                 ({n_ctx} tokens), try increasing it"
+            ),
+        }
+    }
+
+    /// The envelope, as a JSON value (also sent as an SSE event when a stream fails).
+    pub fn to_json(&self) -> Value {
+        let mut e = json!({
+            "code": self.status().as_u16(),
+            "message": self.message(),
+            "type": self.kind(),
+        });
+        if let ApiError::ExceedContext {
+            n_prompt_tokens,
+            n_ctx,
+        } = self
+        {
+            e["n_prompt_tokens"] = json!(n_prompt_tokens);
+            e["n_ctx"] = json!(n_ctx);
+        }
+        json!({ "error": e })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status(), axum::Json(self.to_json())).into_response()
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::ContextFull { needed, n_ctx } => ApiError::ExceedContext {
+                n_prompt_tokens: needed,
+                n_ctx,
+            },
+            crate::Error::Invalid(m) => ApiError::InvalidRequest(m),
+            crate::Error::Template(m) => ApiError::InvalidRequest(format!("chat template: {m}")),
+            other => ApiError::Server(other.to_string()),
+        }
+    }
+}
+
+/// Handlers answer with this.
+pub type ApiResult<T> = std::result::Result<T, ApiError>;

@@ -1,0 +1,170 @@
+//! `POST /v1/chat/completions` and `/chat/completions`, in the OpenAI shape llama-server
+//! answers with.
+
+use super::super::error::{ApiError, ApiResult};
+use super::super::request::{bad, response_id, Body};
+use super::super::{sse, AppState, Event};
+use super::FINGERPRINT;
+use super::{check_context, collect, finish_reason, now, read_body, stream, timings, usage};
+use crate::tokenizer::{apply_chat_template, ChatMessage};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// The `messages` of a request: each with a string `role` and a `content` that is a string
+/// or an array of text parts.
+pub fn messages(body: &Body) -> ApiResult<Vec<ChatMessage>> {
+    let Some(Value::Array(list)) = body.get("messages") else {
+        return Err(bad("messages", "an array of messages"));
+    };
+    if list.is_empty() {
+        return Err(bad("messages", "a non-empty array"));
+    }
+    list.iter()
+        .map(|m| {
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("messages[].role", "a string"))?;
+            let content = match m.get("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match p.get("type").and_then(Value::as_str) {
+                            Some("text") => text.push_str(
+                                p.get("text")
+                                    .and_then(Value::as_str)
+                                    .ok_or_else(|| bad("messages[].content[].text", "a string"))?,
+                            ),
+                            Some(other) => {
+                                return Err(ApiError::NotSupported(format!(
+                                    "content parts of type '{other}' are not supported"
+                                )))
+                            }
+                            None => return Err(bad("messages[].content[].type", "a string")),
+                        }
+                    }
+                    text
+                }
+                Some(_) => {
+                    return Err(bad(
+                        "messages[].content",
+                        "a string or an array of content parts",
+                    ))
+                }
+            };
+            if m.get("tool_calls").is_some_and(|t| !t.is_null()) {
+                return Err(ApiError::NotSupported(
+                    "tool_calls are not supported".into(),
+                ));
+            }
+            Ok(ChatMessage::new(role, content))
+        })
+        .collect()
+}
+
+/// The conversation rendered through the chat template, ready to tokenize.
+pub fn render(
+    state: &AppState,
+    msgs: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> ApiResult<String> {
+    Ok(apply_chat_template(
+        &state.tok,
+        &state.arch,
+        state.cfg.chat_template.as_deref(),
+        msgs,
+        add_generation_prompt,
+    )?)
+}
+
+pub async fn chat(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = read_body(body, state.cfg.body_limit)?;
+    body.refuse_unsupported()?;
+    let model = state.resolve_model(body.str("model")?)?;
+    let params = body.generate_params(&state)?;
+    let msgs = messages(&body)?;
+    let text = render(&state, &msgs, true)?;
+    let prompt = state.tok.encode(&text, true, true);
+    check_context(&state, &prompt)?;
+    let streaming = body.bool("stream")?.unwrap_or(false);
+    let include_usage = body
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let rx = state.engine.submit(model, prompt, params)?;
+    let id = response_id("chatcmpl-");
+    let name = state.models[model].0.clone();
+    let created = now();
+    if !streaming {
+        let (_, g) = collect(rx).await?;
+        return Ok(Json(json!({
+            "choices": [{
+                "finish_reason": finish_reason(&g),
+                "index": 0,
+                "message": { "role": "assistant", "content": g.text },
+            }],
+            "created": created,
+            "model": name,
+            "system_fingerprint": FINGERPRINT,
+            "object": "chat.completion",
+            "usage": usage(&g),
+            "id": id,
+            "timings": timings(&g),
+        }))
+        .into_response());
+    }
+    let chunk = move |choices: Value| {
+        json!({
+            "choices": choices,
+            "created": created,
+            "id": id,
+            "model": name,
+            "system_fingerprint": FINGERPRINT,
+            "object": "chat.completion.chunk",
+        })
+    };
+    let first = vec![sse::event(&chunk(json!([{
+        "finish_reason": null,
+        "index": 0,
+        "delta": { "role": "assistant", "content": null },
+    }])))];
+    Ok(stream(rx, first, move |ev| match ev {
+        Event::Text(t) => (
+            vec![sse::event(&chunk(json!([{
+                "finish_reason": null,
+                "index": 0,
+                "delta": { "content": t },
+            }])))],
+            false,
+        ),
+        Event::Done { gen, .. } => {
+            let mut last = chunk(json!([{
+                "finish_reason": finish_reason(&gen),
+                "index": 0,
+                "delta": {},
+            }]));
+            last["timings"] = timings(&gen);
+            let mut out = vec![sse::event(&last)];
+            if include_usage {
+                let mut u = chunk(json!([]));
+                u["usage"] = usage(&gen);
+                u["timings"] = timings(&gen);
+                out.push(sse::event(&u));
+            }
+            out.push(sse::done());
+            (out, true)
+        }
+        Event::Error(e) => (vec![sse::event(&e.to_json())], true),
+    }))
+}
