@@ -114,7 +114,8 @@ pub async fn completion(
             "truncated": false,
             "stop_type": stop_type(g),
             "stopping_word": g.stopping_word.clone().unwrap_or_default(),
-            "tokens_cached": g.n_prompt + g.tokens.len(),
+            // The last token sampled is never fed, so it is not in the cache.
+            "tokens_cached": g.n_prompt + g.tokens.len().saturating_sub(1),
             "timings": timings(g),
         })
     };

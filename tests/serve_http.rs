@@ -1,0 +1,539 @@
+//! `lethe serve` over real sockets: the binary is started on a free port of 127.0.0.1 and
+//! spoken to with a small HTTP/1.1 client.
+
+mod common;
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lethe");
+
+/// A running server, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Start `lethe serve ARGS --port 0` and wait until it listens and answers /health.
+    fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .args(["--host", "127.0.0.1", "--port", "0", "-t", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start lethe serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = match lines.next() {
+                Some(Ok(l)) => l,
+                _ => {
+                    let _ = child.kill();
+                    panic!("lethe serve ended before listening");
+                }
+            };
+            if let Some(i) = line.find("http://") {
+                break line[i + "http://".len()..].trim().to_string();
+            }
+        };
+        // Keep draining stderr so that the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        let s = Server { child, addr };
+        for _ in 0..100 {
+            if s.get("/health").0 == 200 {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("/health never answered 200");
+    }
+
+    /// Send a request; returns the status, the headers (lower-cased names) and the body.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, String) {
+        let mut s = TcpStream::connect(&self.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("read the response");
+        parse_response(&raw)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let (status, _, body) = self.request("GET", path, &[], b"");
+        (status, body)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, _, text) = self.request("POST", path, &[], body.to_string().as_bytes());
+        (status, serde_json::from_str(&text).expect("a JSON body"))
+    }
+
+    /// A streamed POST: the status, the Content-Type and the raw event text.
+    fn post_stream(&self, path: &str, body: &Value) -> (u16, String, String) {
+        let (status, headers, text) = self.request("POST", path, &[], body.to_string().as_bytes());
+        let ct = header(&headers, "content-type").unwrap_or_default();
+        (status, ct, text)
+    }
+}
+
+fn header(headers: &[(String, String)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+}
+
+/// Split a raw HTTP/1.1 response, undoing chunked transfer encoding.
+fn parse_response(raw: &[u8]) -> (u16, Vec<(String, String)>, String) {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = std::str::from_utf8(&raw[..split]).expect("UTF-8 headers");
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if header(&headers, "transfer-encoding").as_deref() == Some("chunked") {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let eol = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("chunk size");
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
+                .expect("hex chunk size");
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[eol + 2 + size + 2..];
+        }
+        body = out;
+    }
+    (
+        status,
+        headers,
+        String::from_utf8(body).expect("UTF-8 body"),
+    )
+}
+
+/// The JSON of each `data:` event, checking the framing `data: ...\n\n` exactly.
+fn events(text: &str) -> Vec<String> {
+    assert!(
+        text.ends_with("\n\n"),
+        "events end with a blank line: {text:?}"
+    );
+    text[..text.len() - 2]
+        .split("\n\n")
+        .map(|e| {
+            assert!(!e.contains('\n'), "one line per event: {e:?}");
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("an event starts with 'data: ': {e:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// `lethe run` greedy text for `prompt` as a chat user message.
+fn run_greedy(model: &Path, prompt: &str, n: usize) -> String {
+    let out = Command::new(BIN)
+        .args(["run", "-m"])
+        .arg(model)
+        .args(["-p", prompt, "--chat", "--temp", "0", "-t", "1", "-n"])
+        .arg(n.to_string())
+        .output()
+        .expect("lethe run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8(out.stdout).unwrap();
+    s.strip_suffix('\n').unwrap_or(&s).to_string()
+}
+
+fn error_type(v: &Value) -> &str {
+    v["error"]["type"].as_str().unwrap_or("")
+}
+
+fn chat_body(prompt: &str, n: usize) -> Value {
+    json!({
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": n,
+    })
+}
+
+const PROMPT: &str = "What is the capital of France?";
+
+#[test]
+fn routes_stream_and_greedy_match_run() {
+    let model = common::model_path("smollm2");
+    let m = model.to_str().unwrap();
+    let s = Server::start(&["-m", m, "--alias", "small", "-np", "2"]);
+
+    let (st, body) = s.get("/v1/health");
+    assert_eq!((st, body.as_str()), (200, r#"{"status":"ok"}"#));
+    let (st, models) = s.get("/v1/models");
+    assert_eq!(st, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "small");
+    assert_eq!(models["data"].as_array().unwrap().len(), 1);
+
+    // Greedy chat equals `lethe run` greedy with the same template.
+    let expect = run_greedy(&model, PROMPT, 16);
+    let (st, r) = s.post("/v1/chat/completions", &chat_body(PROMPT, 16));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["model"], "small");
+    assert!(r["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(r["choices"][0]["message"]["content"], expect.as_str());
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(r["usage"]["completion_tokens"], 16);
+    let u = &r["usage"];
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + 16
+    );
+    assert_eq!(r["timings"]["predicted_n"], 16);
+    // Without the /v1 prefix too.
+    let (st, r2) = s.post("/chat/completions", &chat_body(PROMPT, 16));
+    assert_eq!(st, 200);
+    assert_eq!(r2["choices"][0]["message"]["content"], expect.as_str());
+
+    // Streamed chat: role first, deltas, finish with an empty delta, usage, [DONE].
+    let mut b = chat_body(PROMPT, 16);
+    b["stream"] = json!(true);
+    b["stream_options"] = json!({"include_usage": true});
+    let (st, ct, text) = s.post_stream("/v1/chat/completions", &b);
+    assert_eq!(st, 200);
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let ev = events(&text);
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let n = chunks.len();
+    let fin = &chunks[n - 2];
+    assert_eq!(fin["choices"][0]["finish_reason"], "length");
+    assert_eq!(fin["choices"][0]["delta"], json!({}));
+    assert_eq!(chunks[n - 1]["choices"], json!([]));
+    assert_eq!(chunks[n - 1]["usage"]["completion_tokens"], 16);
+    let streamed: String = chunks[1..n - 2]
+        .iter()
+        .map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(streamed, expect);
+
+    // Native /completion, then streamed: partials, a final stop: true object, no [DONE].
+    let cb = json!({"prompt": "The capital of France is", "n_predict": 8, "temperature": 0});
+    let (st, c) = s.post("/completion", &cb);
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(c["stop"], true);
+    assert_eq!(c["tokens_predicted"], 8);
+    assert_eq!(c["stop_type"], "limit");
+    let content = c["content"].as_str().unwrap().to_string();
+    assert!(!content.is_empty());
+    let mut sb = cb.clone();
+    sb["stream"] = json!(true);
+    let (st, _, text) = s.post_stream("/completions", &sb);
+    assert_eq!(st, 200);
+    let ev: Vec<Value> = events(&text)
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("no [DONE] on /completion"))
+        .collect();
+    let last = ev.last().unwrap();
+    assert_eq!(last["stop"], true);
+    assert!(ev[..ev.len() - 1].iter().all(|e| e["stop"] == false));
+    let joined: String = ev.iter().map(|e| e["content"].as_str().unwrap()).collect();
+    assert_eq!(joined, content);
+
+    // OpenAI text completions, with a stop string.
+    let ob = json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
+    let (st, o) = s.post("/v1/completions", &ob);
+    assert_eq!(st, 200, "{o}");
+    assert_eq!(o["object"], "text_completion");
+    assert_eq!(o["choices"][0]["text"], content.as_str());
+    let mut ob2 = ob.clone();
+    ob2["stop"] = json!(["."]);
+    let (_, o2) = s.post("/v1/completions", &ob2);
+    assert_eq!(o2["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        o2["choices"][0]["text"].as_str().unwrap(),
+        content.split('.').next().unwrap()
+    );
+    ob2["stream"] = json!(true);
+    let (_, _, text) = s.post_stream("/v1/completions", &ob2);
+    assert_eq!(events(&text).last().unwrap(), "[DONE]");
+
+    // Tokenize, detokenize, apply-template.
+    let (st, t) = s.post("/tokenize", &json!({"content": "Hello world"}));
+    assert_eq!(st, 200);
+    let ids = t["tokens"].clone();
+    assert!(!ids.as_array().unwrap().is_empty());
+    let (_, d) = s.post("/detokenize", &json!({"tokens": ids}));
+    assert_eq!(d["content"], "Hello world");
+    let (st, p) = s.post(
+        "/apply-template",
+        &json!({"messages": [{"role": "user", "content": "Hi"}]}),
+    );
+    assert_eq!(st, 200);
+    let prompt = p["prompt"].as_str().unwrap();
+    assert!(
+        prompt.contains("Hi") && prompt.contains("assistant"),
+        "{prompt}"
+    );
+}
+
+#[test]
+fn errors_and_api_key() {
+    let model = common::model_path("smollm2");
+    let m = model.to_str().unwrap();
+    let s = Server::start(&["-m", m, "-c", "64", "--api-key", "sesame"]);
+    let key = [("Authorization", "Bearer sesame")];
+    let post = |path: &str, body: &[u8], headers: &[(&str, &str)]| {
+        let (st, _, text) = s.request("POST", path, headers, body);
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON: {text}"));
+        (st, v)
+    };
+    let chat = chat_body("Hi", 4).to_string();
+
+    // Health and models are public; the rest need the key.
+    assert_eq!(s.get("/health").0, 200);
+    assert_eq!(s.get("/models").0, 200);
+    let (st, e) = post("/v1/chat/completions", chat.as_bytes(), &[]);
+    assert_eq!((st, error_type(&e)), (401, "authentication_error"));
+    let (st, e) = post(
+        "/v1/chat/completions",
+        chat.as_bytes(),
+        &[("Authorization", "Bearer wrong")],
+    );
+    assert_eq!((st, error_type(&e)), (401, "authentication_error"));
+    assert_eq!(e["error"]["code"], 401);
+    let (st, _) = post(
+        "/v1/chat/completions",
+        chat.as_bytes(),
+        &[("X-Api-Key", "sesame")],
+    );
+    assert_eq!(st, 200);
+    let (st, _) = post("/v1/chat/completions", chat.as_bytes(), &key);
+    assert_eq!(st, 200);
+
+    // Malformed JSON and bad fields: 400.
+    for body in [&b"{bad"[..], b"[1,2]", b"\xff\xfe", b""] {
+        let (st, e) = post("/v1/chat/completions", body, &key);
+        assert_eq!(
+            (st, error_type(&e)),
+            (400, "invalid_request_error"),
+            "{body:?}"
+        );
+    }
+    for bad in [
+        json!({"messages": "hi"}),
+        json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": "hot"}),
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": -5}),
+    ] {
+        let (st, e) = post("/v1/chat/completions", bad.to_string().as_bytes(), &key);
+        assert_eq!(
+            (st, error_type(&e)),
+            (400, "invalid_request_error"),
+            "{bad}"
+        );
+    }
+    let (st, e) = post("/completion", br#"{"n_predict": 4}"#, &key);
+    assert_eq!((st, error_type(&e)), (400, "invalid_request_error"));
+
+    // Unknown model and unknown route: 404.
+    let mut b = chat_body("Hi", 4);
+    b["model"] = json!("no-such-model");
+    let (st, e) = post("/v1/chat/completions", b.to_string().as_bytes(), &key);
+    assert_eq!((st, error_type(&e)), (404, "not_found_error"));
+    let (st, e) = post("/v1/nothing", b"{}", &key);
+    assert_eq!((st, error_type(&e)), (404, "not_found_error"));
+
+    // Features lethe does not have: 501.
+    let mut b = chat_body("Hi", 4);
+    b["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
+    let (st, e) = post("/v1/chat/completions", b.to_string().as_bytes(), &key);
+    assert_eq!((st, error_type(&e)), (501, "not_supported_error"));
+    let mut b = chat_body("Hi", 4);
+    b["response_format"] = json!({"type": "json_object"});
+    let (st, e) = post("/v1/chat/completions", b.to_string().as_bytes(), &key);
+    assert_eq!((st, error_type(&e)), (501, "not_supported_error"));
+
+    // A prompt over the context: 400 before any streaming.
+    let long = "word ".repeat(200);
+    let mut b = chat_body(&long, 4);
+    b["stream"] = json!(true);
+    let (st, e) = post("/v1/chat/completions", b.to_string().as_bytes(), &key);
+    assert_eq!((st, error_type(&e)), (400, "exceed_context_size_error"));
+    assert_eq!(e["error"]["n_ctx"], 64);
+    assert!(e["error"]["n_prompt_tokens"].as_u64().unwrap() > 64);
+
+    // A body over the limit.
+    let huge = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(9 << 20));
+    let (st, e) = post("/completion", huge.as_bytes(), &key);
+    assert_eq!((st, error_type(&e)), (413, "invalid_request_error"));
+
+    // A generation that fills the context ends with "length".
+    let (st, r) = post(
+        "/completion",
+        br#"{"prompt": "Once upon a time", "temperature": 0, "ignore_eos": true}"#,
+        &key,
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["stop_type"], "limit");
+    assert!(r["tokens_cached"].as_u64().unwrap() <= 64);
+
+    // The server still answers.
+    assert_eq!(s.get("/health").0, 200);
+}
+
+/// A profile with a LoRA patch is a model id that answers differently from the base; with
+/// `--lock`, the base is neither listed nor served.
+#[test]
+fn profile_served_by_id_and_lock() {
+    let model = common::model_path("smollm2");
+    let dir = std::env::temp_dir().join(format!("lethe-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lora = dir.join("lora.gguf");
+    let out = Command::new(BIN)
+        .args(["patch", "random", "-m"])
+        .arg(&model)
+        .args(["--rank", "8", "--blocks", "0..8", "--std", "0.05", "-o"])
+        .arg(&lora)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prof = dir.join("profiles.toml");
+    std::fs::write(
+        &prof,
+        format!(
+            "[[profile]]\nname = \"patched\"\nbase = {:?}\n\n[[profile.patch]]\nfile = \"lora.gguf\"\n",
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let p = prof.to_str().unwrap();
+
+    let s = Server::start(&["--profile", p, "--alias", "base"]);
+    let (_, models) = s.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["base", "patched"]);
+    let ask = |model: &str| {
+        let mut b = chat_body(PROMPT, 12);
+        b["model"] = json!(model);
+        let (st, r) = s.post("/v1/chat/completions", &b);
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(r["model"], model);
+        r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let base = ask("base");
+    let patched = ask("patched");
+    assert_ne!(base, patched, "the patch changes the answer");
+    assert_eq!(
+        ask("base"),
+        base,
+        "the base is unchanged after the profile ran"
+    );
+    assert_eq!(ask("patched"), patched);
+    drop(s);
+
+    let s = Server::start(&["--profile", p, "--alias", "base", "--lock"]);
+    let (_, models) = s.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 1);
+    assert_eq!(models["data"][0]["id"], "patched");
+    let mut b = chat_body(PROMPT, 12);
+    b["model"] = json!("base");
+    let (st, e) = s.post("/v1/chat/completions", &b);
+    assert_eq!((st, error_type(&e)), (404, "not_found_error"));
+    // No model: the first profile.
+    let (st, r) = s.post("/v1/chat/completions", &chat_body(PROMPT, 12));
+    assert_eq!(st, 200);
+    assert_eq!(r["model"], "patched");
+    assert_eq!(r["choices"][0]["message"]["content"], patched.as_str());
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Unimplemented flags are refused at startup, not ignored.
+#[test]
+fn unimplemented_flags_refused() {
+    for flag in ["--metrics", "--slots"] {
+        let out = Command::new(BIN)
+            .args(["serve", "--port", "0", flag])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not implemented"), "{flag}: {err}");
+    }
+}
