@@ -537,3 +537,35 @@ fn unimplemented_flags_refused() {
         assert!(err.contains("not implemented"), "{flag}: {err}");
     }
 }
+
+/// A client that goes away mid-stream frees its slot: with one slot, the next request runs.
+#[test]
+fn disconnect_frees_the_slot() {
+    let model = common::model_path("smollm2");
+    let s = Server::start(&["-m", model.to_str().unwrap(), "-np", "1"]);
+    let body = json!({
+        "prompt": "Once upon a time",
+        "n_predict": 100000,
+        "temperature": 0,
+        "ignore_eos": true,
+        "stream": true,
+    })
+    .to_string();
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    write!(
+        c,
+        "POST /completion HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 256];
+    let n = c.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    drop(c);
+    let (st, r) = s.post(
+        "/completion",
+        &json!({"prompt": "The capital of France is", "n_predict": 4, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["tokens_predicted"], 4);
+}
