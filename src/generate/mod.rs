@@ -118,6 +118,55 @@ pub struct Generation {
     pub n_cached: usize,
     pub prompt_ms: f64,
     pub gen_ms: f64,
+    /// Per generated token, its log-probability and the most likely alternatives, when
+    /// asked for with [`Generator::with_probs`].
+    pub probs: Vec<TokenProbs>,
+}
+
+/// A sampled token's log-probability and the `n` most likely tokens, all from the
+/// distribution the sampler drew from (the decoder's logits: for a forgotten model the
+/// combined ones). Tokens at `-inf` are left out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenProbs {
+    pub id: u32,
+    pub logprob: f32,
+    /// `(token, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenProbs {
+    /// Log-softmax of `logits` at `id`, with the `n` most likely tokens.
+    pub fn from_logits(logits: &[f32], id: u32, n: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits
+            .iter()
+            .filter(|l| **l > f32::NEG_INFINITY)
+            .map(|&l| ((l - max) as f64).exp())
+            .sum();
+        let lse = max + sum.ln() as f32;
+        let mut top: Vec<(u32, f32)> = Vec::new();
+        if n > 0 {
+            let mut idx: Vec<u32> = (0..logits.len() as u32)
+                .filter(|&i| logits[i as usize] > f32::NEG_INFINITY)
+                .collect();
+            let k = n.min(idx.len());
+            if k > 0 && k < idx.len() {
+                idx.select_nth_unstable_by(k - 1, |&a, &b| {
+                    logits[b as usize].total_cmp(&logits[a as usize])
+                });
+                idx.truncate(k);
+            }
+            idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+            top = idx
+                .into_iter()
+                .map(|i| (i, logits[i as usize] - lse))
+                .collect();
+        }
+        let logprob = logits
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |&l| l - lse);
+        Self { id, logprob, top }
+    }
 }
 
 impl Generation {
@@ -156,6 +205,8 @@ pub struct Generator {
     ignore_eos: bool,
     t1: Instant,
     done: bool,
+    /// Alternatives to record per token; `None`: no probabilities.
+    n_probs: Option<usize>,
 }
 
 impl Generator {
@@ -203,6 +254,7 @@ impl Generator {
                 n_cached: common,
                 prompt_ms,
                 gen_ms: 0.0,
+                probs: Vec::new(),
             },
             logits,
             budget: if params.n_predict < 0 {
@@ -213,7 +265,19 @@ impl Generator {
             ignore_eos: params.ignore_eos,
             t1: Instant::now(),
             done: false,
+            n_probs: None,
         })
+    }
+
+    /// Record each token's log-probability and its `n` most likely alternatives.
+    pub fn with_probs(mut self, n: Option<usize>) -> Self {
+        self.n_probs = n;
+        self
+    }
+
+    /// The probabilities recorded so far (one entry per generated token).
+    pub fn probs(&self) -> &[TokenProbs] {
+        &self.out.probs
     }
 
     /// Whether the generation has ended.
@@ -241,6 +305,13 @@ impl Generator {
             return Ok(Some(self.end()));
         }
         let next = self.sampler.sample(&self.logits, history);
+        if let Some(n) = self.n_probs {
+            if !tok.is_eog(next) || self.ignore_eos {
+                self.out
+                    .probs
+                    .push(TokenProbs::from_logits(&self.logits, next, n));
+            }
+        }
         if tok.is_eog(next) && !self.ignore_eos {
             self.out.finish = FinishReason::Stop;
             return Ok(Some(self.end()));
