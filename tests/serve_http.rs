@@ -53,10 +53,18 @@ impl Server {
         // Keep draining stderr so that the server never blocks on it.
         std::thread::spawn(move || for _ in lines {});
         let s = Server { child, addr };
-        for _ in 0..100 {
-            if s.get("/health").0 == 200 {
+        // The socket is bound before the model loads: until then, 503 `Loading model`.
+        for _ in 0..1200 {
+            let (st, body) = s.get("/health");
+            if st == 200 {
                 return s;
             }
+            assert_eq!(st, 503, "{body}");
+            let v: Value = serde_json::from_str(&body).expect("JSON");
+            assert_eq!(
+                v,
+                json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("/health never answered 200");
@@ -192,6 +200,16 @@ fn run_greedy(model: &Path, prompt: &str, n: usize) -> String {
     );
     let s = String::from_utf8(out.stdout).unwrap();
     s.strip_suffix('\n').unwrap_or(&s).to_string()
+}
+
+/// The entry of `/v1/models` with id `id`.
+fn entry_of<'a>(models: &'a Value, id: &str) -> &'a Value {
+    models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .unwrap()
 }
 
 fn error_type(v: &Value) -> &str {
@@ -504,6 +522,89 @@ fn profile_served_by_id_and_lock() {
         "the base is unchanged after the profile ran"
     );
     assert_eq!(ask("patched"), patched);
+
+    // Audit: the profile's files with their sha256, in the list and in the response.
+    let entry = &models["data"][1];
+    let files = entry["meta"]["unlearn"]["files"].as_array().unwrap();
+    assert!(files.len() >= 2, "{entry}");
+    for f in files {
+        let h = f["sha256"].as_str().unwrap();
+        assert!(
+            h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()),
+            "{f}"
+        );
+    }
+    assert_eq!(entry["meta"]["unlearn"]["patches"][0]["scale"], 1.0);
+    assert_eq!(models["data"][0]["meta"]["unlearn"]["files"], json!([]));
+
+    // Logprobs come from the distribution sampled from: they differ between the base and
+    // the profile, and sum (exp) to at most 1.
+    let probs = |model: &str| {
+        let b = json!({"model": model, "prompt": "The capital of France is", "n_predict": 4,
+                       "temperature": 0, "n_probs": 5});
+        let (st, r) = s.post("/completion", &b);
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(r["generation_settings"]["model"], model);
+        assert_eq!(
+            r["generation_settings"]["unlearn"],
+            entry_of(&models, model)["meta"]["unlearn"]
+        );
+        let cp = r["completion_probabilities"].as_array().unwrap().clone();
+        assert_eq!(cp.len(), 4);
+        for t in &cp {
+            let top = t["top_logprobs"].as_array().unwrap();
+            assert_eq!(top.len(), 5);
+            let sum: f64 = top
+                .iter()
+                .map(|e| e["logprob"].as_f64().unwrap().exp())
+                .sum();
+            assert!(sum <= 1.0 + 1e-4, "{sum}");
+            // Greedy: the sampled token is the most likely one.
+            assert_eq!(t["id"], top[0]["id"]);
+            assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+        }
+        cp
+    };
+    let (pb, pp) = (probs("base"), probs("patched"));
+    assert_ne!(pb, pp, "the profile's logprobs are its own");
+    let mut b = chat_body(PROMPT, 3);
+    b["model"] = json!("patched");
+    b["logprobs"] = json!(true);
+    b["top_logprobs"] = json!(2);
+    let (st, r) = s.post("/v1/chat/completions", &b);
+    assert_eq!(st, 200, "{r}");
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 3);
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    assert!(content[0]["bytes"].is_array() && content[0]["token"].is_string());
+    let ob = json!({"model": "patched", "prompt": "The capital of France is", "max_tokens": 2,
+                    "temperature": 0, "logprobs": 3, "stream": true});
+    let (st, _, text) = s.post_stream("/v1/completions", &ob);
+    assert_eq!(st, 200);
+    let n: usize = events(&text)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .map(|a| a.len())
+        })
+        .sum();
+    assert_eq!(n, 2, "{text}");
+    drop(s);
+
+    // --default-model: a request without `model` gets it.
+    let s = Server::start(&[
+        "--profile",
+        p,
+        "--alias",
+        "base",
+        "--default-model",
+        "patched",
+    ]);
+    let (st, r) = s.post("/v1/chat/completions", &chat_body(PROMPT, 12));
+    assert_eq!(st, 200);
+    assert_eq!(r["model"], "patched");
     drop(s);
 
     let s = Server::start(&["--profile", p, "--alias", "base", "--lock"]);
@@ -524,18 +625,123 @@ fn profile_served_by_id_and_lock() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Unimplemented flags are refused at startup, not ignored.
+/// `/props`, `/slots` and `/metrics` (with `--metrics`), CORS, and keys from
+/// `--api-key-file`.
 #[test]
-fn unimplemented_flags_refused() {
-    for flag in ["--metrics", "--slots"] {
-        let out = Command::new(BIN)
-            .args(["serve", "--port", "0", flag])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{flag} accepted");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("not implemented"), "{flag}: {err}");
+fn props_slots_metrics_cors_key_file() {
+    let model = common::model_path("smollm2");
+    let dir = std::env::temp_dir().join(format!("lethe-serve-props-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.txt");
+    std::fs::write(&keys, "first\n\n  second  \n").unwrap();
+    let m = model.to_str().unwrap();
+    let s = Server::start(&[
+        "-m",
+        m,
+        "-np",
+        "2",
+        "-c",
+        "256",
+        "--metrics",
+        "--api-key-file",
+        keys.to_str().unwrap(),
+    ]);
+    let key = [("X-Api-Key", "second")];
+    let get = |path: &str| {
+        let (st, _, body) = s.request("GET", path, &key, b"");
+        (st, body)
+    };
+
+    // Keys from the file; none or a wrong one: 401.
+    assert_eq!(s.get("/props").0, 401);
+    let (st, _, _) = s.request("GET", "/props", &[("Authorization", "Bearer first")], b"");
+    assert_eq!(st, 200);
+    let (st, _, _) = s.request("GET", "/props", &[("X-Api-Key", "third")], b"");
+    assert_eq!(st, 401);
+
+    let (st, props) = get("/props");
+    assert_eq!(st, 200);
+    let props: Value = serde_json::from_str(&props).unwrap();
+    assert_eq!(props["total_slots"], 2);
+    assert!(props["model_path"].as_str().unwrap().ends_with(".gguf"));
+    assert!(!props["chat_template"].as_str().unwrap().is_empty());
+    assert_eq!(props["default_generation_settings"]["n_ctx"], 256);
+    assert!(props["build_info"].as_str().unwrap().starts_with("lethe-"));
+
+    let (st, slots) = get("/slots");
+    assert_eq!(st, 200);
+    let slots: Value = serde_json::from_str(&slots).unwrap();
+    let slots = slots.as_array().unwrap();
+    assert_eq!(slots.len(), 2);
+    for (i, sl) in slots.iter().enumerate() {
+        assert_eq!(sl["id"], i);
+        assert_eq!(sl["n_ctx"], 256);
+        assert_eq!(sl["is_processing"], false);
     }
+
+    let body = json!({"prompt": "The capital of France is", "n_predict": 4, "temperature": 0});
+    let (st, _, r) = s.request("POST", "/completion", &key, body.to_string().as_bytes());
+    assert_eq!(st, 200, "{r}");
+    let (st, headers, text) = s.request("GET", "/metrics", &key, b"");
+    assert_eq!(st, 200);
+    assert!(header(&headers, "content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("llamacpp:{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(text.contains("# TYPE llamacpp:prompt_tokens_total counter"));
+    assert!(metric("prompt_tokens_total") >= 5.0);
+    assert_eq!(metric("tokens_predicted_total"), 4.0);
+    assert_eq!(metric("requests_processing"), 0.0);
+    assert_eq!(metric("requests_deferred"), 0.0);
+    assert!(metric("n_decode_total") >= 4.0);
+
+    // CORS: the Origin is echoed; a preflight gets the methods and headers.
+    let (st, headers, _) = s.request("GET", "/health", &[("Origin", "http://example.org")], b"");
+    assert_eq!(st, 200);
+    assert_eq!(
+        header(&headers, "access-control-allow-origin").as_deref(),
+        Some("http://example.org")
+    );
+    let (st, headers, _) = s.request(
+        "OPTIONS",
+        "/v1/chat/completions",
+        &[
+            ("Origin", "http://example.org"),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization, content-type",
+            ),
+        ],
+        b"",
+    );
+    assert_eq!(st, 200);
+    assert_eq!(
+        header(&headers, "access-control-allow-origin").as_deref(),
+        Some("http://example.org")
+    );
+    assert!(header(&headers, "access-control-allow-methods")
+        .unwrap()
+        .contains("POST"));
+    assert!(header(&headers, "access-control-allow-headers")
+        .unwrap()
+        .contains("authorization"));
+    drop(s);
+
+    // --no-slots, and no --metrics: 501 for both, as llama-server answers.
+    let s = Server::start(&["-m", m, "--no-slots"]);
+    for path in ["/slots", "/metrics"] {
+        let (st, body) = s.get(path);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((st, error_type(&v)), (501, "not_supported_error"), "{path}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A client that goes away mid-stream frees its slot: with one slot, the next request runs.

@@ -5,9 +5,10 @@ use super::common::{patch_set, profile_patches, profile_terms, PatchArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lethe::model::Model;
-use lethe::serve::{ServeConfig, ServedModel};
+use lethe::serve::{Loaded, ServeConfig, ServedModel};
 use lethe::tokenizer::Tokenizer;
-use lethe::unlearn::profile::{self, ProfileFile};
+use lethe::unlearn::profile::{self, Profile, ProfileFile};
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -64,13 +65,13 @@ pub struct ServeArgs {
     /// Accepted for llama-server compatibility.
     #[arg(long = "no-jinja")]
     pub no_jinja: bool,
-    /// Serve `GET /slots` (not implemented yet).
+    /// Serve `GET /slots` (the default).
     #[arg(long)]
     pub slots: bool,
     /// Do not serve `GET /slots`.
     #[arg(long = "no-slots")]
     pub no_slots: bool,
-    /// Serve Prometheus metrics at `GET /metrics` (not implemented yet).
+    /// Serve Prometheus metrics at `GET /metrics`.
     #[arg(long)]
     pub metrics: bool,
     /// A profile file (TOML): each profile is served as a model id.
@@ -86,15 +87,84 @@ pub struct ServeArgs {
 }
 
 pub fn main(a: ServeArgs) -> Result<()> {
-    if a.slots {
-        bail!("--slots: GET /slots is not implemented yet (use --no-slots or leave it out)");
-    }
-    if a.metrics {
-        bail!("--metrics: GET /metrics is not implemented yet");
-    }
     if a.parallel == 0 {
         bail!("--parallel must be at least 1");
     }
+    if a.slots && a.no_slots {
+        bail!("--slots and --no-slots contradict each other");
+    }
+    let mut api_keys: Vec<String> = a
+        .api_key
+        .iter()
+        .filter(|k| !k.is_empty())
+        .cloned()
+        .collect();
+    if let Some(kf) = &a.api_key_file {
+        let text = std::fs::read_to_string(kf)
+            .with_context(|| format!("reading the API key file {}", kf.display()))?;
+        api_keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    let cfg = ServeConfig {
+        host: a.host.clone(),
+        port: a.port,
+        n_ctx: a.ctx_size,
+        n_parallel: a.parallel,
+        n_predict: a.n_predict,
+        temperature: a.temp,
+        seed: a.seed,
+        api_keys,
+        chat_template: a.chat_template.clone(),
+        default_model: 0,
+        lock: a.lock,
+        body_limit: BODY_LIMIT,
+        slots: !a.no_slots,
+        metrics: a.metrics,
+    };
+    // The socket is bound first (requests get 503 `Loading model`), then the models load.
+    let load = move || load(a).map_err(|e| lethe::Error::Invalid(format!("{e:#}")));
+    lethe::serve::run(cfg, load, |addr| {
+        eprintln!("lethe: serving on http://{addr}");
+    })?;
+    Ok(())
+}
+
+/// The patches of a profile with their scales, and its assistants with alpha and filter,
+/// and the sha256 of every file it uses (checked once, at startup).
+fn profile_audit(f: &ProfileFile, p: &Profile, cli: &[Value]) -> Result<Value> {
+    let report = profile::check_profile(p, &f.dir)?;
+    let mut patches = cli.to_vec();
+    patches.extend(
+        p.patches
+            .iter()
+            .map(|s| json!({ "file": s.file, "scale": s.scale })),
+    );
+    let assistants: Vec<Value> = p
+        .assistants
+        .iter()
+        .map(|s| json!({ "kind": s.kind.name(), "alpha": s.alpha, "filter": s.filter }))
+        .collect();
+    let files: Vec<Value> = report
+        .files
+        .iter()
+        .map(
+            |c| json!({ "role": c.role, "path": c.path.display().to_string(), "sha256": c.sha256 }),
+        )
+        .collect();
+    Ok(json!({
+        "profile": p.name,
+        "patches": patches,
+        "assistants": assistants,
+        "files": files,
+    }))
+}
+
+/// Load the base model and every profile.
+fn load(a: ServeArgs) -> Result<Loaded> {
     let file = a.profile.as_ref().map(ProfileFile::load).transpose()?;
     let path = match (&file, &a.model) {
         (Some(f), None) => profile::locate(&f.dir, &f.profiles[0].base)?,
@@ -127,11 +197,18 @@ pub fn main(a: ServeArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
+    let cli_audit: Vec<Value> = a
+        .patches
+        .specs()?
+        .iter()
+        .map(|(f, scale, _)| json!({ "file": f.display().to_string(), "scale": scale }))
+        .collect();
     let mut models = vec![ServedModel {
         id: base_id,
         profile: None,
         terms: Vec::new(),
         patches: patch_set(&model, &cli_patches)?,
+        audit: json!({ "profile": null, "patches": cli_audit, "assistants": [], "files": [] }),
     }];
     if let Some(f) = &file {
         let canon = std::fs::canonicalize(&path).ok();
@@ -159,6 +236,7 @@ pub fn main(a: ServeArgs) -> Result<()> {
                 profile: Some(p.name.clone()),
                 terms: profile_terms(&model, f, p)?,
                 patches: patch_set(&model, &parts)?,
+                audit: profile_audit(f, p, &cli_audit)?,
             });
         }
     }
@@ -173,39 +251,12 @@ pub fn main(a: ServeArgs) -> Result<()> {
     if a.lock && default_model == 0 {
         bail!("--lock serves only profiles: --default-model cannot be the base model");
     }
-    let mut api_keys: Vec<String> = a
-        .api_key
-        .iter()
-        .filter(|k| !k.is_empty())
-        .cloned()
-        .collect();
-    if let Some(kf) = &a.api_key_file {
-        let text = std::fs::read_to_string(kf)
-            .with_context(|| format!("reading the API key file {}", kf.display()))?;
-        api_keys.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(str::to_owned),
-        );
-    }
-    let cfg = ServeConfig {
-        host: a.host.clone(),
-        port: a.port,
+    Ok(Loaded {
+        base: model,
+        tok,
+        models,
         n_ctx,
-        n_parallel: a.parallel,
-        n_predict: a.n_predict,
-        temperature: a.temp,
-        seed: a.seed,
-        api_keys,
-        chat_template: a.chat_template.clone(),
         default_model,
-        lock: a.lock,
-        body_limit: BODY_LIMIT,
-    };
-    let ids: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
-    lethe::serve::run(cfg, model, tok, models, |addr| {
-        eprintln!("lethe: serving {} on http://{addr}", ids.join(", "));
-    })?;
-    Ok(())
+        model_path: path,
+    })
 }

@@ -8,7 +8,8 @@
 //! in chunks with decoding.
 
 use super::error::ApiError;
-use crate::generate::{Decoder, GenerateParams, Generation, Generator};
+use super::stats::Stats;
+use crate::generate::{Decoder, GenerateParams, Generation, Generator, TokenProbs};
 use crate::model::{Model, PatchSet};
 use crate::tokenizer::Tokenizer;
 use crate::unlearn::Assistant;
@@ -26,6 +27,10 @@ pub struct ServedModel {
     pub profile: Option<String>,
     pub terms: Vec<Assistant>,
     pub patches: Option<Arc<PatchSet>>,
+    /// What the model is made of, for audits: profile, patches and their scales,
+    /// assistants with alpha and filter, and every file with its sha256. Reported by
+    /// `/v1/models` and in `generation_settings`.
+    pub audit: serde_json::Value,
 }
 
 /// A generation request for the inference thread.
@@ -34,6 +39,8 @@ pub struct Job {
     pub model: usize,
     pub prompt: Vec<u32>,
     pub params: GenerateParams,
+    /// Alternatives to report per token with its log-probability; `None`: no probabilities.
+    pub n_probs: Option<usize>,
     /// Where the text goes; when the receiver is dropped (the client left) the job ends.
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -41,8 +48,9 @@ pub struct Job {
 /// What the inference thread reports on a job.
 #[derive(Debug)]
 pub enum Event {
-    /// Decided text (stop strings and incomplete UTF-8 held back until decided).
-    Text(String),
+    /// Decided text (stop strings and incomplete UTF-8 held back until decided), with the
+    /// probabilities of the tokens sampled since the last event (when asked for).
+    Text(String, Vec<TokenProbs>),
     /// The generation ended, in slot `slot`.
     Done { slot: usize, gen: Generation },
     /// The job failed.
@@ -53,6 +61,8 @@ pub enum Event {
 #[derive(Clone)]
 pub struct Engine {
     tx: std_mpsc::Sender<Job>,
+    /// Slots and counters, as the inference thread reports them.
+    pub stats: Arc<Stats>,
 }
 
 impl Engine {
@@ -65,6 +75,9 @@ impl Engine {
         n_ctx: usize,
     ) -> std::io::Result<Self> {
         let (tx, rx) = std_mpsc::channel();
+        let n_slots = n_slots.max(1);
+        let stats = Arc::new(Stats::new(n_slots, n_ctx));
+        let shared = stats.clone();
         std::thread::Builder::new()
             .name("lethe-inference".into())
             .spawn(move || {
@@ -74,12 +87,13 @@ impl Engine {
                     tok,
                     models,
                     n_ctx,
-                    slots: (0..n_slots.max(1)).map(Slot::new).collect(),
+                    slots: (0..n_slots).map(Slot::new).collect(),
                     queue: VecDeque::new(),
+                    stats: shared,
                 };
                 sched.run(rx)
             })?;
-        Ok(Self { tx })
+        Ok(Self { tx, stats })
     }
 
     /// Queue a job; its events arrive on the returned receiver.
@@ -88,6 +102,7 @@ impl Engine {
         model: usize,
         prompt: Vec<u32>,
         params: GenerateParams,
+        n_probs: Option<usize>,
     ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
         let (events, rx) = mpsc::unbounded_channel();
         self.tx
@@ -95,6 +110,7 @@ impl Engine {
                 model,
                 prompt,
                 params,
+                n_probs,
                 events,
             })
             .map_err(|_| ApiError::Server("the inference thread has stopped".into()))?;
@@ -115,6 +131,8 @@ struct Slot {
 struct Active {
     gen: Generator,
     events: mpsc::UnboundedSender<Event>,
+    /// Probabilities already sent.
+    probs_sent: usize,
 }
 
 impl Slot {
@@ -143,6 +161,7 @@ struct Scheduler {
     n_ctx: usize,
     slots: Vec<Slot>,
     queue: VecDeque<Job>,
+    stats: Arc<Stats>,
 }
 
 impl Scheduler {
@@ -160,6 +179,8 @@ impl Scheduler {
             }
             // Jobs whose client left never start.
             self.queue.retain(|j| !j.events.is_closed());
+            let deferred = self.queue.len() as u64;
+            self.stats.count(|c| c.requests_deferred = deferred);
             while let Some(i) = self.free_slot() {
                 let Some(job) = self.queue.pop_front() else {
                     break;
@@ -207,9 +228,26 @@ impl Scheduler {
         match Generator::start(dec.as_mut(), &mut slot.history, &job.prompt, &job.params) {
             Ok(gen) => {
                 slot.active = Some(Active {
-                    gen,
+                    gen: gen.with_probs(job.n_probs),
                     events: job.events,
-                })
+                    probs_sent: 0,
+                });
+                let mut task = 0;
+                self.stats.count(|c| {
+                    c.tasks_started += 1;
+                    c.n_decode_total += 1;
+                    c.n_busy_slots_total += 1;
+                    task = c.tasks_started;
+                });
+                let model = self.models[job.model].id.clone();
+                let n_cached = slot.history.len();
+                self.stats.slot(i, |v| {
+                    v.id_task = task as i64;
+                    v.is_processing = true;
+                    v.model = Some(model);
+                    v.n_cached = n_cached;
+                    v.n_decoded = 0;
+                });
             }
             Err(e) => {
                 slot.reset();
@@ -228,13 +266,33 @@ impl Scheduler {
             // The client left: free the slot.
             active.gen.cancel();
             slot.active = None;
+            let n_cached = slot.history.len();
+            self.stats.slot(i, |v| {
+                v.is_processing = false;
+                v.id_task = -1;
+                v.n_cached = n_cached;
+            });
             return;
         }
         let dec = slot.dec.as_mut().expect("an active slot has a decoder");
-        match active.gen.step(dec.as_mut(), &self.tok, &mut slot.history) {
+        let stepped = active.gen.step(dec.as_mut(), &self.tok, &mut slot.history);
+        let (n_cached, n_decoded) = (slot.history.len(), active.gen.n_generated());
+        self.stats.count(|c| {
+            c.n_decode_total += 1;
+            c.n_busy_slots_total += 1;
+            c.n_tokens_max = c.n_tokens_max.max(n_cached as u64);
+        });
+        self.stats.slot(i, |v| {
+            v.n_cached = n_cached;
+            v.n_decoded = n_decoded;
+        });
+        match stepped {
             Ok(Some(text)) => {
+                let probs = &active.gen.probs()[active.probs_sent..];
                 if !text.is_empty() {
-                    let _ = active.events.send(Event::Text(text));
+                    let probs = probs.to_vec();
+                    active.probs_sent += probs.len();
+                    let _ = active.events.send(Event::Text(text, probs));
                 }
                 if !active.gen.is_done() {
                     return;
@@ -245,13 +303,42 @@ impl Scheduler {
                 let _ = active.events.send(Event::Error(e.into()));
                 slot.active = None;
                 slot.reset();
+                self.stats.slot(i, |v| *v = idle(v.id, v.n_ctx));
                 return;
             }
         }
-        let Active { gen, events } = slot.active.take().expect("checked above");
-        let _ = events.send(Event::Done {
-            slot: slot.id,
-            gen: gen.finish(),
+        let Active {
+            gen,
+            events,
+            probs_sent,
+        } = slot.active.take().expect("checked above");
+        // Probabilities of tokens whose text was held back (a stop string) go out before
+        // the end.
+        if gen.probs().len() > probs_sent {
+            let rest = gen.probs()[probs_sent..].to_vec();
+            let _ = events.send(Event::Text(String::new(), rest));
+        }
+        let gen = gen.finish();
+        self.stats.count(|c| {
+            c.prompt_tokens_total += (gen.n_prompt - gen.n_cached) as u64;
+            c.prompt_seconds_total += gen.prompt_ms / 1e3;
+            c.tokens_predicted_total += gen.tokens.len() as u64;
+            c.tokens_predicted_seconds_total += gen.gen_ms / 1e3;
         });
+        self.stats.slot(i, |v| {
+            v.is_processing = false;
+            v.id_task = -1;
+        });
+        let _ = events.send(Event::Done { slot: slot.id, gen });
+    }
+}
+
+/// A slot that holds nothing.
+fn idle(id: usize, n_ctx: usize) -> super::stats::SlotView {
+    super::stats::SlotView {
+        id,
+        id_task: -1,
+        n_ctx,
+        ..Default::default()
     }
 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod request;
 pub mod routes;
 pub mod sse;
+pub mod stats;
 
 pub use engine::{Engine, Event, ServedModel};
 pub use error::{ApiError, ApiResult};
@@ -16,9 +17,11 @@ pub use error::{ApiError, ApiResult};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 /// Server settings (the flags of `lethe serve`, resolved).
 #[derive(Debug, Clone)]
@@ -43,6 +46,25 @@ pub struct ServeConfig {
     pub lock: bool,
     /// Largest request body, in bytes.
     pub body_limit: usize,
+    /// Serve `GET /slots`.
+    pub slots: bool,
+    /// Serve `GET /metrics`.
+    pub metrics: bool,
+}
+
+/// What the loader hands the server once the model is in memory.
+pub struct Loaded {
+    /// The base model; every served model shares its weights.
+    pub base: Arc<Model>,
+    pub tok: Tokenizer,
+    /// The base first, then each profile.
+    pub models: Vec<ServedModel>,
+    /// Context size of each slot, in tokens.
+    pub n_ctx: usize,
+    /// The model a request without `model` gets (an index into `models`).
+    pub default_model: usize,
+    /// The base model's file.
+    pub model_path: PathBuf,
 }
 
 /// What every handler sees.
@@ -53,6 +75,10 @@ pub struct AppState {
     pub arch: String,
     /// Served model ids, in the engine's order; `profile` is `None` for the base.
     pub models: Vec<(String, Option<String>)>,
+    /// Per served model, what it is made of (see [`ServedModel::audit`]).
+    pub audit: Vec<serde_json::Value>,
+    /// The base model's file.
+    pub model_path: PathBuf,
     pub engine: Engine,
     /// Unix time the server started (`created` of the model list).
     pub created: u64,
@@ -105,6 +131,40 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
     }
 }
 
+/// CORS as llama-server does it: the request's `Origin` is echoed back (`*` without one),
+/// and a preflight `OPTIONS` is answered with the allowed methods and headers.
+async fn cors(req: Request, next: Next) -> Response {
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("*"));
+    let mut res = if req.method() == Method::OPTIONS {
+        let allow_headers = req
+            .headers()
+            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("*"));
+        let mut r = StatusCode::OK.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allow_headers);
+        r
+    } else {
+        next.run(req).await
+    };
+    let h = res.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        HeaderValue::from_static("true"),
+    );
+    res
+}
+
 /// The application: every route, the key check and the body limit.
 pub fn router(state: Arc<AppState>) -> axum::Router {
     let limit = state.cfg.body_limit;
@@ -115,41 +175,37 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .with_state(state)
 }
 
-/// Serve `models` (the base and its profiles, sharing `base`'s weights) until SIGINT or
-/// SIGTERM. `ready` is called with the bound address once the server listens.
+/// The server as it starts: every request is answered 503 `Loading model` until the
+/// application is set, then handed to it. CORS applies throughout.
+fn gate(app: Arc<OnceLock<axum::Router>>) -> axum::Router {
+    axum::Router::new()
+        .fallback(move |req: Request| {
+            let app = app.clone();
+            async move {
+                match app.get() {
+                    Some(r) => {
+                        let mut r = r.clone();
+                        match tower_service::Service::call(&mut r, req).await {
+                            Ok(res) => res,
+                            Err(never) => match never {},
+                        }
+                    }
+                    None => ApiError::Unavailable("Loading model".into()).into_response(),
+                }
+            }
+        })
+        .layer(axum::middleware::from_fn(cors))
+}
+
+/// Listen first (requests get 503 `Loading model` meanwhile), then `load` the models (the
+/// base and its profiles, sharing the base's weights) and serve them until SIGINT or
+/// SIGTERM. `ready` is called with the bound address once the server listens; a failed
+/// load stops the server with its error.
 pub fn run(
-    cfg: ServeConfig,
-    base: Arc<Model>,
-    tok: Tokenizer,
-    models: Vec<ServedModel>,
+    mut cfg: ServeConfig,
+    load: impl FnOnce() -> crate::Result<Loaded> + Send + 'static,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> crate::Result<()> {
-    let io = |context: &str| {
-        let context = context.to_string();
-        move |source| crate::Error::Io { context, source }
-    };
-    if models.is_empty() || cfg.default_model >= models.len() {
-        return Err(crate::Error::Invalid("no model to serve".into()));
-    }
-    let tok = Arc::new(tok);
-    let ids = models
-        .iter()
-        .map(|m| (m.id.clone(), m.profile.clone()))
-        .collect();
-    let arch = base.cfg.arch.name().to_string();
-    let engine = Engine::start(base, tok.clone(), models, cfg.n_parallel, cfg.n_ctx)
-        .map_err(io("starting the inference thread"))?;
-    let state = Arc::new(AppState {
-        cfg: cfg.clone(),
-        tok,
-        arch,
-        models: ids,
-        engine,
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -166,11 +222,86 @@ pub fn run(
                 .local_addr()
                 .map_err(io("reading the bound address"))?,
         );
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown())
+        let app = Arc::new(OnceLock::new());
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<crate::Error>();
+        let loading = app.clone();
+        tokio::task::spawn_blocking(move || {
+            let state = load().and_then(|l| {
+                cfg.n_ctx = l.n_ctx;
+                cfg.default_model = l.default_model;
+                start(cfg, l)
+            });
+            match state {
+                Ok(state) => {
+                    let _ = loading.set(router(Arc::new(state)));
+                }
+                Err(e) => {
+                    let _ = failed_tx.send(e);
+                }
+            }
+        });
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let seen = failure.clone();
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown() => {},
+                Ok(e) = failed_rx => {
+                    *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                },
+            }
+        };
+        axum::serve(listener, gate(app))
+            .with_graceful_shutdown(stop)
             .await
-            .map_err(io("serving"))
+            .map_err(io("serving"))?;
+        let failed = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     })
+}
+
+/// The handlers' state for `loaded`, with the inference thread started.
+fn start(cfg: ServeConfig, loaded: Loaded) -> crate::Result<AppState> {
+    let Loaded {
+        base,
+        tok,
+        models,
+        model_path,
+        ..
+    } = loaded;
+    if models.is_empty() || cfg.default_model >= models.len() {
+        return Err(crate::Error::Invalid("no model to serve".into()));
+    }
+    let tok = Arc::new(tok);
+    let ids = models
+        .iter()
+        .map(|m| (m.id.clone(), m.profile.clone()))
+        .collect();
+    let audit = models.iter().map(|m| m.audit.clone()).collect();
+    let arch = base.cfg.arch.name().to_string();
+    let engine = Engine::start(base, tok.clone(), models, cfg.n_parallel, cfg.n_ctx)
+        .map_err(io("starting the inference thread"))?;
+    Ok(AppState {
+        cfg,
+        tok,
+        arch,
+        models: ids,
+        audit,
+        model_path,
+        engine,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })
+}
+
+/// An I/O error with `context`.
+fn io(context: &str) -> impl FnOnce(std::io::Error) -> crate::Error {
+    let context = context.to_string();
+    move |source| crate::Error::Io { context, source }
 }
 
 /// Resolves on SIGINT or SIGTERM.

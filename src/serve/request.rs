@@ -101,15 +101,6 @@ impl Body {
                 return unsupported(key);
             }
         }
-        if self
-            .get("logprobs")
-            .is_some_and(|v| v != &Value::Bool(false))
-        {
-            return unsupported("logprobs");
-        }
-        if self.i64("n_probs")?.is_some_and(|n| n > 0) {
-            return unsupported("n_probs");
-        }
         if self.i64("n")?.is_some_and(|n| n != 1) {
             return unsupported("n other than 1");
         }

@@ -5,7 +5,9 @@ use super::super::error::{ApiError, ApiResult};
 use super::super::request::{bad, response_id, Body};
 use super::super::{sse, AppState, Event};
 use super::FINGERPRINT;
-use super::{check_context, collect, finish_reason, now, read_body, stream, timings, usage};
+use super::{
+    check_context, collect, finish_reason, now, oai_logprobs, read_body, stream, timings, usage,
+};
 use crate::tokenizer::{apply_chat_template, ChatMessage};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -84,6 +86,42 @@ pub fn render(
     )?)
 }
 
+/// The chat template in use, as `/props` reports it: the override, the file's, or the
+/// built-in format's name.
+pub fn template_source(state: &AppState) -> String {
+    state
+        .cfg
+        .chat_template
+        .as_deref()
+        .or_else(|| state.tok.chat_template())
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            if state.arch.starts_with("gemma") {
+                "gemma".into()
+            } else {
+                "chatml".into()
+            }
+        })
+}
+
+/// `logprobs` (a boolean) and `top_logprobs` (0 to 20): the alternatives to report per
+/// token, `None` when no probabilities are asked for.
+fn chat_probs(body: &Body) -> ApiResult<Option<usize>> {
+    let top = body.i64("top_logprobs")?;
+    if let Some(n) = top {
+        if !(0..=20).contains(&n) {
+            return Err(bad("top_logprobs", "an integer from 0 to 20"));
+        }
+    }
+    match body.bool("logprobs")? {
+        Some(true) => Ok(Some(top.unwrap_or(0) as usize)),
+        _ if top.is_some_and(|n| n > 0) => Err(ApiError::InvalidRequest(
+            "'top_logprobs' needs 'logprobs': true".into(),
+        )),
+        _ => Ok(None),
+    }
+}
+
 pub async fn chat(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -102,7 +140,13 @@ pub async fn chat(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let rx = state.engine.submit(model, prompt, params)?;
+    let n_probs = chat_probs(&body)?;
+    let rx = state.engine.submit(model, prompt, params, n_probs)?;
+    let tok = state.tok.clone();
+    let logprobs = move |p: &[crate::generate::TokenProbs]| match n_probs {
+        Some(_) => json!({ "content": oai_logprobs(&tok, p) }),
+        None => Value::Null,
+    };
     let id = response_id("chatcmpl-");
     let name = state.models[model].0.clone();
     let created = now();
@@ -113,6 +157,7 @@ pub async fn chat(
                 "finish_reason": finish_reason(&g),
                 "index": 0,
                 "message": { "role": "assistant", "content": g.text },
+                "logprobs": logprobs(&g.probs),
             }],
             "created": created,
             "model": name,
@@ -140,11 +185,12 @@ pub async fn chat(
         "delta": { "role": "assistant", "content": null },
     }])))];
     Ok(stream(rx, first, move |ev| match ev {
-        Event::Text(t) => (
+        Event::Text(t, probs) => (
             vec![sse::event(&chunk(json!([{
                 "finish_reason": null,
                 "index": 0,
                 "delta": { "content": t },
+                "logprobs": logprobs(&probs),
             }])))],
             false,
         ),

@@ -5,8 +5,10 @@ use super::super::error::{ApiError, ApiResult};
 use super::super::request::{bad, response_id, Body};
 use super::super::{sse, AppState, Event};
 use super::FINGERPRINT;
-use super::{check_context, collect, finish_reason, now, read_body, stream, timings, usage};
-use crate::generate::{FinishReason, GenerateParams, Generation};
+use super::{
+    check_context, collect, finish_reason, now, oai_logprobs, read_body, stream, timings, usage,
+};
+use crate::generate::{FinishReason, GenerateParams, Generation, TokenProbs};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -52,11 +54,33 @@ fn stop_type(g: &Generation) -> &'static str {
     }
 }
 
-/// The settings a generation ran with, as llama-server's `generation_settings` names them.
-fn generation_settings(state: &AppState, model: &str, p: &GenerateParams) -> Value {
+/// An integer field from 0 to 20 giving how many alternatives to report per token.
+fn n_alternatives(body: &Body, key: &str) -> ApiResult<Option<usize>> {
+    match body.get(key) {
+        None | Some(Value::Bool(false)) => Ok(None),
+        Some(Value::Bool(true)) => Ok(Some(0)),
+        Some(_) => match body.i64(key)? {
+            Some(n) if (0..=20).contains(&n) => Ok((n > 0).then_some(n as usize)),
+            _ => Err(bad(key, "an integer from 0 to 20")),
+        },
+    }
+}
+
+/// llama-server's `completion_probabilities`: per token `{id, token, bytes, logprob,
+/// top_logprobs}`.
+fn completion_probabilities(state: &AppState, probs: &[TokenProbs]) -> Value {
+    oai_logprobs(&state.tok, probs)
+}
+
+/// The settings a generation ran with, as llama-server's `generation_settings` names them,
+/// with what the model is made of (profile, patch scales, assistants' alpha and filter,
+/// file hashes) under `unlearn`.
+fn generation_settings(state: &AppState, model: usize, p: &GenerateParams) -> Value {
     let s = &p.sampler;
     json!({
-        "model": model,
+        "model": state.models[model].0,
+        "profile": state.models[model].1,
+        "unlearn": state.audit[model],
         "n_ctx": state.cfg.n_ctx,
         "n_predict": p.n_predict,
         "temperature": s.temperature,
@@ -94,12 +118,16 @@ pub async fn completion(
     let (model, params, prompt) = prepare(&state, &body)?;
     let streaming = body.bool("stream")?.unwrap_or(false);
     let name = state.models[model].0.clone();
-    let mut settings = generation_settings(&state, &name, &params);
+    let mut settings = generation_settings(&state, model, &params);
     settings["stream"] = json!(streaming);
+    let n_probs = n_alternatives(&body, "n_probs")?;
+    settings["n_probs"] = json!(n_probs.unwrap_or(0));
     let prompt_text = state.tok.decode(&prompt, true);
-    let rx = state.engine.submit(model, prompt, params)?;
-    let final_object = move |slot: usize, g: &Generation, content: &str| {
-        json!({
+    let rx = state.engine.submit(model, prompt, params, n_probs)?;
+    let st = state.clone();
+    let probs_json = move |p: &[TokenProbs]| completion_probabilities(&st, p);
+    let final_object = move |slot: usize, g: &Generation, content: &str, probs: &[TokenProbs]| {
+        let mut o = json!({
             "index": 0,
             "content": content,
             "tokens": [],
@@ -117,17 +145,22 @@ pub async fn completion(
             // The last token sampled is never fed, so it is not in the cache.
             "tokens_cached": g.n_prompt + g.tokens.len().saturating_sub(1),
             "timings": timings(g),
-        })
+        });
+        if n_probs.is_some() {
+            o["completion_probabilities"] = probs_json(probs);
+        }
+        o
     };
     if !streaming {
         let (slot, g) = collect(rx).await?;
-        return Ok(Json(final_object(slot, &g, &g.text)).into_response());
+        return Ok(Json(final_object(slot, &g, &g.text, &g.probs)).into_response());
     }
+    let st = state.clone();
     let mut n = 0usize;
     Ok(stream(rx, Vec::new(), move |ev| match ev {
-        Event::Text(t) => {
+        Event::Text(t, probs) => {
             n += 1;
-            let partial = json!({
+            let mut partial = json!({
                 "index": 0,
                 "content": t,
                 "tokens": [],
@@ -136,9 +169,12 @@ pub async fn completion(
                 "tokens_predicted": n,
                 "tokens_evaluated": 0,
             });
+            if n_probs.is_some() {
+                partial["completion_probabilities"] = completion_probabilities(&st, &probs);
+            }
             (vec![sse::event(&partial)], false)
         }
-        Event::Done { slot, gen } => (vec![sse::event(&final_object(slot, &gen, ""))], true),
+        Event::Done { slot, gen } => (vec![sse::event(&final_object(slot, &gen, "", &[]))], true),
         Event::Error(e) => (vec![sse::event(&e.to_json())], true),
     }))
 }
@@ -156,7 +192,13 @@ pub async fn oai_completion(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let rx = state.engine.submit(model, prompt, params)?;
+    let n_probs = n_alternatives(&body, "logprobs")?;
+    let rx = state.engine.submit(model, prompt, params, n_probs)?;
+    let tok = state.tok.clone();
+    let logprobs = move |p: &[TokenProbs]| match n_probs {
+        Some(_) => json!({ "content": oai_logprobs(&tok, p) }),
+        None => Value::Null,
+    };
     let id = response_id("cmpl-");
     let name = state.models[model].0.clone();
     let created = now();
@@ -175,7 +217,7 @@ pub async fn oai_completion(
         let mut o = object(json!([{
             "text": g.text,
             "index": 0,
-            "logprobs": null,
+            "logprobs": logprobs(&g.probs),
             "finish_reason": finish_reason(&g),
         }]));
         o["usage"] = usage(&g);
@@ -183,11 +225,11 @@ pub async fn oai_completion(
         return Ok(Json(o).into_response());
     }
     Ok(stream(rx, Vec::new(), move |ev| match ev {
-        Event::Text(t) => (
+        Event::Text(t, probs) => (
             vec![sse::event(&object(json!([{
                 "text": t,
                 "index": 0,
-                "logprobs": null,
+                "logprobs": logprobs(&probs),
                 "finish_reason": null,
             }])))],
             false,

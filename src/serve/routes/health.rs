@@ -6,7 +6,8 @@ use axum::Json;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-/// `GET /health`, `/v1/health`: the model is loaded before the server listens.
+/// `GET /health`, `/v1/health`: routed here once the model is loaded (until then the
+/// server answers 503 `Loading model`).
 pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -18,7 +19,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
         .iter()
         .enumerate()
         .filter(|&(i, _)| state.servable(i))
-        .map(|(_, (id, profile))| {
+        .map(|(i, (id, profile))| {
             json!({
                 "id": id,
                 "object": "model",
@@ -28,6 +29,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
                     "n_ctx": state.cfg.n_ctx,
                     "n_vocab": state.tok.n_vocab(),
                     "profile": profile,
+                    "unlearn": state.audit[i],
                 },
             })
         })

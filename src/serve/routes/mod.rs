@@ -4,13 +4,15 @@
 pub mod chat;
 pub mod completion;
 pub mod health;
+pub mod props;
 pub mod tokenize;
 
 use super::engine::Event;
 use super::error::{ApiError, ApiResult};
 use super::request::Body;
 use super::AppState;
-use crate::generate::{FinishReason, Generation};
+use crate::generate::{FinishReason, Generation, TokenProbs};
+use crate::tokenizer::Tokenizer;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{header, StatusCode};
@@ -37,6 +39,9 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/apply-template", post(tokenize::apply_template))
+        .route("/props", get(props::props))
+        .route("/slots", get(props::slots))
+        .route("/metrics", get(props::metrics))
 }
 
 /// The request body as a JSON object; a body over the limit is a 413.
@@ -66,7 +71,7 @@ pub fn check_context(state: &AppState, prompt: &[u32]) -> ApiResult<()> {
 pub async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> ApiResult<(usize, Generation)> {
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Text(_) => {}
+            Event::Text(..) => {}
             Event::Done { slot, gen } => return Ok((slot, gen)),
             Event::Error(e) => return Err(e),
         }
@@ -163,3 +168,27 @@ pub fn now() -> u64 {
 
 /// `system_fingerprint` of the OpenAI responses.
 pub const FINGERPRINT: &str = concat!("lethe-", env!("CARGO_PKG_VERSION"));
+
+/// A token's text and its bytes (a piece need not be whole UTF-8).
+fn piece(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let bytes = tok.token_to_piece(id, true);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// OpenAI's `logprobs.content`: per token `{id, token, logprob, bytes, top_logprobs}`.
+pub fn oai_logprobs(tok: &Tokenizer, probs: &[TokenProbs]) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let (token, bytes) = piece(tok, id);
+        json!({ "id": id, "token": token, "logprob": logprob, "bytes": bytes })
+    };
+    Value::Array(
+        probs
+            .iter()
+            .map(|p| {
+                let mut e = entry(p.id, p.logprob);
+                e["top_logprobs"] = p.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+                e
+            })
+            .collect(),
+    )
+}

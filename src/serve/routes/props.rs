@@ -1,0 +1,173 @@
+//! `GET /props`, `GET /slots` and `GET /metrics`: what the server is and what it is doing.
+
+use super::super::error::{ApiError, ApiResult};
+use super::super::stats::SlotView;
+use super::super::AppState;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use std::fmt::Write;
+use std::sync::Arc;
+
+/// A slot in llama-server's shape, with `params` holding the server's defaults.
+fn slot_json(state: &AppState, s: &SlotView) -> Value {
+    json!({
+        "id": s.id,
+        "id_task": s.id_task,
+        "n_ctx": s.n_ctx,
+        "speculative": false,
+        "is_processing": s.is_processing,
+        "model": s.model,
+        "params": {
+            "n_predict": state.cfg.n_predict,
+            "temperature": state.cfg.temperature,
+            "seed": state.cfg.seed,
+        },
+        "next_token": {
+            "has_next_token": s.is_processing,
+            "n_decoded": s.n_decoded,
+        },
+        "n_cached": s.n_cached,
+    })
+}
+
+/// `GET /props`: the default generation settings, the number of slots, the model file, the
+/// chat template and the build.
+pub async fn props(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let template = super::chat::template_source(&state);
+    let first = state.engine.stats.slots().into_iter().next();
+    let default_settings = first
+        .map(|s| slot_json(&state, &s))
+        .unwrap_or_else(|| json!({}));
+    let token = |id: Option<u32>| id.map(|t| state.tok.decode(&[t], true)).unwrap_or_default();
+    Json(json!({
+        "default_generation_settings": default_settings,
+        "total_slots": state.cfg.n_parallel,
+        "model_path": state.model_path.display().to_string(),
+        "chat_template": template,
+        "bos_token": token(state.tok.bos()),
+        "eos_token": token(state.tok.eos()),
+        "modalities": { "vision": false, "audio": false },
+        "endpoint_slots": state.cfg.slots,
+        "endpoint_metrics": state.cfg.metrics,
+        "build_info": super::FINGERPRINT,
+    }))
+}
+
+/// `GET /slots`: each slot's state; 501 with `--no-slots`.
+pub async fn slots(State(state): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+    if !state.cfg.slots {
+        return Err(ApiError::NotSupported(
+            "This server does not support slots endpoint. Start it with `--slots`".into(),
+        ));
+    }
+    let slots: Vec<Value> = state
+        .engine
+        .stats
+        .slots()
+        .iter()
+        .map(|s| slot_json(&state, s))
+        .collect();
+    Ok(Json(Value::Array(slots)))
+}
+
+/// `GET /metrics`: Prometheus text with llama-server's metric names; 501 without
+/// `--metrics`.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
+    if !state.cfg.metrics {
+        return Err(ApiError::NotSupported(
+            "This server does not support metrics endpoint. Start it with `--metrics`".into(),
+        ));
+    }
+    let c = state.engine.stats.counters();
+    let processing = state
+        .engine
+        .stats
+        .slots()
+        .iter()
+        .filter(|s| s.is_processing)
+        .count();
+    let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    let busy_per_decode = if c.n_decode_total > 0 {
+        c.n_busy_slots_total as f64 / c.n_decode_total as f64
+    } else {
+        0.0
+    };
+    let metrics: [(&str, &str, &str, f64); 11] = [
+        (
+            "prompt_tokens_total",
+            "counter",
+            "Number of prompt tokens processed.",
+            c.prompt_tokens_total as f64,
+        ),
+        (
+            "prompt_seconds_total",
+            "counter",
+            "Prompt process time",
+            c.prompt_seconds_total,
+        ),
+        (
+            "tokens_predicted_total",
+            "counter",
+            "Number of generation tokens processed.",
+            c.tokens_predicted_total as f64,
+        ),
+        (
+            "tokens_predicted_seconds_total",
+            "counter",
+            "Predict process time",
+            c.tokens_predicted_seconds_total,
+        ),
+        (
+            "n_decode_total",
+            "counter",
+            "Total number of forward passes.",
+            c.n_decode_total as f64,
+        ),
+        (
+            "n_tokens_max",
+            "counter",
+            "Largest observed n_tokens.",
+            c.n_tokens_max as f64,
+        ),
+        (
+            "n_busy_slots_per_decode",
+            "counter",
+            "Average number of busy slots per forward pass.",
+            busy_per_decode,
+        ),
+        (
+            "prompt_tokens_seconds",
+            "gauge",
+            "Average prompt throughput in tokens/s.",
+            rate(c.prompt_tokens_total, c.prompt_seconds_total),
+        ),
+        (
+            "predicted_tokens_seconds",
+            "gauge",
+            "Average generation throughput in tokens/s.",
+            rate(c.tokens_predicted_total, c.tokens_predicted_seconds_total),
+        ),
+        (
+            "requests_processing",
+            "gauge",
+            "Number of requests processing.",
+            processing as f64,
+        ),
+        (
+            "requests_deferred",
+            "gauge",
+            "Number of requests deferred.",
+            c.requests_deferred as f64,
+        ),
+    ];
+    let mut text = String::new();
+    for (name, kind, help, value) in metrics {
+        let _ = writeln!(text, "# HELP llamacpp:{name} {help}");
+        let _ = writeln!(text, "# TYPE llamacpp:{name} {kind}");
+        let _ = writeln!(text, "llamacpp:{name} {value}");
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
