@@ -523,6 +523,20 @@ fn profile_served_by_id_and_lock() {
     );
     assert_eq!(ask("patched"), patched);
 
+    // Every patch of every profile, with a stable id.
+    let (st, list) = s.get("/lora-adapters");
+    assert_eq!(st, 200);
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["id"], 0);
+    assert_eq!(list[0]["scale"], 1.0);
+    assert!(list[0]["path"].as_str().unwrap().ends_with("lora.gguf"));
+    // Overrides not supported yet: 501, never ignored.
+    let mut b = chat_body(PROMPT, 2);
+    b["lora"] = json!([{"id": 0, "scale": 0.5}]);
+    let (st, e) = s.post("/v1/chat/completions", &b);
+    assert_eq!((st, error_type(&e)), (501, "not_supported_error"));
+
     // Audit: the profile's files with their sha256, in the list and in the response.
     let entry = &models["data"][1];
     let files = entry["meta"]["unlearn"]["files"].as_array().unwrap();
@@ -616,6 +630,20 @@ fn profile_served_by_id_and_lock() {
     b["model"] = json!("base");
     let (st, e) = s.post("/v1/chat/completions", &b);
     assert_eq!((st, error_type(&e)), (404, "not_found_error"));
+    // Per-request overrides and new scales are refused under --lock.
+    for extra in [
+        json!({"lora": [{"id": 0, "scale": 0.0}]}),
+        json!({"unlearn": {"alpha": 0.0}}),
+    ] {
+        let mut b = chat_body(PROMPT, 2);
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (st, e) = s.post("/v1/chat/completions", &b);
+        assert_eq!((st, error_type(&e)), (403, "permission_error"), "{extra}");
+    }
+    let (st, e) = s.post("/lora-adapters", &json!([{"id": 0, "scale": 0.0}]));
+    assert_eq!((st, error_type(&e)), (403, "permission_error"));
     // No model: the first profile.
     let (st, r) = s.post("/v1/chat/completions", &chat_body(PROMPT, 12));
     assert_eq!(st, 200);

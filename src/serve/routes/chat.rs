@@ -128,6 +128,7 @@ pub async fn chat(
 ) -> ApiResult<Response> {
     let body = read_body(body, state.cfg.body_limit)?;
     body.refuse_unsupported()?;
+    body.refuse_overrides(state.cfg.lock)?;
     let model = state.resolve_model(body.str("model")?)?;
     let params = body.generate_params(&state)?;
     let msgs = messages(&body)?;

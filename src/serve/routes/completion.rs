@@ -101,6 +101,7 @@ fn generation_settings(state: &AppState, model: usize, p: &GenerateParams) -> Va
 /// The parts both completion routes share: model, settings and prompt, checked.
 fn prepare(state: &AppState, body: &Body) -> ApiResult<(usize, GenerateParams, Vec<u32>)> {
     body.refuse_unsupported()?;
+    body.refuse_overrides(state.cfg.lock)?;
     let model = state.resolve_model(body.str("model")?)?;
     let params = body.generate_params(state)?;
     let prompt = prompt_tokens(state, body.get("prompt"))?;

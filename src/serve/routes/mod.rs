@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod completion;
 pub mod health;
+pub mod lora;
 pub mod props;
 pub mod tokenize;
 
@@ -42,6 +43,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/props", get(props::props))
         .route("/slots", get(props::slots))
         .route("/metrics", get(props::metrics))
+        .route("/lora-adapters", get(lora::list).post(lora::set))
 }
 
 /// The request body as a JSON object; a body over the limit is a 413.
