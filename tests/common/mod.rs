@@ -31,8 +31,22 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-fn python() -> String {
-    std::env::var("LETHE_PYTHON").unwrap_or_else(|_| "python3".into())
+/// The Python interpreter for the tests that use Python packages: `LETHE_PYTHON` if set, else
+/// the virtual environment `.ci/run` creates (`~/.cache/lethe/venv`), else `python3`.
+pub fn python() -> String {
+    if let Ok(p) = std::env::var("LETHE_PYTHON") {
+        return p;
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    if let Some(cache) = cache {
+        let venv = cache.join("lethe/venv/bin/python");
+        if venv.exists() {
+            return venv.to_string_lossy().into_owned();
+        }
+    }
+    "python3".into()
 }
 
 /// Reads `path` with llama.cpp's Python reader (`tests/fixtures/gguf_dump.py`, JSON out).
