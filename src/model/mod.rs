@@ -427,7 +427,7 @@ impl Model {
         }
         for (st, tok) in states.iter().zip(tokens.chunks(1)) {
             self.check_input(st, tok)?;
-            if !same_patches(st, &states[0]) {
+            if !same_patches(st, states[0]) {
                 return Err(Error::Invalid(
                     "sequences in one batch must run with the same patches".into(),
                 ));

@@ -236,17 +236,14 @@ impl Scheduler {
                 continue;
             }
             let dec = slot.dec.as_deref().expect("an active slot has a decoder");
-            match active.gen.pick(dec, tok, &slot.history) {
-                Some((text, next)) => {
-                    if !text.is_empty() {
-                        let _ = active.events.send(Event::Text(text));
-                    }
-                    if let Some(next) = next {
-                        running.push((slot.id, next));
-                        continue;
-                    }
+            if let Some((text, next)) = active.gen.pick(dec, tok, &slot.history) {
+                if !text.is_empty() {
+                    let _ = active.events.send(Event::Text(text));
                 }
-                None => {}
+                if let Some(next) = next {
+                    running.push((slot.id, next));
+                    continue;
+                }
             }
             slot.finish();
         }
