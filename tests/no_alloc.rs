@@ -168,3 +168,38 @@ fn patched_decode_steps_do_not_allocate() {
         "patched decode steps allocated"
     );
 }
+
+#[test]
+fn batched_decode_steps_do_not_allocate() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for name in ["smollm2", "gemma3"] {
+        let model = Model::open(model_path(name), 2).unwrap();
+        // Different contexts: the batch runs in the largest one's scratch.
+        let mut states: Vec<_> = [256, 128, 256, 64]
+            .iter()
+            .map(|&n| model.new_state(n))
+            .collect();
+        for (i, st) in states.iter_mut().enumerate() {
+            let prompt: Vec<u32> = (1..=3 + i as u32).collect();
+            model.forward(st, &prompt, None).unwrap();
+        }
+        let mut refs: Vec<_> = states.iter_mut().collect();
+        let mut toks = [9u32, 10, 11, 12];
+        // The first batched step sizes the batch's logits.
+        model.forward_multi(&mut refs, &toks).unwrap();
+        ALLOCS.store(0, Ordering::SeqCst);
+        COUNTING.store(true, Ordering::SeqCst);
+        for t in 0..16u32 {
+            for (i, tok) in toks.iter_mut().enumerate() {
+                *tok = 100 + t + i as u32;
+            }
+            model.forward_multi(&mut refs, &toks).unwrap();
+        }
+        COUNTING.store(false, Ordering::SeqCst);
+        assert_eq!(
+            ALLOCS.load(Ordering::SeqCst),
+            0,
+            "{name}: batched decode steps allocated"
+        );
+    }
+}

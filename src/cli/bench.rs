@@ -27,6 +27,29 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also decode this many sequences together (one batched forward per step, as the
+    /// server's busy slots do) and report their total tokens/s beside one sequence's,
+    /// the two runs alternating.
+    #[arg(long = "parallel", default_value_t = 1)]
+    pub parallel: usize,
+}
+
+/// Total decode tokens/s of `n_seq` sequences decoded together for `n_gen` steps, each from
+/// its own one-token prompt (greedy), through [`Model::forward_multi`].
+pub fn multi_decode_tps(model: &Model, n_seq: usize, n_gen: usize) -> Result<f64> {
+    let n_ctx = (n_gen + 8).next_multiple_of(256);
+    let vocab = model.cfg.n_vocab as u32;
+    let mut states: Vec<_> = (0..n_seq).map(|_| model.new_state(n_ctx)).collect();
+    let mut next: Vec<u32> = (0..n_seq as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let t = Instant::now();
+    for _ in 0..n_gen {
+        let mut refs: Vec<_> = states.iter_mut().collect();
+        model.forward_multi(&mut refs, &next)?;
+        for (n, st) in next.iter_mut().zip(&states) {
+            *n = lethe::generate::sampler::argmax_raw(&st.logits);
+        }
+    }
+    Ok((n_seq * n_gen) as f64 / t.elapsed().as_secs_f64())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -206,6 +229,27 @@ pub fn main(a: BenchArgs) -> Result<()> {
             100.0 * u / b,
             a.reps.max(1),
             terms.join("; ")
+        );
+        return Ok(());
+    }
+    if a.parallel > 1 {
+        // One sequence and `parallel` together, alternating, so that both see the same
+        // machine.
+        let (mut one, mut many) = (Vec::new(), Vec::new());
+        multi_decode_tps(m, 1, 8)?;
+        for _ in 0..a.reps.max(1) {
+            one.push(multi_decode_tps(m, 1, a.n_gen)?);
+            many.push(multi_decode_tps(m, a.parallel, a.n_gen)?);
+        }
+        let (one, many) = (median(one), median(many));
+        println!(
+            "decode tg{}: 1 sequence {one:.1} tok/s, {} together {many:.1} tok/s in total \
+             ({:.2}x; median of {} runs alternating, {} threads)",
+            a.n_gen,
+            a.parallel,
+            many / one,
+            a.reps.max(1),
+            m.pool.n_threads()
         );
         return Ok(());
     }

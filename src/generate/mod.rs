@@ -23,6 +23,60 @@ pub trait Decoder {
     fn feed(&mut self, tokens: &[u32]) -> Result<&[f32]>;
     /// Keep only the first `n` tokens of the cache.
     fn truncate(&mut self, n: usize);
+    /// The model and state of a decoder that is one model's forward pass, so that
+    /// [`feed_each`] can step it together with others of the same model in one batched
+    /// forward. `None` (the default): the decoder steps alone (ULD's lockstep decoders, for
+    /// now).
+    fn batch_parts(&mut self) -> Option<(&Arc<Model>, &mut State)> {
+        None
+    }
+}
+
+/// Feed `tokens[i]` to `decs[i]` for each `i` and call `done(i, logits)` with its outcome.
+/// Decoders whose [`Decoder::batch_parts`] share a model and patches run together, one
+/// batched [`Model::forward_multi`] per group (the weights are read once for the group, and
+/// each gets the logits it would get alone); the others run one by one.
+pub fn feed_each(
+    decs: &mut [&mut dyn Decoder],
+    tokens: &[u32],
+    mut done: impl FnMut(usize, Result<&[f32]>),
+) {
+    debug_assert_eq!(decs.len(), tokens.len());
+    // (model, patches, index) of the batchable decoders, grouped by sorting.
+    let mut keys: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, d) in decs.iter_mut().enumerate() {
+        match d.batch_parts() {
+            Some((m, st)) => {
+                let ps = st.patches().map_or(0, |p| Arc::as_ptr(p) as usize);
+                keys.push((Arc::as_ptr(m) as usize, ps, i));
+            }
+            None => done(i, d.feed(&tokens[i..i + 1])),
+        }
+    }
+    keys.sort_unstable();
+    let mut parts: Vec<Option<(&Arc<Model>, &mut State)>> =
+        decs.iter_mut().map(|d| d.batch_parts()).collect();
+    for group in keys.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+        for chunk in group.chunks(crate::model::MAX_BATCH) {
+            let mut model = None;
+            let mut states = Vec::with_capacity(chunk.len());
+            for &(_, _, i) in chunk {
+                let (m, st) = parts[i].take().expect("each decoder once");
+                model = Some(m);
+                states.push(st);
+            }
+            let toks: Vec<u32> = chunk.iter().map(|&(_, _, i)| tokens[i]).collect();
+            let r = model
+                .expect("a group is not empty")
+                .forward_multi(&mut states, &toks);
+            for (st, &(_, _, i)) in states.iter().zip(chunk) {
+                match &r {
+                    Ok(()) => done(i, Ok(&st.logits)),
+                    Err(e) => done(i, Err(Error::Invalid(e.to_string()))),
+                }
+            }
+        }
+    }
 }
 
 /// A model with its own run state.
@@ -64,6 +118,9 @@ impl Decoder for ModelDecoder {
     }
     fn truncate(&mut self, n: usize) {
         self.state.truncate(n)
+    }
+    fn batch_parts(&mut self) -> Option<(&Arc<Model>, &mut State)> {
+        Some((&self.model, &mut self.state))
     }
 }
 
@@ -298,11 +355,31 @@ impl Generator {
         tok: &Tokenizer,
         history: &mut Vec<u32>,
     ) -> Result<Option<String>> {
-        if self.done {
+        let Some((text, next)) = self.pick(dec, tok, history) else {
             return Ok(None);
+        };
+        if let Some(next) = next {
+            let logits = dec.feed(&[next])?;
+            self.fed(next, logits, history);
+        }
+        Ok(Some(text))
+    }
+
+    /// The first half of [`Generator::step`]: sample a token and decide its text. `None` once
+    /// done; otherwise the text and, unless the generation ended here, the token the decoder
+    /// must run next, after which the caller hands its logits to [`Generator::fed`]. A
+    /// scheduler runs the second half of several generations together ([`feed_each`]).
+    pub fn pick(
+        &mut self,
+        dec: &dyn Decoder,
+        tok: &Tokenizer,
+        history: &[u32],
+    ) -> Option<(String, Option<u32>)> {
+        if self.done {
+            return None;
         }
         if self.out.tokens.len() >= self.budget {
-            return Ok(Some(self.end()));
+            return Some((self.end(), None));
         }
         let next = self.sampler.sample(&self.logits, history);
         if let Some(n) = self.n_probs {
@@ -314,7 +391,7 @@ impl Generator {
         }
         if tok.is_eog(next) && !self.ignore_eos {
             self.out.finish = FinishReason::Stop;
-            return Ok(Some(self.end()));
+            return Some((self.end(), None));
         }
         self.out.tokens.push(next);
         let piece = self.stream.push(tok, next);
@@ -325,23 +402,27 @@ impl Generator {
                 self.out.stopping_word = Some(word);
                 self.out.text.push_str(&t);
                 self.close();
-                return Ok(Some(t));
+                return Some((t, None));
             }
         };
         self.out.text.push_str(&text);
         if self.out.tokens.len() >= self.budget {
             text.push_str(&self.end());
-            return Ok(Some(text));
+            return Some((text, None));
         }
         if dec.pos() >= dec.n_ctx() {
             // The context is full: the answer ends here.
             self.out.finish = FinishReason::Length;
             text.push_str(&self.end());
-            return Ok(Some(text));
+            return Some((text, None));
         }
-        self.logits.copy_from_slice(dec.feed(&[next])?);
+        Some((text, Some(next)))
+    }
+
+    /// The second half of [`Generator::step`]: the decoder ran `next` and gave `logits`.
+    pub fn fed(&mut self, next: u32, logits: &[f32], history: &mut Vec<u32>) {
+        self.logits.copy_from_slice(logits);
         history.push(next);
-        Ok(Some(text))
     }
 
     /// End the generation at the caller's request (client gone, Ctrl-C).

@@ -15,29 +15,27 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
-/// `out[t, h*hd..]` = softmax(q_t,h · K / sqrt) V for tokens at positions `pos0..pos0+n_tok`,
-/// whose keys and values are already in the cache. `q` is `[n_tok, n_head*hd]`;
-/// `scores` is scratch of `nth * n_ctx` floats.
+/// `out[t, h*hd..]` = softmax(q_t,h · K / sqrt) V for `n_tok` rows, where `row(t)` names row
+/// `t`'s cache and position (its key and value, and those before it, are already in that
+/// cache, layer `il`). `q` is `[n_tok, n_head*hd]`; `scores` is scratch of `n_threads * n_ctx`
+/// floats, `n_ctx` at least the longest cache.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(
+pub fn attend<'k>(
     pool: &ThreadPool,
-    kv: &KvCache,
     il: usize,
     s: &AttnShape,
     q: &[f32],
     n_tok: usize,
-    pos0: usize,
+    row: &(dyn Fn(usize) -> (&'k KvCache, usize) + Sync),
     out: &mut [f32],
     scores: &mut [f32],
 ) {
     let hd = s.head_dim;
     let qd = s.n_head * hd;
-    let kvd = kv.kv_dim;
     let group = s.n_head / s.n_head_kv;
-    let n_ctx = kv.n_ctx;
+    let n_ctx = scores.len() / pool.n_threads();
     let op = SyncPtr(out.as_mut_ptr());
     let sp = SyncPtr(scores.as_mut_ptr());
-    let (kc, vc) = (kv.keys(il), kv.values(il));
     let jobs = n_tok * s.n_head;
     let next = AtomicUsize::new(0);
     pool.run_dynamic(&|ith, _| {
@@ -50,7 +48,9 @@ pub fn attend(
                 break;
             }
             let (t, h) = (job / s.n_head, job % s.n_head);
-            let pos = pos0 + t;
+            let (kv, pos) = row(t);
+            debug_assert!(kv.n_ctx <= n_ctx);
+            let (kc, vc, kvd) = (kv.keys(il), kv.values(il), kv.kv_dim);
             let lo = match s.window {
                 Some(w) => (pos + 1).saturating_sub(w),
                 None => 0,

@@ -10,9 +10,9 @@
 //! logits = Wembd · (rmsnorm(x) * output_norm)
 //! ```
 
-use super::attention::{attend, AttnShape};
+use super::attention::AttnShape;
 use super::patch::Slot;
-use super::{norm_rows, norm_rows_inplace, Model, State};
+use super::{norm_rows, norm_rows_inplace, Batch, Model, Scratch};
 use lethe_kernels::ops;
 
 /// An optional norm weight (gemma3's are checked present at load).
@@ -20,16 +20,17 @@ fn norm(w: &Option<Vec<f32>>) -> &[f32] {
     w.as_deref().unwrap_or(&[])
 }
 
-pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
+/// The blocks over the batch `b`, whose rows are in `st` (`st.x`: `[n, n_embd]`).
+pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
+    let n = b.n();
     let c = &m.cfg;
     let (e, ff, eps) = (c.n_embd, c.n_ff, c.rms_eps);
     let pool = &*m.pool;
-    // The patches of this state (an `Arc`, so `st` can be borrowed mutably beside them).
-    let ps = st.patches().cloned();
+    let ps = b.patches();
     let ps = ps.as_deref();
     ops::scale_inplace(&mut st.x[..n * e], (e as f32).sqrt());
     for (il, l) in m.layers.iter().enumerate() {
-        st.tap(il, n);
+        b.tap(il, st);
         let local = c.is_local_layer(il);
         let rope = if local { &m.rope_local } else { &m.rope_global };
         let shape = AttnShape {
@@ -45,18 +46,8 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
         st.mm(m, ps, il, &[Slot::Q, Slot::K, Slot::V], n);
         norm_rows_inplace(&mut st.q, norm(&l.q_norm), n * c.n_head, eps);
         norm_rows_inplace(&mut st.k, norm(&l.k_norm), n * c.n_head_kv, eps);
-        st.rope_and_cache(c, rope, il, n);
-        attend(
-            pool,
-            &st.kv,
-            il,
-            &shape,
-            &st.q,
-            n,
-            st.pos,
-            &mut st.att,
-            &mut st.scores,
-        );
+        b.rope_and_cache(c, rope, il, st);
+        b.attend(pool, il, &shape, st); // att [n, n_head*hd], each row over its own cache
         st.mm(m, ps, il, &[Slot::O], n); // xb2 [n, e] = Wo att
         norm_rows_inplace(&mut st.xb2, norm(&l.post_attn_norm), n, eps);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);

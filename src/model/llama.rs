@@ -8,17 +8,18 @@
 //! logits = Wout · (rmsnorm(x) * output_norm)
 //! ```
 
-use super::attention::{attend, AttnShape};
+use super::attention::AttnShape;
 use super::patch::Slot;
-use super::{norm_rows, Model, State};
+use super::{norm_rows, Batch, Model, Scratch};
 use lethe_kernels::ops;
 
-pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
+/// The blocks over the batch `b`, whose rows are in `st` (`st.x`: `[n, n_embd]`).
+pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
+    let n = b.n();
     let c = &m.cfg;
     let (e, ff) = (c.n_embd, c.n_ff);
     let pool = &*m.pool;
-    // The patches of this state (an `Arc`, so `st` can be borrowed mutably beside them).
-    let ps = st.patches().cloned();
+    let ps = b.patches();
     let ps = ps.as_deref();
     let shape = AttnShape {
         n_head: c.n_head,
@@ -28,22 +29,12 @@ pub(super) fn blocks(m: &Model, st: &mut State, n: usize) {
         window: None,
     };
     for (il, l) in m.layers.iter().enumerate() {
-        st.tap(il, n);
+        b.tap(il, st);
         norm_rows(&mut st.xb, &st.x, &l.attn_norm, n, c.rms_eps);
         // q [n, n_head*hd], k and v [n, n_head_kv*hd]
         st.mm(m, ps, il, &[Slot::Q, Slot::K, Slot::V], n);
-        st.rope_and_cache(c, &m.rope_global, il, n);
-        attend(
-            pool,
-            &st.kv,
-            il,
-            &shape,
-            &st.q,
-            n,
-            st.pos,
-            &mut st.att,
-            &mut st.scores,
-        );
+        b.rope_and_cache(c, &m.rope_global, il, st);
+        b.attend(pool, il, &shape, st); // att [n, n_head*hd], each row over its own cache
         st.mm(m, ps, il, &[Slot::O], n); // xb2 [n, e] = Wo att
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 

@@ -18,6 +18,7 @@ pub use weights::{Precision, Weight};
 use crate::gguf::GgufFile;
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
+use attention::AttnShape;
 use kv::KvCache;
 use lethe_kernels::ops::{RopeKind, RopeTable};
 use std::path::Path;
@@ -157,8 +158,8 @@ impl Model {
             st.pos = 0;
         }
         let need = patches.as_ref().map_or(0, |p| p.scratch_len());
-        if st.patch_tmp.len() < need {
-            st.patch_tmp = vec![0.0; need];
+        if st.buf.patch_tmp.len() < need {
+            st.buf.patch_tmp = vec![0.0; need];
         }
         st.patches = patches;
         Ok(())
@@ -221,21 +222,22 @@ impl Model {
                 )));
             }
             let mut st = self.new_state(1);
-            st.patch_tmp = vec![0.0; patches.map_or(0, |p| p.scratch_len())];
+            let buf = &mut st.buf;
+            buf.patch_tmp = vec![0.0; patches.map_or(0, |p| p.scratch_len())];
             let input = match slot {
-                Slot::O => &mut st.att,
-                Slot::Down => &mut st.hg,
-                _ => &mut st.xb,
+                Slot::O => &mut buf.att,
+                Slot::Down => &mut buf.hg,
+                _ => &mut buf.xb,
             };
             input[..n * cols].copy_from_slice(x);
-            st.mm(self, patches, il, &[slot], n);
+            buf.mm(self, patches, il, &[slot], n);
             let out = match slot {
-                Slot::Q => &st.q,
-                Slot::K => &st.k,
-                Slot::V => &st.v,
-                Slot::O | Slot::Down => &st.xb2,
-                Slot::Gate => &st.hg,
-                Slot::Up => &st.hu,
+                Slot::Q => &buf.q,
+                Slot::K => &buf.k,
+                Slot::V => &buf.v,
+                Slot::O | Slot::Down => &buf.xb2,
+                Slot::Gate => &buf.hg,
+                Slot::Up => &buf.hu,
             };
             y.copy_from_slice(&out[..n * rows]);
             return Ok(y);
@@ -311,18 +313,17 @@ impl Model {
         for (i, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
             self.forward_batch(st, chunk);
             let n = chunk.len();
+            let ps = st.patches.as_deref();
             match all_logits.as_deref_mut() {
                 Some(out) => {
                     let start = out.len();
                     out.resize(start + n * self.cfg.n_vocab, 0.0);
-                    self.head(st, 0..n, &mut out[start..]);
+                    self.head(&mut st.buf, ps, 0..n, &mut out[start..]);
                     let v = self.cfg.n_vocab;
                     st.logits.copy_from_slice(&out[out.len() - v..]);
                 }
                 None if i + 1 == n_chunks => {
-                    let mut logits = std::mem::take(&mut st.logits);
-                    self.head(st, n - 1..n, &mut logits);
-                    st.logits = logits;
+                    self.head(&mut st.buf, ps, n - 1..n, &mut st.logits);
                 }
                 None => {}
             }
@@ -354,20 +355,21 @@ impl Model {
             let n = chunk.len();
             if i + 1 == n_chunks {
                 let e = self.cfg.n_embd;
-                let (x, xb) = (&st.x[(n - 1) * e..n * e], &mut st.xb[..e]);
+                let buf = &mut st.buf;
+                let (x, xb) = (&buf.x[(n - 1) * e..n * e], &mut buf.xb[..e]);
                 lethe_kernels::ops::rmsnorm(xb, x, &self.output_norm, self.cfg.rms_eps);
                 weights::matvec_rows(
                     &self.pool,
                     &self.file,
                     &self.output,
-                    &st.xb[..e],
+                    &buf.xb[..e],
                     rows,
                     out,
-                    &mut st.act,
+                    &mut buf.act,
                     self.precision,
                 );
                 if let Some(p) = st.patches.as_deref().filter(|p| p.has_output()) {
-                    let (x, tmp, act) = (&st.xb[..e], &mut st.patch_tmp, &mut st.act);
+                    let (x, tmp, act) = (&buf.xb[..e], &mut buf.patch_tmp, &mut buf.act);
                     let o = &mut out[..rows.len()];
                     p.apply_output_rows(&self.pool, x, rows, o, tmp, act, self.precision);
                 }
@@ -401,36 +403,121 @@ impl Model {
         Ok(())
     }
 
-    /// The blocks over one chunk; leaves the final hidden states in `st.x`.
-    fn forward_batch(&self, st: &mut State, tokens: &[u32]) {
-        let e = self.cfg.n_embd;
-        for (t, &tok) in tokens.iter().enumerate() {
-            let x = &mut st.x[t * e..(t + 1) * e];
-            self.tok_embd.dequantize_row(&self.file, tok as usize, x);
-            if let Some(p) = &st.patches {
-                p.embd_row(tok as usize, x, &mut st.patch_row);
+    /// Run `tokens[i]` through the model for sequence `states[i]`, each at its own position
+    /// and against its own KV cache, as one batched step: the matmuls run over all the
+    /// sequences' rows at once (the weights are read once per step, not once per sequence),
+    /// rope and attention per sequence. Each state's `logits` get its sequence's logits, bit
+    /// for bit what [`Model::forward`] gives for that sequence alone (the kernels compute
+    /// each row the same whatever the batch).
+    ///
+    /// All states must run with the same patches ([`same_patches`]); group sequences by
+    /// patch set and step each group. At most [`MAX_BATCH`] sequences.
+    pub fn forward_multi(&self, states: &mut [&mut State], tokens: &[u32]) -> Result<()> {
+        if states.len() != tokens.len() {
+            return Err(Error::Invalid(format!(
+                "{} sequences but {} tokens",
+                states.len(),
+                tokens.len()
+            )));
+        }
+        if states.len() > MAX_BATCH {
+            return Err(Error::Invalid(format!(
+                "at most {MAX_BATCH} sequences at once"
+            )));
+        }
+        for (st, tok) in states.iter().zip(tokens.chunks(1)) {
+            self.check_input(st, tok)?;
+            if !same_patches(st, states[0]) {
+                return Err(Error::Invalid(
+                    "sequences in one batch must run with the same patches".into(),
+                ));
             }
         }
+        // The batch runs in the scratch of the state with the widest attention scratch
+        // (the largest context).
+        let Some(big) = (0..states.len()).max_by_key(|&i| states[i].buf.scores.len()) else {
+            return Ok(());
+        };
+        let mut buf = std::mem::take(&mut states[big].buf);
         let n = tokens.len();
-        match self.cfg.arch {
-            Arch::Llama => llama::blocks(self, st, n),
-            Arch::Gemma3 => gemma3::blocks(self, st, n),
+        let ps = states[0].patches.clone();
+        self.blocks(
+            &mut buf,
+            Batch {
+                seqs: states,
+                per_seq: 1,
+            },
+            tokens,
+        );
+        let v = self.cfg.n_vocab;
+        let mut logits = std::mem::take(&mut buf.logits);
+        if logits.len() < n * v {
+            logits.resize(n * v, 0.0);
         }
-        st.tap(self.cfg.n_layer, n);
+        self.head(&mut buf, ps.as_deref(), 0..n, &mut logits[..n * v]); // [n_seq, n_vocab]
+        for (st, l) in states.iter_mut().zip(logits.chunks_exact(v)) {
+            st.logits.copy_from_slice(l);
+            st.pos += 1;
+        }
+        buf.logits = logits;
+        states[big].buf = buf;
+        Ok(())
     }
 
-    /// Final norm and output head for tokens `which` of the chunk, into `out` (`[which.len(), n_vocab]`).
-    fn head(&self, st: &mut State, which: std::ops::Range<usize>, out: &mut [f32]) {
+    /// The blocks over one chunk of one sequence; leaves the final hidden states in
+    /// `st.buf.x`.
+    fn forward_batch(&self, st: &mut State, tokens: &[u32]) {
+        let mut buf = std::mem::take(&mut st.buf);
+        let per_seq = tokens.len();
+        let mut one = [&mut *st];
+        self.blocks(
+            &mut buf,
+            Batch {
+                seqs: &mut one,
+                per_seq,
+            },
+            tokens,
+        );
+        st.buf = buf;
+    }
+
+    /// Embed `tokens` (one row each, in the batch's row order) and run the blocks; leaves the
+    /// final hidden states in `buf.x` (`[n, n_embd]`).
+    fn blocks(&self, buf: &mut Scratch, mut b: Batch, tokens: &[u32]) {
+        let e = self.cfg.n_embd;
+        let ps = b.patches();
+        for (t, &tok) in tokens.iter().enumerate() {
+            let x = &mut buf.x[t * e..(t + 1) * e];
+            self.tok_embd.dequantize_row(&self.file, tok as usize, x);
+            if let Some(p) = &ps {
+                p.embd_row(tok as usize, x, &mut buf.patch_row);
+            }
+        }
+        match self.cfg.arch {
+            Arch::Llama => llama::blocks(self, buf, &mut b),
+            Arch::Gemma3 => gemma3::blocks(self, buf, &mut b),
+        }
+        b.tap(self.cfg.n_layer, buf);
+    }
+
+    /// Final norm and output head for rows `which` of the chunk, into `out` (`[which.len(), n_vocab]`).
+    fn head(
+        &self,
+        buf: &mut Scratch,
+        ps: Option<&PatchSet>,
+        which: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
         let e = self.cfg.n_embd;
         for t in which.clone() {
             lethe_kernels::ops::rmsnorm(
-                &mut st.xb[t * e..(t + 1) * e],
-                &st.x[t * e..(t + 1) * e],
+                &mut buf.xb[t * e..(t + 1) * e],
+                &buf.x[t * e..(t + 1) * e],
                 &self.output_norm,
                 self.cfg.rms_eps,
             );
         }
-        let xs = &st.xb[which.start * e..which.end * e];
+        let xs = &buf.xb[which.start * e..which.end * e];
         weights::matmul(
             &self.pool,
             &self.file,
@@ -438,12 +525,11 @@ impl Model {
             xs,
             which.len(),
             out,
-            &mut st.act,
+            &mut buf.act,
             self.precision,
         );
-        if let Some(p) = st.patches.as_deref().filter(|p| p.has_output()) {
-            let tmp = &mut st.patch_tmp;
-            let (n, act) = (which.len(), &mut st.act);
+        if let Some(p) = ps.filter(|p| p.has_output()) {
+            let (n, tmp, act) = (which.len(), &mut buf.patch_tmp, &mut buf.act);
             p.apply(
                 &self.pool,
                 Target::Output,
@@ -469,11 +555,11 @@ impl Weight {
     }
 }
 
-/// Everything a forward pass writes, allocated once.
-pub struct State {
-    pub kv: KvCache,
-    /// Tokens already in the cache.
-    pub pos: usize,
+/// The activations of one forward step, `B <= MAX_BATCH` rows of each, allocated once. A
+/// step over one sequence uses its own state's; a step over several ([`Model::forward_multi`])
+/// borrows one of theirs for the whole batch.
+#[derive(Default)]
+pub struct Scratch {
     pub x: Vec<f32>,       // [B, n_embd] residual stream
     pub xb: Vec<f32>,      // [B, n_embd]
     pub xb2: Vec<f32>,     // [B, n_embd]
@@ -485,24 +571,18 @@ pub struct State {
     pub hu: Vec<f32>,      // [B, n_ff]
     pub scores: Vec<f32>,  // [n_threads, n_ctx]
     pub rope_cs: Vec<f32>, // [n_rot]
-    pub logits: Vec<f32>,  // [n_vocab]
-    act: ActBuf,
-    /// Layer patches in use ([`Model::attach_patches`]).
-    patches: Option<Arc<PatchSet>>,
-    patch_tmp: Vec<f32>, // [scratch of the patch set]
-    patch_row: Vec<f32>, // [n_embd]
-    /// [`Model::residuals`]: the block whose input residual stream is copied to `tapped`.
-    tap: Option<usize>,
-    tapped: Vec<f32>, // [n_tok, n_embd]
+    /// The logits of a multi-sequence step, grown on first use and kept.
+    logits: Vec<f32>, // [n_seq, n_vocab]
+    pub(crate) act: ActBuf,
+    pub(crate) patch_tmp: Vec<f32>, // [scratch of the patch set]
+    patch_row: Vec<f32>,            // [n_embd]
 }
 
-impl State {
+impl Scratch {
     fn new(c: &Config, n_ctx: usize, n_threads: usize) -> Self {
         let b = MAX_BATCH;
         let z = |n: usize| vec![0.0f32; n];
         Self {
-            kv: KvCache::new(c.n_layer, n_ctx, c.kv_dim()),
-            pos: 0,
             x: z(b * c.n_embd),
             xb: z(b * c.n_embd),
             xb2: z(b * c.n_embd),
@@ -514,11 +594,37 @@ impl State {
             hu: z(b * c.n_ff),
             scores: z(n_threads * n_ctx),
             rope_cs: z(c.n_rot),
-            logits: z(c.n_vocab),
+            logits: Vec::new(),
             act: ActBuf::new(b, c.n_embd.max(c.n_ff).max(c.q_dim())),
-            patches: None,
             patch_tmp: Vec::new(),
             patch_row: Vec::with_capacity(c.n_embd),
+        }
+    }
+}
+
+/// One conversation: its KV cache, position and last logits, the patches it runs with, and
+/// the activation scratch of its forward steps.
+pub struct State {
+    pub kv: KvCache,
+    /// Tokens already in the cache.
+    pub pos: usize,
+    pub logits: Vec<f32>, // [n_vocab]
+    pub buf: Scratch,
+    /// Layer patches in use ([`Model::attach_patches`]).
+    patches: Option<Arc<PatchSet>>,
+    /// [`Model::residuals`]: the block whose input residual stream is copied to `tapped`.
+    tap: Option<usize>,
+    tapped: Vec<f32>, // [n_tok, n_embd]
+}
+
+impl State {
+    fn new(c: &Config, n_ctx: usize, n_threads: usize) -> Self {
+        Self {
+            kv: KvCache::new(c.n_layer, n_ctx, c.kv_dim()),
+            pos: 0,
+            logits: vec![0.0; c.n_vocab],
+            buf: Scratch::new(c, n_ctx, n_threads),
+            patches: None,
             tap: None,
             tapped: Vec::new(),
         }
@@ -537,34 +643,99 @@ impl State {
         self.kv.n_ctx
     }
 
-    /// Copy the residual stream of `n` tokens if block `il`'s input is tapped.
-    #[inline]
-    pub(crate) fn tap(&mut self, il: usize, n: usize) {
-        if self.tap == Some(il) {
-            let e = self.x.len() / MAX_BATCH;
-            self.tapped.extend_from_slice(&self.x[..n * e]);
-        }
-    }
-
     /// The patches this state runs with.
     pub fn patches(&self) -> Option<&Arc<PatchSet>> {
         self.patches.as_ref()
     }
+}
 
-    /// Rotate the chunk's queries and keys (`n` tokens from position `self.pos`) and append
-    /// keys and values to layer `il` of the cache.
-    pub(crate) fn rope_and_cache(&mut self, c: &Config, rope: &RopeTable, il: usize, n: usize) {
-        let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
-        for t in 0..n {
-            let pos = self.pos + t;
-            rope.fill(pos, &mut self.rope_cs);
-            let q = &mut self.q[t * qd..(t + 1) * qd];
-            lethe_kernels::ops::rope_inplace(rope.kind, q, hd, c.n_rot, &self.rope_cs);
-            let k = &mut self.k[t * kvd..(t + 1) * kvd];
-            lethe_kernels::ops::rope_inplace(rope.kind, k, hd, c.n_rot, &self.rope_cs);
-            let v = &self.v[t * kvd..(t + 1) * kvd];
-            self.kv.store(il, pos, &self.k[t * kvd..(t + 1) * kvd], v);
+/// Whether two states run with the same patches (the same set, or none): only such states
+/// can share a batch.
+pub fn same_patches(a: &State, b: &State) -> bool {
+    match (&a.patches, &b.patches) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+/// The sequences of one forward step, as the blocks see them: `seqs[i]` owns `per_seq`
+/// consecutive rows of the activations (its new tokens, at positions
+/// `seqs[i].pos..seqs[i].pos + per_seq`) and its own KV cache. A prefill is one sequence of
+/// `n` rows; a batched decode step is `n_seq` sequences of one row each. All of them run with
+/// the same patches.
+pub(crate) struct Batch<'a, 'b> {
+    pub seqs: &'a mut [&'b mut State],
+    pub per_seq: usize,
+}
+
+impl Batch<'_, '_> {
+    /// Rows of the activations in this step.
+    pub fn n(&self) -> usize {
+        self.seqs.len() * self.per_seq
+    }
+
+    /// The patches the batch runs with (an `Arc`, so the scratch can be borrowed mutably
+    /// beside them).
+    pub fn patches(&self) -> Option<Arc<PatchSet>> {
+        self.seqs[0].patches.clone()
+    }
+
+    /// Row `t`'s sequence and position.
+    #[inline]
+    fn row(&self, t: usize) -> (usize, usize) {
+        let i = t / self.per_seq;
+        (i, self.seqs[i].pos + t % self.per_seq)
+    }
+
+    /// Copy the residual stream if block `il`'s input is tapped ([`Model::residuals`], one
+    /// sequence only).
+    #[inline]
+    pub fn tap(&mut self, il: usize, buf: &Scratch) {
+        if let [st] = &mut *self.seqs {
+            if st.tap == Some(il) {
+                let e = buf.x.len() / MAX_BATCH;
+                st.tapped.extend_from_slice(&buf.x[..self.per_seq * e]);
+            }
         }
+    }
+
+    /// Rotate each row's query and key at its position and append its key and value to
+    /// layer `il` of its sequence's cache.
+    pub fn rope_and_cache(&mut self, c: &Config, rope: &RopeTable, il: usize, buf: &mut Scratch) {
+        let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        for t in 0..self.n() {
+            let (i, pos) = self.row(t);
+            rope.fill(pos, &mut buf.rope_cs);
+            let q = &mut buf.q[t * qd..(t + 1) * qd];
+            lethe_kernels::ops::rope_inplace(rope.kind, q, hd, c.n_rot, &buf.rope_cs);
+            let k = &mut buf.k[t * kvd..(t + 1) * kvd];
+            lethe_kernels::ops::rope_inplace(rope.kind, k, hd, c.n_rot, &buf.rope_cs);
+            let v = &buf.v[t * kvd..(t + 1) * kvd];
+            self.seqs[i]
+                .kv
+                .store(il, pos, &buf.k[t * kvd..(t + 1) * kvd], v);
+        }
+    }
+
+    /// Attention of every row over its own sequence's cache (layer `il`): `buf.att` from
+    /// `buf.q`, one job over all rows and heads.
+    pub fn attend(&self, pool: &ThreadPool, il: usize, shape: &AttnShape, buf: &mut Scratch) {
+        let row = |t: usize| {
+            let (i, pos) = self.row(t);
+            (&self.seqs[i].kv, pos)
+        };
+        let n = self.n();
+        attention::attend(
+            pool,
+            il,
+            shape,
+            &buf.q,
+            n,
+            &row,
+            &mut buf.att,
+            &mut buf.scores,
+        );
     }
 }
 

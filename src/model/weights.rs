@@ -103,6 +103,7 @@ unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 /// Scratch for quantized activations, sized once.
+#[derive(Default)]
 pub struct ActBuf {
     pub bytes: Vec<u8>,
 }

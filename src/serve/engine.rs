@@ -1,15 +1,18 @@
 //! The inference thread: `--parallel` slots, each with its own decoder and cache, fed by a
 //! channel of jobs and streaming text back through one channel per job.
 //!
-//! Scheduling today: a job waits in a FIFO queue until a slot is free; the thread then steps
-//! the active slots in turn, one token each (round-robin), so that every slot makes progress.
-//! A prompt is prefilled in one go when its job starts. TODO: decode the active slots together
-//! in one batched forward per step (weights read once for all slots), and interleave prefill
-//! in chunks with decoding.
+//! Scheduling: a job waits in a FIFO queue until a slot is free. Each step of the thread then
+//! samples one token in every active slot and runs those tokens together: slots whose
+//! decoders are the same model with the same patches go through one batched forward
+//! ([`feed_each`], [`crate::model::Model::forward_multi`]: the weights are read once for all
+//! of them, and each slot's logits are bit for bit what it would get alone, so a request's
+//! greedy text does not depend on what else runs). Slots of different profiles form separate
+//! groups; ULD profiles (lockstep decoders) step one by one. A prompt is prefilled in one go
+//! when its job starts. TODO: interleave prefill in chunks with decoding.
 
 use super::error::ApiError;
 use super::stats::Stats;
-use crate::generate::{Decoder, GenerateParams, Generation, Generator, TokenProbs};
+use crate::generate::{feed_each, Decoder, GenerateParams, Generation, Generator, TokenProbs};
 use crate::model::{Model, PatchSet};
 use crate::tokenizer::Tokenizer;
 use crate::unlearn::Assistant;
@@ -187,9 +190,7 @@ impl Scheduler {
                 };
                 self.begin(i, job);
             }
-            for i in 0..self.slots.len() {
-                self.step(i);
-            }
+            self.step();
         }
     }
 
@@ -256,62 +257,117 @@ impl Scheduler {
         }
     }
 
-    /// One token for slot `i`, if it is running a job.
-    fn step(&mut self, i: usize) {
-        let slot = &mut self.slots[i];
-        let Some(active) = slot.active.as_mut() else {
-            return;
-        };
-        if active.events.is_closed() {
-            // The client left: free the slot.
-            active.gen.cancel();
-            slot.active = None;
-            let n_cached = slot.history.len();
-            self.stats.slot(i, |v| {
-                v.is_processing = false;
-                v.id_task = -1;
-                v.n_cached = n_cached;
-            });
-            return;
-        }
-        let dec = slot.dec.as_mut().expect("an active slot has a decoder");
-        let stepped = active.gen.step(dec.as_mut(), &self.tok, &mut slot.history);
-        let (n_cached, n_decoded) = (slot.history.len(), active.gen.n_generated());
-        self.stats.count(|c| {
-            c.n_decode_total += 1;
-            c.n_busy_slots_total += 1;
-            c.n_tokens_max = c.n_tokens_max.max(n_cached as u64);
-        });
-        self.stats.slot(i, |v| {
-            v.n_cached = n_cached;
-            v.n_decoded = n_decoded;
-        });
-        match stepped {
-            Ok(Some(text)) => {
-                let probs = &active.gen.probs()[active.probs_sent..];
+    /// One token for every active slot: sample in each, then run the sampled tokens
+    /// together.
+    fn step(&mut self) {
+        let tok = &*self.tok;
+        // The slots that go on to run a token, with that token; and those that ended.
+        let mut running = Vec::new();
+        let mut ended = Vec::new();
+        for slot in &mut self.slots {
+            let i = slot.id;
+            let Some(active) = slot.active.as_mut() else {
+                continue;
+            };
+            if active.events.is_closed() {
+                // The client left: free the slot.
+                active.gen.cancel();
+                slot.active = None;
+                let n_cached = slot.history.len();
+                self.stats.slot(i, |v| {
+                    v.is_processing = false;
+                    v.id_task = -1;
+                    v.n_cached = n_cached;
+                });
+                continue;
+            }
+            let dec = slot.dec.as_deref().expect("an active slot has a decoder");
+            if let Some((text, next)) = active.gen.pick(dec, tok, &slot.history) {
                 if !text.is_empty() {
-                    let probs = probs.to_vec();
+                    let probs = active.gen.probs()[active.probs_sent..].to_vec();
                     active.probs_sent += probs.len();
                     let _ = active.events.send(Event::Text(text, probs));
                 }
-                if !active.gen.is_done() {
-                    return;
+                if let Some(next) = next {
+                    running.push((i, next));
+                    continue;
                 }
             }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = active.events.send(Event::Error(e.into()));
-                slot.active = None;
-                slot.reset();
-                self.stats.slot(i, |v| *v = idle(v.id, v.n_ctx));
-                return;
-            }
+            ended.push(i);
         }
-        let Active {
+        for i in ended {
+            self.finish(i);
+        }
+        if running.is_empty() {
+            return;
+        }
+        let busy = running.len() as u64;
+        self.stats.count(|c| {
+            c.n_decode_total += 1;
+            c.n_busy_slots_total += busy;
+        });
+        let mut failed = Vec::new();
+        {
+            let tokens: Vec<u32> = running.iter().map(|&(_, t)| t).collect();
+            let mut decs: Vec<&mut dyn Decoder> = Vec::with_capacity(running.len());
+            let mut rest: Vec<(&mut Generator, &mut Vec<u32>)> = Vec::new();
+            let mut it = running.iter().peekable();
+            for slot in &mut self.slots {
+                if it.peek().is_none_or(|&&(id, _)| id != slot.id) {
+                    continue;
+                }
+                it.next();
+                let Slot {
+                    dec,
+                    active,
+                    history,
+                    ..
+                } = slot;
+                decs.push(dec.as_deref_mut().expect("an active slot has a decoder"));
+                rest.push((&mut active.as_mut().expect("active").gen, history));
+            }
+            feed_each(&mut decs, &tokens, |i, r| match r {
+                Ok(logits) => {
+                    let (gen, history) = &mut rest[i];
+                    gen.fed(tokens[i], logits, history);
+                }
+                Err(e) => failed.push((running[i].0, e)),
+            });
+        }
+        for (id, e) in failed {
+            let slot = &mut self.slots[id];
+            if let Some(active) = slot.active.take() {
+                let _ = active.events.send(Event::Error(e.into()));
+            }
+            slot.reset();
+            self.stats.slot(id, |v| *v = idle(v.id, v.n_ctx));
+        }
+        for &(i, _) in &running {
+            let slot = &self.slots[i];
+            let Some(active) = slot.active.as_ref() else {
+                continue;
+            };
+            let (n_cached, n_decoded) = (slot.history.len(), active.gen.n_generated());
+            self.stats
+                .count(|c| c.n_tokens_max = c.n_tokens_max.max(n_cached as u64));
+            self.stats.slot(i, |v| {
+                v.n_cached = n_cached;
+                v.n_decoded = n_decoded;
+            });
+        }
+    }
+
+    /// Report slot `i`'s finished generation and free the slot.
+    fn finish(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let Some(Active {
             gen,
             events,
             probs_sent,
-        } = slot.active.take().expect("checked above");
+        }) = slot.active.take()
+        else {
+            return;
+        };
         // Probabilities of tokens whose text was held back (a stop string) go out before
         // the end.
         if gen.probs().len() > probs_sent {

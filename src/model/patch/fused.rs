@@ -3,7 +3,7 @@
 
 use super::{axpy, Change, PatchSet, SendPtr, Slot, Target};
 use crate::model::weights::{run_parts, Part, Weight, MAX_PARTS};
-use crate::model::{Layer, Model, Precision, State};
+use crate::model::{Layer, Model, Precision, Scratch};
 use crate::pool::ThreadPool;
 use half::f16;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,7 +34,7 @@ struct Second<'a> {
     start: usize,
 }
 
-impl State {
+impl Scratch {
     /// The matmuls `slots` of block `il` (which share their input: q/k/v, o, gate/up or down)
     /// with the attached patches' deltas. Low-rank deltas are fused into the same job: their
     /// `A x` rows are computed beside the weights' rows, then `B (A x)` is added by one more
