@@ -531,11 +531,105 @@ fn profile_served_by_id_and_lock() {
     assert_eq!(list[0]["id"], 0);
     assert_eq!(list[0]["scale"], 1.0);
     assert!(list[0]["path"].as_str().unwrap().ends_with("lora.gguf"));
-    // Overrides not supported yet: 501, never ignored.
-    let mut b = chat_body(PROMPT, 2);
-    b["lora"] = json!([{"id": 0, "scale": 0.5}]);
-    let (st, e) = s.post("/v1/chat/completions", &b);
-    assert_eq!((st, error_type(&e)), (501, "not_supported_error"));
+
+    // Per-request scales, for that request only: 0 leaves the patch out (the base's text),
+    // 1 is the profile's, another scale another text; on both chat and text completions.
+    let ask_with = |model: &str, extra: Value| {
+        let mut b = chat_body(PROMPT, 12);
+        b["model"] = json!(model);
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (st, r) = s.post("/v1/chat/completions", &b);
+        assert_eq!(st, 200, "{r}");
+        r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let lora = |scale: f64| json!({"lora": [{"id": 0, "scale": scale}]});
+    assert_eq!(ask_with("patched", lora(0.0)), base);
+    assert_eq!(ask_with("patched", lora(1.0)), patched);
+    let tripled = ask_with("patched", lora(3.0));
+    assert_ne!(tripled, patched, "another scale, another text");
+    assert_eq!(ask("patched"), patched, "the override was for one request");
+    assert_eq!(
+        ask_with("patched", json!({"lora": []})),
+        base,
+        "unlisted ids get 0"
+    );
+    let b = json!({"model": "patched", "prompt": "The capital of France is", "n_predict": 4,
+                   "temperature": 0, "lora": [{"id": 0, "scale": 3.0}]});
+    let (st, r) = s.post("/completion", &b);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(
+        r["generation_settings"]["unlearn"]["patches"][0]["scale"],
+        3.0
+    );
+    let (st, r) = s.post("/v1/completions", &b);
+    assert_eq!(st, 200, "{r}");
+
+    // Bad overrides: 400 with a message naming the problem.
+    let bad_lora = |model: &str, extra: Value, needle: &str| {
+        let mut b = chat_body(PROMPT, 2);
+        b["model"] = json!(model);
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (st, e) = s.post("/v1/chat/completions", &b);
+        assert_eq!(
+            (st, error_type(&e)),
+            (400, "invalid_request_error"),
+            "{extra}"
+        );
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{msg}");
+    };
+    bad_lora("base", lora(0.5), "of model 'patched', not of 'base'");
+    bad_lora(
+        "patched",
+        json!({"lora": [{"id": 7, "scale": 1}]}),
+        "no adapter 7",
+    );
+    bad_lora(
+        "patched",
+        json!({"lora": [{"id": 0, "scale": "x"}]}),
+        "finite",
+    );
+    bad_lora("patched", json!({"lora": {"id": 0}}), "'lora' must be");
+    bad_lora(
+        "patched",
+        json!({"unlearn": {"alpha": 1}}),
+        "has no assistants",
+    );
+
+    // POST /lora-adapters sets the default scales; GET shows them.
+    let (st, r) = s.post("/lora-adapters", &json!([{"id": 0, "scale": 0.0}]));
+    assert_eq!(st, 200, "{r}");
+    let (_, list) = s.get("/lora-adapters");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list[0]["scale"], 0.0);
+    assert_eq!(
+        ask("patched"),
+        base,
+        "the profile runs with the new default"
+    );
+    assert_eq!(ask_with("patched", lora(1.0)), patched);
+    for bad in [
+        json!([{"id": 3, "scale": 1.0}]),
+        json!([{"id": 0, "scale": null}]),
+        json!({"id": 0}),
+    ] {
+        let (st, e) = s.post("/lora-adapters", &bad);
+        assert_eq!(
+            (st, error_type(&e)),
+            (400, "invalid_request_error"),
+            "{bad}"
+        );
+    }
+    let (st, _) = s.post("/lora-adapters", &json!([{"id": 0, "scale": 1.0}]));
+    assert_eq!(st, 200);
+    assert_eq!(ask("patched"), patched);
 
     // Audit: the profile's files with their sha256, in the list and in the response.
     let entry = &models["data"][1];
@@ -649,6 +743,114 @@ fn profile_served_by_id_and_lock() {
     assert_eq!(st, 200);
     assert_eq!(r["model"], "patched");
     assert_eq!(r["choices"][0]["message"]["content"], patched.as_str());
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A ULD profile: a request's `unlearn` overrides alpha and filter for that request only;
+/// alpha 0 gives the base's greedy text.
+#[test]
+fn unlearn_per_request() {
+    let model = common::model_path("smollm2");
+    let dir = std::env::temp_dir().join(format!("lethe-serve-uld-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(BIN)
+        .args(["forge", "assistant", "-m"])
+        .arg(&model)
+        .args(["--layers", "4", "-o"])
+        .arg(dir.join("assistant.gguf"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prof = dir.join("profiles.toml");
+    std::fs::write(
+        &prof,
+        format!(
+            "[[profile]]\nname = \"uld\"\nbase = {:?}\n\n[[profile.assistant]]\nmodel = \"assistant.gguf\"\nalpha = 1.0\n",
+            model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let s = Server::start(&[
+        "--profile",
+        prof.to_str().unwrap(),
+        "--alias",
+        "base",
+        "-np",
+        "1",
+    ]);
+    let ask = |model: &str, unlearn: Option<Value>| {
+        let mut b = json!({"model": model, "prompt": "The capital of France is",
+                           "n_predict": 12, "temperature": 0});
+        if let Some(u) = unlearn {
+            b["unlearn"] = u;
+        }
+        let (st, r) = s.post("/completion", &b);
+        assert_eq!(st, 200, "{r}");
+        (
+            r["content"].as_str().unwrap().to_string(),
+            r["generation_settings"]["unlearn"]["assistants"][0].clone(),
+        )
+    };
+    let (base, _) = ask("base", None);
+    let (uld, a) = ask("uld", None);
+    assert_eq!(
+        (a["alpha"].as_f64(), a["filter"].as_f64()),
+        (Some(1.0), Some(0.01f32 as f64))
+    );
+    assert_ne!(uld, base, "the assistant changes the text");
+    let (zero, a) = ask("uld", Some(json!({"alpha": 0})));
+    assert_eq!(zero, base, "alpha 0: the target's greedy text");
+    assert_eq!(a["alpha"], 0.0);
+    let (strong, a) = ask("uld", Some(json!({"alpha": 4, "filter": 0.2})));
+    assert_ne!(strong, uld, "another alpha, another text");
+    assert_eq!(
+        (a["alpha"].as_f64(), a["filter"].as_f64()),
+        (Some(4.0), Some(0.2f32 as f64))
+    );
+    assert_eq!(ask("uld", None).0, uld, "the override was for one request");
+    // The one slot's cache serves a repeated setting, never another one.
+    let cached = |unlearn: Value| {
+        let b = json!({"model": "uld", "prompt": "The capital of France is", "n_predict": 1,
+                       "temperature": 0, "unlearn": unlearn});
+        let (st, r) = s.post("/completion", &b);
+        assert_eq!(st, 200, "{r}");
+        r["timings"]["cache_n"].as_u64().unwrap()
+    };
+    assert!(cached(json!({"alpha": 2})) == 0);
+    assert!(
+        cached(json!({"alpha": 2})) > 0,
+        "the same setting reuses the cache"
+    );
+    assert_eq!(cached(json!({"alpha": 3})), 0, "another alpha starts over");
+    assert_eq!(cached(json!({"alpha": 3, "filter": 0.5})), 0);
+    assert_eq!(
+        cached(json!({})),
+        0,
+        "the profile's default is another setting"
+    );
+    for bad in [
+        json!({"alpha": "x"}),
+        json!({"filter": 1.0}),
+        json!({"filter": -0.1}),
+        json!({"beta": 1}),
+        json!(3),
+    ] {
+        let b = json!({"model": "uld", "prompt": "Hi", "n_predict": 1, "unlearn": bad});
+        let (st, e) = s.post("/completion", &b);
+        assert_eq!(
+            (st, error_type(&e)),
+            (400, "invalid_request_error"),
+            "{bad}"
+        );
+    }
+    let b = json!({"model": "base", "prompt": "Hi", "n_predict": 1, "unlearn": {"alpha": 1}});
+    let (st, e) = s.post("/completion", &b);
+    assert_eq!((st, error_type(&e)), (400, "invalid_request_error"));
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,7 +4,7 @@
 use super::common::{patch_set, profile_patches, profile_terms, PatchArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lethe::model::Model;
+use lethe::model::{Model, Patch};
 use lethe::serve::{Loaded, ServeConfig, ServedModel};
 use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::profile::{self, Profile, ProfileFile};
@@ -163,6 +163,12 @@ fn profile_audit(f: &ProfileFile, p: &Profile, cli: &[Value]) -> Result<Value> {
     }))
 }
 
+/// `parts`, after checking that they fit `model`.
+fn checked(model: &Model, parts: Vec<(Arc<Patch>, f32)>) -> Result<Vec<(Arc<Patch>, f32)>> {
+    patch_set(model, &parts)?;
+    Ok(parts)
+}
+
 /// Load the base model and every profile.
 fn load(a: ServeArgs) -> Result<Loaded> {
     let file = a.profile.as_ref().map(ProfileFile::load).transpose()?;
@@ -207,7 +213,7 @@ fn load(a: ServeArgs) -> Result<Loaded> {
         id: base_id,
         profile: None,
         terms: Vec::new(),
-        patches: patch_set(&model, &cli_patches)?,
+        parts: checked(&model, cli_patches.clone())?,
         audit: json!({ "profile": null, "patches": cli_audit, "assistants": [], "files": [] }),
     }];
     if let Some(f) = &file {
@@ -235,7 +241,7 @@ fn load(a: ServeArgs) -> Result<Loaded> {
                 id: p.name.clone(),
                 profile: Some(p.name.clone()),
                 terms: profile_terms(&model, f, p)?,
-                patches: patch_set(&model, &parts)?,
+                parts: checked(&model, parts)?,
                 audit: profile_audit(f, p, &cli_audit)?,
             });
         }

@@ -7,13 +7,15 @@
 //! ([`feed_each`], [`crate::model::Model::forward_multi`]: the weights are read once for all
 //! of them, and each slot's logits are bit for bit what it would get alone, so a request's
 //! greedy text does not depend on what else runs). Slots of different profiles form separate
-//! groups; ULD profiles (lockstep decoders) step one by one. A prompt is prefilled in one go
+//! groups; ULD profiles (lockstep decoders) step one by one. A job carries its full unlearning
+//! [`Setting`] (model, patch scales, terms' weight and filter): the decoder is built for it,
+//! and a slot's cache is reused only by a job of the same setting. A prompt is prefilled in one go
 //! when its job starts. TODO: interleave prefill in chunks with decoding.
 
 use super::error::ApiError;
 use super::stats::Stats;
 use crate::generate::{feed_each, Decoder, GenerateParams, Generation, Generator, TokenProbs};
-use crate::model::{Model, PatchSet};
+use crate::model::{Model, Patch, PatchSet};
 use crate::tokenizer::Tokenizer;
 use crate::unlearn::Assistant;
 use std::collections::VecDeque;
@@ -29,17 +31,52 @@ pub struct ServedModel {
     /// The profile's name, `None` for the base.
     pub profile: Option<String>,
     pub terms: Vec<Assistant>,
-    pub patches: Option<Arc<PatchSet>>,
+    /// The patches with their default scales, in the order of `audit`'s `patches`.
+    pub parts: Vec<(Arc<Patch>, f32)>,
     /// What the model is made of, for audits: profile, patches and their scales,
     /// assistants with alpha and filter, and every file with its sha256. Reported by
     /// `/v1/models` and in `generation_settings`.
     pub audit: serde_json::Value,
 }
 
-/// A generation request for the inference thread.
-pub struct Job {
+/// The full unlearning setting a request runs with: the served model, the scale of each of
+/// its patches and the weight and filter of each of its assistant terms. It decides the
+/// decoder, and a slot's cache is reused only for the same setting.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Setting {
     /// Index into the served models.
     pub model: usize,
+    scales: Vec<u32>,
+    terms: Vec<(u32, u32)>,
+}
+
+impl Setting {
+    /// Model `model` with `scales` for its patches and `(weight, filter)` for its terms.
+    pub fn new(model: usize, scales: &[f32], terms: &[(f32, f32)]) -> Self {
+        Self {
+            model,
+            scales: scales.iter().map(|s| s.to_bits()).collect(),
+            terms: terms
+                .iter()
+                .map(|(w, f)| (w.to_bits(), f.to_bits()))
+                .collect(),
+        }
+    }
+}
+
+/// How many settings keep their built patches and terms.
+const SETTINGS_CACHED: usize = 8;
+
+/// What a setting is built into: the target's patches and the assistant terms.
+#[derive(Clone)]
+struct Built {
+    patches: Option<Arc<PatchSet>>,
+    terms: Vec<Assistant>,
+}
+
+/// A generation request for the inference thread.
+pub struct Job {
+    pub setting: Setting,
     pub prompt: Vec<u32>,
     pub params: GenerateParams,
     /// Alternatives to report per token with its log-probability; `None`: no probabilities.
@@ -91,6 +128,7 @@ impl Engine {
                     models,
                     n_ctx,
                     slots: (0..n_slots).map(Slot::new).collect(),
+                    built: VecDeque::new(),
                     queue: VecDeque::new(),
                     stats: shared,
                 };
@@ -102,7 +140,7 @@ impl Engine {
     /// Queue a job; its events arrive on the returned receiver.
     pub fn submit(
         &self,
-        model: usize,
+        setting: Setting,
         prompt: Vec<u32>,
         params: GenerateParams,
         n_probs: Option<usize>,
@@ -110,7 +148,7 @@ impl Engine {
         let (events, rx) = mpsc::unbounded_channel();
         self.tx
             .send(Job {
-                model,
+                setting,
                 prompt,
                 params,
                 n_probs,
@@ -121,11 +159,11 @@ impl Engine {
     }
 }
 
-/// One slot: a decoder for the model it last served, the tokens in its cache, and the job it
-/// is running.
+/// One slot: a decoder for the setting it last served, the tokens in its cache, and the job
+/// it is running.
 struct Slot {
     id: usize,
-    model: Option<usize>,
+    setting: Option<Setting>,
     dec: Option<Box<dyn Decoder>>,
     history: Vec<u32>,
     active: Option<Active>,
@@ -142,7 +180,7 @@ impl Slot {
     fn new(id: usize) -> Self {
         Self {
             id,
-            model: None,
+            setting: None,
             dec: None,
             history: Vec::new(),
             active: None,
@@ -152,7 +190,7 @@ impl Slot {
     /// Forget the cache (after a failure, its contents are unknown).
     fn reset(&mut self) {
         self.dec = None;
-        self.model = None;
+        self.setting = None;
         self.history.clear();
     }
 }
@@ -163,6 +201,8 @@ struct Scheduler {
     models: Vec<ServedModel>,
     n_ctx: usize,
     slots: Vec<Slot>,
+    /// Recently used settings, built (the most recent last).
+    built: VecDeque<(Setting, Built)>,
     queue: VecDeque<Job>,
     stats: Arc<Stats>,
 }
@@ -194,30 +234,63 @@ impl Scheduler {
         }
     }
 
-    /// A free slot, preferring one whose cache holds the next job's model.
+    /// A free slot, preferring one whose cache holds the next job's setting.
     fn free_slot(&self) -> Option<usize> {
-        let want = self.queue.front()?.model;
+        let want = &self.queue.front()?.setting;
         let free = || self.slots.iter().filter(|s| s.active.is_none());
         free()
-            .find(|s| s.model == Some(want))
+            .find(|s| s.setting.as_ref() == Some(want))
             .or_else(|| free().next())
             .map(|s| s.id)
     }
 
+    /// The patches and terms of `setting`, built once while it is among the recent ones
+    /// (the same `PatchSet` keeps slots of one setting in one batched forward).
+    fn build(&mut self, setting: &Setting) -> crate::Result<Built> {
+        if let Some(i) = self.built.iter().position(|(s, _)| s == setting) {
+            let entry = self.built.remove(i).expect("found");
+            let b = entry.1.clone();
+            self.built.push_back(entry);
+            return Ok(b);
+        }
+        let m = &self.models[setting.model];
+        let parts: Vec<(Arc<Patch>, f32)> = m
+            .parts
+            .iter()
+            .zip(&setting.scales)
+            .map(|((p, _), &s)| (p.clone(), f32::from_bits(s)))
+            .collect();
+        let set = PatchSet::new(&self.base, &parts)?;
+        let patches = (!set.is_empty()).then(|| Arc::new(set));
+        let terms = m
+            .terms
+            .iter()
+            .zip(&setting.terms)
+            .map(|(t, &(w, f))| Assistant {
+                weight: f32::from_bits(w),
+                filter: f32::from_bits(f),
+                ..t.clone()
+            })
+            .collect();
+        let b = Built { patches, terms };
+        if self.built.len() >= SETTINGS_CACHED {
+            self.built.pop_front();
+        }
+        self.built.push_back((setting.clone(), b.clone()));
+        Ok(b)
+    }
+
     fn begin(&mut self, i: usize, job: Job) {
-        let slot = &mut self.slots[i];
-        if slot.model != Some(job.model) || slot.dec.is_none() {
-            slot.reset();
-            let m = &self.models[job.model];
-            match crate::unlearn::decoder(
-                self.base.clone(),
-                m.terms.clone(),
-                m.patches.clone(),
-                self.n_ctx,
-            ) {
+        if self.slots[i].setting.as_ref() != Some(&job.setting) || self.slots[i].dec.is_none() {
+            self.slots[i].reset();
+            let made = self.build(&job.setting).and_then(|b| {
+                crate::unlearn::decoder(self.base.clone(), b.terms, b.patches, self.n_ctx)
+            });
+            let slot = &mut self.slots[i];
+            match made {
                 Ok(d) => {
                     slot.dec = Some(d);
-                    slot.model = Some(job.model);
+                    slot.setting = Some(job.setting.clone());
                 }
                 Err(e) => {
                     let _ = job.events.send(Event::Error(e.into()));
@@ -225,6 +298,7 @@ impl Scheduler {
                 }
             }
         }
+        let slot = &mut self.slots[i];
         let dec = slot.dec.as_mut().expect("set above");
         match Generator::start(dec.as_mut(), &mut slot.history, &job.prompt, &job.params) {
             Ok(gen) => {
@@ -240,7 +314,7 @@ impl Scheduler {
                     c.n_busy_slots_total += 1;
                     task = c.tasks_started;
                 });
-                let model = self.models[job.model].id.clone();
+                let model = self.models[job.setting.model].id.clone();
                 let n_cached = slot.history.len();
                 self.stats.slot(i, |v| {
                     v.id_task = task as i64;

@@ -80,6 +80,8 @@ pub struct AppState {
     /// The base model's file.
     pub model_path: PathBuf,
     pub engine: Engine,
+    /// Every patch with its id and default scale, and each model's assistant terms.
+    pub adapters: routes::lora::Adapters,
     /// Unix time the server started (`created` of the model list).
     pub created: u64,
 }
@@ -281,6 +283,7 @@ fn start(cfg: ServeConfig, loaded: Loaded) -> crate::Result<AppState> {
         .collect();
     let audit = models.iter().map(|m| m.audit.clone()).collect();
     let arch = base.cfg.arch.name().to_string();
+    let adapters = routes::lora::Adapters::new(&models);
     let engine = Engine::start(base, tok.clone(), models, cfg.n_parallel, cfg.n_ctx)
         .map_err(io("starting the inference thread"))?;
     Ok(AppState {
@@ -291,6 +294,7 @@ fn start(cfg: ServeConfig, loaded: Loaded) -> crate::Result<AppState> {
         audit,
         model_path,
         engine,
+        adapters,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -107,25 +107,6 @@ impl Body {
         Ok(())
     }
 
-    /// Per-request overrides of the unlearning setting (`lora` scales, the `unlearn`
-    /// extension): refused with 403 under `--lock`, and with 501 otherwise until they are
-    /// supported, never ignored.
-    pub fn refuse_overrides(&self, lock: bool) -> ApiResult<()> {
-        for key in ["lora", "unlearn"] {
-            if self.get(key).is_some() {
-                if lock {
-                    return Err(ApiError::Permission(format!(
-                        "this server is locked: '{key}' overrides are refused"
-                    )));
-                }
-                return Err(ApiError::NotSupported(format!(
-                    "per-request '{key}' is not supported yet"
-                )));
-            }
-        }
-        Ok(())
-    }
-
     /// Generation settings: llama-server's fields, with the server's defaults.
     pub fn generate_params(&self, state: &AppState) -> ApiResult<GenerateParams> {
         let d = SamplerParams::default();

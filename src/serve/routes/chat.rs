@@ -128,8 +128,8 @@ pub async fn chat(
 ) -> ApiResult<Response> {
     let body = read_body(body, state.cfg.body_limit)?;
     body.refuse_unsupported()?;
-    body.refuse_overrides(state.cfg.lock)?;
     let model = state.resolve_model(body.str("model")?)?;
+    let (setting, _) = super::lora::setting(&state, &body, model)?;
     let params = body.generate_params(&state)?;
     let msgs = messages(&body)?;
     let text = render(&state, &msgs, true)?;
@@ -142,7 +142,7 @@ pub async fn chat(
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let n_probs = chat_probs(&body)?;
-    let rx = state.engine.submit(model, prompt, params, n_probs)?;
+    let rx = state.engine.submit(setting, prompt, params, n_probs)?;
     let tok = state.tok.clone();
     let logprobs = move |p: &[crate::generate::TokenProbs]| match n_probs {
         Some(_) => json!({ "content": oai_logprobs(&tok, p) }),

@@ -1,6 +1,7 @@
 //! `POST /completion` and `/completions` (llama-server's native shape) and
 //! `POST /v1/completions` (OpenAI's).
 
+use super::super::engine::Setting;
 use super::super::error::{ApiError, ApiResult};
 use super::super::request::{bad, response_id, Body};
 use super::super::{sse, AppState, Event};
@@ -75,12 +76,17 @@ fn completion_probabilities(state: &AppState, probs: &[TokenProbs]) -> Value {
 /// The settings a generation ran with, as llama-server's `generation_settings` names them,
 /// with what the model is made of (profile, patch scales, assistants' alpha and filter,
 /// file hashes) under `unlearn`.
-fn generation_settings(state: &AppState, model: usize, p: &GenerateParams) -> Value {
+fn generation_settings(
+    state: &AppState,
+    setting: &Value,
+    model: usize,
+    p: &GenerateParams,
+) -> Value {
     let s = &p.sampler;
     json!({
         "model": state.models[model].0,
         "profile": state.models[model].1,
-        "unlearn": state.audit[model],
+        "unlearn": setting,
         "n_ctx": state.cfg.n_ctx,
         "n_predict": p.n_predict,
         "temperature": s.temperature,
@@ -98,15 +104,30 @@ fn generation_settings(state: &AppState, model: usize, p: &GenerateParams) -> Va
     })
 }
 
-/// The parts both completion routes share: model, settings and prompt, checked.
-fn prepare(state: &AppState, body: &Body) -> ApiResult<(usize, GenerateParams, Vec<u32>)> {
+/// What both completion routes read: the model, its unlearning setting (with what it is
+/// made of), the generation settings and the prompt, checked.
+struct Prepared {
+    model: usize,
+    setting: Setting,
+    audit: Value,
+    params: GenerateParams,
+    prompt: Vec<u32>,
+}
+
+fn prepare(state: &AppState, body: &Body) -> ApiResult<Prepared> {
     body.refuse_unsupported()?;
-    body.refuse_overrides(state.cfg.lock)?;
     let model = state.resolve_model(body.str("model")?)?;
+    let (setting, audit) = super::lora::setting(state, body, model)?;
     let params = body.generate_params(state)?;
     let prompt = prompt_tokens(state, body.get("prompt"))?;
     check_context(state, &prompt)?;
-    Ok((model, params, prompt))
+    Ok(Prepared {
+        model,
+        setting,
+        audit,
+        params,
+        prompt,
+    })
 }
 
 /// `POST /completion`: native fields; streaming sends partial objects and a final one with
@@ -116,15 +137,21 @@ pub async fn completion(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let body = read_body(body, state.cfg.body_limit)?;
-    let (model, params, prompt) = prepare(&state, &body)?;
+    let Prepared {
+        model,
+        setting,
+        audit,
+        params,
+        prompt,
+    } = prepare(&state, &body)?;
     let streaming = body.bool("stream")?.unwrap_or(false);
     let name = state.models[model].0.clone();
-    let mut settings = generation_settings(&state, model, &params);
+    let mut settings = generation_settings(&state, &audit, model, &params);
     settings["stream"] = json!(streaming);
     let n_probs = n_alternatives(&body, "n_probs")?;
     settings["n_probs"] = json!(n_probs.unwrap_or(0));
     let prompt_text = state.tok.decode(&prompt, true);
-    let rx = state.engine.submit(model, prompt, params, n_probs)?;
+    let rx = state.engine.submit(setting, prompt, params, n_probs)?;
     let st = state.clone();
     let probs_json = move |p: &[TokenProbs]| completion_probabilities(&st, p);
     let final_object = move |slot: usize, g: &Generation, content: &str, probs: &[TokenProbs]| {
@@ -186,7 +213,13 @@ pub async fn oai_completion(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let body = read_body(body, state.cfg.body_limit)?;
-    let (model, params, prompt) = prepare(&state, &body)?;
+    let Prepared {
+        model,
+        setting,
+        params,
+        prompt,
+        ..
+    } = prepare(&state, &body)?;
     let streaming = body.bool("stream")?.unwrap_or(false);
     let include_usage = body
         .get("stream_options")
@@ -194,7 +227,7 @@ pub async fn oai_completion(
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let n_probs = n_alternatives(&body, "logprobs")?;
-    let rx = state.engine.submit(model, prompt, params, n_probs)?;
+    let rx = state.engine.submit(setting, prompt, params, n_probs)?;
     let tok = state.tok.clone();
     let logprobs = move |p: &[TokenProbs]| match n_probs {
         Some(_) => json!({ "content": oai_logprobs(&tok, p) }),

@@ -55,6 +55,16 @@ pub fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> ApiResult
     }
 }
 
+/// The request body as any JSON value; a body over the limit is a 413.
+pub fn read_body_json(body: Result<Bytes, BytesRejection>, limit: usize) -> ApiResult<Value> {
+    match body {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON: {e}"))),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::TooLarge(limit)),
+        Err(e) => Err(ApiError::InvalidRequest(e.body_text())),
+    }
+}
+
 /// Tokens of a prompt, checked against the context before anything is queued.
 pub fn check_context(state: &AppState, prompt: &[u32]) -> ApiResult<()> {
     if prompt.is_empty() {
