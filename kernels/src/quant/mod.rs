@@ -284,8 +284,8 @@ pub fn vec_dot_batch(
 
 /// Tiled [`vec_dot`]: `out[i * out_stride + j] = vec_dot(ty, n, &w[i * w_stride..],
 /// &act[j * act_stride..])` for `i < n_w`, `j < n_act`, the same bits. Where a SIMD tile
-/// kernel exists (Q4_0, Q5_0 and Q8_0 with AVX-512 VNNI) blocks of two weight rows by four
-/// activation rows share their unpacked weights and loaded activations; other types go
+/// kernel exists (Q4_0, Q4_1, Q5_0 and Q8_0 with AVX-512 VNNI) blocks of two weight rows by
+/// four activation rows share their unpacked weights and loaded activations; other types go
 /// through [`vec_dot_batch`] one weight row at a time.
 #[allow(clippy::too_many_arguments)]
 pub fn vec_dot_tile(
