@@ -5,78 +5,14 @@
 
 mod common;
 
+use common::serve::Server;
+
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lethe");
 const MAX_TOKENS: u64 = 16;
-
-/// A running server, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    /// Start `lethe serve ARGS --port 0` and wait until it listens and answers /health.
-    fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .args(["--host", "127.0.0.1", "--port", "0", "-t", "1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start lethe serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = match lines.next() {
-                Some(Ok(l)) => l,
-                _ => {
-                    let _ = child.kill();
-                    panic!("lethe serve ended before listening");
-                }
-            };
-            if let Some(i) = line.find("http://") {
-                break line[i + "http://".len()..].trim().to_string();
-            }
-        };
-        // Keep draining stderr so that the server never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
-        let s = Server { child, addr };
-        for _ in 0..100 {
-            if s.health() == Some(200) {
-                return s;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("/health never answered 200");
-    }
-
-    fn health(&self) -> Option<u16> {
-        let mut s = TcpStream::connect(&self.addr).ok()?;
-        let req = format!(
-            "GET /health HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.addr
-        );
-        s.write_all(req.as_bytes()).ok()?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).ok()?;
-        raw.split(' ').nth(1)?.parse().ok()
-    }
-}
 
 /// Run the SDK script against `root` for `models`; its JSON report.
 fn run_client(root: &str, models: &[&str]) -> Value {

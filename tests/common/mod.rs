@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::path::PathBuf;
 
 pub fn fixture(rel: &str) -> PathBuf {
