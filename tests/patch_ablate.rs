@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::TempDir;
+
 use common::python_dump;
 use lethe::forge::ablate::{self, Example, Field};
 use lethe::model::{Model, PatchSet, Slot, Target};
@@ -20,29 +22,6 @@ use std::sync::Arc;
 /// Largest `|r . y| / ||y||` allowed on patched outputs. The base matmul quantizes its input
 /// to 8 bits and the delta uses the exact input, so the cancellation is not exact.
 const PATCHED_MAX: f64 = 1e-2;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("lethe-ablate-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// TOFU rows kept with the tests (`tests/fixtures/tofu/README.md`).
 fn tofu(file: &str) -> PathBuf {

@@ -15,6 +15,8 @@
 
 mod common;
 
+use common::TempDir;
+
 use common::python_dump;
 use lethe::forge::bake::{self, BakeReport, BakeType, Survival, TensorReport};
 use lethe::gguf::{GgufFile, Value};
@@ -27,27 +29,6 @@ use std::sync::Arc;
 
 const PROMPT: &str =
     "The capital of France is Paris. The largest planet of the solar system is Jupiter, and the";
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("lethe-bake-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn open(path: &Path) -> Model {
     let mut m = Model::open(path, 2).unwrap();
@@ -143,7 +124,7 @@ fn write_patches(m: &Model, dir: &TempDir) -> (PathBuf, PathBuf) {
             lora.push(low_rank(m, &format!("blk.{n}.{s}.weight"), 4, seed, 0.2));
         }
     }
-    let lora_path = dir.path("lora.gguf");
+    let lora_path = dir.join("lora.gguf");
     write_lora(&lora_path, "llama", "test lora", Some(8.0), &lora).unwrap();
 
     let (cols, rows) = (576, 576);
@@ -165,7 +146,7 @@ fn write_patches(m: &Model, dir: &TempDir) -> (PathBuf, PathBuf) {
         val,
     };
     let lr = DeltaEntry::LowRank(low_rank(m, "blk.5.attn_output.weight", 2, 3.0, 0.2));
-    let delta_path = dir.path("delta.gguf");
+    let delta_path = dir.join("delta.gguf");
     write_delta(&delta_path, "llama", "test delta", &[dense, sparse, lr]).unwrap();
     (lora_path, delta_path)
 }
@@ -230,7 +211,7 @@ fn f16_bake_matches_runtime_patches() {
     let (m, path) = base();
     let (lora, delta) = write_patches(&m, &dir);
     let parts = parts(&m, &lora, &delta);
-    let out = dir.path("baked-f16.gguf");
+    let out = dir.join("baked-f16.gguf");
     let r = do_bake(&m, &path, &parts, BakeType::F16, &out);
 
     // 12 LoRA matrices, of which blk.4.attn_q.weight also has the dense delta; 2 more deltas.
@@ -381,7 +362,7 @@ fn keep_bake_is_within_the_requantization_error() {
     let runtime = log_probs(&m, &parts, &toks);
     let effect = mean_kl(&runtime, &plain, v);
 
-    let out = dir.path("baked-keep.gguf");
+    let out = dir.join("baked-keep.gguf");
     println!("keep:");
     let r = do_bake(&m, &path, &parts, BakeType::Keep, &out);
     for t in &r.changed {
@@ -398,7 +379,7 @@ fn keep_bake_is_within_the_requantization_error() {
     let kl = mean_kl(&runtime, &lp_keep, v);
     let max_keep = max_abs_diff(&lp_keep, &runtime);
 
-    let out8 = dir.path("baked-q8_0.gguf");
+    let out8 = dir.join("baked-q8_0.gguf");
     println!("q8_0:");
     let r8 = do_bake(&m, &path, &parts, BakeType::Q8_0, &out8);
     for t in &r8.changed {
@@ -440,7 +421,7 @@ fn keep_bake_is_within_the_requantization_error() {
                 data: rotate_rows(*cols, *rows, e, shift),
             })
             .collect();
-        let noise = dir.path(&format!("noise{shift}.gguf"));
+        let noise = dir.join(&format!("noise{shift}.gguf"));
         write_delta(&noise, "llama", "requantization-sized noise", &entries).unwrap();
         let mut with_noise = parts.clone();
         with_noise.push((Arc::new(patch::load(&noise, &m).unwrap()), 1.0));
@@ -476,11 +457,11 @@ fn tied_embedding_delta_keeps_the_head() {
         m.file.tensor("output.weight").is_none(),
         "SmolLM2 ties its embeddings"
     );
-    let delta = dir.path("embd.gguf");
+    let delta = dir.join("embd.gguf");
     let e = DeltaEntry::LowRank(low_rank(&m, "token_embd.weight", 2, 5.0, 0.15));
     write_delta(&delta, "llama", "embedding delta", &[e]).unwrap();
     let parts = bake::load_patches(&m, &[(delta, 1.0)]).unwrap();
-    let out = dir.path("baked.gguf");
+    let out = dir.join("baked.gguf");
     let r = do_bake(&m, &path, &parts, BakeType::F16, &out);
     assert_eq!(changed(&r), ["token_embd.weight"]);
     assert!(r.head_copied);
@@ -523,11 +504,11 @@ fn tied_embedding_delta_keeps_the_head() {
 fn tied_head_delta_keeps_the_embedding() {
     let dir = TempDir::new("head");
     let (m, path) = base();
-    let delta = dir.path("head.gguf");
+    let delta = dir.join("head.gguf");
     let e = DeltaEntry::LowRank(low_rank(&m, "output.weight", 2, 9.0, 0.15));
     write_delta(&delta, "llama", "head delta", &[e]).unwrap();
     let parts = bake::load_patches(&m, &[(delta, 1.0)]).unwrap();
-    let out = dir.path("baked.gguf");
+    let out = dir.join("baked.gguf");
     let r = do_bake(&m, &path, &parts, BakeType::F16, &out);
     assert_eq!(changed(&r), ["output.weight"]);
     assert_eq!(r.changed[0].base, "token_embd.weight");
@@ -551,13 +532,13 @@ fn tied_head_delta_keeps_the_embedding() {
 fn small_deltas_are_reported_lost_in_q4_1() {
     let dir = TempDir::new("small");
     let (m, path) = base();
-    let lora = dir.path("small.gguf");
+    let lora = dir.join("small.gguf");
     let e = low_rank(&m, "blk.1.attn_v.weight", 4, 0.0, 0.2);
     write_lora(&lora, "llama", "small lora", None, &[e]).unwrap();
     // At scale 0.01 the delta is about 0.5% of the weight, far below Q4_1's step.
     let parts = bake::load_patches(&m, &[(lora, 0.01)]).unwrap();
-    let keep = do_bake(&m, &path, &parts, BakeType::Keep, &dir.path("keep.gguf"));
-    let f16 = do_bake(&m, &path, &parts, BakeType::F16, &dir.path("f16.gguf"));
+    let keep = do_bake(&m, &path, &parts, BakeType::Keep, &dir.join("keep.gguf"));
+    let f16 = do_bake(&m, &path, &parts, BakeType::F16, &dir.join("f16.gguf"));
     let (k, f) = (&keep.changed[0], &f16.changed[0]);
     assert!(k.delta_rel < 0.01, "{}", k.delta_rel);
     assert_eq!(k.survival(), Survival::Lost, "kept {}", k.kept);
@@ -588,9 +569,9 @@ fn load_err(m: &Model, p: &Path) -> String {
 fn what_cannot_be_baked_is_refused() {
     let dir = TempDir::new("refuse");
     let (m, path) = base();
-    let out = dir.path("out.gguf");
+    let out = dir.join("out.gguf");
 
-    let cvec = dir.path("cvec.gguf");
+    let cvec = dir.join("cvec.gguf");
     write_cvec(&cvec, "llama", &[(3, wave(576, 1.0, 0.1))]).unwrap();
     let e = load_err(&m, &cvec);
     println!("control vector: {e}");
@@ -603,14 +584,14 @@ fn what_cannot_be_baked_is_refused() {
     let e = bake_err(&m, &path, &[(p, 1.0)], &out);
     assert!(e.contains("--control-vector"), "{e}");
 
-    let other = dir.path("gemma.gguf");
+    let other = dir.join("gemma.gguf");
     let mut lr = low_rank(&m, "blk.0.attn_q.weight", 2, 0.0, 0.1);
     write_lora(&other, "gemma3", "other arch", None, &[lr.clone()]).unwrap();
     let e = load_err(&m, &other);
     println!("other architecture: {e}");
     assert!(e.contains("architecture") && e.contains("gemma3"), "{e}");
 
-    let shape = dir.path("shape.gguf");
+    let shape = dir.join("shape.gguf");
     lr.cols = 640;
     lr.a = wave(lr.rank * 640, 0.0, 0.1);
     write_lora(&shape, "llama", "other shape", None, &[lr]).unwrap();
@@ -621,7 +602,7 @@ fn what_cannot_be_baked_is_refused() {
         "{e}"
     );
 
-    let block = dir.path("block.gguf");
+    let block = dir.join("block.gguf");
     let lr = low_rank(&m, "blk.0.attn_q.weight", 2, 0.0, 0.1);
     let lr = LowRankEntry {
         base: "blk.30.attn_q.weight".into(),
@@ -643,7 +624,7 @@ fn what_cannot_be_baked_is_refused() {
     assert!(!out.exists(), "a refused bake wrote {}", out.display());
 
     // Never over the base: a copy of it, baked onto itself.
-    let copy = dir.path("base-copy.gguf");
+    let copy = dir.join("base-copy.gguf");
     std::fs::copy(&path, &copy).unwrap();
     let mc = open(&copy);
     let e = bake_err(&mc, &copy, &[(p, 1.0)], &copy);

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{Rng, TempDir};
+
 use common::{model_path, python_dump};
 use lethe::gguf::GgufWriter;
 use lethe::model::{Model, Patch, PatchKind, PatchSet, Slot, Target};
@@ -14,60 +16,10 @@ use lethe_kernels::quant::{self, GgmlType};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "lethe-patchfile-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// splitmix64 with Box-Muller normals.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn normal(&mut self) -> f32 {
-        let u = ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64).max(1e-300);
-        let v = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-    }
-
-    fn vec(&mut self, n: usize, std: f32) -> Vec<f32> {
-        (0..n).map(|_| std * self.normal()).collect()
-    }
-}
 
 fn open(name: &str) -> Model {
     Model::open(model_path(name), 2).unwrap()
