@@ -6,9 +6,8 @@ use super::common::ModelArgs;
 use anyhow::Result;
 use clap::Args;
 use lethe::generate::Decoder;
-use lethe::model::{Model, PatchSet};
+use lethe::model::Model;
 use lethe::pool::ThreadPool;
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -105,17 +104,9 @@ pub struct BenchResult {
     pub peak_rss_mib: Option<f64>,
 }
 
-pub fn run_bench(
-    model: &Model,
-    patches: Option<Arc<PatchSet>>,
-    n_prompt: usize,
-    n_gen: usize,
-    reps: usize,
-) -> Result<BenchResult> {
+pub fn run_bench(model: &Model, n_prompt: usize, n_gen: usize, reps: usize) -> Result<BenchResult> {
     let n_ctx = (n_prompt + n_gen + 8).next_multiple_of(256);
     let mut st = model.new_state(n_ctx);
-    let patch_bytes = patches.as_ref().map_or(0, |p| p.bytes_per_token());
-    model.attach_patches(&mut st, patches)?;
     let vocab = model.cfg.n_vocab as u32;
     // Arbitrary but fixed tokens, as llama-bench uses random ones.
     let prompt: Vec<u32> = (0..n_prompt as u32)
@@ -146,7 +137,7 @@ pub fn run_bench(
         pp_tps: median(pp),
         tg_tps: median(tg),
         bandwidth,
-        bytes_per_token: model.bytes_per_token() + patch_bytes,
+        bytes_per_token: model.bytes_per_token(),
         n_ctx,
         peak_rss_mib,
     })
@@ -253,7 +244,7 @@ pub fn main(a: BenchArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let r = run_bench(m, l.patches.clone(), a.n_prompt, a.n_gen, a.reps.max(1))?;
+    let r = run_bench(m, a.n_prompt, a.n_gen, a.reps.max(1))?;
     let ceiling = r.bandwidth / r.bytes_per_token as f64;
     let name = l
         .path
