@@ -1,6 +1,7 @@
 //! lethe: serve GGUF language models with knowledge removed at decode time.
 
 pub mod error;
+pub mod eval;
 pub mod forge;
 pub mod generate;
 pub mod gguf;
