@@ -1,8 +1,9 @@
 //! `lethe::eval` against its reference implementations, through the values recorded in
 //! tests/fixtures/eval/ by `make_fixtures.py`: NLTK's Porter stemmer and `rouge_score`
 //! (ROUGE-L recall), the latter also against the recalls in the ULD authors' TOFU logs
-//! (tests/fixtures/tofu/reference/).
+//! (tests/fixtures/tofu/reference/), and `scipy.stats.ks_2samp`.
 
+use lethe::eval::ks::ks_2samp;
 use lethe::eval::rouge::{rouge_l_recall, tokenize};
 use lethe::eval::stem::stem;
 use serde_json::Value;
@@ -111,4 +112,73 @@ fn rouge_l_recall_reproduces_reference_log() {
         }
     }
     assert_eq!(n, 817);
+}
+
+// ---- Kolmogorov-Smirnov ----
+
+/// Numbers, or the strings "inf" / "-inf" that stand for infinities.
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| match x {
+            Value::String(s) => s.parse().expect("inf or -inf"),
+            _ => x.as_f64().expect("number"),
+        })
+        .collect()
+}
+
+/// `got` equals `want` to within `rel` relative.
+fn close(got: f64, want: f64, rel: f64) -> bool {
+    got == want || (got - want).abs() <= rel * want.abs()
+}
+
+/// The p-values are computed in scipy's order of operations and agree to within 2e-16
+/// relative; the 1e-12 tolerance leaves room for another platform's `exp` / `ln` / `powi` in
+/// the asymptotic fallback, which the cases named `interleaved_*` and `fallback_*` reach.
+#[test]
+fn ks_2samp_matches_scipy() {
+    let cases = fixture("eval/ks.json");
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 30);
+    let mut fallbacks = 0;
+    for c in cases {
+        let name = c["name"].as_str().unwrap();
+        let (x, y) = (floats(&c["x"]), floats(&c["y"]));
+        let got = ks_2samp(&x, &y).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (d, p) = (
+            c["statistic"].as_f64().unwrap(),
+            c["pvalue"].as_f64().unwrap(),
+        );
+        assert!(
+            close(got.statistic, d, 1e-12),
+            "{name}: D {} vs {d}",
+            got.statistic
+        );
+        assert!(
+            close(got.pvalue, p, 1e-12),
+            "{name}: p {} vs {p}",
+            got.pvalue
+        );
+        fallbacks += c["asymptotic_fallback"].as_bool().unwrap() as usize;
+    }
+    // The fixture covers scipy's fallback from the exact series to the asymptotic method.
+    assert!(fallbacks >= 7, "{fallbacks} fallback cases");
+}
+
+#[test]
+fn ks_2samp_is_symmetric_and_rejects_bad_input() {
+    let cases = fixture("eval/ks.json");
+    for c in cases.as_array().unwrap() {
+        let (x, y) = (floats(&c["x"]), floats(&c["y"]));
+        assert_eq!(
+            ks_2samp(&x, &y).unwrap(),
+            ks_2samp(&y, &x).unwrap(),
+            "{}",
+            c["name"]
+        );
+    }
+    assert!(ks_2samp(&[], &[1.0]).is_err());
+    assert!(ks_2samp(&[1.0], &[]).is_err());
+    assert!(ks_2samp(&[1.0, f64::NAN], &[1.0]).is_err());
 }
