@@ -1,9 +1,11 @@
-//! `lethe::eval` against its reference implementations, through the values recorded in
-//! tests/fixtures/eval/ by `make_fixtures.py`: NLTK's Porter stemmer and `rouge_score`
-//! (ROUGE-L recall), the latter also against the recalls in the ULD authors' TOFU logs
-//! (tests/fixtures/tofu/reference/), and `scipy.stats.ks_2samp`.
+//! `lethe::eval` against its reference implementations: NLTK's Porter stemmer and
+//! `rouge_score` (ROUGE-L recall), `scipy.stats.ks_2samp`, Python's `zlib` and scipy's
+//! Mann-Whitney U, through the values recorded in tests/fixtures/eval/ by
+//! `make_fixtures.py`; the ROUGE-L recalls in the ULD authors' TOFU logs
+//! (tests/fixtures/tofu/reference/); and hand-computed membership-inference scores.
 
 use lethe::eval::ks::ks_2samp;
+use lethe::eval::mia::{mink_stats, roc_auc, scores, zlib_len, TokenStats, MIN_SIGMA};
 use lethe::eval::rouge::{rouge_l_recall, tokenize};
 use lethe::eval::stem::stem;
 use serde_json::Value;
@@ -181,4 +183,176 @@ fn ks_2samp_is_symmetric_and_rejects_bad_input() {
     assert!(ks_2samp(&[], &[1.0]).is_err());
     assert!(ks_2samp(&[1.0], &[]).is_err());
     assert!(ks_2samp(&[1.0, f64::NAN], &[1.0]).is_err());
+}
+
+// ---- Membership inference ----
+
+/// The crate's deflate (zlib-rs, a port of zlib-ng) picks its matches differently from C zlib,
+/// which CPython links, so compressed lengths are not always the same: equal for short texts,
+/// within 3 bytes (under 2%) for TOFU answers, within 1% for a long natural text, and 12%
+/// longer for the periodic synthetic string, whose long repeats zlib-ng's level 6 (its
+/// "medium" strategy) finds fewer of.
+#[test]
+fn zlib_len_close_to_python_zlib() {
+    let f = fixture("eval/mia.json");
+    let mut same = 0;
+    let all = f["zlib"].as_array().unwrap();
+    for z in all {
+        let text = z["text"].as_str().unwrap();
+        let (got, want) = (zlib_len(text) as f64, z["len"].as_f64().unwrap());
+        same += (got == want) as usize;
+        let tol = match text.len() {
+            0..=40 => 0.0,
+            41..=1000 => 3.0,
+            _ if text.is_ascii() && text.contains(' ') && text.len() > 8000 => 0.01 * want,
+            _ => 0.15 * want,
+        };
+        assert!(
+            (got - want).abs() <= tol,
+            "{} bytes of text: {got} vs {want}",
+            text.len()
+        );
+    }
+    assert!(
+        same * 3 >= all.len(),
+        "only {same} of {} lengths equal",
+        all.len()
+    );
+}
+
+#[test]
+fn roc_auc_known_answers() {
+    assert_eq!(roc_auc(&[3.0, 4.0, 5.0], &[0.0, 1.0, 2.0]), 1.0);
+    assert_eq!(roc_auc(&[0.0, 1.0], &[3.0, 4.0, 5.0]), 0.0);
+    assert_eq!(roc_auc(&[2.0, 2.0], &[2.0, 2.0, 2.0]), 0.5);
+    // Pairs (p, n): (3,2) (3,1) (2,1) (2,1) win, (2,2) (2,2) tie: (4 + 2/2) / 6.
+    assert_eq!(roc_auc(&[3.0, 2.0, 2.0], &[2.0, 1.0]), 5.0 / 6.0);
+    // (1,1) ties, (1,0) wins; (0,1) loses, (0,0) ties: (1 + 0.5 + 0.5) / 4.
+    assert_eq!(roc_auc(&[1.0, 0.0], &[1.0, 0.0]), 0.5);
+    assert!(roc_auc(&[], &[1.0]).is_nan());
+    assert!(roc_auc(&[f64::NAN], &[1.0]).is_nan());
+}
+
+#[test]
+fn roc_auc_matches_scipy_mann_whitney() {
+    let f = fixture("eval/mia.json");
+    for c in f["auc"].as_array().unwrap() {
+        let (pos, neg) = (floats(&c["positive"]), floats(&c["negative"]));
+        let want = c["auc"].as_f64().unwrap();
+        assert!(
+            close(roc_auc(&pos, &neg), want, 1e-15),
+            "{} vs {want}",
+            roc_auc(&pos, &neg)
+        );
+    }
+}
+
+fn tok(logprob: f64, mu: f64, sigma: f64) -> TokenStats {
+    TokenStats { logprob, mu, sigma }
+}
+
+#[test]
+fn min_k_scores_hand_computed() {
+    // z = (lp - mu) / sigma: (-1+2)/1 = 1, (-4+2)/0.5 = -4, (-2+1)/2 = -0.5, (-3+3)/1 = 0,
+    // (-0.5+1)/0.25 = 2.
+    let t = [
+        tok(-1.0, -2.0, 1.0),
+        tok(-4.0, -2.0, 0.5),
+        tok(-2.0, -1.0, 2.0),
+        tok(-3.0, -3.0, 1.0),
+        tok(-0.5, -1.0, 0.25),
+    ];
+    let text = "a short text";
+    let z = zlib_len(text) as f64;
+    // k = 0.4: int(5 * 0.4) = 2 lowest.
+    let s = scores(&t, text, 0.4).unwrap();
+    assert_eq!(s.loss, -10.5 / 5.0);
+    assert_eq!(s.zlib, -2.1 / z);
+    assert_eq!(s.min_k, (-4.0 + -3.0) / 2.0);
+    assert_eq!(s.min_k_pp, (-4.0 + -0.5) / 2.0);
+    // k = 0.1: int(0.5) = 0, raised to one value.
+    let s = scores(&t, text, 0.1).unwrap();
+    assert_eq!((s.min_k, s.min_k_pp), (-4.0, -4.0));
+    // k = 1: every value.
+    let s = scores(&t, text, 1.0).unwrap();
+    assert_eq!(s.min_k, s.loss);
+    assert_eq!(s.min_k_pp, (1.0 - 4.0 - 0.5 + 0.0 + 2.0) / 5.0);
+    // k = 0.6: int(3.0000000000000004) = 3.
+    assert_eq!(
+        scores(&t, text, 0.6).unwrap().min_k,
+        (-4.0 - 3.0 - 2.0) / 3.0
+    );
+    // A certain prediction: sigma 0 is floored.
+    let s = scores(&[tok(-0.0, 0.0, 0.0), tok(-1.0, 0.0, 0.0)], text, 0.5).unwrap();
+    assert_eq!(s.min_k_pp, -1.0 / MIN_SIGMA);
+    assert!(scores(&[], text, 0.2).is_err());
+    assert!(scores(&t, text, 0.0).is_err());
+    assert!(scores(&t, text, 1.5).is_err());
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Softmax statistics written out plainly: p = exp(l - max) / sum, mu = sum p log p,
+/// sigma^2 = sum p (log p)^2 - mu^2.
+fn reference_stats(logits: &[f32], token: usize) -> (f64, f64, f64) {
+    let l: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+    let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = l.iter().map(|x| (x - max).exp()).sum();
+    let logp: Vec<f64> = l.iter().map(|x| x - max - z.ln()).collect();
+    let mu: f64 = logp.iter().map(|lp| lp.exp() * lp).sum();
+    let e2: f64 = logp.iter().map(|lp| lp.exp() * lp * lp).sum();
+    (logp[token], mu, (e2 - mu * mu).sqrt())
+}
+
+#[test]
+fn mink_stats_matches_f64_reference() {
+    for (vocab, scale, seed) in [
+        (2usize, 1.0f32, 1u64),
+        (50, 3.0, 2),
+        (32000, 8.0, 3),
+        (151936, 20.0, 4),
+    ] {
+        let logits: Vec<f32> = values(vocab, seed).iter().map(|v| v * scale).collect();
+        for token in [0, vocab / 2, vocab - 1] {
+            let s = mink_stats(&logits, token as u32).unwrap();
+            let (lp, mu, sigma) = reference_stats(&logits, token);
+            assert!(
+                close(s.logprob, lp, 1e-12),
+                "{vocab}: {} vs {lp}",
+                s.logprob
+            );
+            assert!(close(s.mu, mu, 1e-10), "{vocab}: {} vs {mu}", s.mu);
+            assert!(
+                close(s.sigma, sigma, 1e-9),
+                "{vocab}: {} vs {sigma}",
+                s.sigma
+            );
+        }
+    }
+    // Uniform: log p = mu = -ln V, sigma = 0.
+    let s = mink_stats(&[0.5; 8], 3).unwrap();
+    assert!((s.logprob + 8f64.ln()).abs() < 1e-15 && (s.mu + 8f64.ln()).abs() < 1e-15);
+    assert!(s.sigma < 1e-7);
+    // Large logits do not overflow; a -inf logit is a zero-probability token.
+    let s = mink_stats(&[1000.0, 999.0, f32::NEG_INFINITY], 1).unwrap();
+    let (lp, mu, sigma) = reference_stats(&[1.0, 0.0], 1);
+    assert!(close(s.logprob, lp, 1e-12) && close(s.mu, mu, 1e-12) && close(s.sigma, sigma, 1e-9));
+    assert_eq!(
+        mink_stats(&[0.0, f32::NEG_INFINITY], 1).unwrap().logprob,
+        f64::NEG_INFINITY
+    );
+    assert!(mink_stats(&[0.0, 1.0], 2).is_err());
+    assert!(mink_stats(&[0.0, f32::NAN], 0).is_err());
+    assert!(mink_stats(&[], 0).is_err());
 }

@@ -1,7 +1,9 @@
 //! Metrics for evaluating unlearning, each matching the reference implementation it is named
-//! after: ROUGE-L recall (`rouge_score` with NLTK's Porter stemmer) and the two-sample
-//! Kolmogorov-Smirnov test (`scipy.stats.ks_2samp`).
+//! after: ROUGE-L recall (`rouge_score` with NLTK's Porter stemmer), the two-sample
+//! Kolmogorov-Smirnov test (`scipy.stats.ks_2samp`), and membership-inference scores and ROC
+//! AUC.
 
 pub mod ks;
+pub mod mia;
 pub mod rouge;
 pub mod stem;
