@@ -1,13 +1,16 @@
 //! `lethe::eval` against its reference implementations: NLTK's Porter stemmer and
 //! `rouge_score` (ROUGE-L recall), `scipy.stats.ks_2samp`, Python's `zlib` and scipy's
 //! Mann-Whitney U, through the values recorded in tests/fixtures/eval/ by
-//! `make_fixtures.py`; the ROUGE-L recalls in the ULD authors' TOFU logs
-//! (tests/fixtures/tofu/reference/); and hand-computed membership-inference scores.
+//! `make_fixtures.py`; hand-computed membership-inference scores; and TOFU's aggregate
+//! recomputed from the ULD authors' per-item logs (tests/fixtures/tofu/reference/).
 
 use lethe::eval::ks::ks_2samp;
 use lethe::eval::mia::{mink_stats, roc_auc, scores, zlib_len, TokenStats, MIN_SIGMA};
 use lethe::eval::rouge::{rouge_l_recall, tokenize};
 use lethe::eval::stem::stem;
+use lethe::eval::tofu::{
+    forget_quality, model_utility, raw_truth_ratios, summarize, ItemScores, SetKind, SetSummary,
+};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -355,4 +358,111 @@ fn mink_stats_matches_f64_reference() {
     assert!(mink_stats(&[0.0, 1.0], 2).is_err());
     assert!(mink_stats(&[0.0, f32::NAN], 0).is_err());
     assert!(mink_stats(&[], 0).is_err());
+}
+
+// ---- TOFU aggregation ----
+
+fn set_items(log: &Value, set: &str) -> Vec<ItemScores> {
+    let s = &log[set];
+    let gt = items(&s["avg_gt_loss"]);
+    let pert = items(&s["average_perturb_loss"]);
+    let para = items(&s["avg_paraphrased_loss"]);
+    let rouge = items(&s["rougeL_recall"]);
+    assert!(gt.len() == pert.len() && gt.len() == para.len() && gt.len() == rouge.len());
+    (0..gt.len())
+        .map(|i| ItemScores {
+            avg_gt_loss: gt[i].as_f64().unwrap(),
+            perturb_losses: floats(pert[i]),
+            paraphrased_loss: para[i].as_f64().unwrap(),
+            rouge_l_recall: rouge[i].as_f64().unwrap(),
+        })
+        // TOFU scores the first 300 items of a set.
+        .take(300)
+        .collect()
+}
+
+fn reference_csv() -> Vec<(String, f64)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tofu/reference/retain90_llama2_aggregated_stat.csv");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let head = lines.next().unwrap().split(',');
+    let vals = lines
+        .next()
+        .unwrap()
+        .split(',')
+        .map(|v| v.parse::<f64>().unwrap());
+    head.map(str::to_string).zip(vals).collect()
+}
+
+#[test]
+fn tofu_aggregate_reproduces_reference() {
+    let log = fixture("tofu/reference/retain90_llama2_eval_log_aggregated.json");
+    let sum = |set: &str, kind| summarize(kind, &set_items(&log, set)).unwrap();
+    let retain = sum("eval_log.json", SetKind::Retain);
+    let real = sum("eval_real_author_wo_options.json", SetKind::RealAuthors);
+    let world = sum("eval_real_world_wo_options.json", SetKind::WorldFacts);
+    let forget_items = set_items(&log, "eval_log_forget.json");
+    let forget = summarize(SetKind::Forget, &forget_items).unwrap();
+    let raw = raw_truth_ratios(&forget_items);
+    let fq = forget_quality(&raw, &raw).unwrap();
+    let mu = model_utility(&retain, &real, &world);
+
+    let got = |name: &str| -> f64 {
+        let pick = |s: &SetSummary, what: &str| match what {
+            "ROUGE" => s.rouge,
+            "Probability" => s.probability,
+            "Truth Ratio" => s.truth_ratio,
+            _ => unreachable!(),
+        };
+        for (prefix, s) in [
+            ("Retain ", &retain),
+            ("Real Authors ", &real),
+            ("Real World ", &world),
+            ("Forget ", &forget),
+        ] {
+            if let Some(what) = name.strip_prefix(prefix) {
+                if matches!(what, "ROUGE" | "Probability" | "Truth Ratio") {
+                    return pick(s, what);
+                }
+            }
+        }
+        match name {
+            "Model Utility" => mu,
+            // The reference's forget quality: the retain90 model against itself.
+            "Forget Quality" | "KS Test PVal Forget" => fq,
+            "KS Test Forget" => ks_2samp(&raw, &raw).unwrap().statistic,
+            other => panic!("unknown column {other}"),
+        }
+    };
+    let csv = reference_csv();
+    assert_eq!(csv.len(), 16);
+    for (name, want) in &csv {
+        let g = got(name);
+        assert!((g - want).abs() <= 1e-12, "{name}: {g} vs {want}");
+    }
+    assert!(
+        (mu - 0.6203436494291608).abs() <= 1e-9,
+        "model utility {mu}"
+    );
+    assert!((forget.truth_ratio - 0.6694346204288318).abs() <= 1e-9);
+    assert_eq!(fq, 1.0);
+}
+
+#[test]
+fn tofu_rejects_empty_sets() {
+    assert!(summarize(SetKind::Retain, &[]).is_err());
+    let item = ItemScores {
+        avg_gt_loss: 1.0,
+        perturb_losses: vec![],
+        paraphrased_loss: 1.0,
+        rouge_l_recall: 1.0,
+    };
+    assert!(summarize(SetKind::Forget, &[item]).is_err());
+    let s = SetSummary {
+        probability: 0.5,
+        rouge: 0.0,
+        truth_ratio: 0.5,
+    };
+    assert_eq!(model_utility(&s, &s, &s), 0.0);
 }
