@@ -5,9 +5,11 @@ pub mod combine;
 pub mod lockstep;
 pub mod patch;
 pub mod profile;
+pub mod score;
 
 pub use combine::{combine, plausible_threshold, plausible_threshold_in, Term, TermKind, Use};
 pub use lockstep::{Assistant, LockstepDecoder};
+pub use score::Scorer;
 
 use crate::generate::{Decoder, ModelDecoder};
 use crate::model::{Model, PatchSet};
