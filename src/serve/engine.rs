@@ -85,6 +85,31 @@ pub struct Job {
     pub events: mpsc::UnboundedSender<Event>,
 }
 
+/// A teacher-forced scoring request (`POST /score`): continuations after one prompt.
+pub struct ScoreJob {
+    pub setting: Setting,
+    pub prompt: Vec<u32>,
+    pub conts: Vec<Vec<u32>>,
+    /// Also each token's Min-K%++ statistics (the mean and deviation of the log-probability
+    /// under the model's distribution at that position).
+    pub stats: bool,
+    pub reply: tokio::sync::oneshot::Sender<Result<Vec<ScoredCont>, ApiError>>,
+}
+
+/// One continuation's scores: per token its log-probability (scoring use of the setting's
+/// combination), and with `stats` the mean and deviation of the position's log-probabilities.
+#[derive(Debug, Clone)]
+pub struct ScoredCont {
+    pub logprobs: Vec<f64>,
+    pub stats: Vec<crate::eval::mia::TokenStats>,
+}
+
+/// What the inference thread is asked to do.
+enum Work {
+    Generate(Job),
+    Score(ScoreJob),
+}
+
 /// What the inference thread reports on a job.
 #[derive(Debug)]
 pub enum Event {
@@ -100,7 +125,7 @@ pub enum Event {
 /// The handle the HTTP side submits jobs through.
 #[derive(Clone)]
 pub struct Engine {
-    tx: std_mpsc::Sender<Job>,
+    tx: std_mpsc::Sender<Work>,
     /// Slots and counters, as the inference thread reports them.
     pub stats: Arc<Stats>,
 }
@@ -129,6 +154,7 @@ impl Engine {
                     n_ctx,
                     slots: (0..n_slots).map(Slot::new).collect(),
                     built: VecDeque::new(),
+                    scorer: None,
                     queue: VecDeque::new(),
                     stats: shared,
                 };
@@ -147,15 +173,38 @@ impl Engine {
     ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
         let (events, rx) = mpsc::unbounded_channel();
         self.tx
-            .send(Job {
+            .send(Work::Generate(Job {
                 setting,
                 prompt,
                 params,
                 n_probs,
                 events,
-            })
+            }))
             .map_err(|_| ApiError::Server("the inference thread has stopped".into()))?;
         Ok(rx)
+    }
+
+    /// Score `conts` after `prompt` with `setting`. Runs on the inference thread between
+    /// two decode steps (the slots wait for it).
+    pub async fn score(
+        &self,
+        setting: Setting,
+        prompt: Vec<u32>,
+        conts: Vec<Vec<u32>>,
+        stats: bool,
+    ) -> Result<Vec<ScoredCont>, ApiError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Work::Score(ScoreJob {
+                setting,
+                prompt,
+                conts,
+                stats,
+                reply,
+            }))
+            .map_err(|_| ApiError::Server("the inference thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| ApiError::Server("the scoring ended without a result".into()))?
     }
 }
 
@@ -203,22 +252,24 @@ struct Scheduler {
     slots: Vec<Slot>,
     /// Recently used settings, built (the most recent last).
     built: VecDeque<(Setting, Built)>,
+    /// The scorer of the last scoring request's setting.
+    scorer: Option<(Setting, crate::unlearn::Scorer)>,
     queue: VecDeque<Job>,
     stats: Arc<Stats>,
 }
 
 impl Scheduler {
-    fn run(mut self, rx: std_mpsc::Receiver<Job>) {
+    fn run(mut self, rx: std_mpsc::Receiver<Work>) {
         loop {
             let busy = self.slots.iter().any(|s| s.active.is_some());
             if !busy && self.queue.is_empty() {
                 match rx.recv() {
-                    Ok(job) => self.queue.push_back(job),
+                    Ok(w) => self.take(w),
                     Err(_) => return,
                 }
             }
-            while let Ok(job) = rx.try_recv() {
-                self.queue.push_back(job);
+            while let Ok(w) = rx.try_recv() {
+                self.take(w);
             }
             // Jobs whose client left never start.
             self.queue.retain(|j| !j.events.is_closed());
@@ -232,6 +283,63 @@ impl Scheduler {
             }
             self.step();
         }
+    }
+
+    /// Queue a generation; run a scoring request at once.
+    fn take(&mut self, w: Work) {
+        match w {
+            Work::Generate(job) => self.queue.push_back(job),
+            Work::Score(job) => {
+                if job.reply.is_closed() {
+                    return;
+                }
+                let r = self.score(&job);
+                let _ = job.reply.send(r);
+            }
+        }
+    }
+
+    /// Run a scoring request with the scorer of its setting (kept for the next request of
+    /// the same setting).
+    fn score(&mut self, job: &ScoreJob) -> Result<Vec<ScoredCont>, ApiError> {
+        let longest = job.conts.iter().map(Vec::len).max().unwrap_or(0);
+        let needed = job.prompt.len() + longest.saturating_sub(1);
+        if needed > self.n_ctx {
+            return Err(ApiError::ExceedContext {
+                n_prompt_tokens: needed,
+                n_ctx: self.n_ctx,
+            });
+        }
+        if self.scorer.as_ref().is_none_or(|(s, _)| *s != job.setting) {
+            self.scorer = None;
+            let b = self.build(&job.setting)?;
+            let sc =
+                crate::unlearn::Scorer::new(self.base.clone(), b.terms, b.patches, self.n_ctx)?;
+            self.scorer = Some((job.setting.clone(), sc));
+        }
+        let (_, sc) = self.scorer.as_mut().expect("set above");
+        let r = (|| {
+            sc.set_prompt(&job.prompt)?;
+            let mut out = Vec::with_capacity(job.conts.len());
+            for c in &job.conts {
+                let mut stats = Vec::new();
+                let logprobs = if job.stats {
+                    sc.score_with(c, |i, lp| {
+                        stats.push(crate::eval::mia::mink_stats(lp, c[i]))
+                    })?
+                } else {
+                    sc.score(c)?
+                };
+                let stats = stats.into_iter().collect::<crate::Result<_>>()?;
+                out.push(ScoredCont { logprobs, stats });
+            }
+            Ok::<_, crate::Error>(out)
+        })();
+        if r.is_err() {
+            // Its caches are in an unknown state.
+            self.scorer = None;
+        }
+        Ok(r?)
     }
 
     /// A free slot, preferring one whose cache holds the next job's setting.

@@ -6,6 +6,7 @@ pub mod completion;
 pub mod health;
 pub mod lora;
 pub mod props;
+pub mod score;
 pub mod tokenize;
 
 use super::engine::Event;
@@ -44,6 +45,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/slots", get(props::slots))
         .route("/metrics", get(props::metrics))
         .route("/lora-adapters", get(lora::list).post(lora::set))
+        .route("/score", post(score::score))
 }
 
 /// The request body as a JSON object; a body over the limit is a 413.
