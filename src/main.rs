@@ -37,6 +37,10 @@ enum Cmd {
     Patch(cli::patch::PatchArgs),
     /// Serve an HTTP API compatible with llama-server's, each profile a model id.
     Serve(cli::serve::ServeArgs),
+    /// TOFU metrics and membership inference of a forgotten profile against its base.
+    Eval(cli::eval::EvalArgs),
+    /// Two models answer the same prompts: side by side, first difference, KL.
+    Compare(cli::compare::CompareArgs),
 }
 
 /// Output piped into `head` and closed early ends the process quietly, as for other Unix
@@ -71,5 +75,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Profile(a) => cli::profile::main(a),
         Cmd::Patch(a) => cli::patch::main(a),
         Cmd::Serve(a) => cli::serve::main(a),
+        Cmd::Eval(a) => cli::eval::main(a),
+        Cmd::Compare(a) => cli::compare::main(a),
     }
 }

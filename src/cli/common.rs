@@ -8,6 +8,7 @@ use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::patch;
 use lethe::unlearn::profile::{self, Profile, ProfileFile};
 use lethe::unlearn::{Assistant, TermKind};
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -435,4 +436,34 @@ impl SamplingArgs {
             logit_bias: Vec::new(),
         }
     }
+}
+
+/// The patches of a profile with their scales, and its assistants with alpha and filter,
+/// and the sha256 of every file it uses (checked once, at startup).
+pub fn profile_audit(f: &ProfileFile, p: &Profile, cli: &[Value]) -> Result<Value> {
+    let report = profile::check_profile(p, &f.dir)?;
+    let mut patches = cli.to_vec();
+    patches.extend(
+        p.patches
+            .iter()
+            .map(|s| json!({ "file": s.file, "scale": s.scale })),
+    );
+    let assistants: Vec<Value> = p
+        .assistants
+        .iter()
+        .map(|s| json!({ "kind": s.kind.name(), "alpha": s.alpha, "filter": s.filter }))
+        .collect();
+    let files: Vec<Value> = report
+        .files
+        .iter()
+        .map(
+            |c| json!({ "role": c.role, "path": c.path.display().to_string(), "sha256": c.sha256 }),
+        )
+        .collect();
+    Ok(json!({
+        "profile": p.name,
+        "patches": patches,
+        "assistants": assistants,
+        "files": files,
+    }))
 }

@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod chat;
 pub mod common;
+pub mod compare;
+pub mod eval;
 pub mod fetch;
 pub mod forge;
 pub mod inspect;

@@ -1,13 +1,13 @@
 //! `lethe serve`: a llama-server compatible HTTP endpoint, with every profile served as a
 //! model id. Flags are spelled as llama-server spells them.
 
-use super::common::{patch_set, profile_patches, profile_terms, PatchArgs};
+use super::common::{patch_set, profile_audit, profile_patches, profile_terms, PatchArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lethe::model::{Model, Patch};
 use lethe::serve::{Loaded, ServeConfig, ServedModel};
 use lethe::tokenizer::Tokenizer;
-use lethe::unlearn::profile::{self, Profile, ProfileFile};
+use lethe::unlearn::profile::{self, ProfileFile};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -131,36 +131,6 @@ pub fn main(a: ServeArgs) -> Result<()> {
         eprintln!("lethe: serving on http://{addr}");
     })?;
     Ok(())
-}
-
-/// The patches of a profile with their scales, and its assistants with alpha and filter,
-/// and the sha256 of every file it uses (checked once, at startup).
-fn profile_audit(f: &ProfileFile, p: &Profile, cli: &[Value]) -> Result<Value> {
-    let report = profile::check_profile(p, &f.dir)?;
-    let mut patches = cli.to_vec();
-    patches.extend(
-        p.patches
-            .iter()
-            .map(|s| json!({ "file": s.file, "scale": s.scale })),
-    );
-    let assistants: Vec<Value> = p
-        .assistants
-        .iter()
-        .map(|s| json!({ "kind": s.kind.name(), "alpha": s.alpha, "filter": s.filter }))
-        .collect();
-    let files: Vec<Value> = report
-        .files
-        .iter()
-        .map(
-            |c| json!({ "role": c.role, "path": c.path.display().to_string(), "sha256": c.sha256 }),
-        )
-        .collect();
-    Ok(json!({
-        "profile": p.name,
-        "patches": patches,
-        "assistants": assistants,
-        "files": files,
-    }))
 }
 
 /// `parts`, after checking that they fit `model`.

@@ -17,7 +17,7 @@ use super::ks::ks_2samp;
 use crate::{Error, Result};
 
 /// Which TOFU evaluation set a list of items comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum SetKind {
     /// The retain set (authors kept; TOFU scores its first 300 items).
     Retain,
@@ -44,7 +44,7 @@ pub struct ItemScores {
 }
 
 /// One set's three numbers.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct SetSummary {
     /// Answer probability, plain (retain) or normalised against the perturbed answers.
     pub probability: f64,

@@ -1,0 +1,296 @@
+//! `lethe eval`: TOFU's metrics and membership inference for a forgotten profile against its
+//! base (and a reference never trained on the forget set), locally or through a server.
+
+use super::common::{patch_set, profile_audit, profile_patches, profile_terms, ModelArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lethe::eval::data::{self, Split, TofuData};
+use lethe::eval::remote::Remote;
+use lethe::eval::report::Report;
+use lethe::eval::run::{self, Backend, Local, Options, Side, SideResult};
+use lethe::model::Model;
+use lethe::tokenizer::Tokenizer;
+use lethe::unlearn::profile::{self, ProfileFile};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// The TOFU forget split: forget01, forget05 or forget10.
+    #[arg(long = "tofu")]
+    pub tofu: String,
+    /// A profile of the file (or a model: a GGUF path or a name) never trained on the forget
+    /// set; forget quality is measured against it.
+    #[arg(long = "reference")]
+    pub reference: Option<String>,
+    /// Score only the first N items of each set.
+    #[arg(long = "limit")]
+    pub limit: Option<usize>,
+    /// Most tokens of each greedy answer.
+    #[arg(long = "max-tokens", default_value_t = 200)]
+    pub max_tokens: usize,
+    /// The fraction k of Min-K% and Min-K%++.
+    #[arg(long = "min-k", default_value_t = 0.2)]
+    pub min_k: f64,
+    /// A directory with the TOFU files to use instead of the built-in copies.
+    #[arg(long = "tofu-dir")]
+    pub tofu_dir: Option<PathBuf>,
+    /// Evaluate only the profile, not its base.
+    #[arg(long = "no-base")]
+    pub no_base: bool,
+    /// Write everything (per-item scores and answers included) as JSON.
+    #[arg(long = "json")]
+    pub json: Option<PathBuf>,
+    /// Write a self-contained HTML report.
+    #[arg(long = "html")]
+    pub html: Option<PathBuf>,
+    /// Evaluate a model served by `lethe serve` at this URL (its id in -m/--model) through
+    /// `/score` and `/v1/chat/completions`.
+    #[arg(long = "server")]
+    pub server: Option<String>,
+    /// With --server: another served model to evaluate beside it (the base's id, say).
+    #[arg(long = "baseline")]
+    pub baseline: Option<String>,
+    /// With --server: the API key.
+    #[arg(long = "api-key")]
+    pub api_key: Option<String>,
+}
+
+/// The models evaluated, and the reference (scored on the forget set only).
+type Sides = (Vec<Box<dyn Backend>>, Option<Box<dyn Backend>>);
+
+/// The context of the evaluation's caches: TOFU's questions and answers are short.
+const EVAL_CTX: usize = 1024;
+
+pub fn main(a: EvalArgs) -> Result<()> {
+    let split = Split::parse(&a.tofu)?;
+    let data = data::load(split, a.tofu_dir.as_deref(), a.limit)?;
+    let opts = Options {
+        max_new: a.max_tokens,
+        n_ctx: EVAL_CTX,
+        k: a.min_k,
+        forget_only: false,
+    };
+    if !(a.min_k > 0.0 && a.min_k <= 1.0) {
+        bail!("--min-k must be in (0, 1]");
+    }
+    let (mut sides, reference): Sides = match &a.server {
+        Some(url) => remote_sides(&a, url)?,
+        None => local_sides(&a)?,
+    };
+    let ref_opts = Options {
+        forget_only: true,
+        ..opts.clone()
+    };
+    let total: u64 = sides.len() as u64 * run::work(&data, &opts)
+        + reference
+            .as_ref()
+            .map_or(0, |_| run::work(&data, &ref_opts));
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed}<{eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let tick = |n: u64| bar.inc(n);
+    let mut results: Vec<SideResult> = Vec::new();
+    for be in sides.iter_mut() {
+        bar.set_message(be.name());
+        results.push(run::evaluate(be.as_mut(), &data, &opts, &tick)?);
+    }
+    let reference = match reference {
+        Some(mut be) => {
+            bar.set_message(be.name());
+            Some(run::evaluate(be.as_mut(), &data, &ref_opts, &tick)?)
+        }
+        None => None,
+    };
+    bar.finish_and_clear();
+    if let Some(r) = &reference {
+        let rr = r.forget_truth_ratios();
+        for s in &mut results {
+            let ks = lethe::eval::ks::ks_2samp(&s.forget_truth_ratios(), &rr)?;
+            s.forget_quality = Some(ks.pvalue);
+        }
+    }
+    let report = Report {
+        split: split.name().into(),
+        limit: a.limit,
+        sides: results,
+        reference,
+        settings: json!({
+            "lethe": env!("CARGO_PKG_VERSION"),
+            "threads": a.m.threads(),
+            "max_tokens": a.max_tokens,
+            "min_k": a.min_k,
+            "n_ctx": EVAL_CTX,
+            "server": a.server,
+        }),
+    };
+    print_summary(&report, &data);
+    if let Some(p) = &a.json {
+        let f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+        serde_json::to_writer_pretty(std::io::BufWriter::new(f), &report)?;
+        eprintln!("wrote {}", p.display());
+    }
+    if let Some(p) = &a.html {
+        std::fs::write(p, lethe::eval::html::render(&report))
+            .with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn print_summary(report: &Report, data: &TofuData) {
+    println!(
+        "TOFU {}: {} forget, {} holdout, {} retain, {} real-author, {} world-fact items",
+        report.split,
+        data.forget.len(),
+        data.holdout.len(),
+        data.retain.len(),
+        data.real_authors.len(),
+        data.world_facts.len()
+    );
+    println!();
+    print!("{}", report.table());
+    println!();
+    for s in report.sides.iter().chain(&report.reference) {
+        println!("{}: {:.1} s", s.name, s.seconds);
+    }
+}
+
+/// The served model (and `--baseline`, `--reference`) behind `url`.
+fn remote_sides(a: &EvalArgs, url: &str) -> Result<Sides> {
+    let key = a.api_key.clone();
+    let mut sides: Vec<Box<dyn Backend>> = Vec::new();
+    if let Some(b) = &a.baseline {
+        sides.push(Box::new(Remote::new(url, b, key.clone())?));
+    }
+    sides.push(Box::new(Remote::new(url, &a.m.model, key.clone())?));
+    let reference = match &a.reference {
+        Some(r) => Some(Box::new(Remote::new(url, r, key)?) as Box<dyn Backend>),
+        None => None,
+    };
+    Ok((sides, reference))
+}
+
+/// The base and the profile (or the plain model), and the reference, loaded here.
+fn local_sides(a: &EvalArgs) -> Result<Sides> {
+    let l = a.m.load()?;
+    let tok = Arc::new(l.tok);
+    let stem = |p: &Path| {
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    };
+    let plain = |name: String| Side {
+        name,
+        model: l.model.clone(),
+        tok: tok.clone(),
+        terms: Vec::new(),
+        patches: None,
+        audit: json!({ "profile": null, "model": l.path.display().to_string() }),
+    };
+    let mut sides: Vec<Side> = Vec::new();
+    match (&l.profile, &l.profile_file) {
+        (Some(name), Some(file)) => {
+            if !a.no_base {
+                sides.push(plain("base".into()));
+            }
+            let p = file.get(name).context("the profile in use")?;
+            sides.push(Side {
+                name: name.clone(),
+                model: l.model.clone(),
+                tok: tok.clone(),
+                terms: l.terms.clone(),
+                patches: l.patches.clone(),
+                audit: profile_audit(file, p, &[])?,
+            });
+        }
+        _ => {
+            let mut s = plain(stem(&l.path));
+            s.terms = l.terms.clone();
+            s.patches = l.patches.clone();
+            sides.push(s);
+        }
+    }
+    let reference = match &a.reference {
+        None => None,
+        Some(r) => Some(named_side(
+            a.m.threads(),
+            r,
+            &l.model,
+            &l.path,
+            &tok,
+            l.profile_file.as_ref(),
+        )?),
+    };
+    let mut out: Vec<Box<dyn Backend>> = Vec::new();
+    for s in sides {
+        out.push(Box::new(Local::new(s, EVAL_CTX)?));
+    }
+    let reference = match reference {
+        Some(s) => Some(Box::new(Local::new(s, EVAL_CTX)?) as Box<dyn Backend>),
+        None => None,
+    };
+    Ok((out, reference))
+}
+
+/// A side named on the command line: `base` (the loaded model, plain), a profile of the file
+/// (sharing the loaded model when its base is the same file) or a model (a path or a name).
+pub fn named_side(
+    threads: usize,
+    name: &str,
+    model: &Arc<Model>,
+    path: &Path,
+    tok: &Arc<Tokenizer>,
+    file: Option<&ProfileFile>,
+) -> Result<Side> {
+    let open = |p: &Path| -> Result<(Arc<Model>, Arc<Tokenizer>)> {
+        if std::fs::canonicalize(p).ok() == std::fs::canonicalize(path).ok() {
+            return Ok((model.clone(), tok.clone()));
+        }
+        let m = Model::open(p, threads).with_context(|| format!("loading {}", p.display()))?;
+        let t = Tokenizer::from_gguf(&m.file)?;
+        Ok((Arc::new(m), Arc::new(t)))
+    };
+    if name == "base" && file.is_none_or(|f| f.get("base").is_none()) {
+        return Ok(Side {
+            name: "base".into(),
+            model: model.clone(),
+            tok: tok.clone(),
+            terms: Vec::new(),
+            patches: None,
+            audit: json!({ "profile": null, "model": path.display().to_string() }),
+        });
+    }
+    if let Some((f, p)) = file.and_then(|f| f.get(name).map(|p| (f, p))) {
+        let (m, t) = open(&profile::locate(&f.dir, &p.base)?)?;
+        let patches = patch_set(&m, &profile_patches(&m, f, p)?)?;
+        return Ok(Side {
+            name: name.to_string(),
+            terms: profile_terms(&m, f, p)?,
+            patches,
+            audit: profile_audit(f, p, &[])?,
+            model: m,
+            tok: t,
+        });
+    }
+    let p = lethe::hub::resolve_model(name)?;
+    let (m, t) = open(&p)?;
+    Ok(Side {
+        name: p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| name.to_string()),
+        model: m,
+        tok: t,
+        terms: Vec::new(),
+        patches: None,
+        audit: json!({ "profile": null, "model": p.display().to_string() }),
+    })
+}

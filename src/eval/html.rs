@@ -1,0 +1,556 @@
+//! The report as one self-contained HTML page: the metric table, bar charts in inline SVG,
+//! every side's answers side by side and the settings and file hashes each side ran with.
+//! No scripts, fonts, stylesheets or images from elsewhere: the file opens offline.
+
+use super::report::{fmt_num, metrics, Metric, Report};
+use super::run::{ItemResult, SideResult};
+use super::tofu::SetKind;
+use serde_json::Value;
+
+/// One colour per side; the reference is grey.
+const PALETTE: [&str; 8] = [
+    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#edc948", "#9c755f",
+];
+const REF_COLOUR: &str = "#9aa0a6";
+/// The bottom of the forget-quality axis (p-values below are drawn at it).
+const LOG_MIN: f64 = 1e-20;
+/// Retain-set questions shown side by side.
+const RETAIN_SAMPLE: usize = 20;
+
+const CSS: &str = "\
+body{margin:0;background:#f7f7f5;color:#222;font:15px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,'Helvetica Neue',Arial,sans-serif}
+main{max-width:1200px;margin:0 auto;padding:24px}
+h1{font-size:1.6em;margin:0 0 .3em}h2{font-size:1.25em;margin:2em 0 .6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+h3{font-size:1.05em;margin:1.2em 0 .4em}
+table{border-collapse:collapse;background:#fff;font-size:14px}
+th,td{border:1px solid #e3e3e0;padding:4px 8px;vertical-align:top;text-align:left}
+th{background:#f0f0ec;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.ref{background:#f4f4f4}.note,.muted{color:#888;font-size:12px}.wrap{overflow-x:auto}
+.answers{table-layout:fixed;width:100%}.answers td{overflow-wrap:anywhere}.answers th.n{width:2.5em}
+.score{color:#666;font-size:12px;margin-top:4px;font-variant-numeric:tabular-nums}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(440px,1fr));gap:16px}
+figure{margin:0;background:#fff;border:1px solid #e3e3e0;border-radius:6px;padding:12px}
+figcaption{font-weight:600;margin-bottom:8px}
+svg{max-width:100%;height:auto;font:11px system-ui,sans-serif}
+.sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px}
+code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+pre{background:#fff;border:1px solid #e3e3e0;padding:8px;overflow-x:auto}summary{cursor:pointer}
+";
+
+/// `s` with `& < > " '` escaped, safe in text and in quoted attributes.
+pub fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// A column of the report: a side, whether it is the reference, its label and colour.
+struct Col<'a> {
+    side: &'a SideResult,
+    is_ref: bool,
+    label: String,
+    colour: &'static str,
+}
+
+fn columns(r: &Report) -> Vec<Col<'_>> {
+    let reference = r.reference.iter().map(|s| (s, true));
+    let all = r.sides.iter().map(|s| (s, false)).chain(reference);
+    all.enumerate()
+        .map(|(i, (side, is_ref))| Col {
+            side,
+            is_ref,
+            label: side.name.clone() + if is_ref { " (reference)" } else { "" },
+            colour: if is_ref {
+                REF_COLOUR
+            } else {
+                PALETTE[i % PALETTE.len()]
+            },
+        })
+        .collect()
+}
+
+/// The whole page.
+pub fn render(report: &Report) -> String {
+    let cols = columns(report);
+    let split = esc(&report.split);
+    let mut o = format!("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>Unlearning evaluation: {split}</title>\n<style>\n{CSS}</style>\n</head>\n<body>\n<main>\n");
+    o += &header(report, &cols);
+    o += "<h2>Metrics</h2>\n";
+    o += &metric_table(&cols);
+    o += "<h2>Charts</h2>\n<div class=\"charts\">\n";
+    o += &charts(&cols);
+    o += "</div>\n<h2>Answers</h2>\n";
+    o += &answers("Forget set", &cols, SetKind::Forget, usize::MAX);
+    let retain = format!("Retain set (first {RETAIN_SAMPLE})");
+    o += &answers(&retain, &cols, SetKind::Retain, RETAIN_SAMPLE);
+    o += "<h2>Settings and file hashes</h2>\n";
+    for c in &cols {
+        o += &audit(c);
+    }
+    o + "</main>\n</body>\n</html>\n"
+}
+
+/// A JSON value as text: strings bare, `null` as a dash, the rest compact JSON.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "\u{2013}".into(),
+        v => v.to_string(),
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+fn swatch(c: &Col) -> String {
+    let (colour, label) = (c.colour, esc(&c.label));
+    format!("<span class=\"sw\" style=\"background:{colour}\"></span>{label}")
+}
+
+fn header(r: &Report, cols: &[Col]) -> String {
+    let split = esc(&r.split);
+    let limit = r.limit.map_or("all items".into(), |n| {
+        format!("first {n} items of each set")
+    });
+    let names = cols.iter().map(swatch).collect::<Vec<_>>().join(", ");
+    let mut o = format!("<h1>Unlearning evaluation: TOFU {split}</h1>\n<p>Split <b>{split}</b> \u{b7} {limit} \u{b7} sides: {names}</p>\n");
+    match &r.settings {
+        Value::Object(m) if !m.is_empty() => {
+            o += "<table>\n";
+            for (k, v) in m {
+                let (k, v) = (esc(k), esc(&plain(v)));
+                o += &format!("<tr><th>{k}</th><td>{v}</td></tr>\n");
+            }
+            o += "</table>\n";
+        }
+        Value::Null => {}
+        v => o += &format!("<pre>{}</pre>\n", esc(&pretty(v))),
+    }
+    o
+}
+
+fn metric_table(cols: &[Col]) -> String {
+    let mut o = String::from("<div class=\"wrap\"><table>\n<tr><th>Metric</th>");
+    for c in cols {
+        let cls = if c.is_ref { " class=\"ref\"" } else { "" };
+        o += &format!("<th{cls}>{}</th>", swatch(c));
+    }
+    o += "</tr>\n";
+    let mut rows = metrics();
+    rows.push(Metric {
+        label: "Seconds",
+        note: "wall time of the evaluation",
+        get: |s| Some(s.seconds),
+    });
+    for Metric { label, note, get } in rows {
+        let vals: Vec<Option<f64>> = cols.iter().map(|c| get(c.side)).collect();
+        if vals.iter().all(Option::is_none) {
+            continue;
+        }
+        let (label, note) = (esc(label), esc(note));
+        o += &format!("<tr><td>{label}<div class=\"note\">{note}</div></td>");
+        for (c, v) in cols.iter().zip(vals) {
+            let cls = if c.is_ref { "num ref" } else { "num" };
+            let v = v.map_or("\u{2013}".into(), fmt_num);
+            o += &format!("<td class=\"{cls}\">{v}</td>");
+        }
+        o += "</tr>\n";
+    }
+    o + "</table></div>\n"
+}
+
+/// A chart: its title, the metrics (labels of [`metrics`]) grouped on the x axis, whether
+/// the axis is log10, a dashed guide line and its label.
+type ChartSpec = (
+    &'static str,
+    &'static [&'static str],
+    bool,
+    Option<(f64, &'static str)>,
+);
+
+const CHARTS: [ChartSpec; 4] = [
+    (
+        "Forget set: ROUGE-L, probability and truth ratio",
+        &["Forget ROUGE-L", "Forget probability", "Forget truth ratio"],
+        false,
+        None,
+    ),
+    (
+        "Retained knowledge: ROUGE-L per set and model utility",
+        &[
+            "Retain ROUGE-L",
+            "Real authors ROUGE-L",
+            "World facts ROUGE-L",
+            "Model utility",
+        ],
+        false,
+        None,
+    ),
+    (
+        "Forget quality (KS p-value vs reference, log scale)",
+        &["Forget quality"],
+        true,
+        Some((0.05, "p = 0.05")),
+    ),
+    (
+        "Membership inference AUC, forget vs holdout",
+        &[
+            "MIA AUC: LOSS",
+            "MIA AUC: zlib",
+            "MIA AUC: Min-K%",
+            "MIA AUC: Min-K%++",
+        ],
+        false,
+        Some((0.5, "0.5 = chance")),
+    ),
+];
+
+fn charts(cols: &[Col]) -> String {
+    let series: Vec<(String, &str)> = cols.iter().map(|c| (c.label.clone(), c.colour)).collect();
+    let all = metrics();
+    let values = |label: &str| -> Vec<Option<f64>> {
+        let m = all.iter().find(|m| m.label == label);
+        cols.iter()
+            .map(|c| m.and_then(|m| (m.get)(c.side)))
+            .collect()
+    };
+    let mut o = String::new();
+    for (title, labels, log, guide) in CHARTS {
+        let groups: Vec<(String, Vec<Option<f64>>)> = labels
+            .iter()
+            .map(|l| (l.trim_start_matches("MIA AUC: ").to_string(), values(l)))
+            .collect();
+        o += &bar_chart(title, &groups, &series, 1.0, log, guide);
+    }
+    o
+}
+
+/// Where `v` falls on the axis, 0 (bottom) to 1 (top), clamped.
+fn frac(v: f64, y_max: f64, log: bool) -> f64 {
+    if log {
+        1.0 - v.clamp(LOG_MIN, 1.0).log10() / LOG_MIN.log10()
+    } else {
+        v.clamp(0.0, y_max) / y_max
+    }
+}
+
+/// A grouped bar chart: one group per `(label, value per series)`, one bar per series in its
+/// colour; a linear axis from 0 to `y_max`, or with `log` a log10 axis from 1e-20 to 1. Bars
+/// are clamped to the axis, their value labels are not. `guide` draws a dashed line.
+fn bar_chart(
+    title: &str,
+    groups: &[(String, Vec<Option<f64>>)],
+    series: &[(String, &str)],
+    y_max: f64,
+    log: bool,
+    guide: Option<(f64, &str)>,
+) -> String {
+    let t = esc(title);
+    let finite = |v: &Option<f64>| v.filter(|x| x.is_finite());
+    if groups
+        .iter()
+        .all(|(_, v)| v.iter().all(|x| finite(x).is_none()))
+    {
+        let none = "<p class=\"muted\">No data.</p>";
+        return format!("<figure><figcaption>{t}</figcaption>{none}</figure>\n");
+    }
+    let (bw, left, top, ph) = (38.0, 52.0, 14.0, 200.0);
+    let longest = groups
+        .iter()
+        .map(|g| g.0.chars().count())
+        .max()
+        .unwrap_or(0);
+    let gw = (series.len() as f64 * bw + 28.0).max(6.5 * longest as f64 + 12.0);
+    // The plot spans left..right; a guide's label goes right of it.
+    let gw = gw.max((320.0 - left) / groups.len() as f64);
+    let right = left + groups.len() as f64 * gw;
+    let width = right + if guide.is_some() { 84.0 } else { 12.0 };
+    let bottom = top + ph;
+    let y = |v: f64| bottom - ph * frac(v, y_max, log);
+    // The legend, wrapped to the width.
+    let (mut lx, mut ly, mut legend) = (left, bottom + 42.0, String::new());
+    for (name, colour) in series {
+        let w = 24.0 + 6.5 * name.chars().count() as f64;
+        if lx + w > width && lx > left {
+            (lx, ly) = (left, ly + 18.0);
+        }
+        let (ry, tx, name) = (ly - 10.0, lx + 16.0, esc(name));
+        legend += &format!("<rect x=\"{lx}\" y=\"{ry}\" width=\"12\" height=\"12\" rx=\"2\" fill=\"{colour}\"/><text x=\"{tx}\" y=\"{ly}\">{name}</text>\n");
+        lx += w;
+    }
+    let h = ly + 10.0;
+    let mut o = format!("<figure><figcaption>{t}</figcaption><svg role=\"img\" viewBox=\"0 0 {width} {h}\" width=\"{width}\" height=\"{h}\"><title>{t}</title>\n");
+    let ticks: Vec<f64> = match log {
+        true => (-4..=0).map(|i| 10f64.powi(5 * i)).collect(),
+        false => (0..=5).map(|i| y_max * f64::from(i) / 5.0).collect(),
+    };
+    for v in ticks {
+        let (ty, tx, ly) = (y(v), left - 6.0, y(v) + 4.0);
+        let s = if log && v < 1.0 {
+            format!("{v:e}")
+        } else {
+            format!("{}", (v * 100.0).round() / 100.0)
+        };
+        o += &format!("<line x1=\"{left}\" x2=\"{right}\" y1=\"{ty}\" y2=\"{ty}\" stroke=\"#ececec\"/><text x=\"{tx}\" y=\"{ly}\" text-anchor=\"end\" fill=\"#666\">{s}</text>\n");
+    }
+    for (g, (name, vals)) in groups.iter().enumerate() {
+        let gx = left + g as f64 * gw;
+        let mut x = gx + (gw - series.len() as f64 * bw) / 2.0 + 2.0;
+        for ((who, colour), v) in series.iter().zip(vals) {
+            let (bar, cx) = (bw - 4.0, x + bw / 2.0 - 2.0);
+            if let Some(v) = finite(v) {
+                let (by, ty) = (y(v), y(v) - 3.0);
+                let bh = bottom - by;
+                let (who, what, exact) = (esc(who), esc(name), fmt_num(v));
+                let shown = if log {
+                    format!("{v:.1e}")
+                } else {
+                    format!("{v:.3}")
+                };
+                o += &format!("<rect x=\"{x}\" y=\"{by:.1}\" width=\"{bar}\" height=\"{bh:.1}\" fill=\"{colour}\"><title>{who}: {what} = {exact}</title></rect><text x=\"{cx}\" y=\"{ty:.1}\" text-anchor=\"middle\" font-size=\"10\">{shown}</text>\n");
+            } else {
+                let ty = bottom - 3.0;
+                o += &format!("<text x=\"{cx}\" y=\"{ty}\" text-anchor=\"middle\" font-size=\"10\" fill=\"#aaa\">n/a</text>\n");
+            }
+            x += bw;
+        }
+        let (cx, ty, name) = (gx + gw / 2.0, bottom + 16.0, esc(name));
+        o += &format!("<text x=\"{cx}\" y=\"{ty}\" text-anchor=\"middle\">{name}</text>\n");
+    }
+    if let Some((g, s)) = guide {
+        let (gy, tx, ty, s) = (y(g), right + 4.0, y(g) + 4.0, esc(s));
+        o += &format!("<line x1=\"{left}\" x2=\"{right}\" y1=\"{gy}\" y2=\"{gy}\" stroke=\"#c0392b\" stroke-dasharray=\"5 4\"/><text x=\"{tx}\" y=\"{ty}\" fill=\"#c0392b\" font-size=\"10\">{s}</text>\n");
+    }
+    o += &format!("<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{bottom}\" stroke=\"#999\"/><line x1=\"{left}\" x2=\"{right}\" y1=\"{bottom}\" y2=\"{bottom}\" stroke=\"#999\"/>\n");
+    o + &legend + "</svg></figure>\n"
+}
+
+/// The questions of one set (the first `max`), every side's answer beside the expected one.
+fn answers(title: &str, cols: &[Col], kind: SetKind, max: usize) -> String {
+    let sets: Vec<_> = cols.iter().map(|c| c.side.set(kind)).collect();
+    let Some(base) = sets.iter().flatten().find(|s| !s.items.is_empty()) else {
+        return String::new();
+    };
+    let title = esc(title);
+    let mut o = format!("<h3>{title}</h3>\n<div class=\"wrap\"><table class=\"answers\">\n<tr><th class=\"n\">#</th><th>Question</th><th>Expected answer</th>");
+    for c in cols {
+        o += &format!("<th>{}</th>", swatch(c));
+    }
+    o += "</tr>\n";
+    for (i, item) in base.items.iter().take(max).enumerate() {
+        let (n, q, a) = (i + 1, esc(&item.question), esc(&item.answer));
+        o += &format!("<tr><td>{n}</td><td>{q}</td><td>{a}</td>");
+        for set in &sets {
+            // The same question: at the same index when the sets line up.
+            let same = |it: &&ItemResult| it.question == item.question;
+            let got = set.and_then(|s| {
+                s.items
+                    .get(i)
+                    .filter(same)
+                    .or_else(|| s.items.iter().find(same))
+            });
+            o += &answer_cell(got);
+        }
+        o += "</tr>\n";
+    }
+    o + "</table></div>\n"
+}
+
+/// A side's answer with its ROUGE-L recall and the probability of the expected answer.
+fn answer_cell(it: Option<&ItemResult>) -> String {
+    let Some(it) = it else {
+        return "<td class=\"muted\">\u{2013}</td>".into();
+    };
+    let text = it
+        .generated
+        .as_deref()
+        .map_or("<span class=\"muted\">not generated</span>".into(), esc);
+    let rouge = it
+        .rouge_l_recall
+        .map_or("\u{2013}".into(), |r| format!("{r:.3}"));
+    let p = fmt_num((-it.gt_loss).exp());
+    format!("<td>{text}<div class=\"score\">ROUGE-L {rouge} \u{b7} p {p}</div></td>")
+}
+
+/// Every object with a `sha256` anywhere in `v` (the files of an audit).
+fn hashed<'a>(v: &'a Value, out: &mut Vec<&'a serde_json::Map<String, Value>>) {
+    match v {
+        Value::Object(m) => {
+            if m.contains_key("sha256") {
+                out.push(m);
+            }
+            m.values().for_each(|x| hashed(x, out));
+        }
+        Value::Array(a) => a.iter().for_each(|x| hashed(x, out)),
+        _ => {}
+    }
+}
+
+/// A side's settings: its profile, the hashed files in a table, the whole audit as JSON.
+fn audit(c: &Col) -> String {
+    let a = &c.side.audit;
+    let mut o = format!("<h3>{}</h3>\n", swatch(c));
+    if let Some(p) = a.get("profile").filter(|p| !p.is_null()) {
+        o += &format!("<p>Profile <b>{}</b></p>\n", esc(&plain(p)));
+    }
+    let mut files = Vec::new();
+    hashed(a, &mut files);
+    if !files.is_empty() {
+        o += "<div class=\"wrap\"><table>\n<tr><th>Role</th><th>Path</th><th>SHA-256</th></tr>\n";
+        for f in files {
+            let get = |k: &str| esc(&f.get(k).map_or(String::new(), plain));
+            let (role, path, sha) = (get("role"), get("path"), get("sha256"));
+            o += &format!(
+                "<tr><td>{role}</td><td><code>{path}</code></td><td><code>{sha}</code></td></tr>\n"
+            );
+        }
+        o += "</table></div>\n";
+    }
+    let json = esc(&pretty(a));
+    o + &format!(
+        "<details><summary>Settings and files (JSON)</summary><pre>{json}</pre></details>\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::run::{MiaAuc, SetResult};
+    use crate::eval::tofu::SetSummary;
+    use serde_json::json;
+
+    fn item(q: &str, gen: Option<&str>) -> ItemResult {
+        ItemResult {
+            question: q.into(),
+            answer: "She wrote \"Night\" & 'Day'".into(),
+            generated: gen.map(Into::into),
+            rouge_l_recall: gen.map(|_| 0.5),
+            gt_loss: 0.7,
+            gt_tokens: 6,
+            paraphrased_loss: 0.9,
+            perturbed_loss: vec![1.2, 1.5],
+            mia: None,
+        }
+    }
+
+    fn side(name: &str, hash: &str, full: bool) -> SideResult {
+        let set = |name: &str, kind, gen: Option<&str>| SetResult {
+            name: name.into(),
+            kind,
+            summary: SetSummary {
+                probability: 0.6,
+                rouge: 0.4,
+                truth_ratio: 0.55,
+            },
+            items: vec![
+                item("Who is <b>& the author?", gen),
+                item("Where was she born?", gen),
+            ],
+        };
+        let mut sets = vec![set(
+            "forget",
+            SetKind::Forget,
+            full.then_some("a <i>guess</i>"),
+        )];
+        if full {
+            sets.push(set("retain", SetKind::Retain, Some("Paris")));
+            sets.push(set("real_authors", SetKind::RealAuthors, Some("x")));
+            sets.push(set("world_facts", SetKind::WorldFacts, Some("y")));
+        }
+        SideResult {
+            name: name.into(),
+            audit: json!({
+                "profile": name,
+                "patches": [{ "file": "p.lpatch", "scale": 1.0 }],
+                "assistants": [{ "kind": "uld", "alpha": 0.8, "filter": 0.1 }],
+                "files": [{ "role": "model", "path": "/m/x.gguf", "sha256": hash }],
+            }),
+            sets,
+            holdout: vec![],
+            model_utility: full.then_some(0.52),
+            forget_quality: full.then_some(3.2e-7),
+            mia: full.then_some(MiaAuc {
+                k: 0.2,
+                loss: 0.71,
+                zlib: 0.66,
+                min_k: 0.69,
+                min_k_pp: 0.5,
+            }),
+            seconds: 12.5,
+        }
+    }
+
+    fn report() -> Report {
+        Report {
+            split: "forget01".into(),
+            limit: Some(2),
+            sides: vec![
+                side("base", &"ab".repeat(32), true),
+                side("forgot<ten>", &"cd".repeat(32), true),
+            ],
+            reference: Some(side("retain90", &"ef".repeat(32), false)),
+            settings: json!({ "lethe": "0.1.0", "threads": 8, "server": null }),
+        }
+    }
+
+    #[test]
+    fn page() {
+        let h = render(&report());
+        assert!(h.starts_with("<!DOCTYPE html>"));
+        for bad in ["http://", "https://", "<script", "<b>&", "<i>guess"] {
+            assert!(!h.contains(bad), "{bad}");
+        }
+        for name in ["base", "forgot&lt;ten&gt;", "retain90 (reference)"] {
+            assert!(h.contains(name), "{name}");
+        }
+        assert!(h.contains("Who is &lt;b&gt;&amp; the author?"));
+        assert!(h.contains("She wrote &quot;Night&quot; &amp; &#39;Day&#39;"));
+        assert_eq!(h.matches("<svg").count(), 4);
+        assert_eq!(h.matches("<svg").count(), h.matches("</svg>").count());
+        for hash in ["ab", "cd", "ef"] {
+            assert!(h.contains(&hash.repeat(32)));
+        }
+        assert!(h.contains("stroke-dasharray"));
+        assert!(h.contains("3.200e-7") && !h.contains("NaN"));
+    }
+
+    #[test]
+    fn log_axis() {
+        assert_eq!(frac(1.0, 1.0, true), 1.0);
+        assert_eq!(frac(1e-10, 1.0, true), 0.5);
+        assert_eq!(frac(0.0, 1.0, true), 0.0);
+        assert_eq!(frac(2.0, 1.0, false), 1.0);
+        let mut r = report();
+        r.sides[1].forget_quality = Some(0.0);
+        assert!(!render(&r).contains("NaN"));
+    }
+
+    #[test]
+    fn escapes() {
+        assert_eq!(
+            esc("<a href='x'>&\"</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
+        );
+    }
+
+    #[test]
+    fn empty_charts() {
+        let mut r = report();
+        r.sides.truncate(0);
+        r.reference = None;
+        let h = render(&r);
+        assert!(h.contains("No data."));
+        assert_eq!(h.matches("<svg").count(), 0);
+    }
+}

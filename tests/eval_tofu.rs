@@ -1,0 +1,405 @@
+//! Evaluation on the real model: the scorer against the engine's own teacher-forced logits,
+//! `lethe eval` on TOFU forget01 (a few items) with its numbers recomputed from its per-item
+//! output, `/score` against the scorer, and the same evaluation through a server.
+
+mod common;
+
+use common::serve::Server;
+use common::{model_path, TempDir};
+use lethe::generate::sampler::argmax_raw;
+use lethe::model::Model;
+use lethe::tokenizer::{apply_chat_template, ChatMessage, Tokenizer};
+use lethe::unlearn::{combine, Assistant, Scorer, Term, TermKind, Use};
+use serde_json::{json, Value};
+use std::process::Command;
+use std::sync::Arc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lethe");
+
+fn lethe(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "lethe {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// log-softmax in f64.
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let s: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
+    x.iter().map(|&v| v as f64 - m - s.ln()).collect()
+}
+
+fn chat_prompt(tok: &Tokenizer, model: &Model, q: &str) -> Vec<u32> {
+    let text = apply_chat_template(
+        tok,
+        model.cfg.arch.name(),
+        None,
+        &[ChatMessage::new("user", q)],
+        true,
+    )
+    .unwrap();
+    tok.encode(&text, true, true)
+}
+
+/// An assistant for ULD: the first 4 blocks of SmolLM2.
+fn assistant(dir: &TempDir) -> std::path::PathBuf {
+    let path = dir.join("assistant.gguf");
+    let m = model_path("smollm2");
+    lethe(&[
+        "forge",
+        "assistant",
+        "-m",
+        m.to_str().unwrap(),
+        "--layers",
+        "4",
+        "-o",
+        path.to_str().unwrap(),
+    ]);
+    path
+}
+
+/// The scorer gives, for each continuation token, the log-softmax of the logits the engine
+/// computes for the whole sequence in one forward, plain and with a ULD term combined in its
+/// scoring use; several continuations reuse one prefill of the prompt.
+#[test]
+fn scorer_matches_the_engine() {
+    let dir = TempDir::new("score-engine");
+    let model = Arc::new(Model::open(model_path("smollm2"), 2).unwrap());
+    let tok = Tokenizer::from_gguf(&model.file).unwrap();
+    let am = Arc::new(Model::open(assistant(&dir), 2).unwrap());
+    let prompt = chat_prompt(&tok, &model, "Who wrote the novel 'Dune'?");
+    let conts = [
+        tok.encode("Frank Herbert wrote Dune in 1965.", false, false),
+        tok.encode("It was written by Isaac Asimov.", false, false),
+    ];
+    let v = model.cfg.n_vocab;
+    let all = |m: &Model, toks: &[u32]| {
+        let mut st = m.new_state(256);
+        let mut out = Vec::new();
+        m.forward(&mut st, toks, Some(&mut out)).unwrap();
+        out // [n_tok, V]
+    };
+    let uld = Assistant {
+        model: am.clone(),
+        kind: TermKind::Uld,
+        weight: -0.75,
+        filter: 0.01,
+        reference: None,
+        patches: None,
+    };
+    for terms in [vec![], vec![uld.clone()]] {
+        let mut sc = Scorer::new(model.clone(), terms.clone(), None, 256).unwrap();
+        sc.set_prompt(&prompt).unwrap();
+        for cont in &conts {
+            let got = sc.score(cont).unwrap();
+            let full: Vec<u32> = prompt.iter().chain(cont).copied().collect();
+            let lt = all(&model, &full);
+            let la = all(&am, &full);
+            for (i, &t) in cont.iter().enumerate() {
+                let p = prompt.len() + i - 1; // the row that predicts cont[i]
+                let row = &lt[p * v..(p + 1) * v];
+                let want = if terms.is_empty() {
+                    log_softmax(row)[t as usize]
+                } else {
+                    let mut out = Vec::new();
+                    let term = Term {
+                        kind: TermKind::Uld,
+                        weight: -0.75,
+                        logits: &la[p * v..(p + 1) * v],
+                        reference: None,
+                        filter: 0.01,
+                    };
+                    combine(row, &[term], Use::Score, &mut out);
+                    log_softmax(&out)[t as usize]
+                };
+                assert!(
+                    (got[i] - want).abs() < 2e-4,
+                    "terms {} token {i}: {} vs {want}",
+                    terms.len(),
+                    got[i]
+                );
+                assert!(got[i].is_finite(), "scoring use keeps every token finite");
+            }
+        }
+        // The context is checked before anything runs.
+        let long = vec![1u32; 300];
+        assert!(sc.score(&long).is_err());
+    }
+}
+
+/// `lethe eval -m smollm2 --tofu forget01 --limit 3`: every summary recomputed from the
+/// per-item output, the greedy answers equal the engine's greedy decoding, forget quality
+/// against the model itself is 1, and the report is one self-contained page.
+#[test]
+fn eval_forget01_on_smollm2() {
+    let dir = TempDir::new("eval-tofu");
+    let json_path = dir.join("eval.json");
+    let html_path = dir.join("eval.html");
+    let out = lethe(&[
+        "eval",
+        "-m",
+        "smollm2",
+        "--tofu",
+        "forget01",
+        "--limit",
+        "3",
+        "--max-tokens",
+        "24",
+        "--reference",
+        "smollm2",
+        "-t",
+        "2",
+        "--json",
+        json_path.to_str().unwrap(),
+        "--html",
+        html_path.to_str().unwrap(),
+    ]);
+    assert!(out.contains("| Model utility |"), "{out}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let side = &r["sides"][0];
+    let sets = side["sets"].as_array().unwrap();
+    assert_eq!(sets.len(), 4);
+    let mut nine = Vec::new();
+    for s in sets {
+        let items = s["items"].as_array().unwrap();
+        assert_eq!(items.len(), 3, "{}", s["name"]);
+        let kind = s["kind"].as_str().unwrap().to_string();
+        let f = |i: &Value, k: &str| i[k].as_f64().unwrap();
+        let mean = |g: &dyn Fn(&Value) -> f64| items.iter().map(g).sum::<f64>() / 3.0;
+        let p = |l: f64| (-l).exp();
+        let prob = if kind == "Retain" {
+            mean(&|i| p(f(i, "gt_loss")))
+        } else {
+            mean(&|i| {
+                let pert: f64 = i["perturbed_loss"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| p(x.as_f64().unwrap()))
+                    .sum();
+                p(f(i, "gt_loss")) / (p(f(i, "gt_loss")) + pert)
+            })
+        };
+        let tr = mean(&|i| {
+            let pert = i["perturbed_loss"].as_array().unwrap();
+            let mp: f64 = pert.iter().map(|x| x.as_f64().unwrap()).sum::<f64>() / pert.len() as f64;
+            let r = (mp - f(i, "paraphrased_loss")).exp();
+            if kind == "Forget" {
+                r.min(1.0 / r)
+            } else {
+                (1.0 - 1.0 / r).max(0.0)
+            }
+        });
+        let rouge = mean(&|i| f(i, "rouge_l_recall"));
+        let sum = &s["summary"];
+        for (got, want, what) in [
+            (sum["probability"].as_f64().unwrap(), prob, "probability"),
+            (sum["truth_ratio"].as_f64().unwrap(), tr, "truth ratio"),
+            (sum["rouge"].as_f64().unwrap(), rouge, "rouge"),
+        ] {
+            assert!((got - want).abs() < 1e-9, "{kind} {what}: {got} vs {want}");
+        }
+        if kind != "Forget" {
+            nine.extend([prob, tr, rouge]);
+        }
+    }
+    let hm = 9.0 / nine.iter().map(|x| 1.0 / x).sum::<f64>();
+    let mu = side["model_utility"].as_f64().unwrap();
+    assert!((mu - hm).abs() < 1e-9, "model utility {mu} vs {hm}");
+    // The same model as the reference: the same truth ratios, p-value 1.
+    assert_eq!(side["forget_quality"].as_f64(), Some(1.0));
+    let mia = &side["mia"];
+    for k in ["loss", "zlib", "min_k", "min_k_pp"] {
+        let a = mia[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{k}: {a}");
+    }
+    assert_eq!(side["holdout"].as_array().unwrap().len(), 3);
+
+    // The first forget item, independently: its answer loss from one forward over the
+    // whole sequence, its greedy answer from step-by-step decoding.
+    let model = Model::open(model_path("smollm2"), 2).unwrap();
+    let tok = Tokenizer::from_gguf(&model.file).unwrap();
+    let item = &sets[0]["items"][0];
+    let prompt = chat_prompt(&tok, &model, item["question"].as_str().unwrap());
+    let answer = tok.encode(item["answer"].as_str().unwrap(), false, false);
+    let full: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
+    let mut st = model.new_state(512);
+    let mut logits = Vec::new();
+    model.forward(&mut st, &full, Some(&mut logits)).unwrap();
+    let v = model.cfg.n_vocab;
+    let nll: f64 = (0..answer.len())
+        .map(|i| {
+            let p = prompt.len() + i - 1;
+            -log_softmax(&logits[p * v..(p + 1) * v])[answer[i] as usize]
+        })
+        .sum::<f64>()
+        / answer.len() as f64;
+    let got = item["gt_loss"].as_f64().unwrap();
+    assert!((got - nll).abs() < 1e-4, "gt_loss {got} vs {nll}");
+    let mut st = model.new_state(512);
+    let mut next = argmax_raw(model.forward(&mut st, &prompt, None).unwrap());
+    let mut gen = Vec::new();
+    while !tok.is_eog(next) && gen.len() < 24 {
+        gen.push(next);
+        next = argmax_raw(model.forward(&mut st, &[next], None).unwrap());
+    }
+    assert_eq!(
+        item["generated"].as_str().unwrap(),
+        tok.decode(&gen, false).trim()
+    );
+
+    let html = std::fs::read_to_string(&html_path).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(!html.contains("<script") && !html.contains("https://"));
+    assert!(html.contains("<svg"));
+}
+
+/// `/score` returns the scorer's log-probabilities (the ULD profile's scoring use), its
+/// errors are clear, a locked server scores only profiles, and `lethe eval --server` gives
+/// the numbers of the local evaluation.
+#[test]
+fn score_route_and_eval_through_a_server() {
+    let dir = TempDir::new("score-server");
+    let asst = assistant(&dir);
+    let model_file = model_path("smollm2");
+    let prof = dir.file(
+        "profiles.toml",
+        &format!(
+            "[[profile]]\nname = \"uld\"\nbase = {:?}\n\n[[profile.assistant]]\nmodel = {:?}\nalpha = 0.75\n",
+            model_file.to_str().unwrap(),
+            asst.to_str().unwrap()
+        ),
+    );
+    let s = Server::start(&[
+        "--profile",
+        prof.to_str().unwrap(),
+        "--alias",
+        "base",
+        "-t",
+        "2",
+    ]);
+    let q = "What is the capital of France?";
+    let conts = ["Paris is the capital.", "The capital is Lyon."];
+    let (st, r) = s.post(
+        "/score",
+        &json!({"model": "uld", "messages": [{"role": "user", "content": q}],
+                "continuation": conts, "stats": true}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["object"], "score");
+    assert_eq!(r["generation_settings"]["profile"], "uld");
+
+    let model = Arc::new(Model::open(&model_file, 2).unwrap());
+    let tok = Tokenizer::from_gguf(&model.file).unwrap();
+    let am = Arc::new(Model::open(&asst, 2).unwrap());
+    let uld = Assistant {
+        model: am,
+        kind: TermKind::Uld,
+        weight: -0.75,
+        filter: 0.01,
+        reference: None,
+        patches: None,
+    };
+    let mut sc = Scorer::new(model.clone(), vec![uld], None, 512).unwrap();
+    sc.set_prompt(&chat_prompt(&tok, &model, q)).unwrap();
+    for (k, c) in conts.iter().enumerate() {
+        let ids = tok.encode(c, false, false);
+        let want = sc.score(&ids).unwrap();
+        let res = &r["results"][k];
+        assert_eq!(res["n_tokens"], ids.len());
+        let toks = res["tokens"].as_array().unwrap();
+        for (j, t) in toks.iter().enumerate() {
+            assert_eq!(t["id"], ids[j]);
+            let lp = t["logprob"].as_f64().unwrap();
+            assert!(
+                (lp - want[j]).abs() < 1e-6,
+                "{c} token {j}: {lp} vs {}",
+                want[j]
+            );
+            assert!(t["sigma"].as_f64().unwrap() > 0.0 && t["mu"].as_f64().unwrap() < 0.0);
+        }
+    }
+    // Errors: no continuation, an empty one, an unknown model, prompt and messages both.
+    for (body, code) in [
+        (json!({"model": "uld", "prompt": "x"}), 400),
+        (
+            json!({"model": "uld", "prompt": "x", "continuation": ""}),
+            400,
+        ),
+        (
+            json!({"model": "nope", "prompt": "x", "continuation": "y"}),
+            404,
+        ),
+        (
+            json!({"prompt": "x", "messages": [{"role": "user", "content": "x"}], "continuation": "y"}),
+            400,
+        ),
+    ] {
+        let (st, r) = s.post("/score", &body);
+        assert_eq!(st, code, "{body}: {r}");
+        assert!(r["error"]["message"].as_str().is_some());
+    }
+
+    // The same evaluation locally and through the server (the base's id).
+    let local = dir.join("local.json");
+    let remote = dir.join("remote.json");
+    let common_args = ["--tofu", "forget01", "--limit", "2", "--max-tokens", "16"];
+    let mut a = vec!["eval", "-m", model_file.to_str().unwrap(), "-t", "2"];
+    a.extend(common_args);
+    a.extend(["--json", local.to_str().unwrap()]);
+    lethe(&a);
+    let url = format!("http://{}/v1", s.addr);
+    let mut a = vec!["eval", "--server", &url, "-m", "base"];
+    a.extend(common_args);
+    a.extend(["--json", remote.to_str().unwrap()]);
+    lethe(&a);
+    let l: Value = serde_json::from_str(&std::fs::read_to_string(&local).unwrap()).unwrap();
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&remote).unwrap()).unwrap();
+    for (sl, sr) in l["sides"][0]["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(r["sides"][0]["sets"].as_array().unwrap())
+    {
+        for (il, ir) in sl["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(sr["items"].as_array().unwrap())
+        {
+            assert_eq!(il["generated"], ir["generated"], "{}", il["question"]);
+            let (a, b) = (
+                il["gt_loss"].as_f64().unwrap(),
+                ir["gt_loss"].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+    drop(s);
+
+    // A locked server scores only its profiles.
+    let s = Server::start(&[
+        "--profile",
+        prof.to_str().unwrap(),
+        "--alias",
+        "base",
+        "--lock",
+    ]);
+    let body = json!({"model": "base", "prompt": "x", "continuation": "y"});
+    let (st, r) = s.post("/score", &body);
+    assert!(st == 403 || st == 404, "{st}: {r}");
+    let (st, r) = s.post(
+        "/score",
+        &json!({"model": "uld", "prompt": "x", "continuation": "y", "unlearn": {"alpha": 0}}),
+    );
+    assert_eq!(st, 403, "{r}");
+    let (st, r) = s.post(
+        "/score",
+        &json!({"model": "uld", "prompt": "x", "continuation": "y"}),
+    );
+    assert_eq!(st, 200, "{r}");
+}
