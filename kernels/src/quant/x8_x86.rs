@@ -98,6 +98,11 @@ unsafe fn reduce8(p: &[__m256i; 8]) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn gather(p: *const u8, stride: i32, rem: usize) -> __m256i {
+    if rem == GROUP {
+        let s = stride as usize;
+        let rd = |k: usize| core::ptr::read_unaligned(p.add(k * s) as *const i32);
+        return _mm256_setr_epi32(rd(0), rd(1), rd(2), rd(3), rd(4), rd(5), rd(6), rd(7));
+    }
     let idx = _mm256_mullo_epi32(
         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
         _mm256_set1_epi32(stride),
