@@ -102,6 +102,109 @@ fn bench(c: &mut Criterion) {
                 out
             })
         });
+        if quant::has_tile_x8(ty) {
+            let xb = quant::x8_row_bytes(N);
+            let mut acts8 = vec![0u8; TILE_ACT * xb];
+            for j in 0..TILE_ACT {
+                let x = floats(&mut rng, N);
+                quant::quantize_row_x8(vt, &x, &mut acts8[j * xb..(j + 1) * xb]).unwrap();
+            }
+            g.bench_function(BenchmarkId::from_parameter("vec_dot_tile_x8"), |b| {
+                b.iter(|| {
+                    let mut out = [0f32; N_W * TILE_ACT];
+                    quant::vec_dot_tile_x8(
+                        ty,
+                        N,
+                        black_box(&ws),
+                        rb,
+                        N_W,
+                        black_box(&acts8),
+                        xb,
+                        TILE_ACT,
+                        &mut out,
+                        TILE_ACT,
+                    );
+                    out
+                })
+            });
+        }
+        g.finish();
+    }
+    decode(c);
+}
+
+/// Decode-shaped: `DEC_W` weight rows of 576 (SmolLM2's width) against one activation row
+/// (`vec_dot` per row) and against four (`vec_dot_tile`, `vec_dot_tile_x8`). Throughput in
+/// weight rows, so the 4-row cases' cost per row compares directly with one row's.
+fn decode(c: &mut Criterion) {
+    const DEC_W: usize = 64;
+    const DN: usize = 576;
+    let mut rng = StdRng::seed_from_u64(2);
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        let vt = ty.vec_dot_type();
+        let (rb, ab) = (ty.row_bytes(DN), vt.row_bytes(DN));
+        let ws: Vec<u8> = (0..DEC_W)
+            .flat_map(|_| quantize(ty, &floats(&mut rng, DN)))
+            .collect();
+        let xs: Vec<Vec<f32>> = (0..4).map(|_| floats(&mut rng, DN)).collect();
+        let acts: Vec<u8> = xs.iter().flat_map(|x| quantize(vt, x)).collect();
+        let mut g = c.benchmark_group(format!("decode/{ty}"));
+        g.throughput(Throughput::Elements(DEC_W as u64));
+        g.bench_function(BenchmarkId::from_parameter("vec_dot_1"), |b| {
+            b.iter(|| {
+                let mut out = [0f32; DEC_W];
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = quant::vec_dot(ty, DN, black_box(&ws[i * rb..]), black_box(&acts));
+                }
+                out
+            })
+        });
+        g.bench_function(BenchmarkId::from_parameter("vec_dot_tile_4"), |b| {
+            b.iter(|| {
+                let mut out = [0f32; DEC_W * 4];
+                quant::vec_dot_tile(
+                    ty,
+                    DN,
+                    black_box(&ws),
+                    rb,
+                    DEC_W,
+                    black_box(&acts),
+                    ab,
+                    4,
+                    &mut out,
+                    4,
+                );
+                out
+            })
+        });
+        if quant::has_tile_x8(ty) {
+            let xb = quant::x8_row_bytes(DN);
+            let mut acts8 = vec![0u8; 4 * xb];
+            for (j, x) in xs.iter().enumerate() {
+                quant::quantize_row_x8(vt, x, &mut acts8[j * xb..(j + 1) * xb]).unwrap();
+            }
+            for n_act in [1usize, 4] {
+                let name = format!("vec_dot_tile_x8_{n_act}");
+                g.bench_function(BenchmarkId::from_parameter(name), |b| {
+                    b.iter(|| {
+                        let mut out = [0f32; DEC_W * 4];
+                        quant::vec_dot_tile_x8(
+                            ty,
+                            DN,
+                            black_box(&ws),
+                            rb,
+                            DEC_W,
+                            black_box(&acts8),
+                            xb,
+                            n_act,
+                            &mut out,
+                            4,
+                        );
+                        out
+                    })
+                });
+            }
+        }
         g.finish();
     }
 }

@@ -422,6 +422,201 @@ fn tile_short_weights_panic() {
     quant::vec_dot_tile(ty, n, &w, rb, 3, &a, rb, 1, &mut out, 1);
 }
 
+/// `n_act` activation rows of `n` elements in the interleaved layout, `stride` bytes apart
+/// (junk between rows), and the same rows in the usual layout (packed).
+fn activations_x8(
+    rng: &mut StdRng,
+    ty: GgmlType,
+    n: usize,
+    n_act: usize,
+    stride: usize,
+    xs: Option<&[Vec<f32>]>,
+) -> (Vec<u8>, Vec<u8>) {
+    let vt = ty.vec_dot_type();
+    let mut a: Vec<u8> = (0..stride * n_act).map(|_| rng.gen()).collect();
+    let mut plain = Vec::new();
+    for j in 0..n_act {
+        let x = xs.map_or_else(|| random_floats(rng, n), |xs| xs[j].clone());
+        plain.extend(quantize(vt, &x));
+        quant::quantize_row_x8(
+            vt,
+            &x,
+            &mut a[j * stride..j * stride + quant::x8_row_bytes(n)],
+        )
+        .unwrap();
+    }
+    (a, plain)
+}
+
+/// `vec_dot_tile_x8` against `vec_dot` on the usual layout, same bits; padding untouched.
+#[allow(clippy::too_many_arguments)]
+fn check_tile_x8(
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    w_stride: usize,
+    n_w: usize,
+    act: &[u8],
+    stride: usize,
+    plain: &[u8],
+    n_act: usize,
+    what: &str,
+) {
+    let ab = ty.vec_dot_type().row_bytes(n);
+    let os = n_act + 3;
+    let mut out = vec![f32::NAN; n_w * os];
+    quant::vec_dot_tile_x8(ty, n, w, w_stride, n_w, act, stride, n_act, &mut out, os);
+    for i in 0..n_w {
+        for j in 0..os {
+            let v = out[i * os + j];
+            if j >= n_act {
+                assert!(v.is_nan(), "{ty}: x8 tile wrote padding ({i}, {j})");
+                continue;
+            }
+            let a = &plain[j * ab..(j + 1) * ab];
+            let wi = &w[i * w_stride..];
+            let single = quant::vec_dot(ty, n, wi, a);
+            assert_eq!(
+                v.to_bits(),
+                single.to_bits(),
+                "{ty} n={n} n_w={n_w} n_act={n_act} ({i}, {j}) {what}: x8 tile {v} vs vec_dot {single}"
+            );
+            let scalar = quant::vec_dot_scalar(ty, n, wi, a);
+            let mag = magnitude(ty, n, &wi[..ty.row_bytes(n)], a);
+            let tol = 1e-4 * (scalar.abs() as f64).max(1e-2 * mag) + 1e-30;
+            assert!(
+                (v as f64 - scalar as f64).abs() <= tol,
+                "{ty} n={n} ({i}, {j}) {what}: x8 tile {v} vs vec_dot_scalar {scalar}"
+            );
+        }
+    }
+}
+
+#[test]
+fn quantize_row_x8_is_the_usual_quants_interleaved() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for vt in [GgmlType::Q8_0, GgmlType::Q8_1] {
+        for n in [32usize, 96, 256, 576, 608, 1536] {
+            let x = random_floats(&mut rng, n);
+            let plain = quantize(vt, &x);
+            let mut il = vec![0xAAu8; quant::x8_row_bytes(n) + 5];
+            quant::quantize_row_x8(vt, &x, &mut il).unwrap();
+            assert!(il[quant::x8_row_bytes(n)..].iter().all(|&b| b == 0xAA));
+            let (bs, off) = (vt.type_size(), vt.type_size() - 32);
+            let nb = n / 32;
+            for g in 0..nb.div_ceil(8) {
+                let grp = &il[g * 288..(g + 1) * 288];
+                for k in 0..8 {
+                    let b = 8 * g + k;
+                    if b >= nb {
+                        assert!(grp[2 * k..2 * k + 2].iter().all(|&v| v == 0));
+                        assert!(grp[16 + 2 * k..16 + 2 * k + 2].iter().all(|&v| v == 0));
+                        for v in 0..8 {
+                            assert_eq!(&grp[32 + 32 * v + 4 * k..][..4], &[0; 4]);
+                        }
+                        continue;
+                    }
+                    let blk = &plain[b * bs..(b + 1) * bs];
+                    assert_eq!(&grp[2 * k..2 * k + 2], &blk[..2], "{vt} n={n} d of {b}");
+                    let second = if vt == GgmlType::Q8_1 {
+                        [blk[2], blk[3]]
+                    } else {
+                        let s: i32 = blk[off..].iter().map(|&q| q as i8 as i32).sum();
+                        (s as i16).to_le_bytes()
+                    };
+                    assert_eq!(&grp[16 + 2 * k..16 + 2 * k + 2], &second);
+                    for v in 0..8 {
+                        assert_eq!(
+                            &grp[32 + 32 * v + 4 * k..][..4],
+                            &blk[off + 4 * v..off + 4 * v + 4]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tile_x8_matches_single_row() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        if !quant::has_tile_x8(ty) {
+            continue;
+        }
+        // Block counts 1, 3, 8, 18 (SmolLM2's 576), 19, 48 (1536), 64: full groups and
+        // partial groups of every size class.
+        for n in [32usize, 96, 256, 576, 608, 1536, 2048] {
+            let rb = ty.row_bytes(n);
+            let w_stride = rb + 7;
+            let max_w = 5;
+            let mut w: Vec<u8> = Vec::new();
+            for _ in 0..max_w {
+                let row = if rng.gen_bool(0.5) {
+                    random_blocks(&mut rng, ty, n)
+                } else {
+                    quantize(ty, &random_floats(&mut rng, n))
+                };
+                w.extend_from_slice(&row);
+                w.extend((0..w_stride - rb).map(|_| rng.gen::<u8>()));
+            }
+            // The last weight row ends the buffer: partial groups must not read past it.
+            w.truncate((max_w - 1) * w_stride + rb);
+            let stride = quant::x8_row_bytes(n) + 13;
+            let (act, plain) = activations_x8(&mut rng, ty, n, MAX_ACT, stride, None);
+            for n_w in 1..=max_w {
+                for n_act in 1..=MAX_ACT {
+                    let what = "random";
+                    check_tile_x8(ty, n, &w, w_stride, n_w, &act, stride, &plain, n_act, what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tile_x8_extreme_values() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        if !quant::has_tile_x8(ty) {
+            continue;
+        }
+        for n in [1024usize, 608] {
+            let rb = ty.row_bytes(n);
+            let mut w = Vec::new();
+            for fill in [0xFFu8, 0x00, 0x80, 0x7F, 0x81] {
+                let mut row = vec![fill; rb];
+                for blk in row.chunks_exact_mut(ty.type_size()) {
+                    for &off in f16_fields(ty) {
+                        blk[off..off + 2]
+                            .copy_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
+                    }
+                }
+                w.extend_from_slice(&row);
+            }
+            let xs: Vec<Vec<f32>> = vec![
+                (0..n)
+                    .map(|i| if i % 2 == 0 { 100.0 } else { -100.0 })
+                    .collect(),
+                vec![100.0; n],
+                vec![-100.0; n],
+                (0..n)
+                    .map(|i| if i % 3 == 0 { -100.0 } else { 0.5 })
+                    .collect(),
+                (0..n).map(|i| (i as f32).sin() * 100.0).collect(),
+            ];
+            let stride = quant::x8_row_bytes(n);
+            let (act, plain) = activations_x8(&mut rng, ty, n, xs.len(), stride, Some(&xs));
+            for n_w in 1..=5 {
+                for n_act in 1..=xs.len() {
+                    let what = "extremes";
+                    check_tile_x8(ty, n, &w, rb, n_w, &act, stride, &plain, n_act, what);
+                }
+            }
+        }
+    }
+}
+
 /// Re-runs the agreement tests with `LETHE_ISA=scalar` (the generic fallback) and, where
 /// AVX-512 is present, `LETHE_ISA=avx2` (the AVX2 build of the kernels).
 #[test]

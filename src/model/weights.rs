@@ -110,7 +110,8 @@ pub struct ActBuf {
 
 impl ActBuf {
     pub fn new(max_tokens: usize, max_cols: usize) -> Self {
-        // Q8_1 (36 B per 32) is the widest paired format per element; F32 for float weights.
+        // Q8_1 (36 B per 32) is the widest paired format per element, and padded to groups of
+        // 256 it is also the interleaved layout's size; F32 for float weights.
         let per_row = (max_cols * 4).max(GgmlType::Q8_1.row_bytes(max_cols.next_multiple_of(256)));
         Self {
             bytes: vec![0u8; max_tokens * per_row],
@@ -153,9 +154,14 @@ pub fn matvec_rows(
     match precision {
         Precision::Fast => {
             let vt = w.ty.vec_dot_type();
-            let ab = vt.row_bytes(cols);
-            quant::quantize_row(vt, &x[..cols], &mut act.bytes[..ab])
-                .expect("row length checked at load");
+            // The layout `run_parts` uses for this weight, so that the values are its bits.
+            let x8 = quant::has_tile_x8(w.ty);
+            let ab = if x8 {
+                quant::x8_row_bytes(cols)
+            } else {
+                vt.row_bytes(cols)
+            };
+            quantize_row(vt, x8, &x[..cols], &mut act.bytes[..ab]);
             let a = &act.bytes[..ab];
             pool.run_dynamic(&|_, _| loop {
                 let out = &out;
@@ -165,7 +171,14 @@ pub fn matvec_rows(
                 }
                 for (i, &r) in rows.iter().enumerate().skip(i0).take(CHUNK) {
                     let r = r as usize;
-                    let v = quant::vec_dot(w.ty, cols, &wd[r * rb..(r + 1) * rb], a);
+                    let wr = &wd[r * rb..(r + 1) * rb];
+                    let v = if x8 {
+                        let mut o = [0f32];
+                        quant::vec_dot_tile_x8(w.ty, cols, wr, rb, 1, a, ab, 1, &mut o, 1);
+                        o[0]
+                    } else {
+                        quant::vec_dot(w.ty, cols, wr, a)
+                    };
                     // SAFETY: each i is claimed by one thread.
                     unsafe { *out.0.add(i) = v };
                 }
@@ -269,10 +282,17 @@ pub(crate) fn run_parts(
             debug_assert!(table
                 .iter()
                 .all(|p| p.f32_act || Some(p.ty.vec_dot_type()) == vt));
-            let ab = vt.map_or(0, |vt| vt.row_bytes(cols));
+            // Q4_1/Q8_0 weights with AVX-512 VNNI take the activations interleaved in groups
+            // of eight blocks (`vec_dot_tile_x8`), one sequence or several alike.
+            let x8 = vt.is_some() && table.iter().all(|p| p.f32_act || quant::has_tile_x8(p.ty));
+            let ab = match vt {
+                Some(_) if x8 => quant::x8_row_bytes(cols),
+                Some(vt) => vt.row_bytes(cols),
+                None => 0,
+            };
             let abuf = &mut act.bytes[..n_tok * ab];
             if let Some(vt) = vt {
-                quantize_rows(pool, vt, &x[..n_tok * cols], cols, abuf);
+                quantize_rows(pool, vt, x8, &x[..n_tok * cols], cols, abuf);
             }
             let abuf = &*abuf;
             // Threads take chunks of rows as they come, so a thread that starts late or is
@@ -290,7 +310,7 @@ pub(crate) fn run_parts(
                     if p.f32_act {
                         p.dot_rows_f16(a..b, cols, x, n_tok)
                     } else {
-                        p.dot_rows(a..b, cols, abuf, ab, n_tok)
+                        p.dot_rows(a..b, cols, abuf, ab, x8, n_tok)
                     }
                 });
             });
@@ -387,16 +407,26 @@ impl<'a> Part<'a> {
         }
     }
 
-    /// Rows `rows` of this weight against `n_tok` quantized activation rows (`ab` bytes each).
+    /// Rows `rows` of this weight against `n_tok` quantized activation rows (`ab` bytes each;
+    /// interleaved for `vec_dot_tile_x8` when `x8`).
     fn dot_rows(
         &self,
         rows: std::ops::Range<usize>,
         cols: usize,
         abuf: &[u8],
         ab: usize,
+        x8: bool,
         n_tok: usize,
     ) {
         let (w, rb, ty) = (self.w, self.rb, self.ty);
+        if x8 && n_tok == 1 {
+            let n = rows.len();
+            let wr = &w[rows.start * rb..rows.end * rb];
+            // SAFETY: each row is written by exactly one thread.
+            let y = unsafe { std::slice::from_raw_parts_mut(self.y.0.add(rows.start), n) };
+            quant::vec_dot_tile_x8(ty, cols, wr, rb, n, abuf, ab, 1, y, 1);
+            return;
+        }
         if n_tok == 1 {
             for r in rows {
                 let v = quant::vec_dot(ty, cols, &w[r * rb..(r + 1) * rb], abuf);
@@ -417,7 +447,11 @@ impl<'a> Part<'a> {
             for t0 in (0..n_tok).step_by(TOK_BLOCK) {
                 let nt = (n_tok - t0).min(TOK_BLOCK);
                 let a = &abuf[t0 * ab..(t0 + nt) * ab];
-                quant::vec_dot_tile(ty, cols, wr, rb, nr, a, ab, nt, &mut out, TOK_BLOCK);
+                if x8 {
+                    quant::vec_dot_tile_x8(ty, cols, wr, rb, nr, a, ab, nt, &mut out, TOK_BLOCK);
+                } else {
+                    quant::vec_dot_tile(ty, cols, wr, rb, nr, a, ab, nt, &mut out, TOK_BLOCK);
+                }
                 for i in 0..nr {
                     for (k, &v) in out[i * TOK_BLOCK..i * TOK_BLOCK + nt].iter().enumerate() {
                         // SAFETY: each (t, r) is written by exactly one thread.
@@ -441,12 +475,34 @@ fn for_rows(parts: &[Part], range: std::ops::Range<usize>, mut f: impl FnMut(&Pa
     }
 }
 
-/// Quantize `x` (`n` rows of `cols`) into `dst` in format `vt`, rows split across threads.
-fn quantize_rows(pool: &ThreadPool, vt: GgmlType, x: &[f32], cols: usize, dst: &mut [u8]) {
+/// Quantize one row to `vt`, interleaved ([`quant::quantize_row_x8`]) when `x8`.
+fn quantize_row(vt: GgmlType, x8: bool, x: &[f32], dst: &mut [u8]) {
+    if x8 {
+        quant::quantize_row_x8(vt, x, dst)
+    } else {
+        quant::quantize_row(vt, x, dst)
+    }
+    .expect("row length checked at load")
+}
+
+/// Quantize `x` (`n` rows of `cols`) into `dst` in format `vt` (interleaved when `x8`), rows
+/// split across threads.
+fn quantize_rows(
+    pool: &ThreadPool,
+    vt: GgmlType,
+    x8: bool,
+    x: &[f32],
+    cols: usize,
+    dst: &mut [u8],
+) {
     let n = x.len() / cols;
-    let ab = vt.row_bytes(cols);
+    let ab = if x8 {
+        quant::x8_row_bytes(cols)
+    } else {
+        vt.row_bytes(cols)
+    };
     if n == 1 {
-        quant::quantize_row(vt, x, &mut dst[..ab]).expect("row length checked at load");
+        quantize_row(vt, x8, x, &mut dst[..ab]);
         return;
     }
     let dp = dst.as_mut_ptr() as usize;
@@ -458,7 +514,6 @@ fn quantize_rows(pool: &ThreadPool, vt: GgmlType, x: &[f32], cols: usize, dst: &
         }
         // SAFETY: each row is claimed by one thread.
         let d = unsafe { std::slice::from_raw_parts_mut((dp as *mut u8).add(t * ab), ab) };
-        quant::quantize_row(vt, &x[t * cols..(t + 1) * cols], d)
-            .expect("row length checked at load");
+        quantize_row(vt, x8, &x[t * cols..(t + 1) * cols], d);
     });
 }

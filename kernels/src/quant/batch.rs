@@ -51,6 +51,11 @@ pub(super) fn vec_dot_batch(
         // `vpdpbusd`/`vpdpwssd` measured faster for every type on Zen 4 (Q4_K included, unlike
         // the single-row kernel: four rows keep the dependency chains apart).
         let vnni = isa == Isa::Avx512 && f.avx512 && f.avx512_vnni;
+        if vnni && super::x8::has_tile(ty) {
+            // `vec_dot` sums these in eight-block lanes (`x8_x86.rs`), which the batch kernels
+            // do not reproduce: the generic loop keeps the bits.
+            return false;
+        }
         // A lone row left over goes to the single-row kernel, which hides latency better.
         let batched = if n_act % 4 == 1 { n_act - 1 } else { n_act };
         let nb = n / ty.block_size();
@@ -100,6 +105,8 @@ pub(super) fn vec_dot_tile(
         let isa = cpu::isa();
         let f = cpu::features();
         let vnni = isa == Isa::Avx512 && f.avx2_fma && f.f16c && f.avx512 && f.avx512_vnni;
+        // Q4_1 and Q8_0 tiles take interleaved activations (`vec_dot_tile_x8`); with the usual
+        // layout they go through the generic loop.
         if !vnni || !x86::vnni::has_tile(ty) {
             return false;
         }

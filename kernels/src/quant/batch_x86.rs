@@ -349,9 +349,6 @@ macro_rules! batch_kernels {
                 out: *mut f32,
                 os: usize,
             ) {
-                if K == Q4_1 {
-                    return q4_1_tile::<R, N>(nb, x, xrs, y, ys, out, os);
-                }
                 let xs: usize = match K {
                     Q4_0 => 18,
                     Q5_0 => 22,
@@ -377,117 +374,10 @@ macro_rules! batch_kernels {
             }
 
             #[allow(dead_code)]
-            /// The f16 pairs `[d, s]` at the starts of the Q8_1 blocks of `N` (at most four)
-            /// activation rows (`ys` bytes apart from `yi`) as f32
-            /// `[d0, s0, d1, s1, d2, s2, d3, s3]`, zeros past `N`.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn q8_1_scales<const N: usize>(yi: *const u8, ys: usize) -> __m256 {
-                let w = |j: usize| {
-                    if j < N {
-                        rd_u32(yi.add(j * ys)) as i32
-                    } else {
-                        0
-                    }
-                };
-                _mm256_cvtph_ps(_mm_set_epi32(w(3), w(2), w(1), w(0)))
-            }
-
-            #[allow(dead_code)]
-            /// One Q4_1 block of `R` weight rows (`xrs` bytes apart from `xb`) against the
-            /// matching Q8_1 block of `N` activation rows (`ys` bytes apart from `yi`). The
-            /// nibbles are unpacked once per weight row and the scales once per activation
-            /// row. Each f32 step is the single-row kernel's: dx * dy, then one FMA into the
-            /// pair's accumulator; mx * sy added into lane `j` of the row's `accm` (the
-            /// single-row kernel keeps the same running sum in lane 1 of its own).
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn q4_1_tile_block<const R: usize, const N: usize>(
-                xb: *const u8,
-                xrs: usize,
-                yi: *const u8,
-                ys: usize,
-                acc: &mut [[__m256; N]; R],
-                accm: &mut [__m128; R],
-            ) {
-                let zero = _mm256_setzero_si256();
-                let mut q = [zero; R];
-                let mut dx = [_mm256_setzero_ps(); R];
-                let mut mx = [_mm_setzero_ps(); R];
-                for r in 0..R {
-                    let xr = xb.add(r * xrs);
-                    q[r] = nibbles(xr.add(4));
-                    let dm = h2f_pair(xr);
-                    dx[r] = _mm256_broadcastss_ps(dm);
-                    mx[r] = _mm_shuffle_ps::<0x55>(dm, dm);
-                }
-                let ds = q8_1_scales::<N>(yi, ys);
-                let sy = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(
-                    ds,
-                    _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7),
-                ));
-                for r in 0..R {
-                    accm[r] = _mm_add_ps(accm[r], _mm_mul_ps(mx[r], sy));
-                }
-                for j in 0..N {
-                    let y = ld(yi.add(j * ys + 4));
-                    let dy = _mm256_permutevar8x32_ps(ds, _mm256_set1_epi32(2 * j as i32));
-                    for r in 0..R {
-                        let p = _mm256_dpbusd_epi32(zero, q[r], y);
-                        let s = _mm256_mul_ps(dx[r], dy);
-                        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][j]);
-                    }
-                }
-            }
-
-            #[allow(dead_code)]
-            /// `R` Q4_1 weight rows (`nb` blocks, `xrs` bytes apart from `x`) against `N` Q8_1
-            /// rows: `out[r * os + j]`, in the single-row kernel's order (even and odd blocks
-            /// apart, the m * s sum added last), so the same bits as `vec_dot`.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn q4_1_tile<const R: usize, const N: usize>(
-                nb: usize,
-                x: *const u8,
-                xrs: usize,
-                y: *const u8,
-                ys: usize,
-                out: *mut f32,
-                os: usize,
-            ) {
-                const XS: usize = 20;
-                const YS: usize = 36;
-                let mut acc0 = [[_mm256_setzero_ps(); N]; R];
-                let mut acc1 = [[_mm256_setzero_ps(); N]; R];
-                let mut accm0 = [_mm_setzero_ps(); R];
-                let mut accm1 = [_mm_setzero_ps(); R];
-                let mut i = 0;
-                while i + 2 <= nb {
-                    let (xb, yi) = (x.add(i * XS), y.add(i * YS));
-                    q4_1_tile_block::<R, N>(xb, xrs, yi, ys, &mut acc0, &mut accm0);
-                    q4_1_tile_block::<R, N>(xb.add(XS), xrs, yi.add(YS), ys, &mut acc1, &mut accm1);
-                    i += 2;
-                }
-                if i < nb {
-                    let (xb, yi) = (x.add(i * XS), y.add(i * YS));
-                    q4_1_tile_block::<R, N>(xb, xrs, yi, ys, &mut acc0, &mut accm0);
-                }
-                for r in 0..R {
-                    let mut m = [0f32; 4];
-                    _mm_storeu_ps(m.as_mut_ptr(), _mm_add_ps(accm0[r], accm1[r]));
-                    for j in 0..N {
-                        *out.add(r * os + j) = hsum(_mm256_add_ps(acc0[r][j], acc1[r][j])) + m[j];
-                    }
-                }
-            }
-
-            #[allow(dead_code)]
-            /// Whether [`dot_tile`] has a tile kernel for `ty` (VNNI build only).
+            /// Whether [`dot_tile`] has a tile kernel for `ty` (VNNI build only). Q4_1 and
+            /// Q8_0 have theirs in `x8_x86.rs`, on interleaved activations.
             pub fn has_tile(ty: GgmlType) -> bool {
-                VNNI && matches!(
-                    ty,
-                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0
-                )
+                VNNI && matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0)
             }
 
             #[allow(dead_code)]
@@ -564,9 +454,7 @@ macro_rules! batch_kernels {
             ) {
                 match ty {
                     GgmlType::Q4_0 => tile_kind::<Q4_0>(nb, x, xrs, n_w, y, ys, n_act, out, os),
-                    GgmlType::Q4_1 => tile_kind::<Q4_1>(nb, x, xrs, n_w, y, ys, n_act, out, os),
                     GgmlType::Q5_0 => tile_kind::<Q5_0>(nb, x, xrs, n_w, y, ys, n_act, out, os),
-                    GgmlType::Q8_0 => tile_kind::<Q8_0>(nb, x, xrs, n_w, y, ys, n_act, out, os),
                     _ => unreachable!("tile: no kernel for {ty}"),
                 }
             }

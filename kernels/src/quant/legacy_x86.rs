@@ -288,9 +288,12 @@ macro_rules! dot_kernels {
             }
 
             /// Dispatch on the weight type. `x` holds `nb` blocks of `ty`, `y` `nb` blocks of
-            /// `ty.vec_dot_type()`.
+            /// `ty.vec_dot_type()`. With VNNI, Q4_1 and Q8_0 go to the eight-block-lane
+            /// kernels of `x8_x86.rs` (the order their tile kernels reproduce).
             pub unsafe fn dot(ty: GgmlType, nb: usize, x: *const u8, y: *const u8) -> f32 {
                 match ty {
+                    GgmlType::Q4_1 if VNNI => crate::quant::x8::dot_q4_1(nb, x, y),
+                    GgmlType::Q8_0 if VNNI => crate::quant::x8::dot_q8_0(nb, x, y),
                     GgmlType::Q4_0 => dot_q4_0(nb, x, y),
                     GgmlType::Q4_1 => dot_q4_1(nb, x, y),
                     GgmlType::Q5_0 => dot_q5_0(nb, x, y),
