@@ -4,6 +4,8 @@
 //!
 //! - [`lora`]: the trainable adapters and their gradients; written as a llama.cpp LoRA file.
 //! - [`ops`], [`linear`], [`attn`], [`loss`]: each op's forward and backward pass.
+//! - [`model`]: [`TrainModel`], the whole model (or its first K blocks) as a function of the
+//!   adapters, with [`TrainModel::loss_and_grad`].
 //!
 //! Activations are f32 and the frozen weights are used as their exact dequantized values, row
 //! by row (never a dequantized copy of a matrix); the inference pass differs only in rounding
@@ -14,8 +16,10 @@ mod kern;
 pub mod linear;
 pub mod lora;
 pub mod loss;
+pub mod model;
 pub mod ops;
 
 pub use attn::Heads;
 pub use lora::{Lora, LoraParam};
 pub use loss::Objective;
+pub use model::{Activations, TrainModel};
