@@ -903,6 +903,15 @@ fn speed_smollm2_forward_backward() {
     let obj = Objective::CrossEntropy { labels: &labels };
     tm.loss_and_grad(&tokens, obj).unwrap();
     for _ in 0..3 {
+        // The inference engine's prefill of the same tokens (all logits), for scale.
+        let t0 = std::time::Instant::now();
+        let mut all = Vec::new();
+        m.forward(&mut m.new_state(64), &tokens, Some(&mut all))
+            .unwrap();
+        eprintln!(
+            "64 tokens: inference prefill {:.0} ms",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         let t0 = std::time::Instant::now();
         let act = tm.forward(&tokens).unwrap();
         let t1 = t0.elapsed();

@@ -6,15 +6,15 @@
 //! they meet the weights' exact dequantized values, so the loss is a smooth function of the
 //! adapter and finite differences check its gradients).
 
-use super::kern::{axpy, axpy4, dot, dot4, par_chunks, Shared};
+use super::kern::{axpy, axpy_rows, dot, dot2x4, par_chunks, Shared};
 use super::lora::LoraParam;
 use crate::gguf::GgufFile;
 use crate::model::Weight;
 use crate::pool::ThreadPool;
 use lethe_kernels::quant;
 
-/// Weight rows dequantized at once by one thread in the forward pass (a multiple of 4, the
-/// width of the kernels).
+/// Weight rows dequantized at once by one thread (a multiple of 4, the width of the forward
+/// kernel).
 const ROWS: usize = 16;
 
 /// The four rows of `w` (`[nr, cols]`, `nr <= 4` rows from `i`), the last repeated to fill.
@@ -50,13 +50,18 @@ pub fn linear_forward(
         for (k, r) in range.clone().enumerate() {
             w.dequantize_row(f, r, &mut wb[k * cols..(k + 1) * cols]);
         }
-        for t in 0..n {
-            let xt = &x[t * cols..(t + 1) * cols];
+        // Two tokens at a time against four rows.
+        for t in (0..n).step_by(2) {
+            let t1 = (t + 1).min(n - 1);
+            let xs = [&x[t * cols..(t + 1) * cols], &x[t1 * cols..(t1 + 1) * cols]];
             for i in (0..nr).step_by(4) {
                 let m = (nr - i).min(4);
-                let d = dot4(xt, four(wb, cols, i, m));
-                let out = unsafe { yp.slice(t * rows + range.start + i, m) };
-                out.copy_from_slice(&d[..m]);
+                let d = dot2x4(xs, four(wb, cols, i, m));
+                for (k, tk) in [t, t1].into_iter().enumerate() {
+                    // SAFETY: rows `range` of `y` belong to this chunk.
+                    let out = unsafe { yp.slice(tk * rows + range.start + i, m) };
+                    out.copy_from_slice(&d[k][..m]);
+                }
             }
         }
     });
@@ -67,7 +72,8 @@ pub fn linear_forward(
 /// row (a byte range of the row, so no row is dequantized twice) and adds
 /// `dy[t, r] * W[r, segment]` to `dx[t, segment]`, rows in order. No thread shares an output
 /// and every sum runs in the same order, so the result is the same whatever the threads do.
-/// Groups of rows whose `dy` is zero for a token are skipped.
+/// Groups of rows whose `dy` is zero for a token (positions without loss, at the head) are
+/// skipped.
 pub fn linear_backward(
     pool: &ThreadPool,
     f: &GgufFile,
@@ -89,28 +95,26 @@ pub fn linear_backward(
     let (data, rb) = (w.data(f), w.row_bytes());
     let dxp = Shared(dx.as_mut_ptr());
     par_chunks(pool, n_seg, 1, &|_, segs| {
-        let mut wb = vec![0f32; 4 * seg]; // [4, seg]
+        let mut wb = vec![0f32; ROWS * seg]; // [ROWS, seg]
         for sg in segs {
             let (c0, c1) = (sg * seg, ((sg + 1) * seg).min(cols));
             let width = c1 - c0;
             let (b0, b1) = (ty.row_bytes(c0), ty.row_bytes(c1));
-            for r0 in (0..rows).step_by(4) {
-                let m = (rows - r0).min(4);
+            for r0 in (0..rows).step_by(ROWS) {
+                let m = (rows - r0).min(ROWS);
                 for k in 0..m {
                     let row = &data[(r0 + k) * rb..(r0 + k + 1) * rb];
                     quant::dequantize_row(ty, &row[b0..b1], &mut wb[k * width..(k + 1) * width])
                         .expect("validated at load");
                 }
-                let ws = four(&wb[..4 * width], width, 0, m);
                 for t in 0..n {
-                    let mut a = [0f32; 4];
-                    a[..m].copy_from_slice(&dy[t * rows + r0..t * rows + r0 + m]);
-                    if a == [0.0; 4] {
+                    let a = &dy[t * rows + r0..t * rows + r0 + m]; // [m]
+                    if a.iter().all(|&v| v == 0.0) {
                         continue;
                     }
                     // SAFETY: columns c0..c1 of every token belong to this segment alone.
                     let dxt = unsafe { dxp.slice(t * cols + c0, width) }; // [width]
-                    axpy4(dxt, a, ws);
+                    axpy_rows(dxt, a, &wb[..m * width], width);
                 }
             }
         }
