@@ -628,87 +628,105 @@ fn losses_and_their_gradients() {
 // The whole model
 
 /// The forward pass against the f64 reference, and every adapter gradient against central
-/// differences of the reference's loss, for both objectives, both variants, with all blocks
-/// and with the first block only (an assistant's truncation).
+/// differences of the reference's loss, for both objectives, both variants: adapters on every
+/// matrix of both blocks, of the first block only with the second cut off (an assistant's
+/// truncation), and on a few matrices of the last block only (the backward pass stops early:
+/// before the attention when no adapter is there, before the block's input projections
+/// otherwise).
 #[test]
 fn adapter_gradients_through_the_whole_model() {
+    let cases: [(usize, &[usize], &[Slot]); 4] = [
+        (N_LAYER, &[0, 1], &Slot::ALL),
+        (1, &[0], &Slot::ALL),
+        (N_LAYER, &[1], &[Slot::Gate, Slot::Down]),
+        (N_LAYER, &[1], &[Slot::V, Slot::Up]),
+    ];
+    for (name, m) in variants() {
+        let rf = reference(&m);
+        for (n_layers, layers, slots) in cases {
+            let lora = random_lora(&m, layers, slots, 3, 21);
+            let mut tm = TrainModel::with_layers(&m, lora, n_layers).unwrap();
+            let what = format!("{name}, {n_layers} blocks, adapters on {layers:?} {slots:?}");
+            check_model_grads(&what, &rf, &mut tm);
+        }
+    }
+}
+
+fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel) {
     let n = TOKENS.len();
     let labels: Vec<Option<u32>> = (0..n)
         .map(|t| (t + 1 < n && t != 2).then(|| TOKENS[t + 1]))
         .collect();
     let mask: Vec<bool> = (0..n).map(|t| t != 1).collect();
-    for (name, m) in variants() {
-        let rf = reference(&m);
-        // All blocks, then the first only.
-        for n_layers in [N_LAYER, 1] {
-            let mut tm =
-                TrainModel::with_layers(&m, random_lora_on(&m, n_layers, 3, 21), n_layers).unwrap();
-            let s = tm.lora.scale() as f64;
-            let rl = ref_lora(&tm.lora, m.cfg.n_layer);
-            let want = rf.logits(&TOKENS, &rl, s, n_layers);
-            let act = tm.forward(&TOKENS).unwrap();
-            for (a, b) in act.logits.iter().zip(&want) {
-                assert!(
-                    (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
-                    "{name}: logit {a} vs {b}"
-                );
+    let n_layers = tm.n_layers();
+    let s = tm.lora.scale() as f64;
+    let rl = ref_lora(&tm.lora, tm.model.cfg.n_layer);
+    let want = rf.logits(&TOKENS, &rl, s, n_layers);
+    let act = tm.forward(&TOKENS).unwrap();
+    for (a, b) in act.logits.iter().zip(&want) {
+        assert!(
+            (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+            "{name}: logit {a} vs {b}"
+        );
+    }
+    for obj in [
+        Objective::CrossEntropy { labels: &labels },
+        Objective::KlUniform { mask: &mask },
+    ] {
+        tm.lora.zero_grad();
+        let loss = tm.loss_and_grad(&TOKENS, obj).unwrap();
+        let ref_loss = |rl: &RefLora| -> f64 {
+            let z = rf.logits(&TOKENS, rl, s, n_layers);
+            match obj {
+                Objective::CrossEntropy { labels } => ce64(&z, VOCAB, labels),
+                Objective::KlUniform { mask } => kl64(&z, VOCAB, mask),
             }
-            for obj in [
-                Objective::CrossEntropy { labels: &labels },
-                Objective::KlUniform { mask: &mask },
-            ] {
-                tm.lora.zero_grad();
-                let loss = tm.loss_and_grad(&TOKENS, obj).unwrap();
-                let ref_loss = |rl: &RefLora| -> f64 {
-                    let z = rf.logits(&TOKENS, rl, s, n_layers);
-                    match obj {
-                        Objective::CrossEntropy { labels } => ce64(&z, VOCAB, labels),
-                        Objective::KlUniform { mask } => kl64(&z, VOCAB, mask),
-                    }
-                };
-                let want_loss = ref_loss(&rl);
-                assert!(
-                    (loss - want_loss).abs() < 1e-5 * (1.0 + want_loss),
-                    "{loss} vs {want_loss}"
-                );
-                for p in &tm.lora.params {
-                    let what = format!(
-                        "{name}, {n_layers} blocks, {obj:?}, {}",
-                        p.target().tensor_name()
-                    );
-                    let (il, sl) = (p.layer, p.slot as usize);
-                    let fa = |a: &[f64]| {
-                        let mut l = rl.clone();
-                        l[il][sl].as_mut().unwrap().0 = a.to_vec();
-                        ref_loss(&l)
-                    };
-                    let fb = |b: &[f64]| {
-                        let mut l = rl.clone();
-                        l[il][sl].as_mut().unwrap().1 = b.to_vec();
-                        ref_loss(&l)
-                    };
-                    let (a64, b64) = (
-                        &rl[il][sl].as_ref().unwrap().0,
-                        &rl[il][sl].as_ref().unwrap().1,
-                    );
-                    assert_grad(&format!("{what} A"), &p.grad_a, &fd_grad(&fa, a64), 1e-4);
-                    assert_grad(&format!("{what} B"), &p.grad_b, &fd_grad(&fb, b64), 1e-4);
-                }
-            }
+        };
+        let want_loss = ref_loss(&rl);
+        assert!(
+            (loss - want_loss).abs() < 1e-5 * (1.0 + want_loss),
+            "{name}: loss {loss} vs {want_loss}"
+        );
+        for p in &tm.lora.params {
+            let what = format!("{name}, {obj:?}, {}", p.target().tensor_name());
+            let (il, sl) = (p.layer, p.slot as usize);
+            let fa = |a: &[f64]| {
+                let mut l = rl.clone();
+                l[il][sl].as_mut().unwrap().0 = a.to_vec();
+                ref_loss(&l)
+            };
+            let fb = |b: &[f64]| {
+                let mut l = rl.clone();
+                l[il][sl].as_mut().unwrap().1 = b.to_vec();
+                ref_loss(&l)
+            };
+            let (a64, b64) = (
+                &rl[il][sl].as_ref().unwrap().0,
+                &rl[il][sl].as_ref().unwrap().1,
+            );
+            assert_grad(&format!("{what} A"), &p.grad_a, &fd_grad(&fa, a64), 1e-4);
+            assert_grad(&format!("{what} B"), &p.grad_b, &fd_grad(&fb, b64), 1e-4);
         }
     }
 }
 
-/// An adapter of rank `r` on every matrix of the first `n_layers` blocks, `A` and `B` both
-/// random (a fresh adapter's zero `B` would leave `A` without gradient).
-fn random_lora_on(m: &Model, n_layers: usize, r: usize, seed: u64) -> Lora {
-    let mut lora = Lora::new(m, 0..n_layers, &Slot::ALL, r, 2.0 * r as f32, seed).unwrap();
+/// An adapter of rank `r` on `slots` of `layers`, `A` and `B` both random (a fresh adapter's
+/// zero `B` would leave `A` without gradient).
+fn random_lora(m: &Model, layers: &[usize], slots: &[Slot], r: usize, seed: u64) -> Lora {
+    let mut lora = Lora::new(m, layers.iter().copied(), slots, r, 2.0 * r as f32, seed).unwrap();
     let mut rng = Rng(seed ^ 0x5eed);
     for p in &mut lora.params {
         p.a = rng.vec(p.a.len(), 0.3);
         p.b = rng.vec(p.b.len(), 0.3);
     }
     lora
+}
+
+/// An adapter of rank `r` on every matrix of the first `n_layers` blocks, `A` and `B` both
+/// random (a fresh adapter's zero `B` would leave `A` without gradient).
+fn random_lora_on(m: &Model, n_layers: usize, r: usize, seed: u64) -> Lora {
+    let layers: Vec<usize> = (0..n_layers).collect();
+    random_lora(m, &layers, &Slot::ALL, r, seed)
 }
 
 // ---------------------------------------------------------------------------------------------
