@@ -4,10 +4,13 @@
 //! blocks.
 //! [`ablate`]: directional ablation, a rank-1 delta patch removing one direction of the
 //! residual stream.
+//! [`train`]: LoRA training on the CPU (forward and backward passes over the frozen quantized
+//! weights).
 
 pub mod ablate;
 pub mod assistant;
 pub mod bake;
+pub mod train;
 
 pub use ablate::ablation_patch;
 pub use assistant::truncate_model;

@@ -1,0 +1,228 @@
+//! Matrix products of training: the frozen quantized weights of the model (`y = W x` and
+//! `dx += W^T dy`, one dequantized row at a time, never the whole matrix) and the LoRA factors
+//! beside them.
+//!
+//! Activations are f32 throughout (the inference pass rounds them to 8 bits per matmul; here
+//! they meet the weights' exact dequantized values, so the loss is a smooth function of the
+//! adapter and finite differences check its gradients).
+
+use super::kern::{axpy, axpy_rows, dot, dot2x4, par_chunks, Shared};
+use super::lora::LoraParam;
+use crate::gguf::GgufFile;
+use crate::model::Weight;
+use crate::pool::ThreadPool;
+use lethe_kernels::quant;
+
+/// Weight rows dequantized at once by one thread (a multiple of 4, the width of the forward
+/// kernel).
+const ROWS: usize = 16;
+
+/// The four rows of `w` (`[nr, cols]`, `nr <= 4` rows from `i`), the last repeated to fill.
+#[inline]
+fn four(w: &[f32], cols: usize, i: usize, nr: usize) -> [&[f32]; 4] {
+    let row = |k: usize| {
+        let r = i + k.min(nr - 1);
+        &w[r * cols..(r + 1) * cols]
+    };
+    [row(0), row(1), row(2), row(3)]
+}
+
+/// `y = W x`: `x` `[n, cols]`, `y` `[n, rows]` (overwritten), `W` `[cols, rows]` as stored in
+/// the file; rows split over the pool's threads.
+pub fn linear_forward(
+    pool: &ThreadPool,
+    f: &GgufFile,
+    w: &Weight,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+) {
+    let (cols, rows) = (w.cols, w.rows);
+    assert!(x.len() >= n * cols && y.len() >= n * rows);
+    let nth = pool.n_threads();
+    let mut scratch = vec![0f32; nth * ROWS * cols]; // [n_threads, ROWS, cols]
+    let sp = Shared(scratch.as_mut_ptr());
+    let yp = Shared(y.as_mut_ptr());
+    par_chunks(pool, rows, ROWS, &|ith, range| {
+        // SAFETY: thread `ith` alone uses its scratch; each row of `y` is one chunk's.
+        let wb = unsafe { sp.slice(ith * ROWS * cols, ROWS * cols) }; // [ROWS, cols]
+        let nr = range.len();
+        for (k, r) in range.clone().enumerate() {
+            w.dequantize_row(f, r, &mut wb[k * cols..(k + 1) * cols]);
+        }
+        // Two tokens at a time against four rows.
+        for t in (0..n).step_by(2) {
+            let t1 = (t + 1).min(n - 1);
+            let xs = [&x[t * cols..(t + 1) * cols], &x[t1 * cols..(t1 + 1) * cols]];
+            for i in (0..nr).step_by(4) {
+                let m = (nr - i).min(4);
+                let d = dot2x4(xs, four(wb, cols, i, m));
+                for (k, tk) in [t, t1].into_iter().enumerate() {
+                    // SAFETY: rows `range` of `y` belong to this chunk.
+                    let out = unsafe { yp.slice(tk * rows + range.start + i, m) };
+                    out.copy_from_slice(&d[k][..m]);
+                }
+            }
+        }
+    });
+}
+
+/// `dx += W^T dy`: `dy` `[n, rows]`, `dx` `[n, cols]`. The columns are split into segments
+/// of whole quantization blocks, one thread per segment: it dequantizes its segment of every
+/// row (a byte range of the row, so no row is dequantized twice) and adds
+/// `dy[t, r] * W[r, segment]` to `dx[t, segment]`, rows in order. No thread shares an output
+/// and every sum runs in the same order, so the result is the same whatever the threads do.
+/// Groups of rows whose `dy` is zero for a token (positions without loss, at the head) are
+/// skipped.
+pub fn linear_backward(
+    pool: &ThreadPool,
+    f: &GgufFile,
+    w: &Weight,
+    dy: &[f32],
+    n: usize,
+    dx: &mut [f32],
+) {
+    let (cols, rows, ty) = (w.cols, w.rows, w.ty);
+    assert!(dy.len() >= n * rows && dx.len() >= n * cols);
+    // Segments of whole blocks, about four per thread, at least 32 columns.
+    let block = ty.block_size().max(8);
+    let n_blocks = cols.div_ceil(block);
+    let per = (n_blocks / (4 * pool.n_threads()))
+        .max(32usize.div_ceil(block))
+        .max(1);
+    let seg = per * block;
+    let n_seg = cols.div_ceil(seg);
+    let (data, rb) = (w.data(f), w.row_bytes());
+    let dxp = Shared(dx.as_mut_ptr());
+    par_chunks(pool, n_seg, 1, &|_, segs| {
+        let mut wb = vec![0f32; ROWS * seg]; // [ROWS, seg]
+        for sg in segs {
+            let (c0, c1) = (sg * seg, ((sg + 1) * seg).min(cols));
+            let width = c1 - c0;
+            let (b0, b1) = (ty.row_bytes(c0), ty.row_bytes(c1));
+            for r0 in (0..rows).step_by(ROWS) {
+                let m = (rows - r0).min(ROWS);
+                for k in 0..m {
+                    let row = &data[(r0 + k) * rb..(r0 + k + 1) * rb];
+                    quant::dequantize_row(ty, &row[b0..b1], &mut wb[k * width..(k + 1) * width])
+                        .expect("validated at load");
+                }
+                for t in 0..n {
+                    let a = &dy[t * rows + r0..t * rows + r0 + m]; // [m]
+                    if a.iter().all(|&v| v == 0.0) {
+                        continue;
+                    }
+                    // SAFETY: columns c0..c1 of every token belong to this segment alone.
+                    let dxt = unsafe { dxp.slice(t * cols + c0, width) }; // [width]
+                    axpy_rows(dxt, a, &wb[..m * width], width);
+                }
+            }
+        }
+    });
+}
+
+/// LoRA's forward: `u = A x` (`[n, r]`, kept for the backward pass) and `y += s B u`
+/// (`y` `[n, rows]`).
+pub fn lora_forward(
+    pool: &ThreadPool,
+    p: &LoraParam,
+    s: f32,
+    x: &[f32],
+    n: usize,
+    u: &mut [f32],
+    y: &mut [f32],
+) {
+    let (cols, rows, rank) = (p.cols, p.rows, p.rank());
+    let (up, yp) = (Shared(u.as_mut_ptr()), Shared(y.as_mut_ptr()));
+    par_chunks(pool, n, 4, &|_, ts| {
+        for t in ts {
+            // SAFETY: token `t`'s rows of `u` and `y` belong to this chunk.
+            let ut = unsafe { up.slice(t * rank, rank) }; // [r]
+            let xt = &x[t * cols..(t + 1) * cols];
+            for (k, uk) in ut.iter_mut().enumerate() {
+                *uk = dot(xt, &p.a[k * cols..(k + 1) * cols]);
+            }
+            let yt = unsafe { yp.slice(t * rows, rows) }; // [rows]
+            for (r, yr) in yt.iter_mut().enumerate() {
+                *yr += s * dot(&p.b[r * rank..(r + 1) * rank], ut);
+            }
+        }
+    });
+}
+
+/// LoRA's backward, given its input `x` (`[n, cols]`), `u = A x` (`[n, r]`) and `dy`
+/// (`[n, rows]`): with `du = s B^T dy` (`[n, r]`),
+/// `grad_b += s dy^T u`, `grad_a += du^T x`, and, when `dx` is given, `dx += A^T du`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward(
+    pool: &ThreadPool,
+    p: &mut LoraParam,
+    s: f32,
+    x: &[f32],
+    u: &[f32],
+    dy: &[f32],
+    n: usize,
+    dx: Option<&mut [f32]>,
+) {
+    let (cols, rows, rank) = (p.cols, p.rows, p.rank());
+    // du[t, k] = s sum_r B[r, k] dy[t, r]
+    let mut du = vec![0f32; n * rank]; // [n, r]
+    let dup = Shared(du.as_mut_ptr());
+    par_chunks(pool, n, 4, &|_, ts| {
+        for t in ts {
+            // SAFETY: token `t`'s row of `du` belongs to this chunk.
+            let dut = unsafe { dup.slice(t * rank, rank) }; // [r]
+            for (r, &d) in dy[t * rows..(t + 1) * rows].iter().enumerate() {
+                if d != 0.0 {
+                    axpy(dut, s * d, &p.b[r * rank..(r + 1) * rank]);
+                }
+            }
+        }
+    });
+    // grad_b[r, k] += s sum_t dy[t, r] u[t, k]
+    let gbp = Shared(p.grad_b.as_mut_ptr());
+    par_chunks(pool, rows, 64, &|_, rs| {
+        // SAFETY: rows `rs` of grad_b belong to this chunk.
+        let gb = unsafe { gbp.slice(rs.start * rank, rs.len() * rank) }; // [len, r]
+        for t in 0..n {
+            let ut = &u[t * rank..(t + 1) * rank];
+            for (i, r) in rs.clone().enumerate() {
+                let d = dy[t * rows + r];
+                if d != 0.0 {
+                    axpy(&mut gb[i * rank..(i + 1) * rank], s * d, ut);
+                }
+            }
+        }
+    });
+    // grad_a[k] += sum_t du[t, k] x[t]
+    let gap = Shared(p.grad_a.as_mut_ptr());
+    par_chunks(pool, rank, 1, &|_, ks| {
+        for k in ks {
+            // SAFETY: row `k` of grad_a belongs to this chunk.
+            let ga = unsafe { gap.slice(k * cols, cols) }; // [cols]
+            for t in 0..n {
+                let d = du[t * rank + k];
+                if d != 0.0 {
+                    axpy(ga, d, &x[t * cols..(t + 1) * cols]);
+                }
+            }
+        }
+    });
+    // dx[t] += sum_k du[t, k] A[k]
+    if let Some(dx) = dx {
+        let dxp = Shared(dx.as_mut_ptr());
+        let a = &p.a;
+        par_chunks(pool, n, 4, &|_, ts| {
+            for t in ts {
+                // SAFETY: token `t`'s row of dx belongs to this chunk.
+                let dxt = unsafe { dxp.slice(t * cols, cols) }; // [cols]
+                for k in 0..rank {
+                    let d = du[t * rank + k];
+                    if d != 0.0 {
+                        axpy(dxt, d, &a[k * cols..(k + 1) * cols]);
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,25 @@
+//! LoRA training on the CPU: hand-written forward passes that keep what the backward pass
+//! needs, and hand-written backward passes, over a quantized llama-architecture model whose
+//! weights stay frozen in place.
+//!
+//! - [`lora`]: the trainable adapters and their gradients; written as a llama.cpp LoRA file.
+//! - [`ops`], [`linear`], [`attn`], [`loss`]: each op's forward and backward pass.
+//! - [`model`]: [`TrainModel`], the whole model (or its first K blocks) as a function of the
+//!   adapters, with [`TrainModel::loss_and_grad`].
+//!
+//! Activations are f32 and the frozen weights are used as their exact dequantized values, row
+//! by row (never a dequantized copy of a matrix); the inference pass differs only in rounding
+//! its activations to 8 bits per matmul and keeping keys and values in f16.
+
+pub mod attn;
+mod kern;
+pub mod linear;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod ops;
+
+pub use attn::Heads;
+pub use lora::{Lora, LoraParam};
+pub use loss::Objective;
+pub use model::{Activations, TrainModel};

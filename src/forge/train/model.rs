@@ -1,0 +1,368 @@
+//! A llama-architecture model as a function of its LoRA adapters: the forward pass over one
+//! sequence keeping what the backward pass needs, and the backward pass accumulating the
+//! adapters' gradients. The quantized weights stay frozen in the mmapped file.
+//!
+//! ```text
+//! x  = embd[tok]                                          [n, e]
+//! x += Wo · attn(rope(Wq·a), rope(Wk·a), Wv·a)            a = rmsnorm(x) * attn_norm
+//! x += Wdown · (silu(Wgate·b) * Wup·b)                    b = rmsnorm(x) * ffn_norm
+//! logits = Wout · (rmsnorm(x) * output_norm)              [n, n_vocab]
+//! ```
+//!
+//! with every adapted `W·` being `W· + (alpha / r) B A·`. Kept per block: its input and the
+//! residual after attention (the norms' inputs), the norms' `rstd`, rotated `q` and `k`, `v`,
+//! the attention probabilities, the attention output, the gate and up projections, and each
+//! adapter's `A x`. The normalised inputs and `silu(g) * u` are recomputed in the backward
+//! pass (cheap, element-wise).
+
+use super::attn::{attention_backward, attention_forward, Heads};
+use super::linear::{linear_backward, linear_forward, lora_backward, lora_forward};
+use super::lora::Lora;
+use super::loss::Objective;
+use super::ops::{
+    rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
+};
+use crate::model::{Arch, Model, Slot, Weight};
+use crate::pool::ThreadPool;
+use crate::{Error, Result};
+
+/// What the backward pass needs of one block.
+struct BlockActs {
+    x: Vec<f32>,         // [n, e] block input
+    rstd_attn: Vec<f32>, // [n]
+    q: Vec<f32>,         // [n, n_head*hd] rotated
+    k: Vec<f32>,         // [n, n_head_kv*hd] rotated
+    v: Vec<f32>,         // [n, n_head_kv*hd]
+    probs: Vec<f32>,     // [n_head, n(n+1)/2]
+    att: Vec<f32>,       // [n, n_head*hd] attention output (input of Wo)
+    x_mid: Vec<f32>,     // [n, e] residual after attention
+    rstd_ffn: Vec<f32>,  // [n]
+    gate: Vec<f32>,      // [n, n_ff]
+    up: Vec<f32>,        // [n, n_ff]
+    /// `A x` of each adapted matrix, by slot.
+    lora_u: [Option<Vec<f32>>; 7], // [n, r]
+}
+
+/// The forward pass of one sequence: its logits and what the backward pass needs. Valid for
+/// the adapter values it was computed with.
+pub struct Activations {
+    /// Tokens in the sequence.
+    pub n: usize,
+    pub logits: Vec<f32>, // [n, n_vocab]
+    blocks: Vec<BlockActs>,
+    x_out: Vec<f32>,    // [n, e] residual after the last block
+    rstd_out: Vec<f32>, // [n]
+}
+
+/// A model with trainable LoRA adapters: the first `n_layers` blocks of `model`, then its
+/// final norm and head (all blocks, or the ULD assistant's first K without writing it out).
+pub struct TrainModel<'m> {
+    pub model: &'m Model,
+    pub lora: Lora,
+    n_layers: usize,
+}
+
+impl<'m> TrainModel<'m> {
+    /// All of `model`'s blocks.
+    pub fn new(model: &'m Model, lora: Lora) -> Result<Self> {
+        Self::with_layers(model, lora, model.cfg.n_layer)
+    }
+
+    /// The first `n_layers` blocks of `model`, then its final norm and head.
+    pub fn with_layers(model: &'m Model, lora: Lora, n_layers: usize) -> Result<Self> {
+        let c = &model.cfg;
+        if c.arch != Arch::Llama {
+            return Err(Error::Model(format!(
+                "training runs the llama architecture, not {}",
+                c.arch.name()
+            )));
+        }
+        if n_layers == 0 || n_layers > c.n_layer {
+            return Err(Error::Invalid(format!(
+                "{n_layers} blocks: the model has 1..={}",
+                c.n_layer
+            )));
+        }
+        for p in &lora.params {
+            let t = p.target();
+            if p.layer >= n_layers {
+                return Err(Error::Invalid(format!(
+                    "{}: an adapter on a block past the {n_layers} that run",
+                    t.tensor_name()
+                )));
+            }
+            if model.target_shape(t)? != (p.cols, p.rows)
+                || p.a.len() != lora.rank * p.cols
+                || p.b.len() != p.rows * lora.rank
+            {
+                return Err(Error::Invalid(format!(
+                    "{}: the adapter's shape does not fit the model",
+                    t.tensor_name()
+                )));
+            }
+        }
+        Ok(Self {
+            model,
+            lora,
+            n_layers,
+        })
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+
+    fn heads(&self) -> Heads {
+        let c = &self.model.cfg;
+        Heads {
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            head_dim: c.head_dim,
+            scale: c.attn_scale,
+        }
+    }
+
+    /// `y = W x` of block `il`'s matrix `slot` with its adapter, keeping the adapter's `A x`.
+    fn mm(
+        &self,
+        il: usize,
+        slot: Slot,
+        x: &[f32],
+        n: usize,
+        us: &mut [Option<Vec<f32>>; 7],
+    ) -> Vec<f32> {
+        let m = self.model;
+        let w = weight(m, il, slot);
+        let mut y = vec![0f32; n * w.rows]; // [n, rows]
+        linear_forward(&m.pool, &m.file, w, x, n, &mut y);
+        if let Some(p) = self.lora.get(il, slot) {
+            let r = self.lora.rank;
+            let mut u = vec![0f32; n * r]; // [n, r]
+            lora_forward(&m.pool, p, self.lora.scale(), x, n, &mut u, &mut y);
+            us[slot as usize] = Some(u);
+        }
+        y
+    }
+
+    /// Run `tokens` (positions `0..n`) and keep what [`TrainModel::backward`] needs.
+    pub fn forward(&self, tokens: &[u32]) -> Result<Activations> {
+        let m = self.model;
+        let c = &m.cfg;
+        let (n, e, nv) = (tokens.len(), c.n_embd, c.n_vocab);
+        if n == 0 {
+            return Err(Error::Invalid("forward needs at least one token".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= nv) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {nv}"
+            )));
+        }
+        let (hs, pool) = (self.heads(), &*m.pool);
+        let mut x = vec![0f32; n * e]; // [n, e]
+        for (t, &tok) in tokens.iter().enumerate() {
+            m.tok_embd
+                .dequantize_row(&m.file, tok as usize, &mut x[t * e..(t + 1) * e]);
+        }
+        let mut blocks = Vec::with_capacity(self.n_layers);
+        let mut xn = vec![0f32; n * e]; // [n, e] normalised input of a group of matmuls
+        for (il, l) in m.layers[..self.n_layers].iter().enumerate() {
+            let mut us: [Option<Vec<f32>>; 7] = Default::default();
+            let mut rstd_attn = vec![0f32; n]; // [n]
+            rmsnorm_forward(&x, &l.attn_norm, c.rms_eps, &mut xn, &mut rstd_attn);
+            let mut q = self.mm(il, Slot::Q, &xn, n, &mut us); // [n, n_head*hd]
+            let mut k = self.mm(il, Slot::K, &xn, n, &mut us); // [n, n_head_kv*hd]
+            let v = self.mm(il, Slot::V, &xn, n, &mut us); // [n, n_head_kv*hd]
+            rope_forward(&m.rope_global, &mut q, n, c.head_dim, 0);
+            rope_forward(&m.rope_global, &mut k, n, c.head_dim, 0);
+            let mut probs = vec![0f32; hs.probs_len(n)]; // [n_head, n(n+1)/2]
+            let mut att = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
+            attention_forward(pool, &hs, &q, &k, &v, n, &mut probs, &mut att);
+            let o = self.mm(il, Slot::O, &att, n, &mut us); // [n, e]
+            let mut x_mid = o;
+            lethe_kernels::ops::add_inplace(&mut x_mid, &x); // [n, e]
+
+            let mut rstd_ffn = vec![0f32; n]; // [n]
+            rmsnorm_forward(&x_mid, &l.ffn_norm, c.rms_eps, &mut xn, &mut rstd_ffn);
+            let gate = self.mm(il, Slot::Gate, &xn, n, &mut us); // [n, n_ff]
+            let up = self.mm(il, Slot::Up, &xn, n, &mut us); // [n, n_ff]
+            let mut h = vec![0f32; n * c.n_ff]; // [n, n_ff]
+            swiglu_forward(&gate, &up, &mut h);
+            let mut out = self.mm(il, Slot::Down, &h, n, &mut us); // [n, e]
+            lethe_kernels::ops::add_inplace(&mut out, &x_mid);
+            let x_in = std::mem::replace(&mut x, out);
+            blocks.push(BlockActs {
+                x: x_in,
+                rstd_attn,
+                q,
+                k,
+                v,
+                probs,
+                att,
+                x_mid,
+                rstd_ffn,
+                gate,
+                up,
+                lora_u: us,
+            });
+        }
+        let mut rstd_out = vec![0f32; n]; // [n]
+        rmsnorm_forward(&x, &m.output_norm, c.rms_eps, &mut xn, &mut rstd_out);
+        let mut logits = vec![0f32; n * nv]; // [n, n_vocab]
+        linear_forward(pool, &m.file, &m.output, &xn, n, &mut logits);
+        Ok(Activations {
+            n,
+            logits,
+            blocks,
+            x_out: x,
+            rstd_out,
+        })
+    }
+
+    /// Add to the adapters' gradients those of `sum(dlogits * logits)`, for the forward pass
+    /// `act` (`dlogits`: `[n, n_vocab]`, the loss's gradient with respect to the logits).
+    pub fn backward(&mut self, act: &Activations, dlogits: &[f32]) -> Result<()> {
+        let m = self.model;
+        let c = &m.cfg;
+        let (n, e, ff) = (act.n, c.n_embd, c.n_ff);
+        if dlogits.len() != n * c.n_vocab || act.blocks.len() != self.n_layers {
+            return Err(Error::Invalid(format!(
+                "backward: {} gradients for {n} tokens of {} logits, or activations of another \
+                 model",
+                dlogits.len(),
+                c.n_vocab
+            )));
+        }
+        let Some(lowest) = self.lora.lowest_layer() else {
+            return Ok(());
+        };
+        let (hs, pool) = (self.heads(), &*m.pool);
+        let mut xn = vec![0f32; n * e]; // [n, e] a recomputed norm output
+        let mut tmp = vec![0f32; n]; // [n] rstd, recomputed (equal to the kept one)
+
+        // Head and final norm.
+        let mut dxn = vec![0f32; n * e]; // [n, e]
+        linear_backward(pool, &m.file, &m.output, dlogits, n, &mut dxn);
+        let mut dx = vec![0f32; n * e]; // [n, e] gradient of the residual stream
+        rmsnorm_backward(&act.x_out, &m.output_norm, &act.rstd_out, &dxn, &mut dx);
+
+        for il in (lowest..self.n_layers).rev() {
+            let (l, b) = (&m.layers[il], &act.blocks[il]);
+            let has = |slot: Slot| self.lora.get(il, slot).is_some();
+            let need_in = il > lowest;
+            let attn_needed = need_in || [Slot::Q, Slot::K, Slot::V, Slot::O].into_iter().any(has);
+
+            // Feed-forward: dx is the gradient of the block's output.
+            let mut h = vec![0f32; n * ff]; // [n, n_ff]
+            swiglu_forward(&b.gate, &b.up, &mut h);
+            let mut dh = vec![0f32; n * ff]; // [n, n_ff]
+            linear_backward(pool, &m.file, &l.w_down, &dx, n, &mut dh);
+            self.lora_bwd(il, Slot::Down, &h, b, &dx, n, Some(&mut dh));
+            let (mut dg, mut du) = (vec![0f32; n * ff], vec![0f32; n * ff]); // [n, n_ff]
+            swiglu_backward(&b.gate, &b.up, &dh, &mut dg, &mut du);
+            rmsnorm_forward(&b.x_mid, &l.ffn_norm, c.rms_eps, &mut xn, &mut tmp);
+            if attn_needed {
+                dxn.fill(0.0);
+                linear_backward(pool, &m.file, &l.w_gate, &dg, n, &mut dxn);
+                linear_backward(pool, &m.file, &l.w_up, &du, n, &mut dxn);
+                self.lora_bwd(il, Slot::Gate, &xn, b, &dg, n, Some(&mut dxn));
+                self.lora_bwd(il, Slot::Up, &xn, b, &du, n, Some(&mut dxn));
+                // dx becomes the gradient of x_mid: the residual path plus the norm's.
+                rmsnorm_backward(&b.x_mid, &l.ffn_norm, &b.rstd_ffn, &dxn, &mut dx);
+            } else {
+                self.lora_bwd(il, Slot::Gate, &xn, b, &dg, n, None);
+                self.lora_bwd(il, Slot::Up, &xn, b, &du, n, None);
+                break;
+            }
+
+            // Attention: dx is the gradient of x_mid.
+            let mut datt = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
+            linear_backward(pool, &m.file, &l.wo, &dx, n, &mut datt);
+            self.lora_bwd(il, Slot::O, &b.att, b, &dx, n, Some(&mut datt));
+            let mut dq = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
+            let mut dk = vec![0f32; n * hs.kv_dim()]; // [n, n_head_kv*hd]
+            let mut dv = vec![0f32; n * hs.kv_dim()]; // [n, n_head_kv*hd]
+            attention_backward(
+                pool, &hs, &b.q, &b.k, &b.v, &b.probs, &datt, n, &mut dq, &mut dk, &mut dv,
+            );
+            rope_backward(&m.rope_global, &mut dq, n, c.head_dim, 0);
+            rope_backward(&m.rope_global, &mut dk, n, c.head_dim, 0);
+            rmsnorm_forward(&b.x, &l.attn_norm, c.rms_eps, &mut xn, &mut tmp);
+            if need_in {
+                dxn.fill(0.0);
+                linear_backward(pool, &m.file, &l.wq, &dq, n, &mut dxn);
+                linear_backward(pool, &m.file, &l.wk, &dk, n, &mut dxn);
+                linear_backward(pool, &m.file, &l.wv, &dv, n, &mut dxn);
+            }
+            let mut dxn_opt = need_in.then_some(&mut dxn);
+            for (slot, dy) in [(Slot::Q, &dq), (Slot::K, &dk), (Slot::V, &dv)] {
+                self.lora_bwd(
+                    il,
+                    slot,
+                    &xn,
+                    b,
+                    dy,
+                    n,
+                    dxn_opt.as_deref_mut().map(|d| &mut d[..]),
+                );
+            }
+            if need_in {
+                rmsnorm_backward(&b.x, &l.attn_norm, &b.rstd_attn, &dxn, &mut dx);
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward pass of block `il`'s adapter on `slot`, if it has one (`x`: that matmul's
+    /// input, `dy`: the gradient of its output).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_bwd(
+        &mut self,
+        il: usize,
+        slot: Slot,
+        x: &[f32],
+        b: &BlockActs,
+        dy: &[f32],
+        n: usize,
+        dx: Option<&mut [f32]>,
+    ) {
+        let Some(i) = self.lora.index_of(il, slot) else {
+            return;
+        };
+        let s = self.lora.scale();
+        let u = b.lora_u[slot as usize]
+            .as_deref()
+            .expect("kept by the forward pass");
+        let pool: &ThreadPool = &self.model.pool;
+        lora_backward(pool, &mut self.lora.params[i], s, x, u, dy, n, dx);
+    }
+
+    /// Forward, loss and backward of one sequence: returns the loss and adds its gradient to
+    /// the adapters' (call [`Lora::zero_grad`] between steps).
+    pub fn loss_and_grad(&mut self, tokens: &[u32], objective: Objective) -> Result<f64> {
+        if objective.len() != tokens.len() {
+            return Err(Error::Invalid(format!(
+                "{} tokens but the objective covers {} positions",
+                tokens.len(),
+                objective.len()
+            )));
+        }
+        let act = self.forward(tokens)?;
+        let mut dlogits = vec![0f32; act.logits.len()]; // [n, n_vocab]
+        let loss = objective.loss(&act.logits, self.model.cfg.n_vocab, &mut dlogits)?;
+        self.backward(&act, &dlogits)?;
+        Ok(loss)
+    }
+}
+
+fn weight(m: &Model, il: usize, slot: Slot) -> &Weight {
+    let l = &m.layers[il];
+    match slot {
+        Slot::Q => &l.wq,
+        Slot::K => &l.wk,
+        Slot::V => &l.wv,
+        Slot::O => &l.wo,
+        Slot::Gate => &l.w_gate,
+        Slot::Up => &l.w_up,
+        Slot::Down => &l.w_down,
+    }
+}
