@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Questions decoded together.
-pub const GEN_BATCH: usize = 4;
+pub const GEN_BATCH: usize = 8;
 
 /// A model to evaluate: a base with a profile's assistants and patches (none: the plain model).
 #[derive(Clone)]
