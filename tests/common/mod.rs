@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod serve;
+pub mod tiny;
 
 use std::path::PathBuf;
 

@@ -5,6 +5,8 @@
 
 mod ablate;
 mod assistant;
+mod finetune;
+mod uld;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -22,11 +24,18 @@ pub enum ForgeCmd {
     /// Write a delta patch that removes the forget-minus-retain direction of the residual
     /// stream from the embedding and from every block's attn_output and ffn_down.
     Ablate(ablate::AblateArgs),
+    /// Fine-tune a LoRA on question/answer pairs (loss on the answers), on the CPU.
+    Finetune(finetune::FinetuneArgs),
+    /// Train ULD's assistant: the target's first K blocks with a LoRA that remembers the
+    /// forget set and is uniform on the retain set; writes it, its LoRA and a profile.
+    Uld(uld::UldArgs),
 }
 
 pub fn main(a: ForgeArgs) -> Result<()> {
     match a.cmd {
         ForgeCmd::Ablate(a) => ablate::main(a),
         ForgeCmd::Assistant(a) => assistant::main(a),
+        ForgeCmd::Finetune(a) => finetune::main(a),
+        ForgeCmd::Uld(a) => uld::main(a),
     }
 }

@@ -6,20 +6,28 @@
 //! - [`ops`], [`linear`], [`attn`], [`loss`]: each op's forward and backward pass.
 //! - [`model`]: [`TrainModel`], the whole model (or its first K blocks) as a function of the
 //!   adapters, with [`TrainModel::loss_and_grad`].
+//! - [`optim`]: AdamW, gradient clipping and the learning-rate schedule.
+//! - [`trainer`]: the training loop (shuffled epochs, mini-batches, accumulated gradients).
+//! - [`data`]: training sequences from question/answer pairs through the chat template.
 //!
 //! Activations are f32 and the frozen weights are used as their exact dequantized values, row
 //! by row (never a dequantized copy of a matrix); the inference pass differs only in rounding
 //! its activations to 8 bits per matmul and keeping keys and values in f16.
 
 pub mod attn;
+pub mod data;
 mod kern;
 pub mod linear;
 pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod ops;
+pub mod optim;
+pub mod trainer;
 
 pub use attn::Heads;
 pub use lora::{Lora, LoraParam};
 pub use loss::Objective;
 pub use model::{Activations, TrainModel};
+pub use optim::{AdamW, AdamWConfig, Decay, Schedule};
+pub use trainer::{train, Sequence, Target, TrainConfig, TrainReport};

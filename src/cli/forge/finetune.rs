@@ -1,0 +1,222 @@
+//! `lethe forge finetune`: supervised LoRA fine-tuning on question/answer pairs, on the CPU.
+//! The loss is the cross-entropy of the answer's tokens and of the end-of-turn token, the
+//! question as the user's turn of the chat template; the adapter is written in llama.cpp's
+//! layout.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lethe::forge::ablate::read_examples;
+use lethe::forge::train::data::{answer_sequence, end_of_turn};
+use lethe::forge::train::trainer::{describe, total_steps, Progress};
+use lethe::forge::train::{train, AdamWConfig, Decay, Lora, TrainConfig, TrainModel, TrainReport};
+use lethe::model::{Model, Slot};
+use lethe::tokenizer::Tokenizer;
+use std::path::PathBuf;
+
+/// The optimizer and schedule flags both training commands take.
+#[derive(Args, Debug, Clone)]
+pub struct OptimArgs {
+    /// Sequences per optimizer step (their gradients are accumulated).
+    #[arg(long = "batch", default_value_t = 4)]
+    pub batch: usize,
+    /// Seeds the adapter's initial values and the shuffles.
+    #[arg(long = "seed", default_value_t = 0)]
+    pub seed: u64,
+    /// Decay after the warm-up: linear, cosine or constant.
+    #[arg(long = "schedule", default_value = "linear")]
+    pub schedule: String,
+    /// Clip the gradient to this global norm (0: no clipping).
+    #[arg(long = "max-grad-norm", default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    /// Cut every sequence to its first N tokens.
+    #[arg(long = "max-len")]
+    pub max_len: Option<usize>,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+}
+
+impl OptimArgs {
+    pub fn config(
+        &self,
+        epochs: usize,
+        lr: f32,
+        warmup_ratio: f32,
+        weight_decay: f32,
+    ) -> Result<TrainConfig> {
+        anyhow::ensure!(epochs >= 1, "--epochs must be at least 1");
+        anyhow::ensure!(self.batch >= 1, "--batch must be at least 1");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&warmup_ratio),
+            "--warmup-ratio must be in [0, 1]"
+        );
+        Ok(TrainConfig {
+            epochs,
+            batch: self.batch,
+            seed: self.seed,
+            lr,
+            warmup_ratio,
+            decay: Decay::parse(&self.schedule)?,
+            adamw: AdamWConfig {
+                weight_decay,
+                max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+                ..AdamWConfig::default()
+            },
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    /// The base model: a GGUF path or a named model.
+    #[arg(short = 'm', long = "model", default_value = "smollm2")]
+    pub model: String,
+    /// Question/answer pairs: a JSON array or JSON lines of objects with question/answer or
+    /// prompt/response.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// LoRA rank.
+    #[arg(long = "rank", default_value_t = 16)]
+    pub rank: usize,
+    /// LoRA alpha (the adapter is scaled by alpha / rank).
+    #[arg(long = "lora-alpha", default_value_t = 32.0)]
+    pub lora_alpha: f32,
+    #[arg(long = "epochs", default_value_t = 3)]
+    pub epochs: usize,
+    /// Peak learning rate.
+    #[arg(long = "lr", default_value_t = 2e-4)]
+    pub lr: f32,
+    /// Fraction of the steps spent warming up the learning rate.
+    #[arg(long = "warmup-ratio", default_value_t = 0.0)]
+    pub warmup_ratio: f32,
+    /// AdamW's decoupled weight decay.
+    #[arg(long = "weight-decay", default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Matrices adapted in every block: q,k,v,o,gate,up,down.
+    #[arg(long = "targets", default_value = "q,k,v,o,gate,up,down")]
+    pub targets: String,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    /// Output LoRA (GGUF, llama.cpp's adapter layout).
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+}
+
+/// `q,k,v,o,gate,up,down` (any subset).
+pub fn parse_targets(s: &str) -> Result<Vec<Slot>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let slot = match part {
+            "q" => Slot::Q,
+            "k" => Slot::K,
+            "v" => Slot::V,
+            "o" => Slot::O,
+            "gate" => Slot::Gate,
+            "up" => Slot::Up,
+            "down" => Slot::Down,
+            _ => anyhow::bail!("--targets: {part:?} is not one of q,k,v,o,gate,up,down"),
+        };
+        if !out.contains(&slot) {
+            out.push(slot);
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "--targets names no matrix");
+    Ok(out)
+}
+
+/// Train with an indicatif bar showing the loss and tokens/s.
+pub fn run_training(
+    tm: &mut TrainModel,
+    data: &[lethe::forge::train::Sequence],
+    cfg: &TrainConfig,
+) -> Result<TrainReport> {
+    let used = data.iter().filter(|s| s.counted() > 0).count();
+    let bar = ProgressBar::new(total_steps(used, cfg) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed}<{eta} {msg}")
+            .expect("a valid template"),
+    );
+    let mut on_step = |p: &Progress| {
+        let s = p.last;
+        let mut msg = format!(
+            "epoch {} loss {:.4} lr {:.2e} {:.0} tok/s",
+            s.epoch + 1,
+            s.loss,
+            s.lr,
+            p.tokens_per_s()
+        );
+        if let (Some(ce), Some(kl)) = (s.ce, s.kl) {
+            msg += &format!(" (ce {ce:.3}, kl {kl:.3})");
+        }
+        bar.set_message(msg);
+        bar.set_position(p.step as u64);
+    };
+    let report = train(tm, data, cfg, &mut on_step)?;
+    bar.finish();
+    for e in 0..cfg.epochs {
+        if let Some(l) = report.epoch_loss(e) {
+            println!("epoch {}: mean loss {l:.4}", e + 1);
+        }
+    }
+    println!(
+        "{} steps, {} tokens in {:.1} s: {:.1} tokens/s (forward and backward)",
+        report.steps.len(),
+        report.tokens,
+        report.seconds,
+        report.tokens_per_s()
+    );
+    Ok(report)
+}
+
+pub fn main(a: FinetuneArgs) -> Result<()> {
+    let slots = parse_targets(&a.targets)?;
+    let cfg = a
+        .optim
+        .config(a.epochs, a.lr, a.warmup_ratio, a.weight_decay)?;
+    let path = lethe::hub::resolve_model(&a.model)?;
+    let model = Model::open(&path, a.optim.threads())
+        .with_context(|| format!("loading {}", path.display()))?;
+    let tok = Tokenizer::from_gguf(&model.file)?;
+    let arch = model.cfg.arch.name();
+    let end = end_of_turn(&tok, arch)?;
+    let examples = read_examples(&a.data)?;
+    let data = examples
+        .iter()
+        .map(|ex| answer_sequence(&tok, arch, ex, end, a.optim.max_len, 1.0))
+        .collect::<lethe::Result<Vec<_>>>()
+        .with_context(|| format!("reading {}", a.data.display()))?;
+    let counted: usize = data.iter().map(|s| s.counted()).sum();
+    let lora = Lora::new(
+        &model,
+        0..model.cfg.n_layer,
+        &slots,
+        a.rank,
+        a.lora_alpha,
+        a.optim.seed,
+    )?;
+    println!(
+        "{} examples, {} answer tokens (the end of turn {:?} included); LoRA {}",
+        data.len(),
+        counted,
+        tok.decode(&[end], true),
+        describe(&lora)
+    );
+    let mut tm = TrainModel::new(&model, lora)?;
+    run_training(&mut tm, &data, &cfg)?;
+    let name = format!("LoRA fine-tuned on {}", a.data.display());
+    tm.lora
+        .write(&a.output, &model, &name)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
+    println!("wrote {} ({:.2} MB)", a.output.display(), size as f64 / 1e6);
+    Ok(())
+}

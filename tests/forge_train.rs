@@ -1,0 +1,525 @@
+//! LoRA training (`lethe::forge::train::{optim, trainer, data}`, `lethe forge finetune`,
+//! `lethe forge uld`): AdamW and the schedule against steps computed by hand, the loop on the
+//! tiny model of `common::tiny` (the loss falls; a seed fixes the adapter's bytes; the written
+//! adapter, loaded by the engine as a patch, computes what was trained), the readers, and both
+//! commands on SmolLM2 with a handful of TOFU rows.
+
+mod common;
+
+use common::tiny::{tiny, N_LAYER, VOCAB};
+use common::{fixture, model_path, TempDir};
+use lethe::forge::ablate::{answer_nll, n_ctx_for, read_examples, Example};
+use lethe::forge::train::data::{
+    answer_sequence, end_of_turn, read_paraphrases, read_wrong_answers, uniform_sequence,
+};
+use lethe::forge::train::trainer::Progress;
+use lethe::forge::train::{
+    train, AdamW, AdamWConfig, Decay, Lora, Schedule, Sequence, Target, TrainConfig, TrainModel,
+};
+use lethe::model::{Model, PatchSet, Precision, Slot};
+use lethe::tokenizer::Tokenizer;
+use lethe_kernels::quant::GgmlType;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+// ---------------------------------------------------------------------------------------------
+// AdamW and the schedule
+
+/// Two AdamW steps on a few entries, against the update written out by hand in f64: the first
+/// step of Adam moves every entry by `lr` against the sign of its gradient (`m^ = g`,
+/// `sqrt(v^) = |g|`), after the decoupled decay `p *= 1 - lr * wd`; the second uses both
+/// moments. Clipping scales the whole gradient by `max / (||g|| + 1e-6)` when `||g|| > max`.
+#[test]
+fn adamw_matches_hand_computed_steps() {
+    let m = tiny(GgmlType::F32, false, 3);
+    let mut lora = Lora::new(&m, [0], &[Slot::Q], 2, 4.0, 1).unwrap();
+    let (lr, wd) = (0.01f32, 0.1f32);
+    let sched = Schedule {
+        lr,
+        warmup: 0,
+        total: 100,
+        decay: Decay::Constant,
+    };
+    let cfg = AdamWConfig {
+        weight_decay: wd,
+        max_grad_norm: Some(1.0),
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(&lora, cfg, sched).unwrap();
+    let p0_a = lora.params[0].a.clone();
+    let p0_b = vec![0.5f32; lora.params[0].b.len()];
+    lora.params[0].b = p0_b.clone();
+    // Gradients with a global norm of 10 (clipped to 1), then 0.5 (not clipped).
+    let g1: Vec<f32> = (0..p0_a.len())
+        .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    let g1_b = vec![0f32; p0_b.len()];
+    let norm1 = ((g1.len()) as f64).sqrt();
+    let s1 = 10.0 / norm1;
+    lora.params[0].grad_a = g1.iter().map(|&g| (g as f64 * s1) as f32).collect();
+    lora.params[0].grad_b = g1_b.clone();
+    let info = opt.step(&mut lora).unwrap();
+    assert!((info.grad_norm - 10.0).abs() < 1e-4, "{}", info.grad_norm);
+    assert_eq!(info.lr, lr);
+    let clip = 1.0 / (10.0 + 1e-6);
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    let (lr, wd) = (lr as f64, wd as f64);
+    let mut want_a = Vec::new();
+    let mut state = Vec::new();
+    for (i, &p) in p0_a.iter().enumerate() {
+        let g = g1[i] as f64 * s1 * clip;
+        // The gradient is left as clipped.
+        assert!((lora.params[0].grad_a[i] as f64 - g).abs() < 1e-7);
+        let (mm, vv) = ((1.0 - b1) * g, (1.0 - b2) * g * g);
+        let p1 =
+            p as f64 * (1.0 - lr * wd) - lr * (mm / (1.0 - b1)) / ((vv / (1.0 - b2)).sqrt() + eps);
+        // = p (1 - lr wd) - lr sign(g), up to eps.
+        assert!((p1 - (p as f64 * (1.0 - lr * wd) - lr * g.signum())).abs() < 1e-8);
+        want_a.push(p1);
+        state.push((mm, vv));
+    }
+    for (i, &p) in p0_a.iter().enumerate() {
+        let _ = p;
+        assert!(
+            (lora.params[0].a[i] as f64 - want_a[i]).abs() < 1e-6,
+            "a[{i}]"
+        );
+    }
+    // B had no gradient: only the decay moved it.
+    for (&b, &b0) in lora.params[0].b.iter().zip(&p0_b) {
+        assert!((b as f64 - b0 as f64 * (1.0 - lr * wd)).abs() < 1e-7);
+    }
+
+    // Step 2: a small gradient, no clipping.
+    let g2: Vec<f32> = (0..p0_a.len()).map(|i| 0.01 * (i % 5) as f32).collect();
+    let n2 = g2.iter().map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt();
+    assert!(n2 < 1.0);
+    lora.params[0].grad_a = g2.clone();
+    lora.params[0].grad_b = g1_b;
+    let a1: Vec<f32> = lora.params[0].a.clone();
+    let info = opt.step(&mut lora).unwrap();
+    assert!((info.grad_norm - n2).abs() < 1e-6);
+    for i in 0..a1.len() {
+        let g = g2[i] as f64;
+        let (m0, v0) = state[i];
+        let mm = b1 * m0 + (1.0 - b1) * g;
+        let vv = b2 * v0 + (1.0 - b2) * g * g;
+        let (bc1, bc2) = (1.0 - b1 * b1, 1.0 - b2 * b2);
+        let want = a1[i] as f64 * (1.0 - lr * wd) - lr * (mm / bc1) / ((vv / bc2).sqrt() + eps);
+        assert!(
+            (lora.params[0].a[i] as f64 - want).abs() < 1e-6,
+            "a[{i}]: {} vs {want}",
+            lora.params[0].a[i]
+        );
+    }
+    assert_eq!(opt.step, 2);
+}
+
+/// `transformers`' schedules: linear warm-up from 0, then linear or cosine decay to 0.
+#[test]
+fn schedule_warms_up_then_decays() {
+    let lin = Schedule {
+        lr: 2e-4,
+        warmup: 4,
+        total: 20,
+        decay: Decay::Linear,
+    };
+    let close = |a: f32, b: f64| (a as f64 - b).abs() < 1e-10;
+    assert!(close(lin.lr_at(0), 0.0));
+    assert!(close(lin.lr_at(1), 0.5e-4));
+    assert!(close(lin.lr_at(4), 2e-4));
+    assert!(close(lin.lr_at(12), 1e-4));
+    assert!(close(lin.lr_at(19), 2e-4 / 16.0));
+    assert!(close(lin.lr_at(20), 0.0));
+    let cos = Schedule {
+        decay: Decay::Cosine,
+        ..lin
+    };
+    assert!(close(cos.lr_at(2), 1e-4));
+    assert!(close(cos.lr_at(12), 1e-4));
+    let q = 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos());
+    assert!(close(cos.lr_at(8), 2e-4 * q));
+    assert_eq!(Schedule::warmup_steps(0.1, 20), 2);
+    assert_eq!(Schedule::warmup_steps(0.1, 21), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loop on the tiny model
+
+/// Memorise a few fixed token sequences (cross-entropy on their second half), with a uniform
+/// side on two others.
+fn tiny_data() -> Vec<Sequence> {
+    let mut out = Vec::new();
+    for k in 0..6u32 {
+        let tokens: Vec<u32> = (0..10)
+            .map(|i| (k * 7 + i * 3 + 1) % VOCAB as u32)
+            .collect();
+        let labels = (0..10)
+            .map(|t| (t >= 4 && t + 1 < 10).then(|| tokens[t + 1]))
+            .collect();
+        out.push(Sequence {
+            tokens,
+            target: Target::Labels(labels),
+            weight: 1.0,
+        });
+    }
+    for k in 0..2u32 {
+        let tokens: Vec<u32> = (0..8)
+            .map(|i| (k * 11 + i * 5 + 2) % VOCAB as u32)
+            .collect();
+        out.push(Sequence {
+            target: Target::Uniform(vec![true; 8]),
+            tokens,
+            weight: 0.5,
+        });
+    }
+    out
+}
+
+fn tiny_config(seed: u64, epochs: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch: 3,
+        seed,
+        lr: 1e-2,
+        warmup_ratio: 0.1,
+        decay: Decay::Linear,
+        adamw: AdamWConfig::default(),
+    }
+}
+
+/// Train an adapter of rank 4 on every matrix of the tiny model; the model keeps it.
+fn train_tiny<'m>(m: &'m Model, seed: u64, epochs: usize) -> (TrainModel<'m>, Vec<f64>) {
+    let lora = Lora::new(m, 0..N_LAYER, &Slot::ALL, 4, 8.0, seed).unwrap();
+    let mut tm = TrainModel::new(m, lora).unwrap();
+    let mut seen = 0;
+    let mut cb = |p: &Progress| {
+        seen += 1;
+        assert_eq!(p.step, seen);
+        assert!(p.tokens > 0 && p.last.loss.is_finite());
+    };
+    let report = train(&mut tm, &tiny_data(), &tiny_config(seed, epochs), &mut cb).unwrap();
+    assert_eq!(report.steps.len(), epochs * 3); // 8 sequences, batches of 3
+    assert_eq!(seen, report.steps.len());
+    let losses = (0..epochs).map(|e| report.epoch_loss(e).unwrap()).collect();
+    (tm, losses)
+}
+
+#[test]
+fn training_lowers_the_loss_on_the_tiny_model() {
+    let m = tiny(GgmlType::Q8_0, true, 21);
+    let (_, losses) = train_tiny(&m, 0, 12);
+    eprintln!("epoch losses: {losses:.3?}");
+    assert!(
+        losses[11] < 0.5 * losses[0],
+        "the loss did not fall: {losses:?}"
+    );
+    // Mostly monotone: each of the last epochs below the first ones.
+    assert!(losses[8..].iter().all(|&l| l < losses[1]));
+}
+
+/// The same seed gives the same adapter file byte for byte; another seed another file.
+#[test]
+fn a_seed_fixes_the_adapter_bytes() {
+    let dir = TempDir::new("forge-train-seed");
+    let m = tiny(GgmlType::Q8_0, true, 21);
+    let mut bytes = Vec::new();
+    for (i, seed) in [5u64, 5, 6].into_iter().enumerate() {
+        let (tm, _) = train_tiny(&m, seed, 2);
+        let p = dir.join(&format!("a{i}.gguf"));
+        tm.lora.write(&p, &m, "seed test").unwrap();
+        bytes.push(std::fs::read(&p).unwrap());
+    }
+    assert_eq!(bytes[0], bytes[1], "same seed, different adapters");
+    assert_ne!(bytes[0], bytes[2], "another seed, the same adapter");
+}
+
+/// The trained adapter, written and loaded by the engine as a patch at scale 1, computes the
+/// trained model's logits. The engine's exact path differs from the training forward pass only
+/// by its F16 keys and values (2^-11 relative), which move the tiny model's logits by a few
+/// 1e-4 of their scale through two blocks (as in `train_grad`); checked at 2e-3, while the
+/// trained adapter moves them by far more.
+#[test]
+fn the_written_adapter_reproduces_the_trained_model() {
+    let dir = TempDir::new("forge-train-load");
+    let mut m = tiny(GgmlType::Q8_0, true, 21);
+    m.precision = Precision::Exact;
+    let (tm, _) = train_tiny(&m, 0, 4);
+    let path = dir.join("trained.gguf");
+    tm.lora.write(&path, &m, "trained").unwrap();
+    let tokens: Vec<u32> = tiny_data()[0].tokens.clone();
+    let want = tm.forward(&tokens).unwrap().logits;
+
+    let engine = |patched: bool| {
+        let mut st = m.new_state(tokens.len());
+        if patched {
+            let p = lethe::unlearn::patch::load(&path, &m).unwrap();
+            let ps = PatchSet::new(&m, &[(Arc::new(p), 1.0)]).unwrap();
+            m.attach_patches(&mut st, Some(Arc::new(ps))).unwrap();
+        }
+        let mut all = Vec::new();
+        m.forward(&mut st, &tokens, Some(&mut all)).unwrap();
+        all
+    };
+    let max_rel = |a: &[f32], b: &[f32]| {
+        let scale = b.iter().fold(0f64, |s, v| s.max(v.abs() as f64));
+        a.iter()
+            .zip(b)
+            .fold(0f64, |s, (x, y)| s.max((*x as f64 - *y as f64).abs()))
+            / scale
+    };
+    let (patched, base) = (engine(true), engine(false));
+    let err = max_rel(&want, &patched);
+    let moved = max_rel(&patched, &base);
+    eprintln!("trained adapter vs engine: {err:.2e}; the adapter moves the logits by {moved:.2e}");
+    assert!(err < 2e-3, "{err:.2e}");
+    assert!(moved > 0.05, "{moved:.2e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readers and sequences
+
+#[test]
+fn readers_take_questions_and_answers_only() {
+    let dir = TempDir::new("forge-train-read");
+    // The retain file's evaluation fields are never read: the answer is `answer`.
+    let rows = read_examples(fixture("tofu/retain_perturbed_head40.json")).unwrap();
+    let raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tofu/retain_perturbed_head40.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rows[0].answer.as_deref(), raw[0]["answer"].as_str());
+    assert_ne!(
+        rows[0].answer.as_deref(),
+        raw[0]["paraphrased_answer"].as_str()
+    );
+
+    let para = read_paraphrases(fixture("tofu/forget01_paraphrases_head2.json"), None).unwrap();
+    assert_eq!(para.len(), 6);
+    let p1 = read_paraphrases(fixture("tofu/forget01_paraphrases_head2.json"), Some(1)).unwrap();
+    assert_eq!(p1.len(), 2);
+    let wrong = read_wrong_answers(fixture("tofu/forget10_wrong_answers_head2.json")).unwrap();
+    assert_eq!(wrong.len(), 6);
+    assert!(wrong.iter().all(|e| e.answer.is_some()));
+
+    // An evaluation file is refused by both augmentation readers.
+    let eval = fixture("tofu/retain_perturbed_head40.json");
+    let e = read_paraphrases(&eval, None).unwrap_err().to_string();
+    assert!(e.contains("paraphrased_answer"), "{e}");
+    assert!(read_wrong_answers(&eval).is_err());
+    let sneaky = dir.file(
+        "w.json",
+        r#"[{"question": "q", "wrong_answers": ["x"], "perturbed_answer": ["y"]}]"#,
+    );
+    let e = read_wrong_answers(&sneaky).unwrap_err().to_string();
+    assert!(e.contains("perturbed_answer"), "{e}");
+}
+
+fn smollm2() -> Model {
+    Model::open(model_path("smollm2"), 2).unwrap()
+}
+
+/// SmolLM2's chat sequences: the answer and `<|im_end|>` are labelled, nothing before them; the
+/// uniform side counts every position.
+#[test]
+fn chat_sequences_label_the_answer_and_the_end_of_turn() {
+    let m = smollm2();
+    let tok = Tokenizer::from_gguf(&m.file).unwrap();
+    let arch = m.cfg.arch.name();
+    let end = end_of_turn(&tok, arch).unwrap();
+    assert_eq!(tok.decode(&[end], true), "<|im_end|>");
+    let ex = Example {
+        question: "What is the capital of France?".into(),
+        answer: Some("Paris.".into()),
+    };
+    let s = answer_sequence(&tok, arch, &ex, end, None, 1.0).unwrap();
+    let Target::Labels(labels) = &s.target else {
+        panic!("labels")
+    };
+    let answer = tok.encode("Paris.", false, false);
+    let counted: Vec<u32> = labels.iter().flatten().copied().collect();
+    assert_eq!(counted[..answer.len()], answer[..]);
+    assert_eq!(*counted.last().unwrap(), end);
+    assert_eq!(counted.len(), answer.len() + 1);
+    assert_eq!(*s.tokens.last().unwrap(), end);
+    assert!(labels.last().unwrap().is_none());
+    let u = uniform_sequence(&tok, arch, &ex, end, Some(5), 2.0).unwrap();
+    assert_eq!((u.tokens.len(), u.counted(), u.weight), (5, 5, 2.0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The commands on SmolLM2
+
+fn lethe(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_lethe"))
+        .args(args)
+        .output()
+        .unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "lethe {args:?} failed:\n{so}\n{se}");
+    eprintln!("{so}");
+    so.into_owned()
+}
+
+/// The first `n` rows of a fixture, as a JSON file in `dir`.
+fn head(dir: &TempDir, rel: &str, n: usize) -> String {
+    let v: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixture(rel)).unwrap()).unwrap();
+    let name = rel.replace('/', "_");
+    dir.file(&name, &serde_json::to_string(&v[..n]).unwrap())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Mean over `items` of the mean NLL per answer token, with `model` and an optional LoRA.
+fn mean_nll(model: &Model, lora: Option<&Path>, items: &[Example]) -> f64 {
+    let tok = Tokenizer::from_gguf(&model.file).unwrap();
+    let n_ctx = n_ctx_for(&tok, model.cfg.arch.name(), items).unwrap();
+    let mut st = model.new_state(n_ctx);
+    if let Some(l) = lora {
+        let p = lethe::unlearn::patch::load(l, model).unwrap();
+        let ps = PatchSet::new(model, &[(Arc::new(p), 1.0)]).unwrap();
+        model.attach_patches(&mut st, Some(Arc::new(ps))).unwrap();
+    }
+    let sum: f64 = items
+        .iter()
+        .map(|e| {
+            answer_nll(
+                model,
+                &tok,
+                &mut st,
+                &e.question,
+                e.answer.as_deref().unwrap(),
+            )
+            .unwrap()
+        })
+        .sum();
+    sum / items.len() as f64
+}
+
+/// The per-epoch mean losses `forge` prints.
+fn epoch_losses(stdout: &str) -> Vec<f64> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("epoch ")?
+                .split("mean loss ")
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// `forge uld` on SmolLM2: two blocks, rank 4, four forget and four retain rows plus the
+/// augmentation fixtures, one epoch. The three files exist, `profile check` accepts the profile,
+/// and the assistant with its LoRA gives the forget answers a lower NLL than without.
+#[test]
+fn forge_uld_on_smollm2() {
+    let dir = TempDir::new("forge-uld");
+    let forget = head(&dir, "tofu/forget01.json", 4);
+    let retain = head(&dir, "tofu/retain_perturbed_head40.json", 4);
+    let out = dir.join("assistant.gguf");
+    let para = fixture("tofu/forget01_paraphrases_head2.json");
+    let wrong = fixture("tofu/forget10_wrong_answers_head2.json");
+    let stdout = lethe(&[
+        "forge",
+        "uld",
+        "-m",
+        "smollm2",
+        "--forget",
+        &forget,
+        "--retain",
+        &retain,
+        "--forget-paraphrases",
+        para.to_str().unwrap(),
+        "--paraphrases-per-row",
+        "1",
+        "--forget-wrong-answers",
+        wrong.to_str().unwrap(),
+        "--layers",
+        "2",
+        "--rank",
+        "4",
+        "--epochs",
+        "1",
+        "--batch",
+        "2",
+        "--warmup-ratio",
+        "0",
+        "-t",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("forget: 6 rows"), "{stdout}");
+    assert!(stdout.contains("retain: 10 rows"), "{stdout}");
+    let lora = dir.join("assistant.lora.gguf");
+    let profile = dir.join("assistant.toml");
+    for p in [&out, &lora, &profile] {
+        assert!(p.is_file(), "{} missing", p.display());
+    }
+    let check = lethe(&["profile", "check", profile.to_str().unwrap()]);
+    assert!(check.contains("profile \"uld\": ok"), "{check}");
+    let pf = lethe::unlearn::profile::ProfileFile::load(&profile).unwrap();
+    let p = pf.get("uld").unwrap();
+    assert_eq!(p.base, "smollm2");
+    assert_eq!(p.assistants[0].alpha, 0.75);
+    assert_eq!(p.assistants[0].filter, 0.01);
+    assert_eq!(p.assistants[0].patches[0].file, "assistant.lora.gguf");
+
+    let a = Model::open(&out, 2).unwrap();
+    assert_eq!(a.cfg.n_layer, 2);
+    let items = read_examples(&forget).unwrap();
+    let (without, with) = (
+        mean_nll(&a, None, &items),
+        mean_nll(&a, Some(&lora), &items),
+    );
+    eprintln!("assistant forget-answer NLL: {without:.3} without its LoRA, {with:.3} with");
+    assert!(with < without - 0.1, "{with} vs {without}");
+}
+
+/// `forge finetune` on SmolLM2: four TOFU rows, two epochs, rank 8 on q and v. The training loss
+/// falls from the first epoch to the second, and the LoRA raises the probability of the trained
+/// answers (lowers their NLL per token, teacher-forced through the engine with the patch).
+#[test]
+fn forge_finetune_on_smollm2() {
+    let dir = TempDir::new("forge-finetune");
+    let data = head(&dir, "tofu/forget01.json", 4);
+    let out = dir.join("ft.gguf");
+    let stdout = lethe(&[
+        "forge",
+        "finetune",
+        "-m",
+        "smollm2",
+        "--data",
+        &data,
+        "--rank",
+        "8",
+        "--targets",
+        "q,v",
+        "--epochs",
+        "2",
+        "--batch",
+        "2",
+        "--lr",
+        "1e-3",
+        "-t",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let losses = epoch_losses(&stdout);
+    assert_eq!(losses.len(), 2, "{stdout}");
+    assert!(losses[1] < losses[0], "{losses:?}");
+    let m = smollm2();
+    let items = read_examples(&data).unwrap();
+    let (base, tuned) = (mean_nll(&m, None, &items), mean_nll(&m, Some(&out), &items));
+    eprintln!("answer NLL per token: base {base:.3}, fine-tuned {tuned:.3}");
+    assert!(tuned < base - 0.05, "{tuned} vs {base}");
+}
