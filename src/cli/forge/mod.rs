@@ -1,10 +1,12 @@
 //! `lethe forge`: make unlearning artifacts, one file per subcommand. `forge assistant` writes
 //! ULD's assistant base: the target's first K blocks with its final norm, embedding, head,
 //! tokenizer and chat template. `forge ablate` writes a delta patch removing one direction of
-//! the residual stream (directional ablation).
+//! the residual stream (directional ablation). `forge slug` writes a dense delta of the one
+//! matrix SLUG chooses, one step along its forget gradient.
 
 mod ablate;
 mod assistant;
+mod slug;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -22,11 +24,15 @@ pub enum ForgeCmd {
     /// Write a delta patch that removes the forget-minus-retain direction of the residual
     /// stream from the embedding and from every block's attn_output and ffn_down.
     Ablate(ablate::AblateArgs),
+    /// SLUG: score every linear matrix by its forget and retain gradients, step the best one
+    /// along its forget gradient, and write that step as a dense delta patch.
+    Slug(slug::SlugArgs),
 }
 
 pub fn main(a: ForgeArgs) -> Result<()> {
     match a.cmd {
         ForgeCmd::Ablate(a) => ablate::main(a),
         ForgeCmd::Assistant(a) => assistant::main(a),
+        ForgeCmd::Slug(a) => slug::main(a),
     }
 }
