@@ -530,8 +530,8 @@ pub struct SlugOpts {
 }
 
 /// Run SLUG and write the patch to `out` (nothing is written when no step is accepted; the
-/// report says so). Candidates are written beside `out` (`<out>.candidate`) while searched,
-/// and removed.
+/// report says so). Each candidate is written beside `out` (`slug.gguf` ->
+/// `slug.candidate.gguf`), loaded, and removed before its search.
 pub fn slug(
     model: &Model,
     tok: &Tokenizer,
