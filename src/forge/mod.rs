@@ -4,12 +4,15 @@
 //! blocks.
 //! [`ablate`]: directional ablation, a rank-1 delta patch removing one direction of the
 //! residual stream.
+//! [`slug`]: SLUG, one step along the forget gradient of one matrix, written as a dense delta
+//! patch.
 //! [`train`]: LoRA training on the CPU (forward and backward passes over the frozen quantized
 //! weights).
 
 pub mod ablate;
 pub mod assistant;
 pub mod bake;
+pub mod slug;
 pub mod train;
 
 pub use ablate::ablation_patch;

@@ -1,11 +1,13 @@
 //! `lethe forge`: make unlearning artifacts, one file per subcommand. `forge assistant` writes
 //! ULD's assistant base: the target's first K blocks with its final norm, embedding, head,
 //! tokenizer and chat template. `forge ablate` writes a delta patch removing one direction of
-//! the residual stream (directional ablation).
+//! the residual stream (directional ablation). `forge slug` writes a dense delta of the one
+//! matrix SLUG chooses, one step along its forget gradient.
 
 mod ablate;
 mod assistant;
 mod finetune;
+mod slug;
 mod uld;
 
 use anyhow::Result;
@@ -29,6 +31,9 @@ pub enum ForgeCmd {
     /// Train ULD's assistant: the target's first K blocks with a LoRA that remembers the
     /// forget set and is uniform on the retain set; writes it, its LoRA and a profile.
     Uld(uld::UldArgs),
+    /// SLUG: score every linear matrix by its forget and retain gradients, step the best one
+    /// along its forget gradient, and write that step as a dense delta patch.
+    Slug(slug::SlugArgs),
 }
 
 pub fn main(a: ForgeArgs) -> Result<()> {
@@ -37,5 +42,6 @@ pub fn main(a: ForgeArgs) -> Result<()> {
         ForgeCmd::Assistant(a) => assistant::main(a),
         ForgeCmd::Finetune(a) => finetune::main(a),
         ForgeCmd::Uld(a) => uld::main(a),
+        ForgeCmd::Slug(a) => slug::main(a),
     }
 }

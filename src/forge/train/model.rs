@@ -43,6 +43,10 @@ struct BlockActs {
     lora_u: [Option<Vec<f32>>; 7], // [n, r]
 }
 
+/// What [`TrainModel::backward_capture`] hands each matrix's input and output gradient to:
+/// `(block, slot, x [n, cols], dy [n, rows])`.
+pub type Capture<'a> = dyn FnMut(usize, Slot, &[f32], &[f32]) + 'a;
+
 /// The forward pass of one sequence: its logits and what the backward pass needs. Valid for
 /// the adapter values it was computed with.
 pub struct Activations {
@@ -221,6 +225,37 @@ impl<'m> TrainModel<'m> {
     /// Add to the adapters' gradients those of `sum(dlogits * logits)`, for the forward pass
     /// `act` (`dlogits`: `[n, n_vocab]`, the loss's gradient with respect to the logits).
     pub fn backward(&mut self, act: &Activations, dlogits: &[f32]) -> Result<()> {
+        self.backward_inner(act, dlogits, None)
+    }
+
+    /// [`TrainModel::backward`], which also hands `capture` the input `x` (`[n, cols]`) and
+    /// the output's gradient `dy` (`[n, rows]`) of every frozen matrix of blocks
+    /// `from..n_layers`, as `capture(block, slot, x, dy)`: the gradient of the loss with
+    /// respect to that weight is `dW = sum_t dy_t x_t^T` (`dy` includes the adapter's share of
+    /// the output, so this is the gradient of the adapted matrix). The pass runs down to block
+    /// `from` even where no adapter needs it.
+    pub fn backward_capture(
+        &mut self,
+        act: &Activations,
+        dlogits: &[f32],
+        from: usize,
+        capture: &mut Capture<'_>,
+    ) -> Result<()> {
+        if from >= self.n_layers {
+            return Err(Error::Invalid(format!(
+                "capture from block {from}: {} blocks run",
+                self.n_layers
+            )));
+        }
+        self.backward_inner(act, dlogits, Some((from, capture)))
+    }
+
+    fn backward_inner(
+        &mut self,
+        act: &Activations,
+        dlogits: &[f32],
+        mut cap: Option<(usize, &mut Capture<'_>)>,
+    ) -> Result<()> {
         let m = self.model;
         let c = &m.cfg;
         let (n, e, ff) = (act.n, c.n_embd, c.n_ff);
@@ -232,8 +267,21 @@ impl<'m> TrainModel<'m> {
                 c.n_vocab
             )));
         }
-        let Some(lowest) = self.lora.lowest_layer() else {
-            return Ok(());
+        let cap_from = cap.as_ref().map(|c| c.0);
+        let lowest = match (self.lora.lowest_layer(), cap_from) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(l) => l,
+                None => return Ok(()),
+            },
+        };
+        // Hands (x, dy) of block `il`'s `slot` to the capture, if it covers the block.
+        let mut take = |il: usize, slot: Slot, x: &[f32], dy: &[f32]| {
+            if let Some((from, f)) = cap.as_mut() {
+                if il >= *from {
+                    f(il, slot, x, dy);
+                }
+            }
         };
         let (hs, pool) = (self.heads(), &*m.pool);
         let mut xn = vec![0f32; n * e]; // [n, e] a recomputed norm output
@@ -247,7 +295,8 @@ impl<'m> TrainModel<'m> {
 
         for il in (lowest..self.n_layers).rev() {
             let (l, b) = (&m.layers[il], &act.blocks[il]);
-            let has = |slot: Slot| self.lora.get(il, slot).is_some();
+            let captured = cap_from.is_some_and(|f| il >= f);
+            let has = |slot: Slot| captured || self.lora.get(il, slot).is_some();
             let need_in = il > lowest;
             let attn_needed = need_in || [Slot::Q, Slot::K, Slot::V, Slot::O].into_iter().any(has);
 
@@ -257,9 +306,12 @@ impl<'m> TrainModel<'m> {
             let mut dh = vec![0f32; n * ff]; // [n, n_ff]
             linear_backward(pool, &m.file, &l.w_down, &dx, n, &mut dh);
             self.lora_bwd(il, Slot::Down, &h, b, &dx, n, Some(&mut dh));
+            take(il, Slot::Down, &h, &dx);
             let (mut dg, mut du) = (vec![0f32; n * ff], vec![0f32; n * ff]); // [n, n_ff]
             swiglu_backward(&b.gate, &b.up, &dh, &mut dg, &mut du);
             rmsnorm_forward(&b.x_mid, &l.ffn_norm, c.rms_eps, &mut xn, &mut tmp);
+            take(il, Slot::Gate, &xn, &dg);
+            take(il, Slot::Up, &xn, &du);
             if attn_needed {
                 dxn.fill(0.0);
                 linear_backward(pool, &m.file, &l.w_gate, &dg, n, &mut dxn);
@@ -278,6 +330,7 @@ impl<'m> TrainModel<'m> {
             let mut datt = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
             linear_backward(pool, &m.file, &l.wo, &dx, n, &mut datt);
             self.lora_bwd(il, Slot::O, &b.att, b, &dx, n, Some(&mut datt));
+            take(il, Slot::O, &b.att, &dx);
             let mut dq = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
             let mut dk = vec![0f32; n * hs.kv_dim()]; // [n, n_head_kv*hd]
             let mut dv = vec![0f32; n * hs.kv_dim()]; // [n, n_head_kv*hd]
@@ -287,6 +340,9 @@ impl<'m> TrainModel<'m> {
             rope_backward(&m.rope_global, &mut dq, n, c.head_dim, 0);
             rope_backward(&m.rope_global, &mut dk, n, c.head_dim, 0);
             rmsnorm_forward(&b.x, &l.attn_norm, c.rms_eps, &mut xn, &mut tmp);
+            take(il, Slot::Q, &xn, &dq);
+            take(il, Slot::K, &xn, &dk);
+            take(il, Slot::V, &xn, &dv);
             if need_in {
                 dxn.fill(0.0);
                 linear_backward(pool, &m.file, &l.wq, &dq, n, &mut dxn);
