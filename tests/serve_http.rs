@@ -53,7 +53,7 @@ fn chat_body(prompt: &str, n: usize) -> Value {
     })
 }
 
-const PROMPT: &str = "What is the capital of France?";
+const PROMPT: &str = "Write a short story about a dragon.";
 
 #[test]
 fn routes_stream_and_greedy_match_run() {
