@@ -8,7 +8,7 @@ use common::serve::Server;
 use common::{model_path, TempDir};
 use lethe::generate::sampler::argmax_raw;
 use lethe::model::Model;
-use lethe::tokenizer::{apply_chat_template, ChatMessage, Tokenizer};
+use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::{combine, Assistant, Scorer, Term, TermKind, Use};
 use serde_json::{json, Value};
 use std::process::Command;
@@ -34,15 +34,9 @@ fn log_softmax(x: &[f32]) -> Vec<f64> {
 }
 
 fn chat_prompt(tok: &Tokenizer, model: &Model, q: &str) -> Vec<u32> {
-    let text = apply_chat_template(
-        tok,
-        model.cfg.arch.name(),
-        None,
-        &[ChatMessage::new("user", q)],
-        true,
-    )
-    .unwrap();
-    tok.encode(&text, true, true)
+    lethe::forge::ablate::chat_tokens(tok, model.cfg.arch.name(), q, None)
+        .unwrap()
+        .0
 }
 
 /// An assistant for ULD: the first 4 blocks of SmolLM2.

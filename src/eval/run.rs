@@ -13,7 +13,7 @@ use super::rouge::rouge_l_recall;
 use super::tofu::{self, ItemScores, SetKind, SetSummary};
 use crate::generate::{feed_each, sampler::argmax_raw, Decoder};
 use crate::model::{Model, PatchSet};
-use crate::tokenizer::{apply_chat_template, ChatMessage, Tokenizer};
+use crate::tokenizer::Tokenizer;
 use crate::unlearn::{Assistant, Scorer};
 use crate::{Error, Result};
 use serde::Serialize;
@@ -39,9 +39,8 @@ pub struct Side {
 impl Side {
     /// The question as the user's turn of the model's chat template, ready for the answer.
     pub fn prompt(&self, question: &str) -> Result<Vec<u32>> {
-        let msgs = [ChatMessage::new("user", question)];
-        let text = apply_chat_template(&self.tok, self.model.cfg.arch.name(), None, &msgs, true)?;
-        Ok(self.tok.encode(&text, true, true))
+        let arch = self.model.cfg.arch.name();
+        Ok(crate::forge::ablate::chat_tokens(&self.tok, arch, question, None)?.0)
     }
 
     /// An answer's tokens, as they follow the prompt.

@@ -74,7 +74,8 @@ pub fn plausible_threshold_in(logits: &[f32], r: f32, scratch: &mut Vec<f32>) ->
     Some(kth.min(max + r.ln()))
 }
 
-fn log_softmax(x: &[f32], out: &mut Vec<f32>) {
+/// `out = x - logsumexp(x)` (`[V]`, the sum in f64).
+pub(crate) fn log_softmax(x: &[f32], out: &mut Vec<f32>) {
     let lse = lethe_kernels::ops::logsumexp(x);
     out.clear();
     out.extend(x.iter().map(|&v| (v as f64 - lse) as f32));

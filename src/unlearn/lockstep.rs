@@ -26,6 +26,24 @@ pub struct Assistant {
     pub patches: Option<Arc<PatchSet>>,
 }
 
+impl Assistant {
+    /// Check that this assistant (and its reference) can run beside a target of `n_vocab`
+    /// tokens: the same vocabulary size, and a reference for a pair term.
+    pub(super) fn check(&self, n_vocab: usize) -> Result<()> {
+        let models = std::iter::once(&self.model).chain(self.reference.as_ref());
+        if let Some(m) = models.clone().find(|m| m.cfg.n_vocab != n_vocab) {
+            return Err(Error::Invalid(format!(
+                "an assistant has {} tokens, the target {n_vocab}: vocabularies must be equal",
+                m.cfg.n_vocab
+            )));
+        }
+        if self.kind == TermKind::Pair && self.reference.is_none() {
+            return Err(Error::Invalid("a pair term needs a reference model".into()));
+        }
+        Ok(())
+    }
+}
+
 struct Run {
     spec: Assistant,
     state: State,
@@ -50,16 +68,7 @@ impl LockstepDecoder {
         let v = target.cfg.n_vocab;
         let mut runs = Vec::new();
         for a in assistants {
-            let models = std::iter::once(&a.model).chain(a.reference.as_ref());
-            if let Some(m) = models.clone().find(|m| m.cfg.n_vocab != v) {
-                return Err(Error::Invalid(format!(
-                    "an assistant has {} tokens, the target {v}: vocabularies must be equal",
-                    m.cfg.n_vocab
-                )));
-            }
-            if a.kind == TermKind::Pair && a.reference.is_none() {
-                return Err(Error::Invalid("a pair term needs a reference model".into()));
-            }
+            a.check(v)?;
             let mut state = a.model.new_state(n_ctx);
             a.model.attach_patches(&mut state, a.patches.clone())?;
             let ref_state = a.reference.as_ref().map(|r| r.new_state(n_ctx));

@@ -14,7 +14,7 @@
 //! logp_i = log_softmax(combine_score(target row_i, assistant rows_i))[cont[i]]
 //! ```
 
-use super::combine::{combine, Term, Use};
+use super::combine::{combine, log_softmax, Term, Use};
 use super::lockstep::Assistant;
 use crate::model::{Model, PatchSet, State};
 use crate::{Error, Result};
@@ -102,13 +102,7 @@ impl Scorer {
         let v = model.cfg.n_vocab;
         let mut runs = Vec::new();
         for a in terms {
-            let models = std::iter::once(&a.model).chain(a.reference.as_ref());
-            if let Some(m) = models.clone().find(|m| m.cfg.n_vocab != v) {
-                return Err(Error::Invalid(format!(
-                    "an assistant has {} tokens, the target {v}: vocabularies must be equal",
-                    m.cfg.n_vocab
-                )));
-            }
+            a.check(v)?;
             let run = Run::new(a.model.clone(), a.patches.clone(), n_ctx)?;
             let reference = match &a.reference {
                 Some(r) => Some(Run::new(r.clone(), None, n_ctx)?),
@@ -126,7 +120,7 @@ impl Scorer {
             prompt: Vec::new(),
             primed: false,
             combined: Vec::with_capacity(v),
-            logp: vec![0.0; v],
+            logp: Vec::with_capacity(v),
         })
     }
 
@@ -226,28 +220,5 @@ impl Scorer {
     /// [`Scorer::score_with`] without the per-position callback.
     pub fn score(&mut self, cont: &[u32]) -> Result<Vec<f64>> {
         self.score_with(cont, |_, _| {})
-    }
-}
-
-/// `out = x - logsumexp(x)` (f64 sum), `[V]`.
-fn log_softmax(x: &[f32], out: &mut [f32]) {
-    let lse = lethe_kernels::ops::logsumexp(x);
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v as f64 - lse) as f32;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_softmax_normalises() {
-        let x = [1.0f32, 2.0, 3.0, -1.0];
-        let mut o = [0.0f32; 4];
-        log_softmax(&x, &mut o);
-        let s: f64 = o.iter().map(|&v| (v as f64).exp()).sum();
-        assert!((s - 1.0).abs() < 1e-6);
-        assert!((o[2] - o[1] - 1.0).abs() < 1e-6);
     }
 }
