@@ -299,7 +299,7 @@ fn readers_take_questions_and_answers_only() {
     assert_eq!(para.len(), 6);
     let p1 = read_paraphrases(fixture("tofu/forget01_paraphrases_head2.json"), Some(1)).unwrap();
     assert_eq!(p1.len(), 2);
-    let wrong = read_wrong_answers(fixture("tofu/forget10_wrong_answers_head2.json")).unwrap();
+    let wrong = read_wrong_answers(fixture("tofu/forget01_wrong_answers_head2.json")).unwrap();
     assert_eq!(wrong.len(), 6);
     assert!(wrong.iter().all(|e| e.answer.is_some()));
 
@@ -426,7 +426,7 @@ fn forge_uld_on_smollm2() {
     let retain = head(&dir, "tofu/retain_perturbed_head40.json", 4);
     let out = dir.join("assistant.gguf");
     let para = fixture("tofu/forget01_paraphrases_head2.json");
-    let wrong = fixture("tofu/forget10_wrong_answers_head2.json");
+    let wrong = fixture("tofu/forget01_wrong_answers_head2.json");
     let stdout = lethe(&[
         "forge",
         "uld",
@@ -458,6 +458,8 @@ fn forge_uld_on_smollm2() {
         out.to_str().unwrap(),
     ]);
     assert!(stdout.contains("forget: 6 rows"), "{stdout}");
+    // Only the wrong answers to these forget questions are used; a file with none is refused.
+    assert!(stdout.contains("6 with wrong answers"), "{stdout}");
     assert!(stdout.contains("retain: 10 rows"), "{stdout}");
     let lora = dir.join("assistant.lora.gguf");
     let profile = dir.join("assistant.toml");
@@ -472,6 +474,29 @@ fn forge_uld_on_smollm2() {
     assert_eq!(p.assistants[0].alpha, 0.75);
     assert_eq!(p.assistants[0].filter, 0.01);
     assert_eq!(p.assistants[0].patches[0].file, "assistant.lora.gguf");
+
+    let other = dir.join("other_wrong.json");
+    std::fs::write(
+        &other,
+        r#"[{"question": "Who wrote Hamlet?", "answer": "Shakespeare", "wrong_answers": ["Marlowe"]}]"#,
+    )
+    .unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_lethe"))
+        .args([
+            "forge", "uld", "-m", "smollm2", "--forget", &forget, "--retain", &retain,
+        ])
+        .args([
+            "--forget-wrong-answers",
+            other.to_str().unwrap(),
+            "--layers",
+            "2",
+        ])
+        .args(["-o", dir.join("x.gguf").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("none of its questions"), "{err}");
 
     let a = Model::open(&out, 2).unwrap();
     assert_eq!(a.cfg.n_layer, 2);

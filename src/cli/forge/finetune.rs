@@ -145,8 +145,30 @@ pub fn run_training(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed}<{eta} {msg}")
             .expect("a valid template"),
     );
+    // Without a terminal the bar is hidden: a line every tenth of the run instead (a log).
+    let log_lines = bar.is_hidden();
+    let (mut loss_sum, mut loss_n, mut logged) = (0.0f64, 0usize, 0usize);
     let mut on_step = |p: &Progress| {
         let s = p.last;
+        if log_lines {
+            loss_sum += s.loss;
+            loss_n += 1;
+            let due = p.step * 10 / p.steps.max(1);
+            if due > logged || p.step == p.steps {
+                logged = due;
+                println!(
+                    "step {}/{} epoch {} mean loss {:.4} lr {:.2e} {:.0} tok/s {:.0} s",
+                    p.step,
+                    p.steps,
+                    s.epoch + 1,
+                    loss_sum / loss_n as f64,
+                    s.lr,
+                    p.tokens_per_s(),
+                    p.seconds
+                );
+                (loss_sum, loss_n) = (0.0, 0);
+            }
+        }
         let mut msg = format!(
             "epoch {} loss {:.4} lr {:.2e} {:.0} tok/s",
             s.epoch + 1,

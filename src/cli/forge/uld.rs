@@ -42,7 +42,8 @@ pub struct UldArgs {
     #[arg(long = "paraphrases-per-row")]
     pub paraphrases_per_row: Option<usize>,
     /// Also push (question, wrong answer) pairs to uniform, from a TOFU augmentation file
-    /// ({question, answer, question_variant, wrong_answers[]}).
+    /// ({question, answer, question_variant, wrong_answers[]}): the rows whose question is one
+    /// of --forget's.
     #[arg(long = "forget-wrong-answers")]
     pub forget_wrong_answers: Option<PathBuf>,
     /// Blocks of the target the assistant keeps (ULD's paper uses 8).
@@ -153,7 +154,22 @@ pub fn main(a: UldArgs) -> Result<()> {
     }
     let n_retain = retain.len();
     if let Some(p) = &a.forget_wrong_answers {
-        retain.extend(read_wrong_answers(p)?);
+        // Only the wrong answers to this forget set's questions (TOFU's file covers forget10).
+        let asked: std::collections::HashSet<&str> = forget[..n_forget]
+            .iter()
+            .map(|e| e.question.as_str())
+            .collect();
+        let wrong: Vec<Example> = read_wrong_answers(p)?
+            .into_iter()
+            .filter(|e| asked.contains(e.question.as_str()))
+            .collect();
+        anyhow::ensure!(
+            !wrong.is_empty(),
+            "{}: none of its questions is a question of {}",
+            p.display(),
+            a.forget.display()
+        );
+        retain.extend(wrong);
     }
     let ml = a.optim.max_len;
     let mut data = Vec::with_capacity(forget.len() + retain.len());
