@@ -61,15 +61,8 @@ pub fn main(a: AblateArgs) -> Result<()> {
         anyhow::bail!("--max must be at least 1");
     }
     let field = Field::parse(&a.field)?;
-    let path = lethe::hub::resolve_model(&a.model)?;
-    let threads = a.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let model =
-        Model::open(&path, threads).with_context(|| format!("loading {}", path.display()))?;
-    let tok = Tokenizer::from_gguf(&model.file)?;
+    let threads = super::threads(a.threads);
+    let (_, model, tok) = super::open_model(&a.model, threads)?;
     ablate::check_layer(&model, a.layer)?;
     let n_layer = model.cfg.n_layer;
     let layers = match &a.layers {

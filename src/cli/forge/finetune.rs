@@ -10,8 +10,7 @@ use lethe::forge::ablate::read_examples;
 use lethe::forge::train::data::{answer_sequence, end_of_turn};
 use lethe::forge::train::trainer::{describe, total_steps, Progress};
 use lethe::forge::train::{train, AdamWConfig, Decay, Lora, TrainConfig, TrainModel, TrainReport};
-use lethe::model::{Model, Slot};
-use lethe::tokenizer::Tokenizer;
+use lethe::model::Slot;
 use std::path::PathBuf;
 
 /// The optimizer and schedule flags both training commands take.
@@ -67,11 +66,7 @@ impl OptimArgs {
     }
 
     pub fn threads(&self) -> usize {
-        self.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        super::threads(self.threads)
     }
 }
 
@@ -204,10 +199,7 @@ pub fn main(a: FinetuneArgs) -> Result<()> {
     let cfg = a
         .optim
         .config(a.epochs, a.lr, a.warmup_ratio, a.weight_decay)?;
-    let path = lethe::hub::resolve_model(&a.model)?;
-    let model = Model::open(&path, a.optim.threads())
-        .with_context(|| format!("loading {}", path.display()))?;
-    let tok = Tokenizer::from_gguf(&model.file)?;
+    let (_, model, tok) = super::open_model(&a.model, a.optim.threads())?;
     let arch = model.cfg.arch.name();
     let end = end_of_turn(&tok, arch)?;
     let examples = read_examples(&a.data)?;

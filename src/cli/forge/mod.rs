@@ -10,8 +10,30 @@ mod finetune;
 mod slug;
 mod uld;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use lethe::model::Model;
+use lethe::tokenizer::Tokenizer;
+use std::path::PathBuf;
+
+/// `-t N`, or every core.
+pub fn threads(flag: Option<usize>) -> usize {
+    flag.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+}
+
+/// The model a forge command works on (a GGUF path or a named model, fetched on first use):
+/// its path, the model and its tokenizer.
+pub fn open_model(name: &str, threads: usize) -> Result<(PathBuf, Model, Tokenizer)> {
+    let path = lethe::hub::resolve_model(name)?;
+    let model =
+        Model::open(&path, threads).with_context(|| format!("loading {}", path.display()))?;
+    let tok = Tokenizer::from_gguf(&model.file)?;
+    Ok((path, model, tok))
+}
 
 #[derive(Args, Debug)]
 pub struct ForgeArgs {

@@ -5,8 +5,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 use lethe::forge::ablate::{self, Example};
 use lethe::forge::slug::{self, SearchOpts, SlugOpts};
-use lethe::model::Model;
-use lethe::tokenizer::Tokenizer;
 use lethe_kernels::quant::GgmlType;
 use std::path::{Path, PathBuf};
 
@@ -79,15 +77,8 @@ pub fn main(a: SlugArgs) -> Result<()> {
         "f32" => GgmlType::F32,
         other => anyhow::bail!("--type {other:?}: expected f16 or f32"),
     };
-    let path = lethe::hub::resolve_model(&a.model)?;
-    let threads = a.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let model =
-        Model::open(&path, threads).with_context(|| format!("loading {}", path.display()))?;
-    let tok = Tokenizer::from_gguf(&model.file)?;
+    let threads = super::threads(a.threads);
+    let (_, model, tok) = super::open_model(&a.model, threads)?;
     let n_layer = model.cfg.n_layer;
     let layers = match &a.layers {
         Some(s) => ablate::parse_layers(s, n_layer)?,

@@ -15,7 +15,6 @@ use lethe::forge::train::trainer::describe;
 use lethe::forge::train::{Lora, TrainModel};
 use lethe::gguf::GgufFile;
 use lethe::model::Model;
-use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::profile::ProfileFile;
 use std::path::{Path, PathBuf};
 
@@ -130,16 +129,13 @@ pub fn main(a: UldArgs) -> Result<()> {
     let cfg = a
         .optim
         .config(a.epochs, a.lr, a.warmup_ratio, a.weight_decay)?;
-    let path = lethe::hub::resolve_model(&a.model)?;
-    let model = Model::open(&path, a.optim.threads())
-        .with_context(|| format!("loading {}", path.display()))?;
+    let (path, model, tok) = super::open_model(&a.model, a.optim.threads())?;
     anyhow::ensure!(
         (1..=model.cfg.n_layer).contains(&a.layers),
         "--layers {} is outside 1..={} (the target's blocks)",
         a.layers,
         model.cfg.n_layer
     );
-    let tok = Tokenizer::from_gguf(&model.file)?;
     let arch = model.cfg.arch.name();
     let end = end_of_turn(&tok, arch)?;
 
