@@ -9,7 +9,7 @@ use common::{model_path, TempDir};
 use lethe::generate::sampler::argmax_raw;
 use lethe::model::Model;
 use lethe::tokenizer::Tokenizer;
-use lethe::unlearn::{combine, Assistant, Scorer, Term, TermKind, Use};
+use lethe::unlearn::{combine, Assistant, ScoreRule, Scorer, Term, TermKind, Use};
 use serde_json::{json, Value};
 use std::process::Command;
 use std::sync::Arc;
@@ -84,6 +84,7 @@ fn scorer_matches_the_engine() {
         filter: 0.01,
         reference: None,
         patches: None,
+        score: ScoreRule::Mass,
     };
     for terms in [vec![], vec![uld.clone()]] {
         let mut sc = Scorer::new(model.clone(), terms.clone(), None, 256).unwrap();
@@ -106,6 +107,7 @@ fn scorer_matches_the_engine() {
                         logits: &la[p * v..(p + 1) * v],
                         reference: None,
                         filter: 0.01,
+                        score: ScoreRule::Mass,
                     };
                     combine(row, &[term], Use::Score, &mut out);
                     log_softmax(&out)[t as usize]
@@ -123,6 +125,98 @@ fn scorer_matches_the_engine() {
         let long = vec![1u32; 300];
         assert!(sc.score(&long).is_err());
     }
+}
+
+/// An assistant whose logits are all equal (two blocks of SmolLM2 with the final norm's weight
+/// set to zero) knows nothing: under the scoring use a profile with it scores every answer
+/// exactly as the base does, through `/score`, whatever its alpha and filter.
+#[test]
+fn a_flat_assistant_scores_as_the_base_through_the_server() {
+    let dir = TempDir::new("score-flat");
+    let model_file = model_path("smollm2");
+    let two = dir.join("two.gguf");
+    lethe(&[
+        "forge",
+        "assistant",
+        "-m",
+        model_file.to_str().unwrap(),
+        "--layers",
+        "2",
+        "-o",
+        two.to_str().unwrap(),
+    ]);
+    let flat = dir.join("flat.gguf");
+    {
+        let src = lethe::gguf::GgufFile::open(&two).unwrap();
+        let mut w = lethe::gguf::GgufWriter::from_gguf(&src).unwrap();
+        let t = src.tensor("output_norm.weight").unwrap();
+        assert_eq!(t.ty, lethe_kernels::quant::GgmlType::F32);
+        let zeros = vec![0u8; src.tensor_data(t).len()];
+        w.set_tensor_data("output_norm.weight", zeros).unwrap();
+        w.write(&flat).unwrap();
+    }
+    let mut toml = String::new();
+    for (name, alpha, filter) in [("a", 0.75, 0.01), ("b", 2.0, 0.1), ("c", 5.0, 0.0)] {
+        toml += &format!(
+            "[[profile]]\nname = {name:?}\nbase = {:?}\n\n[[profile.assistant]]\nmodel = {:?}\n\
+             alpha = {alpha}\nfilter = {filter}\n\n",
+            model_file.to_str().unwrap(),
+            flat.to_str().unwrap()
+        );
+    }
+    let prof = dir.file("flat.toml", &toml);
+    let s = Server::start(&[
+        "--profile",
+        prof.to_str().unwrap(),
+        "--alias",
+        "base",
+        "-t",
+        "2",
+    ]);
+    let data: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("data/tofu/forget01_perturbed.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let score = |model: &str, item: &Value| -> Vec<f64> {
+        let mut conts = vec![item["answer"].clone(), item["paraphrased_answer"].clone()];
+        conts.extend(item["perturbed_answer"].as_array().unwrap().iter().cloned());
+        let (st, r) = s.post(
+            "/score",
+            &json!({"model": model, "continuation": conts,
+                    "messages": [{"role": "user", "content": item["question"]}]}),
+        );
+        assert_eq!(st, 200, "{r}");
+        r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["tokens"].as_array().unwrap().clone())
+            .map(|t| t["logprob"].as_f64().unwrap())
+            .collect()
+    };
+    let mut n = 0;
+    for item in data.as_array().unwrap().iter().take(3) {
+        let base = score("base", item);
+        for p in ["a", "b", "c"] {
+            let got = score(p, item);
+            assert_eq!(got.len(), base.len());
+            let d = got
+                .iter()
+                .zip(&base)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                d <= 1e-6,
+                "profile {p}: scores differ from the base's by {d}"
+            );
+            n += got.len();
+        }
+    }
+    assert!(n > 300, "{n} tokens compared");
 }
 
 /// `lethe eval -m smollm2 --tofu forget01 --limit 3`: every summary recomputed from the
@@ -297,6 +391,7 @@ fn score_route_and_eval_through_a_server() {
         filter: 0.01,
         reference: None,
         patches: None,
+        score: ScoreRule::Mass,
     };
     let mut sc = Scorer::new(model.clone(), vec![uld], None, 512).unwrap();
     sc.set_prompt(&chat_prompt(&tok, &model, q)).unwrap();

@@ -6,7 +6,7 @@ use common::model_path;
 use lethe::generate::{generate, Decoder, Flow, GenerateParams, ModelDecoder, SamplerParams};
 use lethe::model::Model;
 use lethe::tokenizer::Tokenizer;
-use lethe::unlearn::{Assistant, LockstepDecoder, TermKind};
+use lethe::unlearn::{Assistant, LockstepDecoder, ScoreRule, TermKind};
 use std::sync::Arc;
 
 fn load() -> (Arc<Model>, Tokenizer) {
@@ -65,6 +65,7 @@ fn the_target_as_its_own_assistant_keeps_greedy_output() {
             filter,
             reference: None,
             patches: None,
+            score: ScoreRule::Mass,
         };
         let mut uld = LockstepDecoder::new(model.clone(), vec![a], 256).unwrap();
         let got = generate(&mut uld, &tok, &mut Vec::new(), &prompt, &params, |_| {
@@ -86,6 +87,7 @@ fn sampling_gives_minus_infinity_outside_the_plausible_set() {
         filter: 0.1,
         reference: None,
         patches: None,
+        score: ScoreRule::Mass,
     };
     let mut uld = LockstepDecoder::new(model.clone(), vec![a], 64).unwrap();
     let out = uld.feed(&[504, 2365, 6354]).unwrap().to_vec();
@@ -113,6 +115,7 @@ fn the_sparse_path_samples_as_the_dense_combination() {
         filter: 0.01,
         reference: None,
         patches: None,
+        score: ScoreRule::Mass,
     };
     let mut uld = LockstepDecoder::new(model.clone(), vec![a], 64).unwrap();
     let sparse = uld.feed(&tokens).unwrap().to_vec();
@@ -126,6 +129,7 @@ fn the_sparse_path_samples_as_the_dense_combination() {
         logits: &al,
         reference: None,
         filter: 0.01,
+        score: ScoreRule::Mass,
     };
     let mut dense = Vec::new();
     lethe::unlearn::combine(&tl, &[term], lethe::unlearn::Use::Sample, &mut dense);

@@ -71,7 +71,7 @@ fn decode_steps_do_not_allocate() {
 fn uld_decode_steps_do_not_allocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     use lethe::generate::Decoder;
-    use lethe::unlearn::{Assistant, LockstepDecoder, TermKind};
+    use lethe::unlearn::{Assistant, LockstepDecoder, ScoreRule, TermKind};
     use std::sync::Arc;
     let model = Arc::new(Model::open(model_path("smollm2"), 2).unwrap());
     let mut small = Model::from_file(model.file.clone(), model.pool.clone()).unwrap();
@@ -83,6 +83,7 @@ fn uld_decode_steps_do_not_allocate() {
         filter: 0.01,
         reference: None,
         patches: None,
+        score: ScoreRule::Mass,
     };
     let mut dec = LockstepDecoder::new(model.clone(), vec![a], 256).unwrap();
     dec.feed(&[1, 2, 3, 4]).unwrap();

@@ -18,7 +18,7 @@ use lethe::model::{Model, Patch, PatchSet, Precision, Slot, Target};
 use lethe::unlearn::patch::{
     self as patchfile, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry,
 };
-use lethe::unlearn::{Assistant, LockstepDecoder, TermKind};
+use lethe::unlearn::{Assistant, LockstepDecoder, ScoreRule, TermKind};
 use lethe_kernels::quant::GgmlType;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1325,6 +1325,7 @@ fn lockstep_uses_the_patched_assistant() {
         filter: 0.05,
         reference: None,
         patches: Some(set(&target, &[(load(&pl, &target), 1.0)])),
+        score: ScoreRule::Mass,
     };
     match LockstepDecoder::new(target.clone(), vec![wrong], 64) {
         Err(e) => assert!(e.to_string().contains("other shapes"), "{e}"),
@@ -1341,6 +1342,7 @@ fn lockstep_uses_the_patched_assistant() {
             filter,
             reference: None,
             patches: Some(ps.clone()),
+            score: ScoreRule::Mass,
         };
         let mut uld = LockstepDecoder::new(target.clone(), vec![a], 128).unwrap();
         let (mut ts, mut sa, mut su) =
@@ -1378,6 +1380,7 @@ fn lockstep_uses_the_patched_assistant() {
                     logits: &al,
                     reference: None,
                     filter: 0.0,
+                    score: ScoreRule::Mass,
                 };
                 let mut want = Vec::new();
                 lethe::unlearn::combine(&tl, &[term], lethe::unlearn::Use::Sample, &mut want);

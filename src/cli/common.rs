@@ -7,7 +7,7 @@ use lethe::model::{Model, Patch, PatchKind, PatchSet, Precision};
 use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::patch;
 use lethe::unlearn::profile::{self, Profile, ProfileFile};
-use lethe::unlearn::{Assistant, TermKind};
+use lethe::unlearn::{Assistant, ScoreRule, TermKind};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -229,6 +229,7 @@ impl ModelArgs {
                 filter: self.filter,
                 reference: None,
                 patches: None,
+                score: ScoreRule::Mass,
             });
         }
         let cli_patches = self.patches.load(&model)?;
@@ -279,6 +280,7 @@ pub fn profile_terms(
             filter: spec.filter,
             reference,
             patches,
+            score: spec.score,
         });
     }
     Ok(terms)

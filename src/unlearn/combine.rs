@@ -7,17 +7,42 @@
 //! ```
 //!
 //! Every `l` here is a log-softmax, so a term means the same whatever constant a model adds to
-//! its raw logits; with the filter off this is the same distribution as combining raw logits.
+//! its raw logits.
 //!
-//! Each term applies only on a plausible set taken from the target, as ULD's reference code
+//! Each term applies only on a plausible set `S` taken from the target, as ULD's reference code
 //! does: with `k = floor(r * V)`, the tokens whose log-softmax is at least
 //! `min(k-th largest, max + ln r)` (ties with the k-th kept); `k = 0` keeps every token (a quirk
 //! of the reference code, kept). Comparing raw logits gives the same set, since log-softmax
 //! only shifts them.
 //!
-//! Two uses: [`Use::Sample`] gives `-inf` to every token outside the plausible sets (outside
-//! the union, when terms filter differently); [`Use::Score`] keeps the target's own
-//! log-probabilities there, so every token keeps a finite probability.
+//! Two uses:
+//!
+//! - [`Use::Sample`] gives `-inf` to every token outside the plausible sets (outside the union,
+//!   when terms filter differently). Sampling only sees the set's relative scores, so a constant
+//!   added to a term over the set changes nothing.
+//! - [`Use::Score`] (teacher-forced log-probabilities, TOFU's metrics, `/score`, MIA) gives every
+//!   token a finite probability, by one of two rules per term ([`ScoreRule`]):
+//!
+//!   ```text
+//!   mass (default), for each term in turn, with p the distribution so far (first the target's):
+//!     j in S:      log p'(j) = log p(j) + w * term(j) - c,
+//!                  c = log sum_{k in S} p(k) e^{w term(k)} - log sum_{k in S} p(k)
+//!     j not in S:  p'(j) = p(j)
+//!   raw (ULD's reference code): l'(j) = z_T(j) + w * (j in S ? z_A(j) : 0), softmax over V,
+//!                  z the raw logits (pair: z_A - z_ref; WHP: relu(z_A - z_T))
+//!   ```
+//!
+//!   Under `mass` the set keeps the target's total probability and is only reweighted inside:
+//!   a constant added to a term (an assistant's logits shifted, or flat on the set) changes
+//!   nothing, an assistant with uniform logits gives exactly the target's distribution, and
+//!   every token outside the set keeps the target's probability. Under `raw` a term that is
+//!   large on the set moves probability onto or off the whole set (a near-uniform assistant
+//!   with raw logits near 0 changes little; the same assistant with every logit shifted by
+//!   +5 pushes every token outside the set down by up to `5 |w|` nats); it is kept to
+//!   reproduce the reference's numbers. With the filter off the two rules are the same
+//!   distribution.
+
+use serde::{Deserialize, Serialize};
 
 /// How a term is formed from its model's log-probabilities.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,6 +61,36 @@ pub enum Use {
     Score,
 }
 
+/// How a term changes the scored distribution ([`Use::Score`]); see the module doc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreRule {
+    /// Reweight inside the plausible set, keeping the set's total probability.
+    #[default]
+    Mass,
+    /// ULD's reference code: raw logits, the term zero outside the set, softmax over all.
+    Raw,
+}
+
+impl ScoreRule {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoreRule::Mass => "mass",
+            ScoreRule::Raw => "raw",
+        }
+    }
+
+    pub fn parse(s: &str) -> crate::Result<Self> {
+        match s {
+            "mass" => Ok(ScoreRule::Mass),
+            "raw" => Ok(ScoreRule::Raw),
+            _ => Err(crate::Error::Invalid(format!(
+                "unknown scoring rule {s:?} (mass or raw)"
+            ))),
+        }
+    }
+}
+
 /// One assistant term over a vocabulary of `V` tokens.
 #[derive(Debug, Clone, Copy)]
 pub struct Term<'a> {
@@ -48,6 +103,8 @@ pub struct Term<'a> {
     pub reference: Option<&'a [f32]>,
     /// Plausibility filter rate `r` (0: off).
     pub filter: f32,
+    /// The scoring rule (scoring use only).
+    pub score: ScoreRule,
 }
 
 /// The raw-logit threshold of the plausible set of `logits` at rate `r`; `None` keeps every
@@ -81,59 +138,172 @@ pub(crate) fn log_softmax(x: &[f32], out: &mut Vec<f32>) {
     out.extend(x.iter().map(|&v| (v as f64 - lse) as f32));
 }
 
+/// `log sum exp` of `f(j)` over the `j` where `keep(j)`, in f64 (`-inf` for an empty set).
+fn lse_where(v: usize, keep: impl Fn(usize) -> bool, f: impl Fn(usize) -> f64) -> f64 {
+    let m = (0..v)
+        .filter(|&j| keep(j))
+        .map(&f)
+        .fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    let s: f64 = (0..v).filter(|&j| keep(j)).map(|j| (f(j) - m).exp()).sum();
+    m + s.ln()
+}
+
+/// Reusable buffers of [`combine_in`] (nothing allocated per call once they have grown).
+#[derive(Debug, Default)]
+pub struct CombineScratch {
+    lt: Vec<f32>,
+    li: Vec<f32>,
+    lr: Vec<f32>,
+    acc: Vec<f64>,
+    d: Vec<f64>,
+    keep: Vec<bool>,
+    sel: Vec<f32>,
+}
+
 /// Combine the target's raw logits `target` (`[V]`) with `terms` into `out` (`[V]`, log-space
-/// scores: softmax of `out` is the combined distribution).
+/// scores: softmax of `out` is the combined distribution; under [`Use::Score`] `out` is already
+/// normalised).
 pub fn combine(target: &[f32], terms: &[Term], how: Use, out: &mut Vec<f32>) {
+    combine_in(target, terms, how, out, &mut CombineScratch::default())
+}
+
+/// [`combine`] with reusable buffers.
+pub fn combine_in(
+    target: &[f32],
+    terms: &[Term],
+    how: Use,
+    out: &mut Vec<f32>,
+    s: &mut CombineScratch,
+) {
     let v = target.len();
-    let mut lt = Vec::new();
-    log_softmax(target, &mut lt);
-    out.clear();
-    out.extend_from_slice(&lt);
-    let mut in_any = vec![terms.is_empty(); v];
-    let (mut li, mut lr) = (Vec::new(), Vec::new());
     for t in terms {
         assert_eq!(
             t.logits.len(),
             v,
             "a term's vocabulary differs from the target's"
         );
-        let th = plausible_threshold(target, t.filter);
-        log_softmax(t.logits, &mut li);
         if let Some(r) = t.reference {
             assert_eq!(
                 r.len(),
                 v,
                 "a reference's vocabulary differs from the target's"
             );
-            log_softmax(r, &mut lr);
+        }
+    }
+    log_softmax(target, &mut s.lt);
+    match how {
+        Use::Sample => sample(target, terms, out, s),
+        Use::Score => score(target, terms, out, s),
+    }
+}
+
+/// The sampling use: log-softmax terms on the sets, `-inf` outside their union.
+fn sample(target: &[f32], terms: &[Term], out: &mut Vec<f32>, s: &mut CombineScratch) {
+    let v = target.len();
+    out.clear();
+    out.extend_from_slice(&s.lt);
+    s.keep.clear();
+    s.keep.resize(v, terms.is_empty());
+    for t in terms {
+        let th = plausible_threshold_in(target, t.filter, &mut s.sel);
+        log_softmax(t.logits, &mut s.li);
+        if let Some(r) = t.reference {
+            log_softmax(r, &mut s.lr);
         }
         for j in 0..v {
             if th.is_some_and(|th| target[j] < th) {
                 continue;
             }
-            in_any[j] = true;
+            s.keep[j] = true;
             let term = match t.kind {
-                TermKind::Uld => li[j],
-                TermKind::Pair => li[j] - lr.get(j).copied().unwrap_or(0.0),
-                TermKind::Whp => (li[j] - lt[j]).max(0.0),
+                TermKind::Uld => s.li[j],
+                TermKind::Pair => s.li[j] - s.lr[j],
+                TermKind::Whp => (s.li[j] - s.lt[j]).max(0.0),
             };
             out[j] += t.weight * term;
         }
     }
-    if how == Use::Sample {
-        for (o, keep) in out.iter_mut().zip(&in_any) {
-            if !keep {
-                *o = f32::NEG_INFINITY;
+    for (o, keep) in out.iter_mut().zip(&s.keep) {
+        if !keep {
+            *o = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// The scoring use: every term by its rule, in f64; `out` normalised log-probabilities.
+fn score(target: &[f32], terms: &[Term], out: &mut Vec<f32>, s: &mut CombineScratch) {
+    let v = target.len();
+    // `acc`: log-probabilities under the mass rule so far (normalised after each mass term);
+    // the raw terms add raw logits into `raw`-space, so raw terms start from the target's raw
+    // logits and the distribution is normalised once at the end.
+    s.acc.clear();
+    s.acc.extend(s.lt.iter().map(|&x| x as f64));
+    for t in terms {
+        let th = plausible_threshold_in(target, t.filter, &mut s.sel);
+        let inside = |j: usize| th.is_none_or(|th| target[j] >= th);
+        s.d.clear();
+        match t.score {
+            ScoreRule::Mass => {
+                // ULD and pair terms from the raw logits in f64: the log-softmax's constant
+                // is the same on the whole set and cancels when the set is renormalised, so
+                // a shifted assistant scores the same up to the rounding of its input.
+                let (lse_i, lse_t) = match t.kind {
+                    TermKind::Whp => (
+                        lethe_kernels::ops::logsumexp(t.logits),
+                        lethe_kernels::ops::logsumexp(target),
+                    ),
+                    _ => (0.0, 0.0),
+                };
+                for j in 0..v {
+                    let z = t.logits[j] as f64;
+                    let term = match t.kind {
+                        TermKind::Uld => z,
+                        TermKind::Pair => z - t.reference.map_or(0.0, |r| r[j] as f64),
+                        TermKind::Whp => ((z - lse_i) - (target[j] as f64 - lse_t)).max(0.0),
+                    };
+                    s.d.push(t.weight as f64 * term);
+                }
+                let (acc, d) = (&s.acc, &s.d);
+                let before = lse_where(v, inside, |j| acc[j]);
+                let after = lse_where(v, inside, |j| acc[j] + d[j]);
+                let c = after - before;
+                for j in (0..v).filter(|&j| inside(j)) {
+                    s.acc[j] += s.d[j] - c;
+                }
+            }
+            ScoreRule::Raw => {
+                for j in 0..v {
+                    let z = t.logits[j] as f64;
+                    let term = match t.kind {
+                        TermKind::Uld => z,
+                        TermKind::Pair => z - t.reference.map_or(0.0, |r| r[j] as f64),
+                        TermKind::Whp => (z - target[j] as f64).max(0.0),
+                    };
+                    if inside(j) {
+                        s.acc[j] += t.weight as f64 * term;
+                    }
+                }
+                // log-softmax again: the raw rule moves mass across the whole vocabulary.
+                let acc = &s.acc;
+                let lse = lse_where(v, |_| true, |j| acc[j]);
+                for a in s.acc.iter_mut() {
+                    *a -= lse;
+                }
             }
         }
     }
+    out.clear();
+    out.extend(s.acc.iter().map(|&x| x as f32));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A dense, literal implementation of the formula in f64, for comparison.
+    /// A dense, literal implementation of the formulas in f64, for comparison.
     fn dense(target: &[f32], terms: &[Term], how: Use) -> Vec<f64> {
         let ls = |x: &[f32]| -> Vec<f64> {
             let m = x
@@ -161,17 +331,51 @@ mod tests {
             };
             let li = ls(t.logits);
             let lr = t.reference.map(ls);
-            for j in 0..v {
-                if !set[j] {
-                    continue;
+            let term = |j: usize| match t.kind {
+                TermKind::Uld => li[j],
+                TermKind::Pair => li[j] - lr.as_ref().unwrap()[j],
+                TermKind::Whp => (li[j] - lt[j]).max(0.0),
+            };
+            let w = t.weight as f64;
+            match (how, t.score) {
+                (Use::Sample, _) => {
+                    for j in 0..v {
+                        if set[j] {
+                            keep[j] = true;
+                            out[j] += w * term(j);
+                        }
+                    }
                 }
-                keep[j] = true;
-                let term = match t.kind {
-                    TermKind::Uld => li[j],
-                    TermKind::Pair => li[j] - lr.as_ref().unwrap()[j],
-                    TermKind::Whp => (li[j] - lt[j]).max(0.0),
-                };
-                out[j] += t.weight as f64 * term;
+                (Use::Score, ScoreRule::Mass) => {
+                    // p'(j) = p(j) e^{w term(j)} * P(S) / sum_{k in S} p(k) e^{w term(k)}
+                    let mass: f64 = (0..v).filter(|&j| set[j]).map(|j| out[j].exp()).sum();
+                    let moved: f64 = (0..v)
+                        .filter(|&j| set[j])
+                        .map(|j| (out[j] + w * term(j)).exp())
+                        .sum();
+                    for j in 0..v {
+                        if set[j] {
+                            out[j] = out[j] + w * term(j) + mass.ln() - moved.ln();
+                        }
+                    }
+                }
+                (Use::Score, ScoreRule::Raw) => {
+                    for j in 0..v {
+                        if set[j] {
+                            let z = t.logits[j] as f64;
+                            out[j] += w * match t.kind {
+                                TermKind::Uld => z,
+                                TermKind::Pair => z - t.reference.unwrap()[j] as f64,
+                                TermKind::Whp => (z - target[j] as f64).max(0.0),
+                            };
+                        }
+                    }
+                    let m = out.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = m + out.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
+                    for o in out.iter_mut() {
+                        *o -= lse;
+                    }
+                }
             }
         }
         if how == Use::Sample {
@@ -211,6 +415,8 @@ mod tests {
                     got.iter().all(|x| x.is_finite()),
                     "scoring keeps every token finite"
                 );
+                let total: f64 = got.iter().map(|&x| (x as f64).exp()).sum();
+                assert!((total - 1.0).abs() < 1e-5, "normalised: {total}");
             }
         }
     }
@@ -221,13 +427,17 @@ mod tests {
             let t = logits(v, 1);
             let a = logits(v, 2);
             let b = logits(v, 3);
-            for &r in &[0.0f32, 0.01, 0.1] {
+            for (&r, score) in [0.0f32, 0.01, 0.1]
+                .iter()
+                .flat_map(|r| [(r, ScoreRule::Mass), (r, ScoreRule::Raw)])
+            {
                 let uld = Term {
                     kind: TermKind::Uld,
                     weight: -0.75,
                     logits: &a,
                     reference: None,
                     filter: r,
+                    score,
                 };
                 let pair = Term {
                     kind: TermKind::Pair,
@@ -235,6 +445,7 @@ mod tests {
                     logits: &a,
                     reference: Some(&b),
                     filter: r,
+                    score,
                 };
                 let whp = Term {
                     kind: TermKind::Whp,
@@ -242,6 +453,7 @@ mod tests {
                     logits: &b,
                     reference: None,
                     filter: r,
+                    score,
                 };
                 check(&t, &[uld]);
                 check(&t, &[pair]);
@@ -266,6 +478,7 @@ mod tests {
                 logits: &a,
                 reference: None,
                 filter: 0.01,
+                score: ScoreRule::Mass,
             }],
             Use::Sample,
             &mut out,
@@ -306,6 +519,7 @@ mod tests {
                 logits: &a,
                 reference: None,
                 filter: 0.0,
+                score: ScoreRule::Mass,
             }],
             Use::Score,
             &mut out,
@@ -315,8 +529,10 @@ mod tests {
             0.3f64.ln() - 0.5 * 0.2f64.ln(),
             0.2f64.ln() - 0.5 * 0.1f64.ln(),
         ];
+        // Scoring normalises: out = want - log sum exp(want).
+        let lse = want.iter().map(|w| w.exp()).sum::<f64>().ln();
         for j in 0..3 {
-            assert!((out[j] as f64 - want[j]).abs() < 1e-6);
+            assert!((out[j] as f64 - (want[j] - lse)).abs() < 1e-6);
         }
         // The remembered token (the assistant's favourite) lost the argmax: 0 had it, 1 has it now.
         // ln .5 - .5 ln .7 = -0.5148; ln .3 - .5 ln .2 = -0.4007; ln .2 - .5 ln .1 = -0.4581
@@ -337,11 +553,164 @@ mod tests {
                 logits: &t,
                 reference: None,
                 filter: 0.01,
+                score: ScoreRule::Mass,
             }],
             Use::Sample,
             &mut out,
         );
         let am = |x: &[f32]| (0..x.len()).max_by(|&i, &j| x[i].total_cmp(&x[j])).unwrap();
         assert_eq!(am(&out), am(&t));
+    }
+
+    fn uld(logits: &[f32], alpha: f32, filter: f32, score: ScoreRule) -> Term<'_> {
+        Term {
+            kind: TermKind::Uld,
+            weight: -alpha,
+            logits,
+            reference: None,
+            filter,
+            score,
+        }
+    }
+
+    fn scored(target: &[f32], terms: &[Term]) -> Vec<f32> {
+        let mut out = Vec::new();
+        combine(target, terms, Use::Score, &mut out);
+        out
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y as f64).abs())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn a_constant_added_to_an_assistant_changes_no_score() {
+        let v = 49152;
+        let t = logits(v, 11);
+        // Multiples of 2^-10, so that adding the constants below is exact in f32: the test
+        // then sees the rule, not the rounding of its input.
+        let a: Vec<f32> = logits(v, 12)
+            .iter()
+            .map(|&x| (x * 1024.0).round() / 1024.0)
+            .collect();
+        for &c in &[-40.0f32, -3.5, 0.25, 7.0, 60.0, 1000.0] {
+            let shifted: Vec<f32> = a.iter().map(|&x| x + c).collect();
+            for &(alpha, r) in &[(0.75f32, 0.01f32), (2.0, 0.1), (0.5, 0.0)] {
+                let base = scored(&t, &[uld(&a, alpha, r, ScoreRule::Mass)]);
+                let moved = scored(&t, &[uld(&shifted, alpha, r, ScoreRule::Mass)]);
+                let d = max_diff(&base, &moved);
+                assert!(d <= 1e-6, "shift {c}, alpha {alpha}, filter {r}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_uniform_assistant_gives_the_targets_distribution() {
+        let v = 49152;
+        let t = logits(v, 13);
+        let mut lt = Vec::new();
+        log_softmax(&t, &mut lt);
+        for &c in &[0.0f32, 1.0, -12.5, 300.0] {
+            let flat = vec![c; v];
+            for &(alpha, r) in &[(0.75f32, 0.01f32), (2.0, 0.1), (1.0, 0.0)] {
+                let got = scored(&t, &[uld(&flat, alpha, r, ScoreRule::Mass)]);
+                let d = max_diff(&got, &lt);
+                assert!(d <= 1e-6, "constant {c}, alpha {alpha}, filter {r}: {d}");
+            }
+        }
+        // The raw rule (the reference code's) does move mass for the same flat assistant
+        // when its logits are not 0: that is what the mass rule is for.
+        let flat = vec![10.0f32; v];
+        let got = scored(&t, &[uld(&flat, 0.75, 0.01, ScoreRule::Raw)]);
+        assert!(max_diff(&got, &lt) > 1.0);
+    }
+
+    #[test]
+    fn tokens_outside_the_set_keep_the_targets_probability() {
+        let v = 49152;
+        let t = logits(v, 14);
+        let a = logits(v, 15);
+        let mut lt = Vec::new();
+        log_softmax(&t, &mut lt);
+        for &(alpha, r) in &[(0.75f32, 0.01f32), (2.0, 0.1), (5.0, 0.2)] {
+            let th = plausible_threshold(&t, r).expect("the filter is on");
+            let got = scored(&t, &[uld(&a, alpha, r, ScoreRule::Mass)]);
+            let (mut outside, mut changed_inside) = (0, 0);
+            let (mut mass_in_t, mut mass_in_got) = (0.0f64, 0.0f64);
+            for j in 0..v {
+                if t[j] < th {
+                    outside += 1;
+                    assert!(
+                        (got[j] as f64 - lt[j] as f64).abs() <= 1e-6,
+                        "token {j} outside the set: {} vs {}",
+                        got[j],
+                        lt[j]
+                    );
+                } else {
+                    mass_in_t += (lt[j] as f64).exp();
+                    mass_in_got += (got[j] as f64).exp();
+                    changed_inside += ((got[j] - lt[j]).abs() > 1e-3) as usize;
+                }
+            }
+            assert!(outside > v / 2, "most tokens are outside the set");
+            assert!(changed_inside > 0, "the term changes the set");
+            assert!(
+                (mass_in_t - mass_in_got).abs() < 1e-6,
+                "the set keeps its mass"
+            );
+        }
+    }
+
+    #[test]
+    fn hand_computed_mass_rule_with_the_filter_on() {
+        // V = 200, r = 0.01: k = 2, the set is the two tokens with the largest target
+        // log-probability (max + ln 0.01 is far lower). Target probabilities: token 0: 0.5,
+        // token 1: 0.3, the other 198 share 0.2 equally. The assistant's probabilities on
+        // the set: token 0: 0.6, token 1: 0.01 (the rest spread anyhow). alpha = 1:
+        //   inside: p'(j) = p(j) / pA(j) * P(S) / sum_S p / pA
+        //           p / pA = [0.5 / 0.6, 0.3 / 0.01] = [0.8333.., 30], sum 30.8333..
+        //           P(S) = 0.8: p'(0) = 0.8 * 0.8333../30.8333.. = 0.021622, p'(1) = 0.778378
+        //   outside: 0.2 / 198 each, unchanged.
+        let v = 200;
+        let mut p = vec![0.2f64 / 198.0; v];
+        p[0] = 0.5;
+        p[1] = 0.3;
+        let t: Vec<f32> = p.iter().map(|&x| x.ln() as f32).collect();
+        let mut pa = vec![(1.0f64 - 0.61) / 198.0; v];
+        pa[0] = 0.6;
+        pa[1] = 0.01;
+        let a: Vec<f32> = pa.iter().map(|&x| (x.ln() + 3.0) as f32).collect();
+        let got = scored(&t, &[uld(&a, 1.0, 0.01, ScoreRule::Mass)]);
+        let want0: f64 = 0.8 * (0.5 / 0.6) / (0.5 / 0.6 + 30.0);
+        let want1: f64 = 0.8 * 30.0 / (0.5 / 0.6 + 30.0);
+        assert!((want0 - 0.021622).abs() < 1e-6 && (want1 - 0.778378).abs() < 1e-6);
+        assert!(((got[0] as f64).exp() - want0).abs() < 1e-6);
+        assert!(((got[1] as f64).exp() - want1).abs() < 1e-6);
+        for (j, &g) in got.iter().enumerate().skip(2) {
+            assert!(((g as f64).exp() - 0.2 / 198.0).abs() < 1e-9, "token {j}");
+        }
+        // The raw rule on the same numbers: z = [ln .5, ln .3, ...] + w * [zA0, zA1, 0, ...]
+        // with the assistant's raw logits zA = ln pA + 3, then softmax over all 200.
+        let got = scored(&t, &[uld(&a, 1.0, 0.01, ScoreRule::Raw)]);
+        let z0 = 0.5f64.ln() - (0.6f64.ln() + 3.0);
+        let z1 = 0.3f64.ln() - (0.01f64.ln() + 3.0);
+        let zr = (0.2f64 / 198.0).ln();
+        let lse = (z0.exp() + z1.exp() + 198.0 * zr.exp()).ln();
+        assert!((got[0] as f64 - (z0 - lse)).abs() < 1e-5);
+        assert!((got[1] as f64 - (z1 - lse)).abs() < 1e-5);
+        assert!((got[5] as f64 - (zr - lse)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn both_rules_agree_with_the_filter_off() {
+        let v = 1000;
+        let t = logits(v, 16);
+        let a = logits(v, 17);
+        let mass = scored(&t, &[uld(&a, 0.75, 0.0, ScoreRule::Mass)]);
+        let raw = scored(&t, &[uld(&a, 0.75, 0.0, ScoreRule::Raw)]);
+        assert!(max_diff(&mass, &raw) < 1e-5);
     }
 }

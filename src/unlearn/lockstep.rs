@@ -5,7 +5,9 @@
 //! rows of the target's plausible set (DESIGN: the head is most of a small model's cost).
 //! Sampling is invariant to a constant shift over the set, so raw logits suffice there.
 
-use super::combine::{combine, plausible_threshold_in, Term, TermKind, Use};
+use super::combine::{
+    combine_in, plausible_threshold_in, CombineScratch, ScoreRule, Term, TermKind, Use,
+};
 use crate::generate::Decoder;
 use crate::model::{Model, PatchSet, State};
 use crate::{Error, Result};
@@ -24,6 +26,8 @@ pub struct Assistant {
     pub reference: Option<Arc<Model>>,
     /// Layer patches of the assistant (ULD's assistant is a truncated target plus a LoRA).
     pub patches: Option<Arc<PatchSet>>,
+    /// How the term changes scored distributions (sampling is the same under both rules).
+    pub score: ScoreRule,
 }
 
 impl Assistant {
@@ -61,6 +65,7 @@ pub struct LockstepDecoder {
     rows: Vec<u32>,
     sparse: Vec<f32>,
     scratch: Vec<f32>,
+    combine: CombineScratch,
 }
 
 impl LockstepDecoder {
@@ -89,6 +94,7 @@ impl LockstepDecoder {
             rows: Vec::with_capacity(v),
             sparse: vec![0.0; v],
             scratch: Vec::with_capacity(v),
+            combine: CombineScratch::default(),
         })
     }
 
@@ -155,9 +161,10 @@ impl Decoder for LockstepDecoder {
                 logits: &r.logits,
                 reference: r.spec.reference.as_ref().map(|_| &r.ref_logits[..]),
                 filter: r.spec.filter,
+                score: r.spec.score,
             })
             .collect();
-        combine(tl, &terms, Use::Sample, &mut self.out);
+        combine_in(tl, &terms, Use::Sample, &mut self.out, &mut self.combine);
         Ok(&self.out)
     }
 

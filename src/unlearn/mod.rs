@@ -7,7 +7,10 @@ pub mod patch;
 pub mod profile;
 pub mod score;
 
-pub use combine::{combine, plausible_threshold, plausible_threshold_in, Term, TermKind, Use};
+pub use combine::{
+    combine, combine_in, plausible_threshold, plausible_threshold_in, CombineScratch, ScoreRule,
+    Term, TermKind, Use,
+};
 pub use lockstep::{Assistant, LockstepDecoder};
 pub use score::Scorer;
 

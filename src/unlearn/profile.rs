@@ -16,7 +16,7 @@
 //! weight = 1.0                      # pair: signed weight (required for pair)
 //! reference = "ref.gguf"            # pair: the reference model (required for pair)
 //! filter = 0.01                     # plausibility rate r (default 0.01; 0 = off)
-//!
+//! score = "mass"                    # scoring rule: "mass" (default) | "raw" (ULD's code)
 //!
 //! [[profile.assistant.patch]]       # patches of that assistant (a LoRA on a truncated target)
 //! file = "assistant-lora.gguf"
@@ -41,7 +41,7 @@ use sha2::{Digest, Sha256};
 use crate::gguf::GgufFile;
 use crate::model::{Model, Patch};
 use crate::pool::ThreadPool;
-use crate::unlearn::combine::TermKind;
+use crate::unlearn::combine::{ScoreRule, TermKind};
 use crate::{Error, Result};
 use std::sync::Arc;
 
@@ -131,6 +131,10 @@ pub struct AssistantSpec {
     /// Plausibility filter rate `r` (0: off).
     #[serde(default = "default_filter")]
     pub filter: f32,
+    /// How the term changes scored distributions: "mass" (default) or "raw" (ULD's
+    /// reference code); see [`crate::unlearn::combine`].
+    #[serde(default)]
+    pub score: ScoreRule,
     /// Layer patches of the assistant model.
     #[serde(rename = "patch", default)]
     pub patches: Vec<PatchSpec>,

@@ -11,10 +11,10 @@
 //! ```text
 //! row_0 = logits after the prompt            (predicts cont[0])
 //! row_i = logits after prompt + cont[..i]    (predicts cont[i]), one forward over cont[..n-1]
-//! logp_i = log_softmax(combine_score(target row_i, assistant rows_i))[cont[i]]
+//! logp_i = combine_score(target row_i, assistant rows_i)[cont[i]]   (normalised; see combine)
 //! ```
 
-use super::combine::{combine, log_softmax, Term, Use};
+use super::combine::{combine_in, log_softmax, CombineScratch, Term, Use};
 use super::lockstep::Assistant;
 use crate::model::{Model, PatchSet, State};
 use crate::{Error, Result};
@@ -86,7 +86,7 @@ pub struct Scorer {
     prompt: Vec<u32>,
     /// Whether `prompt` is in every cache.
     primed: bool,
-    combined: Vec<f32>,
+    scratch: CombineScratch,
     logp: Vec<f32>,
 }
 
@@ -119,7 +119,7 @@ impl Scorer {
             terms: runs,
             prompt: Vec::new(),
             primed: false,
-            combined: Vec::with_capacity(v),
+            scratch: CombineScratch::default(),
             logp: Vec::with_capacity(v),
         })
     }
@@ -206,10 +206,17 @@ impl Scorer {
                         logits: t.run.row(i),
                         reference: t.reference.as_ref().map(|r| r.row(i)),
                         filter: t.spec.filter,
+                        score: t.spec.score,
                     })
                     .collect();
-                combine(target, &terms, Use::Score, &mut self.combined);
-                log_softmax(&self.combined, &mut self.logp);
+                // The scoring use's output is already normalised.
+                combine_in(
+                    target,
+                    &terms,
+                    Use::Score,
+                    &mut self.logp,
+                    &mut self.scratch,
+                );
             }
             each(i, &self.logp);
             out.push(self.logp[tok as usize] as f64);
