@@ -13,8 +13,10 @@ use lethe::forge::train::data::{
     answer_sequence, end_of_turn, read_paraphrases, read_wrong_answers, uniform_sequence,
 };
 use lethe::forge::train::trainer::Progress;
+use lethe::forge::train::trainer::{batch_grad, factors};
 use lethe::forge::train::{
-    train, AdamW, AdamWConfig, Decay, Lora, Schedule, Sequence, Target, TrainConfig, TrainModel,
+    eval_loss, train, AdamW, AdamWConfig, Balance, Decay, Lora, Schedule, Sequence, Target,
+    TrainConfig, TrainModel,
 };
 use lethe::model::{Model, PatchSet, Precision, Slot};
 use lethe::tokenizer::Tokenizer;
@@ -186,6 +188,7 @@ fn tiny_config(seed: u64, epochs: usize) -> TrainConfig {
         warmup_ratio: 0.1,
         decay: Decay::Linear,
         adamw: AdamWConfig::default(),
+        balance: Balance::Group,
     }
 }
 
@@ -217,6 +220,108 @@ fn training_lowers_the_loss_on_the_tiny_model() {
     );
     // Mostly monotone: each of the last epochs below the first ones.
     assert!(losses[8..].iter().all(|&l| l < losses[1]));
+}
+
+/// The two balances by hand on the tiny model: a forget sequence (weight 9, 5 labelled
+/// positions), a longer forget sequence (weight 9, 7 labelled positions) and a retain sequence
+/// (weight 1, 8 masked positions) in one batch.
+///
+/// Token: `L = (9 * 5 * l_f1 + 9 * 7 * l_f2 + 8 * l_r) / (45 + 63 + 8)`: a forget position
+/// weighs 9 retain positions whatever the batch holds. Group (the same sequences with weights
+/// 1, 1 and 5): `L = (5 l_f1 + 7 l_f2) / 12 + 5 * l_r`. The batch's gradient is the same
+/// combination of each sequence's own gradient.
+#[test]
+fn the_balances_by_hand_on_the_tiny_model() {
+    let m = tiny(GgmlType::F32, false, 3);
+    let lora = Lora::new(&m, 0..N_LAYER, &Slot::ALL, 4, 8.0, 5).unwrap();
+    let mut tm = TrainModel::new(&m, lora).unwrap();
+    // A nonzero B, so that every gradient is nonzero.
+    for p in tm.lora.params.iter_mut() {
+        for (i, b) in p.b.iter_mut().enumerate() {
+            *b = 0.01 * ((i % 7) as f32 - 3.0);
+        }
+    }
+    let seq = |k: u32, n: usize, first: usize, w: f32, uniform: bool| {
+        let tokens: Vec<u32> = (0..n as u32)
+            .map(|i| (k * 13 + i * 5 + 1) % VOCAB as u32)
+            .collect();
+        let target = if uniform {
+            Target::Uniform(vec![true; n])
+        } else {
+            Target::Labels(
+                (0..n)
+                    .map(|t| (t >= first && t + 1 < n).then(|| tokens[t + 1]))
+                    .collect(),
+            )
+        };
+        Sequence {
+            tokens,
+            target,
+            weight: w,
+        }
+    };
+    let (f1, f2, r) = (
+        seq(1, 10, 4, 9.0, false),
+        seq(2, 12, 4, 9.0, false),
+        seq(3, 8, 0, 1.0, true),
+    );
+    assert_eq!((f1.counted(), f2.counted(), r.counted()), (5, 7, 8));
+    let alone = |s: &Sequence| {
+        eval_loss(&tm, std::slice::from_ref(s), Balance::Token)
+            .unwrap()
+            .loss
+    };
+    let (l1, l2, lr) = (alone(&f1), alone(&f2), alone(&r));
+    let tok = eval_loss(&tm, &[f1.clone(), f2.clone(), r.clone()], Balance::Token).unwrap();
+    let want = (45.0 * l1 + 63.0 * l2 + 8.0 * lr) / 116.0;
+    assert!((tok.loss - want).abs() < 1e-9, "{} vs {want}", tok.loss);
+    let f = factors(&[&f1, &f2, &r], Balance::Token);
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+    assert!(
+        close(&f, &[45.0 / 116.0, 63.0 / 116.0, 8.0 / 116.0]),
+        "{f:?}"
+    );
+    // A forget position counts 9 retain positions: the factor per position is 9 times.
+    assert!((f[0] / 5.0) / (f[2] / 8.0) - 9.0 < 1e-12);
+
+    let g = |w_f: f32, w_r: f32| {
+        (
+            seq(1, 10, 4, w_f, false),
+            seq(2, 12, 4, w_f, false),
+            seq(3, 8, 0, w_r, true),
+        )
+    };
+    let (g1, g2, gr) = g(1.0, 5.0);
+    let f = factors(&[&g1, &g2, &gr], Balance::Group);
+    assert!(close(&f, &[5.0 / 12.0, 7.0 / 12.0, 5.0]), "{f:?}");
+    let grp = eval_loss(&tm, &[g1.clone(), g2.clone(), gr.clone()], Balance::Group).unwrap();
+    let want = (5.0 * l1 + 7.0 * l2) / 12.0 + 5.0 * lr;
+    assert!((grp.loss - want).abs() < 1e-9, "{} vs {want}", grp.loss);
+
+    // The batch gradient is the factors' combination of the sequences' own gradients.
+    let grads = |tm: &TrainModel| -> Vec<f64> {
+        tm.lora
+            .params
+            .iter()
+            .flat_map(|p| p.grad_a.iter().chain(&p.grad_b).map(|&x| x as f64))
+            .collect()
+    };
+    let mut each = Vec::new();
+    for s in [&f1, &f2, &r] {
+        tm.lora.zero_grad();
+        tm.loss_and_grad(&s.tokens, s.objective()).unwrap();
+        each.push(grads(&tm));
+    }
+    let f = factors(&[&f1, &f2, &r], Balance::Token);
+    let stats = batch_grad(&mut tm, &[&f1, &f2, &r], 0, Balance::Token).unwrap();
+    assert!((stats.loss - tok.loss).abs() < 1e-9);
+    let got = grads(&tm);
+    let scale = got.iter().fold(0f64, |a, &b| a.max(b.abs()));
+    assert!(scale > 0.0);
+    for (i, &x) in got.iter().enumerate() {
+        let want: f64 = (0..3).map(|k| f[k] * each[k][i]).sum();
+        assert!((x - want).abs() <= 1e-5 * scale, "entry {i}: {x} vs {want}");
+    }
 }
 
 /// The same seed gives the same adapter file byte for byte; another seed another file.
@@ -417,8 +522,12 @@ fn epoch_losses(stdout: &str) -> Vec<f64> {
 }
 
 /// `forge uld` on SmolLM2: two blocks, rank 4, four forget and four retain rows plus the
-/// augmentation fixtures, one epoch. The three files exist, `profile check` accepts the profile,
-/// and the assistant with its LoRA gives the forget answers a lower NLL than without.
+/// augmentation fixtures, two epochs. With the default (reference) preset one paraphrase and
+/// one wrong answer per forget row and one retain row are held out, and the LoRA kept is the
+/// checkpoint of the epoch with the lowest held-out loss (byte for byte); the `lethe-v1`
+/// preset trains on everything and keeps the last epoch. The three files exist, `profile
+/// check` accepts the profile, and the assistant with its LoRA gives the forget answers a lower
+/// NLL than without.
 #[test]
 fn forge_uld_on_smollm2() {
     let dir = TempDir::new("forge-uld");
@@ -427,7 +536,7 @@ fn forge_uld_on_smollm2() {
     let out = dir.join("assistant.gguf");
     let para = fixture("tofu/forget01_paraphrases_head2.json");
     let wrong = fixture("tofu/forget01_wrong_answers_head2.json");
-    let stdout = lethe(&[
+    let common = [
         "forge",
         "uld",
         "-m",
@@ -447,7 +556,7 @@ fn forge_uld_on_smollm2() {
         "--rank",
         "4",
         "--epochs",
-        "1",
+        "2",
         "--batch",
         "2",
         "--warmup-ratio",
@@ -456,12 +565,49 @@ fn forge_uld_on_smollm2() {
         "2",
         "-o",
         out.to_str().unwrap(),
-    ]);
-    assert!(stdout.contains("forget: 6 rows"), "{stdout}");
-    // Only the wrong answers to these forget questions are used; a file with none is refused.
-    assert!(stdout.contains("6 with wrong answers"), "{stdout}");
-    assert!(stdout.contains("retain: 10 rows"), "{stdout}");
+    ];
+    let mut args = common.to_vec();
+    args.extend(["--hold-out-retain", "1", "--keep-checkpoints"]);
+    let stdout = lethe(&args);
+    assert!(stdout.contains("forget: 6 rows (4 from"), "{stdout}");
+    assert!(stdout.contains("2 paraphrased)"), "{stdout}");
+    // Two of each forget question's three wrong answers are trained on, the third held out.
+    assert!(stdout.contains("retain: 7 rows (3 from"), "{stdout}");
+    assert!(stdout.contains("4 with wrong answers"), "{stdout}");
+    assert!(
+        stdout.contains("held out: 2 paraphrased pairs, 2 wrong answers, 1 retain rows"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("a forget answer token weighs 9.00 retain positions"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("end of turn masked"), "{stdout}");
+    // The held-out table: the kept epoch has the lowest held-out loss.
+    let rows: Vec<(usize, f64, bool)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let e: usize = f.first()?.parse().ok()?;
+            let _train: f64 = f.get(1)?.parse().ok()?;
+            let h: f64 = f.get(2)?.parse().ok()?;
+            Some((e, h, l.contains("<- kept")))
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    let best = rows
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|r| r.0)
+        .unwrap();
+    let kept: Vec<usize> = rows.iter().filter(|r| r.2).map(|r| r.0).collect();
+    assert_eq!(kept, vec![best], "{stdout}");
     let lora = dir.join("assistant.lora.gguf");
+    let checkpoint = dir.join(&format!("assistant.epoch{best}.lora.gguf"));
+    assert!(
+        std::fs::read(&lora).unwrap() == std::fs::read(&checkpoint).unwrap(),
+        "the LoRA written is the kept checkpoint"
+    );
     let profile = dir.join("assistant.toml");
     for p in [&out, &lora, &profile] {
         assert!(p.is_file(), "{} missing", p.display());
@@ -474,6 +620,43 @@ fn forge_uld_on_smollm2() {
     assert_eq!(p.assistants[0].alpha, 0.75);
     assert_eq!(p.assistants[0].filter, 0.01);
     assert_eq!(p.assistants[0].patches[0].file, "assistant.lora.gguf");
+
+    // lethe's first assistants: everything trained, the group balance, the last epoch.
+    let v1_out = dir.join("v1.gguf");
+    // The same flags without `--paraphrases-per-row 1` (every paraphrase is trained on).
+    let mut args: Vec<&str> = Vec::new();
+    let mut skip = false;
+    for (i, &x) in common.iter().enumerate() {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if x == "--paraphrases-per-row" {
+            skip = true;
+            continue;
+        }
+        args.push(if i == common.len() - 1 {
+            v1_out.to_str().unwrap()
+        } else {
+            x
+        });
+    }
+    args.extend(["--preset", "lethe-v1"]);
+    let v1 = lethe(&args);
+    assert!(v1.contains("forget: 10 rows (4 from"), "{v1}");
+    assert!(v1.contains("retain: 10 rows (4 from"), "{v1}");
+    assert!(v1.contains("6 with wrong answers"), "{v1}");
+    assert!(
+        v1.contains("held out: 0 paraphrased pairs, 0 wrong answers, 0 retain rows"),
+        "{v1}"
+    );
+    assert!(v1.contains("end of turn included"), "{v1}");
+    assert!(
+        v1.contains("group (each side's mean, the retain side's times 5"),
+        "{v1}"
+    );
+    let last = v1.lines().find(|l| l.contains("<- kept")).unwrap_or("");
+    assert!(last.trim_start().starts_with("2 "), "{v1}");
 
     let other = dir.join("other_wrong.json");
     std::fs::write(

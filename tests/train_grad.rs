@@ -19,7 +19,7 @@ use common::tiny::{tiny, variants, E, EPS, FF, N_LAYER, ROPE_BASE, VOCAB};
 use common::{model_path, Rng, TempDir};
 use lethe::forge::train::attn::{attention_backward, attention_forward, Heads};
 use lethe::forge::train::linear::{linear_backward, linear_forward, lora_backward, lora_forward};
-use lethe::forge::train::loss::{cross_entropy, kl_uniform};
+use lethe::forge::train::loss::{cross_entropy, kl_uniform, smoothed_cross_entropy};
 use lethe::forge::train::ops::{
     rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
 };
@@ -521,6 +521,24 @@ fn losses_and_their_gradients() {
     assert!((loss - f(&z64)).abs() < 1e-6, "{loss} vs {}", f(&z64));
     assert!(loss > 0.0);
     assert_grad("kl(uniform || p)", &d, &fd_grad(&f, &z64), 1e-4);
+    // Smoothed cross-entropy: CE + s * KL(uniform || p) at the labelled positions.
+    let lab_mask: Vec<bool> = labels.iter().map(|l| l.is_some()).collect();
+    for s in [0.0f32, 0.1, 2.5] {
+        let loss = smoothed_cross_entropy(&z, nv, &labels, s, &mut d).unwrap();
+        let f = |z: &[f64]| ce64(z, nv, &labels) + s as f64 * kl64(z, nv, &lab_mask);
+        assert!(
+            (loss - f(&z64)).abs() < 1e-6,
+            "smooth {s}: {loss} vs {}",
+            f(&z64)
+        );
+        assert_grad(
+            &format!("smoothed cross-entropy {s}"),
+            &d,
+            &fd_grad(&f, &z64),
+            1e-4,
+        );
+    }
+    assert!(smoothed_cross_entropy(&z, nv, &labels, -1.0, &mut d).is_err());
     // Uniform logits are KL's minimum.
     let flat = vec![0.7f32; n * nv];
     assert!(kl_uniform(&flat, nv, &mask, &mut d).unwrap().abs() < 1e-12);
@@ -576,9 +594,14 @@ fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel) {
             "{name}: logit {a} vs {b}"
         );
     }
+    let labelled: Vec<bool> = labels.iter().map(|l| l.is_some()).collect();
     for obj in [
         Objective::CrossEntropy { labels: &labels },
         Objective::KlUniform { mask: &mask },
+        Objective::SmoothedCrossEntropy {
+            labels: &labels,
+            smooth: 0.3,
+        },
     ] {
         tm.lora.zero_grad();
         let loss = tm.loss_and_grad(&TOKENS, obj).unwrap();
@@ -587,6 +610,9 @@ fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel) {
             match obj {
                 Objective::CrossEntropy { labels } => ce64(&z, VOCAB, labels),
                 Objective::KlUniform { mask } => kl64(&z, VOCAB, mask),
+                Objective::SmoothedCrossEntropy { labels, smooth } => {
+                    ce64(&z, VOCAB, labels) + smooth as f64 * kl64(&z, VOCAB, &labelled)
+                }
             }
         };
         let want_loss = ref_loss(&rl);

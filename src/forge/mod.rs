@@ -14,6 +14,7 @@ pub mod assistant;
 pub mod bake;
 pub mod slug;
 pub mod train;
+pub mod uld;
 
 pub use ablate::ablation_patch;
 pub use assistant::truncate_model;

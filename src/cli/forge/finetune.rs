@@ -9,7 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lethe::forge::ablate::read_examples;
 use lethe::forge::train::data::{answer_sequence, end_of_turn};
 use lethe::forge::train::trainer::{describe, total_steps, Progress};
-use lethe::forge::train::{train, AdamWConfig, Decay, Lora, TrainConfig, TrainModel, TrainReport};
+use lethe::forge::train::{
+    train_with_epochs, AdamWConfig, Balance, Decay, Lora, TrainConfig, TrainModel, TrainReport,
+};
 use lethe::model::Slot;
 use std::path::PathBuf;
 
@@ -62,6 +64,7 @@ impl OptimArgs {
                 max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
                 ..AdamWConfig::default()
             },
+            balance: Balance::Group,
         })
     }
 
@@ -128,11 +131,13 @@ pub fn parse_targets(s: &str) -> Result<Vec<Slot>> {
     Ok(out)
 }
 
-/// Train with an indicatif bar showing the loss and tokens/s.
+/// Train with an indicatif bar showing the loss and tokens/s; `epoch_end(epoch, tm)` after
+/// each epoch (0-based).
 pub fn run_training(
     tm: &mut TrainModel,
     data: &[lethe::forge::train::Sequence],
     cfg: &TrainConfig,
+    epoch_end: &mut dyn FnMut(usize, &TrainModel) -> lethe::Result<()>,
 ) -> Result<TrainReport> {
     let used = data.iter().filter(|s| s.counted() > 0).count();
     let bar = ProgressBar::new(total_steps(used, cfg) as u64);
@@ -177,7 +182,9 @@ pub fn run_training(
         bar.set_message(msg);
         bar.set_position(p.step as u64);
     };
-    let report = train(tm, data, cfg, &mut on_step)?;
+    let report = train_with_epochs(tm, data, cfg, &mut on_step, &mut |e, tm| {
+        bar.suspend(|| epoch_end(e, tm))
+    })?;
     bar.finish();
     for e in 0..cfg.epochs {
         if let Some(l) = report.epoch_loss(e) {
@@ -225,7 +232,7 @@ pub fn main(a: FinetuneArgs) -> Result<()> {
         describe(&lora)
     );
     let mut tm = TrainModel::new(&model, lora)?;
-    run_training(&mut tm, &data, &cfg)?;
+    run_training(&mut tm, &data, &cfg, &mut |_, _| Ok(()))?;
     let name = format!("LoRA fine-tuned on {}", a.data.display());
     tm.lora
         .write(&a.output, &model, &name)

@@ -1,18 +1,18 @@
 //! `lethe forge uld`: ULD's assistant, trained on the CPU. The target's first K blocks (with
 //! its final norm, embedding and head) get a LoRA trained to remember the forget answers
 //! (cross-entropy) and to know nothing of the retain conversations (KL(uniform || p) at every
-//! position, times the retain weight). Writes the truncated model, its LoRA and a profile that
-//! subtracts the assistant from the target.
+//! position), the two weighed per token as the flags say ([`lethe::forge::uld`]); part of the
+//! training data is held out and picks the checkpoint. Writes the truncated model, its LoRA
+//! and a profile that subtracts the assistant from the target.
 
 use super::finetune::{parse_targets, run_training, OptimArgs};
 use anyhow::{Context, Result};
 use clap::Args;
 use lethe::forge::ablate::{read_examples, Example};
-use lethe::forge::train::data::{
-    answer_sequence, end_of_turn, read_paraphrases, read_wrong_answers, uniform_sequence,
-};
+use lethe::forge::train::data::{end_of_turn, read_paraphrase_rows, read_wrong_answer_rows};
 use lethe::forge::train::trainer::describe;
-use lethe::forge::train::{Lora, TrainModel};
+use lethe::forge::train::{eval_loss, Balance, EvalLoss, Lora, TrainModel};
+use lethe::forge::uld::{self, UldConfig};
 use lethe::gguf::GgufFile;
 use lethe::model::Model;
 use lethe::unlearn::profile::ProfileFile;
@@ -33,42 +33,80 @@ pub struct UldArgs {
     /// Use only the first N retain rows.
     #[arg(long = "max-retain")]
     pub max_retain: Option<usize>,
+    /// Defaults for the flags below: `reference` (ULD's reference code: rank 16, alpha 32,
+    /// 10 epochs, lr 1e-3, 10% warm-up, weight decay 0.01, token balance with a forget answer
+    /// token weighing 9 retain positions, 2 paraphrases and 2 wrong answers per forget row,
+    /// the end of turn masked on the forget side) or `lethe-v1` (lethe's first assistants:
+    /// rank 32, group balance with retain weight 5, the end of turn trained, every paraphrase
+    /// and wrong answer, nothing held out). Flags given explicitly win.
+    #[arg(long = "preset", default_value = "reference")]
+    pub preset: String,
     /// Also remember the paraphrased pairs of a TOFU augmentation file
-    /// ({question, answer, paraphrased_questions[], paraphrased_answers[]}).
+    /// ({question, answer, paraphrased_questions[], paraphrased_answers[]}) for the rows whose
+    /// question is one of --forget's.
     #[arg(long = "forget-paraphrases")]
     pub forget_paraphrases: Option<PathBuf>,
-    /// At most N paraphrased pairs of each row of --forget-paraphrases.
+    /// Paraphrased pairs trained on per forget row (`all`: every one).
     #[arg(long = "paraphrases-per-row")]
-    pub paraphrases_per_row: Option<usize>,
+    pub paraphrases_per_row: Option<String>,
     /// Also push (question, wrong answer) pairs to uniform, from a TOFU augmentation file
     /// ({question, answer, question_variant, wrong_answers[]}): the rows whose question is one
     /// of --forget's.
     #[arg(long = "forget-wrong-answers")]
     pub forget_wrong_answers: Option<PathBuf>,
-    /// Blocks of the target the assistant keeps (ULD's paper uses 8).
+    /// Wrong answers trained on per forget question (`all`: every one).
+    #[arg(long = "wrong-answers-per-row")]
+    pub wrong_per_row: Option<String>,
+    /// Held out of training, per forget row: this many paraphrases and wrong answers after
+    /// those trained on. The checkpoint kept is the epoch with the lowest loss on the held-out
+    /// rows (the last epoch when nothing is held out).
+    #[arg(long = "hold-out")]
+    pub hold_out: Option<usize>,
+    /// The last N retain rows are held out too.
+    #[arg(long = "hold-out-retain")]
+    pub hold_out_retain: Option<usize>,
+    /// Write every epoch's LoRA beside the output (NAME.epochN.lora.gguf).
+    #[arg(long = "keep-checkpoints")]
+    pub keep_checkpoints: bool,
+    /// How the two sides are weighed: `token` (one weighted mean over every position, a forget
+    /// answer token weighing --forget-token-weight retain positions) or `group` (each side's
+    /// mean, the retain side's times --retain-weight).
+    #[arg(long = "balance")]
+    pub balance: Option<String>,
+    /// Token balance: what one forget answer token weighs against one retain position.
+    #[arg(long = "forget-token-weight")]
+    pub forget_token_weight: Option<f32>,
+    /// Group balance: the weight of the retain side's mean KL(uniform || p).
+    #[arg(long = "retain-weight")]
+    pub retain_weight: Option<f32>,
+    /// Weight of a KL(uniform || p) term at the forget answer positions, so that the assistant
+    /// keeps a peak on the right token over a flat background (0: plain cross-entropy).
+    #[arg(long = "smooth", default_value_t = 0.0)]
+    pub smooth: f32,
+    /// Train the forget side on the end-of-turn token too (ULD's reference masks it).
+    #[arg(long = "forget-eot")]
+    pub forget_eot: bool,
+    /// Blocks of the target the assistant keeps (ULD's paper uses 8; up to all of them).
     #[arg(long = "layers", default_value_t = 8)]
     pub layers: usize,
-    #[arg(long = "rank", default_value_t = 32)]
-    pub rank: usize,
-    #[arg(long = "lora-alpha", default_value_t = 32.0)]
-    pub lora_alpha: f32,
+    #[arg(long = "rank")]
+    pub rank: Option<usize>,
+    #[arg(long = "lora-alpha")]
+    pub lora_alpha: Option<f32>,
     /// Matrices adapted in every block: q,k,v,o,gate,up,down.
     #[arg(long = "targets", default_value = "q,k,v,o,gate,up,down")]
     pub targets: String,
     /// Epochs (ULD's reference trains 10).
-    #[arg(long = "epochs", default_value_t = 10)]
-    pub epochs: usize,
-    #[arg(long = "lr", default_value_t = 1e-3)]
-    pub lr: f32,
+    #[arg(long = "epochs")]
+    pub epochs: Option<usize>,
+    #[arg(long = "lr")]
+    pub lr: Option<f32>,
     /// Fraction of the steps spent warming up (ULD's reference: 0.1).
-    #[arg(long = "warmup-ratio", default_value_t = 0.1)]
-    pub warmup_ratio: f32,
+    #[arg(long = "warmup-ratio")]
+    pub warmup_ratio: Option<f32>,
     /// AdamW's decoupled weight decay (ULD's reference: 0.01).
-    #[arg(long = "weight-decay", default_value_t = 0.01)]
-    pub weight_decay: f32,
-    /// The weight of the retain side's KL(uniform || p).
-    #[arg(long = "retain-weight", default_value_t = 5.0)]
-    pub retain_weight: f32,
+    #[arg(long = "weight-decay")]
+    pub weight_decay: Option<f32>,
     /// The profile's ULD alpha (w = -alpha).
     #[arg(long = "alpha", default_value_t = 0.75)]
     pub alpha: f32,
@@ -84,6 +122,71 @@ pub struct UldArgs {
     /// beside it.
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
+}
+
+/// The values a preset gives the flags left unset.
+struct Preset {
+    rank: usize,
+    lora_alpha: f32,
+    epochs: usize,
+    lr: f32,
+    warmup_ratio: f32,
+    weight_decay: f32,
+    balance: Balance,
+    forget_token_weight: f32,
+    retain_weight: f32,
+    forget_eot: bool,
+    paraphrases_per_row: Option<usize>,
+    wrong_per_row: Option<usize>,
+    hold_out: usize,
+    hold_out_retain: usize,
+}
+
+impl Preset {
+    fn named(name: &str) -> Result<Self> {
+        let reference = Preset {
+            rank: 16,
+            lora_alpha: 32.0,
+            epochs: 10,
+            lr: 1e-3,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            balance: Balance::Token,
+            forget_token_weight: 9.0,
+            retain_weight: 5.0,
+            forget_eot: false,
+            paraphrases_per_row: Some(2),
+            wrong_per_row: Some(2),
+            hold_out: 1,
+            hold_out_retain: 10,
+        };
+        match name {
+            "reference" => Ok(reference),
+            "lethe-v1" => Ok(Preset {
+                rank: 32,
+                balance: Balance::Group,
+                forget_eot: true,
+                paraphrases_per_row: None,
+                wrong_per_row: None,
+                hold_out: 0,
+                hold_out_retain: 0,
+                ..reference
+            }),
+            _ => anyhow::bail!("--preset {name:?}: one of reference, lethe-v1"),
+        }
+    }
+}
+
+/// `N` or `all`.
+fn per_row(flag: &str, v: &Option<String>, default: Option<usize>) -> Result<Option<usize>> {
+    match v.as_deref() {
+        None => Ok(default),
+        Some("all") => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .with_context(|| format!("{flag} {s:?}: a number or `all`")),
+    }
 }
 
 /// A TOML string literal.
@@ -122,13 +225,52 @@ pub fn profile_text(
 
 pub fn main(a: UldArgs) -> Result<()> {
     let slots = parse_targets(&a.targets)?;
+    let pre = Preset::named(&a.preset)?;
+    let balance = match a.balance.as_deref() {
+        None => pre.balance,
+        Some("token") => Balance::Token,
+        Some("group") => Balance::Group,
+        Some(b) => anyhow::bail!("--balance {b:?}: token or group"),
+    };
     anyhow::ensure!(
-        a.retain_weight.is_finite() && a.retain_weight >= 0.0,
-        "--retain-weight must be >= 0"
+        !(balance == Balance::Token && a.retain_weight.is_some()),
+        "--retain-weight is the group balance's; with --balance token set --forget-token-weight"
     );
-    let cfg = a
-        .optim
-        .config(a.epochs, a.lr, a.warmup_ratio, a.weight_decay)?;
+    anyhow::ensure!(
+        !(balance == Balance::Group && a.forget_token_weight.is_some()),
+        "--forget-token-weight is the token balance's; with --balance group set --retain-weight"
+    );
+    let ucfg = UldConfig {
+        balance,
+        forget_weight: a.forget_token_weight.unwrap_or(pre.forget_token_weight),
+        retain_weight: a.retain_weight.unwrap_or(pre.retain_weight),
+        smooth: a.smooth,
+        forget_eot: a.forget_eot || pre.forget_eot,
+        paraphrases_per_row: per_row(
+            "--paraphrases-per-row",
+            &a.paraphrases_per_row,
+            pre.paraphrases_per_row,
+        )?,
+        wrong_per_row: per_row(
+            "--wrong-answers-per-row",
+            &a.wrong_per_row,
+            pre.wrong_per_row,
+        )?,
+        hold_out: a.hold_out.unwrap_or(pre.hold_out),
+        hold_out_retain: a.hold_out_retain.unwrap_or(pre.hold_out_retain),
+        max_len: a.optim.max_len,
+    };
+    let (rank, lora_alpha) = (
+        a.rank.unwrap_or(pre.rank),
+        a.lora_alpha.unwrap_or(pre.lora_alpha),
+    );
+    let mut cfg = a.optim.config(
+        a.epochs.unwrap_or(pre.epochs),
+        a.lr.unwrap_or(pre.lr),
+        a.warmup_ratio.unwrap_or(pre.warmup_ratio),
+        a.weight_decay.unwrap_or(pre.weight_decay),
+    )?;
+    cfg.balance = balance;
     let (path, model, tok) = super::open_model(&a.model, a.optim.threads())?;
     anyhow::ensure!(
         (1..=model.cfg.n_layer).contains(&a.layers),
@@ -139,76 +281,87 @@ pub fn main(a: UldArgs) -> Result<()> {
     let arch = model.cfg.arch.name();
     let end = end_of_turn(&tok, arch)?;
 
-    let mut forget = read_examples(&a.forget)?;
-    let n_forget = forget.len();
-    if let Some(p) = &a.forget_paraphrases {
-        forget.extend(read_paraphrases(p, a.paraphrases_per_row)?);
-    }
+    let forget = read_examples(&a.forget)?;
     let mut retain: Vec<Example> = read_examples(&a.retain)?;
     if let Some(n) = a.max_retain {
         retain.truncate(n);
     }
-    let n_retain = retain.len();
-    if let Some(p) = &a.forget_wrong_answers {
-        // Only the wrong answers to this forget set's questions (TOFU's file covers forget10).
-        let asked: std::collections::HashSet<&str> = forget[..n_forget]
-            .iter()
-            .map(|e| e.question.as_str())
-            .collect();
-        let wrong: Vec<Example> = read_wrong_answers(p)?
-            .into_iter()
-            .filter(|e| asked.contains(e.question.as_str()))
-            .collect();
-        anyhow::ensure!(
-            !wrong.is_empty(),
-            "{}: none of its questions is a question of {}",
-            p.display(),
-            a.forget.display()
-        );
-        retain.extend(wrong);
-    }
-    let ml = a.optim.max_len;
-    let mut data = Vec::with_capacity(forget.len() + retain.len());
-    for ex in &forget {
-        data.push(answer_sequence(&tok, arch, ex, end, ml, 1.0).context("a forget row")?);
-    }
-    for ex in &retain {
-        data.push(
-            uniform_sequence(&tok, arch, ex, end, ml, a.retain_weight).context("a retain row")?,
-        );
-    }
+    let name_of = |p: &Path| p.display().to_string();
+    let paraphrases = match &a.forget_paraphrases {
+        Some(p) => Some((name_of(p), read_paraphrase_rows(p)?)),
+        None => None,
+    };
+    let wrong = match &a.forget_wrong_answers {
+        Some(p) => Some((name_of(p), read_wrong_answer_rows(p)?)),
+        None => None,
+    };
+    let rows = uld::attach(
+        &forget,
+        paraphrases.as_ref().map(|(n, v)| (n.as_str(), v.clone())),
+        wrong.as_ref().map(|(n, v)| (n.as_str(), v.clone())),
+    )
+    .with_context(|| format!("matching the augmentation files to {}", a.forget.display()))?;
+    let data = uld::build(&tok, arch, end, &rows, &retain, &ucfg).context("the training data")?;
     println!(
         "forget: {} rows ({} from {}, {} paraphrased); retain: {} rows ({} from {}, {} with \
          wrong answers)",
-        forget.len(),
-        n_forget,
+        data.n_forget + data.n_paraphrases,
+        data.n_forget,
         a.forget.display(),
-        forget.len() - n_forget,
-        retain.len(),
-        n_retain,
+        data.n_paraphrases,
+        data.n_retain + data.n_wrong,
+        data.n_retain,
         a.retain.display(),
-        retain.len() - n_retain
+        data.n_wrong
+    );
+    println!(
+        "held out: {} paraphrased pairs, {} wrong answers, {} retain rows (the checkpoint is the \
+         epoch with the lowest loss on them{})",
+        data.heldout_paraphrases,
+        data.heldout_wrong,
+        data.heldout_retain,
+        if data.heldout.is_empty() {
+            "; with none, the last epoch"
+        } else {
+            ""
+        }
+    );
+    let w = data.forget_token_weight(&ucfg);
+    println!(
+        "balance: {}; a forget answer token weighs {w:.2} retain positions ({} forget answer \
+         tokens{}, {} retain positions); the forget side carries {:.1}% of the loss{}",
+        match balance {
+            Balance::Token => "token (one weighted mean over every position)".to_string(),
+            Balance::Group => format!(
+                "group (each side's mean, the retain side's times {}; the weight below is the \
+                 data's average)",
+                ucfg.retain_weight
+            ),
+        },
+        data.forget_positions,
+        if ucfg.forget_eot {
+            ", end of turn included"
+        } else {
+            ", end of turn masked"
+        },
+        data.retain_positions,
+        100.0 * data.forget_share(&ucfg),
+        if ucfg.smooth > 0.0 {
+            format!("; forget positions add {} x KL(uniform || p)", ucfg.smooth)
+        } else {
+            String::new()
+        }
     );
 
     // The assistant: the target's first K blocks, trained in place (the same function as the
     // truncated file).
-    let lora = Lora::new(
-        &model,
-        0..a.layers,
-        &slots,
-        a.rank,
-        a.lora_alpha,
-        a.optim.seed,
-    )?;
+    let lora = Lora::new(&model, 0..a.layers, &slots, rank, lora_alpha, a.optim.seed)?;
     println!(
         "assistant: the first {} of {} blocks; LoRA {}",
         a.layers,
         model.cfg.n_layer,
         describe(&lora)
     );
-    let mut tm = TrainModel::with_layers(&model, lora, a.layers)?;
-    run_training(&mut tm, &data, &cfg)?;
-
     let out = &a.output;
     let lora_path = out.with_extension("lora.gguf");
     let profile_path = out.with_extension("toml");
@@ -220,9 +373,57 @@ pub fn main(a: UldArgs) -> Result<()> {
     lethe::forge::truncate_model(&GgufFile::open(&path)?, a.layers, out)
         .with_context(|| format!("writing {}", out.display()))?;
     let assistant = Model::open(out, 1)?;
-    let name = format!("ULD assistant LoRA ({})", a.forget.display());
+
+    let lora_name = format!("ULD assistant LoRA ({})", a.forget.display());
+    let mut tm = TrainModel::with_layers(&model, lora, a.layers)?;
+    let mut heldout: Vec<Option<EvalLoss>> = Vec::new();
+    let mut best: Option<(f64, Lora)> = None;
+    let epochs = cfg.epochs;
+    let report = run_training(&mut tm, &data.train, &cfg, &mut |e, tm| {
+        if a.keep_checkpoints {
+            let p = out.with_extension(format!("epoch{}.lora.gguf", e + 1));
+            tm.lora.write(&p, &assistant, &lora_name)?;
+        }
+        if data.heldout.is_empty() {
+            heldout.push(None);
+            return Ok(());
+        }
+        let l = eval_loss(tm, &data.heldout, balance)?;
+        if best.as_ref().is_none_or(|(b, _)| l.loss < *b) {
+            best = Some((l.loss, tm.lora.clone()));
+        }
+        heldout.push(Some(l));
+        Ok(())
+    })?;
+    let chosen = uld::select_epoch(
+        &heldout
+            .iter()
+            .map(|h| h.map(|h| h.loss))
+            .collect::<Vec<_>>(),
+        epochs,
+    );
+    println!("epoch  train loss  held-out loss  held-out CE/token  held-out KL/position");
+    for e in 0..epochs {
+        let h = heldout.get(e).copied().flatten();
+        let f = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.4}"));
+        println!(
+            "{:>5}  {:>10}  {:>13}  {:>17}  {:>20}{}",
+            e + 1,
+            f(report.epoch_loss(e)),
+            f(h.map(|h| h.loss)),
+            f(h.and_then(|h| h.ce)),
+            f(h.and_then(|h| h.kl)),
+            if e == chosen { "  <- kept" } else { "" }
+        );
+    }
+    if let Some((_, lora)) = best {
+        if !data.heldout.is_empty() {
+            tm.lora = lora;
+        }
+    }
+
     tm.lora
-        .write(&lora_path, &assistant, &name)
+        .write(&lora_path, &assistant, &lora_name)
         .with_context(|| format!("writing {}", lora_path.display()))?;
 
     // A file target is written as an absolute path (the profile resolves relative paths

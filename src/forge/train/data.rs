@@ -44,7 +44,7 @@ pub fn end_of_turn(tok: &Tokenizer, arch: &str) -> Result<u32> {
 
 /// The tokens of a chat turn and its reply: `(tokens, start of the answer)`, with `end`
 /// appended and the whole cut to `max_len` tokens.
-fn turn(
+pub fn answer_turn(
     tok: &Tokenizer,
     arch: &str,
     ex: &Example,
@@ -75,7 +75,7 @@ pub fn answer_sequence(
     max_len: Option<usize>,
     weight: f32,
 ) -> Result<Sequence> {
-    let (tokens, start) = turn(tok, arch, ex, end, max_len)?;
+    let (tokens, start) = answer_turn(tok, arch, ex, end, max_len)?;
     let n = tokens.len();
     let labels = (0..n)
         .map(|t| (t + 1 >= start && t + 1 < n).then(|| tokens[t + 1]))
@@ -96,7 +96,7 @@ pub fn uniform_sequence(
     max_len: Option<usize>,
     weight: f32,
 ) -> Result<Sequence> {
-    let (tokens, _) = turn(tok, arch, ex, end, max_len)?;
+    let (tokens, _) = answer_turn(tok, arch, ex, end, max_len)?;
     let mask = vec![true; tokens.len()];
     Ok(Sequence {
         tokens,
@@ -169,14 +169,15 @@ fn in_file(path: &Path, e: Error) -> Error {
 }
 
 /// The paraphrased pairs of a TOFU augmentation file (a JSON array of `{question, answer,
-/// paraphrased_questions[], paraphrased_answers[]}`): `(paraphrased_questions[i],
-/// paraphrased_answers[i])`, at most `per_row` of each row. The original pair is not repeated
+/// paraphrased_questions[], paraphrased_answers[]}`), row by row: `(question,
+/// [(paraphrased_questions[i], paraphrased_answers[i])])`. The original pair is not repeated
 /// (it is in the forget file).
-pub fn read_paraphrases(path: impl AsRef<Path>, per_row: Option<usize>) -> Result<Vec<Example>> {
+pub fn read_paraphrase_rows(path: impl AsRef<Path>) -> Result<Vec<(String, Vec<Example>)>> {
     let path = path.as_ref();
     let mut out = Vec::new();
     for (i, o) in read_array(path)?.iter().enumerate() {
         let row = i + 1;
+        let question = field_str(o, "question", row).map_err(|e| in_file(path, e))?;
         let qs = field_strs(o, "paraphrased_questions", row).map_err(|e| in_file(path, e))?;
         let as_ = field_strs(o, "paraphrased_answers", row).map_err(|e| in_file(path, e))?;
         if qs.len() != as_.len() {
@@ -189,35 +190,58 @@ pub fn read_paraphrases(path: impl AsRef<Path>, per_row: Option<usize>) -> Resul
                 )),
             ));
         }
-        let k = per_row.unwrap_or(qs.len()).min(qs.len());
-        for (q, a) in qs.into_iter().zip(as_).take(k) {
-            if !q.trim().is_empty() && !a.trim().is_empty() {
-                out.push(Example {
-                    question: q,
-                    answer: Some(a),
-                });
-            }
-        }
+        let pairs = qs
+            .into_iter()
+            .zip(as_)
+            .filter(|(q, a)| !q.trim().is_empty() && !a.trim().is_empty())
+            .map(|(q, a)| Example {
+                question: q,
+                answer: Some(a),
+            })
+            .collect();
+        out.push((question, pairs));
     }
     Ok(out)
 }
 
+/// [`read_paraphrase_rows`] flattened, at most `per_row` pairs of each row.
+pub fn read_paraphrases(path: impl AsRef<Path>, per_row: Option<usize>) -> Result<Vec<Example>> {
+    Ok(read_paraphrase_rows(path)?
+        .into_iter()
+        .flat_map(|(_, v)| {
+            let k = per_row.unwrap_or(v.len()).min(v.len());
+            v.into_iter().take(k)
+        })
+        .collect())
+}
+
 /// The wrong answers of a TOFU augmentation file (a JSON array of `{question, answer,
-/// question_variant, wrong_answers[]}`): `(question, wrong_answers[i])` for each.
-pub fn read_wrong_answers(path: impl AsRef<Path>) -> Result<Vec<Example>> {
+/// question_variant, wrong_answers[]}`), row by row: `(question, [(question,
+/// wrong_answers[i])])`.
+pub fn read_wrong_answer_rows(path: impl AsRef<Path>) -> Result<Vec<(String, Vec<Example>)>> {
     let path = path.as_ref();
     let mut out = Vec::new();
     for (i, o) in read_array(path)?.iter().enumerate() {
         let row = i + 1;
         let q = field_str(o, "question", row).map_err(|e| in_file(path, e))?;
+        let mut list = Vec::new();
         for w in field_strs(o, "wrong_answers", row).map_err(|e| in_file(path, e))? {
             if !w.trim().is_empty() {
-                out.push(Example {
+                list.push(Example {
                     question: q.clone(),
                     answer: Some(w),
                 });
             }
         }
+        out.push((q, list));
     }
     Ok(out)
+}
+
+/// [`read_wrong_answer_rows`] flattened: `(question, wrong_answers[i])` for each.
+pub fn read_wrong_answers(path: impl AsRef<Path>) -> Result<Vec<Example>> {
+    Ok(read_wrong_answer_rows(path)?
+        .into_iter()
+        .flat_map(|(_, v)| v)
+        .collect())
 }

@@ -4,6 +4,10 @@
 //! - cross-entropy: `mean over counted t of -log p_t(y_t)`; grad `(p_t - onehot(y_t)) / N`.
 //! - KL(uniform || p): `mean over counted t of (-log V - mean_v log p_t(v))`, ULD's retain
 //!   objective (the assistant learns to know nothing there); grad `(p_t - 1/V) / N`.
+//! - smoothed cross-entropy: `mean over counted t of -log p_t(y_t) + s * KL(uniform || p_t)`,
+//!   the same as label smoothing up to a constant; ULD's forget side with a flat background
+//!   (the assistant keeps a peak on the right token, not the target's whole distribution);
+//!   grad `((p_t - onehot(y_t)) + s * (p_t - 1/V)) / N`.
 //!
 //! `N` is the number of counted positions; with none, the loss and its gradient are 0.
 
@@ -17,6 +21,12 @@ pub enum Objective<'a> {
     CrossEntropy { labels: &'a [Option<u32>] },
     /// KL(uniform || p) at every position with `mask[t]`, averaged over those positions.
     KlUniform { mask: &'a [bool] },
+    /// Cross-entropy plus `smooth` times KL(uniform || p) at every position with a label,
+    /// averaged over those positions.
+    SmoothedCrossEntropy {
+        labels: &'a [Option<u32>],
+        smooth: f32,
+    },
 }
 
 impl Objective<'_> {
@@ -26,6 +36,9 @@ impl Objective<'_> {
         match *self {
             Objective::CrossEntropy { labels } => cross_entropy(logits, n_vocab, labels, dlogits),
             Objective::KlUniform { mask } => kl_uniform(logits, n_vocab, mask, dlogits),
+            Objective::SmoothedCrossEntropy { labels, smooth } => {
+                smoothed_cross_entropy(logits, n_vocab, labels, smooth, dlogits)
+            }
         }
     }
 
@@ -34,6 +47,7 @@ impl Objective<'_> {
         match *self {
             Objective::CrossEntropy { labels } => labels.len(),
             Objective::KlUniform { mask } => mask.len(),
+            Objective::SmoothedCrossEntropy { labels, .. } => labels.len(),
         }
     }
 
@@ -69,6 +83,24 @@ pub fn cross_entropy(
     labels: &[Option<u32>],
     dlogits: &mut [f32],
 ) -> Result<f64> {
+    smoothed_cross_entropy(logits, n_vocab, labels, 0.0, dlogits)
+}
+
+/// Mean of `CE + smooth * KL(uniform || p)` over the positions with a label; `dlogits` gets
+/// its gradient (`smooth = 0`: plain cross-entropy).
+pub fn smoothed_cross_entropy(
+    logits: &[f32],
+    n_vocab: usize,
+    labels: &[Option<u32>],
+    smooth: f32,
+    dlogits: &mut [f32],
+) -> Result<f64> {
+    if !smooth.is_finite() || smooth < 0.0 {
+        return Err(Error::Invalid(format!(
+            "the smoothing weight must be >= 0, got {smooth}"
+        )));
+    }
+    let (s, log_v, uni) = (smooth as f64, (n_vocab as f64).ln(), 1.0 / n_vocab as f64);
     let n = labels.len();
     check(logits, n_vocab, n, dlogits)?;
     if let Some(bad) = labels.iter().flatten().find(|&&y| y as usize >= n_vocab) {
@@ -91,6 +123,13 @@ pub fn cross_entropy(
         );
         let lse = softmax_into(z, d);
         loss += lse - z[*y as usize] as f64;
+        if s > 0.0 {
+            let mean_z = z.iter().map(|&v| v as f64).sum::<f64>() * uni;
+            loss += s * (-log_v - (mean_z - lse));
+            for g in d.iter_mut() {
+                *g = (*g as f64 + s * (*g as f64 - uni)) as f32;
+            }
+        }
         d[*y as usize] -= 1.0;
         for g in d.iter_mut() {
             *g = (*g as f64 * inv) as f32;

@@ -30,4 +30,7 @@ pub use lora::{Lora, LoraParam};
 pub use loss::Objective;
 pub use model::{Activations, TrainModel};
 pub use optim::{AdamW, AdamWConfig, Decay, Schedule};
-pub use trainer::{train, Sequence, Target, TrainConfig, TrainReport};
+pub use trainer::{
+    eval_loss, train, train_with_epochs, Balance, EvalLoss, Sequence, Target, TrainConfig,
+    TrainReport,
+};

@@ -1,19 +1,26 @@
 //! The training loop: epochs of seeded shuffles, mini-batches whose sequences run one at a time
 //! (gradient accumulation: no padding, the gradients add up), one AdamW step per batch.
 //!
-//! The loss of a batch is, per group of sequences with the same objective and weight, the
-//! weight times the mean over the group's counted positions in the batch (every labelled
-//! position of the cross-entropy sequences together; every masked position of the
-//! KL-to-uniform ones together):
+//! The loss of a batch depends on the [`Balance`]:
 //!
 //! ```text
-//! L = sum_g w_g * (sum_{i in g} sum_{t counted in i} l_i(t)) / (sum_{i in g} N_i)
+//! Group: L = sum_g w_g * (sum_{i in g} sum_{t counted in i} l_i(t)) / (sum_{i in g} N_i)
+//! Token: L = (sum_i w_i sum_{t counted in i} l_i(t)) / (sum_i w_i N_i)
 //! ```
 //!
-//! For one group this is the mean over the batch's counted tokens, as `transformers` computes a
-//! batch's causal-LM loss (long answers weigh more than short ones); for ULD it is the
-//! reference's `forget_loss + retain_weight * retain_loss`, each a mean over its positions.
-//! Each sequence's gradient is therefore scaled by `w_g * N_i / N_g` before it is added.
+//! `Group` averages per group of sequences with the same objective and weight (every labelled
+//! position of the cross-entropy sequences together; every masked position of the
+//! KL-to-uniform ones together) and weighs the groups' means. For one group this is the mean
+//! over the batch's counted tokens, as `transformers` computes a batch's causal-LM loss (long
+//! answers weigh more than short ones). With two groups (ULD's forget and retain sides) the
+//! weight of one token against another depends on how many tokens each side has in the batch.
+//!
+//! `Token` is one weighted mean over every counted position of the batch: a position of a
+//! sequence of weight `w` counts `w` times, so the weight of one token against another is
+//! exactly the ratio of their sequences' weights, whatever the batch holds.
+//!
+//! Each sequence's gradient is scaled by `w_g * N_i / N_g` (group) or `w_i * N_i / sum_j w_j
+//! N_j` (token) before it is added.
 //!
 //! Deterministic: the shuffles come from the seed, the sequences run in a fixed order, and every
 //! sum of the forward and backward passes runs in a fixed order for a given thread count, so the
@@ -31,8 +38,20 @@ use std::time::Instant;
 pub enum Target {
     /// Cross-entropy of `labels[t]` wherever there is one (usually the next token).
     Labels(Vec<Option<u32>>),
+    /// Cross-entropy plus `smooth` times KL(uniform || p) wherever there is a label.
+    SmoothedLabels(Vec<Option<u32>>, f32),
     /// KL(uniform || p) wherever `mask[t]`.
     Uniform(Vec<bool>),
+}
+
+/// How a batch's sequences are weighed against each other (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// The weighted sum of each group's mean over its positions.
+    #[default]
+    Group,
+    /// One mean over every position, each weighted by its sequence's weight.
+    Token,
 }
 
 /// One training sequence.
@@ -48,7 +67,9 @@ impl Sequence {
     /// Positions that count towards the loss.
     pub fn counted(&self) -> usize {
         match &self.target {
-            Target::Labels(l) => l.iter().filter(|l| l.is_some()).count(),
+            Target::Labels(l) | Target::SmoothedLabels(l, _) => {
+                l.iter().filter(|l| l.is_some()).count()
+            }
             Target::Uniform(m) => m.iter().filter(|&&m| m).count(),
         }
     }
@@ -56,6 +77,9 @@ impl Sequence {
     pub fn objective(&self) -> Objective<'_> {
         match &self.target {
             Target::Labels(labels) => Objective::CrossEntropy { labels },
+            &Target::SmoothedLabels(ref labels, smooth) => {
+                Objective::SmoothedCrossEntropy { labels, smooth }
+            }
             Target::Uniform(mask) => Objective::KlUniform { mask },
         }
     }
@@ -65,8 +89,19 @@ impl Sequence {
     }
 
     /// The group whose positions are averaged together.
-    fn group(&self) -> (bool, u32) {
-        (self.is_uniform(), self.weight.to_bits())
+    fn group(&self, balance: Balance) -> (bool, u32) {
+        match balance {
+            Balance::Group => (self.is_uniform(), self.weight.to_bits()),
+            Balance::Token => (false, 0),
+        }
+    }
+
+    /// What one counted position weighs in its group's sum.
+    fn position_weight(&self, balance: Balance) -> f64 {
+        match balance {
+            Balance::Group => 1.0,
+            Balance::Token => self.weight as f64,
+        }
     }
 }
 
@@ -84,6 +119,7 @@ pub struct TrainConfig {
     pub warmup_ratio: f32,
     pub decay: Decay,
     pub adamw: AdamWConfig,
+    pub balance: Balance,
 }
 
 impl Default for TrainConfig {
@@ -96,6 +132,7 @@ impl Default for TrainConfig {
             warmup_ratio: 0.0,
             decay: Decay::Linear,
             adamw: AdamWConfig::default(),
+            balance: Balance::Group,
         }
     }
 }
@@ -174,6 +211,18 @@ pub fn train(
     cfg: &TrainConfig,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<TrainReport> {
+    train_with_epochs(tm, data, cfg, progress, &mut |_, _| Ok(()))
+}
+
+/// [`train`], calling `epoch_end(epoch, tm)` after each epoch (0-based) with the adapters as
+/// they are then (a checkpoint).
+pub fn train_with_epochs(
+    tm: &mut TrainModel,
+    data: &[Sequence],
+    cfg: &TrainConfig,
+    progress: &mut dyn FnMut(&Progress),
+    epoch_end: &mut dyn FnMut(usize, &TrainModel) -> Result<()>,
+) -> Result<TrainReport> {
     if cfg.batch == 0 || cfg.epochs == 0 {
         return Err(Error::Invalid(
             "training needs at least one epoch and a batch of at least one sequence".into(),
@@ -203,7 +252,6 @@ pub fn train(
         decay: cfg.decay,
     };
     let mut opt = AdamW::new(&tm.lora, cfg.adamw, schedule)?;
-    let nv = tm.model.cfg.n_vocab;
     let t0 = Instant::now();
     let mut report = TrainReport {
         steps: Vec::with_capacity(steps),
@@ -215,7 +263,7 @@ pub fn train(
         shuffle(&mut order, cfg.seed, epoch as u64);
         for batch in order.chunks(cfg.batch) {
             let seqs: Vec<&Sequence> = batch.iter().map(|&i| &data[i]).collect();
-            let stats = batch_step(tm, &mut opt, &seqs, nv, epoch)?;
+            let stats = batch_step(tm, &mut opt, &seqs, epoch, cfg.balance)?;
             report.tokens += stats.tokens;
             report.seconds = t0.elapsed().as_secs_f64();
             report.steps.push(stats);
@@ -227,42 +275,93 @@ pub fn train(
                 seconds: report.seconds,
             });
         }
+        epoch_end(epoch, tm)?;
     }
     Ok(report)
 }
 
-/// Forward and backward passes of one batch, then one step.
-fn batch_step(
-    tm: &mut TrainModel,
-    opt: &mut AdamW,
-    seqs: &[&Sequence],
-    nv: usize,
-    epoch: usize,
-) -> Result<StepStats> {
-    // N_g: counted positions per group in this batch.
-    let mut groups: Vec<((bool, u32), usize)> = Vec::new();
+/// Each sequence's factor in the batch loss: `L = sum_i f_i * l_i`, with `l_i` its own mean
+/// over its counted positions (see the module doc).
+pub fn factors(seqs: &[&Sequence], balance: Balance) -> Vec<f64> {
+    // N_g: the weighted count of positions per group in this batch.
+    let mut groups: Vec<((bool, u32), f64)> = Vec::new();
     for s in seqs {
-        match groups.iter_mut().find(|(g, _)| *g == s.group()) {
-            Some((_, n)) => *n += s.counted(),
-            None => groups.push((s.group(), s.counted())),
+        let n = s.counted() as f64 * s.position_weight(balance);
+        match groups.iter_mut().find(|(g, _)| *g == s.group(balance)) {
+            Some((_, m)) => *m += n,
+            None => groups.push((s.group(balance), n)),
         }
     }
-    let n_of = |s: &Sequence| {
-        groups
-            .iter()
-            .find(|(g, _)| *g == s.group())
-            .map(|&(_, n)| n)
-            .expect("every sequence's group is counted")
-    };
-    tm.lora.zero_grad();
-    let (mut loss, mut tokens) = (0.0f64, 0usize);
+    seqs.iter()
+        .map(|s| {
+            let ng = groups
+                .iter()
+                .find(|(g, _)| *g == s.group(balance))
+                .map(|&(_, n)| n)
+                .expect("every sequence's group is counted");
+            if ng > 0.0 {
+                s.weight as f64 * s.counted() as f64 / ng
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// What [`eval_loss`] measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalLoss {
+    /// The loss `L` of the sequences taken as one batch.
+    pub loss: f64,
+    /// The mean cross-entropy (smoothed, where a sequence is) per labelled position.
+    pub ce: Option<f64>,
+    /// The mean KL(uniform || p) per masked position.
+    pub kl: Option<f64>,
+}
+
+/// The loss of `seqs` taken as one batch, forward passes only (a held-out check).
+pub fn eval_loss(tm: &TrainModel, seqs: &[Sequence], balance: Balance) -> Result<EvalLoss> {
+    let nv = tm.model.cfg.n_vocab;
+    let used: Vec<&Sequence> = seqs.iter().filter(|s| s.counted() > 0).collect();
+    let f = factors(&used, balance);
+    let mut loss = 0.0;
     let (mut ce, mut kl) = ((0.0f64, 0usize), (0.0f64, 0usize));
-    for s in seqs {
+    for (s, f) in used.iter().zip(f) {
         let act = tm.forward(&s.tokens)?;
         let mut dlogits = vec![0f32; act.logits.len()]; // [n, n_vocab]
         let l = s.objective().loss(&act.logits, nv, &mut dlogits)?;
-        let (ni, ng) = (s.counted(), n_of(s));
-        let f = s.weight as f64 * ni as f64 / ng as f64;
+        loss += f * l;
+        let part = if s.is_uniform() { &mut kl } else { &mut ce };
+        part.0 += l * s.counted() as f64;
+        part.1 += s.counted();
+    }
+    let mean = |(sum, n): (f64, usize)| (n > 0).then(|| sum / n as f64);
+    Ok(EvalLoss {
+        loss,
+        ce: mean(ce),
+        kl: mean(kl),
+    })
+}
+
+/// Forward and backward passes of one batch: the adapters' gradients are set to those of the
+/// batch loss `L` (nothing stepped). Returns the step's statistics but its learning rate and
+/// gradient norm.
+pub fn batch_grad(
+    tm: &mut TrainModel,
+    seqs: &[&Sequence],
+    epoch: usize,
+    balance: Balance,
+) -> Result<StepStats> {
+    let nv = tm.model.cfg.n_vocab;
+    let factors = factors(seqs, balance);
+    tm.lora.zero_grad();
+    let (mut loss, mut tokens) = (0.0f64, 0usize);
+    let (mut ce, mut kl) = ((0.0f64, 0usize), (0.0f64, 0usize));
+    for (s, &f) in seqs.iter().zip(&factors) {
+        let act = tm.forward(&s.tokens)?;
+        let mut dlogits = vec![0f32; act.logits.len()]; // [n, n_vocab]
+        let l = s.objective().loss(&act.logits, nv, &mut dlogits)?;
+        let ni = s.counted();
         for d in dlogits.iter_mut() {
             *d = (*d as f64 * f) as f32;
         }
@@ -273,17 +372,31 @@ fn batch_step(
         part.0 += l * ni as f64;
         part.1 += ni;
     }
-    let info = opt.step(&mut tm.lora)?;
     let mean = |(sum, n): (f64, usize)| (n > 0).then(|| sum / n as f64);
     Ok(StepStats {
         epoch,
         loss,
         ce: mean(ce),
         kl: mean(kl),
-        lr: info.lr,
-        grad_norm: info.grad_norm,
+        lr: 0.0,
+        grad_norm: 0.0,
         tokens,
     })
+}
+
+/// Forward and backward passes of one batch, then one step.
+fn batch_step(
+    tm: &mut TrainModel,
+    opt: &mut AdamW,
+    seqs: &[&Sequence],
+    epoch: usize,
+    balance: Balance,
+) -> Result<StepStats> {
+    let mut stats = batch_grad(tm, seqs, epoch, balance)?;
+    let info = opt.step(&mut tm.lora)?;
+    stats.lr = info.lr;
+    stats.grad_norm = info.grad_norm;
+    Ok(stats)
 }
 
 /// Fisher-Yates with a generator seeded by `seed` and `epoch`.
