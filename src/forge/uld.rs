@@ -283,13 +283,16 @@ pub fn select_epoch(heldout: &[Option<f64>], epochs: usize) -> usize {
     best.map_or(epochs.saturating_sub(1), |(e, _)| e)
 }
 
+/// An augmentation file's rows: its name and `(question, pairs)` per row.
+pub type Augmentation<'a> = (&'a str, Vec<(String, Vec<Example>)>);
+
 /// Attach each forget row's paraphrases and wrong answers, matched by question; an
 /// augmentation file none of whose questions is a forget question is refused (`what` names
 /// it).
 pub fn attach(
     forget: &[Example],
-    paraphrases: Option<(&str, Vec<(String, Vec<Example>)>)>,
-    wrong: Option<(&str, Vec<(String, Vec<Example>)>)>,
+    paraphrases: Option<Augmentation>,
+    wrong: Option<Augmentation>,
 ) -> Result<Vec<ForgetRow>> {
     let mut rows: Vec<ForgetRow> = forget
         .iter()
