@@ -52,7 +52,7 @@ pub enum ForgeCmd {
     Finetune(finetune::FinetuneArgs),
     /// Train ULD's assistant: the target's first K blocks with a LoRA that remembers the
     /// forget set and is uniform on the retain set; writes it, its LoRA and a profile.
-    Uld(uld::UldArgs),
+    Uld(Box<uld::UldArgs>),
     /// SLUG: score every linear matrix by its forget and retain gradients, step the best one
     /// along its forget gradient, and write that step as a dense delta patch.
     Slug(slug::SlugArgs),
@@ -63,7 +63,7 @@ pub fn main(a: ForgeArgs) -> Result<()> {
         ForgeCmd::Ablate(a) => ablate::main(a),
         ForgeCmd::Assistant(a) => assistant::main(a),
         ForgeCmd::Finetune(a) => finetune::main(a),
-        ForgeCmd::Uld(a) => uld::main(a),
+        ForgeCmd::Uld(a) => uld::main(*a),
         ForgeCmd::Slug(a) => slug::main(a),
     }
 }
