@@ -41,6 +41,8 @@ enum Cmd {
     Eval(cli::eval::EvalArgs),
     /// Two models answer the same prompts: side by side, first difference, KL.
     Compare(cli::compare::CompareArgs),
+    /// Several evaluations (`eval --json`) in one table and one forget-quality chart.
+    Report(cli::report::ReportArgs),
 }
 
 /// Output piped into `head` and closed early ends the process quietly, as for other Unix
@@ -77,5 +79,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve(a) => cli::serve::main(a),
         Cmd::Eval(a) => cli::eval::main(a),
         Cmd::Compare(a) => cli::compare::main(a),
+        Cmd::Report(a) => cli::report::main(a),
     }
 }

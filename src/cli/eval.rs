@@ -8,10 +8,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lethe::eval::data::{self, Split, TofuData};
 use lethe::eval::remote::Remote;
 use lethe::eval::report::Report;
-use lethe::eval::run::{self, Backend, Local, Options, Side, SideResult};
+use lethe::eval::run::{self, Backend, Local, Options, Side, SideResult, SweepPoint};
 use lethe::model::Model;
 use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::profile::{self, ProfileFile};
+use lethe::unlearn::TermKind;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,6 +59,95 @@ pub struct EvalArgs {
     /// With --server: the API key.
     #[arg(long = "api-key")]
     pub api_key: Option<String>,
+    /// Sweep the profile's assistant terms: `alpha=0.25,0.5,1` (ULD and WHP terms: weight
+    /// -alpha) or `filter=0.01,0.1` (every term). Repeatable: every combination is a point.
+    /// Every answer is scored once for all points (one forward pass of the target and of each
+    /// assistant); greedy answers, unless --score-only, are decoded point by point.
+    #[arg(long = "sweep", value_name = "KEY=V1,V2,...")]
+    pub sweep: Vec<String>,
+    /// Skip the greedy answers: no ROUGE and so no model utility, but forget quality, the
+    /// probabilities, truth ratios, membership inference and the scored utility (the six
+    /// probability and truth-ratio numbers of model utility).
+    #[arg(long = "score-only")]
+    pub score_only: bool,
+}
+
+/// The points of `--sweep` flags (`None` without any) for terms `terms`: every combination of
+/// the values given, each a weight and filter per term.
+pub fn sweep_points(
+    flags: &[String],
+    terms: &[lethe::unlearn::Assistant],
+) -> Result<Option<Vec<SweepPoint>>> {
+    if flags.is_empty() {
+        return Ok(None);
+    }
+    if terms.is_empty() {
+        bail!("--sweep needs a profile (or --assistant) with assistant terms");
+    }
+    let mut axes: Vec<(String, Vec<f32>)> = Vec::new();
+    for f in flags {
+        let (k, vs) = f
+            .split_once('=')
+            .with_context(|| format!("--sweep {f:?}: KEY=V1,V2,..."))?;
+        let k = k.trim();
+        if k != "alpha" && k != "filter" {
+            bail!("--sweep {f:?}: the key is alpha or filter");
+        }
+        if axes.iter().any(|(a, _)| a == k) {
+            bail!("--sweep {k} is given twice");
+        }
+        let vals = vs
+            .split(',')
+            .map(|v| {
+                v.trim()
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|x| x.is_finite())
+                    .with_context(|| format!("--sweep {f:?}: {v:?} is not a number"))
+            })
+            .collect::<Result<Vec<f32>>>()?;
+        if k == "filter" && vals.iter().any(|x| !(0.0..1.0).contains(x)) {
+            bail!("--sweep {f:?}: a filter is in [0, 1)");
+        }
+        axes.push((k.to_string(), vals));
+    }
+    let mut points: Vec<Vec<(String, f32)>> = vec![Vec::new()];
+    for (k, vals) in &axes {
+        points = points
+            .into_iter()
+            .flat_map(|p| {
+                vals.iter().map(move |&v| {
+                    let mut q = p.clone();
+                    q.push((k.clone(), v));
+                    q
+                })
+            })
+            .collect();
+    }
+    Ok(Some(
+        points
+            .into_iter()
+            .map(|p| {
+                let get = |key: &str| p.iter().find(|(k, _)| k == key).map(|&(_, v)| v);
+                let terms = terms
+                    .iter()
+                    .map(|t| {
+                        let w = match (t.kind, get("alpha")) {
+                            (TermKind::Uld | TermKind::Whp, Some(a)) => -a,
+                            _ => t.weight,
+                        };
+                        (w, get("filter").unwrap_or(t.filter))
+                    })
+                    .collect();
+                let name = p
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                SweepPoint { name, terms }
+            })
+            .collect(),
+    ))
 }
 
 /// The models evaluated, and the reference (scored on the forget set only).
@@ -74,11 +164,13 @@ pub fn main(a: EvalArgs) -> Result<()> {
         n_ctx: EVAL_CTX,
         k: a.min_k,
         forget_only: false,
+        score_only: a.score_only,
     };
     if !(a.min_k > 0.0 && a.min_k <= 1.0) {
         bail!("--min-k must be in (0, 1]");
     }
     let (mut sides, reference): Sides = match &a.server {
+        Some(_) if !a.sweep.is_empty() => bail!("--sweep runs on local models only"),
         Some(url) => remote_sides(&a, url)?,
         None => local_sides(&a)?,
     };
@@ -86,7 +178,10 @@ pub fn main(a: EvalArgs) -> Result<()> {
         forget_only: true,
         ..opts.clone()
     };
-    let total: u64 = sides.len() as u64 * run::work(&data, &opts)
+    let total: u64 = sides
+        .iter()
+        .map(|s| s.n_points() as u64 * run::work(&data, &opts))
+        .sum::<u64>()
         + reference
             .as_ref()
             .map_or(0, |_| run::work(&data, &ref_opts));
@@ -100,7 +195,7 @@ pub fn main(a: EvalArgs) -> Result<()> {
     let mut results: Vec<SideResult> = Vec::new();
     for be in sides.iter_mut() {
         bar.set_message(be.name());
-        results.push(run::evaluate(be.as_mut(), &data, &opts, &tick)?);
+        results.extend(run::evaluate_points(be.as_mut(), &data, &opts, &tick)?);
     }
     let reference = match reference {
         Some(mut be) => {
@@ -129,6 +224,8 @@ pub fn main(a: EvalArgs) -> Result<()> {
             "min_k": a.min_k,
             "n_ctx": EVAL_CTX,
             "server": a.server,
+            "score_only": a.score_only,
+            "sweep": a.sweep,
         }),
     };
     print_summary(&report, &data);
@@ -156,7 +253,11 @@ fn print_summary(report: &Report, data: &TofuData) {
         data.world_facts.len()
     );
     println!();
-    print!("{}", report.table());
+    if report.sides.len() > 3 {
+        print!("{}", report.rows_table());
+    } else {
+        print!("{}", report.table());
+    }
     println!();
     for s in report.sides.iter().chain(&report.reference) {
         println!("{}: {:.1} s", s.name, s.seconds);
@@ -229,9 +330,16 @@ fn local_sides(a: &EvalArgs) -> Result<Sides> {
             l.profile_file.as_ref(),
         )?),
     };
+    let points = sweep_points(&a.sweep, &l.terms)?;
     let mut out: Vec<Box<dyn Backend>> = Vec::new();
-    for s in sides {
-        out.push(Box::new(Local::new(s, EVAL_CTX)?));
+    let last = sides.len().saturating_sub(1);
+    for (i, s) in sides.into_iter().enumerate() {
+        let mut be = Local::new(s, EVAL_CTX)?;
+        // The sweep applies to the forgotten side (the last one).
+        if let (Some(p), true) = (&points, i == last) {
+            be = be.with_points(p.clone())?;
+        }
+        out.push(Box::new(be));
     }
     let reference = match reference {
         Some(s) => Some(Box::new(Local::new(s, EVAL_CTX)?) as Box<dyn Backend>),

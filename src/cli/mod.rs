@@ -10,6 +10,7 @@ pub mod forge;
 pub mod inspect;
 pub mod patch;
 pub mod profile;
+pub mod report;
 pub mod run;
 pub mod serve;
 pub mod tokenize;

@@ -16,6 +16,9 @@ const REF_COLOUR: &str = "#9aa0a6";
 const LOG_MIN: f64 = 1e-20;
 /// Retain-set questions shown side by side.
 const RETAIN_SAMPLE: usize = 20;
+/// More sides than this: the metric table has a row per side, and the bar charts and answer
+/// columns are left out (a sweep, or several evaluations merged).
+const WIDE: usize = 6;
 
 const CSS: &str = "\
 body{margin:0;background:#f7f7f5;color:#222;font:15px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,'Helvetica Neue',Arial,sans-serif}
@@ -86,13 +89,53 @@ pub fn render(report: &Report) -> String {
     let mut o = format!("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>Unlearning evaluation: {split}</title>\n<style>\n{CSS}</style>\n</head>\n<body>\n<main>\n");
     o += &header(report, &cols);
     o += "<h2>Metrics</h2>\n";
-    o += &metric_table(&cols);
+    if cols.len() > WIDE {
+        o += &metric_rows(&cols);
+    } else {
+        o += &metric_table(&cols);
+    }
     o += "<h2>Charts</h2>\n<div class=\"charts\">\n";
-    o += &charts(&cols);
+    o += &tradeoff(
+        "Forget quality against model utility",
+        "model utility",
+        &cols,
+        |s| s.model_utility,
+    );
+    o += &tradeoff(
+        "Forget quality against scored utility (model utility without ROUGE)",
+        "scored utility",
+        &cols,
+        |s| s.scored_utility,
+    );
+    if cols.len() <= WIDE {
+        o += &charts(&cols);
+    }
     o += "</div>\n<h2>Answers</h2>\n";
-    o += &answers("Forget set", &cols, SetKind::Forget, usize::MAX);
+    // Answers side by side for the sides that generated them (at most WIDE of them).
+    let gen: Vec<&Col> = cols
+        .iter()
+        .filter(|c| {
+            c.side
+                .set(SetKind::Forget)
+                .is_some_and(|s| s.items.iter().any(|i| i.generated.is_some()))
+        })
+        .take(WIDE)
+        .collect();
+    let gen: Vec<Col> = gen
+        .into_iter()
+        .map(|c| Col {
+            side: c.side,
+            is_ref: c.is_ref,
+            label: c.label.clone(),
+            colour: c.colour,
+        })
+        .collect();
+    if gen.is_empty() {
+        o += "<p class=\"muted\">No side generated answers (a score-only evaluation).</p>\n";
+    }
+    o += &answers("Forget set", &gen, SetKind::Forget, usize::MAX);
     let retain = format!("Retain set (first {RETAIN_SAMPLE})");
-    o += &answers(&retain, &cols, SetKind::Retain, RETAIN_SAMPLE);
+    o += &answers(&retain, &gen, SetKind::Retain, RETAIN_SAMPLE);
     o += "<h2>Settings and file hashes</h2>\n";
     for c in &cols {
         o += &audit(c);
@@ -168,6 +211,100 @@ fn metric_table(cols: &[Col]) -> String {
         o += "</tr>\n";
     }
     o + "</table></div>\n"
+}
+
+/// The metric table with a row per side (for many sides).
+fn metric_rows(cols: &[Col]) -> String {
+    let mut rows = metrics();
+    rows.push(Metric {
+        label: "Seconds",
+        note: "wall time of the evaluation",
+        get: |s| Some(s.seconds),
+    });
+    rows.retain(|m| cols.iter().any(|c| (m.get)(c.side).is_some()));
+    let mut o = String::from("<div class=\"wrap\"><table>\n<tr><th>Side</th>");
+    for m in &rows {
+        o += &format!("<th>{}</th>", esc(m.label));
+    }
+    o += "</tr>\n";
+    for c in cols {
+        let cls = if c.is_ref { " class=\"ref\"" } else { "" };
+        o += &format!("<tr{cls}><td>{}</td>", swatch(c));
+        for m in &rows {
+            let v = (m.get)(c.side).map_or("\u{2013}".into(), fmt_num);
+            o += &format!("<td class=\"num\">{v}</td>");
+        }
+        o += "</tr>\n";
+    }
+    o + "</table></div>\n"
+}
+
+/// A scatter chart of forget quality (log10 axis, 1e-20 to 1) against a utility (linear,
+/// 0 to a round number above the largest): one labelled dot per side that has both, the
+/// reference as a grey ring.
+fn tradeoff(
+    title: &str,
+    x_name: &str,
+    cols: &[Col],
+    x_of: fn(&SideResult) -> Option<f64>,
+) -> String {
+    let t = esc(title);
+    // The reference's forget quality against itself is 1 by definition.
+    let pts: Vec<(&Col, f64, f64)> = cols
+        .iter()
+        .filter_map(|c| {
+            let fq = c.side.forget_quality.or(c.is_ref.then_some(1.0))?;
+            let x = x_of(c.side)?;
+            (x.is_finite() && fq.is_finite()).then_some((c, x, fq))
+        })
+        .collect();
+    if pts.is_empty() {
+        let none = "<p class=\"muted\">No side has both numbers.</p>";
+        return format!("<figure><figcaption>{t}</figcaption>{none}</figure>\n");
+    }
+    let x_top = pts.iter().fold(0f64, |m, p| m.max(p.1));
+    let x_max = ((x_top * 10.0).ceil() / 10.0).max(0.1);
+    let (left, top, pw, ph) = (52.0, 14.0, 420.0, 260.0);
+    let (right, bottom) = (left + pw, top + ph);
+    let width = right + 150.0;
+    let h = bottom + 40.0;
+    let x = |v: f64| left + pw * (v.clamp(0.0, x_max) / x_max);
+    let y = |v: f64| bottom - ph * frac(v, 1.0, true);
+    let mut o = format!("<figure><figcaption>{t}</figcaption><svg role=\"img\" viewBox=\"0 0 {width} {h}\" width=\"{width}\" height=\"{h}\"><title>{t}</title>\n");
+    for v in (-4..=0).map(|i| 10f64.powi(5 * i)) {
+        let (ty, tx, ly) = (y(v), left - 6.0, y(v) + 4.0);
+        let s = if v < 1.0 {
+            format!("{v:e}")
+        } else {
+            "1".into()
+        };
+        o += &format!("<line x1=\"{left}\" x2=\"{right}\" y1=\"{ty}\" y2=\"{ty}\" stroke=\"#ececec\"/><text x=\"{tx}\" y=\"{ly}\" text-anchor=\"end\" fill=\"#666\">{s}</text>\n");
+    }
+    for i in 0..=5 {
+        let v = x_max * f64::from(i) / 5.0;
+        let (tx, ty) = (x(v), bottom + 14.0);
+        o += &format!("<line x1=\"{tx}\" x2=\"{tx}\" y1=\"{top}\" y2=\"{bottom}\" stroke=\"#f3f3f3\"/><text x=\"{tx}\" y=\"{ty}\" text-anchor=\"middle\" fill=\"#666\">{:.2}</text>\n", v);
+    }
+    let (gy, gx) = (y(0.05), right + 4.0);
+    o += &format!("<line x1=\"{left}\" x2=\"{right}\" y1=\"{gy}\" y2=\"{gy}\" stroke=\"#c0392b\" stroke-dasharray=\"5 4\"/><text x=\"{gx}\" y=\"{}\" fill=\"#c0392b\" font-size=\"10\">p = 0.05</text>\n", gy + 4.0);
+    for (c, xv, fq) in &pts {
+        let (cx, cy) = (x(*xv), y(*fq));
+        let (who, label) = (esc(&c.label), esc(&c.side.name));
+        let (xs, fs) = (fmt_num(*xv), fmt_num(*fq));
+        let dot = if c.is_ref {
+            format!("<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"5\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\">", c.colour)
+        } else {
+            format!(
+                "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"4\" fill=\"{}\">",
+                c.colour
+            )
+        };
+        o += &format!("{dot}<title>{who}: forget quality {fs}, {} {xs}</title></circle><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" fill=\"#444\">{label}</text>\n", esc(x_name), cx + 6.0, cy + 3.0);
+    }
+    let (mx, my, xn) = (left + pw / 2.0, bottom + 32.0, esc(x_name));
+    o += &format!("<text x=\"{mx}\" y=\"{my}\" text-anchor=\"middle\">{xn}</text><text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {})\" text-anchor=\"middle\">forget quality</text>\n", top + ph / 2.0, top + ph / 2.0);
+    o += &format!("<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{bottom}\" stroke=\"#999\"/><line x1=\"{left}\" x2=\"{right}\" y1=\"{bottom}\" y2=\"{bottom}\" stroke=\"#999\"/>\n");
+    o + "</svg></figure>\n"
 }
 
 /// A chart: its title, the metrics (labels of [`metrics`]) grouped on the x axis, whether
@@ -479,6 +616,7 @@ mod tests {
             sets,
             holdout: vec![],
             model_utility: full.then_some(0.52),
+            scored_utility: full.then_some(0.58),
             forget_quality: full.then_some(3.2e-7),
             mia: full.then_some(MiaAuc {
                 k: 0.2,

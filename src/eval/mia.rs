@@ -40,7 +40,7 @@ pub fn roc_auc(positive: &[f64], negative: &[f64]) -> f64 {
 }
 
 /// Statistics of one scored token under the model's next-token distribution p_t.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenStats {
     /// log p_t(x_t), the log-probability of the actual token.
     pub logprob: f64,
@@ -93,7 +93,7 @@ pub fn mink_stats(logits: &[f32], token: u32) -> Result<TokenStats> {
 }
 
 /// Per-text membership scores (see the module doc); higher = more likely a member.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MiaScores {
     /// Mean token log-probability.
     pub loss: f64,

@@ -3,11 +3,11 @@
 
 use super::run::SideResult;
 use super::tofu::SetKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One evaluation: the split, the sides (base first, then the forgotten model), and the
 /// reference forget quality is measured against.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub split: String,
     /// Items per set when cut with `--limit`.
@@ -49,6 +49,11 @@ pub fn metrics() -> Vec<Metric> {
             label: "Model utility",
             note: "harmonic mean of the nine retain/real/world numbers",
             get: |s| s.model_utility,
+        },
+        Metric {
+            label: "Scored utility",
+            note: "harmonic mean of the six probability and truth-ratio numbers (no ROUGE)",
+            get: |s| s.scored_utility,
         },
         Metric {
             label: "Forget ROUGE-L",
@@ -169,6 +174,49 @@ impl Report {
             out.push_str(&format!("| {} |", m.label));
             for v in vals {
                 match v {
+                    Some(x) => out.push_str(&format!(" {} |", fmt_num(x))),
+                    None => out.push_str(" - |"),
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// One row per side (a sweep's points, say), the headline metrics as columns.
+    pub fn rows_table(&self) -> String {
+        const COLS: [&str; 9] = [
+            "Forget quality",
+            "Model utility",
+            "Scored utility",
+            "Forget ROUGE-L",
+            "Forget probability",
+            "Forget truth ratio",
+            "Retain probability",
+            "Retain ROUGE-L",
+            "MIA AUC: LOSS",
+        ];
+        let all = metrics();
+        let ms: Vec<&Metric> = COLS
+            .iter()
+            .filter_map(|l| all.iter().find(|m| m.label == *l))
+            .collect();
+        let mut out = String::from("| side |");
+        for m in &ms {
+            out.push_str(&format!(" {} |", m.label));
+        }
+        out.push_str("\n|---|");
+        out.push_str(&"---:|".repeat(ms.len()));
+        out.push('\n');
+        let rows = self
+            .sides
+            .iter()
+            .map(|s| (s, ""))
+            .chain(self.reference.iter().map(|s| (s, " (reference)")));
+        for (s, tag) in rows {
+            out.push_str(&format!("| {}{tag} |", s.name));
+            for m in &ms {
+                match (m.get)(s) {
                     Some(x) => out.push_str(&format!(" {} |", fmt_num(x))),
                     None => out.push_str(" - |"),
                 }

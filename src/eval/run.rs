@@ -16,7 +16,7 @@ use crate::model::{Model, PatchSet};
 use crate::tokenizer::Tokenizer;
 use crate::unlearn::{Assistant, Scorer};
 use crate::{Error, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -78,6 +78,9 @@ pub struct Options {
     pub k: f64,
     /// Only the forget set's losses (the reference model of forget quality needs no more).
     pub forget_only: bool,
+    /// No greedy answers (no ROUGE, so no model utility): the losses, truth ratios and
+    /// membership scores only.
+    pub score_only: bool,
 }
 
 impl Default for Options {
@@ -87,12 +90,13 @@ impl Default for Options {
             n_ctx: 1024,
             k: 0.2,
             forget_only: false,
+            score_only: false,
         }
     }
 }
 
 /// What one item scored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemResult {
     pub question: String,
     pub answer: String,
@@ -122,7 +126,7 @@ impl ItemResult {
 }
 
 /// One set's items and their summary.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SetResult {
     pub name: String,
     pub kind: SetKind,
@@ -131,7 +135,7 @@ pub struct SetResult {
 }
 
 /// ROC AUC of each membership-inference score, forget (members) against holdout.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MiaAuc {
     pub k: f64,
     pub loss: f64,
@@ -141,7 +145,7 @@ pub struct MiaAuc {
 }
 
 /// Everything one side scored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SideResult {
     pub name: String,
     pub audit: serde_json::Value,
@@ -149,6 +153,10 @@ pub struct SideResult {
     pub sets: Vec<SetResult>,
     pub holdout: Vec<ItemResult>,
     pub model_utility: Option<f64>,
+    /// The harmonic mean of the six probability and truth-ratio numbers of model utility
+    /// (everything but ROUGE: what a score-only evaluation can tell).
+    #[serde(default)]
+    pub scored_utility: Option<f64>,
     /// KS p-value of the forget truth ratios against the reference's (set by the caller).
     pub forget_quality: Option<f64>,
     pub mia: Option<MiaAuc>,
@@ -182,7 +190,11 @@ pub fn work(data: &TofuData, opts: &Options) -> u64 {
         + data.retain.len()
         + data.real_authors.len()
         + data.world_facts.len();
-    let generated = scored - data.holdout.len();
+    let generated = if opts.score_only {
+        0
+    } else {
+        scored - data.holdout.len()
+    };
     (scored + generated) as u64
 }
 
@@ -203,6 +215,28 @@ pub trait Backend {
     /// Each continuation's per-token log-probabilities after `question` (scoring use); with
     /// `stats`, the first continuation's per-token Min-K%++ statistics too.
     fn score(&mut self, question: &str, conts: &[&str], stats: bool) -> Result<Scored>;
+    /// The settings evaluated at once (a sweep's points; 1: the model as it is).
+    fn n_points(&self) -> usize {
+        1
+    }
+    /// What point `k` is called in a report, and its settings.
+    fn point(&self, _k: usize) -> (String, serde_json::Value) {
+        (self.name(), self.audit())
+    }
+    /// [`Backend::score`] at every point (one forward pass of each model for all of them).
+    fn score_points(&mut self, question: &str, conts: &[&str], stats: bool) -> Result<Vec<Scored>> {
+        Ok(vec![self.score(question, conts, stats)?])
+    }
+    /// [`Backend::answers`] at point `k`.
+    fn answers_at(
+        &mut self,
+        _k: usize,
+        questions: &[&str],
+        opts: &Options,
+        tick: &dyn Fn(u64),
+    ) -> Result<Vec<String>> {
+        self.answers(questions, opts, tick)
+    }
 }
 
 /// What [`Backend::score`] returns.
@@ -214,16 +248,59 @@ pub struct Scored {
     pub stats: Vec<TokenStats>,
 }
 
-/// A model evaluated in this process.
+/// One point of a sweep over the assistant terms' settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepPoint {
+    /// What the report calls it (`alpha=0.5 filter=0.01`).
+    pub name: String,
+    /// Each term's `(weight, filter)`.
+    pub terms: Vec<(f32, f32)>,
+}
+
+/// A model evaluated in this process, at its own settings or at each point of a sweep.
 pub struct Local {
     pub side: Side,
     scorer: Scorer,
+    points: Vec<SweepPoint>,
 }
 
 impl Local {
     pub fn new(side: Side, n_ctx: usize) -> Result<Self> {
         let scorer = side.scorer(n_ctx)?;
-        Ok(Self { side, scorer })
+        Ok(Self {
+            side,
+            scorer,
+            points: Vec::new(),
+        })
+    }
+
+    /// The same side evaluated at each of `points` (its own settings ignored).
+    pub fn with_points(mut self, points: Vec<SweepPoint>) -> Result<Self> {
+        for p in &points {
+            if p.terms.len() != self.side.terms.len() {
+                return Err(Error::Invalid(format!(
+                    "sweep point {:?} sets {} terms; {} has {}",
+                    p.name,
+                    p.terms.len(),
+                    self.side.name,
+                    self.side.terms.len()
+                )));
+            }
+        }
+        self.points = points;
+        Ok(self)
+    }
+
+    /// The side at point `k` (its terms' weights and filters set).
+    fn side_at(&self, k: usize) -> Side {
+        let mut side = self.side.clone();
+        if let Some(p) = self.points.get(k) {
+            for (t, &(w, f)) in side.terms.iter_mut().zip(&p.terms) {
+                t.weight = w;
+                t.filter = f;
+            }
+        }
+        side
     }
 }
 
@@ -255,9 +332,76 @@ impl Backend for Local {
     }
 
     fn score(&mut self, question: &str, conts: &[&str], stats: bool) -> Result<Scored> {
+        let mut all = self.score_settings(question, conts, stats, &[Vec::new()])?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    fn n_points(&self) -> usize {
+        self.points.len().max(1)
+    }
+
+    fn point(&self, k: usize) -> (String, serde_json::Value) {
+        match self.points.get(k) {
+            None => (self.name(), self.audit()),
+            Some(p) => {
+                let mut audit = self.side.audit.clone();
+                if let Some(o) = audit.as_object_mut() {
+                    o.insert("sweep_point".into(), serde_json::json!(p.name));
+                    o.insert(
+                        "terms".into(),
+                        serde_json::json!(p
+                            .terms
+                            .iter()
+                            .map(|&(w, f)| serde_json::json!({"weight": w, "filter": f}))
+                            .collect::<Vec<_>>()),
+                    );
+                }
+                (format!("{} {}", self.side.name, p.name), audit)
+            }
+        }
+    }
+
+    fn score_points(&mut self, question: &str, conts: &[&str], stats: bool) -> Result<Vec<Scored>> {
+        let points: Vec<Vec<(f32, f32)>> = if self.points.is_empty() {
+            vec![Vec::new()]
+        } else {
+            self.points.iter().map(|p| p.terms.clone()).collect()
+        };
+        self.score_settings(question, conts, stats, &points)
+    }
+
+    fn answers_at(
+        &mut self,
+        k: usize,
+        questions: &[&str],
+        opts: &Options,
+        tick: &dyn Fn(u64),
+    ) -> Result<Vec<String>> {
+        let side = self.side_at(k);
+        let prompts = questions
+            .iter()
+            .map(|q| side.prompt(q))
+            .collect::<Result<Vec<_>>>()?;
+        let out = greedy_batch(&side, &prompts, opts.max_new, opts.n_ctx, tick)?;
+        Ok(out
+            .iter()
+            .map(|t| side.tok.decode(t, false).trim().to_string())
+            .collect())
+    }
+}
+
+impl Local {
+    /// Each continuation scored at each of `points` (one forward pass for all).
+    fn score_settings(
+        &mut self,
+        question: &str,
+        conts: &[&str],
+        stats: bool,
+        points: &[Vec<(f32, f32)>],
+    ) -> Result<Vec<Scored>> {
         let side = &self.side;
         self.scorer.set_prompt(&side.prompt(question)?)?;
-        let mut out = Scored::default();
+        let mut out = vec![Scored::default(); points.len()];
         for (i, c) in conts.iter().enumerate() {
             let t = side.answer(c);
             if t.is_empty() {
@@ -265,17 +409,20 @@ impl Backend for Local {
                     "an answer to {question:?} has no tokens: {c:?}"
                 )));
             }
-            let lp = if stats && i == 0 {
-                let mut st = Vec::with_capacity(t.len());
-                let lp = self
-                    .scorer
-                    .score_with(&t, |j, logp| st.push(mia::mink_stats(logp, t[j])))?;
-                out.stats = st.into_iter().collect::<Result<_>>()?;
-                lp
-            } else {
-                self.scorer.score(&t)?
-            };
-            out.logprobs.push(lp);
+            let want_stats = stats && i == 0;
+            let mut st: Vec<Vec<Result<TokenStats>>> =
+                (0..points.len()).map(|_| Vec::new()).collect();
+            let lp = self.scorer.score_points(&t, points, |k, j, logp| {
+                if want_stats {
+                    st[k].push(mia::mink_stats(logp, t[j]));
+                }
+            })?;
+            for (k, (lp, st)) in lp.into_iter().zip(st).enumerate() {
+                if want_stats {
+                    out[k].stats = st.into_iter().collect::<Result<_>>()?;
+                }
+                out[k].logprobs.push(lp);
+            }
         }
         Ok(out)
     }
@@ -289,8 +436,22 @@ pub fn evaluate(
     opts: &Options,
     tick: &dyn Fn(u64),
 ) -> Result<SideResult> {
+    let mut all = evaluate_points(be, data, opts, tick)?;
+    Ok(all.swap_remove(0))
+}
+
+/// Evaluate the model behind `be` at each of its points ([`Backend::n_points`]): every
+/// continuation is scored once for all points; greedy answers (unless `opts.score_only`) are
+/// decoded point by point. `tick` counts [`work`] units of all points together.
+pub fn evaluate_points(
+    be: &mut dyn Backend,
+    data: &TofuData,
+    opts: &Options,
+    tick: &dyn Fn(u64),
+) -> Result<Vec<SideResult>> {
     let t0 = Instant::now();
-    let mut sets = Vec::new();
+    let np = be.n_points();
+    let mut sets: Vec<Vec<SetResult>> = vec![Vec::new(); np];
     let mut list: Vec<(&str, SetKind, &[QaItem])> = vec![("forget", SetKind::Forget, &data.forget)];
     if !opts.forget_only {
         list.extend([
@@ -299,74 +460,102 @@ pub fn evaluate(
             ("world_facts", SetKind::WorldFacts, &data.world_facts[..]),
         ]);
     }
+    // Scoring ticks once per item for all points; answers tick per point.
+    let tick_points = |n: u64| tick(n * np as u64);
     for (name, kind, items) in list {
-        let gen = if opts.forget_only {
+        let gen: Option<Vec<Vec<String>>> = if opts.forget_only || opts.score_only {
             None
         } else {
             let qs: Vec<&str> = items.iter().map(|q| q.question.as_str()).collect();
-            Some(be.answers(&qs, opts, tick)?)
+            Some(
+                (0..np)
+                    .map(|k| be.answers_at(k, &qs, opts, tick))
+                    .collect::<Result<_>>()?,
+            )
         };
-        let mut out = Vec::with_capacity(items.len());
+        let mut out: Vec<Vec<ItemResult>> = vec![Vec::with_capacity(items.len()); np];
         for (i, item) in items.iter().enumerate() {
             let mia = kind == SetKind::Forget;
-            let mut r = score_item(be, item, mia, opts.k)?;
-            if let Some(g) = &gen {
-                r.rouge_l_recall = Some(rouge_l_recall(&item.answer, &g[i]));
-                r.generated = Some(g[i].clone());
+            for (k, mut r) in score_item_points(be, item, mia, opts.k)?
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(g) = &gen {
+                    r.rouge_l_recall = Some(rouge_l_recall(&item.answer, &g[k][i]));
+                    r.generated = Some(g[k][i].clone());
+                }
+                out[k].push(r);
             }
-            out.push(r);
-            tick(1);
+            tick_points(1);
         }
-        let scores: Vec<ItemScores> = out.iter().map(ItemResult::scores).collect();
-        sets.push(SetResult {
-            name: name.into(),
-            kind,
-            summary: tofu::summarize(kind, &scores)?,
-            items: out,
-        });
-    }
-    let mut holdout = Vec::new();
-    let mut mia_auc = None;
-    if !opts.forget_only {
-        for item in &data.holdout {
-            holdout.push(score_item(be, item, true, opts.k)?);
-            tick(1);
-        }
-        let forget = &sets[0].items;
-        let pick = |f: fn(&MiaScores) -> f64, v: &[ItemResult]| -> Vec<f64> {
-            v.iter().filter_map(|r| r.mia.as_ref().map(f)).collect()
-        };
-        let auc = |f: fn(&MiaScores) -> f64| mia::roc_auc(&pick(f, forget), &pick(f, &holdout));
-        if !forget.is_empty() && !holdout.is_empty() {
-            mia_auc = Some(MiaAuc {
-                k: opts.k,
-                loss: auc(|m| m.loss),
-                zlib: auc(|m| m.zlib),
-                min_k: auc(|m| m.min_k),
-                min_k_pp: auc(|m| m.min_k_pp),
+        for (k, out) in out.into_iter().enumerate() {
+            let scores: Vec<ItemScores> = out.iter().map(ItemResult::scores).collect();
+            sets[k].push(SetResult {
+                name: name.into(),
+                kind,
+                summary: tofu::summarize(kind, &scores)?,
+                items: out,
             });
         }
     }
-    let model_utility = match (
-        sets.iter().find(|s| s.kind == SetKind::Retain),
-        sets.iter().find(|s| s.kind == SetKind::RealAuthors),
-        sets.iter().find(|s| s.kind == SetKind::WorldFacts),
-    ) {
-        (Some(r), Some(a), Some(w)) => {
-            Some(tofu::model_utility(&r.summary, &a.summary, &w.summary))
+    let mut holdout: Vec<Vec<ItemResult>> = vec![Vec::new(); np];
+    if !opts.forget_only {
+        for item in &data.holdout {
+            for (k, r) in score_item_points(be, item, true, opts.k)?
+                .into_iter()
+                .enumerate()
+            {
+                holdout[k].push(r);
+            }
+            tick_points(1);
         }
-        _ => None,
-    };
-    Ok(SideResult {
-        name: be.name(),
-        audit: be.audit(),
-        sets,
-        holdout,
-        model_utility,
-        forget_quality: None,
-        mia: mia_auc,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut results = Vec::with_capacity(np);
+    for (k, (sets, holdout)) in sets.into_iter().zip(holdout).enumerate() {
+        let mut mia_auc = None;
+        if !opts.forget_only {
+            let forget = &sets[0].items;
+            let pick = |f: fn(&MiaScores) -> f64, v: &[ItemResult]| -> Vec<f64> {
+                v.iter().filter_map(|r| r.mia.as_ref().map(f)).collect()
+            };
+            let auc = |f: fn(&MiaScores) -> f64| mia::roc_auc(&pick(f, forget), &pick(f, &holdout));
+            if !forget.is_empty() && !holdout.is_empty() {
+                mia_auc = Some(MiaAuc {
+                    k: opts.k,
+                    loss: auc(|m| m.loss),
+                    zlib: auc(|m| m.zlib),
+                    min_k: auc(|m| m.min_k),
+                    min_k_pp: auc(|m| m.min_k_pp),
+                });
+            }
+        }
+        let three = match (
+            sets.iter().find(|s| s.kind == SetKind::Retain),
+            sets.iter().find(|s| s.kind == SetKind::RealAuthors),
+            sets.iter().find(|s| s.kind == SetKind::WorldFacts),
+        ) {
+            (Some(r), Some(a), Some(w)) => Some((&r.summary, &a.summary, &w.summary)),
+            _ => None,
+        };
+        let model_utility = three
+            .filter(|_| !opts.score_only)
+            .map(|(r, a, w)| tofu::model_utility(r, a, w));
+        let scored_utility = three.map(|(r, a, w)| tofu::scored_utility(r, a, w));
+        let (name, audit) = be.point(k);
+        results.push(SideResult {
+            name,
+            audit,
+            sets,
+            holdout,
+            model_utility,
+            scored_utility,
+            forget_quality: None,
+            mia: mia_auc,
+            seconds,
+        });
+    }
+    Ok(results)
 }
 
 /// Mean NLL per token from per-token log-probabilities.
@@ -377,37 +566,52 @@ fn mean_nll(lp: &[f64]) -> f64 {
 /// Score an item's answer, paraphrase and perturbed answers (one prefill of its question);
 /// with `mia`, the answer's membership-inference scores too.
 pub fn score_item(be: &mut dyn Backend, item: &QaItem, mia: bool, k: f64) -> Result<ItemResult> {
+    let mut all = score_item_points(be, item, mia, k)?;
+    Ok(all.swap_remove(0))
+}
+
+/// [`score_item`] at every point of `be`.
+pub fn score_item_points(
+    be: &mut dyn Backend,
+    item: &QaItem,
+    mia: bool,
+    k: f64,
+) -> Result<Vec<ItemResult>> {
     // Where there is no paraphrase the answer stands in for it: its loss is the answer's,
     // scored once.
     let mut conts = vec![item.answer.as_str()];
     conts.extend(item.paraphrased.as_deref());
     let first_perturbed = conts.len();
     conts.extend(item.perturbed.iter().map(String::as_str));
-    let s = be.score(&item.question, &conts, mia)?;
-    if s.logprobs.len() != conts.len() {
-        return Err(Error::Invalid(format!(
-            "{} scores for {} answers",
-            s.logprobs.len(),
-            conts.len()
-        )));
-    }
+    let all = be.score_points(&item.question, &conts, mia)?;
     let para = if item.paraphrased.is_some() { 1 } else { 0 };
-    Ok(ItemResult {
-        question: item.question.clone(),
-        answer: item.answer.clone(),
-        generated: None,
-        rouge_l_recall: None,
-        gt_loss: mean_nll(&s.logprobs[0]),
-        gt_tokens: s.logprobs[0].len(),
-        paraphrased_loss: mean_nll(&s.logprobs[para]),
-        perturbed_loss: s.logprobs[first_perturbed..]
-            .iter()
-            .map(|l| mean_nll(l))
-            .collect(),
-        mia: mia
-            .then(|| mia::scores(&s.stats, &item.answer, k))
-            .transpose()?,
-    })
+    all.into_iter()
+        .map(|s| {
+            if s.logprobs.len() != conts.len() {
+                return Err(Error::Invalid(format!(
+                    "{} scores for {} answers",
+                    s.logprobs.len(),
+                    conts.len()
+                )));
+            }
+            Ok(ItemResult {
+                question: item.question.clone(),
+                answer: item.answer.clone(),
+                generated: None,
+                rouge_l_recall: None,
+                gt_loss: mean_nll(&s.logprobs[0]),
+                gt_tokens: s.logprobs[0].len(),
+                paraphrased_loss: mean_nll(&s.logprobs[para]),
+                perturbed_loss: s.logprobs[first_perturbed..]
+                    .iter()
+                    .map(|l| mean_nll(l))
+                    .collect(),
+                mia: mia
+                    .then(|| mia::scores(&s.stats, &item.answer, k))
+                    .transpose()?,
+            })
+        })
+        .collect()
 }
 
 /// Greedy continuations of `prompts` (token ids, without the end-of-generation token).

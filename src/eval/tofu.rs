@@ -17,7 +17,7 @@ use super::ks::ks_2samp;
 use crate::{Error, Result};
 
 /// Which TOFU evaluation set a list of items comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SetKind {
     /// The retain set (authors kept; TOFU scores its first 300 items).
     Retain,
@@ -44,7 +44,7 @@ pub struct ItemScores {
 }
 
 /// One set's three numbers.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SetSummary {
     /// Answer probability, plain (retain) or normalised against the perturbed answers.
     pub probability: f64,
@@ -113,6 +113,21 @@ pub fn model_utility(retain: &SetSummary, real: &SetSummary, world: &SetSummary)
         return 0.0;
     }
     nine.len() as f64 / nine.iter().map(|v| 1.0 / v).sum::<f64>()
+}
+
+/// The part of model utility that needs no greedy answers: the harmonic mean of the six
+/// probability and truth-ratio numbers of the retain, real-author and world-fact sets (a
+/// score-only evaluation has no ROUGE). Not TOFU's model utility: lethe's reports name it
+/// "scored utility".
+pub fn scored_utility(retain: &SetSummary, real: &SetSummary, world: &SetSummary) -> f64 {
+    let six: Vec<f64> = [retain, real, world]
+        .iter()
+        .flat_map(|s| [s.probability, s.truth_ratio])
+        .collect();
+    if six.contains(&0.0) {
+        return 0.0;
+    }
+    six.len() as f64 / six.iter().map(|v| 1.0 / v).sum::<f64>()
 }
 
 /// Forget quality: the two-sample KS p-value ([`ks_2samp`], as scipy) between the raw truth

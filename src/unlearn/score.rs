@@ -165,11 +165,35 @@ impl Scorer {
         cont: &[u32],
         mut each: impl FnMut(usize, &[f32]),
     ) -> Result<Vec<f64>> {
+        let mut out = self.score_points(cont, &[Vec::new()], |_, i, logp| each(i, logp))?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Score `cont` at several settings of the terms at once: `points[k]` gives each term's
+    /// `(weight, filter)` (an empty list: the scorer's own). The forward passes of the target
+    /// and of every assistant run once; only the combination is repeated per point.
+    /// Calls `each(k, i, logp)` for point `k` and token `i`; returns per point each token's
+    /// log-probability (the same numbers as a scorer built with that point's settings).
+    pub fn score_points(
+        &mut self,
+        cont: &[u32],
+        points: &[Vec<(f32, f32)>],
+        mut each: impl FnMut(usize, usize, &[f32]),
+    ) -> Result<Vec<Vec<f64>>> {
         if !self.primed {
             return Err(Error::Invalid("set a prompt before scoring".into()));
         }
+        for p in points {
+            if !p.is_empty() && p.len() != self.terms.len() {
+                return Err(Error::Invalid(format!(
+                    "a sweep point sets {} terms; the model has {}",
+                    p.len(),
+                    self.terms.len()
+                )));
+            }
+        }
         if cont.is_empty() {
-            return Ok(Vec::new());
+            return Ok(vec![Vec::new(); points.len()]);
         }
         let v = self.n_vocab();
         if let Some(&bad) = cont.iter().find(|&&t| t as usize >= v) {
@@ -191,22 +215,35 @@ impl Scorer {
                 r.run(p, cont)?;
             }
         }
-        let mut out = Vec::with_capacity(cont.len());
+        let mut out = vec![Vec::with_capacity(cont.len()); points.len()];
         for (i, &tok) in cont.iter().enumerate() {
             let target = self.target.row(i);
             if self.terms.is_empty() {
                 log_softmax(target, &mut self.logp);
-            } else {
+                for (k, o) in out.iter_mut().enumerate() {
+                    each(k, i, &self.logp);
+                    o.push(self.logp[tok as usize] as f64);
+                }
+                continue;
+            }
+            for (k, point) in points.iter().enumerate() {
                 let terms: Vec<Term> = self
                     .terms
                     .iter()
-                    .map(|t| Term {
-                        kind: t.spec.kind,
-                        weight: t.spec.weight,
-                        logits: t.run.row(i),
-                        reference: t.reference.as_ref().map(|r| r.row(i)),
-                        filter: t.spec.filter,
-                        score: t.spec.score,
+                    .enumerate()
+                    .map(|(j, t)| {
+                        let (weight, filter) = point
+                            .get(j)
+                            .copied()
+                            .unwrap_or((t.spec.weight, t.spec.filter));
+                        Term {
+                            kind: t.spec.kind,
+                            weight,
+                            logits: t.run.row(i),
+                            reference: t.reference.as_ref().map(|r| r.row(i)),
+                            filter,
+                            score: t.spec.score,
+                        }
                     })
                     .collect();
                 // The scoring use's output is already normalised.
@@ -217,9 +254,9 @@ impl Scorer {
                     &mut self.logp,
                     &mut self.scratch,
                 );
+                each(k, i, &self.logp);
+                out[k].push(self.logp[tok as usize] as f64);
             }
-            each(i, &self.logp);
-            out.push(self.logp[tok as usize] as f64);
         }
         Ok(out)
     }
