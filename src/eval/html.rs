@@ -654,13 +654,39 @@ mod tests {
         }
         assert!(h.contains("Who is &lt;b&gt;&amp; the author?"));
         assert!(h.contains("She wrote &quot;Night&quot; &amp; &#39;Day&#39;"));
-        assert_eq!(h.matches("<svg").count(), 4);
+        // Four bar charts and the two forget-quality-against-utility scatters.
+        assert_eq!(h.matches("<svg").count(), 6);
         assert_eq!(h.matches("<svg").count(), h.matches("</svg>").count());
+        assert!(h.contains("Forget quality against model utility"));
+        assert!(h.contains("forget quality 3.200e-7, model utility 0.5200"));
+        assert!(h.contains("forget quality 3.200e-7, scored utility 0.5800"));
         for hash in ["ab", "cd", "ef"] {
             assert!(h.contains(&hash.repeat(32)));
         }
         assert!(h.contains("stroke-dasharray"));
         assert!(h.contains("3.200e-7") && !h.contains("NaN"));
+    }
+
+    /// Many sides (a sweep): a row per side, no bar charts, the scatters keep every point.
+    #[test]
+    fn many_sides() {
+        let mut r = report();
+        for i in 0..8 {
+            let mut s = side(&format!("uld alpha={i}"), &"ab".repeat(32), true);
+            s.forget_quality = Some(10f64.powi(-i));
+            r.sides.push(s);
+        }
+        let h = render(&r);
+        assert_eq!(h.matches("<svg").count(), 2);
+        let both = r
+            .sides
+            .iter()
+            .filter(|s| s.forget_quality.is_some() && s.model_utility.is_some())
+            .count();
+        assert!(both >= 9);
+        assert_eq!(h.matches("<circle").count(), 2 * both);
+        assert!(h.contains("<th>Forget quality</th>"));
+        assert!(!h.contains("NaN"));
     }
 
     #[test]
