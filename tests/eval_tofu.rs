@@ -219,6 +219,96 @@ fn a_flat_assistant_scores_as_the_base_through_the_server() {
     assert!(n > 300, "{n} tokens compared");
 }
 
+/// `lethe eval --sweep` scores every point in one pass: each point's numbers equal, bit for
+/// bit, those of a separate evaluation of a profile with that point's alpha and filter.
+#[test]
+fn sweep_points_equal_separate_runs() {
+    let dir = TempDir::new("eval-sweep");
+    let asst = assistant(&dir);
+    let model_file = model_path("smollm2");
+    let profile = |alpha: &str, filter: &str| {
+        dir.file(
+            &format!("p-{alpha}-{filter}.toml"),
+            &format!(
+                "[[profile]]\nname = \"uld\"\nbase = {:?}\n\n[[profile.assistant]]\nmodel = {:?}\n\
+                 alpha = {alpha}\nfilter = {filter}\n",
+                model_file.to_str().unwrap(),
+                asst.to_str().unwrap()
+            ),
+        )
+    };
+    let common = [
+        "--use",
+        "uld",
+        "--tofu",
+        "forget01",
+        "--limit",
+        "2",
+        "--score-only",
+    ];
+    let common: Vec<&str> = common
+        .into_iter()
+        .chain(["--no-base", "-t", "2", "--reference", "smollm2"])
+        .collect();
+    let run = |prof: &std::path::Path, extra: &[&str], out: &std::path::Path| -> Value {
+        let mut a = vec!["eval", "--profile", prof.to_str().unwrap()];
+        a.extend(&common);
+        a.extend(extra);
+        a.extend(["--json", out.to_str().unwrap()]);
+        lethe(&a);
+        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+    };
+    let sweep = run(
+        &profile("0.75", "0.01"),
+        &["--sweep", "alpha=0.5,1.5", "--sweep", "filter=0.01,0.1"],
+        &dir.join("sweep.json"),
+    );
+    let sides = sweep["sides"].as_array().unwrap();
+    assert_eq!(sides.len(), 4);
+    let mut k = 0;
+    for alpha in ["0.5", "1.5"] {
+        for filter in ["0.01", "0.1"] {
+            let s = &sides[k];
+            k += 1;
+            assert_eq!(s["name"], format!("uld alpha={alpha} filter={filter}"));
+            let one = run(
+                &profile(alpha, filter),
+                &[],
+                &dir.join(&format!("one-{alpha}-{filter}.json")),
+            );
+            let o = &one["sides"][0];
+            assert_eq!(s["forget_quality"], o["forget_quality"]);
+            assert_eq!(s["scored_utility"], o["scored_utility"]);
+            assert_eq!(s["mia"], o["mia"]);
+            assert!(s["model_utility"].is_null(), "score-only: no model utility");
+            for (a, b) in s["sets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(o["sets"].as_array().unwrap())
+            {
+                assert_eq!(a["summary"], b["summary"]);
+                for (x, y) in a["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .zip(b["items"].as_array().unwrap())
+                {
+                    for key in ["gt_loss", "paraphrased_loss", "perturbed_loss", "mia"] {
+                        assert_eq!(x[key], y[key], "{alpha} {filter} {key}");
+                    }
+                    assert!(x["generated"].is_null());
+                }
+            }
+        }
+    }
+    // Different points score differently.
+    assert_ne!(
+        sides[0]["sets"][0]["summary"],
+        sides[3]["sets"][0]["summary"]
+    );
+}
+
 /// `lethe eval -m smollm2 --tofu forget01 --limit 3`: every summary recomputed from the
 /// per-item output, the greedy answers equal the engine's greedy decoding, forget quality
 /// against the model itself is 1, and the report is one self-contained page.
