@@ -35,17 +35,34 @@ pub struct BenchArgs {
 
 /// Total decode tokens/s of `n_seq` sequences decoded together for `n_gen` steps, each from
 /// its own one-token prompt (greedy), through [`Model::forward_multi`].
-pub fn multi_decode_tps(model: &Model, n_seq: usize, n_gen: usize) -> Result<f64> {
+/// Decode tokens/s of `n_seq` sequences stepped together through
+/// [`lethe::generate::feed_each`] (one batched forward per model per step; a ULD profile's
+/// lockstep decoders step together too), each decoder made by `make`; each token the greedy
+/// choice of the last.
+pub fn decoders_tps(
+    make: &dyn Fn(usize) -> Result<Box<dyn Decoder>>,
+    n_seq: usize,
+    n_gen: usize,
+) -> Result<f64> {
     let n_ctx = (n_gen + 8).next_multiple_of(256);
-    let vocab = model.cfg.n_vocab as u32;
-    let mut states: Vec<_> = (0..n_seq).map(|_| model.new_state(n_ctx)).collect();
+    let mut decs = (0..n_seq)
+        .map(|_| make(n_ctx))
+        .collect::<Result<Vec<_>>>()?;
+    let vocab = decs.first().map_or(1, |d| d.n_vocab()) as u32;
     let mut next: Vec<u32> = (0..n_seq as u32).map(|i| (i * 7919 + 13) % vocab).collect();
     let t = Instant::now();
     for _ in 0..n_gen {
-        let mut refs: Vec<_> = states.iter_mut().collect();
-        model.forward_multi(&mut refs, &next)?;
-        for (n, st) in next.iter_mut().zip(&states) {
-            *n = lethe::generate::sampler::argmax_raw(&st.logits);
+        let mut refs: Vec<&mut dyn Decoder> = Vec::with_capacity(decs.len());
+        for d in decs.iter_mut() {
+            refs.push(d.as_mut());
+        }
+        let mut err = None;
+        lethe::generate::feed_each(&mut refs, &next.clone(), |i, r| match r {
+            Ok(l) => next[i] = lethe::generate::sampler::argmax_raw(l),
+            Err(e) => err = Some(e),
+        });
+        if let Some(e) = err {
+            return Err(e.into());
         }
     }
     Ok((n_seq * n_gen) as f64 / t.elapsed().as_secs_f64())
@@ -173,6 +190,33 @@ pub fn paired_decode_tps(
 pub fn main(a: BenchArgs) -> Result<()> {
     let l = a.model.load()?;
     let m = &l.model;
+    if a.parallel > 1 {
+        // One sequence and `parallel` together, alternating, so that both see the same
+        // machine; with a profile (or patches), its decoders.
+        let make = |n_ctx: usize| l.decoder(n_ctx);
+        let (mut one, mut many) = (Vec::new(), Vec::new());
+        decoders_tps(&make, 1, 8)?;
+        for _ in 0..a.reps.max(1) {
+            one.push(decoders_tps(&make, 1, a.n_gen)?);
+            many.push(decoders_tps(&make, a.parallel, a.n_gen)?);
+        }
+        let (one, many) = (median(one), median(many));
+        let what = match (&l.profile, l.terms.is_empty() && l.patches.is_none()) {
+            (Some(p), _) => format!(" (profile {p:?})"),
+            (None, false) => " (with its assistants and patches)".into(),
+            (None, true) => String::new(),
+        };
+        println!(
+            "decode tg{}{what}: 1 sequence {one:.1} tok/s, {} together {many:.1} tok/s in total \
+             ({:.2}x; median of {} runs alternating, {} threads)",
+            a.n_gen,
+            a.parallel,
+            many / one,
+            a.reps.max(1),
+            m.pool.n_threads()
+        );
+        return Ok(());
+    }
     if !l.terms.is_empty() || !a.model.patches.is_empty() || l.patches.is_some() {
         // Unlearning overhead: the base model and the model with its assistants and patches,
         // alternating, in the same run.
@@ -220,27 +264,6 @@ pub fn main(a: BenchArgs) -> Result<()> {
             100.0 * u / b,
             a.reps.max(1),
             terms.join("; ")
-        );
-        return Ok(());
-    }
-    if a.parallel > 1 {
-        // One sequence and `parallel` together, alternating, so that both see the same
-        // machine.
-        let (mut one, mut many) = (Vec::new(), Vec::new());
-        multi_decode_tps(m, 1, 8)?;
-        for _ in 0..a.reps.max(1) {
-            one.push(multi_decode_tps(m, 1, a.n_gen)?);
-            many.push(multi_decode_tps(m, a.parallel, a.n_gen)?);
-        }
-        let (one, many) = (median(one), median(many));
-        println!(
-            "decode tg{}: 1 sequence {one:.1} tok/s, {} together {many:.1} tok/s in total \
-             ({:.2}x; median of {} runs alternating, {} threads)",
-            a.n_gen,
-            a.parallel,
-            many / one,
-            a.reps.max(1),
-            m.pool.n_threads()
         );
         return Ok(());
     }

@@ -3,9 +3,10 @@
 //! perturbed answers for probability and truth ratio, and per-token statistics of the forget
 //! and holdout answers for membership inference.
 //!
-//! Greedy answers of a plain or patched model are decoded [`GEN_BATCH`] questions at a time in
-//! one batched forward per step; ULD profiles decode one question at a time. Every answer of a
-//! question is scored against one prefill of the question ([`Scorer`]).
+//! Greedy answers are decoded [`GEN_BATCH`] questions at a time, one batched forward per model
+//! per step (a ULD profile: the targets in one, the assistants in another;
+//! [`crate::generate::feed_each`]). Every answer of a question is scored against one prefill
+//! of the question ([`Scorer`]); a sweep scores every point from the same forward passes.
 
 use super::data::{QaItem, TofuData};
 use super::mia::{self, MiaScores, TokenStats};

@@ -25,12 +25,26 @@ pub trait Decoder {
     fn truncate(&mut self, n: usize);
     /// The model and state of a decoder that is one model's forward pass, so that
     /// [`feed_each`] can step it together with others of the same model in one batched
-    /// forward. `None` (the default): the decoder steps alone (ULD's lockstep decoders, for
-    /// now).
+    /// forward. `None` (the default): see [`Decoder::group`].
     fn batch_parts(&mut self) -> Option<(&Arc<Model>, &mut State)> {
         None
     }
+    /// For decoders made of several models (ULD's lockstep decoders): a key and a function
+    /// that steps a group of decoders with equal keys together (each of its models in one
+    /// batched forward for the group). `None` (the default): the decoder steps alone.
+    fn group(&self) -> Option<(Vec<usize>, GroupFeed)> {
+        None
+    }
+    /// The decoder itself, for a [`GroupFeed`] to find its concrete type.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
+
+/// Steps a group of decoders with equal [`Decoder::group`] keys: feeds `tokens[i]` to
+/// `group[i]` and calls `done(i, logits)`, each decoder getting what it would get alone.
+pub type GroupFeed =
+    fn(group: &mut [&mut dyn Decoder], tokens: &[u32], done: &mut dyn FnMut(usize, Result<&[f32]>));
 
 /// Feed `tokens[i]` to `decs[i]` for each `i` and call `done(i, logits)` with its outcome.
 /// Decoders whose [`Decoder::batch_parts`] share a model and patches run together, one
@@ -44,13 +58,38 @@ pub fn feed_each(
     debug_assert_eq!(decs.len(), tokens.len());
     // (model, patches, index) of the batchable decoders, grouped by sorting.
     let mut keys: Vec<(usize, usize, usize)> = Vec::new();
+    // (key, feeder, index) of the decoders that step in groups.
+    let mut grouped: Vec<(Vec<usize>, GroupFeed, usize)> = Vec::new();
     for (i, d) in decs.iter_mut().enumerate() {
+        if let Some((key, feed)) = d.group() {
+            grouped.push((key, feed, i));
+            continue;
+        }
         match d.batch_parts() {
             Some((m, st)) => {
                 let ps = st.patches().map_or(0, |p| Arc::as_ptr(p) as usize);
                 keys.push((Arc::as_ptr(m) as usize, ps, i));
             }
             None => done(i, d.feed(&tokens[i..i + 1])),
+        }
+    }
+    if !grouped.is_empty() {
+        grouped.sort_by(|a, b| (&a.0, a.1 as usize, a.2).cmp(&(&b.0, b.1 as usize, b.2)));
+        let mut slots: Vec<Option<&mut dyn Decoder>> = Vec::with_capacity(decs.len());
+        for d in decs.iter_mut() {
+            let d: &mut dyn Decoder = &mut **d;
+            slots.push(Some(d));
+        }
+        for group in grouped.chunk_by(|a, b| a.0 == b.0 && a.1 as usize == b.1 as usize) {
+            for chunk in group.chunks(crate::model::MAX_BATCH) {
+                let idx: Vec<usize> = chunk.iter().map(|c| c.2).collect();
+                let mut members: Vec<&mut dyn Decoder> = idx
+                    .iter()
+                    .map(|&i| slots[i].take().expect("each decoder once"))
+                    .collect();
+                let toks: Vec<u32> = idx.iter().map(|&i| tokens[i]).collect();
+                (chunk[0].1)(&mut members, &toks, &mut |j, r| done(idx[j], r));
+            }
         }
     }
     keys.sort_unstable();

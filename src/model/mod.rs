@@ -464,6 +464,98 @@ impl Model {
         Ok(())
     }
 
+    /// [`Model::forward_multi`] with the output head of each sequence computed only for its
+    /// own vocabulary rows: `outs[i][j]` is the logit of token `rows[i][j]` for sequence `i`,
+    /// bit for bit what [`Model::forward_rows`] gives for that sequence alone. The states'
+    /// `logits` are left as they were.
+    pub fn forward_multi_rows(
+        &self,
+        states: &mut [&mut State],
+        tokens: &[u32],
+        rows: &[&[u32]],
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        let n = tokens.len();
+        if states.len() != n || rows.len() != n || outs.len() != n {
+            return Err(Error::Invalid(format!(
+                "{} sequences, {} tokens, {} row sets and {} outputs",
+                states.len(),
+                n,
+                rows.len(),
+                outs.len()
+            )));
+        }
+        if n > MAX_BATCH {
+            return Err(Error::Invalid(format!(
+                "at most {MAX_BATCH} sequences at once"
+            )));
+        }
+        for (i, (st, tok)) in states.iter().zip(tokens.chunks(1)).enumerate() {
+            self.check_input(st, tok)?;
+            if !same_patches(st, states[0]) {
+                return Err(Error::Invalid(
+                    "sequences in one batch must run with the same patches".into(),
+                ));
+            }
+            if let Some(&bad) = rows[i].iter().find(|&&r| r as usize >= self.cfg.n_vocab) {
+                return Err(Error::Invalid(format!(
+                    "row {bad} is outside the vocabulary of {}",
+                    self.cfg.n_vocab
+                )));
+            }
+            if outs[i].len() < rows[i].len() {
+                return Err(Error::Invalid(format!(
+                    "{} rows but room for {} logits",
+                    rows[i].len(),
+                    outs[i].len()
+                )));
+            }
+        }
+        let Some(big) = (0..states.len()).max_by_key(|&i| states[i].buf.scores.len()) else {
+            return Ok(());
+        };
+        let mut buf = std::mem::take(&mut states[big].buf);
+        let ps = states[0].patches.clone();
+        self.blocks(
+            &mut buf,
+            Batch {
+                seqs: states,
+                per_seq: 1,
+            },
+            tokens,
+        );
+        let e = self.cfg.n_embd;
+        for (t, (r, out)) in rows.iter().zip(outs.iter_mut()).enumerate() {
+            let x = &buf.x[t * e..(t + 1) * e];
+            lethe_kernels::ops::rmsnorm(&mut buf.xb[..e], x, &self.output_norm, self.cfg.rms_eps);
+            let out = &mut out[..r.len()];
+            weights::matvec_rows(
+                &self.pool,
+                &self.file,
+                &self.output,
+                &buf.xb[..e],
+                r,
+                out,
+                &mut buf.act,
+                self.precision,
+            );
+            if let Some(p) = ps.as_deref().filter(|p| p.has_output()) {
+                let (x, tmp, act) = (&buf.xb[..e], &mut buf.patch_tmp, &mut buf.act);
+                p.apply_output_rows(&self.pool, x, r, out, tmp, act, self.precision);
+            }
+            if let Some(cap) = self.cfg.final_logit_softcap {
+                for v in out.iter_mut() {
+                    *v = (*v / cap).tanh() * cap;
+                }
+            }
+        }
+        for st in states.iter_mut() {
+            st.pos += 1;
+        }
+        states[big].buf = buf;
+        Ok(())
+    }
+
     /// The blocks over one chunk of one sequence; leaves the final hidden states in
     /// `st.buf.x`.
     fn forward_batch(&self, st: &mut State, tokens: &[u32]) {

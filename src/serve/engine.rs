@@ -7,7 +7,8 @@
 //! ([`feed_each`], [`crate::model::Model::forward_multi`]: the weights are read once for all
 //! of them, and each slot's logits are bit for bit what it would get alone, so a request's
 //! greedy text does not depend on what else runs). Slots of different profiles form separate
-//! groups; ULD profiles (lockstep decoders) step one by one. A job carries its full unlearning
+//! groups; slots of one ULD profile step together too (the targets in one batched forward, each
+//! assistant in another, whatever each slot's alpha and filter). A job carries its full unlearning
 //! [`Setting`] (model, patch scales, terms' weight and filter): the decoder is built for it,
 //! and a slot's cache is reused only by a job of the same setting. A prompt is prefilled in one go
 //! when its job starts. TODO: interleave prefill in chunks with decoding.

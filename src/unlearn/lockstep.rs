@@ -108,6 +108,149 @@ impl LockstepDecoder {
     fn sparse_uld(&self) -> bool {
         matches!(self.runs.as_slice(), [r] if r.spec.kind == TermKind::Uld && r.spec.filter > 0.0)
     }
+
+    /// The sparse path's rows: the target's plausible set at the term's rate.
+    fn plausible_rows(&mut self) {
+        let tl = &self.target_logits;
+        let th = plausible_threshold_in(tl, self.runs[0].spec.filter, &mut self.scratch);
+        self.rows.clear();
+        self.rows
+            .extend((0..tl.len() as u32).filter(|&j| th.is_none_or(|th| tl[j as usize] >= th)));
+    }
+
+    /// The sparse path's output: the term on the rows, `-inf` elsewhere.
+    fn combine_sparse(&mut self) {
+        let (tl, w) = (&self.target_logits, self.runs[0].spec.weight);
+        self.out.clear();
+        self.out.resize(tl.len(), f32::NEG_INFINITY);
+        for (i, &j) in self.rows.iter().enumerate() {
+            self.out[j as usize] = tl[j as usize] + w * self.sparse[i];
+        }
+    }
+
+    /// The dense path's output, from every term's logits.
+    fn combine_dense(&mut self) {
+        let terms: Vec<Term> = self
+            .runs
+            .iter()
+            .map(|r| Term {
+                kind: r.spec.kind,
+                weight: r.spec.weight,
+                logits: &r.logits,
+                reference: r.spec.reference.as_ref().map(|_| &r.ref_logits[..]),
+                filter: r.spec.filter,
+                score: r.spec.score,
+            })
+            .collect();
+        combine_in(
+            &self.target_logits,
+            &terms,
+            Use::Sample,
+            &mut self.out,
+            &mut self.combine,
+        );
+    }
+
+    /// Step a group of lockstep decoders of the same models ([`Decoder::group`]) by one token
+    /// each: the targets in one batched forward, then each assistant (and reference) in one,
+    /// the sparse heads per sequence. Each decoder gets what its own [`Decoder::feed`] gives.
+    fn feed_group(
+        group: &mut [&mut dyn Decoder],
+        tokens: &[u32],
+        done: &mut dyn FnMut(usize, Result<&[f32]>),
+    ) {
+        let mut ds: Vec<&mut LockstepDecoder> = group
+            .iter_mut()
+            .map(|d| {
+                d.as_any_mut()
+                    .and_then(|a| a.downcast_mut::<LockstepDecoder>())
+                    .expect("a group holds lockstep decoders")
+            })
+            .collect();
+        let r = Self::step_group(&mut ds, tokens);
+        for (i, d) in ds.iter().enumerate() {
+            match &r {
+                Ok(()) => done(i, Ok(&d.out)),
+                Err(e) => done(i, Err(Error::Invalid(e.to_string()))),
+            }
+        }
+    }
+
+    fn step_group(ds: &mut [&mut LockstepDecoder], tokens: &[u32]) -> Result<()> {
+        let Some(first) = ds.first() else {
+            return Ok(());
+        };
+        let target = first.target.clone();
+        let sparse = first.sparse_uld();
+        let n_runs = first.runs.len();
+        let models: Vec<(Arc<Model>, Option<Arc<Model>>)> = first
+            .runs
+            .iter()
+            .map(|r| (r.spec.model.clone(), r.spec.reference.clone()))
+            .collect();
+        {
+            let mut sts: Vec<&mut State> = ds.iter_mut().map(|d| &mut d.state).collect();
+            target.forward_multi(&mut sts, tokens)?;
+        }
+        for d in ds.iter_mut() {
+            let d = &mut **d;
+            d.target_logits.copy_from_slice(&d.state.logits);
+        }
+        if sparse {
+            for d in ds.iter_mut() {
+                d.plausible_rows();
+            }
+            let mut sts = Vec::with_capacity(ds.len());
+            let mut rows = Vec::with_capacity(ds.len());
+            let mut outs = Vec::with_capacity(ds.len());
+            for d in ds.iter_mut() {
+                let LockstepDecoder {
+                    runs,
+                    rows: r,
+                    sparse: sp,
+                    ..
+                } = &mut **d;
+                let n = r.len();
+                sts.push(&mut runs[0].state);
+                rows.push(&r[..]);
+                outs.push(&mut sp[..n]);
+            }
+            models[0]
+                .0
+                .forward_multi_rows(&mut sts, tokens, &rows, &mut outs)?;
+            for d in ds.iter_mut() {
+                d.combine_sparse();
+            }
+            return Ok(());
+        }
+        for (k, (m, reference)) in models.iter().enumerate().take(n_runs) {
+            let mut sts: Vec<&mut State> = ds.iter_mut().map(|d| &mut d.runs[k].state).collect();
+            m.forward_multi(&mut sts, tokens)?;
+            if let Some(rm) = reference {
+                let mut sts: Vec<&mut State> = ds
+                    .iter_mut()
+                    .map(|d| {
+                        d.runs[k]
+                            .ref_state
+                            .as_mut()
+                            .expect("a pair term's reference")
+                    })
+                    .collect();
+                rm.forward_multi(&mut sts, tokens)?;
+            }
+            for d in ds.iter_mut() {
+                let run = &mut d.runs[k];
+                run.logits.copy_from_slice(&run.state.logits);
+                if let Some(st) = &run.ref_state {
+                    run.ref_logits.copy_from_slice(&st.logits);
+                }
+            }
+        }
+        for d in ds.iter_mut() {
+            d.combine_dense();
+        }
+        Ok(())
+    }
 }
 
 impl Decoder for LockstepDecoder {
@@ -124,13 +267,9 @@ impl Decoder for LockstepDecoder {
     fn feed(&mut self, tokens: &[u32]) -> Result<&[f32]> {
         let tl = self.target.forward(&mut self.state, tokens, None)?;
         self.target_logits.copy_from_slice(tl);
-        let tl = &self.target_logits;
         if self.sparse_uld() {
+            self.plausible_rows();
             let run = &mut self.runs[0];
-            let th = plausible_threshold_in(tl, run.spec.filter, &mut self.scratch);
-            self.rows.clear();
-            self.rows
-                .extend((0..tl.len() as u32).filter(|&j| th.is_none_or(|th| tl[j as usize] >= th)));
             let n = self.rows.len();
             run.spec.model.forward_rows(
                 &mut run.state,
@@ -138,11 +277,7 @@ impl Decoder for LockstepDecoder {
                 &self.rows,
                 &mut self.sparse[..n],
             )?;
-            self.out.clear();
-            self.out.resize(tl.len(), f32::NEG_INFINITY);
-            for (i, &j) in self.rows.iter().enumerate() {
-                self.out[j as usize] = tl[j as usize] + run.spec.weight * self.sparse[i];
-            }
+            self.combine_sparse();
             return Ok(&self.out);
         }
         for run in &mut self.runs {
@@ -152,20 +287,31 @@ impl Decoder for LockstepDecoder {
                 run.ref_logits.copy_from_slice(m.forward(st, tokens, None)?);
             }
         }
-        let terms: Vec<Term> = self
-            .runs
-            .iter()
-            .map(|r| Term {
-                kind: r.spec.kind,
-                weight: r.spec.weight,
-                logits: &r.logits,
-                reference: r.spec.reference.as_ref().map(|_| &r.ref_logits[..]),
-                filter: r.spec.filter,
-                score: r.spec.score,
-            })
-            .collect();
-        combine_in(tl, &terms, Use::Sample, &mut self.out, &mut self.combine);
+        self.combine_dense();
         Ok(&self.out)
+    }
+
+    /// Lockstep decoders of the same target, assistants and references, with the same patches
+    /// and the same path (sparse or dense), step together.
+    fn group(&self) -> Option<(Vec<usize>, crate::generate::GroupFeed)> {
+        let ptr = |m: &Arc<Model>| Arc::as_ptr(m) as usize;
+        let pat = |st: &State| st.patches().map_or(0, |p| Arc::as_ptr(p) as usize);
+        let mut key = vec![
+            ptr(&self.target),
+            pat(&self.state),
+            self.sparse_uld() as usize,
+            self.runs.len(),
+        ];
+        for r in &self.runs {
+            key.push(ptr(&r.spec.model));
+            key.push(pat(&r.state));
+            key.push(r.spec.reference.as_ref().map_or(0, ptr));
+        }
+        Some((key, Self::feed_group))
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 
     fn truncate(&mut self, n: usize) {
