@@ -43,6 +43,8 @@ enum Cmd {
     Compare(cli::compare::CompareArgs),
     /// Several evaluations (`eval --json`) in one table and one forget-quality chart.
     Report(cli::report::ReportArgs),
+    /// Choose a ULD profile's alpha and filter from a sweep, reading no evaluation data.
+    Calibrate(cli::calibrate::CalibrateArgs),
 }
 
 /// Output piped into `head` and closed early ends the process quietly, as for other Unix
@@ -80,5 +82,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Eval(a) => cli::eval::main(a),
         Cmd::Compare(a) => cli::compare::main(a),
         Cmd::Report(a) => cli::report::main(a),
+        Cmd::Calibrate(a) => cli::calibrate::main(a),
     }
 }

@@ -469,3 +469,81 @@ pub fn profile_audit(f: &ProfileFile, p: &Profile, cli: &[Value]) -> Result<Valu
         "files": files,
     }))
 }
+
+/// The points of `--sweep` flags (`None` without any) for terms `terms`: every combination of
+/// the values given, each a weight and filter per term.
+pub fn sweep_points(
+    flags: &[String],
+    terms: &[lethe::unlearn::Assistant],
+) -> Result<Option<Vec<lethe::eval::run::SweepPoint>>> {
+    if flags.is_empty() {
+        return Ok(None);
+    }
+    if terms.is_empty() {
+        anyhow::bail!("--sweep needs a profile (or --assistant) with assistant terms");
+    }
+    let mut axes: Vec<(String, Vec<f32>)> = Vec::new();
+    for f in flags {
+        let (k, vs) = f
+            .split_once('=')
+            .with_context(|| format!("--sweep {f:?}: KEY=V1,V2,..."))?;
+        let k = k.trim();
+        if k != "alpha" && k != "filter" {
+            anyhow::bail!("--sweep {f:?}: the key is alpha or filter");
+        }
+        if axes.iter().any(|(a, _)| a == k) {
+            anyhow::bail!("--sweep {k} is given twice");
+        }
+        let vals = vs
+            .split(',')
+            .map(|v| {
+                v.trim()
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|x| x.is_finite())
+                    .with_context(|| format!("--sweep {f:?}: {v:?} is not a number"))
+            })
+            .collect::<Result<Vec<f32>>>()?;
+        if k == "filter" && vals.iter().any(|x| !(0.0..1.0).contains(x)) {
+            anyhow::bail!("--sweep {f:?}: a filter is in [0, 1)");
+        }
+        axes.push((k.to_string(), vals));
+    }
+    let mut points: Vec<Vec<(String, f32)>> = vec![Vec::new()];
+    for (k, vals) in &axes {
+        points = points
+            .into_iter()
+            .flat_map(|p| {
+                vals.iter().map(move |&v| {
+                    let mut q = p.clone();
+                    q.push((k.clone(), v));
+                    q
+                })
+            })
+            .collect();
+    }
+    Ok(Some(
+        points
+            .into_iter()
+            .map(|p| {
+                let get = |key: &str| p.iter().find(|(k, _)| k == key).map(|&(_, v)| v);
+                let terms = terms
+                    .iter()
+                    .map(|t| {
+                        let w = match (t.kind, get("alpha")) {
+                            (TermKind::Uld | TermKind::Whp, Some(a)) => -a,
+                            _ => t.weight,
+                        };
+                        (w, get("filter").unwrap_or(t.filter))
+                    })
+                    .collect();
+                let name = p
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                lethe::eval::run::SweepPoint { name, terms }
+            })
+            .collect(),
+    ))
+}

@@ -1,18 +1,19 @@
 //! `lethe eval`: TOFU's metrics and membership inference for a forgotten profile against its
 //! base (and a reference never trained on the forget set), locally or through a server.
 
-use super::common::{patch_set, profile_audit, profile_patches, profile_terms, ModelArgs};
+use super::common::{
+    patch_set, profile_audit, profile_patches, profile_terms, sweep_points, ModelArgs,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lethe::eval::data::{self, Split, TofuData};
 use lethe::eval::remote::Remote;
 use lethe::eval::report::Report;
-use lethe::eval::run::{self, Backend, Local, Options, Side, SideResult, SweepPoint};
+use lethe::eval::run::{self, Backend, Local, Options, Side, SideResult};
 use lethe::model::Model;
 use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::profile::{self, ProfileFile};
-use lethe::unlearn::TermKind;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,84 +71,6 @@ pub struct EvalArgs {
     /// probability and truth-ratio numbers of model utility).
     #[arg(long = "score-only")]
     pub score_only: bool,
-}
-
-/// The points of `--sweep` flags (`None` without any) for terms `terms`: every combination of
-/// the values given, each a weight and filter per term.
-pub fn sweep_points(
-    flags: &[String],
-    terms: &[lethe::unlearn::Assistant],
-) -> Result<Option<Vec<SweepPoint>>> {
-    if flags.is_empty() {
-        return Ok(None);
-    }
-    if terms.is_empty() {
-        bail!("--sweep needs a profile (or --assistant) with assistant terms");
-    }
-    let mut axes: Vec<(String, Vec<f32>)> = Vec::new();
-    for f in flags {
-        let (k, vs) = f
-            .split_once('=')
-            .with_context(|| format!("--sweep {f:?}: KEY=V1,V2,..."))?;
-        let k = k.trim();
-        if k != "alpha" && k != "filter" {
-            bail!("--sweep {f:?}: the key is alpha or filter");
-        }
-        if axes.iter().any(|(a, _)| a == k) {
-            bail!("--sweep {k} is given twice");
-        }
-        let vals = vs
-            .split(',')
-            .map(|v| {
-                v.trim()
-                    .parse::<f32>()
-                    .ok()
-                    .filter(|x| x.is_finite())
-                    .with_context(|| format!("--sweep {f:?}: {v:?} is not a number"))
-            })
-            .collect::<Result<Vec<f32>>>()?;
-        if k == "filter" && vals.iter().any(|x| !(0.0..1.0).contains(x)) {
-            bail!("--sweep {f:?}: a filter is in [0, 1)");
-        }
-        axes.push((k.to_string(), vals));
-    }
-    let mut points: Vec<Vec<(String, f32)>> = vec![Vec::new()];
-    for (k, vals) in &axes {
-        points = points
-            .into_iter()
-            .flat_map(|p| {
-                vals.iter().map(move |&v| {
-                    let mut q = p.clone();
-                    q.push((k.clone(), v));
-                    q
-                })
-            })
-            .collect();
-    }
-    Ok(Some(
-        points
-            .into_iter()
-            .map(|p| {
-                let get = |key: &str| p.iter().find(|(k, _)| k == key).map(|&(_, v)| v);
-                let terms = terms
-                    .iter()
-                    .map(|t| {
-                        let w = match (t.kind, get("alpha")) {
-                            (TermKind::Uld | TermKind::Whp, Some(a)) => -a,
-                            _ => t.weight,
-                        };
-                        (w, get("filter").unwrap_or(t.filter))
-                    })
-                    .collect();
-                let name = p
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                SweepPoint { name, terms }
-            })
-            .collect(),
-    ))
 }
 
 /// The models evaluated, and the reference (scored on the forget set only).

@@ -1,6 +1,7 @@
 //! The `lethe` command line: one file per command.
 
 pub mod bench;
+pub mod calibrate;
 pub mod chat;
 pub mod common;
 pub mod compare;

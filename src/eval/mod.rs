@@ -5,6 +5,7 @@
 //! sets, the runs that score a model on them (here or through a server), A/B comparison and
 //! the reports.
 
+pub mod calibrate;
 pub mod compare;
 pub mod data;
 pub mod html;

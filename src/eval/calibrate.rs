@@ -1,0 +1,250 @@
+//! Choosing a forgotten profile's decode-time settings (ULD's alpha and filter) by a rule that
+//! reads no evaluation data.
+//!
+//! The question TOFU's forget quality asks is whether the model treats the forget set as a
+//! model that never learned it would. The rule asks the same of data that is not TOFU's
+//! evaluation: held-out *training* rows of the forget authors (a paraphrase of each answer
+//! and a wrong answer that training did not use) against the same kind of rows about
+//! authors the target never saw, scored by the target itself.
+//!
+//! ```text
+//! R(item)   = exp(mean_j NLL(wrong_j) - NLL(answer))        (per-token NLLs, as TOFU's truth ratio)
+//! forget    = R of the held-out forget rows, under the profile at the point
+//! unseen    = R of the unseen authors' rows, under the base model (the target)
+//! match     = KS p-value between the two (scipy's ks_2samp, as forget quality)
+//! retain    = mean NLL per token of held-out retain answers: point minus base
+//! chosen    = among the points with retain <= max_retain_rise, the highest match; ties go to
+//!             the smaller |mean ln R(forget) - mean ln R(unseen)|, then to the earlier point
+//! ```
+//!
+//! Nothing here reads TOFU's `paraphrased_answer` / `perturbed_answer`; the files are
+//! question/answer/wrong_answers rows made from training and augmentation data.
+
+use super::data::QaItem;
+use super::ks::ks_2samp;
+use super::run::{score_item_points, Backend, ItemResult};
+use super::tofu;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// One calibration row: a question, a true answer and wrong answers to it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CalRow {
+    pub question: String,
+    pub answer: String,
+    #[serde(default)]
+    pub wrong_answers: Vec<String>,
+}
+
+/// Rows of a JSON array of `{question, answer, wrong_answers[]}` (`wrong_answers` may be absent
+/// for retain rows). Refuses TOFU's evaluation fields.
+pub fn read_rows(path: &Path) -> Result<Vec<CalRow>> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: not JSON: {e}", path.display())))?;
+    if let Some(rows) = v.as_array() {
+        for (i, r) in rows.iter().enumerate() {
+            for f in crate::forge::train::data::EVAL_FIELDS {
+                if r.get(f).is_some() {
+                    return Err(Error::Invalid(format!(
+                        "{}: row {} has {f:?}, a field of TOFU's evaluation; calibration \
+                         never reads the evaluation's answers",
+                        path.display(),
+                        i + 1
+                    )));
+                }
+            }
+        }
+    }
+    let rows: Vec<CalRow> = serde_json::from_value(v).map_err(|e| {
+        Error::Invalid(format!(
+            "{}: expected an array of {{question, answer, wrong_answers}}: {e}",
+            path.display()
+        ))
+    })?;
+    if rows.is_empty() {
+        return Err(Error::Invalid(format!("{}: no rows", path.display())));
+    }
+    Ok(rows)
+}
+
+fn item(r: &CalRow) -> QaItem {
+    QaItem {
+        question: r.question.clone(),
+        answer: r.answer.clone(),
+        paraphrased: None,
+        perturbed: r.wrong_answers.clone(),
+    }
+}
+
+/// What one point measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct PointResult {
+    pub name: String,
+    /// KS p-value of the forget rows' R (this point) against the unseen rows' R (base).
+    pub matched: f64,
+    /// Mean ln R of the forget rows at this point.
+    pub mean_log_r: f64,
+    /// Mean NLL per token of the retain answers, this point minus the base.
+    pub retain_rise: Option<f64>,
+    /// Whether the retain rise is within bounds.
+    pub allowed: bool,
+}
+
+/// The calibration's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Calibration {
+    /// Mean ln R of the unseen rows under the base, and of the forget rows under the base.
+    pub unseen_mean_log_r: f64,
+    pub base_forget_mean_log_r: f64,
+    /// KS p-value of the forget rows under the base against the unseen rows.
+    pub base_matched: f64,
+    pub points: Vec<PointResult>,
+    /// The index of the chosen point (none allowed: `None`).
+    pub chosen: Option<usize>,
+    pub max_retain_rise: f64,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn mean_nll(rs: &[ItemResult]) -> f64 {
+    // Per token over all answers, as a pooled mean (long answers weigh more).
+    let (s, n) = rs.iter().fold((0.0, 0usize), |(s, n), r| {
+        (s + r.gt_loss * r.gt_tokens as f64, n + r.gt_tokens)
+    });
+    s / n.max(1) as f64
+}
+
+fn truth_ratios(rs: &[ItemResult]) -> Vec<f64> {
+    let scores: Vec<_> = rs.iter().map(ItemResult::scores).collect();
+    tofu::raw_truth_ratios(&scores)
+}
+
+/// Run the calibration: `profile` evaluated at each of its points on `forget` and `retain`,
+/// `base` (the plain target) on `unseen` and `retain`; `tick` after every row of every set.
+pub fn calibrate(
+    profile: &mut dyn Backend,
+    base: &mut dyn Backend,
+    forget: &[CalRow],
+    unseen: &[CalRow],
+    retain: &[CalRow],
+    max_retain_rise: f64,
+    tick: &dyn Fn(u64),
+) -> Result<Calibration> {
+    for (what, rows) in [("forget", forget), ("unseen", unseen)] {
+        if let Some(r) = rows.iter().find(|r| r.wrong_answers.is_empty()) {
+            return Err(Error::Invalid(format!(
+                "a {what} row has no wrong answer: {:?}",
+                r.question
+            )));
+        }
+    }
+    let np = profile.n_points();
+    let score_all = |be: &mut dyn Backend, rows: &[CalRow]| -> Result<Vec<Vec<ItemResult>>> {
+        let mut out = vec![Vec::with_capacity(rows.len()); be.n_points()];
+        for r in rows {
+            for (k, res) in score_item_points(be, &item(r), false, 0.2)?
+                .into_iter()
+                .enumerate()
+            {
+                out[k].push(res);
+            }
+            tick(1);
+        }
+        Ok(out)
+    };
+    let unseen_r = truth_ratios(&score_all(base, unseen)?[0]);
+    let base_forget = &score_all(base, forget)?[0];
+    let base_forget_r = truth_ratios(base_forget);
+    let base_retain = if retain.is_empty() {
+        None
+    } else {
+        Some(mean_nll(&score_all(base, retain)?[0]))
+    };
+    let forget_at = score_all(profile, forget)?;
+    let retain_at = if retain.is_empty() {
+        vec![Vec::new(); np]
+    } else {
+        score_all(profile, retain)?
+    };
+    let ln_mean = |r: &[f64]| mean(&r.iter().map(|x| x.ln()).collect::<Vec<_>>());
+    let unseen_mean = ln_mean(&unseen_r);
+    let mut points = Vec::with_capacity(np);
+    for k in 0..np {
+        let r = truth_ratios(&forget_at[k]);
+        let rise = base_retain.map(|b| mean_nll(&retain_at[k]) - b);
+        points.push(PointResult {
+            name: profile.point(k).0,
+            matched: ks_2samp(&r, &unseen_r)?.pvalue,
+            mean_log_r: ln_mean(&r),
+            retain_rise: rise,
+            allowed: rise.is_none_or(|x| x <= max_retain_rise),
+        });
+    }
+    let chosen = choose(&points, unseen_mean);
+    Ok(Calibration {
+        unseen_mean_log_r: unseen_mean,
+        base_forget_mean_log_r: ln_mean(&base_forget_r),
+        base_matched: ks_2samp(&base_forget_r, &unseen_r)?.pvalue,
+        points,
+        chosen,
+        max_retain_rise,
+    })
+}
+
+/// The rule of the module doc.
+pub fn choose(points: &[PointResult], unseen_mean_log_r: f64) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, p) in points.iter().enumerate() {
+        if !p.allowed || !p.matched.is_finite() {
+            continue;
+        }
+        let better = match best {
+            None => true,
+            Some(b) => {
+                let q = &points[b];
+                let gap = |x: &PointResult| (x.mean_log_r - unseen_mean_log_r).abs();
+                p.matched > q.matched || (p.matched == q.matched && gap(p) < gap(q))
+            }
+        };
+        if better {
+            best = Some(i);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(matched: f64, mean_log_r: f64, allowed: bool) -> PointResult {
+        PointResult {
+            name: String::new(),
+            matched,
+            mean_log_r,
+            retain_rise: None,
+            allowed,
+        }
+    }
+
+    #[test]
+    fn the_rule() {
+        // The highest match among the allowed points.
+        let pts = [p(0.2, 0.0, true), p(0.9, 0.5, false), p(0.6, 1.0, true)];
+        assert_eq!(choose(&pts, 0.0), Some(2));
+        // Ties: the smaller gap of mean ln R to the unseen rows', then the earlier point.
+        let pts = [p(1.0, 0.8, true), p(1.0, -0.1, true), p(1.0, 0.1, true)];
+        assert_eq!(choose(&pts, 0.0), Some(1));
+        let pts = [p(1.0, 0.1, true), p(1.0, -0.1, true)];
+        assert_eq!(choose(&pts, 0.0), Some(0));
+        // Nothing allowed: no choice.
+        assert_eq!(choose(&[p(1.0, 0.0, false)], 0.0), None);
+    }
+}
