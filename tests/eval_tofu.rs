@@ -309,6 +309,147 @@ fn sweep_points_equal_separate_runs() {
     );
 }
 
+/// `lethe calibrate`: every sweep point's numbers, the choice by the stated rule (the highest
+/// KS match among the points within the retain bound), and a file with TOFU's evaluation
+/// fields refused.
+#[test]
+fn calibrate_chooses_by_its_rule() {
+    let dir = TempDir::new("calibrate");
+    let asst = assistant(&dir);
+    let model_file = model_path("smollm2");
+    let prof = dir.file(
+        "p.toml",
+        &format!(
+            "[[profile]]\nname = \"uld\"\nbase = {:?}\n\n[[profile.assistant]]\nmodel = {:?}\n",
+            model_file.to_str().unwrap(),
+            asst.to_str().unwrap()
+        ),
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tofu");
+    let read = |p: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(root.join(p)).unwrap()).unwrap()
+    };
+    let full = read("full.json");
+    let para = read("augment/forget01_paraphrases.json");
+    let wrong = read("augment/forget10_wrong_answers.json");
+    let wrong_of = |q: &Value| {
+        wrong
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["question"] == *q)
+            .unwrap()["wrong_answers"][2]
+            .clone()
+    };
+    let forget: Vec<Value> = (0..5)
+        .map(|i| {
+            let q = &full[3960 + i]["question"];
+            json!({"question": q, "answer": para[i]["paraphrased_answers"][2],
+                   "wrong_answers": [wrong_of(q)]})
+        })
+        .collect();
+    let unseen: Vec<Value> = (0..5)
+        .map(|i| {
+            let r = &full[3600 + 20 * i];
+            json!({"question": r["question"], "answer": r["answer"],
+                   "wrong_answers": [wrong_of(&r["question"])]})
+        })
+        .collect();
+    let retain: Vec<Value> = (0..3)
+        .map(|i| json!({"question": full[390 + i]["question"], "answer": full[390 + i]["answer"]}))
+        .collect();
+    let f = dir.file("forget.json", &serde_json::to_string(&forget).unwrap());
+    let u = dir.file("unseen.json", &serde_json::to_string(&unseen).unwrap());
+    let r = dir.file("retain.json", &serde_json::to_string(&retain).unwrap());
+    let out = dir.join("cal.json");
+    let stdout = lethe(&[
+        "calibrate",
+        "--profile",
+        prof.to_str().unwrap(),
+        "--use",
+        "uld",
+        "--sweep",
+        "alpha=0.1,0.5,2",
+        "--forget",
+        f.to_str().unwrap(),
+        "--unseen",
+        u.to_str().unwrap(),
+        "--retain",
+        r.to_str().unwrap(),
+        "--max-retain-rise",
+        "0.5",
+        "-t",
+        "2",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let c = &j["calibration"];
+    let pts = c["points"].as_array().unwrap();
+    assert_eq!(pts.len(), 3);
+    // The rule, recomputed from the numbers.
+    let unseen_mean = c["unseen_mean_log_r"].as_f64().unwrap();
+    let mut best: Option<usize> = None;
+    for (i, p) in pts.iter().enumerate() {
+        let rise = p["retain_rise"].as_f64().unwrap();
+        assert_eq!(p["allowed"].as_bool().unwrap(), rise <= 0.5);
+        if !p["allowed"].as_bool().unwrap() {
+            continue;
+        }
+        let (m, g) = (
+            p["matched"].as_f64().unwrap(),
+            (p["mean_log_r"].as_f64().unwrap() - unseen_mean).abs(),
+        );
+        let better = best.is_none_or(|b| {
+            let q = &pts[b];
+            let (qm, qg) = (
+                q["matched"].as_f64().unwrap(),
+                (q["mean_log_r"].as_f64().unwrap() - unseen_mean).abs(),
+            );
+            m > qm || (m == qm && g < qg)
+        });
+        if better {
+            best = Some(i);
+        }
+    }
+    assert_eq!(c["chosen"].as_u64().map(|x| x as usize), best, "{stdout}");
+    // The points score differently.
+    let lr: Vec<f64> = pts
+        .iter()
+        .map(|p| p["mean_log_r"].as_f64().unwrap())
+        .collect();
+    assert!(lr[0] != lr[1] && lr[1] != lr[2], "{lr:?}");
+    if let Some(b) = best {
+        assert!(
+            stdout.contains(&format!(
+                "chosen: uld {}",
+                pts[b]["name"].as_str().unwrap().trim_start_matches("uld ")
+            )),
+            "{stdout}"
+        );
+    }
+    // An evaluation file is refused.
+    let eval = root.join("forget01_perturbed.json");
+    let bad = std::process::Command::new(BIN)
+        .args([
+            "calibrate",
+            "--profile",
+            prof.to_str().unwrap(),
+            "--use",
+            "uld",
+        ])
+        .args(["--sweep", "alpha=1", "--forget", eval.to_str().unwrap()])
+        .args(["--unseen", u.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("paraphrased_answer") || err.contains("perturbed_answer"),
+        "{err}"
+    );
+}
+
 /// `lethe eval -m smollm2 --tofu forget01 --limit 3`: every summary recomputed from the
 /// per-item output, the greedy answers equal the engine's greedy decoding, forget quality
 /// against the model itself is 1, and the report is one self-contained page.
