@@ -189,6 +189,7 @@ fn tiny_config(seed: u64, epochs: usize) -> TrainConfig {
         decay: Decay::Linear,
         adamw: AdamWConfig::default(),
         balance: Balance::Group,
+        pack: true,
     }
 }
 
@@ -313,7 +314,7 @@ fn the_balances_by_hand_on_the_tiny_model() {
         each.push(grads(&tm));
     }
     let f = factors(&[&f1, &f2, &r], Balance::Token);
-    let stats = batch_grad(&mut tm, &[&f1, &f2, &r], 0, Balance::Token).unwrap();
+    let stats = batch_grad(&mut tm, &[&f1, &f2, &r], 0, Balance::Token, false).unwrap();
     assert!((stats.loss - tok.loss).abs() < 1e-9);
     let got = grads(&tm);
     let scale = got.iter().fold(0f64, |a, &b| a.max(b.abs()));
@@ -321,6 +322,25 @@ fn the_balances_by_hand_on_the_tiny_model() {
     for (i, &x) in got.iter().enumerate() {
         let want: f64 = (0..3).map(|k| f[k] * each[k][i]).sum();
         assert!((x - want).abs() <= 1e-5 * scale, "entry {i}: {x} vs {want}");
+    }
+    // The same batch packed into one pass: the same loss and gradient up to float rounding.
+    let packed = batch_grad(&mut tm, &[&f1, &f2, &r], 0, Balance::Token, true).unwrap();
+    assert!((packed.loss - stats.loss).abs() < 1e-6 * stats.loss.abs().max(1.0));
+    for (i, (&x, &y)) in grads(&tm).iter().zip(&got).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * scale,
+            "packed entry {i}: {x} vs {y}"
+        );
+    }
+    // ... and its logits are each sequence's alone.
+    let act = tm.forward_seqs(&[&f1.tokens, &r.tokens]).unwrap();
+    assert_eq!(act.segs, vec![10, 8]);
+    let a1 = tm.forward(&f1.tokens).unwrap();
+    let a2 = tm.forward(&r.tokens).unwrap();
+    let both: Vec<f32> = a1.logits.iter().chain(&a2.logits).copied().collect();
+    let top = both.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (i, (x, y)) in act.logits.iter().zip(&both).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * top, "logit {i}: {x} vs {y}");
     }
 }
 

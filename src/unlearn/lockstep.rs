@@ -197,9 +197,8 @@ impl LockstepDecoder {
             d.target_logits.copy_from_slice(&d.state.logits);
         }
         if sparse {
-            for d in ds.iter_mut() {
-                d.plausible_rows();
-            }
+            // Each decoder's plausible set on its own thread of the pool.
+            each_parallel(&target.pool, ds, |d| d.plausible_rows());
             let mut sts = Vec::with_capacity(ds.len());
             let mut rows = Vec::with_capacity(ds.len());
             let mut outs = Vec::with_capacity(ds.len());
@@ -218,9 +217,7 @@ impl LockstepDecoder {
             models[0]
                 .0
                 .forward_multi_rows(&mut sts, tokens, &rows, &mut outs)?;
-            for d in ds.iter_mut() {
-                d.combine_sparse();
-            }
+            each_parallel(&target.pool, ds, |d| d.combine_sparse());
             return Ok(());
         }
         for (k, (m, reference)) in models.iter().enumerate().take(n_runs) {
@@ -246,11 +243,46 @@ impl LockstepDecoder {
                 }
             }
         }
-        for d in ds.iter_mut() {
-            d.combine_dense();
-        }
+        each_parallel(&target.pool, ds, |d| d.combine_dense());
         Ok(())
     }
+}
+
+/// `f(d)` for every decoder, the decoders shared out over the pool's threads (each decoder's
+/// work is its own: its buffers, its logits).
+fn each_parallel(
+    pool: &crate::pool::ThreadPool,
+    ds: &mut [&mut LockstepDecoder],
+    f: impl Fn(&mut LockstepDecoder) + Sync,
+) {
+    if ds.len() < 2 || pool.n_threads() < 2 {
+        for d in ds.iter_mut() {
+            f(d);
+        }
+        return;
+    }
+    struct Ptr(*mut &'static mut LockstepDecoder);
+    // SAFETY: every index is claimed by one thread (below), so no decoder is touched twice.
+    unsafe impl Sync for Ptr {}
+    impl Ptr {
+        /// # Safety
+        /// `i` in bounds and claimed by this thread alone.
+        #[allow(clippy::mut_from_ref)]
+        unsafe fn get(&self, i: usize) -> &mut LockstepDecoder {
+            &mut **self.0.add(i)
+        }
+    }
+    let n = ds.len();
+    let p = Ptr(ds.as_mut_ptr() as *mut &'static mut LockstepDecoder);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    pool.run_dynamic(&|_, _| loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        // SAFETY: `i < n` is claimed once; the slice outlives the pool's run.
+        f(unsafe { p.get(i) });
+    });
 }
 
 impl Decoder for LockstepDecoder {

@@ -36,6 +36,10 @@ pub struct OptimArgs {
     /// Threads (default: all cores).
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
+    /// Run a batch's sequences one after another instead of packed into one pass (the same
+    /// gradient up to the order of float sums; slower; what lethe did before packing).
+    #[arg(long = "no-pack")]
+    pub no_pack: bool,
 }
 
 impl OptimArgs {
@@ -65,6 +69,7 @@ impl OptimArgs {
                 ..AdamWConfig::default()
             },
             balance: Balance::Group,
+            pack: !self.no_pack,
         })
     }
 

@@ -33,7 +33,7 @@ struct BlockActs {
     q: Vec<f32>,         // [n, n_head*hd] rotated
     k: Vec<f32>,         // [n, n_head_kv*hd] rotated
     v: Vec<f32>,         // [n, n_head_kv*hd]
-    probs: Vec<f32>,     // [n_head, n(n+1)/2]
+    probs: Vec<f32>,     // per sequence of length L: [n_head, L(L+1)/2]
     att: Vec<f32>,       // [n, n_head*hd] attention output (input of Wo)
     x_mid: Vec<f32>,     // [n, e] residual after attention
     rstd_ffn: Vec<f32>,  // [n]
@@ -47,11 +47,14 @@ struct BlockActs {
 /// `(block, slot, x [n, cols], dy [n, rows])`.
 pub type Capture<'a> = dyn FnMut(usize, Slot, &[f32], &[f32]) + 'a;
 
-/// The forward pass of one sequence: its logits and what the backward pass needs. Valid for
+/// The forward pass of one sequence (or of several packed one after another, each attending
+/// only to itself from position 0): the logits and what the backward pass needs. Valid for
 /// the adapter values it was computed with.
 pub struct Activations {
-    /// Tokens in the sequence.
+    /// Tokens in all.
     pub n: usize,
+    /// The sequences' lengths, in order (their rows follow each other).
+    pub segs: Vec<usize>,
     pub logits: Vec<f32>, // [n, n_vocab]
     blocks: Vec<BlockActs>,
     x_out: Vec<f32>,    // [n, e] residual after the last block
@@ -150,10 +153,20 @@ impl<'m> TrainModel<'m> {
 
     /// Run `tokens` (positions `0..n`) and keep what [`TrainModel::backward`] needs.
     pub fn forward(&self, tokens: &[u32]) -> Result<Activations> {
+        self.forward_seqs(&[tokens])
+    }
+
+    /// Run several sequences in one pass, packed one after another: every matmul runs over
+    /// all their rows at once (each weight row dequantized once for all), while rope and
+    /// attention run per sequence from position 0, so each sequence's logits are those of
+    /// [`TrainModel::forward`] on it alone (up to the order of float sums).
+    pub fn forward_seqs(&self, seqs: &[&[u32]]) -> Result<Activations> {
         let m = self.model;
         let c = &m.cfg;
+        let segs: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
         let (n, e, nv) = (tokens.len(), c.n_embd, c.n_vocab);
-        if n == 0 {
+        if n == 0 || segs.contains(&0) {
             return Err(Error::Invalid("forward needs at least one token".into()));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= nv) {
@@ -176,11 +189,27 @@ impl<'m> TrainModel<'m> {
             let mut q = self.mm(il, Slot::Q, &xn, n, &mut us); // [n, n_head*hd]
             let mut k = self.mm(il, Slot::K, &xn, n, &mut us); // [n, n_head_kv*hd]
             let v = self.mm(il, Slot::V, &xn, n, &mut us); // [n, n_head_kv*hd]
-            rope_forward(&m.rope_global, &mut q, n, c.head_dim, 0);
-            rope_forward(&m.rope_global, &mut k, n, c.head_dim, 0);
-            let mut probs = vec![0f32; hs.probs_len(n)]; // [n_head, n(n+1)/2]
+            let mut probs = vec![0f32; segs.iter().map(|&l| hs.probs_len(l)).sum()];
             let mut att = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
-            attention_forward(pool, &hs, &q, &k, &v, n, &mut probs, &mut att);
+            let (qd, kvd) = (hs.q_dim(), hs.kv_dim());
+            let (mut t0, mut p0) = (0, 0);
+            for &len in &segs {
+                let (t1, p1) = (t0 + len, p0 + hs.probs_len(len));
+                let (qs, ks) = (&mut q[t0 * qd..t1 * qd], &mut k[t0 * kvd..t1 * kvd]);
+                rope_forward(&m.rope_global, qs, len, c.head_dim, 0);
+                rope_forward(&m.rope_global, ks, len, c.head_dim, 0);
+                attention_forward(
+                    pool,
+                    &hs,
+                    &q[t0 * qd..t1 * qd],
+                    &k[t0 * kvd..t1 * kvd],
+                    &v[t0 * kvd..t1 * kvd],
+                    len,
+                    &mut probs[p0..p1],
+                    &mut att[t0 * qd..t1 * qd],
+                );
+                (t0, p0) = (t1, p1);
+            }
             let o = self.mm(il, Slot::O, &att, n, &mut us); // [n, e]
             let mut x_mid = o;
             lethe_kernels::ops::add_inplace(&mut x_mid, &x); // [n, e]
@@ -215,6 +244,7 @@ impl<'m> TrainModel<'m> {
         linear_forward(pool, &m.file, &m.output, &xn, n, &mut logits);
         Ok(Activations {
             n,
+            segs,
             logits,
             blocks,
             x_out: x,
@@ -334,11 +364,28 @@ impl<'m> TrainModel<'m> {
             let mut dq = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
             let mut dk = vec![0f32; n * hs.kv_dim()]; // [n, n_head_kv*hd]
             let mut dv = vec![0f32; n * hs.kv_dim()]; // [n, n_head_kv*hd]
-            attention_backward(
-                pool, &hs, &b.q, &b.k, &b.v, &b.probs, &datt, n, &mut dq, &mut dk, &mut dv,
-            );
-            rope_backward(&m.rope_global, &mut dq, n, c.head_dim, 0);
-            rope_backward(&m.rope_global, &mut dk, n, c.head_dim, 0);
+            let (qd, kvd) = (hs.q_dim(), hs.kv_dim());
+            let (mut t0, mut p0) = (0, 0);
+            for &len in &act.segs {
+                let (t1, p1) = (t0 + len, p0 + hs.probs_len(len));
+                let (qr, kr) = (t0 * qd..t1 * qd, t0 * kvd..t1 * kvd);
+                attention_backward(
+                    pool,
+                    &hs,
+                    &b.q[qr.clone()],
+                    &b.k[kr.clone()],
+                    &b.v[kr.clone()],
+                    &b.probs[p0..p1],
+                    &datt[qr.clone()],
+                    len,
+                    &mut dq[qr.clone()],
+                    &mut dk[kr.clone()],
+                    &mut dv[kr.clone()],
+                );
+                rope_backward(&m.rope_global, &mut dq[qr], len, c.head_dim, 0);
+                rope_backward(&m.rope_global, &mut dk[kr], len, c.head_dim, 0);
+                (t0, p0) = (t1, p1);
+            }
             rmsnorm_forward(&b.x, &l.attn_norm, c.rms_eps, &mut xn, &mut tmp);
             take(il, Slot::Q, &xn, &dq);
             take(il, Slot::K, &xn, &dk);
