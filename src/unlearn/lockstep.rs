@@ -273,7 +273,7 @@ fn each_parallel(
         }
     }
     let n = ds.len();
-    let p = Ptr(ds.as_mut_ptr() as *mut &'static mut LockstepDecoder);
+    let p = Ptr(ds.as_mut_ptr());
     let next = std::sync::atomic::AtomicUsize::new(0);
     pool.run_dynamic(&|_, _| loop {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
