@@ -261,27 +261,23 @@ fn each_parallel(
         }
         return;
     }
-    struct Ptr(*mut &'static mut LockstepDecoder);
+    struct Ptr(*mut LockstepDecoder);
     // SAFETY: every index is claimed by one thread (below), so no decoder is touched twice.
     unsafe impl Sync for Ptr {}
-    impl Ptr {
-        /// # Safety
-        /// `i` in bounds and claimed by this thread alone.
-        #[allow(clippy::mut_from_ref)]
-        unsafe fn get(&self, i: usize) -> &mut LockstepDecoder {
-            &mut **self.0.add(i)
-        }
-    }
-    let n = ds.len();
-    let p = Ptr(ds.as_mut_ptr());
+    let ptrs: Vec<Ptr> = ds
+        .iter_mut()
+        .map(|d| Ptr(&mut **d as *mut LockstepDecoder))
+        .collect();
+    let n = ptrs.len();
     let next = std::sync::atomic::AtomicUsize::new(0);
     pool.run_dynamic(&|_, _| loop {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if i >= n {
             break;
         }
-        // SAFETY: `i < n` is claimed once; the slice outlives the pool's run.
-        f(unsafe { p.get(i) });
+        // SAFETY: `i < n` is claimed once; the decoders outlive the pool's run.
+        let raw: *mut LockstepDecoder = ptrs[i].0;
+        f(unsafe { &mut *raw });
     });
 }
 
