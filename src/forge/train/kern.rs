@@ -183,6 +183,66 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod x86_2 {
+    use std::arch::x86_64::*;
+
+    /// `y0 += sum_k a0[k] w[k]`, `y1 += sum_k a1[k] w[k]` over the same rows of `w`: each
+    /// loaded row feeds both outputs (32 outputs of each in registers at a time).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_rows2(
+        y0: &mut [f32],
+        y1: &mut [f32],
+        a0: &[f32],
+        a1: &[f32],
+        w: &[f32],
+        stride: usize,
+    ) {
+        let n = y0.len();
+        let (p0, p1, wp) = (y0.as_mut_ptr(), y1.as_mut_ptr(), w.as_ptr());
+        let mut i = 0;
+        while i + 32 <= n {
+            let mut c0 = [_mm256_setzero_ps(); 4];
+            let mut c1 = [_mm256_setzero_ps(); 4];
+            for j in 0..4 {
+                c0[j] = _mm256_loadu_ps(p0.add(i + 8 * j));
+                c1[j] = _mm256_loadu_ps(p1.add(i + 8 * j));
+            }
+            for k in 0..a0.len() {
+                let (b0, b1) = (_mm256_set1_ps(a0[k]), _mm256_set1_ps(a1[k]));
+                let r = wp.add(k * stride + i);
+                for j in 0..4 {
+                    let wv = _mm256_loadu_ps(r.add(8 * j));
+                    c0[j] = _mm256_fmadd_ps(b0, wv, c0[j]);
+                    c1[j] = _mm256_fmadd_ps(b1, wv, c1[j]);
+                }
+            }
+            for j in 0..4 {
+                _mm256_storeu_ps(p0.add(i + 8 * j), c0[j]);
+                _mm256_storeu_ps(p1.add(i + 8 * j), c1[j]);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let (mut c0, mut c1) = (_mm256_loadu_ps(p0.add(i)), _mm256_loadu_ps(p1.add(i)));
+            for k in 0..a0.len() {
+                let wv = _mm256_loadu_ps(wp.add(k * stride + i));
+                c0 = _mm256_fmadd_ps(_mm256_set1_ps(a0[k]), wv, c0);
+                c1 = _mm256_fmadd_ps(_mm256_set1_ps(a1[k]), wv, c1);
+            }
+            _mm256_storeu_ps(p0.add(i), c0);
+            _mm256_storeu_ps(p1.add(i), c1);
+            i += 8;
+        }
+        for j in i..n {
+            for k in 0..a0.len() {
+                y0[j] += a0[k] * w[k * stride + j];
+                y1[j] += a1[k] * w[k * stride + j];
+            }
+        }
+    }
+}
+
 #[inline]
 fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -223,6 +283,31 @@ pub(crate) fn axpy_rows(y: &mut [f32], a: &[f32], w: &[f32], stride: usize) {
     for (k, &ak) in a.iter().enumerate() {
         axpy(y, ak, &w[k * stride..k * stride + y.len()]);
     }
+}
+
+/// [`axpy_rows`] for two outputs over the same rows of `w` (`a0`, `a1`: one weight per row
+/// each): `y0 += sum_k a0[k] w[k]`, `y1 += sum_k a1[k] w[k]`.
+#[inline]
+pub(crate) fn axpy_rows2(
+    y0: &mut [f32],
+    y1: &mut [f32],
+    a0: &[f32],
+    a1: &[f32],
+    w: &[f32],
+    stride: usize,
+) {
+    if a0.is_empty() {
+        return;
+    }
+    assert!(y0.len() == y1.len() && a0.len() == a1.len());
+    assert!(w.len() >= (a0.len() - 1) * stride + y0.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; the rows are inside `w` (checked above).
+        return unsafe { x86_2::axpy_rows2(y0, y1, a0, a1, w, stride) };
+    }
+    axpy_rows(y0, a0, w, stride);
+    axpy_rows(y1, a1, w, stride);
 }
 
 /// `x · w`.
@@ -292,6 +377,36 @@ mod tests {
                         .map(|k| a[k] as f64 * w[k * stride + i] as f64)
                         .sum::<f64>();
                 assert!((y[i] as f64 - want).abs() < 1e-5, "n {n} m {m} i {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn axpy_rows2_matches_f64() {
+        for (n, m) in [
+            (5usize, 3usize),
+            (8, 1),
+            (40, 16),
+            (100, 7),
+            (200, 16),
+            (72, 16),
+        ] {
+            let stride = n + 3;
+            let w: Vec<f32> = (0..m * stride).map(|i| (i as f32 * 0.21).sin()).collect();
+            let a0: Vec<f32> = (0..m).map(|k| k as f32 * 0.5 - 1.0).collect();
+            let a1: Vec<f32> = (0..m).map(|k| (k as f32 * 0.7).cos()).collect();
+            let mut y0: Vec<f32> = (0..n).map(|i| i as f32 * 0.1).collect();
+            let mut y1: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.05).collect();
+            let (z0, z1) = (y0.clone(), y1.clone());
+            axpy_rows2(&mut y0, &mut y1, &a0, &a1, &w, stride);
+            for i in 0..n {
+                for (y, z, a) in [(&y0, &z0, &a0), (&y1, &z1, &a1)] {
+                    let want: f64 = z[i] as f64
+                        + (0..m)
+                            .map(|k| a[k] as f64 * w[k * stride + i] as f64)
+                            .sum::<f64>();
+                    assert!((y[i] as f64 - want).abs() < 1e-5, "n {n} m {m} i {i}");
+                }
             }
         }
     }

@@ -6,7 +6,7 @@
 //! they meet the weights' exact dequantized values, so the loss is a smooth function of the
 //! adapter and finite differences check its gradients).
 
-use super::kern::{axpy, axpy_rows, dot, dot2x4, par_chunks, Shared};
+use super::kern::{axpy_rows, axpy_rows2, dot2x4, par_chunks, Shared};
 use super::lora::LoraParam;
 use crate::gguf::GgufFile;
 use crate::model::Weight;
@@ -107,18 +107,48 @@ pub fn linear_backward(
                     quant::dequantize_row(ty, &row[b0..b1], &mut wb[k * width..(k + 1) * width])
                         .expect("validated at load");
                 }
-                for t in 0..n {
+                // Two tokens at a time share each dequantized row.
+                let zero = |a: &[f32]| a.iter().all(|&v| v == 0.0);
+                let mut t = 0;
+                while t < n {
                     let a = &dy[t * rows + r0..t * rows + r0 + m]; // [m]
-                    if a.iter().all(|&v| v == 0.0) {
-                        continue;
+                    if t + 1 < n {
+                        let b = &dy[(t + 1) * rows + r0..(t + 1) * rows + r0 + m]; // [m]
+                        if !zero(a) && !zero(b) {
+                            // SAFETY: columns c0..c1 of every token belong to this segment.
+                            let d0 = unsafe { dxp.slice(t * cols + c0, width) }; // [width]
+                            let d1 = unsafe { dxp.slice((t + 1) * cols + c0, width) };
+                            axpy_rows2(d0, d1, a, b, &wb[..m * width], width);
+                            t += 2;
+                            continue;
+                        }
                     }
-                    // SAFETY: columns c0..c1 of every token belong to this segment alone.
-                    let dxt = unsafe { dxp.slice(t * cols + c0, width) }; // [width]
-                    axpy_rows(dxt, a, &wb[..m * width], width);
+                    if !zero(a) {
+                        // SAFETY: as above.
+                        let dxt = unsafe { dxp.slice(t * cols + c0, width) }; // [width]
+                        axpy_rows(dxt, a, &wb[..m * width], width);
+                    }
+                    t += 1;
                 }
             }
         }
     });
+}
+
+/// `out[t, j] = x_t · w_j` for `n` rows of `x` (`[n, len]`) and `m` rows of `w` (`[m, len]`),
+/// into `out` (`[n, m]`, row stride `m`), two rows of `x` against four of `w` at a time.
+fn dots(x: &[f32], n: usize, w: &[f32], m: usize, len: usize, out: &mut [f32]) {
+    for t in (0..n).step_by(2) {
+        let t1 = (t + 1).min(n - 1);
+        let xs = [&x[t * len..(t + 1) * len], &x[t1 * len..(t1 + 1) * len]];
+        for j in (0..m).step_by(4) {
+            let k = (m - j).min(4);
+            let d = dot2x4(xs, four(w, len, j, k));
+            for (i, tk) in [t, t1].into_iter().enumerate() {
+                out[tk * m + j..tk * m + j + k].copy_from_slice(&d[i][..k]);
+            }
+        }
+    }
 }
 
 /// LoRA's forward: `u = A x` (`[n, r]`, kept for the backward pass) and `y += s B u`
@@ -134,17 +164,35 @@ pub fn lora_forward(
 ) {
     let (cols, rows, rank) = (p.cols, p.rows, p.rank());
     let (up, yp) = (Shared(u.as_mut_ptr()), Shared(y.as_mut_ptr()));
+    // u = A x: chunks of tokens (each chunk writes its own rows of u).
     par_chunks(pool, n, 4, &|_, ts| {
-        for t in ts {
-            // SAFETY: token `t`'s rows of `u` and `y` belong to this chunk.
-            let ut = unsafe { up.slice(t * rank, rank) }; // [r]
-            let xt = &x[t * cols..(t + 1) * cols];
-            for (k, uk) in ut.iter_mut().enumerate() {
-                *uk = dot(xt, &p.a[k * cols..(k + 1) * cols]);
-            }
-            let yt = unsafe { yp.slice(t * rows, rows) }; // [rows]
-            for (r, yr) in yt.iter_mut().enumerate() {
-                *yr += s * dot(&p.b[r * rank..(r + 1) * rank], ut);
+        // SAFETY: tokens `ts`'s rows of `u` belong to this chunk.
+        let ut = unsafe { up.slice(ts.start * rank, ts.len() * rank) }; // [len, r]
+        dots(
+            &x[ts.start * cols..ts.end * cols],
+            ts.len(),
+            &p.a,
+            rank,
+            cols,
+            ut,
+        );
+    });
+    // y += s B u: chunks of output rows, all tokens.
+    par_chunks(pool, rows, 64, &|_, rs| {
+        let mut d = vec![0f32; n * rs.len()]; // [n, len]
+        dots(
+            u,
+            n,
+            &p.b[rs.start * rank..rs.end * rank],
+            rs.len(),
+            rank,
+            &mut d,
+        );
+        for t in 0..n {
+            // SAFETY: columns `rs` of every token's row of `y` belong to this chunk.
+            let yt = unsafe { yp.slice(t * rows + rs.start, rs.len()) };
+            for (o, &v) in yt.iter_mut().zip(&d[t * rs.len()..(t + 1) * rs.len()]) {
+                *o += s * v;
             }
         }
     });
@@ -168,14 +216,14 @@ pub fn lora_backward(
     // du[t, k] = s sum_r B[r, k] dy[t, r]
     let mut du = vec![0f32; n * rank]; // [n, r]
     let dup = Shared(du.as_mut_ptr());
+    let b = &p.b;
     par_chunks(pool, n, 4, &|_, ts| {
         for t in ts {
             // SAFETY: token `t`'s row of `du` belongs to this chunk.
             let dut = unsafe { dup.slice(t * rank, rank) }; // [r]
-            for (r, &d) in dy[t * rows..(t + 1) * rows].iter().enumerate() {
-                if d != 0.0 {
-                    axpy(dut, s * d, &p.b[r * rank..(r + 1) * rank]);
-                }
+            axpy_rows(dut, &dy[t * rows..(t + 1) * rows], b, rank);
+            for v in dut.iter_mut() {
+                *v *= s;
             }
         }
     });
@@ -184,28 +232,25 @@ pub fn lora_backward(
     par_chunks(pool, rows, 64, &|_, rs| {
         // SAFETY: rows `rs` of grad_b belong to this chunk.
         let gb = unsafe { gbp.slice(rs.start * rank, rs.len() * rank) }; // [len, r]
-        for t in 0..n {
-            let ut = &u[t * rank..(t + 1) * rank];
-            for (i, r) in rs.clone().enumerate() {
-                let d = dy[t * rows + r];
-                if d != 0.0 {
-                    axpy(&mut gb[i * rank..(i + 1) * rank], s * d, ut);
-                }
+        let mut col = vec![0f32; n]; // [n] s * dy[:, r]
+        for (i, r) in rs.clone().enumerate() {
+            for (t, c) in col.iter_mut().enumerate() {
+                *c = s * dy[t * rows + r];
             }
+            axpy_rows(&mut gb[i * rank..(i + 1) * rank], &col, u, rank);
         }
     });
     // grad_a[k] += sum_t du[t, k] x[t]
     let gap = Shared(p.grad_a.as_mut_ptr());
     par_chunks(pool, rank, 1, &|_, ks| {
+        let mut col = vec![0f32; n]; // [n] du[:, k]
         for k in ks {
             // SAFETY: row `k` of grad_a belongs to this chunk.
             let ga = unsafe { gap.slice(k * cols, cols) }; // [cols]
-            for t in 0..n {
-                let d = du[t * rank + k];
-                if d != 0.0 {
-                    axpy(ga, d, &x[t * cols..(t + 1) * cols]);
-                }
+            for (t, c) in col.iter_mut().enumerate() {
+                *c = du[t * rank + k];
             }
+            axpy_rows(ga, &col, x, cols);
         }
     });
     // dx[t] += sum_k du[t, k] A[k]
@@ -216,12 +261,7 @@ pub fn lora_backward(
             for t in ts {
                 // SAFETY: token `t`'s row of dx belongs to this chunk.
                 let dxt = unsafe { dxp.slice(t * cols, cols) }; // [cols]
-                for k in 0..rank {
-                    let d = du[t * rank + k];
-                    if d != 0.0 {
-                        axpy(dxt, d, &a[k * cols..(k + 1) * cols]);
-                    }
-                }
+                axpy_rows(dxt, &du[t * rank..(t + 1) * rank], a, cols);
             }
         });
     }
