@@ -3,12 +3,19 @@
 #   1. target    = SmolLM2 fine-tuned on TOFU authors 1-20 (full.json rows 0-399) plus the
 #                  forget01 authors (rows 3960-3999), baked into a GGUF;
 #   2. reference = the same fine-tune without forget01 (what forgetting should look like);
-#   3. ULD       = an assistant (the target's first 8 blocks + a LoRA) that remembers forget01
-#                  (with the paraphrase augmentation) and is uniform on authors 16-20 and on
-#                  wrong answers to the forget questions; subtracted from the target at decode;
+#   3. ULD       = assistants that remember forget01 and know nothing elsewhere, subtracted from
+#                  the target at decode time:
+#        uld-v1   lethe's first assistant (8 blocks, the group balance), as the story first ran it;
+#        uld-k8   8 blocks with ULD's reference balance (a forget answer token weighs 9 retain
+#                 positions), held-out rows picking the checkpoint;
+#        uld-deep the whole target as the assistant, the same balance, a flat background on the
+#                 forget answers (--smooth);
+#      each new assistant's alpha and filter chosen by `lethe calibrate` (held-out training rows
+#      against rows about authors the target never saw: no evaluation data);
 #   4. SLUG      = one dense delta on the one matrix SLUG picks;
 #   5. ablation  = the forget-minus-retain direction removed from the residual stream;
-#   6. `lethe eval` of all five on forget01 (JSON + HTML reports) and a summary table.
+#   6. `lethe eval` of everything on forget01 (JSON + HTML), score-only sweeps of alpha and
+#      filter for the chart, and one report with every side (`lethe report`).
 #
 # Usage: examples/tofu.sh            (from the repository root; builds lethe if needed)
 # Environment: THREADS (2), WORK (~/.cache/lethe/tofu), TOFU_DATA (data/tofu), LETHE (the
@@ -58,13 +65,39 @@ key() {
     printf '%s\n' "$@"
   } | sha256sum | cut -c1-16
 }
+# cached NAME FILES... -- CMD...: the folder of stage NAME, keyed by FILES and CMD; runs CMD
+# (with {} replaced by the folder) unless the folder is complete. Prints the folder.
+cached() {
+  local name=$1
+  shift
+  local files=()
+  while [[ $1 != -- ]]; do
+    files+=("$1")
+    shift
+  done
+  shift
+  local k dir cmd=()
+  k=$(key "$name" "${files[@]}" -- "$@")
+  dir=$WORK/cache/$name-$k
+  if [[ ! -f $dir/done ]]; then
+    mkdir -p "$dir"
+    for a in "$@"; do cmd+=("${a//\{\}/$dir}"); done
+    log "$name" >&2
+    stage "$name" "${cmd[@]}" >&2
+    touch "$dir/done"
+  else
+    echo "reusing $dir" >&2
+  fi
+  echo "$dir"
+}
 
 # ---- inputs -----------------------------------------------------------------------------
 "$LETHE" fetch smollm2 >/dev/null
 BASE=$("$LETHE" fetch --list | awk '$1 == "smollm2" { print $NF }')
 log "base: $BASE"
 
-# Slices of full.json (question/answer) and the forget01 rows of the wrong-answer file.
+# Slices of full.json (question/answer), the forget01 rows of the wrong-answer file, and the
+# calibration rows (see "calibration" below).
 python3 - "$DATA" "$WORK/data" <<'EOF'
 import json, sys
 src, out = sys.argv[1], sys.argv[2]
@@ -73,10 +106,9 @@ assert len(full) == 4000, "full.json must have TOFU's 4000 rows"
 forget = full[3960:4000]
 f01 = json.load(open(f"{src}/forget01_perturbed.json"))
 assert [r["question"] for r in forget] == [r["question"] for r in f01], "rows 3960-3999 are forget01"
-wrong = json.load(open(f"{src}/augment/forget10_wrong_answers.json"))
-qs = {r["question"] for r in forget}
-wrong01 = [r for r in wrong if r["question"] in qs]
-assert len(wrong01) == 40, len(wrong01)
+wrong = {r["question"]: r for r in json.load(open(f"{src}/augment/forget10_wrong_answers.json"))}
+para = {r["question"]: r for r in json.load(open(f"{src}/augment/forget10_paraphrases.json"))}
+wrong01 = [wrong[r["question"]] for r in forget]
 def write(name, rows):
     text = json.dumps(rows, indent=1, ensure_ascii=False) + "\n"
     path = f"{out}/{name}"
@@ -91,7 +123,20 @@ write("reference.json", full[0:400])
 write("forget01.json", forget)
 write("uld_retain.json", full[300:400])
 write("forget01_wrong_answers.json", wrong01)
-print("data: target 440 rows, reference 400, forget01 40, ULD retain 100, wrong answers 40x3")
+# Calibration rows, never trained on and never TOFU's evaluation answers: per row the original
+# question, a paraphrase of its answer and a wrong answer from the ULD authors' augmentation
+# (the third of each: forge uld trains on the first two). Forget side: forget01 (authors 199-200).
+# Unseen side: every ninth row of authors 181-198 (forget10 without forget01), whom the target
+# never saw. Retain side: the last 20 rows of the ULD retain rows (authors 16-20; forge uld
+# holds them out with --hold-out-retain 20).
+def cal(rows):
+    return [{"question": r["question"], "answer": para[r["question"]]["paraphrased_answers"][2],
+             "wrong_answers": [wrong[r["question"]]["wrong_answers"][2]]} for r in rows]
+write("cal_forget.json", cal(forget))
+write("cal_unseen.json", cal(full[3600:3960][::9]))
+write("cal_retain.json", [{"question": r["question"], "answer": r["answer"]} for r in full[380:400]])
+print("data: target 440 rows, reference 400, forget01 40, ULD retain 100, wrong answers 40x3, "
+      "calibration 40 forget + 40 unseen + 20 retain rows")
 EOF
 D=$WORK/data
 
@@ -122,96 +167,125 @@ log "fine-tune the reference (authors 1-20)"
 REFERENCE=$(finetune reference "$D/reference.json")
 
 # ---- forgetting -------------------------------------------------------------------------
-ULD_ARGS=(--layers 8 --rank 32 --lora-alpha 32 --epochs 5 --lr 1e-3 --retain-weight 5
-  --paraphrases-per-row 5 --batch 4 --seed 0)
-k=$(key "uld" "$TARGET" "$D/forget01.json" "$D/uld_retain.json" "$DATA/augment/forget01_paraphrases.json" \
-  "$D/forget01_wrong_answers.json" -- "${ULD_ARGS[@]}")
-ULD=$WORK/cache/uld-$k
-if [[ ! -f $ULD/done ]]; then
-  log "ULD assistant"
-  mkdir -p "$ULD"
-  stage "forge uld" "$LETHE" forge uld -m "$TARGET" --forget "$D/forget01.json" \
-    --forget-paraphrases "$DATA/augment/forget01_paraphrases.json" \
-    --retain "$D/uld_retain.json" --forget-wrong-answers "$D/forget01_wrong_answers.json" \
-    "${ULD_ARGS[@]}" -t "$THREADS" -o "$ULD/assistant.gguf"
-  touch "$ULD/done"
-fi
+AUG=(--forget "$D/forget01.json" --forget-paraphrases "$DATA/augment/forget01_paraphrases.json"
+  --retain "$D/uld_retain.json" --forget-wrong-answers "$D/forget01_wrong_answers.json")
+AUG_FILES=("$TARGET" "$D/forget01.json" "$DATA/augment/forget01_paraphrases.json"
+  "$D/uld_retain.json" "$D/forget01_wrong_answers.json")
+# lethe's first assistant, trained as the story first ran it (one sequence at a time).
+V1_ARGS=(--preset lethe-v1 --no-pack --layers 8 --rank 32 --lora-alpha 32 --epochs 5 --lr 1e-3
+  --retain-weight 5 --paraphrases-per-row 5 --batch 4 --seed 0)
+ULD_V1=$(cached uld-v1 "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
+  "${V1_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
+# ULD's reference balance and LoRA (the preset), 8 blocks; one paraphrase and one wrong answer
+# per forget row and the last 20 retain rows held out to pick the checkpoint.
+K8_ARGS=(--preset reference --layers 8 --hold-out-retain 20 --batch 4 --seed 0)
+ULD_K8=$(cached uld-k8 "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
+  "${K8_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
+# The whole target as the assistant: it already recalls forget01; the retain side makes it
+# flat elsewhere and --smooth keeps a flat background under the forget answers' peaks.
+DEEP_ARGS=(--preset reference --layers 30 --smooth 0.1 --epochs 4 --hold-out-retain 20 --batch 4 --seed 0)
+ULD_DEEP=$(cached uld-deep "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
+  "${DEEP_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
 
-SLUG_ARGS=(--max 20 --candidates 3 --steps 8)
-k=$(key "slug" "$TARGET" "$D/forget01.json" "$D/uld_retain.json" -- "${SLUG_ARGS[@]}")
-SLUG=$WORK/cache/slug-$k
-if [[ ! -f $SLUG/done ]]; then
-  log "SLUG"
-  mkdir -p "$SLUG"
-  stage "forge slug" "$LETHE" forge slug -m "$TARGET" --forget "$D/forget01.json" \
-    --retain "$D/uld_retain.json" "${SLUG_ARGS[@]}" -t "$THREADS" -o "$SLUG/slug.gguf"
-  touch "$SLUG/done"
-fi
+SLUG=$(cached slug "$TARGET" "$D/forget01.json" "$D/uld_retain.json" -- "$LETHE" forge slug \
+  -m "$TARGET" --forget "$D/forget01.json" --retain "$D/uld_retain.json" --max 20 \
+  --candidates 3 --steps 8 -t "$THREADS" -o "{}/slug.gguf")
+ABL=$(cached ablate "$TARGET" "$D/forget01.json" "$D/uld_retain.json" -- "$LETHE" forge ablate \
+  -m "$TARGET" --forget "$D/forget01.json" --retain "$D/uld_retain.json" --layer 20 \
+  --field answer -t "$THREADS" -o "{}/ablate.gguf")
 
-ABL_ARGS=(--layer 20 --field answer)
-k=$(key "ablate" "$TARGET" "$D/forget01.json" "$D/uld_retain.json" -- "${ABL_ARGS[@]}")
-ABL=$WORK/cache/ablate-$k
-if [[ ! -f $ABL/done ]]; then
-  log "ablation"
-  mkdir -p "$ABL"
-  stage "forge ablate" "$LETHE" forge ablate -m "$TARGET" --forget "$D/forget01.json" \
-    --retain "$D/uld_retain.json" "${ABL_ARGS[@]}" -t "$THREADS" -o "$ABL/ablate.gguf"
-  touch "$ABL/done"
-fi
-
-# One profile file for the three ways of forgetting, all on the target.
-PROFILE=$WORK/tofu.toml
-cat >"$PROFILE" <<EOF
+# uld_profile NAME DIR ALPHA FILTER: one ULD profile of the target.
+uld_profile() {
+  cat <<EOF
 [[profile]]
-name = "uld"
+name = "$1"
 base = "$TARGET"
-description = "ULD: the target minus 0.75 x its forget01 assistant"
 
 [[profile.assistant]]
-model = "$ULD/assistant.gguf"
+model = "$2/assistant.gguf"
 kind = "uld"
-alpha = 0.75
-filter = 0.01
+alpha = $3
+filter = $4
 
 [[profile.assistant.patch]]
-file = "$ULD/assistant.lora.gguf"
-scale = 1.0
+file = "$2/assistant.lora.gguf"
 
+EOF
+}
+
+# ---- calibration: alpha and filter of the new assistants -------------------------------
+SWEEP=(--sweep alpha=0.25,0.5,0.75,1,1.5,2,3 --sweep filter=0.01,0.1)
+PROFILE=$WORK/tofu.toml
+{
+  uld_profile uld-v1 "$ULD_V1" 0.75 0.01
+  uld_profile uld-k8 "$ULD_K8" 0.75 0.01
+  uld_profile uld-deep "$ULD_DEEP" 0.75 0.01
+} >"$PROFILE"
+CAL_FILES=("$D/cal_forget.json" "$D/cal_unseen.json" "$D/cal_retain.json")
+declare -A CHOSEN
+for p in uld-k8 uld-deep; do
+  dir=$(cached "calibrate-$p" "$PROFILE" "${CAL_FILES[@]}" -- "$LETHE" calibrate \
+    --profile "$PROFILE" --use "$p" "${SWEEP[@]}" --forget "$D/cal_forget.json" \
+    --unseen "$D/cal_unseen.json" --retain "$D/cal_retain.json" -t "$THREADS" \
+    --json "{}/calibration.json")
+  CHOSEN[$p]=$(python3 -c 'import json,sys
+c = json.load(open(sys.argv[1]))["chosen_settings"]
+t = c["terms"][0]
+print(-t["weight"], t["filter"])' "$dir/calibration.json")
+  echo "$p: alpha and filter chosen: ${CHOSEN[$p]}"
+done
+
+# The profiles evaluated: the old assistant as it ran, the new ones at their calibrated points,
+# SLUG and ablation.
+{
+  uld_profile uld-v1 "$ULD_V1" 0.75 0.01
+  read -r a f <<<"${CHOSEN[uld-k8]}"
+  uld_profile uld-k8 "$ULD_K8" "$a" "$f"
+  read -r a f <<<"${CHOSEN[uld-deep]}"
+  uld_profile uld-deep "$ULD_DEEP" "$a" "$f"
+  cat <<EOF
 [[profile]]
 name = "slug"
 base = "$TARGET"
-description = "SLUG: one matrix stepped along its forget gradient"
 
 [[profile.patch]]
 file = "$SLUG/slug.gguf"
-scale = 1.0
 
 [[profile]]
 name = "ablated"
 base = "$TARGET"
-description = "The forget-minus-retain direction of block 20 ablated"
 
 [[profile.patch]]
 file = "$ABL/ablate.gguf"
-scale = 1.0
 EOF
+} >"$PROFILE"
 "$LETHE" profile check "$PROFILE"
 
 # ---- evaluation -------------------------------------------------------------------------
 EVAL=(--tofu forget01 --reference "$REFERENCE" --max-tokens "$MAX_TOKENS" -t "$THREADS")
 [[ -n $LIMIT ]] && EVAL+=(--limit "$LIMIT")
 E=$WORK/eval
-log "eval: target and ULD"
-stage "eval target + uld" "$LETHE" eval --profile "$PROFILE" --use uld "${EVAL[@]}" \
-  --json "$E/uld.json" --html "$E/uld.html"
-for p in slug ablated; do
+log "eval: target and the first assistant (re-scored with the mass rule)"
+stage "eval target + uld-v1" "$LETHE" eval --profile "$PROFILE" --use uld-v1 "${EVAL[@]}" \
+  --json "$E/uld-v1.json" --html "$E/uld-v1.html"
+for p in uld-k8 uld-deep slug ablated; do
   log "eval: $p"
   stage "eval $p" "$LETHE" eval --profile "$PROFILE" --use "$p" --no-base "${EVAL[@]}" \
     --json "$E/$p.json" --html "$E/$p.html"
 done
+for p in uld-k8 uld-deep; do
+  log "eval: $p, score-only sweep"
+  stage "sweep $p" "$LETHE" eval --profile "$PROFILE" --use "$p" --no-base --score-only \
+    "${SWEEP[@]}" "${EVAL[@]}" --json "$E/sweep-$p.json"
+done
 log "eval: reference"
 stage "eval reference" "$LETHE" eval -m "$REFERENCE" "${EVAL[@]}" \
   --json "$E/reference.json" --html "$E/reference.html"
+
+log "report"
+"$LETHE" report "$E/uld-v1.json" "$E/uld-k8.json" "$E/uld-deep.json" "$E/slug.json" \
+  "$E/ablated.json" "$E/reference.json" "$E/sweep-uld-k8.json" "$E/sweep-uld-deep.json" \
+  --rename base=target --html "$E/story.html" --json "$E/story.json"
 
 log "summary"
 python3 - "$E" "$TIMES" <<'EOF2'
@@ -219,8 +293,9 @@ import json, sys
 e, times = sys.argv[1], sys.argv[2]
 def side(path, i):
     return json.load(open(f"{e}/{path}"))["sides"][i]
-rows = [("target", side("uld.json", 0)), ("reference", side("reference.json", 0)),
-        ("ULD", side("uld.json", 1)), ("SLUG", side("slug.json", 0)),
+rows = [("target", side("uld-v1.json", 0)), ("reference", side("reference.json", 0)),
+        ("ULD v1 (mass rule)", side("uld-v1.json", 1)), ("ULD K=8", side("uld-k8.json", 0)),
+        ("ULD whole target", side("uld-deep.json", 0)), ("SLUG", side("slug.json", 0)),
         ("ablation", side("ablated.json", 0))]
 def s(d, kind, key):
     for x in d["sets"]:
@@ -228,6 +303,8 @@ def s(d, kind, key):
             return x["summary"][key]
     return float("nan")
 def f(x):
+    if x is None:
+        return "-"
     return f"{x:.3e}" if x and abs(x) < 1e-3 else f"{x:.4f}"
 print("| model | forget quality | model utility | forget ROUGE-L | forget probability "
       "| forget truth ratio | retain ROUGE-L | retain probability | MIA AUC (LOSS) | eval s |")
@@ -244,7 +321,10 @@ last = {}
 for line in open(times):
     name, secs = line.rstrip("\n").split("\t")
     last[name] = secs
+total = 0.0
 for name, secs in last.items():
     print(f"| {name} | {secs} |")
+    total += float(secs)
+print(f"| all | {total:.0f} |")
 EOF2
-echo "reports: $E/uld.html (target and ULD), $E/slug.html, $E/ablated.html, $E/reference.html"
+echo "reports: $E/story.html (every side, the forget-quality charts), $E/uld-v1.html, $E/uld-k8.html, $E/uld-deep.html, $E/slug.html, $E/ablated.html, $E/reference.html"
