@@ -171,8 +171,8 @@ AUG=(--forget "$D/forget01.json" --forget-paraphrases "$DATA/augment/forget01_pa
   --retain "$D/uld_retain.json" --forget-wrong-answers "$D/forget01_wrong_answers.json")
 AUG_FILES=("$TARGET" "$D/forget01.json" "$DATA/augment/forget01_paraphrases.json"
   "$D/uld_retain.json" "$D/forget01_wrong_answers.json")
-# lethe's first assistant, trained as the story first ran it (one sequence at a time).
-V1_ARGS=(--preset lethe-v1 --no-pack --layers 8 --rank 32 --lora-alpha 32 --epochs 5 --lr 1e-3
+# lethe's first assistant: the recipe the story first ran.
+V1_ARGS=(--preset lethe-v1 --layers 8 --rank 32 --lora-alpha 32 --epochs 5 --lr 1e-3
   --retain-weight 5 --paraphrases-per-row 5 --batch 4 --seed 0)
 ULD_V1=$(cached uld-v1 "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
   "${V1_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
