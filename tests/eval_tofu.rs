@@ -56,6 +56,100 @@ fn assistant(dir: &TempDir) -> std::path::PathBuf {
     path
 }
 
+/// The sparse sweep path (per point only the plausible set) gives the numbers of the whole
+/// combination at every point: each token's log-probability, and Min-K%++'s mu and sigma of
+/// the combined distribution; pair terms and the raw rule are refused (they take the whole
+/// path).
+#[test]
+fn sparse_sweep_scores_equal_the_whole_combination() {
+    let dir = TempDir::new("score-sparse");
+    let model = Arc::new(Model::open(model_path("smollm2"), 2).unwrap());
+    let tok = Tokenizer::from_gguf(&model.file).unwrap();
+    let am = Arc::new(Model::open(assistant(&dir), 2).unwrap());
+    let prompt = chat_prompt(&tok, &model, "Who wrote the novel 'Dune'?");
+    let cont = tok.encode("It was written by Isaac Asimov in 1965.", false, false);
+    let uld = Assistant {
+        model: am.clone(),
+        kind: TermKind::Uld,
+        weight: -0.75,
+        filter: 0.01,
+        reference: None,
+        patches: None,
+        score: ScoreRule::Mass,
+    };
+    let points: Vec<Vec<(f32, f32)>> = vec![
+        vec![],
+        vec![(-0.25, 0.01)],
+        vec![(-2.0, 0.1)],
+        vec![(-1.0, 0.0)],
+        vec![(-0.5, 0.001)],
+    ];
+    let mut sc = Scorer::new(model.clone(), vec![uld.clone()], None, 256).unwrap();
+    sc.set_prompt(&prompt).unwrap();
+    let sparse = sc
+        .score_points_sparse(&cont, &points, true)
+        .unwrap()
+        .unwrap();
+    let mut whole_stats = vec![Vec::new(); points.len()];
+    let whole = sc
+        .score_points(&cont, &points, |k, i, logp| {
+            whole_stats[k].push(lethe::eval::mia::mink_stats(logp, cont[i]).unwrap())
+        })
+        .unwrap();
+    let mut moved = 0.0f64;
+    for k in 0..points.len() {
+        for i in 0..cont.len() {
+            let (a, b) = (sparse[k][i], whole_stats[k][i]);
+            assert!(
+                (a.logprob - whole[k][i]).abs() < 2e-5,
+                "point {k} token {i}: {a:?} vs {}",
+                whole[k][i]
+            );
+            assert!(
+                (a.mu - b.mu).abs() < 2e-4,
+                "point {k} token {i}: {a:?} vs {b:?}"
+            );
+            assert!(
+                (a.sigma - b.sigma).abs() < 2e-4,
+                "point {k} token {i}: {a:?} vs {b:?}"
+            );
+            moved = moved.max((whole[k][i] - whole[0][i]).abs());
+        }
+    }
+    assert!(
+        moved > 0.01,
+        "the points must differ for the test to mean anything"
+    );
+    // Without stats the moments are zero and the log-probabilities the same.
+    let bare = sc
+        .score_points_sparse(&cont, &points, false)
+        .unwrap()
+        .unwrap();
+    for k in 0..points.len() {
+        for i in 0..cont.len() {
+            assert_eq!(bare[k][i].logprob, sparse[k][i].logprob);
+            assert_eq!((bare[k][i].mu, bare[k][i].sigma), (0.0, 0.0));
+        }
+    }
+    for other in [
+        Assistant {
+            score: ScoreRule::Raw,
+            ..uld.clone()
+        },
+        Assistant {
+            kind: TermKind::Whp,
+            ..uld.clone()
+        },
+    ] {
+        let mut sc = Scorer::new(model.clone(), vec![other], None, 256).unwrap();
+        sc.set_prompt(&prompt).unwrap();
+        assert!(sc
+            .score_points_sparse(&cont, &points, false)
+            .unwrap()
+            .is_none());
+    }
+}
+
 /// The scorer gives, for each continuation token, the log-softmax of the logits the engine
 /// computes for the whole sequence in one forward, plain and with a ULD term combined in its
 /// scoring use; several continuations reuse one prefill of the prompt.

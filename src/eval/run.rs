@@ -411,6 +411,24 @@ impl Local {
                 )));
             }
             let want_stats = stats && i == 0;
+            if let Some(sparse) = self.scorer.score_points_sparse(&t, points, want_stats)? {
+                for (k, toks) in sparse.into_iter().enumerate() {
+                    if want_stats {
+                        out[k].stats = toks
+                            .iter()
+                            .map(|m| TokenStats {
+                                logprob: m.logprob,
+                                mu: m.mu,
+                                sigma: m.sigma,
+                            })
+                            .collect();
+                    }
+                    out[k]
+                        .logprobs
+                        .push(toks.iter().map(|m| m.logprob).collect());
+                }
+                continue;
+            }
             let mut st: Vec<Vec<Result<TokenStats>>> =
                 (0..points.len()).map(|_| Vec::new()).collect();
             let lp = self.scorer.score_points(&t, points, |k, j, logp| {

@@ -384,6 +384,80 @@ impl Model {
         Ok(())
     }
 
+    /// Like [`Model::forward`] without the output head: appends each token's final hidden
+    /// state, after the output norm, to `hidden` (`[n_tok, n_embd]`), for [`Model::head_rows`]
+    /// (a scorer that needs an assistant's logits only on a few rows per position).
+    pub fn forward_hidden(
+        &self,
+        st: &mut State,
+        tokens: &[u32],
+        hidden: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.check_input(st, tokens)?;
+        let e = self.cfg.n_embd;
+        for chunk in tokens.chunks(MAX_BATCH) {
+            self.forward_batch(st, chunk);
+            let start = hidden.len();
+            hidden.resize(start + chunk.len() * e, 0.0);
+            for (t, h) in hidden[start..].chunks_exact_mut(e).enumerate() {
+                let x = &st.buf.x[t * e..(t + 1) * e];
+                lethe_kernels::ops::rmsnorm(h, x, &self.output_norm, self.cfg.rms_eps);
+            }
+            st.pos += chunk.len();
+        }
+        Ok(())
+    }
+
+    /// The logits of the vocabulary rows `rows` (`out[i]` for token `rows[i]`) from one
+    /// normed hidden state `h` (`[n_embd]`, from [`Model::forward_hidden`]), with the state's
+    /// output patches and the final-logit softcap: the same numbers as the full head's rows.
+    pub fn head_rows(
+        &self,
+        st: &mut State,
+        h: &[f32],
+        rows: &[u32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let e = self.cfg.n_embd;
+        if h.len() != e || out.len() < rows.len() {
+            return Err(Error::Invalid(format!(
+                "head_rows: a hidden state of {} (want {e}), {} outputs for {} rows",
+                h.len(),
+                out.len(),
+                rows.len()
+            )));
+        }
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= self.cfg.n_vocab) {
+            return Err(Error::Invalid(format!(
+                "row {bad} is outside the vocabulary of {}",
+                self.cfg.n_vocab
+            )));
+        }
+        let buf = &mut st.buf;
+        buf.xb[..e].copy_from_slice(h);
+        weights::matvec_rows(
+            &self.pool,
+            &self.file,
+            &self.output,
+            &buf.xb[..e],
+            rows,
+            out,
+            &mut buf.act,
+            self.precision,
+        );
+        if let Some(p) = st.patches.as_deref().filter(|p| p.has_output()) {
+            let (x, tmp, act) = (&buf.xb[..e], &mut buf.patch_tmp, &mut buf.act);
+            let o = &mut out[..rows.len()];
+            p.apply_output_rows(&self.pool, x, rows, o, tmp, act, self.precision);
+        }
+        if let Some(cap) = self.cfg.final_logit_softcap {
+            for v in out[..rows.len()].iter_mut() {
+                *v = (*v / cap).tanh() * cap;
+            }
+        }
+        Ok(())
+    }
+
     fn check_input(&self, st: &State, tokens: &[u32]) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::Invalid("forward needs at least one token".into()));

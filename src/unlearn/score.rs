@@ -14,7 +14,9 @@
 //! logp_i = combine_score(target row_i, assistant rows_i)[cont[i]]   (normalised; see combine)
 //! ```
 
-use super::combine::{combine_in, log_softmax, CombineScratch, Term, Use};
+use super::combine::{
+    combine_in, log_softmax, plausible_threshold_in, CombineScratch, ScoreRule, Term, TermKind, Use,
+};
 use super::lockstep::Assistant;
 use crate::model::{Model, PatchSet, State};
 use crate::{Error, Result};
@@ -29,6 +31,11 @@ struct Run {
     last: Vec<f32>,
     /// `[n_cont - 1, n_vocab]`: after each continuation token but the last.
     rows: Vec<f32>,
+    /// `[n_cont - 1, n_embd]`: the normed hidden states instead of `rows` (sparse scoring).
+    hidden: Vec<f32>,
+    /// `[n_vocab]`: logits of some rows of one position (the rest stale), for sparse scoring.
+    some: Vec<f32>,
+    vals: Vec<f32>,
 }
 
 impl Run {
@@ -41,6 +48,9 @@ impl Run {
             state,
             last: vec![0.0; v],
             rows: Vec::new(),
+            hidden: Vec::new(),
+            some: vec![0.0; v],
+            vals: Vec::new(),
         })
     }
 
@@ -62,6 +72,35 @@ impl Run {
         Ok(())
     }
 
+    /// [`Run::run`] keeping hidden states instead of logits.
+    fn run_hidden(&mut self, prompt_len: usize, cont: &[u32]) -> Result<()> {
+        self.state.truncate(prompt_len);
+        self.hidden.clear();
+        if cont.len() > 1 {
+            let n = cont.len() - 1;
+            self.model
+                .forward_hidden(&mut self.state, &cont[..n], &mut self.hidden)?;
+        }
+        Ok(())
+    }
+
+    /// After [`Run::run_hidden`]: the logits predicting continuation token `i` on the rows
+    /// `rows`, each at its index of the returned `[n_vocab]` row (the other entries stale).
+    fn rows_at(&mut self, i: usize, rows: &[u32]) -> Result<&[f32]> {
+        if i == 0 {
+            return Ok(&self.last);
+        }
+        let e = self.model.cfg.n_embd;
+        let h = &self.hidden[(i - 1) * e..i * e];
+        self.vals.resize(rows.len(), 0.0);
+        self.model
+            .head_rows(&mut self.state, h, rows, &mut self.vals)?;
+        for (&r, &v) in rows.iter().zip(&self.vals) {
+            self.some[r as usize] = v;
+        }
+        Ok(&self.some)
+    }
+
     /// The logits predicting continuation token `i`.
     fn row(&self, i: usize) -> &[f32] {
         let v = self.last.len();
@@ -80,6 +119,16 @@ struct TermRun {
 }
 
 /// Scores continuations after a prompt under a model with its assistants and patches.
+/// A scored token under the combined distribution: its log-probability and the mean and
+/// standard deviation of log p over the vocabulary (Min-K%++'s `mu` and `sigma`; zero when
+/// not asked for).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenMoments {
+    pub logprob: f64,
+    pub mu: f64,
+    pub sigma: f64,
+}
+
 pub struct Scorer {
     target: Run,
     terms: Vec<TermRun>,
@@ -169,17 +218,8 @@ impl Scorer {
         Ok(out.pop().unwrap_or_default())
     }
 
-    /// Score `cont` at several settings of the terms at once: `points[k]` gives each term's
-    /// `(weight, filter)` (an empty list: the scorer's own). The forward passes of the target
-    /// and of every assistant run once; only the combination is repeated per point.
-    /// Calls `each(k, i, logp)` for point `k` and token `i`; returns per point each token's
-    /// log-probability (the same numbers as a scorer built with that point's settings).
-    pub fn score_points(
-        &mut self,
-        cont: &[u32],
-        points: &[Vec<(f32, f32)>],
-        mut each: impl FnMut(usize, usize, &[f32]),
-    ) -> Result<Vec<Vec<f64>>> {
+    /// Check `cont` and `points`, then run every model over `cont` after the prompt.
+    fn run_all(&mut self, cont: &[u32], points: &[Vec<(f32, f32)>], sparse: bool) -> Result<()> {
         if !self.primed {
             return Err(Error::Invalid("set a prompt before scoring".into()));
         }
@@ -191,9 +231,6 @@ impl Scorer {
                     self.terms.len()
                 )));
             }
-        }
-        if cont.is_empty() {
-            return Ok(vec![Vec::new(); points.len()]);
         }
         let v = self.n_vocab();
         if let Some(&bad) = cont.iter().find(|&&t| t as usize >= v) {
@@ -210,11 +247,32 @@ impl Scorer {
         }
         self.target.run(p, cont)?;
         for t in &mut self.terms {
-            t.run.run(p, cont)?;
-            if let Some(r) = t.reference.as_mut() {
-                r.run(p, cont)?;
+            let runs = std::iter::once(&mut t.run).chain(t.reference.as_mut());
+            for r in runs {
+                match sparse {
+                    true => r.run_hidden(p, cont)?,
+                    false => r.run(p, cont)?,
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Score `cont` at several settings of the terms at once: `points[k]` gives each term's
+    /// `(weight, filter)` (an empty list: the scorer's own). The forward passes of the target
+    /// and of every assistant run once; only the combination is repeated per point.
+    /// Calls `each(k, i, logp)` for point `k` and token `i`; returns per point each token's
+    /// log-probability (the same numbers as a scorer built with that point's settings).
+    pub fn score_points(
+        &mut self,
+        cont: &[u32],
+        points: &[Vec<(f32, f32)>],
+        mut each: impl FnMut(usize, usize, &[f32]),
+    ) -> Result<Vec<Vec<f64>>> {
+        if cont.is_empty() {
+            return Ok(vec![Vec::new(); points.len()]);
+        }
+        self.run_all(cont, points, false)?;
         let mut out = vec![Vec::with_capacity(cont.len()); points.len()];
         for (i, &tok) in cont.iter().enumerate() {
             let target = self.target.row(i);
@@ -259,6 +317,142 @@ impl Scorer {
             }
         }
         Ok(out)
+    }
+
+    /// Whether [`Scorer::score_points_sparse`] can score this scorer's terms: one ULD or pair
+    /// term under the mass rule (the common sweep).
+    pub fn sparse_ok(&self) -> bool {
+        matches!(self.terms.as_slice(), [t] if t.spec.score == ScoreRule::Mass
+            && matches!(t.spec.kind, TermKind::Uld | TermKind::Pair))
+    }
+
+    /// [`Scorer::score_points`] without the whole distribution per point: under the mass
+    /// rule a term changes only its plausible set `S`, so per position the target's
+    /// log-softmax and each filter's set are computed once and each point costs `O(|S|)`:
+    ///
+    /// ```text
+    /// d_j = w * term_j,  c = lse_{j in S}(lt_j + d_j) - lse_{j in S}(lt_j)
+    /// logp(tok) = lt_tok + d_tok - c  if tok in S,  lt_tok otherwise
+    /// ```
+    ///
+    /// The assistant (and a pair term's reference) run without their output head; per
+    /// position its rows are computed only on the union of the points' sets ([`Model::head_rows`]),
+    /// about a fifth of a small assistant's work.
+    ///
+    /// With `stats`, each token's [`TokenMoments`] too (`mu`, `sigma` of log p under the
+    /// combined distribution, from the sums of `p lt` and `p lt^2` outside `S`, taken once per
+    /// position). The same numbers as [`Scorer::score_points`] up to rounding (the sums run in
+    /// another order). `None` when the terms are not [`Scorer::sparse_ok`].
+    pub fn score_points_sparse(
+        &mut self,
+        cont: &[u32],
+        points: &[Vec<(f32, f32)>],
+        stats: bool,
+    ) -> Result<Option<Vec<Vec<TokenMoments>>>> {
+        if !self.sparse_ok() {
+            return Ok(None);
+        }
+        if cont.is_empty() {
+            return Ok(Some(vec![Vec::new(); points.len()]));
+        }
+        self.run_all(cont, points, true)?;
+        let t = &mut self.terms[0];
+        let settings: Vec<(f64, f32)> = points
+            .iter()
+            .map(|p| {
+                let (w, f) = p.first().copied().unwrap_or((t.spec.weight, t.spec.filter));
+                (w as f64, f)
+            })
+            .collect();
+        let mut filters: Vec<f32> = settings.iter().map(|s| s.1).collect();
+        filters.sort_by(f32::total_cmp);
+        filters.dedup();
+        let mut out = vec![Vec::with_capacity(cont.len()); points.len()];
+        let mut sel = Vec::new();
+        let mut sets: Vec<Vec<u32>> = vec![Vec::new(); filters.len()];
+        let mut union: Vec<u32> = Vec::new();
+        for (i, &tok) in cont.iter().enumerate() {
+            let target = self.target.row(i);
+            for (f, set) in filters.iter().zip(sets.iter_mut()) {
+                set.clear();
+                match plausible_threshold_in(target, *f, &mut sel) {
+                    Some(th) => {
+                        set.extend((0..target.len() as u32).filter(|&j| target[j as usize] >= th))
+                    }
+                    None => set.extend(0..target.len() as u32),
+                }
+            }
+            // The assistant's (and reference's) head only on the union of the sets.
+            union.clear();
+            for set in &sets {
+                union.extend_from_slice(set);
+            }
+            union.sort_unstable();
+            union.dedup();
+            let z = t.run.rows_at(i, &union)?;
+            let zr = match t.reference.as_mut() {
+                Some(r) => Some(r.rows_at(i, &union)?),
+                None => None,
+            };
+            log_softmax(target, &mut self.logp);
+            let lt = &self.logp;
+            // Sums over the whole vocabulary, for the moments: sum p lt, sum p lt^2.
+            let (t1, t2) = if stats {
+                lt.iter().fold((0.0f64, 0.0f64), |(a, b), &l| {
+                    let l = l as f64;
+                    let p = l.exp();
+                    (a + p * l, b + p * l * l)
+                })
+            } else {
+                (0.0, 0.0)
+            };
+            for (k, &(w, f)) in settings.iter().enumerate() {
+                let set = &sets[filters.iter().position(|x| *x == f).unwrap_or(0)];
+                let term = |j: usize| {
+                    let a = z[j] as f64;
+                    a - zr.map_or(0.0, |r| r[j] as f64)
+                };
+                let lse = |g: &dyn Fn(usize) -> f64| {
+                    let m = set
+                        .iter()
+                        .map(|&j| g(j as usize))
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    m + set
+                        .iter()
+                        .map(|&j| (g(j as usize) - m).exp())
+                        .sum::<f64>()
+                        .ln()
+                };
+                let before = lse(&|j| lt[j] as f64);
+                let after = lse(&|j| lt[j] as f64 + w * term(j));
+                let c = after - before;
+                let tu = tok as usize;
+                let inside = set.binary_search(&tok).is_ok();
+                let logprob = if inside {
+                    lt[tu] as f64 + w * term(tu) - c
+                } else {
+                    lt[tu] as f64
+                };
+                let (mut mu, mut sigma) = (0.0, 0.0);
+                if stats {
+                    let (mut a1, mut a2) = (t1, t2);
+                    for &j in set {
+                        let l = lt[j as usize] as f64;
+                        let p = l.exp();
+                        a1 -= p * l;
+                        a2 -= p * l * l;
+                        let l2 = l + w * term(j as usize) - c;
+                        let p2 = l2.exp();
+                        a1 += p2 * l2;
+                        a2 += p2 * l2 * l2;
+                    }
+                    mu = a1;
+                    sigma = (a2 - a1 * a1).max(0.0).sqrt();
+                }
+                out[k].push(TokenMoments { logprob, mu, sigma });
+            }
+        }
+        Ok(Some(out))
     }
 
     /// [`Scorer::score_with`] without the per-position callback.
