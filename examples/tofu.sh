@@ -214,7 +214,7 @@ EOF
 }
 
 # ---- calibration: alpha and filter of the new assistants -------------------------------
-SWEEP=(--sweep alpha=0.25,0.5,0.75,1,1.5,2,3 --sweep filter=0.01,0.1)
+SWEEP=(--sweep alpha=0.1,0.2,0.3,0.4,0.5,0.75,1,1.5 --sweep filter=0.01,0.1)
 PROFILE=$WORK/tofu.toml
 {
   uld_profile uld-v1 "$ULD_V1" 0.75 0.01
@@ -231,7 +231,7 @@ for p in uld-k8 uld-deep; do
   CHOSEN[$p]=$(python3 -c 'import json,sys
 c = json.load(open(sys.argv[1]))["chosen_settings"]
 t = c["terms"][0]
-print(-t["weight"], t["filter"])' "$dir/calibration.json")
+print("%g %g" % (-t["weight"], t["filter"]))' "$dir/calibration.json")
   echo "$p: alpha and filter chosen: ${CHOSEN[$p]}"
 done
 
@@ -282,9 +282,32 @@ log "eval: reference"
 stage "eval reference" "$LETHE" eval -m "$REFERENCE" "${EVAL[@]}" \
   --json "$E/reference.json" --html "$E/reference.html"
 
+# For comparison only: each new assistant at the sweep point of highest forget quality (ties:
+# higher scored utility). This choice reads the evaluation, so it is not a method's result; it
+# shows what the calibrated choice leaves on the table.
+{
+  for p in uld-k8 uld-deep; do
+    read -r a f < <(python3 -c 'import json,sys
+sides = json.load(open(sys.argv[1]))["sides"]
+s = max((x for x in sides if x.get("forget_quality") is not None),
+        key=lambda x: (x["forget_quality"], x.get("scored_utility") or 0))
+t = s["audit"]["terms"][0]
+print("%g %g" % (-t["weight"], t["filter"]))' "$E/sweep-$p.json")
+    echo "$p: the sweep's best forget quality at alpha $a, filter $f" >&2
+    if [[ $p == uld-k8 ]]; then dir=$ULD_K8; else dir=$ULD_DEEP; fi
+    uld_profile "$p-best" "$dir" "$a" "$f"
+  done
+} >"$WORK/best.toml"
+for p in uld-k8 uld-deep; do
+  log "eval: $p at the sweep's best point"
+  stage "eval $p-best" "$LETHE" eval --profile "$WORK/best.toml" --use "$p-best" --no-base \
+    "${EVAL[@]}" --json "$E/$p-best.json" --html "$E/$p-best.html"
+done
+
 log "report"
-"$LETHE" report "$E/uld-v1.json" "$E/uld-k8.json" "$E/uld-deep.json" "$E/slug.json" \
-  "$E/ablated.json" "$E/reference.json" "$E/sweep-uld-k8.json" "$E/sweep-uld-deep.json" \
+"$LETHE" report "$E/uld-v1.json" "$E/uld-k8.json" "$E/uld-deep.json" "$E/uld-k8-best.json" \
+  "$E/uld-deep-best.json" "$E/slug.json" "$E/ablated.json" "$E/reference.json" \
+  "$E/sweep-uld-k8.json" "$E/sweep-uld-deep.json" \
   --rename base=target --html "$E/story.html" --json "$E/story.json"
 
 log "summary"
@@ -295,7 +318,10 @@ def side(path, i):
     return json.load(open(f"{e}/{path}"))["sides"][i]
 rows = [("target", side("uld-v1.json", 0)), ("reference", side("reference.json", 0)),
         ("ULD v1 (mass rule)", side("uld-v1.json", 1)), ("ULD K=8", side("uld-k8.json", 0)),
-        ("ULD whole target", side("uld-deep.json", 0)), ("SLUG", side("slug.json", 0)),
+        ("ULD whole target", side("uld-deep.json", 0)),
+        ("ULD K=8, sweep's best (reads the evaluation)", side("uld-k8-best.json", 0)),
+        ("ULD whole target, sweep's best (reads the evaluation)", side("uld-deep-best.json", 0)),
+        ("SLUG", side("slug.json", 0)),
         ("ablation", side("ablated.json", 0))]
 def s(d, kind, key):
     for x in d["sets"]:
@@ -327,4 +353,4 @@ for name, secs in last.items():
     total += float(secs)
 print(f"| all | {total:.0f} |")
 EOF2
-echo "reports: $E/story.html (every side, the forget-quality charts), $E/uld-v1.html, $E/uld-k8.html, $E/uld-deep.html, $E/slug.html, $E/ablated.html, $E/reference.html"
+echo "reports: $E/story.html (every side, the forget-quality charts), $E/uld-v1.html, $E/uld-k8.html, $E/uld-deep.html, $E/uld-k8-best.html, $E/uld-deep-best.html, $E/slug.html, $E/ablated.html, $E/reference.html"
