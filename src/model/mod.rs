@@ -343,12 +343,7 @@ impl Model {
         out: &mut [f32],
     ) -> Result<()> {
         self.check_input(st, tokens)?;
-        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= self.cfg.n_vocab) {
-            return Err(Error::Invalid(format!(
-                "row {bad} is outside the vocabulary of {}",
-                self.cfg.n_vocab
-            )));
-        }
+        self.check_rows(rows)?;
         let n_chunks = tokens.len().div_ceil(MAX_BATCH);
         for (i, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
             self.forward_batch(st, chunk);
@@ -358,26 +353,7 @@ impl Model {
                 let buf = &mut st.buf;
                 let (x, xb) = (&buf.x[(n - 1) * e..n * e], &mut buf.xb[..e]);
                 lethe_kernels::ops::rmsnorm(xb, x, &self.output_norm, self.cfg.rms_eps);
-                weights::matvec_rows(
-                    &self.pool,
-                    &self.file,
-                    &self.output,
-                    &buf.xb[..e],
-                    rows,
-                    out,
-                    &mut buf.act,
-                    self.precision,
-                );
-                if let Some(p) = st.patches.as_deref().filter(|p| p.has_output()) {
-                    let (x, tmp, act) = (&buf.xb[..e], &mut buf.patch_tmp, &mut buf.act);
-                    let o = &mut out[..rows.len()];
-                    p.apply_output_rows(&self.pool, x, rows, o, tmp, act, self.precision);
-                }
-                if let Some(cap) = self.cfg.final_logit_softcap {
-                    for v in out[..rows.len()].iter_mut() {
-                        *v = (*v / cap).tanh() * cap;
-                    }
-                }
+                self.head_rows_of_xb(st, rows, out);
             }
             st.pos += n;
         }
@@ -427,14 +403,17 @@ impl Model {
                 rows.len()
             )));
         }
-        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= self.cfg.n_vocab) {
-            return Err(Error::Invalid(format!(
-                "row {bad} is outside the vocabulary of {}",
-                self.cfg.n_vocab
-            )));
-        }
+        self.check_rows(rows)?;
+        st.buf.xb[..e].copy_from_slice(h);
+        self.head_rows_of_xb(st, rows, out);
+        Ok(())
+    }
+
+    /// The output head on the vocabulary rows `rows` of the normed hidden state in
+    /// `st.buf.xb[..n_embd]`, with the state's output patches and the final-logit softcap.
+    fn head_rows_of_xb(&self, st: &mut State, rows: &[u32], out: &mut [f32]) {
+        let e = self.cfg.n_embd;
         let buf = &mut st.buf;
-        buf.xb[..e].copy_from_slice(h);
         weights::matvec_rows(
             &self.pool,
             &self.file,
@@ -454,6 +433,15 @@ impl Model {
             for v in out[..rows.len()].iter_mut() {
                 *v = (*v / cap).tanh() * cap;
             }
+        }
+    }
+
+    fn check_rows(&self, rows: &[u32]) -> Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= self.cfg.n_vocab) {
+            return Err(Error::Invalid(format!(
+                "row {bad} is outside the vocabulary of {}",
+                self.cfg.n_vocab
+            )));
         }
         Ok(())
     }
