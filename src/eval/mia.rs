@@ -39,16 +39,8 @@ pub fn roc_auc(positive: &[f64], negative: &[f64]) -> f64 {
     twice_u as f64 / pairs as f64
 }
 
-/// Statistics of one scored token under the model's next-token distribution p_t.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TokenStats {
-    /// log p_t(x_t), the log-probability of the actual token.
-    pub logprob: f64,
-    /// mu_t = E_{z~p_t}[log p_t(z)] (minus the entropy).
-    pub mu: f64,
-    /// sigma_t = sqrt(E_{z~p_t}[(log p_t(z))^2] - mu_t^2).
-    pub sigma: f64,
-}
+/// Statistics of one scored token (defined beside the scorer, which computes them too).
+pub use crate::unlearn::score::TokenStats;
 
 /// [`TokenStats`] of `token` from one row of logits (the vocabulary's unnormalised
 /// log-probabilities), in f64 with a max-shifted log-sum-exp. A logit of -inf is a token of

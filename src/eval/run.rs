@@ -414,14 +414,7 @@ impl Local {
             if let Some(sparse) = self.scorer.score_points_sparse(&t, points, want_stats)? {
                 for (k, toks) in sparse.into_iter().enumerate() {
                     if want_stats {
-                        out[k].stats = toks
-                            .iter()
-                            .map(|m| TokenStats {
-                                logprob: m.logprob,
-                                mu: m.mu,
-                                sigma: m.sigma,
-                            })
-                            .collect();
+                        out[k].stats = toks.clone();
                     }
                     out[k]
                         .logprobs

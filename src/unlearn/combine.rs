@@ -140,14 +140,16 @@ pub(crate) fn log_softmax(x: &[f32], out: &mut Vec<f32>) {
 
 /// `log sum exp` of `f(j)` over the `j` where `keep(j)`, in f64 (`-inf` for an empty set).
 fn lse_where(v: usize, keep: impl Fn(usize) -> bool, f: impl Fn(usize) -> f64) -> f64 {
-    let m = (0..v)
-        .filter(|&j| keep(j))
-        .map(&f)
-        .fold(f64::NEG_INFINITY, f64::max);
+    lse_over((0..v).filter(|&j| keep(j)), f)
+}
+
+/// `log sum exp` of `f(j)` over the indices `idx`, in f64, max-shifted (`-inf` for none).
+pub(crate) fn lse_over(idx: impl Iterator<Item = usize> + Clone, f: impl Fn(usize) -> f64) -> f64 {
+    let m = idx.clone().map(&f).fold(f64::NEG_INFINITY, f64::max);
     if m == f64::NEG_INFINITY {
         return m;
     }
-    let s: f64 = (0..v).filter(|&j| keep(j)).map(|j| (f(j) - m).exp()).sum();
+    let s: f64 = idx.map(|j| (f(j) - m).exp()).sum();
     m + s.ln()
 }
 

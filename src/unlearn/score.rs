@@ -15,7 +15,8 @@
 //! ```
 
 use super::combine::{
-    combine_in, log_softmax, plausible_threshold_in, CombineScratch, ScoreRule, Term, TermKind, Use,
+    combine_in, log_softmax, lse_over, plausible_threshold_in, CombineScratch, ScoreRule, Term,
+    TermKind, Use,
 };
 use super::lockstep::Assistant;
 use crate::model::{Model, PatchSet, State};
@@ -49,7 +50,7 @@ impl Run {
             last: vec![0.0; v],
             rows: Vec::new(),
             hidden: Vec::new(),
-            some: vec![0.0; v],
+            some: Vec::new(),
             vals: Vec::new(),
         })
     }
@@ -93,6 +94,7 @@ impl Run {
         let e = self.model.cfg.n_embd;
         let h = &self.hidden[(i - 1) * e..i * e];
         self.vals.resize(rows.len(), 0.0);
+        self.some.resize(self.last.len(), 0.0);
         self.model
             .head_rows(&mut self.state, h, rows, &mut self.vals)?;
         for (&r, &v) in rows.iter().zip(&self.vals) {
@@ -119,13 +121,15 @@ struct TermRun {
 }
 
 /// Scores continuations after a prompt under a model with its assistants and patches.
-/// A scored token under the combined distribution: its log-probability and the mean and
-/// standard deviation of log p over the vocabulary (Min-K%++'s `mu` and `sigma`; zero when
-/// not asked for).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TokenMoments {
+/// Statistics of one scored token under the model's next-token distribution p_t (Min-K%++'s
+/// inputs; [`Scorer::score_points_sparse`] leaves `mu` and `sigma` zero when not asked for).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenStats {
+    /// log p_t(x_t), the log-probability of the actual token.
     pub logprob: f64,
+    /// mu_t = E_{z~p_t}[log p_t(z)] (minus the entropy).
     pub mu: f64,
+    /// sigma_t = sqrt(E_{z~p_t}[(log p_t(z))^2] - mu_t^2).
     pub sigma: f64,
 }
 
@@ -339,7 +343,7 @@ impl Scorer {
     /// position its rows are computed only on the union of the points' sets ([`Model::head_rows`]),
     /// about a fifth of a small assistant's work.
     ///
-    /// With `stats`, each token's [`TokenMoments`] too (`mu`, `sigma` of log p under the
+    /// With `stats`, each token's [`TokenStats`] too (`mu`, `sigma` of log p under the
     /// combined distribution, from the sums of `p lt` and `p lt^2` outside `S`, taken once per
     /// position). The same numbers as [`Scorer::score_points`] up to rounding (the sums run in
     /// another order). `None` when the terms are not [`Scorer::sparse_ok`].
@@ -348,7 +352,7 @@ impl Scorer {
         cont: &[u32],
         points: &[Vec<(f32, f32)>],
         stats: bool,
-    ) -> Result<Option<Vec<Vec<TokenMoments>>>> {
+    ) -> Result<Option<Vec<Vec<TokenStats>>>> {
         if !self.sparse_ok() {
             return Ok(None);
         }
@@ -412,19 +416,9 @@ impl Scorer {
                     let a = z[j] as f64;
                     a - zr.map_or(0.0, |r| r[j] as f64)
                 };
-                let lse = |g: &dyn Fn(usize) -> f64| {
-                    let m = set
-                        .iter()
-                        .map(|&j| g(j as usize))
-                        .fold(f64::NEG_INFINITY, f64::max);
-                    m + set
-                        .iter()
-                        .map(|&j| (g(j as usize) - m).exp())
-                        .sum::<f64>()
-                        .ln()
-                };
-                let before = lse(&|j| lt[j] as f64);
-                let after = lse(&|j| lt[j] as f64 + w * term(j));
+                let idx = || set.iter().map(|&j| j as usize);
+                let before = lse_over(idx(), |j| lt[j] as f64);
+                let after = lse_over(idx(), |j| lt[j] as f64 + w * term(j));
                 let c = after - before;
                 let tu = tok as usize;
                 let inside = set.binary_search(&tok).is_ok();
@@ -449,7 +443,7 @@ impl Scorer {
                     mu = a1;
                     sigma = (a2 - a1 * a1).max(0.0).sqrt();
                 }
-                out[k].push(TokenMoments { logprob, mu, sigma });
+                out[k].push(TokenStats { logprob, mu, sigma });
             }
         }
         Ok(Some(out))
