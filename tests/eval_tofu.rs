@@ -404,8 +404,8 @@ fn sweep_points_equal_separate_runs() {
 }
 
 /// `lethe calibrate`: every sweep point's numbers, the choice by the stated rule (the highest
-/// KS match among the points within the retain bound), and a file with TOFU's evaluation
-/// fields refused.
+/// KS match among the points within the retain bound) with either yardstick (unseen authors'
+/// rows, a stand-in model), and a file with TOFU's evaluation fields refused.
 #[test]
 fn calibrate_chooses_by_its_rule() {
     let dir = TempDir::new("calibrate");
@@ -478,11 +478,97 @@ fn calibrate_chooses_by_its_rule() {
         out.to_str().unwrap(),
     ]);
     let j: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    check_calibration(&j, &stdout, "unseen");
+    // The stand-in yardstick: the base itself as the model that "never learned" the rows, so
+    // its rows are the base's forget rows, matched exactly.
+    let out2 = dir.join("cal2.json");
+    let stdout = lethe(&[
+        "calibrate",
+        "--profile",
+        prof.to_str().unwrap(),
+        "--use",
+        "uld",
+        "--sweep",
+        "alpha=0.1,0.5,2",
+        "--forget",
+        f.to_str().unwrap(),
+        "--stand-in",
+        model_file.to_str().unwrap(),
+        "--retain",
+        r.to_str().unwrap(),
+        "--max-retain-rise",
+        "0.5",
+        "-t",
+        "2",
+        "--json",
+        out2.to_str().unwrap(),
+    ]);
+    let j2: Value = serde_json::from_str(&std::fs::read_to_string(&out2).unwrap()).unwrap();
+    check_calibration(&j2, &stdout, "stand-in");
+    let c2 = &j2["calibration"];
+    assert_eq!(
+        c2["yardstick_mean_log_r"].as_f64(),
+        c2["base_forget_mean_log_r"].as_f64()
+    );
+    assert_eq!(c2["base_matched"].as_f64(), Some(1.0));
+    // The profile's points score the same forget rows either way.
+    for (a, b) in j["calibration"]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(c2["points"].as_array().unwrap())
+    {
+        assert_eq!(a["mean_log_r"], b["mean_log_r"]);
+        assert_eq!(a["retain_rise"], b["retain_rise"]);
+    }
+    // An evaluation file is refused.
+    let eval = root.join("forget01_perturbed.json");
+    let bad = std::process::Command::new(BIN)
+        .args([
+            "calibrate",
+            "--profile",
+            prof.to_str().unwrap(),
+            "--use",
+            "uld",
+        ])
+        .args(["--sweep", "alpha=1", "--forget", eval.to_str().unwrap()])
+        .args(["--unseen", u.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("paraphrased_answer") || err.contains("perturbed_answer"),
+        "{err}"
+    );
+    // One yardstick, not two, not none.
+    for extra in [
+        vec!["--unseen", u.to_str().unwrap(), "--stand-in", "smollm2"],
+        vec![],
+    ] {
+        let bad = std::process::Command::new(BIN)
+            .args(["calibrate", "--profile", prof.to_str().unwrap()])
+            .args(["--use", "uld", "--sweep", "alpha=1", "--forget"])
+            .arg(f.to_str().unwrap())
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(!bad.status.success(), "{extra:?}");
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains("--"),
+            "{extra:?}"
+        );
+    }
+}
+
+/// The calibration's choice recomputed from its numbers by the rule (the highest KS match among
+/// the points within the retain bound of 0.5, ties to the smaller gap to the yardstick).
+fn check_calibration(j: &Value, stdout: &str, yardstick: &str) {
     let c = &j["calibration"];
+    assert_eq!(c["yardstick"], yardstick);
     let pts = c["points"].as_array().unwrap();
     assert_eq!(pts.len(), 3);
-    // The rule, recomputed from the numbers.
-    let unseen_mean = c["unseen_mean_log_r"].as_f64().unwrap();
+    let unseen_mean = c["yardstick_mean_log_r"].as_f64().unwrap();
     let mut best: Option<usize> = None;
     for (i, p) in pts.iter().enumerate() {
         let rise = p["retain_rise"].as_f64().unwrap();
@@ -522,26 +608,6 @@ fn calibrate_chooses_by_its_rule() {
             "{stdout}"
         );
     }
-    // An evaluation file is refused.
-    let eval = root.join("forget01_perturbed.json");
-    let bad = std::process::Command::new(BIN)
-        .args([
-            "calibrate",
-            "--profile",
-            prof.to_str().unwrap(),
-            "--use",
-            "uld",
-        ])
-        .args(["--sweep", "alpha=1", "--forget", eval.to_str().unwrap()])
-        .args(["--unseen", u.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(
-        err.contains("paraphrased_answer") || err.contains("perturbed_answer"),
-        "{err}"
-    );
 }
 
 /// `lethe eval -m smollm2 --tofu forget01 --limit 3`: every summary recomputed from the

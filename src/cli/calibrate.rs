@@ -1,14 +1,16 @@
 //! `lethe calibrate`: choose a ULD profile's alpha and filter from a sweep, by a rule that reads
 //! no evaluation data (see `lethe::eval::calibrate`): the point at which held-out rows of the
 //! forget authors (a paraphrase of each answer against wrong answers training did not use)
-//! look, to the forgotten model, as rows about authors the target never saw look to the
-//! target, within a bound on held-out retain rows.
+//! look, to the forgotten model, as they look to a stand-in that never learned them
+//! (`--stand-in`), or as rows about authors the target never saw look to the target
+//! (`--unseen`), within a bound on held-out retain rows.
 
 use super::common::{sweep_points, ModelArgs};
+use super::eval::named_side;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lethe::eval::calibrate::{calibrate, read_rows};
+use lethe::eval::calibrate::{calibrate, read_rows, Yardstick};
 use lethe::eval::run::{Backend, Local, Side};
 use serde_json::json;
 use std::path::PathBuf;
@@ -25,9 +27,18 @@ pub struct CalibrateArgs {
     /// (answers and wrong answers training did not use).
     #[arg(long = "forget")]
     pub forget: PathBuf,
-    /// Rows of the same kind about authors the target never saw.
-    #[arg(long = "unseen")]
-    pub unseen: PathBuf,
+    /// The yardstick: rows of the same kind about authors the target never saw, scored by the
+    /// target.
+    #[arg(
+        long = "unseen",
+        required_unless_present = "stand_in",
+        conflicts_with = "stand_in"
+    )]
+    pub unseen: Option<PathBuf>,
+    /// The yardstick: a model trained like the target but never on the forget set (a path
+    /// or a name), scoring the forget rows.
+    #[arg(long = "stand-in", value_name = "MODEL")]
+    pub stand_in: Option<String>,
     /// Held-out retain rows ({question, answer}): their NLL may rise by at most
     /// --max-retain-rise nats per token over the base's.
     #[arg(long = "retain")]
@@ -46,7 +57,10 @@ pub fn main(a: CalibrateArgs) -> Result<()> {
     let l = a.m.load()?;
     let points = sweep_points(&a.sweep, &l.terms)?.context("--sweep is required")?;
     let forget = read_rows(&a.forget)?;
-    let unseen = read_rows(&a.unseen)?;
+    let unseen = match &a.unseen {
+        Some(p) => read_rows(p)?,
+        None => Vec::new(),
+    };
     let retain = match &a.retain {
         Some(p) => read_rows(p)?,
         None => Vec::new(),
@@ -70,7 +84,23 @@ pub fn main(a: CalibrateArgs) -> Result<()> {
     }
     let mut prof = Local::new(side(&name, l.terms.clone()), CTX)?.with_points(points)?;
     let mut base = Local::new(side("base", Vec::new()), CTX)?;
-    let n = forget.len() * 2 + unseen.len() + retain.len() * 2;
+    let mut stand_in = match &a.stand_in {
+        Some(m) => Some(Local::new(
+            named_side(a.m.threads(), m, &l.model, &l.path, &tok, None)?,
+            CTX,
+        )?),
+        None => None,
+    };
+    let yardstick = match stand_in.as_mut() {
+        Some(s) => Yardstick::StandIn(s),
+        None => Yardstick::Unseen(&unseen),
+    };
+    let yard_rows = if a.stand_in.is_some() {
+        forget.len()
+    } else {
+        unseen.len()
+    };
+    let n = forget.len() * 2 + yard_rows + retain.len() * 2;
     let bar = ProgressBar::new(n as u64);
     bar.set_style(
         ProgressStyle::with_template("calibrating [{bar:30}] {pos}/{len} {elapsed}<{eta}")
@@ -81,19 +111,22 @@ pub fn main(a: CalibrateArgs) -> Result<()> {
         &mut prof,
         &mut base,
         &forget,
-        &unseen,
+        yardstick,
         &retain,
         a.max_retain_rise,
         &|k| bar.inc(k),
     )?;
     bar.finish_and_clear();
+    let yard = match &a.stand_in {
+        Some(m) => format!("the forget rows under the stand-in {m}"),
+        None => format!("{} unseen rows under the base", unseen.len()),
+    };
     println!(
-        "forget rows {}, unseen rows {}, retain rows {}; mean ln R: unseen (base) {:.4}, forget \
-         under the base {:.4} (match {:.4})",
+        "forget rows {}, retain rows {}; mean ln R: yardstick ({yard}) {:.4}, forget under the \
+         base {:.4} (match {:.4})",
         forget.len(),
-        unseen.len(),
         retain.len(),
-        c.unseen_mean_log_r,
+        c.yardstick_mean_log_r,
         c.base_forget_mean_log_r,
         c.base_matched
     );

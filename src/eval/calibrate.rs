@@ -4,17 +4,23 @@
 //! The question TOFU's forget quality asks is whether the model treats the forget set as a
 //! model that never learned it would. The rule asks the same of data that is not TOFU's
 //! evaluation: held-out *training* rows of the forget authors (a paraphrase of each answer
-//! and a wrong answer that training did not use) against the same kind of rows about
-//! authors the target never saw, scored by the target itself.
+//! and wrong answers that training did not use), against a yardstick of what "never learned"
+//! looks like. Two yardsticks:
+//!
+//! - a **stand-in**: a model trained like the target but without the forget set (TOFU's
+//!   retained model, where one exists), scoring the same forget rows;
+//! - **unseen authors**: rows of the same kind about authors the target never saw, scored by
+//!   the target itself (no second model needed; it assumes the forget authors' rows are as
+//!   hard as the unseen authors' rows, which a 40-row forget set need not be).
 //!
 //! ```text
 //! R(item)   = exp(mean_j NLL(wrong_j) - NLL(answer))        (per-token NLLs, as TOFU's truth ratio)
 //! forget    = R of the held-out forget rows, under the profile at the point
-//! unseen    = R of the unseen authors' rows, under the base model (the target)
+//! yardstick = R of the forget rows under the stand-in, or of the unseen rows under the target
 //! match     = KS p-value between the two (scipy's ks_2samp, as forget quality)
 //! retain    = mean NLL per token of held-out retain answers: point minus base
 //! chosen    = among the points with retain <= max_retain_rise, the highest match; ties go to
-//!             the smaller |mean ln R(forget) - mean ln R(unseen)|, then to the earlier point
+//!             the smaller |mean ln R(forget) - mean ln R(yardstick)|, then to the earlier point
 //! ```
 //!
 //! Nothing here reads TOFU's `paraphrased_answer` / `perturbed_answer`; the files are
@@ -85,7 +91,7 @@ fn item(r: &CalRow) -> QaItem {
 #[derive(Debug, Clone, Serialize)]
 pub struct PointResult {
     pub name: String,
-    /// KS p-value of the forget rows' R (this point) against the unseen rows' R (base).
+    /// KS p-value of the forget rows' R (this point) against the yardstick's R.
     pub matched: f64,
     /// Mean ln R of the forget rows at this point.
     pub mean_log_r: f64,
@@ -95,13 +101,23 @@ pub struct PointResult {
     pub allowed: bool,
 }
 
+/// What "never learned" is measured on (see the module doc).
+pub enum Yardstick<'a> {
+    /// The forget rows under a model never trained on them.
+    StandIn(&'a mut dyn Backend),
+    /// Rows about authors the target never saw, under the target.
+    Unseen(&'a [CalRow]),
+}
+
 /// The calibration's outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct Calibration {
-    /// Mean ln R of the unseen rows under the base, and of the forget rows under the base.
-    pub unseen_mean_log_r: f64,
+    /// `stand-in` or `unseen`.
+    pub yardstick: &'static str,
+    /// Mean ln R of the yardstick, and of the forget rows under the base.
+    pub yardstick_mean_log_r: f64,
     pub base_forget_mean_log_r: f64,
-    /// KS p-value of the forget rows under the base against the unseen rows.
+    /// KS p-value of the forget rows under the base against the yardstick.
     pub base_matched: f64,
     pub points: Vec<PointResult>,
     /// The index of the chosen point (none allowed: `None`).
@@ -127,16 +143,21 @@ fn truth_ratios(rs: &[ItemResult]) -> Vec<f64> {
 }
 
 /// Run the calibration: `profile` evaluated at each of its points on `forget` and `retain`,
-/// `base` (the plain target) on `unseen` and `retain`; `tick` after every row of every set.
+/// `base` (the plain target) on `forget` and `retain`, the yardstick on its rows; `tick` after
+/// every row of every set.
 pub fn calibrate(
     profile: &mut dyn Backend,
     base: &mut dyn Backend,
     forget: &[CalRow],
-    unseen: &[CalRow],
+    yardstick: Yardstick<'_>,
     retain: &[CalRow],
     max_retain_rise: f64,
     tick: &dyn Fn(u64),
 ) -> Result<Calibration> {
+    let unseen: &[CalRow] = match &yardstick {
+        Yardstick::Unseen(rows) => rows,
+        Yardstick::StandIn(_) => &[],
+    };
     for (what, rows) in [("forget", forget), ("unseen", unseen)] {
         if let Some(r) = rows.iter().find(|r| r.wrong_answers.is_empty()) {
             return Err(Error::Invalid(format!(
@@ -159,7 +180,10 @@ pub fn calibrate(
         }
         Ok(out)
     };
-    let unseen_r = truth_ratios(&score_all(base, unseen)?[0]);
+    let (kind, yard_r) = match yardstick {
+        Yardstick::Unseen(rows) => ("unseen", truth_ratios(&score_all(base, rows)?[0])),
+        Yardstick::StandIn(m) => ("stand-in", truth_ratios(&score_all(m, forget)?[0])),
+    };
     let base_forget = &score_all(base, forget)?[0];
     let base_forget_r = truth_ratios(base_forget);
     let base_retain = if retain.is_empty() {
@@ -174,24 +198,25 @@ pub fn calibrate(
         score_all(profile, retain)?
     };
     let ln_mean = |r: &[f64]| mean(&r.iter().map(|x| x.ln()).collect::<Vec<_>>());
-    let unseen_mean = ln_mean(&unseen_r);
+    let yard_mean = ln_mean(&yard_r);
     let mut points = Vec::with_capacity(np);
     for k in 0..np {
         let r = truth_ratios(&forget_at[k]);
         let rise = base_retain.map(|b| mean_nll(&retain_at[k]) - b);
         points.push(PointResult {
             name: profile.point(k).0,
-            matched: ks_2samp(&r, &unseen_r)?.pvalue,
+            matched: ks_2samp(&r, &yard_r)?.pvalue,
             mean_log_r: ln_mean(&r),
             retain_rise: rise,
             allowed: rise.is_none_or(|x| x <= max_retain_rise),
         });
     }
-    let chosen = choose(&points, unseen_mean);
+    let chosen = choose(&points, yard_mean);
     Ok(Calibration {
-        unseen_mean_log_r: unseen_mean,
+        yardstick: kind,
+        yardstick_mean_log_r: yard_mean,
         base_forget_mean_log_r: ln_mean(&base_forget_r),
-        base_matched: ks_2samp(&base_forget_r, &unseen_r)?.pvalue,
+        base_matched: ks_2samp(&base_forget_r, &yard_r)?.pvalue,
         points,
         chosen,
         max_retain_rise,
@@ -199,7 +224,7 @@ pub fn calibrate(
 }
 
 /// The rule of the module doc.
-pub fn choose(points: &[PointResult], unseen_mean_log_r: f64) -> Option<usize> {
+pub fn choose(points: &[PointResult], yardstick_mean_log_r: f64) -> Option<usize> {
     let mut best: Option<usize> = None;
     for (i, p) in points.iter().enumerate() {
         if !p.allowed || !p.matched.is_finite() {
@@ -209,7 +234,7 @@ pub fn choose(points: &[PointResult], unseen_mean_log_r: f64) -> Option<usize> {
             None => true,
             Some(b) => {
                 let q = &points[b];
-                let gap = |x: &PointResult| (x.mean_log_r - unseen_mean_log_r).abs();
+                let gap = |x: &PointResult| (x.mean_log_r - yardstick_mean_log_r).abs();
                 p.matched > q.matched || (p.matched == q.matched && gap(p) < gap(q))
             }
         };
@@ -239,7 +264,7 @@ mod tests {
         // The highest match among the allowed points.
         let pts = [p(0.2, 0.0, true), p(0.9, 0.5, false), p(0.6, 1.0, true)];
         assert_eq!(choose(&pts, 0.0), Some(2));
-        // Ties: the smaller gap of mean ln R to the unseen rows', then the earlier point.
+        // Ties: the smaller gap of mean ln R to the yardstick's, then the earlier point.
         let pts = [p(1.0, 0.8, true), p(1.0, -0.1, true), p(1.0, 0.1, true)];
         assert_eq!(choose(&pts, 0.0), Some(1));
         let pts = [p(1.0, 0.1, true), p(1.0, -0.1, true)];
