@@ -239,9 +239,10 @@ fn metric_rows(cols: &[Col]) -> String {
     o + "</table></div>\n"
 }
 
-/// A scatter chart of forget quality (log10 axis, 1e-20 to 1) against a utility (linear,
-/// 0 to a round number above the largest): one labelled dot per side that has both, the
-/// reference as a grey ring.
+/// A scatter chart of forget quality (log10 axis, from the decade below the smallest value,
+/// at least 1e-3 and at most 1e-20, to 1) against a utility (linear, 0 to a round number
+/// above the largest): one dot per side that has both, the reference as a ring; a dot's label
+/// is left out where it would overlap one already drawn (its tooltip keeps the name).
 fn tradeoff(
     title: &str,
     x_name: &str,
@@ -269,9 +270,11 @@ fn tradeoff(
     let width = right + 150.0;
     let h = bottom + 40.0;
     let x = |v: f64| left + pw * (v.clamp(0.0, x_max) / x_max);
-    let y = |v: f64| bottom - ph * frac(v, 1.0, true);
+    let lo = log_floor(pts.iter().map(|p| p.2));
+    let y = |v: f64| bottom - ph * (1.0 - v.clamp(10f64.powi(lo), 1.0).log10() / f64::from(lo));
     let mut o = format!("<figure><figcaption>{t}</figcaption><svg role=\"img\" viewBox=\"0 0 {width} {h}\" width=\"{width}\" height=\"{h}\"><title>{t}</title>\n");
-    for v in (-4..=0).map(|i| 10f64.powi(5 * i)) {
+    let step = if lo >= -6 { 1 } else { 5 };
+    for v in (lo / step..=0).map(|i| 10f64.powi(step * i)) {
         let (ty, tx, ly) = (y(v), left - 6.0, y(v) + 4.0);
         let s = if v < 1.0 {
             format!("{v:e}")
@@ -287,7 +290,15 @@ fn tradeoff(
     }
     let (gy, gx) = (y(0.05), right + 4.0);
     o += &format!("<line x1=\"{left}\" x2=\"{right}\" y1=\"{gy}\" y2=\"{gy}\" stroke=\"#c0392b\" stroke-dasharray=\"5 4\"/><text x=\"{gx}\" y=\"{}\" fill=\"#c0392b\" font-size=\"10\">p = 0.05</text>\n", gy + 4.0);
-    for (c, xv, fq) in &pts {
+    // Labels go on from the top down; one that would overlap a drawn one is left out.
+    let mut order: Vec<usize> = (0..pts.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| (!pts[i].0.is_ref, pts[i].0.side.name.contains('='));
+        key(a).cmp(&key(b)).then(pts[b].2.total_cmp(&pts[a].2))
+    });
+    let mut placed: Vec<(f64, f64, f64)> = Vec::new(); // (x, y, width) of drawn labels
+    for i in order {
+        let (c, xv, fq) = &pts[i];
         let (cx, cy) = (x(*xv), y(*fq));
         let (who, label) = (esc(&c.label), esc(&c.side.name));
         let (xs, fs) = (fmt_num(*xv), fmt_num(*fq));
@@ -299,7 +310,20 @@ fn tradeoff(
                 c.colour
             )
         };
-        o += &format!("{dot}<title>{who}: forget quality {fs}, {} {xs}</title></circle><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" fill=\"#444\">{label}</text>\n", esc(x_name), cx + 6.0, cy + 3.0);
+        o += &format!(
+            "{dot}<title>{who}: forget quality {fs}, {} {xs}</title></circle>\n",
+            esc(x_name)
+        );
+        let (lx, ly, lw) = (cx + 6.0, cy + 3.0, 5.0 * c.side.name.chars().count() as f64);
+        let clear = placed
+            .iter()
+            .all(|&(px, py, pw)| (ly - py).abs() >= 10.0 || lx + lw <= px || px + pw <= lx);
+        if clear {
+            placed.push((lx, ly, lw));
+            o += &format!(
+                "<text x=\"{lx:.1}\" y=\"{ly:.1}\" font-size=\"9\" fill=\"#444\">{label}</text>\n"
+            );
+        }
     }
     let (mx, my, xn) = (left + pw / 2.0, bottom + 32.0, esc(x_name));
     o += &format!("<text x=\"{mx}\" y=\"{my}\" text-anchor=\"middle\">{xn}</text><text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {})\" text-anchor=\"middle\">forget quality</text>\n", top + ph / 2.0, top + ph / 2.0);
@@ -371,6 +395,18 @@ fn charts(cols: &[Col]) -> String {
         o += &bar_chart(title, &groups, &series, 1.0, log, guide);
     }
     o
+}
+
+/// The bottom of a forget-quality axis: the exponent of the decade at or below the smallest
+/// value, between -20 and -3 (a multiple of 5 below -6).
+fn log_floor(vals: impl Iterator<Item = f64>) -> i32 {
+    let min = vals.filter(|v| *v > 0.0).fold(1.0f64, f64::min);
+    let e = (min.max(LOG_MIN).log10().floor() as i32).min(-3);
+    if e >= -6 {
+        e
+    } else {
+        e.div_euclid(5) * 5
+    }
 }
 
 /// Where `v` falls on the axis, 0 (bottom) to 1 (top), clamped.
@@ -698,6 +734,17 @@ mod tests {
         let mut r = report();
         r.sides[1].forget_quality = Some(0.0);
         assert!(!render(&r).contains("NaN"));
+    }
+
+    #[test]
+    fn forget_quality_axis_fits_the_data() {
+        // At least three decades; one per decade down to 1e-6, multiples of 5 below.
+        assert_eq!(log_floor([0.5, 0.02].into_iter()), -3);
+        assert_eq!(log_floor([0.5, 2e-5].into_iter()), -5);
+        assert_eq!(log_floor([1e-6].into_iter()), -6);
+        assert_eq!(log_floor([3e-7].into_iter()), -10);
+        assert_eq!(log_floor([1e-30, 0.0].into_iter()), -20);
+        assert_eq!(log_floor(std::iter::empty()), -3);
     }
 
     #[test]
