@@ -5,21 +5,24 @@
 #   2. reference = the same fine-tune without forget01 (what forgetting should look like);
 #   3. ULD       = assistants that remember forget01 and know nothing elsewhere, subtracted from
 #                  the target at decode time:
-#        uld-v1   lethe's first assistant (8 blocks, the group balance), as the story first ran it;
+#        uld-v1   lethe's first assistant (8 blocks, the group balance), as the story first ran it
+#                 (with V1=1 only: 21 minutes for a row the README keeps);
 #        uld-k8   8 blocks with ULD's reference balance (a forget answer token weighs 9 retain
 #                 positions), held-out rows picking the checkpoint;
-#        uld-deep the whole target as the assistant, the same balance, a flat background on the
-#                 forget answers (--smooth);
-#      each new assistant's alpha and filter chosen by `lethe calibrate` (held-out training rows
-#      against rows about authors the target never saw: no evaluation data);
+#        uld-k16  16 blocks, the same recipe, 5 epochs;
+#      each new assistant's alpha and filter chosen by `lethe calibrate`: held-out training-side
+#      rows of forget01 (an augmentation paraphrase against copies of it with one fact changed)
+#      under the profile, against the same rows under the reference (no evaluation data);
 #   4. SLUG      = one dense delta on the one matrix SLUG picks;
 #   5. ablation  = the forget-minus-retain direction removed from the residual stream;
-#   6. `lethe eval` of everything on forget01 (JSON + HTML), score-only sweeps of alpha and
+#   6. `lethe eval` of everything on forget01 (JSON + HTML; the first assistant score-only, its
+#      greedy answers being the same under either scoring rule), score-only sweeps of alpha and
 #      filter for the chart, and one report with every side (`lethe report`).
 #
 # Usage: examples/tofu.sh            (from the repository root; builds lethe if needed)
 # Environment: THREADS (2), WORK (~/.cache/lethe/tofu), TOFU_DATA (data/tofu), LETHE (the
-# binary), EPOCHS (5), MAX_TOKENS (200), LIMIT (score only the first N items of each set).
+# binary), EPOCHS (5), MAX_TOKENS (200), LIMIT (score only the first N items of each set),
+# V1 (1: also train and re-score the first assistant).
 # Every trained or baked artifact lives in $WORK/cache/<stage>-<key>, the key a sha256 of the
 # stage's command line and of every input file (model, data), so a rerun reuses what it made.
 set -euo pipefail
@@ -31,6 +34,7 @@ DATA=${TOFU_DATA:-data/tofu}
 EPOCHS=${EPOCHS:-5}
 MAX_TOKENS=${MAX_TOKENS:-200}
 LIMIT=${LIMIT:-}
+V1=${V1:-}
 if [[ -z "${LETHE:-}" ]]; then
   cargo build --release --quiet
   LETHE=target/release/lethe
@@ -39,6 +43,9 @@ mkdir -p "$WORK/cache" "$WORK/data" "$WORK/eval"
 # Stage times, appended run after run (a stage reused from the cache keeps its last time).
 TIMES="$WORK/times.tsv"
 touch "$TIMES"
+# The stages of this run, in order (those reused from the cache too).
+RUN_STAGES="$WORK/run-stages.txt"
+: >"$RUN_STAGES"
 
 log() { printf '\n== %s\n' "$*"; }
 # stage NAME CMD...: runs CMD, records its wall time.
@@ -49,6 +56,7 @@ stage() {
   t0=$(date +%s%N)
   "$@"
   ms=$((($(date +%s%N) - t0) / 1000000))
+  echo "$name" >>"$RUN_STAGES"
   printf '%s\t%d.%d\n' "$name" $((ms / 1000)) $((ms % 1000 / 100)) | tee -a "$TIMES"
 }
 # key STAGE FILES... -- ARGS...: the cache key of a stage.
@@ -87,6 +95,7 @@ cached() {
     touch "$dir/done"
   else
     echo "reusing $dir" >&2
+    echo "$name" >>"$RUN_STAGES"
   fi
   echo "$dir"
 }
@@ -97,7 +106,7 @@ BASE=$("$LETHE" fetch --list | awk '$1 == "smollm2" { print $NF }')
 log "base: $BASE"
 
 # Slices of full.json (question/answer), the forget01 rows of the wrong-answer file, and the
-# calibration rows (see "calibration" below).
+# calibration rows.
 python3 - "$DATA" "$WORK/data" <<'EOF'
 import json, sys
 src, out = sys.argv[1], sys.argv[2]
@@ -123,20 +132,57 @@ write("reference.json", full[0:400])
 write("forget01.json", forget)
 write("uld_retain.json", full[300:400])
 write("forget01_wrong_answers.json", wrong01)
-# Calibration rows, never trained on and never TOFU's evaluation answers: per row the original
-# question, a paraphrase of its answer and a wrong answer from the ULD authors' augmentation
-# (the third of each: forge uld trains on the first two). Forget side: forget01 (authors 199-200).
-# Unseen side: every ninth row of authors 181-198 (forget10 without forget01), whom the target
-# never saw. Retain side: the last 20 rows of the ULD retain rows (authors 16-20; forge uld
-# holds them out with --hold-out-retain 20).
+# Calibration rows, never trained on and never TOFU's evaluation answers, built the way TOFU
+# builds its perturbed answers (one paraphrase, copies of it with a fact changed): the word
+# spans (at most 6 words) that turn a training answer into one of its augmentation wrong
+# answers are replaced in an augmentation paraphrase of the answer, where they appear in it.
+# Per question the first paraphrase of forget10_paraphrases.json (forge uld trains on
+# forget01_paraphrases.json) that takes at least one change; questions none takes are left out.
+# Forget side: forget01 (authors 199-200). Unseen side: authors 181-198 (forget10 without
+# forget01), whom the target never saw (the yardstick without a stand-in model). Retain side:
+# the last 20 ULD retain rows (authors 16-20; forge uld holds them out with --hold-out-retain).
+import difflib, re
+def norm(ws):
+    return [re.sub(r"[^\w+-]", "", x).lower() for x in ws]
+def perturb(answer, text, wrong_text):
+    a, b, c = answer.split(), wrong_text.split(), text.split()
+    sm = difflib.SequenceMatcher(a=norm(a), b=norm(b), autojunk=False)
+    if sm.ratio() < 0.5:
+        return None
+    cn, res, n = norm(c), list(c), 0
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag != "replace" or i2 - i1 > 6:
+            continue
+        s = norm(a[i1:i2])
+        for k in range(len(cn) - len(s) + 1):
+            if cn[k:k + len(s)] == s and all(x is not None for x in res[k:k + len(s)]):
+                tail = re.search(r"[^\w\"')]*$", c[k + len(s) - 1]).group(0)
+                rep = b[j1:j2]
+                rep[-1] = re.sub(r"[.,;:!?]+$", "", rep[-1]) + tail
+                res[k:k + len(s)] = [" ".join(rep)] + [None] * (len(s) - 1)
+                n += 1
+                break
+    return " ".join(x for x in res if x is not None) if n else None
 def cal(rows):
-    return [{"question": r["question"], "answer": para[r["question"]]["paraphrased_answers"][2],
-             "wrong_answers": [wrong[r["question"]]["wrong_answers"][2]]} for r in rows]
-write("cal_forget.json", cal(forget))
-write("cal_unseen.json", cal(full[3600:3960][::9]))
+    got = []
+    for r in rows:
+        q = r["question"]
+        for t in para[q]["paraphrased_answers"]:
+            ws = []
+            for w in wrong[q]["wrong_answers"]:
+                x = perturb(r["answer"], t, w)
+                if x and x != t and x not in ws:
+                    ws.append(x)
+            if ws:
+                got.append({"question": q, "answer": t, "wrong_answers": ws})
+                break
+    return got
+cal_forget, cal_unseen = cal(forget), cal(full[3600:3960])
+write("cal_forget.json", cal_forget)
+write("cal_unseen.json", cal_unseen)
 write("cal_retain.json", [{"question": r["question"], "answer": r["answer"]} for r in full[380:400]])
 print("data: target 440 rows, reference 400, forget01 40, ULD retain 100, wrong answers 40x3, "
-      "calibration 40 forget + 40 unseen + 20 retain rows")
+      f"calibration {len(cal_forget)} forget + {len(cal_unseen)} unseen + 20 retain rows")
 EOF
 D=$WORK/data
 
@@ -158,6 +204,7 @@ finetune() {
     touch "$dir/done"
   else
     echo "reusing $dir" >&2
+    printf 'finetune %s\nbake %s\n' "$name" "$name" >>"$RUN_STAGES"
   fi
   echo "$dir/$name.gguf"
 }
@@ -171,21 +218,22 @@ AUG=(--forget "$D/forget01.json" --forget-paraphrases "$DATA/augment/forget01_pa
   --retain "$D/uld_retain.json" --forget-wrong-answers "$D/forget01_wrong_answers.json")
 AUG_FILES=("$TARGET" "$D/forget01.json" "$DATA/augment/forget01_paraphrases.json"
   "$D/uld_retain.json" "$D/forget01_wrong_answers.json")
-# lethe's first assistant: the recipe the story first ran.
+# lethe's first assistant: the recipe the story first ran (V1=1).
 V1_ARGS=(--preset lethe-v1 --layers 8 --rank 32 --lora-alpha 32 --epochs 5 --lr 1e-3
   --retain-weight 5 --paraphrases-per-row 5 --batch 4 --seed 0)
-ULD_V1=$(cached uld-v1 "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
-  "${V1_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
+if [[ -n $V1 ]]; then
+  ULD_V1=$(cached uld-v1 "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
+    "${V1_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
+fi
 # ULD's reference balance and LoRA (the preset), 8 blocks; one paraphrase and one wrong answer
 # per forget row and the last 20 retain rows held out to pick the checkpoint.
 K8_ARGS=(--preset reference --layers 8 --hold-out-retain 20 --batch 4 --seed 0)
 ULD_K8=$(cached uld-k8 "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
   "${K8_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
-# The whole target as the assistant: it already recalls forget01; the retain side makes it
-# flat elsewhere and --smooth keeps a flat background under the forget answers' peaks.
-DEEP_ARGS=(--preset reference --layers 30 --smooth 0.1 --epochs 4 --hold-out-retain 20 --batch 4 --seed 0)
-ULD_DEEP=$(cached uld-deep "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
-  "${DEEP_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
+# Twice the depth: the first 16 blocks, the same recipe for 5 epochs.
+K16_ARGS=(--preset reference --layers 16 --epochs 5 --hold-out-retain 20 --batch 4 --seed 0)
+ULD_K16=$(cached uld-k16 "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
+  "${K16_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
 
 SLUG=$(cached slug "$TARGET" "$D/forget01.json" "$D/uld_retain.json" -- "$LETHE" forge slug \
   -m "$TARGET" --forget "$D/forget01.json" --retain "$D/uld_retain.json" --max 20 \
@@ -217,32 +265,44 @@ EOF
 SWEEP=(--sweep alpha=0.1,0.2,0.3,0.4,0.5,0.75,1,1.5 --sweep filter=0.01,0.1)
 PROFILE=$WORK/tofu.toml
 {
-  uld_profile uld-v1 "$ULD_V1" 0.75 0.01
   uld_profile uld-k8 "$ULD_K8" 0.75 0.01
-  uld_profile uld-deep "$ULD_DEEP" 0.75 0.01
+  uld_profile uld-k16 "$ULD_K16" 0.75 0.01
 } >"$PROFILE"
-CAL_FILES=("$D/cal_forget.json" "$D/cal_unseen.json" "$D/cal_retain.json")
+# The rule (lethe calibrate): the point whose truth ratios on the held-out forget rows match the
+# reference's on the same rows best (KS p), among the points that raise the held-out retain rows'
+# NLL by at most 0.05 nats per token. For comparison, the choice without a stand-in model (the
+# target on authors it never saw as the yardstick) is computed too; it is not used.
+CAL_FILES=("$REFERENCE" "$D/cal_forget.json" "$D/cal_unseen.json" "$D/cal_retain.json")
 declare -A CHOSEN
-for p in uld-k8 uld-deep; do
+chosen() {
+  python3 -c 'import json,sys
+c = json.load(open(sys.argv[1]))["chosen_settings"]
+t = c["terms"][0]
+print("%g %g" % (-t["weight"], t["filter"]))' "$1"
+}
+for p in uld-k8 uld-k16; do
   dir=$(cached "calibrate-$p" "$PROFILE" "${CAL_FILES[@]}" -- "$LETHE" calibrate \
+    --profile "$PROFILE" --use "$p" "${SWEEP[@]}" --forget "$D/cal_forget.json" \
+    --stand-in "$REFERENCE" --retain "$D/cal_retain.json" -t "$THREADS" \
+    --json "{}/calibration.json")
+  CHOSEN[$p]=$(chosen "$dir/calibration.json")
+  echo "$p: alpha and filter chosen: ${CHOSEN[$p]}"
+  dir=$(cached "calibrate-unseen-$p" "$PROFILE" "${CAL_FILES[@]}" -- "$LETHE" calibrate \
     --profile "$PROFILE" --use "$p" "${SWEEP[@]}" --forget "$D/cal_forget.json" \
     --unseen "$D/cal_unseen.json" --retain "$D/cal_retain.json" -t "$THREADS" \
     --json "{}/calibration.json")
-  CHOSEN[$p]=$(python3 -c 'import json,sys
-c = json.load(open(sys.argv[1]))["chosen_settings"]
-t = c["terms"][0]
-print("%g %g" % (-t["weight"], t["filter"]))' "$dir/calibration.json")
-  echo "$p: alpha and filter chosen: ${CHOSEN[$p]}"
+  echo "$p: without a stand-in (unseen authors' rows under the target) the rule would choose" \
+    "$(chosen "$dir/calibration.json")"
 done
 
 # The profiles evaluated: the old assistant as it ran, the new ones at their calibrated points,
 # SLUG and ablation.
 {
-  uld_profile uld-v1 "$ULD_V1" 0.75 0.01
+  [[ -n $V1 ]] && uld_profile uld-v1 "$ULD_V1" 0.75 0.01
   read -r a f <<<"${CHOSEN[uld-k8]}"
   uld_profile uld-k8 "$ULD_K8" "$a" "$f"
-  read -r a f <<<"${CHOSEN[uld-deep]}"
-  uld_profile uld-deep "$ULD_DEEP" "$a" "$f"
+  read -r a f <<<"${CHOSEN[uld-k16]}"
+  uld_profile uld-k16 "$ULD_K16" "$a" "$f"
   cat <<EOF
 [[profile]]
 name = "slug"
@@ -265,15 +325,20 @@ EOF
 EVAL=(--tofu forget01 --reference "$REFERENCE" --max-tokens "$MAX_TOKENS" -t "$THREADS")
 [[ -n $LIMIT ]] && EVAL+=(--limit "$LIMIT")
 E=$WORK/eval
-log "eval: target and the first assistant (re-scored with the mass rule)"
-stage "eval target + uld-v1" "$LETHE" eval --profile "$PROFILE" --use uld-v1 "${EVAL[@]}" \
-  --json "$E/uld-v1.json" --html "$E/uld-v1.html"
-for p in uld-k8 uld-deep slug ablated; do
+log "eval: target"
+stage "eval target" "$LETHE" eval -m "$TARGET" "${EVAL[@]}" --json "$E/target.json" \
+  --html "$E/target.html"
+if [[ -n $V1 ]]; then
+  log "eval: the first assistant re-scored with the mass rule (score-only)"
+  stage "eval uld-v1" "$LETHE" eval --profile "$PROFILE" --use uld-v1 --no-base --score-only \
+    "${EVAL[@]}" --json "$E/uld-v1.json"
+fi
+for p in uld-k8 uld-k16 slug ablated; do
   log "eval: $p"
   stage "eval $p" "$LETHE" eval --profile "$PROFILE" --use "$p" --no-base "${EVAL[@]}" \
     --json "$E/$p.json" --html "$E/$p.html"
 done
-for p in uld-k8 uld-deep; do
+for p in uld-k8 uld-k16; do
   log "eval: $p, score-only sweep"
   stage "sweep $p" "$LETHE" eval --profile "$PROFILE" --use "$p" --no-base --score-only \
     "${SWEEP[@]}" "${EVAL[@]}" --json "$E/sweep-$p.json"
@@ -282,50 +347,38 @@ log "eval: reference"
 stage "eval reference" "$LETHE" eval -m "$REFERENCE" "${EVAL[@]}" \
   --json "$E/reference.json" --html "$E/reference.html"
 
-# For comparison only: each new assistant at the sweep point of highest forget quality (ties:
-# higher scored utility). This choice reads the evaluation, so it is not a method's result; it
-# shows what the calibrated choice leaves on the table.
-{
-  for p in uld-k8 uld-deep; do
-    read -r a f < <(python3 -c 'import json,sys
-sides = json.load(open(sys.argv[1]))["sides"]
-s = max((x for x in sides if x.get("forget_quality") is not None),
-        key=lambda x: (x["forget_quality"], x.get("scored_utility") or 0))
-t = s["audit"]["terms"][0]
-print("%g %g" % (-t["weight"], t["filter"]))' "$E/sweep-$p.json")
-    echo "$p: the sweep's best forget quality at alpha $a, filter $f" >&2
-    if [[ $p == uld-k8 ]]; then dir=$ULD_K8; else dir=$ULD_DEEP; fi
-    uld_profile "$p-best" "$dir" "$a" "$f"
-  done
-} >"$WORK/best.toml"
-for p in uld-k8 uld-deep; do
-  log "eval: $p at the sweep's best point"
-  stage "eval $p-best" "$LETHE" eval --profile "$WORK/best.toml" --use "$p-best" --no-base \
-    "${EVAL[@]}" --json "$E/$p-best.json" --html "$E/$p-best.html"
-done
-
 log "report"
-"$LETHE" report "$E/uld-v1.json" "$E/uld-k8.json" "$E/uld-deep.json" "$E/uld-k8-best.json" \
-  "$E/uld-deep-best.json" "$E/slug.json" "$E/ablated.json" "$E/reference.json" \
-  "$E/sweep-uld-k8.json" "$E/sweep-uld-deep.json" \
-  --rename base=target --html "$E/story.html" --json "$E/story.json"
+V1_JSON=()
+[[ -n $V1 ]] && V1_JSON=("$E/uld-v1.json")
+"$LETHE" report "$E/target.json" "${V1_JSON[@]}" "$E/uld-k8.json" "$E/uld-k16.json" \
+  "$E/slug.json" "$E/ablated.json" "$E/reference.json" "$E/sweep-uld-k8.json" \
+  "$E/sweep-uld-k16.json" --html "$E/story.html" --json "$E/story.json"
 
 log "summary"
-python3 - "$E" "$TIMES" <<'EOF2'
+python3 - "$E" "$TIMES" "$V1" "$RUN_STAGES" <<'EOF2'
 import json, sys
-e, times = sys.argv[1], sys.argv[2]
+e, times, v1, run = sys.argv[1:5]
 def side(path, i):
     return json.load(open(f"{e}/{path}"))["sides"][i]
-rows = [("target", side("uld-v1.json", 0)), ("reference", side("reference.json", 0)),
-        ("ULD v1 (mass rule)", side("uld-v1.json", 1)), ("ULD K=8", side("uld-k8.json", 0)),
-        ("ULD whole target", side("uld-deep.json", 0)),
-        ("ULD K=8, sweep's best (reads the evaluation)", side("uld-k8-best.json", 0)),
-        ("ULD whole target, sweep's best (reads the evaluation)", side("uld-deep-best.json", 0)),
+def best(path):
+    # The sweep point of highest forget quality (ties: higher scored utility). This choice reads
+    # the evaluation, so it is not a method's result: it shows what the calibrated choice leaves.
+    sides = json.load(open(f"{e}/{path}"))["sides"]
+    return max((x for x in sides if x.get("forget_quality") is not None),
+               key=lambda x: (x["forget_quality"], x.get("scored_utility") or 0))
+rows = [("target", side("target.json", 0)), ("reference", side("reference.json", 0))]
+if v1:
+    rows.append(("ULD v1 (mass rule, score-only)", side("uld-v1.json", 0)))
+rows += [("ULD K=8", side("uld-k8.json", 0)), ("ULD K=16", side("uld-k16.json", 0)),
+        ("ULD K=8, sweep's best (reads the evaluation; score-only)", best("sweep-uld-k8.json")),
+        ("ULD K=16, sweep's best (reads the evaluation; score-only)", best("sweep-uld-k16.json")),
         ("SLUG", side("slug.json", 0)),
         ("ablation", side("ablated.json", 0))]
 def s(d, kind, key):
     for x in d["sets"]:
         if x["kind"] == kind:
+            if key == "rouge" and any(i.get("generated") is None for i in x["items"]):
+                return None  # scored only: no greedy answers
             return x["summary"][key]
     return float("nan")
 def f(x):
@@ -336,21 +389,28 @@ print("| model | forget quality | model utility | forget ROUGE-L | forget probab
       "| forget truth ratio | retain ROUGE-L | retain probability | MIA AUC (LOSS) | eval s |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for name, d in rows:
-    cells = [d["forget_quality"], d["model_utility"], s(d, "Forget", "rouge"),
+    mu = d["model_utility"]
+    mu = f(mu) if mu is not None else f"({f(d['scored_utility'])} scored)"
+    cells = [d["forget_quality"], s(d, "Forget", "rouge"),
              s(d, "Forget", "probability"), s(d, "Forget", "truth_ratio"),
              s(d, "Retain", "rouge"), s(d, "Retain", "probability"), d["mia"]["loss"]]
-    print(f"| {name} | " + " | ".join(f(c) for c in cells) + f" | {d['seconds']:.0f} |")
+    cells = [f(c) for c in cells]
+    cells.insert(1, mu)
+    print(f"| {name} | " + " | ".join(cells) + f" | {d['seconds']:.0f} |")
 print()
 print("| stage | seconds |")
 print("|---|---|")
+# The stages of this run, each with its last recorded time (a stage reused from the cache
+# keeps the time of the run that made it).
 last = {}
 for line in open(times):
     name, secs = line.rstrip("\n").split("\t")
-    last[name] = secs
+    last[name] = float(secs)
 total = 0.0
-for name, secs in last.items():
-    print(f"| {name} | {secs} |")
-    total += float(secs)
+for name in dict.fromkeys(l.strip() for l in open(run) if l.strip()):
+    secs = last.get(name)
+    print(f"| {name} | {'-' if secs is None else f'{secs:.1f}'} |")
+    total += secs or 0.0
 print(f"| all | {total:.0f} |")
 EOF2
-echo "reports: $E/story.html (every side, the forget-quality charts), $E/uld-v1.html, $E/uld-k8.html, $E/uld-deep.html, $E/uld-k8-best.html, $E/uld-deep-best.html, $E/slug.html, $E/ablated.html, $E/reference.html"
+echo "reports: $E/story.html (every side, the forget-quality charts), $E/target.html, $E/uld-k8.html, $E/uld-k16.html, $E/slug.html, $E/ablated.html, $E/reference.html"
