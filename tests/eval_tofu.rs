@@ -401,6 +401,69 @@ fn sweep_points_equal_separate_runs() {
         sides[0]["sets"][0]["summary"],
         sides[3]["sets"][0]["summary"]
     );
+    // --answer-at: greedy answers at one point only, equal to a full evaluation at it.
+    let full = |prof: &std::path::Path, extra: &[&str], out: &std::path::Path| -> Value {
+        let mut a = vec!["eval", "--profile", prof.to_str().unwrap()];
+        a.extend(common.iter().filter(|x| **x != "--score-only"));
+        a.extend(extra);
+        a.extend(["--json", out.to_str().unwrap()]);
+        lethe(&a);
+        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+    };
+    let at = full(
+        &profile("0.75", "0.01"),
+        &["--sweep", "alpha=0.5,1.5", "--answer-at", "alpha=1.5"],
+        &dir.join("answer-at.json"),
+    );
+    let one = full(&profile("1.5", "0.01"), &[], &dir.join("one-full.json"));
+    let (skipped, answered, o) = (&at["sides"][0], &at["sides"][1], &one["sides"][0]);
+    assert!(skipped["model_utility"].is_null());
+    assert!(o["model_utility"].is_number());
+    assert_eq!(answered["model_utility"], o["model_utility"]);
+    assert_eq!(answered["forget_quality"], o["forget_quality"]);
+    for (a, b) in answered["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(o["sets"].as_array().unwrap())
+    {
+        assert_eq!(a["summary"], b["summary"]);
+        for (x, y) in a["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(b["items"].as_array().unwrap())
+        {
+            assert!(x["generated"].is_string());
+            assert_eq!(x["generated"], y["generated"]);
+        }
+    }
+    for set in skipped["sets"].as_array().unwrap() {
+        for x in set["items"].as_array().unwrap() {
+            assert!(x["generated"].is_null());
+        }
+    }
+    // A point that is not one of the sweep's is refused.
+    let bad = std::process::Command::new(BIN)
+        .args([
+            "eval",
+            "--profile",
+            profile("0.75", "0.01").to_str().unwrap(),
+        ])
+        .args([
+            "--use",
+            "uld",
+            "--tofu",
+            "forget01",
+            "--limit",
+            "1",
+            "--no-base",
+        ])
+        .args(["--sweep", "alpha=0.5", "--answer-at", "alpha=0.7"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a point of the sweep"));
 }
 
 /// `lethe calibrate`: every sweep point's numbers, the choice by the stated rule (the highest

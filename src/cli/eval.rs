@@ -71,6 +71,55 @@ pub struct EvalArgs {
     /// probability and truth-ratio numbers of model utility).
     #[arg(long = "score-only")]
     pub score_only: bool,
+    /// With --sweep: answer greedily only at this point (`alpha=0.4,filter=0.01`, every swept
+    /// key given), the others scored only. One pass gives a sweep and one full evaluation.
+    #[arg(
+        long = "answer-at",
+        value_name = "KEY=V,...",
+        requires = "sweep",
+        conflicts_with = "score_only"
+    )]
+    pub answer_at: Option<String>,
+}
+
+/// The index of the sweep point `at` (`alpha=0.4,filter=0.01`) names: its keys and values
+/// equal the point's.
+fn answer_point(at: &str, be: &dyn Backend) -> Result<usize> {
+    let parse = |s: &str, sep: char| -> Result<Vec<(String, f32)>> {
+        let mut v = s
+            .split(sep)
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                let (k, x) = p
+                    .split_once('=')
+                    .with_context(|| format!("--answer-at {at:?}: KEY=V,..."))?;
+                let x: f32 = x
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--answer-at {at:?}: {x:?} is not a number"))?;
+                Ok((k.trim().to_string(), x))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(v)
+    };
+    let want = parse(at, ',')?;
+    let names: Vec<String> = (0..be.n_points()).map(|k| be.point(k).0).collect();
+    for (k, name) in names.iter().enumerate() {
+        // A point's name ends with its settings: `... alpha=0.4 filter=0.01`.
+        let settings = name
+            .split(' ')
+            .filter(|p| p.contains('='))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if parse(&settings, ' ')? == want {
+            return Ok(k);
+        }
+    }
+    bail!(
+        "--answer-at {at:?} is not a point of the sweep ({})",
+        names.join(", ")
+    )
 }
 
 /// The models evaluated, and the reference (scored on the forget set only).
@@ -88,6 +137,7 @@ pub fn main(a: EvalArgs) -> Result<()> {
         k: a.min_k,
         forget_only: false,
         score_only: a.score_only,
+        answer_points: None,
     };
     if !(a.min_k > 0.0 && a.min_k <= 1.0) {
         bail!("--min-k must be in (0, 1]");
@@ -101,13 +151,24 @@ pub fn main(a: EvalArgs) -> Result<()> {
         forget_only: true,
         ..opts.clone()
     };
+    // The sweep is the last side's; --answer-at names one of its points.
+    let sweep_opts = Options {
+        answer_points: match (&a.answer_at, sides.last()) {
+            (Some(at), Some(be)) => Some(vec![answer_point(at, be.as_ref())?]),
+            _ => None,
+        },
+        ..opts.clone()
+    };
+    let last = sides.len().saturating_sub(1);
+    let opts_of = |i: usize| if i == last { &sweep_opts } else { &opts };
     let total: u64 = sides
         .iter()
-        .map(|s| s.n_points() as u64 * run::work(&data, &opts))
+        .enumerate()
+        .map(|(i, s)| run::work(&data, opts_of(i), s.n_points()))
         .sum::<u64>()
         + reference
             .as_ref()
-            .map_or(0, |_| run::work(&data, &ref_opts));
+            .map_or(0, |_| run::work(&data, &ref_opts, 1));
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed}<{eta}")
@@ -116,9 +177,9 @@ pub fn main(a: EvalArgs) -> Result<()> {
     );
     let tick = |n: u64| bar.inc(n);
     let mut results: Vec<SideResult> = Vec::new();
-    for be in sides.iter_mut() {
+    for (i, be) in sides.iter_mut().enumerate() {
         bar.set_message(be.name());
-        results.extend(run::evaluate_points(be.as_mut(), &data, &opts, &tick)?);
+        results.extend(run::evaluate_points(be.as_mut(), &data, opts_of(i), &tick)?);
     }
     let reference = match reference {
         Some(mut be) => {
@@ -149,6 +210,7 @@ pub fn main(a: EvalArgs) -> Result<()> {
             "server": a.server,
             "score_only": a.score_only,
             "sweep": a.sweep,
+            "answer_at": a.answer_at,
         }),
     };
     print_summary(&report, &data);

@@ -82,6 +82,17 @@ pub struct Options {
     /// No greedy answers (no ROUGE, so no model utility): the losses, truth ratios and
     /// membership scores only.
     pub score_only: bool,
+    /// With a sweep: greedy answers only at these points (by index); `None`: at every point.
+    pub answer_points: Option<Vec<usize>>,
+}
+
+impl Options {
+    /// Whether point `k` answers greedily.
+    pub fn answering(&self, k: usize) -> bool {
+        !self.forget_only
+            && !self.score_only
+            && self.answer_points.as_ref().is_none_or(|v| v.contains(&k))
+    }
 }
 
 impl Default for Options {
@@ -92,6 +103,7 @@ impl Default for Options {
             k: 0.2,
             forget_only: false,
             score_only: false,
+            answer_points: None,
         }
     }
 }
@@ -182,21 +194,17 @@ impl SideResult {
 
 /// Work units of [`evaluate`] (for a progress bar): one per item generated and one per item
 /// scored.
-pub fn work(data: &TofuData, opts: &Options) -> u64 {
+pub fn work(data: &TofuData, opts: &Options, n_points: usize) -> u64 {
     if opts.forget_only {
-        return data.forget.len() as u64;
+        return (data.forget.len() * n_points) as u64;
     }
     let scored = data.forget.len()
         + data.holdout.len()
         + data.retain.len()
         + data.real_authors.len()
         + data.world_facts.len();
-    let generated = if opts.score_only {
-        0
-    } else {
-        scored - data.holdout.len()
-    };
-    (scored + generated) as u64
+    let answering = (0..n_points).filter(|&k| opts.answering(k)).count();
+    (scored * n_points + (scored - data.holdout.len()) * answering) as u64
 }
 
 /// What an evaluation needs of a model: greedy answers and teacher-forced scores. Local
@@ -475,16 +483,14 @@ pub fn evaluate_points(
     // Scoring ticks once per item for all points; answers tick per point.
     let tick_points = |n: u64| tick(n * np as u64);
     for (name, kind, items) in list {
-        let gen: Option<Vec<Vec<String>>> = if opts.forget_only || opts.score_only {
-            None
-        } else {
-            let qs: Vec<&str> = items.iter().map(|q| q.question.as_str()).collect();
-            Some(
-                (0..np)
-                    .map(|k| be.answers_at(k, &qs, opts, tick))
-                    .collect::<Result<_>>()?,
-            )
-        };
+        let qs: Vec<&str> = items.iter().map(|q| q.question.as_str()).collect();
+        let gen: Vec<Option<Vec<String>>> = (0..np)
+            .map(|k| {
+                opts.answering(k)
+                    .then(|| be.answers_at(k, &qs, opts, tick))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
         let mut out: Vec<Vec<ItemResult>> = vec![Vec::with_capacity(items.len()); np];
         for (i, item) in items.iter().enumerate() {
             let mia = kind == SetKind::Forget;
@@ -492,9 +498,9 @@ pub fn evaluate_points(
                 .into_iter()
                 .enumerate()
             {
-                if let Some(g) = &gen {
-                    r.rouge_l_recall = Some(rouge_l_recall(&item.answer, &g[k][i]));
-                    r.generated = Some(g[k][i].clone());
+                if let Some(g) = &gen[k] {
+                    r.rouge_l_recall = Some(rouge_l_recall(&item.answer, &g[i]));
+                    r.generated = Some(g[i].clone());
                 }
                 out[k].push(r);
             }
@@ -551,7 +557,7 @@ pub fn evaluate_points(
             _ => None,
         };
         let model_utility = three
-            .filter(|_| !opts.score_only)
+            .filter(|_| opts.answering(k))
             .map(|(r, a, w)| tofu::model_utility(r, a, w));
         let scored_utility = three.map(|(r, a, w)| tofu::scored_utility(r, a, w));
         let (name, audit) = be.point(k);
