@@ -333,15 +333,18 @@ if [[ -n $V1 ]]; then
   stage "eval uld-v1" "$LETHE" eval --profile "$PROFILE" --use uld-v1 --no-base --score-only \
     "${EVAL[@]}" --json "$E/uld-v1.json"
 fi
-for p in uld-k8 uld-k16 slug ablated; do
+# Each new assistant: one pass scores every sweep point (for the chart) and answers greedily at
+# the calibrated one (its full evaluation).
+for p in uld-k8 uld-k16; do
+  read -r a f <<<"${CHOSEN[$p]}"
+  log "eval: $p, a sweep with greedy answers at the calibrated point (alpha $a, filter $f)"
+  stage "eval $p" "$LETHE" eval --profile "$PROFILE" --use "$p" --no-base "${SWEEP[@]}" \
+    --answer-at "alpha=$a,filter=$f" "${EVAL[@]}" --json "$E/sweep-$p.json" --html "$E/$p.html"
+done
+for p in slug ablated; do
   log "eval: $p"
   stage "eval $p" "$LETHE" eval --profile "$PROFILE" --use "$p" --no-base "${EVAL[@]}" \
     --json "$E/$p.json" --html "$E/$p.html"
-done
-for p in uld-k8 uld-k16; do
-  log "eval: $p, score-only sweep"
-  stage "sweep $p" "$LETHE" eval --profile "$PROFILE" --use "$p" --no-base --score-only \
-    "${SWEEP[@]}" "${EVAL[@]}" --json "$E/sweep-$p.json"
 done
 log "eval: reference"
 stage "eval reference" "$LETHE" eval -m "$REFERENCE" "${EVAL[@]}" \
@@ -350,9 +353,9 @@ stage "eval reference" "$LETHE" eval -m "$REFERENCE" "${EVAL[@]}" \
 log "report"
 V1_JSON=()
 [[ -n $V1 ]] && V1_JSON=("$E/uld-v1.json")
-"$LETHE" report "$E/target.json" "${V1_JSON[@]}" "$E/uld-k8.json" "$E/uld-k16.json" \
-  "$E/slug.json" "$E/ablated.json" "$E/reference.json" "$E/sweep-uld-k8.json" \
-  "$E/sweep-uld-k16.json" --html "$E/story.html" --json "$E/story.json"
+"$LETHE" report "$E/target.json" "${V1_JSON[@]}" "$E/sweep-uld-k8.json" \
+  "$E/sweep-uld-k16.json" "$E/slug.json" "$E/ablated.json" "$E/reference.json" \
+  --html "$E/story.html" --json "$E/story.json"
 
 log "summary"
 python3 - "$E" "$TIMES" "$V1" "$RUN_STAGES" <<'EOF2'
@@ -369,7 +372,11 @@ def best(path):
 rows = [("target", side("target.json", 0)), ("reference", side("reference.json", 0))]
 if v1:
     rows.append(("ULD v1 (mass rule, score-only)", side("uld-v1.json", 0)))
-rows += [("ULD K=8", side("uld-k8.json", 0)), ("ULD K=16", side("uld-k16.json", 0)),
+def answered(path):
+    # The sweep's point answered greedily: the calibrated one.
+    return next(x for x in json.load(open(f"{e}/{path}"))["sides"]
+                if x.get("model_utility") is not None)
+rows += [("ULD K=8", answered("sweep-uld-k8.json")), ("ULD K=16", answered("sweep-uld-k16.json")),
         ("ULD K=8, sweep's best (reads the evaluation; score-only)", best("sweep-uld-k8.json")),
         ("ULD K=16, sweep's best (reads the evaluation; score-only)", best("sweep-uld-k16.json")),
         ("SLUG", side("slug.json", 0)),
