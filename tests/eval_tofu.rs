@@ -518,55 +518,40 @@ fn calibrate_chooses_by_its_rule() {
     let f = dir.file("forget.json", &serde_json::to_string(&forget).unwrap());
     let u = dir.file("unseen.json", &serde_json::to_string(&unseen).unwrap());
     let r = dir.file("retain.json", &serde_json::to_string(&retain).unwrap());
-    let out = dir.join("cal.json");
-    let stdout = lethe(&[
-        "calibrate",
-        "--profile",
-        prof.to_str().unwrap(),
-        "--use",
-        "uld",
-        "--sweep",
-        "alpha=0.1,0.5,2",
-        "--forget",
-        f.to_str().unwrap(),
-        "--unseen",
-        u.to_str().unwrap(),
-        "--retain",
-        r.to_str().unwrap(),
-        "--max-retain-rise",
-        "0.5",
-        "-t",
-        "2",
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    let j: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    // One calibration with the yardstick flags `yard`, its JSON and its stdout.
+    let calibrate = |yard: [&str; 2], out: &str| -> (Value, String) {
+        let out = dir.join(out);
+        let mut args = vec![
+            "calibrate",
+            "--profile",
+            prof.to_str().unwrap(),
+            "--use",
+            "uld",
+            "--sweep",
+            "alpha=0.1,0.5,2",
+            "--forget",
+            f.to_str().unwrap(),
+        ];
+        args.extend(yard);
+        args.extend([
+            "--retain",
+            r.to_str().unwrap(),
+            "--max-retain-rise",
+            "0.5",
+            "-t",
+            "2",
+            "--json",
+            out.to_str().unwrap(),
+        ]);
+        let stdout = lethe(&args);
+        let j = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        (j, stdout)
+    };
+    let (j, stdout) = calibrate(["--unseen", u.to_str().unwrap()], "cal.json");
     check_calibration(&j, &stdout, "unseen");
     // The stand-in yardstick: the base itself as the model that "never learned" the rows, so
     // its rows are the base's forget rows, matched exactly.
-    let out2 = dir.join("cal2.json");
-    let stdout = lethe(&[
-        "calibrate",
-        "--profile",
-        prof.to_str().unwrap(),
-        "--use",
-        "uld",
-        "--sweep",
-        "alpha=0.1,0.5,2",
-        "--forget",
-        f.to_str().unwrap(),
-        "--stand-in",
-        model_file.to_str().unwrap(),
-        "--retain",
-        r.to_str().unwrap(),
-        "--max-retain-rise",
-        "0.5",
-        "-t",
-        "2",
-        "--json",
-        out2.to_str().unwrap(),
-    ]);
-    let j2: Value = serde_json::from_str(&std::fs::read_to_string(&out2).unwrap()).unwrap();
+    let (j2, stdout) = calibrate(["--stand-in", model_file.to_str().unwrap()], "cal2.json");
     check_calibration(&j2, &stdout, "stand-in");
     let c2 = &j2["calibration"];
     assert_eq!(
