@@ -68,15 +68,7 @@ fn sparse_sweep_scores_equal_the_whole_combination() {
     let am = Arc::new(Model::open(assistant(&dir), 2).unwrap());
     let prompt = chat_prompt(&tok, &model, "Who wrote the novel 'Dune'?");
     let cont = tok.encode("It was written by Isaac Asimov in 1965.", false, false);
-    let uld = Assistant {
-        model: am.clone(),
-        kind: TermKind::Uld,
-        weight: -0.75,
-        filter: 0.01,
-        reference: None,
-        patches: None,
-        score: ScoreRule::Mass,
-    };
+    let uld = Assistant::uld(am.clone(), 0.75, 0.01);
     let points: Vec<Vec<(f32, f32)>> = vec![
         vec![],
         vec![(-0.25, 0.01)],
@@ -171,15 +163,7 @@ fn scorer_matches_the_engine() {
         m.forward(&mut st, toks, Some(&mut out)).unwrap();
         out // [n_tok, V]
     };
-    let uld = Assistant {
-        model: am.clone(),
-        kind: TermKind::Uld,
-        weight: -0.75,
-        filter: 0.01,
-        reference: None,
-        patches: None,
-        score: ScoreRule::Mass,
-    };
+    let uld = Assistant::uld(am.clone(), 0.75, 0.01);
     for terms in [vec![], vec![uld.clone()]] {
         let mut sc = Scorer::new(model.clone(), terms.clone(), None, 256).unwrap();
         sc.set_prompt(&prompt).unwrap();
@@ -823,15 +807,7 @@ fn score_route_and_eval_through_a_server() {
     let model = Arc::new(Model::open(&model_file, 2).unwrap());
     let tok = Tokenizer::from_gguf(&model.file).unwrap();
     let am = Arc::new(Model::open(&asst, 2).unwrap());
-    let uld = Assistant {
-        model: am,
-        kind: TermKind::Uld,
-        weight: -0.75,
-        filter: 0.01,
-        reference: None,
-        patches: None,
-        score: ScoreRule::Mass,
-    };
+    let uld = Assistant::uld(am, 0.75, 0.01);
     let mut sc = Scorer::new(model.clone(), vec![uld], None, 512).unwrap();
     sc.set_prompt(&chat_prompt(&tok, &model, q)).unwrap();
     for (k, c) in conts.iter().enumerate() {

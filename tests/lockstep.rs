@@ -80,15 +80,7 @@ fn the_target_as_its_own_assistant_keeps_greedy_output() {
 #[test]
 fn sampling_gives_minus_infinity_outside_the_plausible_set() {
     let (model, _) = load();
-    let a = Assistant {
-        model: model.clone(),
-        kind: TermKind::Uld,
-        weight: -0.75,
-        filter: 0.1,
-        reference: None,
-        patches: None,
-        score: ScoreRule::Mass,
-    };
+    let a = Assistant::uld(model.clone(), 0.75, 0.1);
     let mut uld = LockstepDecoder::new(model.clone(), vec![a], 64).unwrap();
     let out = uld.feed(&[504, 2365, 6354]).unwrap().to_vec();
     let finite = out.iter().filter(|x| x.is_finite()).count();
@@ -108,15 +100,7 @@ fn the_sparse_path_samples_as_the_dense_combination() {
     small.layers.truncate(8);
     let small = Arc::new(small);
     let tokens = [504u32, 2365, 6354, 16438];
-    let a = Assistant {
-        model: small.clone(),
-        kind: TermKind::Uld,
-        weight: -0.75,
-        filter: 0.01,
-        reference: None,
-        patches: None,
-        score: ScoreRule::Mass,
-    };
+    let a = Assistant::uld(small.clone(), 0.75, 0.01);
     let mut uld = LockstepDecoder::new(model.clone(), vec![a], 64).unwrap();
     let sparse = uld.feed(&tokens).unwrap().to_vec();
 

@@ -71,20 +71,12 @@ fn decode_steps_do_not_allocate() {
 fn uld_decode_steps_do_not_allocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     use lethe::generate::Decoder;
-    use lethe::unlearn::{Assistant, LockstepDecoder, ScoreRule, TermKind};
+    use lethe::unlearn::{Assistant, LockstepDecoder};
     use std::sync::Arc;
     let model = Arc::new(Model::open(model_path("smollm2"), 2).unwrap());
     let mut small = Model::from_file(model.file.clone(), model.pool.clone()).unwrap();
     small.layers.truncate(8);
-    let a = Assistant {
-        model: Arc::new(small),
-        kind: TermKind::Uld,
-        weight: -0.75,
-        filter: 0.01,
-        reference: None,
-        patches: None,
-        score: ScoreRule::Mass,
-    };
+    let a = Assistant::uld(Arc::new(small), 0.75, 0.01);
     let mut dec = LockstepDecoder::new(model.clone(), vec![a], 256).unwrap();
     dec.feed(&[1, 2, 3, 4]).unwrap();
     dec.feed(&[5]).unwrap();

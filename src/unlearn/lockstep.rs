@@ -31,6 +31,19 @@ pub struct Assistant {
 }
 
 impl Assistant {
+    /// A ULD term: weight `-alpha`, plausibility rate `filter`, no patches, the mass rule.
+    pub fn uld(model: Arc<Model>, alpha: f32, filter: f32) -> Self {
+        Self {
+            model,
+            kind: TermKind::Uld,
+            weight: -alpha,
+            filter,
+            reference: None,
+            patches: None,
+            score: ScoreRule::Mass,
+        }
+    }
+
     /// Check that this assistant (and its reference) can run beside a target of `n_vocab`
     /// tokens: the same vocabulary size, and a reference for a pair term.
     pub(super) fn check(&self, n_vocab: usize) -> Result<()> {
