@@ -189,7 +189,7 @@ pub fn paired_decode_tps(
 
 pub fn main(a: BenchArgs) -> Result<()> {
     let l = a.model.load()?;
-    let m = &l.model;
+    let m = &l.base.model;
     if a.parallel > 1 {
         // One sequence and `parallel` together, alternating, so that both see the same
         // machine; with a profile (or patches), its decoders.
@@ -201,7 +201,10 @@ pub fn main(a: BenchArgs) -> Result<()> {
             many.push(decoders_tps(&make, a.parallel, a.n_gen)?);
         }
         let (one, many) = (median(one), median(many));
-        let what = match (&l.profile, l.terms.is_empty() && l.patches.is_none()) {
+        let what = match (
+            &l.forgotten.profile,
+            l.forgotten.terms.is_empty() && l.forgotten.patches.is_none(),
+        ) {
             (Some(p), _) => format!(" (profile {p:?})"),
             (None, false) => " (with its assistants and patches)".into(),
             (None, true) => String::new(),
@@ -217,7 +220,8 @@ pub fn main(a: BenchArgs) -> Result<()> {
         );
         return Ok(());
     }
-    if !l.terms.is_empty() || !a.model.patches.is_empty() || l.patches.is_some() {
+    if !l.forgotten.terms.is_empty() || !a.model.patches.is_empty() || l.forgotten.patches.is_some()
+    {
         // Unlearning overhead: the base model and the model with its assistants and patches,
         // alternating, in the same run.
         let n_ctx = (a.n_gen + 16).next_multiple_of(256);
@@ -232,6 +236,7 @@ pub fn main(a: BenchArgs) -> Result<()> {
         }
         let (b, u) = (median(b), median(u));
         let mut terms: Vec<String> = l
+            .forgotten
             .terms
             .iter()
             .map(|t| {
@@ -241,7 +246,11 @@ pub fn main(a: BenchArgs) -> Result<()> {
                 )
             })
             .collect();
-        let parts = l.patches.as_ref().map_or(&[][..], |p| &p.parts[..]);
+        let parts = l
+            .forgotten
+            .patches
+            .as_ref()
+            .map_or(&[][..], |p| &p.parts[..]);
         for (p, s) in parts {
             let file = std::path::Path::new(&p.source);
             let name = file
@@ -249,10 +258,10 @@ pub fn main(a: BenchArgs) -> Result<()> {
                 .map_or(p.source.clone(), |f| f.to_string_lossy().into_owned());
             terms.push(format!("{} {name} x{s}", p.kind.name()));
         }
-        if parts.is_empty() && l.terms.is_empty() {
+        if parts.is_empty() && l.forgotten.terms.is_empty() {
             terms.push("patches at scale 0: nothing applied".into());
         }
-        let what = match (&l.profile, l.terms.is_empty()) {
+        let what = match (&l.forgotten.profile, l.forgotten.terms.is_empty()) {
             (Some(p), _) => format!("profile {p:?}"),
             (None, false) => "with ULD".into(),
             (None, true) => "patched".into(),
@@ -270,6 +279,7 @@ pub fn main(a: BenchArgs) -> Result<()> {
     let r = run_bench(m, a.n_prompt, a.n_gen, a.reps.max(1))?;
     let ceiling = r.bandwidth / r.bytes_per_token as f64;
     let name = l
+        .base
         .path
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())

@@ -14,7 +14,6 @@ use lethe::eval::calibrate::{calibrate, read_rows, Yardstick};
 use lethe::eval::run::{Backend, Local, Side};
 use serde_json::json;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
@@ -55,7 +54,7 @@ const CTX: usize = 1024;
 
 pub fn main(a: CalibrateArgs) -> Result<()> {
     let l = a.m.load()?;
-    let points = sweep_points(&a.sweep, &l.terms)?.context("--sweep is required")?;
+    let points = sweep_points(&a.sweep, &l.forgotten.terms)?.context("--sweep is required")?;
     let forget = read_rows(&a.forget)?;
     let unseen = match &a.unseen {
         Some(p) => read_rows(p)?,
@@ -65,30 +64,24 @@ pub fn main(a: CalibrateArgs) -> Result<()> {
         Some(p) => read_rows(p)?,
         None => Vec::new(),
     };
-    let tok = Arc::new(l.tok);
-    let side = |name: &str, terms| Side {
+    let side = |name: &str, forgotten| Side {
         name: name.to_string(),
-        model: l.model.clone(),
-        tok: tok.clone(),
-        terms,
-        patches: if name == "base" {
-            None
-        } else {
-            l.patches.clone()
-        },
+        forgotten,
+        tok: l.base.tok.clone(),
         audit: json!({}),
     };
-    let name = l.profile.clone().unwrap_or_else(|| "profile".into());
-    if l.terms.is_empty() {
+    let name = l
+        .forgotten
+        .profile
+        .clone()
+        .unwrap_or_else(|| "profile".into());
+    if l.forgotten.terms.is_empty() {
         bail!("calibration sweeps a profile's assistant terms; this model has none");
     }
-    let mut prof = Local::new(side(&name, l.terms.clone()), CTX)?.with_points(points)?;
-    let mut base = Local::new(side("base", Vec::new()), CTX)?;
+    let mut prof = Local::new(side(&name, l.forgotten.clone()), CTX)?.with_points(points)?;
+    let mut base = Local::new(side("base", l.base.plain()), CTX)?;
     let mut stand_in = match &a.stand_in {
-        Some(m) => Some(Local::new(
-            named_side(a.m.threads(), m, &l.model, &l.path, &tok, None)?,
-            CTX,
-        )?),
+        Some(m) => Some(Local::new(named_side(&l.base, m, None)?, CTX)?),
         None => None,
     };
     let yardstick = match stand_in.as_mut() {

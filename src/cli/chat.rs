@@ -34,7 +34,7 @@ pub fn main(a: ChatArgs) -> Result<()> {
         let flag = interrupted.clone();
         ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
     }
-    let mut dec = l.decoder(l.n_ctx)?;
+    let mut dec = l.decoder(l.base.n_ctx)?;
     let mut cached: Vec<u32> = Vec::new();
     let mut msgs: Vec<ChatMessage> = Vec::new();
     let reset = |msgs: &mut Vec<ChatMessage>| {
@@ -50,12 +50,12 @@ pub fn main(a: ChatArgs) -> Result<()> {
         stop: Vec::new(),
         ignore_eos: false,
     };
-    let arch = l.model.cfg.arch.name();
+    let arch = l.base.model.cfg.arch.name();
     eprintln!(
         "lethe chat: {} ({} threads, context {}). /reset starts over, /use NAME|base switches profile, /exit quits, Ctrl-C stops an answer.",
-        l.path.display(),
-        l.model.pool.n_threads(),
-        l.n_ctx
+        l.base.path.display(),
+        l.base.model.pool.n_threads(),
+        l.base.n_ctx
     );
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -79,11 +79,11 @@ pub fn main(a: ChatArgs) -> Result<()> {
                 match l.switch(name) {
                     Ok(()) => {
                         // A new decoder: its caches start empty; the conversation stays.
-                        dec = l.decoder(l.n_ctx)?;
+                        dec = l.decoder(l.base.n_ctx)?;
                         cached.clear();
                         eprintln!(
                             "(now answering as {})",
-                            l.profile.as_deref().unwrap_or("base")
+                            l.forgotten.profile.as_deref().unwrap_or("base")
                         );
                     }
                     Err(e) => eprintln!("error: {e:#}"),
@@ -100,26 +100,33 @@ pub fn main(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         msgs.push(ChatMessage::new("user", input));
-        let text = apply_chat_template(&l.tok, arch, a.chat_template.as_deref(), &msgs, true)?;
-        let prompt = l.tok.encode(&text, true, true);
-        if prompt.len() >= l.n_ctx {
+        let text = apply_chat_template(&l.base.tok, arch, a.chat_template.as_deref(), &msgs, true)?;
+        let prompt = l.base.tok.encode(&text, true, true);
+        if prompt.len() >= l.base.n_ctx {
             eprintln!(
                 "(the conversation no longer fits the {}-token context: /reset to start over)",
-                l.n_ctx
+                l.base.n_ctx
             );
             msgs.pop();
             continue;
         }
         let mut out = std::io::stdout().lock();
-        let g = generate(dec.as_mut(), &l.tok, &mut cached, &prompt, &params, |t| {
-            let _ = write!(out, "{t}");
-            let _ = out.flush();
-            if interrupted.load(Ordering::SeqCst) {
-                Flow::Stop
-            } else {
-                Flow::Continue
-            }
-        });
+        let g = generate(
+            dec.as_mut(),
+            &l.base.tok,
+            &mut cached,
+            &prompt,
+            &params,
+            |t| {
+                let _ = write!(out, "{t}");
+                let _ = out.flush();
+                if interrupted.load(Ordering::SeqCst) {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                }
+            },
+        );
         drop(out);
         match g {
             Ok(g) => {

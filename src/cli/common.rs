@@ -3,11 +3,10 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use lethe::generate::{Decoder, SamplerParams};
-use lethe::model::{Model, Patch, PatchKind, PatchSet, Precision};
-use lethe::tokenizer::Tokenizer;
+use lethe::model::{Model, Patch, PatchKind, Precision};
 use lethe::unlearn::patch;
 use lethe::unlearn::profile::{self, Profile, ProfileFile};
-use lethe::unlearn::{Assistant, ScoreRule, TermKind};
+use lethe::unlearn::{default_threads, Assistant, Base, Forgotten, LoadOptions, TermKind};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -148,242 +147,99 @@ impl PatchArgs {
     }
 }
 
-/// A patch set from `parts`, or `None` when there is nothing to apply.
-pub fn patch_set(model: &Model, parts: &[(Arc<Patch>, f32)]) -> Result<Option<Arc<PatchSet>>> {
-    if parts.is_empty() {
-        return Ok(None);
-    }
-    let set = PatchSet::new(model, parts)?;
-    Ok((!set.is_empty()).then(|| Arc::new(set)))
-}
-
 impl ModelArgs {
     pub fn threads(&self) -> usize {
-        self.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        self.threads.unwrap_or_else(default_threads)
     }
 
-    pub fn load(&self) -> Result<Loaded> {
-        let profile = match &self.profile {
+    /// How the flags open a model.
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions {
+            threads: self.threads,
+            n_ctx: self.ctx_size,
+            precision: if self.precise {
+                Precision::Exact
+            } else {
+                Precision::default()
+            },
+        }
+    }
+
+    /// The base model (`-m`, or the profile's base) and the forgotten model the flags name:
+    /// `--use`'s profile (default: the first; `base`: the plain base), or `--assistant`, each
+    /// with the patches of the flags.
+    pub fn load(&self) -> Result<Session> {
+        let file = self.profile.as_ref().map(ProfileFile::load).transpose()?;
+        let chosen = match &file {
+            Some(f) => f.select(self.use_profile.as_deref())?,
             None => None,
-            Some(path) => {
-                let file = ProfileFile::load(path)?;
-                let p = match self.use_profile.as_deref() {
-                    // `base`: the plain base model of the file's first profile (unless a
-                    // profile is named so).
-                    None => file.profiles.first().cloned(),
-                    Some("base") if file.get("base").is_none() => file.profiles.first().cloned(),
-                    Some(name) => Some(file.get(name).cloned().with_context(|| {
-                        let names: Vec<&str> = file.names().collect();
-                        format!(
-                            "no profile {name:?} in {} (it has: {})",
-                            path.display(),
-                            names.join(", ")
-                        )
-                    })?),
-                }
-                .context("the profile file holds no profile")?;
-                Some((file, p))
-            }
         };
-        let base_only = self.use_profile.as_deref() == Some("base")
-            && profile
-                .as_ref()
-                .is_some_and(|(f, _)| f.get("base").is_none());
-        let path = match &profile {
-            Some((file, p)) => profile::locate(&file.dir, &p.base)?,
+        let path = match &file {
+            // `base` runs the base of the file's first profile.
+            Some(f) => profile::locate(&f.dir, &chosen.unwrap_or(&f.profiles[0]).base)?,
             None => lethe::hub::resolve_model(&self.model)?,
         };
-        let mut model = Model::open(&path, self.threads())
-            .with_context(|| format!("loading {}", path.display()))?;
-        if self.precise {
-            model.precision = Precision::Exact;
-        }
-        let tok = Tokenizer::from_gguf(&model.file)?;
-        if tok.n_vocab() != model.cfg.n_vocab {
-            anyhow::bail!(
-                "tokenizer has {} tokens but the model's head has {}",
-                tok.n_vocab(),
-                model.cfg.n_vocab
-            );
-        }
-        let n_ctx = match self.ctx_size {
-            0 => model.cfg.n_ctx_train.min(4096),
-            n => n,
-        };
-        let model = Arc::new(model);
-        let mut terms = Vec::new();
-        let mut name = None;
-        if let Some(a) = &self.assistant {
-            if !(0.0..1.0).contains(&self.filter) {
-                anyhow::bail!("--filter must be in [0, 1)");
+        let base = Base::open(&path, self.options())?;
+        let cli_parts = self.patches.load(&base.model)?;
+        let forgotten = match (&file, chosen) {
+            (Some(f), Some(p)) => base.profile(f, p, &cli_parts)?,
+            _ => {
+                let mut terms = Vec::new();
+                if let Some(a) = &self.assistant {
+                    if !(0.0..1.0).contains(&self.filter) {
+                        anyhow::bail!("--filter must be in [0, 1)");
+                    }
+                    let am = base.assistant(&lethe::hub::resolve_model(a)?)?;
+                    terms.push(Assistant::uld(am, self.alpha, self.filter));
+                }
+                base.forgotten(terms, cli_parts.clone())?
             }
-            let am = load_assistant(&model, &lethe::hub::resolve_model(a)?)?;
-            terms.push(Assistant {
-                model: am,
-                kind: TermKind::Uld,
-                weight: -self.alpha,
-                filter: self.filter,
-                reference: None,
-                patches: None,
-                score: ScoreRule::Mass,
-            });
-        }
-        let cli_patches = self.patches.load(&model)?;
-        let mut parts = cli_patches.clone();
-        if let (Some((file, p)), false) = (&profile, base_only) {
-            name = Some(p.name.clone());
-            terms.extend(profile_terms(&model, file, p)?);
-            parts.extend(profile_patches(&model, file, p)?);
-        }
-        let patches = patch_set(&model, &parts)?;
-        Ok(Loaded {
-            model,
-            tok,
-            n_ctx,
-            path,
-            terms,
-            patches,
-            cli_patches,
-            profile: name,
-            profile_file: profile.map(|(f, _)| f),
+        };
+        Ok(Session {
+            base,
+            forgotten,
+            cli_parts,
+            file,
         })
     }
 }
 
-/// The assistant terms of profile `p`, loaded beside `model`.
-pub fn profile_terms(
-    model: &Arc<Model>,
-    file: &ProfileFile,
-    p: &Profile,
-) -> Result<Vec<Assistant>> {
-    let mut terms = Vec::new();
-    for spec in &p.assistants {
-        let am = load_assistant(model, &profile::locate(&file.dir, &spec.model)?)?;
-        let reference = match &spec.reference {
-            Some(r) => Some(load_assistant(model, &profile::locate(&file.dir, r)?)?),
-            None => None,
-        };
-        let mut parts = Vec::new();
-        for ps in &spec.patches {
-            let (p, _) = profile::load_patch(&file.dir, ps, &am)?;
-            parts.push((Arc::new(p), ps.scale));
-        }
-        let patches = patch_set(&am, &parts)?;
-        terms.push(Assistant {
-            model: am,
-            kind: spec.kind.term_kind(),
-            weight: spec.term_weight(),
-            filter: spec.filter,
-            reference,
-            patches,
-            score: spec.score,
-        });
-    }
-    Ok(terms)
-}
-
-/// The layer patches of profile `p` for `model`, with their scales.
-pub fn profile_patches(
-    model: &Model,
-    file: &ProfileFile,
-    p: &Profile,
-) -> Result<Vec<(Arc<Patch>, f32)>> {
-    let mut parts = Vec::new();
-    for ps in &p.patches {
-        let (patch, _) = profile::load_patch(&file.dir, ps, model)
-            .with_context(|| format!("profile {:?}", p.name))?;
-        parts.push((Arc::new(patch), ps.scale));
-    }
-    Ok(parts)
-}
-
-/// Load an assistant (or reference) beside `model`, sharing its thread pool, after checking
-/// that its vocabulary is the model's, token for token.
-fn load_assistant(model: &Arc<Model>, path: &std::path::Path) -> Result<Arc<Model>> {
-    let file = Arc::new(lethe::gguf::GgufFile::open(path)?);
-    let mut am = Model::from_file(file, model.pool.clone())
-        .with_context(|| format!("loading assistant {}", path.display()))?;
-    am.precision = model.precision;
-    let key = "tokenizer.ggml.tokens";
-    if am.file.get_array(key)? != model.file.get_array(key)? {
-        anyhow::bail!(
-            "{}: its vocabulary differs from the model's ({} and {} tokens); ULD needs the same \
-             tokens (`lethe profile check` names the first difference)",
-            path.display(),
-            am.cfg.n_vocab,
-            model.cfg.n_vocab
-        );
-    }
-    Ok(Arc::new(am))
-}
-
-pub struct Loaded {
-    pub model: Arc<Model>,
-    pub tok: Tokenizer,
-    pub n_ctx: usize,
-    pub path: std::path::PathBuf,
-    /// Assistant terms (ad hoc `--assistant`, or the profile's), sharing the model's pool.
-    pub terms: Vec<Assistant>,
-    /// Layer patches of the target (the flags' and the profile's), if any.
-    pub patches: Option<Arc<PatchSet>>,
+/// A loaded base model and the forgotten model in use over it.
+pub struct Session {
+    pub base: Base,
+    /// The model that runs: the base with the profile's (or `--assistant`'s) terms and the
+    /// patches of the profile and the flags.
+    pub forgotten: Forgotten,
     /// The patches given by flags (kept across `/use`).
-    pub cli_patches: Vec<(Arc<Patch>, f32)>,
-    /// The profile in use, if any.
-    pub profile: Option<String>,
-    /// The profile file it came from (`/use` in chat switches within it).
-    pub profile_file: Option<ProfileFile>,
+    pub cli_parts: Vec<(Arc<Patch>, f32)>,
+    /// The profile file (`/use` in chat switches within it).
+    pub file: Option<ProfileFile>,
 }
 
-impl Loaded {
+impl Session {
     /// Switch to profile `name` of the loaded profile file (`base`: no terms). The profile
     /// must share the loaded base model.
     pub fn switch(&mut self, name: &str) -> Result<()> {
-        let file = self
-            .profile_file
-            .as_ref()
-            .context("no --profile was given")?;
-        if name == "base" && file.get("base").is_none() {
-            self.terms.clear();
-            self.patches = patch_set(&self.model, &self.cli_patches)?;
-            self.profile = None;
-            return Ok(());
-        }
-        let p = file.get(name).with_context(|| {
-            let names: Vec<&str> = file.names().collect();
-            format!(
-                "no profile {name:?} (the file has: {}, and base)",
-                names.join(", ")
-            )
-        })?;
-        let base = profile::locate(&file.dir, &p.base)?;
-        let same = std::fs::canonicalize(&base).ok() == std::fs::canonicalize(&self.path).ok();
-        if !same {
-            anyhow::bail!(
-                "profile {name:?} has another base model ({}); restart with --use {name}",
-                base.display()
-            );
-        }
-        let mut parts = self.cli_patches.clone();
-        parts.extend(profile_patches(&self.model, file, p)?);
-        let patches = patch_set(&self.model, &parts)?;
-        self.terms = profile_terms(&self.model, file, p)?;
-        self.patches = patches;
-        self.profile = Some(p.name.clone());
+        let file = self.file.as_ref().context("no --profile was given")?;
+        self.forgotten = match file.select(Some(name))? {
+            None => self.base.forgotten(Vec::new(), self.cli_parts.clone())?,
+            Some(p) => {
+                let base = profile::locate(&file.dir, &p.base)?;
+                if !self.base.is_file(&base) {
+                    anyhow::bail!(
+                        "profile {name:?} has another base model ({}); restart with --use {name}",
+                        base.display()
+                    );
+                }
+                self.base.profile(file, p, &self.cli_parts)?
+            }
+        };
         Ok(())
     }
 
-    /// The decoder for this model: plain, or in lockstep with its assistants.
+    /// The decoder of the model in use: plain, or in lockstep with its assistants.
     pub fn decoder(&self, n_ctx: usize) -> Result<Box<dyn Decoder>> {
-        Ok(lethe::unlearn::decoder(
-            self.model.clone(),
-            self.terms.clone(),
-            self.patches.clone(),
-            n_ctx,
-        )?)
+        Ok(self.forgotten.decoder(n_ctx)?)
     }
 }
 

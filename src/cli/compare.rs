@@ -11,7 +11,6 @@ use lethe::eval::compare::{compare, CompareOptions, Pair};
 use lethe::eval::data::{self, Split};
 use serde_json::json;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {
@@ -46,15 +45,13 @@ pub fn main(a: CompareArgs) -> Result<()> {
         bail!("no prompts");
     }
     let l = a.m.load()?;
-    let tok = Arc::new(l.tok);
-    let file = l.profile_file.as_ref();
-    let t = a.m.threads();
-    let sa = named_side(t, &a.a, &l.model, &l.path, &tok, file)?;
-    let sb = named_side(t, &a.b, &l.model, &l.path, &tok, file)?;
-    if sa.model.cfg.n_vocab != sb.model.cfg.n_vocab {
+    let file = l.file.as_ref();
+    let sa = named_side(&l.base, &a.a, file)?;
+    let sb = named_side(&l.base, &a.b, file)?;
+    if sa.forgotten.model.cfg.n_vocab != sb.forgotten.model.cfg.n_vocab {
         bail!("{} and {} have different vocabularies", a.a, a.b);
     }
-    let n_ctx = l.n_ctx.min(2048);
+    let n_ctx = l.base.n_ctx.min(2048);
     let bar = ProgressBar::new(3 * prompts.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("compare [{bar:30}] {pos}/{len} {elapsed}<{eta}")

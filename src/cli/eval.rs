@@ -1,9 +1,7 @@
 //! `lethe eval`: TOFU's metrics and membership inference for a forgotten profile against its
 //! base (and a reference never trained on the forget set), locally or through a server.
 
-use super::common::{
-    patch_set, profile_audit, profile_patches, profile_terms, sweep_points, ModelArgs,
-};
+use super::common::{profile_audit, sweep_points, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,12 +9,10 @@ use lethe::eval::data::{self, Split, TofuData};
 use lethe::eval::remote::Remote;
 use lethe::eval::report::Report;
 use lethe::eval::run::{self, Backend, Local, Options, Side, SideResult};
-use lethe::model::Model;
-use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::profile::{self, ProfileFile};
+use lethe::unlearn::{Base, Forgotten};
 use serde_json::json;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -267,55 +263,30 @@ fn remote_sides(a: &EvalArgs, url: &str) -> Result<Sides> {
 /// The base and the profile (or the plain model), and the reference, loaded here.
 fn local_sides(a: &EvalArgs) -> Result<Sides> {
     let l = a.m.load()?;
-    let tok = Arc::new(l.tok);
-    let stem = |p: &Path| {
-        p.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    };
-    let plain = |name: String| Side {
+    let side = |name: String, forgotten: Forgotten, audit| Side {
         name,
-        model: l.model.clone(),
-        tok: tok.clone(),
-        terms: Vec::new(),
-        patches: None,
-        audit: json!({ "profile": null, "model": l.path.display().to_string() }),
+        forgotten,
+        tok: l.base.tok.clone(),
+        audit,
     };
+    let plain_audit = json!({ "profile": null, "model": l.base.path.display().to_string() });
     let mut sides: Vec<Side> = Vec::new();
-    match (&l.profile, &l.profile_file) {
+    match (&l.forgotten.profile, &l.file) {
         (Some(name), Some(file)) => {
             if !a.no_base {
-                sides.push(plain("base".into()));
+                sides.push(side("base".into(), l.base.plain(), plain_audit));
             }
             let p = file.get(name).context("the profile in use")?;
-            sides.push(Side {
-                name: name.clone(),
-                model: l.model.clone(),
-                tok: tok.clone(),
-                terms: l.terms.clone(),
-                patches: l.patches.clone(),
-                audit: profile_audit(file, p, &[])?,
-            });
+            let audit = profile_audit(file, p, &[])?;
+            sides.push(side(name.clone(), l.forgotten.clone(), audit));
         }
-        _ => {
-            let mut s = plain(stem(&l.path));
-            s.terms = l.terms.clone();
-            s.patches = l.patches.clone();
-            sides.push(s);
-        }
+        _ => sides.push(side(l.base.stem(), l.forgotten.clone(), plain_audit)),
     }
     let reference = match &a.reference {
         None => None,
-        Some(r) => Some(named_side(
-            a.m.threads(),
-            r,
-            &l.model,
-            &l.path,
-            &tok,
-            l.profile_file.as_ref(),
-        )?),
+        Some(r) => Some(named_side(&l.base, r, l.file.as_ref())?),
     };
-    let points = sweep_points(&a.sweep, &l.terms)?;
+    let points = sweep_points(&a.sweep, &l.forgotten.terms)?;
     let mut out: Vec<Box<dyn Backend>> = Vec::new();
     let last = sides.len().saturating_sub(1);
     for (i, s) in sides.into_iter().enumerate() {
@@ -334,56 +305,27 @@ fn local_sides(a: &EvalArgs) -> Result<Sides> {
 }
 
 /// A side named on the command line: `base` (the loaded model, plain), a profile of the file
-/// (sharing the loaded model when its base is the same file) or a model (a path or a name).
-pub fn named_side(
-    threads: usize,
-    name: &str,
-    model: &Arc<Model>,
-    path: &Path,
-    tok: &Arc<Tokenizer>,
-    file: Option<&ProfileFile>,
-) -> Result<Side> {
-    let open = |p: &Path| -> Result<(Arc<Model>, Arc<Tokenizer>)> {
-        if std::fs::canonicalize(p).ok() == std::fs::canonicalize(path).ok() {
-            return Ok((model.clone(), tok.clone()));
-        }
-        let m = Model::open(p, threads).with_context(|| format!("loading {}", p.display()))?;
-        let t = Tokenizer::from_gguf(&m.file)?;
-        Ok((Arc::new(m), Arc::new(t)))
+/// (sharing the loaded model when its base is the same file) or a model (a path or a name,
+/// opened like the loaded one).
+pub fn named_side(base: &Base, name: &str, file: Option<&ProfileFile>) -> Result<Side> {
+    let plain = |b: &Base, name: String| Side {
+        name,
+        forgotten: b.plain(),
+        tok: b.tok.clone(),
+        audit: json!({ "profile": null, "model": b.path.display().to_string() }),
     };
     if name == "base" && file.is_none_or(|f| f.get("base").is_none()) {
-        return Ok(Side {
-            name: "base".into(),
-            model: model.clone(),
-            tok: tok.clone(),
-            terms: Vec::new(),
-            patches: None,
-            audit: json!({ "profile": null, "model": path.display().to_string() }),
-        });
+        return Ok(plain(base, "base".into()));
     }
     if let Some((f, p)) = file.and_then(|f| f.get(name).map(|p| (f, p))) {
-        let (m, t) = open(&profile::locate(&f.dir, &p.base)?)?;
-        let patches = patch_set(&m, &profile_patches(&m, f, p)?)?;
+        let b = base.open_other(profile::locate(&f.dir, &p.base)?)?;
         return Ok(Side {
             name: name.to_string(),
-            terms: profile_terms(&m, f, p)?,
-            patches,
+            forgotten: b.profile(f, p, &[])?,
+            tok: b.tok.clone(),
             audit: profile_audit(f, p, &[])?,
-            model: m,
-            tok: t,
         });
     }
-    let p = lethe::hub::resolve_model(name)?;
-    let (m, t) = open(&p)?;
-    Ok(Side {
-        name: p
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| name.to_string()),
-        model: m,
-        tok: t,
-        terms: Vec::new(),
-        patches: None,
-        audit: json!({ "profile": null, "model": p.display().to_string() }),
-    })
+    let b = base.open_other(lethe::hub::resolve_model(name)?)?;
+    Ok(plain(&b, b.stem()))
 }

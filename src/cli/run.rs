@@ -45,8 +45,8 @@ pub fn main(a: RunArgs) -> Result<()> {
         }
         msgs.push(ChatMessage::new("user", a.prompt.clone()));
         apply_chat_template(
-            &l.tok,
-            l.model.cfg.arch.name(),
+            &l.base.tok,
+            l.base.model.cfg.arch.name(),
             a.chat_template.as_deref(),
             &msgs,
             true,
@@ -54,8 +54,8 @@ pub fn main(a: RunArgs) -> Result<()> {
     } else {
         a.prompt.clone()
     };
-    let prompt = l.tok.encode(&text, true, true);
-    let mut dec = l.decoder(l.n_ctx)?;
+    let prompt = l.base.tok.encode(&text, true, true);
+    let mut dec = l.decoder(l.base.n_ctx)?;
     let params = GenerateParams {
         n_predict: a.n_predict,
         sampler: a.sampling.params(),
@@ -68,7 +68,7 @@ pub fn main(a: RunArgs) -> Result<()> {
     }
     let g = generate(
         dec.as_mut(),
-        &l.tok,
+        &l.base.tok,
         &mut Vec::new(),
         &prompt,
         &params,

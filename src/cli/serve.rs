@@ -1,16 +1,14 @@
 //! `lethe serve`: a llama-server compatible HTTP endpoint, with every profile served as a
 //! model id. Flags are spelled as llama-server spells them.
 
-use super::common::{patch_set, profile_audit, profile_patches, profile_terms, PatchArgs};
+use super::common::{profile_audit, PatchArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lethe::model::{Model, Patch};
-use lethe::serve::{Loaded, ServeConfig, ServedModel};
-use lethe::tokenizer::Tokenizer;
+use lethe::serve::{ServeConfig, ServedModel, ServedModels};
 use lethe::unlearn::profile::{self, ProfileFile};
+use lethe::unlearn::{Base, LoadOptions};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 /// Largest request body accepted, in bytes.
 const BODY_LIMIT: usize = 8 << 20;
@@ -133,46 +131,24 @@ pub fn main(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// `parts`, after checking that they fit `model`.
-fn checked(model: &Model, parts: Vec<(Arc<Patch>, f32)>) -> Result<Vec<(Arc<Patch>, f32)>> {
-    patch_set(model, &parts)?;
-    Ok(parts)
-}
-
 /// Load the base model and every profile.
-fn load(a: ServeArgs) -> Result<Loaded> {
+fn load(a: ServeArgs) -> Result<ServedModels> {
     let file = a.profile.as_ref().map(ProfileFile::load).transpose()?;
     let path = match (&file, &a.model) {
         (Some(f), None) => profile::locate(&f.dir, &f.profiles[0].base)?,
         (_, Some(m)) => lethe::hub::resolve_model(m)?,
         (None, None) => lethe::hub::resolve_model("smollm2")?,
     };
-    let threads = a.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let model =
-        Model::open(&path, threads).with_context(|| format!("loading {}", path.display()))?;
-    let tok = Tokenizer::from_gguf(&model.file)?;
-    if tok.n_vocab() != model.cfg.n_vocab {
-        bail!(
-            "tokenizer has {} tokens but the model's head has {}",
-            tok.n_vocab(),
-            model.cfg.n_vocab
-        );
-    }
-    let n_ctx = match a.ctx_size {
-        0 => model.cfg.n_ctx_train.min(4096),
-        n => n,
-    };
-    let model = Arc::new(model);
-    let cli_patches = a.patches.load(&model)?;
-    let base_id = a.alias.clone().unwrap_or_else(|| {
-        path.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
+    let base = Base::open(
+        &path,
+        LoadOptions {
+            threads: a.threads,
+            n_ctx: a.ctx_size,
+            ..LoadOptions::default()
+        },
+    )?;
+    let cli_parts = a.patches.load(&base.model)?;
+    let base_id = a.alias.clone().unwrap_or_else(|| base.stem());
     let cli_audit: Vec<Value> = a
         .patches
         .specs()?
@@ -181,37 +157,20 @@ fn load(a: ServeArgs) -> Result<Loaded> {
         .collect();
     let mut models = vec![ServedModel {
         id: base_id,
-        profile: None,
-        terms: Vec::new(),
-        parts: checked(&model, cli_patches.clone())?,
+        forgotten: base.forgotten(Vec::new(), cli_parts.clone())?,
         audit: json!({ "profile": null, "patches": cli_audit, "assistants": [], "files": [] }),
     }];
     if let Some(f) = &file {
-        let canon = std::fs::canonicalize(&path).ok();
         for p in &f.profiles {
-            let base = profile::locate(&f.dir, &p.base)?;
-            if std::fs::canonicalize(&base).ok() != canon {
-                bail!(
-                    "profile {:?} has another base model ({}) than the one served ({}); one \
-                     server serves one base",
-                    p.name,
-                    base.display(),
-                    path.display()
-                );
-            }
             if models.iter().any(|m| m.id == p.name) {
                 bail!(
                     "profile {:?} has the base model's id; rename it or use --alias",
                     p.name
                 );
             }
-            let mut parts = cli_patches.clone();
-            parts.extend(profile_patches(&model, f, p)?);
             models.push(ServedModel {
                 id: p.name.clone(),
-                profile: Some(p.name.clone()),
-                terms: profile_terms(&model, f, p)?,
-                parts: checked(&model, parts)?,
+                forgotten: base.profile(f, p, &cli_parts)?,
                 audit: profile_audit(f, p, &cli_audit)?,
             });
         }
@@ -227,12 +186,9 @@ fn load(a: ServeArgs) -> Result<Loaded> {
     if a.lock && default_model == 0 {
         bail!("--lock serves only profiles: --default-model cannot be the base model");
     }
-    Ok(Loaded {
-        base: model,
-        tok,
+    Ok(ServedModels {
+        base,
         models,
-        n_ctx,
         default_model,
-        model_path: path,
     })
 }

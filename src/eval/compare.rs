@@ -58,7 +58,7 @@ pub fn compare(
     let gb = greedy_batch(b, &pb, opts.max_new, opts.n_ctx, tick)?;
     let mut sa = a.scorer(opts.n_ctx)?;
     let mut sb = b.scorer(opts.n_ctx)?;
-    let v = a.model.cfg.n_vocab;
+    let v = a.forgotten.model.cfg.n_vocab;
     let mut rows: Vec<f32> = Vec::new();
     let mut out = Vec::with_capacity(prompts.len());
     for (i, (prompt, reference)) in prompts.iter().enumerate() {

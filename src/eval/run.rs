@@ -13,9 +13,8 @@ use super::mia::{self, MiaScores, TokenStats};
 use super::rouge::rouge_l_recall;
 use super::tofu::{self, ItemScores, SetKind, SetSummary};
 use crate::generate::{feed_each, sampler::argmax_raw, Decoder};
-use crate::model::{Model, PatchSet};
 use crate::tokenizer::Tokenizer;
-use crate::unlearn::{Assistant, Scorer};
+use crate::unlearn::{Forgotten, Scorer};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -29,10 +28,9 @@ pub const GEN_BATCH: usize = 8;
 pub struct Side {
     /// What the report calls it (`base`, a profile's name, a file's stem).
     pub name: String,
-    pub model: Arc<Model>,
+    /// The model with its assistants and patches.
+    pub forgotten: Forgotten,
     pub tok: Arc<Tokenizer>,
-    pub terms: Vec<Assistant>,
-    pub patches: Option<Arc<PatchSet>>,
     /// Settings and file hashes, for the report.
     pub audit: serde_json::Value,
 }
@@ -40,7 +38,7 @@ pub struct Side {
 impl Side {
     /// The question as the user's turn of the model's chat template, ready for the answer.
     pub fn prompt(&self, question: &str) -> Result<Vec<u32>> {
-        let arch = self.model.cfg.arch.name();
+        let arch = self.forgotten.model.cfg.arch.name();
         Ok(crate::forge::ablate::chat_tokens(&self.tok, arch, question, None)?.0)
     }
 
@@ -50,21 +48,11 @@ impl Side {
     }
 
     pub fn scorer(&self, n_ctx: usize) -> Result<Scorer> {
-        Scorer::new(
-            self.model.clone(),
-            self.terms.clone(),
-            self.patches.clone(),
-            n_ctx,
-        )
+        self.forgotten.scorer(n_ctx)
     }
 
     pub fn decoder(&self, n_ctx: usize) -> Result<Box<dyn Decoder>> {
-        crate::unlearn::decoder(
-            self.model.clone(),
-            self.terms.clone(),
-            self.patches.clone(),
-            n_ctx,
-        )
+        self.forgotten.decoder(n_ctx)
     }
 }
 
@@ -286,13 +274,13 @@ impl Local {
     /// The same side evaluated at each of `points` (its own settings ignored).
     pub fn with_points(mut self, points: Vec<SweepPoint>) -> Result<Self> {
         for p in &points {
-            if p.terms.len() != self.side.terms.len() {
+            if p.terms.len() != self.side.forgotten.terms.len() {
                 return Err(Error::Invalid(format!(
                     "sweep point {:?} sets {} terms; {} has {}",
                     p.name,
                     p.terms.len(),
                     self.side.name,
-                    self.side.terms.len()
+                    self.side.forgotten.terms.len()
                 )));
             }
         }
@@ -301,15 +289,12 @@ impl Local {
     }
 
     /// The side at point `k` (its terms' weights and filters set).
-    fn side_at(&self, k: usize) -> Side {
+    fn side_at(&self, k: usize) -> Result<Side> {
         let mut side = self.side.clone();
         if let Some(p) = self.points.get(k) {
-            for (t, &(w, f)) in side.terms.iter_mut().zip(&p.terms) {
-                t.weight = w;
-                t.filter = f;
-            }
+            side.forgotten = side.forgotten.at(None, &p.terms)?;
         }
-        side
+        Ok(side)
     }
 }
 
@@ -386,7 +371,7 @@ impl Backend for Local {
         opts: &Options,
         tick: &dyn Fn(u64),
     ) -> Result<Vec<String>> {
-        let side = self.side_at(k);
+        let side = self.side_at(k)?;
         let prompts = questions
             .iter()
             .map(|q| side.prompt(q))

@@ -16,9 +16,8 @@
 use super::error::ApiError;
 use super::stats::Stats;
 use crate::generate::{feed_each, Decoder, GenerateParams, Generation, Generator, TokenProbs};
-use crate::model::{Model, Patch, PatchSet};
 use crate::tokenizer::Tokenizer;
-use crate::unlearn::Assistant;
+use crate::unlearn::Forgotten;
 use std::collections::VecDeque;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -29,11 +28,9 @@ use tokio::sync::mpsc;
 pub struct ServedModel {
     /// The id clients name in `model`.
     pub id: String,
-    /// The profile's name, `None` for the base.
-    pub profile: Option<String>,
-    pub terms: Vec<Assistant>,
-    /// The patches with their default scales, in the order of `audit`'s `patches`.
-    pub parts: Vec<(Arc<Patch>, f32)>,
+    /// The base with its terms and its patches at their default scales (in the order of
+    /// `audit`'s `patches`); `forgotten.profile` is `None` for the base.
+    pub forgotten: Forgotten,
     /// What the model is made of, for audits: profile, patches and their scales,
     /// assistants with alpha and filter, and every file with its sha256. Reported by
     /// `/v1/models` and in `generation_settings`.
@@ -67,13 +64,6 @@ impl Setting {
 
 /// How many settings keep their built patches and terms.
 const SETTINGS_CACHED: usize = 8;
-
-/// What a setting is built into: the target's patches and the assistant terms.
-#[derive(Clone)]
-struct Built {
-    patches: Option<Arc<PatchSet>>,
-    terms: Vec<Assistant>,
-}
 
 /// A generation request for the inference thread.
 pub struct Job {
@@ -134,7 +124,6 @@ pub struct Engine {
 impl Engine {
     /// Start the inference thread with `n_slots` slots of `n_ctx` tokens each.
     pub fn start(
-        base: Arc<Model>,
         tok: Arc<Tokenizer>,
         models: Vec<ServedModel>,
         n_slots: usize,
@@ -149,7 +138,6 @@ impl Engine {
             .spawn(move || {
                 // Decoders are made and kept on this thread.
                 let sched = Scheduler {
-                    base,
                     tok,
                     models,
                     n_ctx,
@@ -246,13 +234,12 @@ impl Slot {
 }
 
 struct Scheduler {
-    base: Arc<Model>,
     tok: Arc<Tokenizer>,
     models: Vec<ServedModel>,
     n_ctx: usize,
     slots: Vec<Slot>,
     /// Recently used settings, built (the most recent last).
-    built: VecDeque<(Setting, Built)>,
+    built: VecDeque<(Setting, Forgotten)>,
     /// The scorer of the last scoring request's setting.
     scorer: Option<(Setting, crate::unlearn::Scorer)>,
     queue: VecDeque<Job>,
@@ -313,9 +300,7 @@ impl Scheduler {
         }
         if self.scorer.as_ref().is_none_or(|(s, _)| *s != job.setting) {
             self.scorer = None;
-            let b = self.build(&job.setting)?;
-            let sc =
-                crate::unlearn::Scorer::new(self.base.clone(), b.terms, b.patches, self.n_ctx)?;
+            let sc = self.build(&job.setting)?.scorer(self.n_ctx)?;
             self.scorer = Some((job.setting.clone(), sc));
         }
         let (_, sc) = self.scorer.as_mut().expect("set above");
@@ -355,33 +340,22 @@ impl Scheduler {
 
     /// The patches and terms of `setting`, built once while it is among the recent ones
     /// (the same `PatchSet` keeps slots of one setting in one batched forward).
-    fn build(&mut self, setting: &Setting) -> crate::Result<Built> {
+    fn build(&mut self, setting: &Setting) -> crate::Result<Forgotten> {
         if let Some(i) = self.built.iter().position(|(s, _)| s == setting) {
             let entry = self.built.remove(i).expect("found");
             let b = entry.1.clone();
             self.built.push_back(entry);
             return Ok(b);
         }
-        let m = &self.models[setting.model];
-        let parts: Vec<(Arc<Patch>, f32)> = m
-            .parts
-            .iter()
-            .zip(&setting.scales)
-            .map(|((p, _), &s)| (p.clone(), f32::from_bits(s)))
-            .collect();
-        let set = PatchSet::new(&self.base, &parts)?;
-        let patches = (!set.is_empty()).then(|| Arc::new(set));
-        let terms = m
+        let scales: Vec<f32> = setting.scales.iter().map(|&s| f32::from_bits(s)).collect();
+        let terms: Vec<(f32, f32)> = setting
             .terms
             .iter()
-            .zip(&setting.terms)
-            .map(|(t, &(w, f))| Assistant {
-                weight: f32::from_bits(w),
-                filter: f32::from_bits(f),
-                ..t.clone()
-            })
+            .map(|&(w, f)| (f32::from_bits(w), f32::from_bits(f)))
             .collect();
-        let b = Built { patches, terms };
+        let b = self.models[setting.model]
+            .forgotten
+            .at(Some(&scales), &terms)?;
         if self.built.len() >= SETTINGS_CACHED {
             self.built.pop_front();
         }
@@ -392,9 +366,7 @@ impl Scheduler {
     fn begin(&mut self, i: usize, job: Job) {
         if self.slots[i].setting.as_ref() != Some(&job.setting) || self.slots[i].dec.is_none() {
             self.slots[i].reset();
-            let made = self.build(&job.setting).and_then(|b| {
-                crate::unlearn::decoder(self.base.clone(), b.terms, b.patches, self.n_ctx)
-            });
+            let made = self.build(&job.setting).and_then(|b| b.decoder(self.n_ctx));
             let slot = &mut self.slots[i];
             match made {
                 Ok(d) => {

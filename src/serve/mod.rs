@@ -14,8 +14,8 @@ pub mod stats;
 pub use engine::{Engine, Event, ServedModel};
 pub use error::{ApiError, ApiResult};
 
-use crate::model::Model;
 use crate::tokenizer::Tokenizer;
+use crate::unlearn::Base;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -52,19 +52,15 @@ pub struct ServeConfig {
     pub metrics: bool,
 }
 
-/// What the loader hands the server once the model is in memory.
-pub struct Loaded {
-    /// The base model; every served model shares its weights.
-    pub base: Arc<Model>,
-    pub tok: Tokenizer,
+/// What the loader hands the server once the models are in memory.
+pub struct ServedModels {
+    /// The base model with its tokenizer and context size (each slot's); every served model
+    /// shares its weights.
+    pub base: Base,
     /// The base first, then each profile.
     pub models: Vec<ServedModel>,
-    /// Context size of each slot, in tokens.
-    pub n_ctx: usize,
     /// The model a request without `model` gets (an index into `models`).
     pub default_model: usize,
-    /// The base model's file.
-    pub model_path: PathBuf,
 }
 
 /// What every handler sees.
@@ -205,7 +201,7 @@ fn gate(app: Arc<OnceLock<axum::Router>>) -> axum::Router {
 /// load stops the server with its error.
 pub fn run(
     mut cfg: ServeConfig,
-    load: impl FnOnce() -> crate::Result<Loaded> + Send + 'static,
+    load: impl FnOnce() -> crate::Result<ServedModels> + Send + 'static,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> crate::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -229,7 +225,7 @@ pub fn run(
         let loading = app.clone();
         tokio::task::spawn_blocking(move || {
             let state = load().and_then(|l| {
-                cfg.n_ctx = l.n_ctx;
+                cfg.n_ctx = l.base.n_ctx;
                 cfg.default_model = l.default_model;
                 start(cfg, l)
             });
@@ -265,26 +261,20 @@ pub fn run(
 }
 
 /// The handlers' state for `loaded`, with the inference thread started.
-fn start(cfg: ServeConfig, loaded: Loaded) -> crate::Result<AppState> {
-    let Loaded {
-        base,
-        tok,
-        models,
-        model_path,
-        ..
-    } = loaded;
+fn start(cfg: ServeConfig, loaded: ServedModels) -> crate::Result<AppState> {
+    let ServedModels { base, models, .. } = loaded;
     if models.is_empty() || cfg.default_model >= models.len() {
         return Err(crate::Error::Invalid("no model to serve".into()));
     }
-    let tok = Arc::new(tok);
+    let tok = base.tok.clone();
     let ids = models
         .iter()
-        .map(|m| (m.id.clone(), m.profile.clone()))
+        .map(|m| (m.id.clone(), m.forgotten.profile.clone()))
         .collect();
     let audit = models.iter().map(|m| m.audit.clone()).collect();
-    let arch = base.cfg.arch.name().to_string();
+    let arch = base.model.cfg.arch.name().to_string();
     let adapters = routes::lora::Adapters::new(&models);
-    let engine = Engine::start(base, tok.clone(), models, cfg.n_parallel, cfg.n_ctx)
+    let engine = Engine::start(tok.clone(), models, cfg.n_parallel, cfg.n_ctx)
         .map_err(io("starting the inference thread"))?;
     Ok(AppState {
         cfg,
@@ -292,7 +282,7 @@ fn start(cfg: ServeConfig, loaded: Loaded) -> crate::Result<AppState> {
         arch,
         models: ids,
         audit,
-        model_path,
+        model_path: base.path,
         engine,
         adapters,
         created: std::time::SystemTime::now()

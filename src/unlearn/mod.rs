@@ -2,6 +2,7 @@
 //! relatives), lockstep decoding of a target with its assistants, and profiles.
 
 pub mod combine;
+pub mod forgotten;
 pub mod lockstep;
 pub mod patch;
 pub mod profile;
@@ -11,24 +12,6 @@ pub use combine::{
     combine, combine_in, plausible_threshold, plausible_threshold_in, CombineScratch, ScoreRule,
     Term, TermKind, Use,
 };
+pub use forgotten::{default_threads, Base, Forgotten, LoadOptions};
 pub use lockstep::{Assistant, LockstepDecoder};
 pub use score::Scorer;
-
-use crate::generate::{Decoder, ModelDecoder};
-use crate::model::{Model, PatchSet};
-use std::sync::Arc;
-
-/// The decoder of a (possibly forgotten) model: `model` with its layer `patches`, alone when
-/// there are no assistant `terms`, in lockstep with them otherwise.
-pub fn decoder(
-    model: Arc<Model>,
-    terms: Vec<Assistant>,
-    patches: Option<Arc<PatchSet>>,
-    n_ctx: usize,
-) -> crate::Result<Box<dyn Decoder>> {
-    if terms.is_empty() {
-        return Ok(Box::new(ModelDecoder::with_patches(model, n_ctx, patches)?));
-    }
-    let dec = LockstepDecoder::new(model, terms, n_ctx)?.with_target_patches(patches)?;
-    Ok(Box::new(dec))
-}

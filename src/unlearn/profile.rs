@@ -59,6 +59,9 @@ pub struct ProfileFile {
     /// The folder relative paths resolve against (the profile file's folder).
     #[serde(skip)]
     pub dir: PathBuf,
+    /// The file it was read from (named in errors).
+    #[serde(skip)]
+    pub origin: PathBuf,
 }
 
 /// One forgotten model.
@@ -277,6 +280,7 @@ impl ProfileFile {
         let o = origin.display();
         let mut f: ProfileFile = toml::from_str(text)
             .map_err(|e| Error::Invalid(format!("{o}: {}", e.to_string().trim_end())))?;
+        f.origin = origin.to_path_buf();
         f.dir = match origin.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -303,6 +307,23 @@ impl ProfileFile {
     /// The profile called `name`.
     pub fn get(&self, name: &str) -> Option<&Profile> {
         self.profiles.iter().find(|p| p.name == name)
+    }
+
+    /// The profile `name` selects: `None` is the first; `base` is the plain base model (no
+    /// profile: `Ok(None)`) unless a profile has that name.
+    pub fn select(&self, name: Option<&str>) -> Result<Option<&Profile>> {
+        match name {
+            None => Ok(self.profiles.first()),
+            Some("base") if self.get("base").is_none() => Ok(None),
+            Some(name) => self.get(name).map(Some).ok_or_else(|| {
+                let names: Vec<&str> = self.names().collect();
+                Error::Invalid(format!(
+                    "no profile {name:?} in {} (it has: {}, and base)",
+                    self.origin.display(),
+                    names.join(", ")
+                ))
+            }),
+        }
     }
 
     /// The profile names, in file order.
@@ -443,7 +464,7 @@ pub fn check_profile(p: &Profile, dir: &Path) -> Result<CheckReport> {
         for (role, spec) in models {
             let path = locate(dir, spec).map_err(|e| ctx(&role, e))?;
             let f = GgufFile::open(&path).map_err(|e| ctx(&role, e.into()))?;
-            same_vocab(base_tokens, &base_path, &f, &path).map_err(|e| ctx(&role, e))?;
+            same_tokens(base_tokens, &base_path, &f, &path).map_err(|e| ctx(&role, e))?;
             record(role.clone(), spec, path)?;
             if spec == a.model && !a.patches.is_empty() {
                 let m = Model::from_file(Arc::new(f), pool.clone()).map_err(|e| ctx(&role, e))?;
@@ -490,8 +511,25 @@ pub fn load_patch(dir: &Path, spec: &PatchSpec, model: &Model) -> Result<(Patch,
     Ok((patch, path))
 }
 
+/// `Ok` if the model file `f` (at `path`) has the vocabulary of the model file `base` (at
+/// `base_path`), token for token: what an assistant or a reference needs to run beside it.
+pub(crate) fn same_vocab(
+    base: &GgufFile,
+    base_path: &Path,
+    f: &GgufFile,
+    path: &Path,
+) -> Result<()> {
+    let tokens = base.get_array(TOKENS_KEY)?.as_strs().ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: {TOKENS_KEY} is not a string array",
+            base_path.display()
+        ))
+    })?;
+    same_tokens(tokens, base_path, f, path)
+}
+
 /// `Ok` if `f` (at `path`) has the vocabulary `base` (of the file at `base_path`).
-fn same_vocab(
+fn same_tokens(
     base: &crate::gguf::StrArray,
     base_path: &Path,
     f: &GgufFile,

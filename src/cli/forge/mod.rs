@@ -10,29 +10,29 @@ mod finetune;
 mod slug;
 mod uld;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use lethe::model::Model;
 use lethe::tokenizer::Tokenizer;
+use lethe::unlearn::{Base, LoadOptions};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// `-t N`, or every core.
 pub fn threads(flag: Option<usize>) -> usize {
-    flag.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    })
+    flag.unwrap_or_else(lethe::unlearn::default_threads)
 }
 
 /// The model a forge command works on (a GGUF path or a named model, fetched on first use):
 /// its path, the model and its tokenizer.
-pub fn open_model(name: &str, threads: usize) -> Result<(PathBuf, Model, Tokenizer)> {
+pub fn open_model(name: &str, threads: usize) -> Result<(PathBuf, Arc<Model>, Arc<Tokenizer>)> {
     let path = lethe::hub::resolve_model(name)?;
-    let model =
-        Model::open(&path, threads).with_context(|| format!("loading {}", path.display()))?;
-    let tok = Tokenizer::from_gguf(&model.file)?;
-    Ok((path, model, tok))
+    let opts = LoadOptions {
+        threads: Some(threads),
+        ..LoadOptions::default()
+    };
+    let b = Base::open(&path, opts)?;
+    Ok((b.path, b.model, b.tok))
 }
 
 #[derive(Args, Debug)]

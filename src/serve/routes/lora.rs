@@ -33,7 +33,7 @@ pub struct Adapters {
 
 impl Adapters {
     pub fn new(models: &[ServedModel]) -> Self {
-        let n_cli = models.first().map_or(0, |m| m.parts.len());
+        let n_cli = models.first().map_or(0, |m| m.forgotten.parts.len());
         let mut a = Adapters {
             list: Vec::new(),
             ids: Vec::new(),
@@ -44,7 +44,7 @@ impl Adapters {
         for (i, m) in models.iter().enumerate() {
             let files = m.audit["patches"].as_array().cloned().unwrap_or_default();
             let mut ids = Vec::new();
-            for (k, (_, scale)) in m.parts.iter().enumerate() {
+            for (k, (_, scale)) in m.forgotten.parts.iter().enumerate() {
                 if i > 0 && k < n_cli {
                     // The base's own patches, listed once under the base.
                     ids.push(k);
@@ -57,7 +57,8 @@ impl Adapters {
             }
             a.ids.push(ids);
             a.terms.push(
-                m.terms
+                m.forgotten
+                    .terms
                     .iter()
                     .map(|t| (t.kind != TermKind::Pair, t.weight, t.filter))
                     .collect(),
