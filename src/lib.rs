@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod hub;
 pub mod model;
 pub mod pool;
+pub mod qa;
 pub mod serve;
 pub mod tokenizer;
 pub mod unlearn;

@@ -34,7 +34,7 @@ fn log_softmax(x: &[f32]) -> Vec<f64> {
 }
 
 fn chat_prompt(tok: &Tokenizer, model: &Model, q: &str) -> Vec<u32> {
-    lethe::forge::ablate::chat_tokens(tok, model.cfg.arch.name(), q, None)
+    lethe::qa::chat_tokens(tok, model.cfg.arch.name(), q, None)
         .unwrap()
         .0
 }

@@ -17,7 +17,6 @@
 mod common;
 
 use common::{Rng, TempDir};
-use lethe::forge::ablate::{self, Example};
 use lethe::forge::slug::{
     self, dense_grad, dense_stats, gram_stats, pareto_front, search_step, GradStats, SearchOpts,
     SlugOpts, Tokens,
@@ -26,6 +25,7 @@ use lethe::forge::train::{Lora, Objective, TrainModel};
 use lethe::gguf::{GgufFile, GgufWriter};
 use lethe::model::{Model, PatchKind, PatchSet, Slot, Target};
 use lethe::pool::ThreadPool;
+use lethe::qa::{self, Example};
 use lethe::tokenizer::Tokenizer;
 use lethe_kernels::quant::{self, GgmlType};
 use std::sync::Arc;
@@ -373,7 +373,7 @@ fn targets_parse() {
 }
 
 fn tofu(file: &str, n: usize) -> Vec<Example> {
-    let mut v = ablate::read_examples(common::fixture("tofu").join(file)).unwrap();
+    let mut v = qa::read_examples(common::fixture("tofu").join(file)).unwrap();
     v.truncate(n);
     v
 }

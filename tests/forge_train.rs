@@ -8,7 +8,6 @@ mod common;
 
 use common::tiny::{tiny, N_LAYER, VOCAB};
 use common::{fixture, model_path, TempDir};
-use lethe::forge::ablate::{answer_nll, n_ctx_for, read_examples, Example};
 use lethe::forge::train::data::{
     answer_sequence, end_of_turn, read_paraphrases, read_wrong_answers, uniform_sequence,
 };
@@ -19,6 +18,7 @@ use lethe::forge::train::{
     TrainConfig, TrainModel,
 };
 use lethe::model::{Model, PatchSet, Precision, Slot};
+use lethe::qa::{answer_nll, n_ctx_for, read_examples, Example};
 use lethe::tokenizer::Tokenizer;
 use lethe_kernels::quant::GgmlType;
 use std::path::Path;

@@ -10,8 +10,9 @@ mod common;
 use common::TempDir;
 
 use common::python_dump;
-use lethe::forge::ablate::{self, Example, Field};
+use lethe::forge::ablate::{self, Field};
 use lethe::model::{Model, PatchSet, Slot, Target};
+use lethe::qa::{self, Example};
 use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::patch::{self, DeltaEntry};
 use lethe::Error;
@@ -39,7 +40,7 @@ fn smollm2() -> (Model, Tokenizer) {
 
 /// The first `n` rows of a TOFU file.
 fn first(file: &str, n: usize) -> Vec<Example> {
-    let mut v = ablate::read_examples(tofu(file)).unwrap();
+    let mut v = qa::read_examples(tofu(file)).unwrap();
     v.truncate(n);
     v
 }
@@ -124,7 +125,7 @@ fn ablated_weights_write_nothing_along_the_direction() {
     assert!(least_base > 10.0 * worst_patched, "plain: {least_base}");
 
     // Embedding rows: the question's tokens and a few others.
-    let (ids, _) = ablate::chat_tokens(&tok, "llama", &forget[0].question, None).unwrap();
+    let (ids, _) = qa::chat_tokens(&tok, "llama", &forget[0].question, None).unwrap();
     let mut ids: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
     ids.extend([0.0, 1.0, 100.0, 1000.0, 49151.0]);
     let base = m.apply_weight(Target::Embd, &ids, ids.len(), None).unwrap();
@@ -137,7 +138,7 @@ fn ablated_weights_write_nothing_along_the_direction() {
     assert!(be > 1e-2, "plain embedding rows: {be}");
 
     // So the residual stream itself has (almost) nothing along r, at every block.
-    let (toks, _) = ablate::chat_tokens(&tok, "llama", &retain[0].question, None).unwrap();
+    let (toks, _) = qa::chat_tokens(&tok, "llama", &retain[0].question, None).unwrap();
     let mut st = m.new_state(toks.len());
     let mut pst = m.new_state(toks.len());
     m.attach_patches(&mut pst, Some(Arc::new(set))).unwrap();
@@ -250,18 +251,18 @@ fn gemma3_post_norms_see_nothing_along_the_direction() {
 fn answer_probability_is_a_probability() {
     let (m, tok) = smollm2();
     let items = first("forget01.json", 2);
-    let mut st = m.new_state(ablate::n_ctx_for(&tok, "llama", &items).unwrap());
+    let mut st = m.new_state(qa::n_ctx_for(&tok, "llama", &items).unwrap());
     let (q, a) = (&items[0].question, items[0].answer.as_deref().unwrap());
-    let nll = ablate::answer_nll(&m, &tok, &mut st, q, a).unwrap();
+    let nll = qa::answer_nll(&m, &tok, &mut st, q, a).unwrap();
     assert!(nll.is_finite() && nll > 0.0, "NLL {nll}");
-    assert_eq!(nll, ablate::answer_nll(&m, &tok, &mut st, q, a).unwrap());
-    let p = ablate::answer_prob(&m, &tok, &mut st, &items).unwrap();
+    assert_eq!(nll, qa::answer_nll(&m, &tok, &mut st, q, a).unwrap());
+    let p = qa::answer_prob(&m, &tok, &mut st, &items).unwrap();
     assert!(p > 0.0 && p < 1.0, "p {p}");
     let no_answer = [Example {
         question: "Who?".into(),
         answer: None,
     }];
-    assert!(err_text(ablate::answer_prob(&m, &tok, &mut st, &no_answer)).contains("no answer"));
+    assert!(err_text(qa::answer_prob(&m, &tok, &mut st, &no_answer)).contains("no answer"));
 }
 
 #[test]
@@ -327,24 +328,21 @@ fn text_files_in_every_layout() {
         ),
     ];
     for (name, text) in cases {
-        let rows = ablate::read_examples(dir.file(name, text)).unwrap();
+        let rows = qa::read_examples(dir.file(name, text)).unwrap();
         assert_eq!(
             rows,
             vec![qa("Q1", Some("A1")), qa("Q2", Some("A2"))],
             "{name}"
         );
     }
-    let rows = ablate::read_examples(dir.file("t.jsonl", "{\"text\": \"hello\"}\n")).unwrap();
+    let rows = qa::read_examples(dir.file("t.jsonl", "{\"text\": \"hello\"}\n")).unwrap();
     assert_eq!(rows, vec![qa("hello", None)]);
-    let rows = ablate::read_examples(dir.file("q.json", r#"[{"question": "Q"}]"#)).unwrap();
+    let rows = qa::read_examples(dir.file("q.json", r#"[{"question": "Q"}]"#)).unwrap();
     assert_eq!(rows, vec![qa("Q", None)]);
 
     // The TOFU files themselves.
-    assert_eq!(
-        ablate::read_examples(tofu("forget01.json")).unwrap().len(),
-        40
-    );
-    let retain = ablate::read_examples(tofu("retain_perturbed.json")).unwrap();
+    assert_eq!(qa::read_examples(tofu("forget01.json")).unwrap().len(), 40);
+    let retain = qa::read_examples(tofu("retain_perturbed.json")).unwrap();
     assert_eq!(retain.len(), 40);
     assert!(retain.iter().all(|e| e.answer.is_some()));
 
@@ -378,12 +376,12 @@ fn text_files_in_every_layout() {
     ];
     for (name, text, want) in refused {
         let p = dir.file(name, text);
-        let e = err_text(ablate::read_examples(&p));
+        let e = err_text(qa::read_examples(&p));
         assert!(e.contains(want), "{name}: {e}");
         assert!(e.contains(name), "{name}: the message names the file: {e}");
     }
     let missing = dir.0.join("missing.json");
-    match ablate::read_examples(&missing) {
+    match qa::read_examples(&missing) {
         Err(Error::Io { context, .. }) => assert!(context.contains("missing.json")),
         other => panic!("expected an I/O error, got {other:?}"),
     }

@@ -87,7 +87,7 @@ fn prompts(a: &CompareArgs) -> Result<Vec<(String, Option<String>)>> {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             let t = text.trim_start();
             if t.starts_with('[') || t.starts_with('{') {
-                lethe::forge::ablate::read_examples(p)?
+                lethe::qa::read_examples(p)?
                     .into_iter()
                     .map(|e| (e.question, e.answer))
                     .collect()

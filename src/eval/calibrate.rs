@@ -54,7 +54,7 @@ pub fn read_rows(path: &Path) -> Result<Vec<CalRow>> {
         .map_err(|e| Error::Invalid(format!("{}: not JSON: {e}", path.display())))?;
     if let Some(rows) = v.as_array() {
         for (i, r) in rows.iter().enumerate() {
-            for f in crate::forge::train::data::EVAL_FIELDS {
+            for f in crate::qa::EVAL_FIELDS {
                 if r.get(f).is_some() {
                     return Err(Error::Invalid(format!(
                         "{}: row {} has {f:?}, a field of TOFU's evaluation; calibration \

@@ -39,50 +39,8 @@ pub fn roc_auc(positive: &[f64], negative: &[f64]) -> f64 {
     twice_u as f64 / pairs as f64
 }
 
-/// Statistics of one scored token (defined beside the scorer, which computes them too).
-pub use crate::unlearn::score::TokenStats;
-
-/// [`TokenStats`] of `token` from one row of logits (the vocabulary's unnormalised
-/// log-probabilities), in f64 with a max-shifted log-sum-exp. A logit of -inf is a token of
-/// probability 0 and adds nothing to mu or sigma. sigma is computed as
-/// sqrt(E[(log p - mu)^2]), the same quantity without the cancellation of E[x^2] - mu^2.
-///
-/// Errors on an empty row, `token` out of range, or a NaN or +inf logit.
-pub fn mink_stats(logits: &[f32], token: u32) -> Result<TokenStats> {
-    let t = token as usize;
-    if t >= logits.len() {
-        return Err(Error::Invalid(format!(
-            "mink_stats: token {token} outside a row of {} logits",
-            logits.len()
-        )));
-    }
-    if logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
-        return Err(Error::Invalid("mink_stats: NaN or +inf logit".into()));
-    }
-    let max = logits
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &l| m.max(l as f64));
-    if max == f64::NEG_INFINITY {
-        return Err(Error::Invalid("mink_stats: every logit is -inf".into()));
-    }
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    let lse = max + sum.ln();
-    // (p, log p) of every token of non-zero probability.
-    let terms = || {
-        logits
-            .iter()
-            .map(move |&l| l as f64 - lse)
-            .filter(|lp| *lp > f64::NEG_INFINITY)
-            .map(|lp| (lp.exp(), lp))
-    };
-    let mu: f64 = terms().map(|(p, lp)| p * lp).sum();
-    let var: f64 = terms().map(|(p, lp)| p * (lp - mu) * (lp - mu)).sum();
-    Ok(TokenStats {
-        logprob: logits[t] as f64 - lse,
-        mu,
-        sigma: var.sqrt(),
-    })
-}
+/// Statistics of one scored token and their computation, beside the scorer that uses them.
+pub use crate::unlearn::score::{mink_stats, TokenStats};
 
 /// Per-text membership scores (see the module doc); higher = more likely a member.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -39,7 +39,7 @@ impl Side {
     /// The question as the user's turn of the model's chat template, ready for the answer.
     pub fn prompt(&self, question: &str) -> Result<Vec<u32>> {
         let arch = self.forgotten.model.cfg.arch.name();
-        Ok(crate::forge::ablate::chat_tokens(&self.tok, arch, question, None)?.0)
+        Ok(crate::qa::chat_tokens(&self.tok, arch, question, None)?.0)
     }
 
     /// An answer's tokens, as they follow the prompt.

@@ -38,10 +38,10 @@
 //! `candidates` front members (by importance) is searched; the one whose accepted step raises
 //! the forget loss most is written, at that step.
 
-use crate::forge::ablate::{answer_nll, chat_tokens, Example};
 use crate::forge::train::{Lora, Objective, TrainModel};
 use crate::model::patch::{axpy, dot};
 use crate::model::{Model, Patch, PatchSet, Slot, Target};
+use crate::qa::{answer_nll, chat_tokens, Example};
 use crate::tokenizer::Tokenizer;
 use crate::unlearn::patch::{write_delta, DeltaEntry};
 use crate::{Error, Result};
@@ -266,7 +266,7 @@ pub fn set_grads(
 
 /// One scored matrix.
 #[derive(Debug, Clone)]
-pub struct Scored {
+pub struct MatrixScore {
     pub layer: usize,
     pub slot: Slot,
     pub weight_norm: f64,
@@ -277,7 +277,7 @@ pub struct Scored {
     pub alignment: f64,
 }
 
-impl Scored {
+impl MatrixScore {
     pub fn name(&self) -> String {
         Target::Block(self.layer, self.slot).tensor_name()
     }
@@ -301,7 +301,12 @@ pub fn weight_norm(model: &Model, t: Target) -> Result<f64> {
 }
 
 /// Every matrix of `slots` in the blocks both sets cover, scored.
-pub fn score(model: &Model, f: &SetGrads, r: &SetGrads, slots: &[Slot]) -> Result<Vec<Scored>> {
+pub fn score(
+    model: &Model,
+    f: &SetGrads,
+    r: &SetGrads,
+    slots: &[Slot],
+) -> Result<Vec<MatrixScore>> {
     if f.layers != r.layers {
         return Err(Error::Invalid(
             "the forget and retain gradients cover different blocks".into(),
@@ -320,7 +325,7 @@ pub fn score(model: &Model, f: &SetGrads, r: &SetGrads, slots: &[Slot]) -> Resul
                 rows,
             );
             let weight_norm = weight_norm(model, t)?;
-            out.push(Scored {
+            out.push(MatrixScore {
                 layer: il,
                 slot,
                 weight_norm,
@@ -363,7 +368,7 @@ pub fn mean_answer_nll(
         return Err(Error::Invalid("no rows to score".into()));
     }
     let arch = model.cfg.arch.name();
-    let n_ctx = crate::forge::ablate::n_ctx_for(tok, arch, items)?;
+    let n_ctx = crate::qa::n_ctx_for(tok, arch, items)?;
     let mut st = model.new_state(n_ctx);
     model.attach_patches(&mut st, patches)?;
     let mut sum = 0.0;
@@ -457,7 +462,7 @@ pub fn search_step(
 }
 
 /// The unit step of one matrix: `||W|| g_F / ||g_F||` (`[rows, cols]`).
-pub fn unit_step(model: &Model, f: &SetGrads, s: &Scored) -> Result<Vec<f32>> {
+pub fn unit_step(model: &Model, f: &SetGrads, s: &MatrixScore) -> Result<Vec<f32>> {
     let (cols, rows) = model.target_shape(Target::Block(s.layer, s.slot))?;
     let k = s.layer - f.layers.start;
     let mut g = dense_grad(&f.mats[k][s.slot as usize], cols, rows);
@@ -474,7 +479,7 @@ pub fn unit_step(model: &Model, f: &SetGrads, s: &Scored) -> Result<Vec<f32>> {
 }
 
 /// The dense delta of `s`'s matrix holding `data` (`[rows, cols]`).
-pub fn entry(model: &Model, s: &Scored, ty: GgmlType, data: Vec<f32>) -> Result<DeltaEntry> {
+pub fn entry(model: &Model, s: &MatrixScore, ty: GgmlType, data: Vec<f32>) -> Result<DeltaEntry> {
     let t = Target::Block(s.layer, s.slot);
     let (cols, rows) = model.target_shape(t)?;
     Ok(DeltaEntry::Dense {
@@ -508,7 +513,7 @@ pub struct Report {
     pub train_loss: (f64, f64),
     /// The inference engine's losses without a patch.
     pub base: (f64, f64),
-    pub scored: Vec<Scored>,
+    pub scored: Vec<MatrixScore>,
     /// Indices into `scored`, by importance.
     pub front: Vec<usize>,
     /// `(index into scored, its search)` for each candidate searched.

@@ -28,9 +28,9 @@
 //! never an evaluation set, never TOFU's `paraphrased_answer` / `perturbed_answer` (the readers
 //! refuse files that have them).
 
-use crate::forge::ablate::Example;
 use crate::forge::train::data::{answer_turn, uniform_sequence};
 use crate::forge::train::{Balance, Sequence};
+use crate::qa::Example;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 

@@ -111,7 +111,7 @@ pub fn feed_each(
             for (st, &(_, _, i)) in states.iter().zip(chunk) {
                 match &r {
                     Ok(()) => done(i, Ok(&st.logits)),
-                    Err(e) => done(i, Err(Error::Invalid(e.to_string()))),
+                    Err(e) => done(i, Err(e.for_each_caller())),
                 }
             }
         }
@@ -315,7 +315,7 @@ impl Generator {
         params: &GenerateParams,
     ) -> Result<Self> {
         if prompt.is_empty() {
-            return Err(Error::Invalid("the prompt is empty".into()));
+            return Err(Error::bad_value("prompt", "the prompt is empty"));
         }
         if prompt.len() > dec.n_ctx() {
             return Err(Error::ContextFull {

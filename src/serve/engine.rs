@@ -92,7 +92,7 @@ pub struct ScoreJob {
 #[derive(Debug, Clone)]
 pub struct ScoredCont {
     pub logprobs: Vec<f64>,
-    pub stats: Vec<crate::eval::mia::TokenStats>,
+    pub stats: Vec<crate::unlearn::score::TokenStats>,
 }
 
 /// What the inference thread is asked to do.
@@ -311,7 +311,7 @@ impl Scheduler {
                 let mut stats = Vec::new();
                 let logprobs = if job.stats {
                     sc.score_with(c, |i, lp| {
-                        stats.push(crate::eval::mia::mink_stats(lp, c[i]))
+                        stats.push(crate::unlearn::score::mink_stats(lp, c[i]))
                     })?
                 } else {
                     sc.score(c)?

@@ -106,6 +106,10 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A library error met while answering a request. The request's own fields are checked
+/// before any work starts (and answered 400 there); what the library reports afterwards is
+/// the client's only where it says so: a full context, a bad value (naming its field), a chat
+/// template that cannot render the messages. Anything else is lethe's fault: 500.
 impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
         match e {
@@ -113,7 +117,9 @@ impl From<crate::Error> for ApiError {
                 n_prompt_tokens: needed,
                 n_ctx,
             },
-            crate::Error::Invalid(m) => ApiError::InvalidRequest(m),
+            crate::Error::BadValue { field, msg } => {
+                ApiError::InvalidRequest(format!("'{field}': {msg}"))
+            }
             crate::Error::Template(m) => ApiError::InvalidRequest(format!("chat template: {m}")),
             other => ApiError::Server(other.to_string()),
         }
@@ -122,3 +128,82 @@ impl From<crate::Error> for ApiError {
 
 /// Handlers answer with this.
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    /// The status, `type` and message of the envelope `e` is answered with.
+    fn answered(e: Error) -> (u16, String, String) {
+        let j = ApiError::from(e).to_json();
+        let e = &j["error"];
+        (
+            e["code"].as_u64().unwrap() as u16,
+            e["type"].as_str().unwrap().to_string(),
+            e["message"].as_str().unwrap().to_string(),
+        )
+    }
+
+    #[test]
+    fn a_full_context_is_llama_servers_exceed_context_error() {
+        let j = ApiError::from(Error::ContextFull {
+            needed: 5000,
+            n_ctx: 4096,
+        })
+        .to_json();
+        assert_eq!(j["error"]["code"], 400);
+        assert_eq!(j["error"]["type"], "exceed_context_size_error");
+        assert_eq!(j["error"]["n_prompt_tokens"], 5000);
+        assert_eq!(j["error"]["n_ctx"], 4096);
+    }
+
+    #[test]
+    fn a_bad_value_is_a_400_naming_its_field() {
+        let (code, kind, msg) = answered(Error::bad_value("prompt", "the prompt is empty"));
+        assert_eq!((code, kind.as_str()), (400, "invalid_request_error"));
+        assert_eq!(msg, "'prompt': the prompt is empty");
+        let (code, _, msg) = answered(Error::Template("unknown role 'tool'".into()));
+        assert_eq!(code, 400);
+        assert!(msg.contains("unknown role"), "{msg}");
+    }
+
+    #[test]
+    fn everything_else_is_a_500_server_error() {
+        let io = std::io::Error::other("disk gone");
+        for e in [
+            Error::Internal("a batch lost a decoder".into()),
+            Error::Invalid("a patch of another model".into()),
+            Error::Model("blk.3.attn_q.weight: bad shape".into()),
+            Error::Io {
+                context: "reading a patch".into(),
+                source: io,
+            },
+        ] {
+            let text = e.to_string();
+            let (code, kind, msg) = answered(e);
+            assert_eq!((code, kind.as_str()), (500, "server_error"), "{text}");
+            assert_eq!(msg, text);
+        }
+    }
+
+    #[test]
+    fn one_batch_failure_reaches_each_caller_with_its_kind() {
+        let full = Error::ContextFull {
+            needed: 9,
+            n_ctx: 8,
+        };
+        assert!(matches!(
+            full.for_each_caller(),
+            Error::ContextFull {
+                needed: 9,
+                n_ctx: 8
+            }
+        ));
+        let other = Error::Model("a state of another model".into());
+        match other.for_each_caller() {
+            Error::Internal(m) => assert_eq!(m, other.to_string()),
+            e => panic!("{e:?}"),
+        }
+    }
+}

@@ -264,7 +264,7 @@ pub fn run(
 fn start(cfg: ServeConfig, loaded: ServedModels) -> crate::Result<AppState> {
     let ServedModels { base, models, .. } = loaded;
     if models.is_empty() || cfg.default_model >= models.len() {
-        return Err(crate::Error::Invalid("no model to serve".into()));
+        return Err(crate::Error::Internal("no model to serve".into()));
     }
     let tok = base.tok.clone();
     let ids = models

@@ -61,7 +61,7 @@ impl Assistant {
     }
 }
 
-struct Run {
+struct AssistantRun {
     spec: Assistant,
     state: State,
     ref_state: Option<State>,
@@ -72,7 +72,7 @@ struct Run {
 pub struct LockstepDecoder {
     target: Arc<Model>,
     state: State,
-    runs: Vec<Run>,
+    runs: Vec<AssistantRun>,
     target_logits: Vec<f32>,
     out: Vec<f32>,
     rows: Vec<u32>,
@@ -90,7 +90,7 @@ impl LockstepDecoder {
             let mut state = a.model.new_state(n_ctx);
             a.model.attach_patches(&mut state, a.patches.clone())?;
             let ref_state = a.reference.as_ref().map(|r| r.new_state(n_ctx));
-            runs.push(Run {
+            runs.push(AssistantRun {
                 spec: a,
                 state,
                 ref_state,
@@ -184,7 +184,7 @@ impl LockstepDecoder {
         for (i, d) in ds.iter().enumerate() {
             match &r {
                 Ok(()) => done(i, Ok(&d.out)),
-                Err(e) => done(i, Err(Error::Invalid(e.to_string()))),
+                Err(e) => done(i, Err(e.for_each_caller())),
             }
         }
     }

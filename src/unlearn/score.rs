@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 /// One model of the combination (the target, an assistant, or an assistant's reference) with
 /// its run state, its logits after the prompt and its logits along a continuation.
-struct Run {
+struct ModelRun {
     model: Arc<Model>,
     state: State,
     /// `[n_vocab]`: after the prompt.
@@ -39,7 +39,7 @@ struct Run {
     vals: Vec<f32>,
 }
 
-impl Run {
+impl ModelRun {
     fn new(model: Arc<Model>, patches: Option<Arc<PatchSet>>, n_ctx: usize) -> Result<Self> {
         let mut state = model.new_state(n_ctx);
         model.attach_patches(&mut state, patches)?;
@@ -73,7 +73,7 @@ impl Run {
         Ok(())
     }
 
-    /// [`Run::run`] keeping hidden states instead of logits.
+    /// [`ModelRun::run`] keeping hidden states instead of logits.
     fn run_hidden(&mut self, prompt_len: usize, cont: &[u32]) -> Result<()> {
         self.state.truncate(prompt_len);
         self.hidden.clear();
@@ -85,7 +85,7 @@ impl Run {
         Ok(())
     }
 
-    /// After [`Run::run_hidden`]: the logits predicting continuation token `i` on the rows
+    /// After [`ModelRun::run_hidden`]: the logits predicting continuation token `i` on the rows
     /// `rows`, each at its index of the returned `[n_vocab]` row (the other entries stale).
     fn rows_at(&mut self, i: usize, rows: &[u32]) -> Result<&[f32]> {
         if i == 0 {
@@ -116,8 +116,8 @@ impl Run {
 /// One assistant term's runs: the assistant and, for pair terms, its reference.
 struct TermRun {
     spec: Assistant,
-    run: Run,
-    reference: Option<Run>,
+    run: ModelRun,
+    reference: Option<ModelRun>,
 }
 
 /// Scores continuations after a prompt under a model with its assistants and patches.
@@ -134,7 +134,7 @@ pub struct TokenStats {
 }
 
 pub struct Scorer {
-    target: Run,
+    target: ModelRun,
     terms: Vec<TermRun>,
     prompt: Vec<u32>,
     /// Whether `prompt` is in every cache.
@@ -156,9 +156,9 @@ impl Scorer {
         let mut runs = Vec::new();
         for a in terms {
             a.check(v)?;
-            let run = Run::new(a.model.clone(), a.patches.clone(), n_ctx)?;
+            let run = ModelRun::new(a.model.clone(), a.patches.clone(), n_ctx)?;
             let reference = match &a.reference {
-                Some(r) => Some(Run::new(r.clone(), None, n_ctx)?),
+                Some(r) => Some(ModelRun::new(r.clone(), None, n_ctx)?),
                 None => None,
             };
             runs.push(TermRun {
@@ -168,7 +168,7 @@ impl Scorer {
             });
         }
         Ok(Self {
-            target: Run::new(model, patches, n_ctx)?,
+            target: ModelRun::new(model, patches, n_ctx)?,
             terms: runs,
             prompt: Vec::new(),
             primed: false,
@@ -189,8 +189,9 @@ impl Scorer {
     /// prompt.
     pub fn set_prompt(&mut self, prompt: &[u32]) -> Result<()> {
         if prompt.is_empty() {
-            return Err(Error::Invalid(
-                "scoring needs a prompt of at least one token".into(),
+            return Err(Error::bad_value(
+                "prompt",
+                "scoring needs a prompt of at least one token",
             ));
         }
         if self.primed && self.prompt == prompt {
@@ -225,7 +226,9 @@ impl Scorer {
     /// Check `cont` and `points`, then run every model over `cont` after the prompt.
     fn run_all(&mut self, cont: &[u32], points: &[Vec<(f32, f32)>], sparse: bool) -> Result<()> {
         if !self.primed {
-            return Err(Error::Invalid("set a prompt before scoring".into()));
+            return Err(Error::Internal(
+                "a continuation scored before its prompt was set".into(),
+            ));
         }
         for p in points {
             if !p.is_empty() && p.len() != self.terms.len() {
@@ -238,9 +241,10 @@ impl Scorer {
         }
         let v = self.n_vocab();
         if let Some(&bad) = cont.iter().find(|&&t| t as usize >= v) {
-            return Err(Error::Invalid(format!(
-                "token id {bad} is outside the vocabulary of {v}"
-            )));
+            return Err(Error::bad_value(
+                "continuation",
+                format!("token id {bad} is outside the vocabulary of {v}"),
+            ));
         }
         let p = self.prompt.len();
         if p + cont.len() > self.n_ctx() + 1 {
@@ -453,4 +457,46 @@ impl Scorer {
     pub fn score(&mut self, cont: &[u32]) -> Result<Vec<f64>> {
         self.score_with(cont, |_, _| {})
     }
+}
+
+/// [`TokenStats`] of `token` from one row of logits (the vocabulary's unnormalised
+/// log-probabilities), in f64 with a max-shifted log-sum-exp. A logit of -inf is a token of
+/// probability 0 and adds nothing to mu or sigma. sigma is computed as
+/// sqrt(E[(log p - mu)^2]), the same quantity without the cancellation of E[x^2] - mu^2.
+///
+/// Errors on an empty row, `token` out of range, or a NaN or +inf logit.
+pub fn mink_stats(logits: &[f32], token: u32) -> Result<TokenStats> {
+    let t = token as usize;
+    if t >= logits.len() {
+        return Err(Error::Invalid(format!(
+            "mink_stats: token {token} outside a row of {} logits",
+            logits.len()
+        )));
+    }
+    if logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
+        return Err(Error::Invalid("mink_stats: NaN or +inf logit".into()));
+    }
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &l| m.max(l as f64));
+    if max == f64::NEG_INFINITY {
+        return Err(Error::Invalid("mink_stats: every logit is -inf".into()));
+    }
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    // (p, log p) of every token of non-zero probability.
+    let terms = || {
+        logits
+            .iter()
+            .map(move |&l| l as f64 - lse)
+            .filter(|lp| *lp > f64::NEG_INFINITY)
+            .map(|lp| (lp.exp(), lp))
+    };
+    let mu: f64 = terms().map(|(p, lp)| p * lp).sum();
+    let var: f64 = terms().map(|(p, lp)| p * (lp - mu) * (lp - mu)).sum();
+    Ok(TokenStats {
+        logprob: logits[t] as f64 - lse,
+        mu,
+        sigma: var.sqrt(),
+    })
 }

@@ -3,8 +3,9 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lethe::forge::ablate::{self, Example, Field};
+use lethe::forge::ablate::{self, Field};
 use lethe::model::{Model, PatchSet};
+use lethe::qa::{self, Example};
 use lethe::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,7 +51,7 @@ pub struct AblateArgs {
 
 /// The rows of `path`, at most `max`.
 fn rows(path: &Path, max: Option<usize>) -> Result<(Vec<Example>, Vec<Example>)> {
-    let mut all = ablate::read_examples(path)?;
+    let mut all = qa::read_examples(path)?;
     let n = max.unwrap_or(all.len()).min(all.len());
     let rest = all.split_off(n);
     Ok((all, rest))
@@ -144,7 +145,7 @@ fn evaluate(
     let p = lethe::unlearn::patch::load(patch, model)?;
     let set = Arc::new(PatchSet::new(model, &[(Arc::new(p), 1.0)])?);
     let arch = model.cfg.arch.name();
-    let n_ctx = ablate::n_ctx_for(tok, arch, forget)?.max(ablate::n_ctx_for(tok, arch, retain)?);
+    let n_ctx = qa::n_ctx_for(tok, arch, forget)?.max(qa::n_ctx_for(tok, arch, retain)?);
     let mut base = model.new_state(n_ctx);
     let mut patched = model.new_state(n_ctx);
     model.attach_patches(&mut patched, Some(set))?;
@@ -160,8 +161,8 @@ fn evaluate(
         "set", "items", "base prob", "patched prob", "change"
     );
     for (name, items) in [("forget", forget), ("retain", retain)] {
-        let b = ablate::answer_prob(model, tok, &mut base, items)?;
-        let q = ablate::answer_prob(model, tok, &mut patched, items)?;
+        let b = qa::answer_prob(model, tok, &mut base, items)?;
+        let q = qa::answer_prob(model, tok, &mut patched, items)?;
         println!(
             "{name:<8} {:>5} {b:>10.4} {q:>13.4} {:>7.1}%",
             items.len(),

@@ -6,13 +6,13 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lethe::forge::ablate::read_examples;
 use lethe::forge::train::data::{answer_sequence, end_of_turn};
 use lethe::forge::train::trainer::{describe, total_steps, Progress};
 use lethe::forge::train::{
     train_with_epochs, AdamWConfig, Balance, Decay, Lora, TrainConfig, TrainModel, TrainReport,
 };
 use lethe::model::Slot;
+use lethe::qa::read_examples;
 use std::path::PathBuf;
 
 /// The optimizer and schedule flags both training commands take.

@@ -3,8 +3,9 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lethe::forge::ablate::{self, Example};
+use lethe::forge::ablate;
 use lethe::forge::slug::{self, SearchOpts, SlugOpts};
+use lethe::qa::{self, Example};
 use lethe_kernels::quant::GgmlType;
 use std::path::{Path, PathBuf};
 
@@ -56,7 +57,7 @@ pub struct SlugArgs {
 }
 
 fn rows(path: &Path, max: Option<usize>) -> Result<Vec<Example>> {
-    let mut all = ablate::read_examples(path)?;
+    let mut all = qa::read_examples(path)?;
     all.truncate(max.unwrap_or(all.len()));
     if let Some(i) = all.iter().position(|e| e.answer.is_none()) {
         anyhow::bail!(

@@ -8,13 +8,13 @@
 use super::finetune::{parse_targets, run_training, OptimArgs};
 use anyhow::{Context, Result};
 use clap::Args;
-use lethe::forge::ablate::{read_examples, Example};
 use lethe::forge::train::data::{end_of_turn, read_paraphrase_rows, read_wrong_answer_rows};
 use lethe::forge::train::trainer::describe;
 use lethe::forge::train::{eval_loss, Balance, EvalLoss, Lora, TrainModel};
 use lethe::forge::uld::{self, UldConfig};
 use lethe::gguf::GgufFile;
 use lethe::model::Model;
+use lethe::qa::{read_examples, Example};
 use lethe::unlearn::profile::ProfileFile;
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,6 @@
 //! Training sequences from question/answer pairs, through the model's chat template (the
 //! question as the user's turn, the answer as the assistant's reply, as
-//! [`crate::forge::ablate::chat_tokens`] builds them, then the token that ends the assistant's
+//! [`crate::qa::chat_tokens`] builds them, then the token that ends the assistant's
 //! turn), and the readers of TOFU's augmentation files.
 //!
 //! The readers take only question/answer fields: `paraphrased_answer` and `perturbed_answer`
@@ -8,13 +8,10 @@
 //! rows that have them, so an evaluation file cannot be trained on by mistake.
 
 use super::trainer::{Sequence, Target};
-use crate::forge::ablate::{chat_tokens, Example};
+use crate::qa::{chat_tokens, Example, EVAL_FIELDS};
 use crate::tokenizer::{apply_chat_template, ChatMessage, Tokenizer};
 use crate::{Error, Result};
 use std::path::Path;
-
-/// The fields of TOFU's evaluation, never trained on.
-pub const EVAL_FIELDS: [&str; 2] = ["paraphrased_answer", "perturbed_answer"];
 
 /// The token that ends the assistant's turn: the first end-of-generation token after the answer
 /// in the template rendered with an answer as the assistant's message (`<|im_end|>` for
