@@ -2,7 +2,7 @@
 //! prompt and step on the same tokens; their logits are combined before sampling.
 //!
 //! With one ULD term and its filter on, the assistant's output head is computed only on the
-//! rows of the target's plausible set (DESIGN: the head is most of a small model's cost).
+//! rows of the target's plausible set (the head is most of a small model's cost).
 //! Sampling is invariant to a constant shift over the set, so raw logits suffice there.
 
 use super::combine::{

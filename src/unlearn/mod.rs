@@ -1,5 +1,7 @@
-//! Decode-time unlearning: the logit combination of DESIGN's first way to forget (ULD and its
-//! relatives), lockstep decoding of a target with its assistants, and profiles.
+//! Decode-time unlearning: the logit combination of the first way to forget (ULD and its
+//! relatives), lockstep decoding of a target with its assistants, teacher-forced scoring,
+//! profiles, and [`forgotten`], the one way to build a forgotten model from a base. See
+//! docs/ARCHITECTURE.md ("Where forgetting enters").
 
 pub mod combine;
 pub mod forgotten;

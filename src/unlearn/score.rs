@@ -1,6 +1,6 @@
 //! Teacher-forced scoring: the log-probabilities a (possibly forgotten) model gives to the
 //! tokens of a continuation after a prompt, under the **scoring use** of its combination
-//! (DESIGN: outside a term's plausible set the target's own log-probability stands, so every
+//! (outside a term's plausible set the target's own log-probability stands, so every
 //! token has a finite probability).
 //!
 //! Several continuations of one prompt (TOFU's answer, paraphrase and perturbed answers of one
