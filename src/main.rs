@@ -65,6 +65,11 @@ fn default_sigpipe() {
 fn main() -> anyhow::Result<()> {
     #[cfg(unix)]
     default_sigpipe();
+    // Model downloads show their steps and progress on stderr.
+    lethe::hub::set_report(lethe::hub::Report {
+        note: |line| eprintln!("lethe: {line}"),
+        progress: true,
+    });
     // llama.cpp spells `--parallel` as `-np`, which is not a one-letter flag.
     let args = std::env::args().map(|a| if a == "-np" { "--parallel".into() } else { a });
     let cli = Cli::parse_from(args);

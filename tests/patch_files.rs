@@ -91,28 +91,22 @@ fn raw_cvec(path: &Path, hint: &str, tensors: Vec<(&str, Vec<u64>, GgmlType, Vec
     w.write(path).unwrap();
 }
 
-fn python() -> String {
-    std::env::var("LETHE_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 /// Runs `tests/fixtures/write_patches.py` (llama.cpp's GGUFWriter) into `dir`; fails (never
 /// skips) without the `gguf` package.
 fn python_write_patches(dir: &Path) -> serde_json::Value {
+    let python = common::python();
     let script = common::fixture("write_patches.py");
-    let out = Command::new(python())
+    let out = Command::new(&python)
         .arg(&script)
         .arg(dir)
         .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {}: {e}; this test needs Python 3 with llama.cpp's writer: pip \
-                 install gguf numpy",
-                python()
-            )
-        });
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.code() == Some(3) {
-        panic!("{stderr}\nthis test needs llama.cpp's Python writer: pip install gguf numpy");
+        panic!(
+            "{stderr}\n{}",
+            common::python::missing("llama.cpp's writer", &python)
+        );
     }
     assert!(out.status.success(), "write_patches.py failed: {stderr}");
     let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();

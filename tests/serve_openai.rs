@@ -23,14 +23,12 @@ fn run_client(root: &str, models: &[&str]) -> Value {
         .arg(root)
         .args(models)
         .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {python}: {e}; this test needs Python 3 with the OpenAI SDK: pip install openai")
-        });
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.code() == Some(3) {
         panic!(
-            "{stderr}\nthis test needs the OpenAI Python SDK for {python}: pip install openai \
-             (.ci/run installs it into ~/.cache/lethe/venv; LETHE_PYTHON picks the interpreter)"
+            "{stderr}\n{}",
+            common::python::missing("the OpenAI Python SDK", &python)
         );
     }
     assert!(out.status.success(), "openai_client.py failed: {stderr}");

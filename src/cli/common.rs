@@ -11,6 +11,14 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// Prints what loading a tokenizer tolerated in the model file, one `lethe: tokenizer:` line
+/// each.
+pub fn tokenizer_warnings(tok: &lethe::tokenizer::Tokenizer) {
+    for w in tok.warnings() {
+        eprintln!("lethe: tokenizer: {w}");
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model: a GGUF path or a name from models/ (smollm2, gemma3), fetched on first use.
@@ -180,6 +188,7 @@ impl ModelArgs {
             None => lethe::hub::resolve_model(&self.model)?,
         };
         let base = Base::open(&path, self.options())?;
+        tokenizer_warnings(&base.tok);
         let cli_parts = self.patches.load(&base.model)?;
         let forgotten = match (&file, chosen) {
             (Some(f), Some(p)) => base.profile(f, p, &cli_parts)?,

@@ -1,7 +1,7 @@
 //! `lethe eval`: TOFU's metrics and membership inference for a forgotten profile against its
 //! base (and a reference never trained on the forget set), locally or through a server.
 
-use super::common::{profile_audit, sweep_points, ModelArgs};
+use super::common::{profile_audit, sweep_points, tokenizer_warnings, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -318,7 +318,7 @@ pub fn named_side(base: &Base, name: &str, file: Option<&ProfileFile>) -> Result
         return Ok(plain(base, "base".into()));
     }
     if let Some((f, p)) = file.and_then(|f| f.get(name).map(|p| (f, p))) {
-        let b = base.open_other(profile::locate(&f.dir, &p.base)?)?;
+        let b = open_other(base, profile::locate(&f.dir, &p.base)?)?;
         return Ok(Side {
             name: name.to_string(),
             forgotten: b.profile(f, p, &[])?,
@@ -326,6 +326,15 @@ pub fn named_side(base: &Base, name: &str, file: Option<&ProfileFile>) -> Result
             audit: profile_audit(f, p, &[])?,
         });
     }
-    let b = base.open_other(lethe::hub::resolve_model(name)?)?;
+    let b = open_other(base, lethe::hub::resolve_model(name)?)?;
     Ok(plain(&b, b.stem()))
+}
+
+/// [`Base::open_other`], printing the tokenizer's warnings when it loads another file.
+fn open_other(base: &Base, path: PathBuf) -> Result<Base> {
+    let other = base.open_other(path)?;
+    if !std::sync::Arc::ptr_eq(&other.tok, &base.tok) {
+        tokenizer_warnings(&other.tok);
+    }
+    Ok(other)
 }

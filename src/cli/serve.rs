@@ -147,6 +147,7 @@ fn load(a: ServeArgs) -> Result<ServedModels> {
             ..LoadOptions::default()
         },
     )?;
+    super::common::tokenizer_warnings(&base.tok);
     let cli_parts = a.patches.load(&base.model)?;
     let base_id = a.alias.clone().unwrap_or_else(|| base.stem());
     let cli_audit: Vec<Value> = a

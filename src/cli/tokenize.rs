@@ -45,6 +45,7 @@ pub fn main(a: TokenizeArgs) -> Result<()> {
     let path = lethe::hub::resolve_model(&a.model)?;
     let f = GgufFile::open(&path)?;
     let tok = Tokenizer::from_gguf(&f)?;
+    super::common::tokenizer_warnings(&tok);
     let ids = tok.encode(&text, !a.no_bos, !a.no_parse_special);
     if a.ids {
         let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();

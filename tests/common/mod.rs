@@ -1,8 +1,12 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod python;
 pub mod serve;
 pub mod tiny;
+
+#[allow(unused_imports)]
+pub use python::{python, python_dump};
 
 use std::path::PathBuf;
 
@@ -32,43 +36,6 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
-}
-
-/// The Python interpreter for the tests that use Python packages: `LETHE_PYTHON` if set, else
-/// the virtual environment `.ci/run` creates (`~/.cache/lethe/venv`), else `python3`.
-pub fn python() -> String {
-    if let Ok(p) = std::env::var("LETHE_PYTHON") {
-        return p;
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
-    if let Some(cache) = cache {
-        let venv = cache.join("lethe/venv/bin/python");
-        if venv.exists() {
-            return venv.to_string_lossy().into_owned();
-        }
-    }
-    "python3".into()
-}
-
-/// Reads `path` with llama.cpp's Python reader (`tests/fixtures/gguf_dump.py`, JSON out).
-/// Fails (never skips) when it is not installed.
-pub fn python_dump(path: &std::path::Path) -> serde_json::Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf_dump.py");
-    let out = std::process::Command::new(python()).arg(&script).arg(path).output().unwrap_or_else(|e| {
-        panic!("cannot run {}: {e}; this test needs Python 3 with llama.cpp's reader: pip install gguf numpy", python())
-    });
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(3) {
-        panic!("{stderr}\nthis test needs llama.cpp's Python reader: pip install gguf numpy");
-    }
-    assert!(
-        out.status.success(),
-        "gguf_dump.py failed on {}: {stderr}",
-        path.display()
-    );
-    serde_json::from_slice(&out.stdout).expect("gguf_dump.py prints JSON")
 }
 
 /// A fresh directory under the system's temp dir, removed when dropped.

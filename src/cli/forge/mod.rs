@@ -32,6 +32,7 @@ pub fn open_model(name: &str, threads: usize) -> Result<(PathBuf, Arc<Model>, Ar
         ..LoadOptions::default()
     };
     let b = Base::open(&path, opts)?;
+    super::common::tokenizer_warnings(&b.tok);
     Ok((b.path, b.model, b.tok))
 }
 
