@@ -6,6 +6,8 @@
 pub mod cpu;
 pub mod ops;
 pub mod quant;
+#[cfg(target_arch = "x86_64")]
+mod simd_x86;
 
 pub use quant::GgmlType;
 

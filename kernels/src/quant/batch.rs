@@ -44,14 +44,13 @@ pub(super) fn vec_dot_batch(
     #[cfg(target_arch = "x86_64")]
     {
         let isa = cpu::isa();
-        let f = cpu::features();
-        if isa == Isa::Scalar || !f.avx2_fma || !f.f16c || !has_fast_path(ty) {
+        if isa == Isa::Scalar || !has_fast_path(ty) {
             return false;
         }
         // `vpdpbusd`/`vpdpwssd` measured faster for every type on Zen 4 (Q4_K included, unlike
         // the single-row kernel: four rows keep the dependency chains apart).
-        let vnni = isa == Isa::Avx512 && f.avx512 && f.avx512_vnni;
-        if vnni && super::x8::has_tile(ty) {
+        let vnni = cpu::vnni(isa);
+        if vnni && super::in_x8_order(ty) {
             // `vec_dot` sums these in eight-block lanes (`x8_x86.rs`), which the batch kernels
             // do not reproduce: the generic loop keeps the bits.
             return false;
@@ -64,9 +63,9 @@ pub(super) fn vec_dot_batch(
             n_act == 0 || act.len() >= (n_act - 1) * act_stride + ty.vec_dot_type().row_bytes(n)
         );
         debug_assert!(out.len() >= n_act);
-        // SAFETY: CPU features checked above; the caller checked that `nb` blocks of the
-        // weight row and of each of the `n_act` activation rows, and `n_act` outputs, are in
-        // bounds. The kernels only do unaligned loads.
+        // SAFETY: the CPU runs `isa` (and VNNI where `cpu::vnni` says so); the caller checked
+        // that `nb` blocks of the weight row and of each of the `n_act` activation rows, and
+        // `n_act` outputs, are in bounds. The kernels only do unaligned loads.
         unsafe {
             let (x, y, o) = (w.as_ptr(), act.as_ptr(), out.as_mut_ptr());
             if vnni {
@@ -102,17 +101,14 @@ pub(super) fn vec_dot_tile(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let isa = cpu::isa();
-        let f = cpu::features();
-        let vnni = isa == Isa::Avx512 && f.avx2_fma && f.f16c && f.avx512 && f.avx512_vnni;
         // Q4_1 and Q8_0 tiles take interleaved activations (`vec_dot_tile_x8`); with the usual
         // layout they go through the generic loop.
-        if !vnni || !x86::vnni::has_tile(ty) {
+        if !cpu::vnni(cpu::isa()) || !matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0) {
             return false;
         }
         let nb = n / ty.block_size();
-        // SAFETY: CPU features checked above; the caller checked that `nb` blocks of each of
-        // the `n_w` weight rows and `n_act` activation rows, and the `n_w` x `n_act` outputs,
+        // SAFETY: the CPU runs VNNI (checked above); the caller checked that `nb` blocks of each
+        // of the `n_w` weight rows and `n_act` activation rows, and the `n_w` x `n_act` outputs,
         // are in bounds. The kernels only do unaligned loads.
         unsafe {
             x86::vnni::dot_tile(

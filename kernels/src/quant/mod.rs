@@ -166,7 +166,7 @@ impl GgmlType {
         )
     }
 
-    fn family(self) -> Family {
+    pub(crate) fn family(self) -> Family {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I32 => Family::Float,
             GgmlType::Q4_0
@@ -186,10 +186,26 @@ impl std::fmt::Display for GgmlType {
     }
 }
 
-enum Family {
+/// The families of block formats, one file of kernels each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
     Float,
     Legacy,
     K,
+}
+
+/// A type handed to the kernels of a family it is not in. The entry points of this module
+/// dispatch by family, so only a direct caller of a family's functions can get here: that is a
+/// bug, and every family panics the same way.
+#[cold]
+#[track_caller]
+pub(crate) fn wrong_type(family: Family, ty: GgmlType) -> ! {
+    let name = match family {
+        Family::Float => "float",
+        Family::Legacy => "legacy block",
+        Family::K => "K-quant",
+    };
+    panic!("{ty} is not a {name} type")
 }
 
 fn check_len(ty: GgmlType, n: usize) -> Result<(), KernelError> {
@@ -349,21 +365,13 @@ pub fn vec_dot_tile(
 /// Whether [`vec_dot_tile_x8`] runs for weights of `ty` on this CPU (Q4_1 and Q8_0 with
 /// AVX-512 VNNI). Callers that get `false` use [`vec_dot_tile`] with the usual layout.
 pub fn has_tile_x8(ty: GgmlType) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let f = crate::cpu::features();
-        crate::cpu::isa() == crate::cpu::Isa::Avx512
-            && f.avx2_fma
-            && f.f16c
-            && f.avx512
-            && f.avx512_vnni
-            && x8::has_tile(ty)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = ty;
-        false
-    }
+    crate::cpu::vnni(crate::cpu::isa()) && in_x8_order(ty)
+}
+
+/// The types whose VNNI dot products sum in eight-block lanes (`x8_x86.rs`), the order their
+/// tile kernels on interleaved activations reproduce.
+fn in_x8_order(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0)
 }
 
 /// Bytes of one activation row of `n` elements (a multiple of 32) in the interleaved layout
@@ -468,7 +476,7 @@ pub fn vec_dot_tile_x8(
         "vec_dot_tile_x8: output too short"
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `has_tile_x8` checked the CPU features; the bounds were checked above. The
+    // SAFETY: `has_tile_x8` checked the CPU level; the bounds were checked above. The
     // kernel reads only the `n / 32` blocks of each weight row (masked loads and gathers in a
     // partial group) and whole groups of each activation row.
     unsafe {
