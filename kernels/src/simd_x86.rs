@@ -9,6 +9,40 @@
 
 use core::arch::x86_64::*;
 
+/// Runs the multi-row kernel call `$body` over the activation rows `0..$n` (`$y` the first,
+/// `$ys` bytes apart; `$out` the first output) in groups of four, then once over the three,
+/// two or one left: in each run `$y` and `$out` are the group's first row and output and `$N`
+/// (a const) is its size.
+macro_rules! by_fours {
+    ($n:expr, $y:ident, $ys:expr, $out:ident, $N:ident => $body:expr) => {{
+        let (n, ys) = ($n, $ys);
+        let mut j = 0;
+        while j + 4 <= n {
+            const $N: usize = 4;
+            let ($y, $out) = ($y.add(j * ys), $out.add(j));
+            $body;
+            j += 4;
+        }
+        let ($y, $out) = ($y.add(j * ys), $out.add(j));
+        match n - j {
+            3 => {
+                const $N: usize = 3;
+                $body
+            }
+            2 => {
+                const $N: usize = 2;
+                $body
+            }
+            1 => {
+                const $N: usize = 1;
+                $body
+            }
+            _ => {}
+        }
+    }};
+}
+pub(crate) use by_fours;
+
 // ---------------------------------------------------------------------------------------------
 // Loads
 // ---------------------------------------------------------------------------------------------

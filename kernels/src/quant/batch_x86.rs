@@ -17,7 +17,7 @@ macro_rules! batch_kernels {
         pub mod $name {
             use super::super::super::GgmlType;
             use crate::simd_x86::{
-                dot_u8i8, h2f, h2f_pair, h2f_s, hsum, hsum128, k45_quants, k4_mins_dot,
+                by_fours, dot_u8i8, h2f, h2f_pair, h2f_s, hsum, hsum128, k45_quants, k4_mins_dot,
                 k4_scales_mins, lane_mask, ld128, ld256, mul_acc, nibbles, pair_mask, q5_signed,
                 q5_unsigned, q6k_quants, rd_f32, rd_u32,
             };
@@ -255,18 +255,9 @@ macro_rules! batch_kernels {
                 out: *mut f32,
                 os: usize,
             ) {
-                let mut j = 0;
-                while j + 4 <= n_act {
-                    legacy_tile::<K, R, 4>(nb, x, xrs, y.add(j * ys), ys, out.add(j), os);
-                    j += 4;
-                }
-                let (y, out) = (y.add(j * ys), out.add(j));
-                match n_act - j {
-                    3 => legacy_tile::<K, R, 3>(nb, x, xrs, y, ys, out, os),
-                    2 => legacy_tile::<K, R, 2>(nb, x, xrs, y, ys, out, os),
-                    1 => legacy_tile::<K, R, 1>(nb, x, xrs, y, ys, out, os),
-                    _ => {}
-                }
+                by_fours!(n_act, y, ys, out, N => {
+                    legacy_tile::<K, R, N>(nb, x, xrs, y, ys, out, os)
+                });
             }
 
             #[allow(dead_code)]
@@ -466,18 +457,7 @@ macro_rules! batch_kernels {
                 n_act: usize,
                 out: *mut f32,
             ) {
-                let mut j = 0;
-                while j + 4 <= n_act {
-                    group::<4>(ty, nb, x, y.add(j * ys), ys, out.add(j));
-                    j += 4;
-                }
-                let (y, out) = (y.add(j * ys), out.add(j));
-                match n_act - j {
-                    3 => group::<3>(ty, nb, x, y, ys, out),
-                    2 => group::<2>(ty, nb, x, y, ys, out),
-                    1 => group::<1>(ty, nb, x, y, ys, out),
-                    _ => {}
-                }
+                by_fours!(n_act, y, ys, out, N => group::<N>(ty, nb, x, y, ys, out));
             }
         }
     };

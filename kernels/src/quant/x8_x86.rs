@@ -31,7 +31,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 use super::GgmlType;
-use crate::simd_x86::{hsum, ld128, ld256, nibbles};
+use crate::simd_x86::{by_fours, hsum, ld128, ld256, nibbles};
 use core::arch::x86_64::*;
 
 /// Blocks per group.
@@ -41,6 +41,10 @@ pub const GROUP: usize = 8;
 /// 32-byte vectors `V_0..V_8` where dword `k` of `V_v` holds quants `4v..4v + 4` of block `k`.
 pub const GROUP_BYTES: usize = 288;
 const QOFF: usize = 32;
+
+// Block kinds (const parameter of the kernels).
+const Q4_1: u8 = 0;
+const Q8_0: u8 = 1;
 
 /// 16 bytes at `p`, or zeros when `on` is false (nothing read then).
 #[inline]
@@ -159,21 +163,6 @@ unsafe fn q4_1_group(acc: __m256, x: *const u8, y: *const u8, rem: usize) -> __m
     _mm256_fmadd_ps(half_f16::<true>(xs), half_f16::<true>(ys), acc)
 }
 
-/// Q4_1 x Q8_1, `nb` blocks, in the module's order.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_q4_1(nb: usize, x: *const u8, y: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut g = 0;
-    while g + GROUP <= nb {
-        acc = q4_1_group(acc, x.add(g * 20), y.add(g * 36), GROUP);
-        g += GROUP;
-    }
-    if g < nb {
-        acc = q4_1_group(acc, x.add(g * 20), y.add(g * 36), nb - g);
-    }
-    hsum(acc)
-}
-
 /// One group of Q8_0 x Q8_0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -192,19 +181,41 @@ unsafe fn q8_0_group(acc: __m256, x: *const u8, y: *const u8, rem: usize) -> __m
     step(acc, isum, dx, dy)
 }
 
-/// Q8_0 x Q8_0, `nb` blocks, in the module's order.
+/// `nb` blocks of kind `K` (Q4_1 x Q8_1 or Q8_0 x Q8_0), in the module's order.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_q8_0(nb: usize, x: *const u8, y: *const u8) -> f32 {
+unsafe fn dot_row<const K: u8>(nb: usize, x: *const u8, y: *const u8) -> f32 {
+    let (xs, ys) = if K == Q4_1 { (20, 36) } else { (34, 34) };
+    let group = |acc, g: usize, rem| {
+        let (x, y) = (x.add(g * xs), y.add(g * ys));
+        if K == Q4_1 {
+            q4_1_group(acc, x, y, rem)
+        } else {
+            q8_0_group(acc, x, y, rem)
+        }
+    };
     let mut acc = _mm256_setzero_ps();
     let mut g = 0;
     while g + GROUP <= nb {
-        acc = q8_0_group(acc, x.add(g * 34), y.add(g * 34), GROUP);
+        acc = group(acc, g, GROUP);
         g += GROUP;
     }
     if g < nb {
-        acc = q8_0_group(acc, x.add(g * 34), y.add(g * 34), nb - g);
+        acc = group(acc, g, nb - g);
     }
     hsum(acc)
+}
+
+/// Q4_1 x Q8_1, `nb` blocks, in the module's order.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_q4_1(nb: usize, x: *const u8, y: *const u8) -> f32 {
+    dot_row::<Q4_1>(nb, x, y)
+}
+
+/// Q8_0 x Q8_0, `nb` blocks, in the module's order.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_q8_0(nb: usize, x: *const u8, y: *const u8) -> f32 {
+    dot_row::<Q8_0>(nb, x, y)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,9 +268,6 @@ unsafe fn q8_0_weights<const FULL: bool>(x: *const u8, rem: usize) -> WGroup {
         mx: _mm256_setzero_ps(),
     }
 }
-
-const Q4_1: u8 = 0;
-const Q8_0: u8 = 1;
 
 /// One group of `R` weight rows (`xrs` bytes apart from `x`, at the group's first block)
 /// against `N` interleaved activation groups (`ys` bytes apart from `y`).
@@ -356,33 +364,6 @@ unsafe fn tile<const K: u8, const R: usize, const N: usize>(
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_rows<const K: u8, const R: usize>(
-    nb: usize,
-    x: *const u8,
-    xrs: usize,
-    y: *const u8,
-    ys: usize,
-    n_act: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    let mut j = 0;
-    while j + 4 <= n_act {
-        tile::<K, R, 4>(nb, x, xrs, y.add(j * ys), ys, out.add(j), os);
-        j += 4;
-    }
-    let (y, out) = (y.add(j * ys), out.add(j));
-    match n_act - j {
-        3 => tile::<K, R, 3>(nb, x, xrs, y, ys, out, os),
-        2 => tile::<K, R, 2>(nb, x, xrs, y, ys, out, os),
-        1 => tile::<K, R, 1>(nb, x, xrs, y, ys, out, os),
-        _ => {}
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn tile_kind<const K: u8>(
     nb: usize,
     x: *const u8,
@@ -395,7 +376,8 @@ unsafe fn tile_kind<const K: u8>(
     os: usize,
 ) {
     for i in 0..n_w {
-        tile_rows::<K, 1>(nb, x.add(i * xrs), xrs, y, ys, n_act, out.add(i * os), os);
+        let (x, out) = (x.add(i * xrs), out.add(i * os));
+        by_fours!(n_act, y, ys, out, N => tile::<K, 1, N>(nb, x, xrs, y, ys, out, os));
     }
 }
 
