@@ -229,6 +229,17 @@ pub unsafe fn pair_mask(p: usize) -> __m256i {
     _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
 }
 
+/// 16 signed scales (i16) -> two registers of i16 scales for pairs 0..4 and 4..8, each with
+/// the same eight values in both halves.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn scales16_halves(sc16: __m256i) -> (__m256i, __m256i) {
+    (
+        _mm256_permute4x64_epi64::<0x44>(sc16),
+        _mm256_permute4x64_epi64::<0xEE>(sc16),
+    )
+}
+
 /// The packed 6-bit scales and mins of a Q4_K/Q5_K block (12 bytes at `p`) as 16 i16: the
 /// eight scales in the low half, the eight mins in the high half.
 #[inline]

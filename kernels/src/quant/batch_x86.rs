@@ -15,19 +15,16 @@
 macro_rules! batch_kernels {
     ($name:ident, $feat:literal, $vnni:literal) => {
         pub mod $name {
-            use super::super::super::GgmlType;
+            use crate::quant::kquants::{Q8K_BSUMS, Q8K_BYTES};
+            use crate::quant::GgmlType;
             use crate::simd_x86::{
                 by_fours, dot_u8i8, h2f, h2f_pair, h2f_s, hsum, hsum128, k45_quants, k4_mins_dot,
                 k4_scales_mins, lane_mask, ld128, ld256, mul_acc, nibbles, pair_mask, q5_signed,
-                q5_unsigned, q6k_quants, rd_f32, rd_u32,
+                q5_unsigned, q6k_quants, rd_f32, rd_u32, scales16_halves,
             };
             use core::arch::x86_64::*;
 
             const VNNI: bool = $vnni;
-
-            /// Bytes of a Q8_K block and the offset of its `bsums`.
-            const Q8K: usize = 292;
-            const BSUMS: usize = 4 + 256;
 
             // Legacy kinds (const parameter of `legacy`).
             const Q4_0: u8 = 0;
@@ -326,7 +323,7 @@ macro_rules! batch_kernels {
                 let mut accm = [_mm_setzero_ps(); N];
                 for i in 0..nb {
                     let xb = x.add(i * xs);
-                    let yi = y.add(i * Q8K);
+                    let yi = y.add(i * Q8K_BYTES);
                     let dx = h2f_s(xb);
                     let dmx = h2f_s(xb.add(2));
 
@@ -355,7 +352,7 @@ macro_rules! batch_kernels {
                         let yj = yi.add(j * ys);
                         let dy = rd_f32(yj);
                         // mins: sum_k m_k * (bsums[2k] + bsums[2k+1])
-                        let pm = k4_mins_dot(mins, yj.add(BSUMS));
+                        let pm = k4_mins_dot(mins, yj.add(Q8K_BSUMS));
                         accm[j] =
                             _mm_fmadd_ps(_mm_set1_ps(-dy * dmx), _mm_cvtepi32_ps(pm), accm[j]);
                         acc[j] = _mm256_fmadd_ps(
@@ -383,16 +380,13 @@ macro_rules! batch_kernels {
                 let mut acc = [_mm256_setzero_ps(); N];
                 for i in 0..nb {
                     let xb = x.add(i * 210);
-                    let yi = y.add(i * Q8K);
+                    let yi = y.add(i * Q8K_BYTES);
                     let dx = h2f_s(xb.add(208));
                     let sc16 = _mm256_cvtepi8_epi16(ld128(xb.add(192)));
                     let mut s = [_mm256_setzero_si256(); N];
+                    let (sc_a, sc_b) = scales16_halves(sc16);
                     for n in 0..2 {
-                        let scales = if n == 0 {
-                            _mm256_permute4x64_epi64::<0x44>(sc16)
-                        } else {
-                            _mm256_permute4x64_epi64::<0xEE>(sc16)
-                        };
+                        let scales = if n == 0 { sc_a } else { sc_b };
                         let [q0, q1, q2, q3] = q6k_quants(xb.add(64 * n), xb.add(128 + 32 * n));
                         let sc0 = _mm256_shuffle_epi8(scales, pair_mask(0));
                         let sc1 = _mm256_shuffle_epi8(scales, pair_mask(1));
@@ -409,7 +403,7 @@ macro_rules! batch_kernels {
                     for j in 0..N {
                         let yj = yi.add(j * ys);
                         // q is stored +32: subtract 32 * sum_k sc_k * bsums_k.
-                        let corr = _mm256_madd_epi16(sc16, ld256(yj.add(BSUMS)));
+                        let corr = _mm256_madd_epi16(sc16, ld256(yj.add(Q8K_BSUMS)));
                         let t = _mm256_sub_epi32(s[j], _mm256_slli_epi32::<5>(corr));
                         let d = rd_f32(yj) * dx;
                         acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(t), acc[j]);

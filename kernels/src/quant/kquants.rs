@@ -30,6 +30,8 @@ pub(crate) const Q4K_BYTES: usize = 144;
 pub(crate) const Q5K_BYTES: usize = 176;
 pub(crate) const Q6K_BYTES: usize = 210;
 pub(crate) const Q8K_BYTES: usize = 292;
+/// Offset of `bsums` inside a Q8_K block.
+pub(crate) const Q8K_BSUMS: usize = 4 + QK_K;
 
 const GROUP_MAX_EPS: f32 = 1e-15;
 
@@ -835,7 +837,7 @@ pub(crate) fn quant_q8k_scalar(x: &[f32], y: &mut [u8]) {
     }
     for j in 0..16 {
         let s: i32 = qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum();
-        let off = 4 + QK_K + 2 * j;
+        let off = Q8K_BSUMS + 2 * j;
         y[off..off + 2].copy_from_slice(&(s as i16).to_le_bytes());
     }
 }
@@ -888,7 +890,7 @@ fn dot16(q: &[i8], a: &[u8]) -> i32 {
 
 #[inline(always)]
 fn bsum(a: &[u8], j: usize) -> i32 {
-    i16_at(a, 4 + QK_K + 2 * j) as i32
+    i16_at(a, Q8K_BSUMS + 2 * j) as i32
 }
 
 fn dot_q2k_scalar(nb: usize, w: &[u8], act: &[u8]) -> f32 {

@@ -8,16 +8,13 @@
 use core::arch::x86_64::*;
 
 use super::{
-    wrong_type, Family, GgmlType, Q2K_BYTES, Q3K_BYTES, Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, Q8K_BYTES,
-    QK_K,
+    wrong_type, Family, GgmlType, Q2K_BYTES, Q3K_BYTES, Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, Q8K_BSUMS,
+    Q8K_BYTES,
 };
 use crate::simd_x86::{
-    h2f_s as f16_ld, hsum, hsum128, k45_quants, k4_mins_dot, k4_scales_mins, lane_mask, ld128,
-    ld256, mul_acc, pair_mask, q6k_quants, rd_f32 as f32_ld, rd_u32 as u32_ld,
+    h2f_s, hsum, hsum128, k45_quants, k4_mins_dot, k4_scales_mins, lane_mask, ld128, ld256,
+    mul_acc, pair_mask, q6k_quants, rd_f32, rd_u32, scales16_halves,
 };
-
-/// Offset of `bsums` inside a Q8_K block.
-const BSUMS: usize = 4 + QK_K;
 
 /// `nb` blocks of `ty` at `x` against `nb` Q8_K blocks at `y`.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -47,17 +44,6 @@ pub(super) unsafe fn dot_vnni(ty: GgmlType, nb: usize, x: *const u8, y: *const u
     }
 }
 
-/// 16 signed scales (i8) -> two registers of i16 scales for pairs 0..4 and 4..8, each with
-/// the same eight values in both halves.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scales16_halves(sc16: __m256i) -> (__m256i, __m256i) {
-    (
-        _mm256_permute4x64_epi64(sc16, 0x44),
-        _mm256_permute4x64_epi64(sc16, 0xEE),
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 // Q4_K, Q5_K
 // ---------------------------------------------------------------------------------------------
@@ -71,12 +57,12 @@ unsafe fn dot_q45k<const FIVE: bool, const V: bool>(nb: usize, w: *const u8, a: 
     for i in 0..nb {
         let x = w.add(i * bytes);
         let y = a.add(i * Q8K_BYTES);
-        let dy = f32_ld(y);
-        let d = dy * f16_ld(x);
-        let dmin = -dy * f16_ld(x.add(2));
+        let dy = rd_f32(y);
+        let d = dy * h2f_s(x);
+        let dmin = -dy * h2f_s(x.add(2));
 
         let sm = k4_scales_mins(x.add(4));
-        let pm = k4_mins_dot(_mm256_extracti128_si256(sm, 1), y.add(BSUMS));
+        let pm = k4_mins_dot(_mm256_extracti128_si256(sm, 1), y.add(Q8K_BSUMS));
         acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm), acc_m);
 
         let scales = _mm256_permute4x64_epi64(sm, 0x44);
@@ -113,11 +99,11 @@ unsafe fn dot_q6k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
     for i in 0..nb {
         let x = w.add(i * Q6K_BYTES);
         let y = a.add(i * Q8K_BYTES);
-        let d = f32_ld(y) * f16_ld(x.add(208));
+        let d = rd_f32(y) * h2f_s(x.add(208));
 
         let sc16 = _mm256_cvtepi8_epi16(ld128(x.add(192)));
         // q is stored +32: subtract 32 * sum_j sc_j * bsums_j.
-        let corr = _mm256_madd_epi16(sc16, ld256(y.add(BSUMS)));
+        let corr = _mm256_madd_epi16(sc16, ld256(y.add(Q8K_BSUMS)));
         let (sc_a, sc_b) = scales16_halves(sc16);
 
         let mut s1 = _mm256_setzero_si256();
@@ -153,11 +139,11 @@ unsafe fn dot_q3k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
     for i in 0..nb {
         let x = w.add(i * Q3K_BYTES);
         let y = a.add(i * Q8K_BYTES);
-        let d = f32_ld(y) * f16_ld(x.add(108));
+        let d = rd_f32(y) * h2f_s(x.add(108));
 
-        let w0 = u32_ld(x.add(96));
-        let w1 = u32_ld(x.add(100));
-        let w2 = u32_ld(x.add(104));
+        let w0 = rd_u32(x.add(96));
+        let w1 = rd_u32(x.add(100));
+        let w2 = rd_u32(x.add(104));
         let a0 = (w0 & 0x0f0f_0f0f) | ((w2 & 0x0303_0303) << 4);
         let a1 = (w1 & 0x0f0f_0f0f) | (((w2 >> 2) & 0x0303_0303) << 4);
         let a2 = ((w0 >> 4) & 0x0f0f_0f0f) | (((w2 >> 4) & 0x0303_0303) << 4);
@@ -168,7 +154,7 @@ unsafe fn dot_q3k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
         );
         let sc16 = _mm256_cvtepi8_epi16(sc8);
         // q is stored +4: subtract 4 * sum_j sc_j * bsums_j.
-        let corr = _mm256_madd_epi16(sc16, ld256(y.add(BSUMS)));
+        let corr = _mm256_madd_epi16(sc16, ld256(y.add(Q8K_BSUMS)));
         let (sc_a, sc_b) = scales16_halves(sc16);
 
         let mut hm = ld256(x);
@@ -210,14 +196,14 @@ unsafe fn dot_q2k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
     for i in 0..nb {
         let x = w.add(i * Q2K_BYTES);
         let y = a.add(i * Q8K_BYTES);
-        let dy = f32_ld(y);
-        let d = dy * f16_ld(x.add(80));
-        let dmin = -dy * f16_ld(x.add(82));
+        let dy = rd_f32(y);
+        let d = dy * h2f_s(x.add(80));
+        let dmin = -dy * h2f_s(x.add(82));
 
         let raw = ld128(x);
         let sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4));
         let mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
-        let summ = _mm256_madd_epi16(mn16, ld256(y.add(BSUMS)));
+        let summ = _mm256_madd_epi16(mn16, ld256(y.add(Q8K_BSUMS)));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), acc);
         let (sc_a, sc_b) = scales16_halves(sc16);
 
@@ -254,7 +240,7 @@ unsafe fn dot_q8k(nb: usize, w: *const u8, a: *const u8) -> f32 {
     for i in 0..nb {
         let x = w.add(i * Q8K_BYTES);
         let y = a.add(i * Q8K_BYTES);
-        let d = f32_ld(x) * f32_ld(y);
+        let d = rd_f32(x) * rd_f32(y);
         let mut s = _mm256_setzero_si256();
         for k in 0..8 {
             let qx = _mm256_cvtepi8_epi16(ld128(x.add(4 + 32 * k)));
@@ -338,7 +324,7 @@ pub(super) unsafe fn quant_q8k_block(x: *const f32, y: *mut u8) {
         _mm256_storeu_si256(sums.as_mut_ptr() as *mut __m256i, sad);
         let b0 = (sums[0] + sums[1] - 16 * 128) as i16;
         let b1 = (sums[2] + sums[3] - 16 * 128) as i16;
-        let o = y.add(BSUMS + 4 * g);
+        let o = y.add(Q8K_BSUMS + 4 * g);
         core::ptr::copy_nonoverlapping(b0.to_le_bytes().as_ptr(), o, 2);
         core::ptr::copy_nonoverlapping(b1.to_le_bytes().as_ptr(), o.add(2), 2);
     }
