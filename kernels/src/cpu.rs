@@ -1,8 +1,11 @@
-//! Run-time CPU feature detection, evaluated once.
+//! Run-time CPU feature detection and the one instruction-set level every kernel runs at, each
+//! evaluated once.
 
 use std::sync::OnceLock;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Instruction-set levels of the SIMD kernels, lowest first. `Avx2` is AVX2 + FMA + F16C;
+/// `Avx512` adds AVX-512 F/BW/VL, and its kernels use VNNI where the CPU has it ([`vnni`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
     Avx2,
@@ -18,7 +21,7 @@ pub struct Features {
 }
 
 static FEATURES: OnceLock<Features> = OnceLock::new();
-static FORCE: OnceLock<Isa> = OnceLock::new();
+static LEVEL: OnceLock<Isa> = OnceLock::new();
 
 pub fn features() -> Features {
     *FEATURES.get_or_init(detect)
@@ -46,27 +49,42 @@ fn detect() -> Features {
     }
 }
 
-/// The best instruction set available, unless capped with `LETHE_ISA=scalar|avx2|avx512`
-/// (read once) or [`force_isa`].
+/// The highest level this CPU runs.
+fn best() -> Isa {
+    let f = features();
+    if !(f.avx2_fma && f.f16c) {
+        Isa::Scalar
+    } else if f.avx512 {
+        Isa::Avx512
+    } else {
+        Isa::Avx2
+    }
+}
+
+/// `want` capped at what this CPU runs.
+pub fn cap(want: Isa) -> Isa {
+    want.min(best())
+}
+
+/// The level the kernels run at: the best this CPU has, unless capped with
+/// `LETHE_ISA=scalar|avx2|avx512` (read once) or [`force_isa`].
 pub fn isa() -> Isa {
-    *FORCE.get_or_init(|| {
-        let f = features();
-        let best = if f.avx512 && f.avx2_fma {
-            Isa::Avx512
-        } else if f.avx2_fma {
-            Isa::Avx2
-        } else {
-            Isa::Scalar
-        };
-        match std::env::var("LETHE_ISA").ok().as_deref() {
-            Some("scalar") => Isa::Scalar,
-            Some("avx2") if f.avx2_fma => Isa::Avx2,
-            _ => best,
-        }
+    *LEVEL.get_or_init(|| match std::env::var("LETHE_ISA").ok().as_deref() {
+        Some("scalar") => Isa::Scalar,
+        Some("avx2") => cap(Isa::Avx2),
+        _ => best(),
     })
 }
 
-/// Cap the instruction set for this process (first call wins; for tests and benches).
+/// Cap the instruction set for this process (first call wins; for tests and benches). The
+/// level is capped at what the CPU runs.
 pub fn force_isa(isa: Isa) -> bool {
-    FORCE.set(isa).is_ok()
+    LEVEL.set(cap(isa)).is_ok()
+}
+
+/// Whether kernels at level `isa` use AVX-512 VNNI (`vpdpbusd`, `vpdpwssd` on 256-bit
+/// vectors): at `Avx512` on a CPU that has it.
+#[inline]
+pub fn vnni(isa: Isa) -> bool {
+    isa == Isa::Avx512 && features().avx512_vnni
 }

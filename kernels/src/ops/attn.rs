@@ -46,6 +46,7 @@ pub fn f16_to_f32_slice(src: &[f16], dst: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::simd_x86::hsum;
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -80,15 +81,5 @@ mod x86 {
             _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_fmadd_ps(wv, x, o));
             i += 8;
         }
-    }
-
-    #[target_feature(enable = "avx2")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 }

@@ -15,151 +15,16 @@
 macro_rules! batch_kernels {
     ($name:ident, $feat:literal, $vnni:literal) => {
         pub mod $name {
-            use super::super::super::GgmlType;
+            use crate::quant::kquants::{Q8K_BSUMS, Q8K_BYTES};
+            use crate::quant::GgmlType;
+            use crate::simd_x86::{
+                by_fours, dot_u8i8, h2f, h2f_pair, h2f_s, hsum, hsum128, k45_quants, k4_mins_dot,
+                k4_scales_mins, lane_mask, ld128, ld256, mul_acc, nibbles, pair_mask, q5_signed,
+                q5_unsigned, q6k_quants, rd_f32, rd_u32, scales16_halves,
+            };
             use core::arch::x86_64::*;
 
             const VNNI: bool = $vnni;
-
-            /// Bytes of a Q8_K block and the offset of its `bsums`.
-            const Q8K: usize = 292;
-            const BSUMS: usize = 4 + 256;
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn ld(p: *const u8) -> __m256i {
-                _mm256_loadu_si256(p as *const __m256i)
-            }
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn ld128(p: *const u8) -> __m128i {
-                _mm_loadu_si128(p as *const __m128i)
-            }
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn rd_u32(p: *const u8) -> u32 {
-                core::ptr::read_unaligned(p as *const u32)
-            }
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn rd_f32(p: *const u8) -> f32 {
-                core::ptr::read_unaligned(p as *const f32)
-            }
-
-            /// The f16 at `p` as f32 in lane 0 (one `vmovd`, one `vcvtph2ps`).
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn h2f(p: *const u8) -> __m128 {
-                let bits = core::ptr::read_unaligned(p as *const u16) as u32;
-                _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
-            }
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn h2f_s(p: *const u8) -> f32 {
-                _mm_cvtss_f32(h2f(p))
-            }
-
-            /// Two consecutive f16 at `p` to [p0, p1, 0, 0].
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn h2f_pair(p: *const u8) -> __m128 {
-                _mm_cvtph_ps(_mm_cvtsi32_si128(rd_u32(p) as i32))
-            }
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn hsum(v: __m256) -> f32 {
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-                hsum128(s)
-            }
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn hsum128(s: __m128) -> f32 {
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                _mm_cvtss_f32(s)
-            }
-
-            /// Sums of u8(x) * i8(y) over groups of four bytes, as eight i32.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn dot_u8i8(x: __m256i, y: __m256i) -> __m256i {
-                if VNNI {
-                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y)
-                } else {
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
-                }
-            }
-
-            /// `acc` + the (u8 x i8) pair products scaled pairwise by the i16 `scale`.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn mul_acc(acc: __m256i, q: __m256i, q8: __m256i, scale: __m256i) -> __m256i {
-                let p = _mm256_maddubs_epi16(q, q8);
-                if VNNI {
-                    _mm256_dpwssd_epi32(acc, p, scale)
-                } else {
-                    _mm256_add_epi32(acc, _mm256_madd_epi16(scale, p))
-                }
-            }
-
-            /// 16 packed bytes at `p` to 32 nibbles: low nibbles in bytes 0..16, high in 16..32.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn nibbles(p: *const u8) -> __m256i {
-                let t = ld128(p);
-                let hi = _mm_srli_epi16::<4>(t);
-                _mm256_and_si256(_mm256_set_m128i(hi, t), _mm256_set1_epi8(0x0F))
-            }
-
-            /// Byte j = 0xFF where bit j of `qh` is set, else 0.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn bits_to_bytes(qh: u32) -> __m256i {
-                let v = _mm256_set1_epi32(qh as i32);
-                let idx = _mm256_set_epi64x(
-                    0x0303_0303_0303_0303,
-                    0x0202_0202_0202_0202,
-                    0x0101_0101_0101_0101,
-                    0,
-                );
-                let b = _mm256_shuffle_epi8(v, idx);
-                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-                _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit)
-            }
-
-            /// 5-bit quants (nibbles at `qs`, fifth bits `qh`) as 0..=31.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn q5_unsigned(qs: *const u8, qh: u32) -> __m256i {
-                let lo = nibbles(qs);
-                if VNNI {
-                    _mm256_mask_add_epi8(lo, qh, lo, _mm256_set1_epi8(16))
-                } else {
-                    _mm256_or_si256(
-                        lo,
-                        _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16)),
-                    )
-                }
-            }
-
-            /// Same minus 16 (Q5_0): -16..=15.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn q5_signed(qs: *const u8, qh: u32) -> __m256i {
-                let lo = nibbles(qs);
-                if VNNI {
-                    _mm256_mask_sub_epi8(lo, !qh, lo, _mm256_set1_epi8(16))
-                } else {
-                    // lo | 0xF0 == lo - 16 for lo in 0..16: set where the fifth bit is clear.
-                    let hb = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
-                    _mm256_or_si256(lo, hb)
-                }
-            }
 
             // Legacy kinds (const parameter of `legacy`).
             const Q4_0: u8 = 0;
@@ -185,12 +50,12 @@ macro_rules! batch_kernels {
                     let q = if K == Q4_1 {
                         nibbles(xb.add(4))
                     } else {
-                        q5_unsigned(xb.add(8), rd_u32(xb.add(4)))
+                        q5_unsigned::<VNNI>(xb.add(8), rd_u32(xb.add(4)))
                     };
                     let dm = h2f_pair(xb);
                     for j in 0..N {
                         let yj = yi.add(j * ys);
-                        let p = dot_u8i8(q, ld(yj.add(4)));
+                        let p = dot_u8i8::<VNNI>(q, ld256(yj.add(4)));
                         // [dx, mx] * [dy, sy] = [dx*dy, mx*sy]
                         let s = _mm_mul_ps(dm, h2f_pair(yj));
                         accm[j] = _mm_add_ps(accm[j], s);
@@ -203,16 +68,16 @@ macro_rules! batch_kernels {
                 } else {
                     let (q, yoff) = match K {
                         Q4_0 => (_mm256_sub_epi8(nibbles(xb.add(2)), _mm256_set1_epi8(8)), 2),
-                        Q5_0 => (q5_signed(xb.add(6), rd_u32(xb.add(2))), 2),
-                        Q8_0 => (ld(xb.add(2)), 2),
-                        _ => (ld(xb.add(4)), 4),
+                        Q5_0 => (q5_signed::<VNNI>(xb.add(6), rd_u32(xb.add(2))), 2),
+                        Q8_0 => (ld256(xb.add(2)), 2),
+                        _ => (ld256(xb.add(4)), 4),
                     };
                     // i8 x i8 as |q| x (y with q's sign), |q| shared by every row.
                     let qa = _mm256_abs_epi8(q);
                     let dx = h2f(xb);
                     for j in 0..N {
                         let yj = yi.add(j * ys);
-                        let p = dot_u8i8(qa, _mm256_sign_epi8(ld(yj.add(yoff)), q));
+                        let p = dot_u8i8::<VNNI>(qa, _mm256_sign_epi8(ld256(yj.add(yoff)), q));
                         let s = _mm_mul_ss(dx, h2f(yj));
                         acc[j] = _mm256_fmadd_ps(
                             _mm256_cvtepi32_ps(p),
@@ -281,8 +146,8 @@ macro_rules! batch_kernels {
             unsafe fn legacy_unsigned<const K: u8>(xb: *const u8) -> __m256i {
                 match K {
                     Q4_0 => nibbles(xb.add(2)),
-                    Q5_0 => q5_unsigned(xb.add(6), rd_u32(xb.add(2))),
-                    _ => _mm256_xor_si256(ld(xb.add(2)), _mm256_set1_epi8(0x80u8 as i8)),
+                    Q5_0 => q5_unsigned::<VNNI>(xb.add(6), rd_u32(xb.add(2))),
+                    _ => _mm256_xor_si256(ld256(xb.add(2)), _mm256_set1_epi8(0x80u8 as i8)),
                 }
             }
 
@@ -323,7 +188,7 @@ macro_rules! batch_kernels {
                 }
                 for j in 0..N {
                     let yj = yi.add(j * ys);
-                    let y = ld(yj.add(2));
+                    let y = ld256(yj.add(2));
                     let neg = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, y));
                     let dy = _mm256_broadcastss_ps(h2f(yj));
                     for r in 0..R {
@@ -374,13 +239,6 @@ macro_rules! batch_kernels {
             }
 
             #[allow(dead_code)]
-            /// Whether [`dot_tile`] has a tile kernel for `ty` (VNNI build only). Q4_1 and
-            /// Q8_0 have theirs in `x8_x86.rs`, on interleaved activations.
-            pub fn has_tile(ty: GgmlType) -> bool {
-                VNNI && matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0)
-            }
-
-            #[allow(dead_code)]
             #[allow(clippy::too_many_arguments)]
             #[inline]
             #[target_feature(enable = $feat)]
@@ -394,18 +252,9 @@ macro_rules! batch_kernels {
                 out: *mut f32,
                 os: usize,
             ) {
-                let mut j = 0;
-                while j + 4 <= n_act {
-                    legacy_tile::<K, R, 4>(nb, x, xrs, y.add(j * ys), ys, out.add(j), os);
-                    j += 4;
-                }
-                let (y, out) = (y.add(j * ys), out.add(j));
-                match n_act - j {
-                    3 => legacy_tile::<K, R, 3>(nb, x, xrs, y, ys, out, os),
-                    2 => legacy_tile::<K, R, 2>(nb, x, xrs, y, ys, out, os),
-                    1 => legacy_tile::<K, R, 1>(nb, x, xrs, y, ys, out, os),
-                    _ => {}
-                }
+                by_fours!(n_act, y, ys, out, N => {
+                    legacy_tile::<K, R, N>(nb, x, xrs, y, ys, out, os)
+                });
             }
 
             #[allow(dead_code)]
@@ -436,8 +285,8 @@ macro_rules! batch_kernels {
             #[allow(dead_code)]
             /// `out[i * os + j]` = dot of weight row `i` (`nb` blocks of `ty` at
             /// `x + i * xrs`) with activation row `j` (at `y + j * ys`), for `i < n_w`,
-            /// `j < n_act`: tiles of two weight rows by four activation rows. `ty` must pass
-            /// [`has_tile`].
+            /// `j < n_act`: tiles of two weight rows by four activation rows. `ty` is Q4_0 or
+            /// Q5_0 (VNNI build only).
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $feat)]
             pub unsafe fn dot_tile(
@@ -459,22 +308,6 @@ macro_rules! batch_kernels {
                 }
             }
 
-            /// Broadcast i16 lane `k` (0..8) of each 128-bit half across that half.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn lane_mask(k: usize) -> __m256i {
-                _mm256_set1_epi16((2 * k) as i16 | (((2 * k + 1) as i16) << 8))
-            }
-
-            /// For pair `p` (0..4): the low half gets i16 lane `2p`, the high half lane `2p + 1`.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn pair_mask(p: usize) -> __m256i {
-                let lo = (4 * p) as i16 | (((4 * p + 1) as i16) << 8);
-                let hi = (4 * p + 2) as i16 | (((4 * p + 3) as i16) << 8);
-                _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
-            }
-
             /// Q4_K (`FIVE` false) or Q5_K weight row against `N` Q8_K rows.
             #[inline]
             #[target_feature(enable = $feat)]
@@ -486,35 +319,21 @@ macro_rules! batch_kernels {
                 out: *mut f32,
             ) {
                 let xs = if FIVE { 176 } else { 144 };
-                let m4 = _mm256_set1_epi8(0x0F);
-                let m1 = _mm256_set1_epi8(1);
                 let mut acc = [_mm256_setzero_ps(); N];
                 let mut accm = [_mm_setzero_ps(); N];
                 for i in 0..nb {
                     let xb = x.add(i * xs);
-                    let yi = y.add(i * Q8K);
+                    let yi = y.add(i * Q8K_BYTES);
                     let dx = h2f_s(xb);
                     let dmx = h2f_s(xb.add(2));
 
-                    let w0 = rd_u32(xb.add(4));
-                    let w1 = rd_u32(xb.add(8));
-                    let w2 = rd_u32(xb.add(12));
-                    let sc_lo = w0 & 0x3f3f_3f3f;
-                    let m_lo = w1 & 0x3f3f_3f3f;
-                    let sc_hi = (w2 & 0x0f0f_0f0f) | (((w0 >> 6) & 0x0303_0303) << 4);
-                    let m_hi = ((w2 >> 4) & 0x0f0f_0f0f) | (((w1 >> 6) & 0x0303_0303) << 4);
-                    let sm = _mm256_cvtepu8_epi16(_mm_set_epi32(
-                        m_hi as i32,
-                        m_lo as i32,
-                        sc_hi as i32,
-                        sc_lo as i32,
-                    ));
+                    let sm = k4_scales_mins(xb.add(4));
                     let mins = _mm256_extracti128_si256::<1>(sm);
                     let scales = _mm256_permute4x64_epi64::<0x44>(sm);
 
                     let mut s = [_mm256_setzero_si256(); N];
                     let mut hb = if FIVE {
-                        ld(xb.add(16))
+                        ld256(xb.add(16))
                     } else {
                         _mm256_setzero_si256()
                     };
@@ -522,35 +341,18 @@ macro_rules! batch_kernels {
                     for k in 0..4 {
                         let sl = _mm256_shuffle_epi8(scales, lane_mask(2 * k));
                         let sh = _mm256_shuffle_epi8(scales, lane_mask(2 * k + 1));
-                        let bits = ld(q.add(32 * k));
-                        let mut lo = _mm256_and_si256(bits, m4);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4);
-                        if FIVE {
-                            let hl = _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m1));
-                            let hh = _mm256_slli_epi16::<4>(_mm256_and_si256(
-                                _mm256_srli_epi16::<1>(hb),
-                                m1,
-                            ));
-                            hb = _mm256_srli_epi16::<2>(hb);
-                            lo = _mm256_or_si256(lo, hl);
-                            hi = _mm256_or_si256(hi, hh);
-                        }
+                        let [lo, hi] = k45_quants::<FIVE>(ld256(q.add(32 * k)), &mut hb);
                         for j in 0..N {
                             let q8 = yi.add(j * ys + 4 + 64 * k);
-                            s[j] = mul_acc(s[j], lo, ld(q8), sl);
-                            s[j] = mul_acc(s[j], hi, ld(q8.add(32)), sh);
+                            s[j] = mul_acc::<VNNI>(s[j], lo, ld256(q8), sl);
+                            s[j] = mul_acc::<VNNI>(s[j], hi, ld256(q8.add(32)), sh);
                         }
                     }
                     for j in 0..N {
                         let yj = yi.add(j * ys);
                         let dy = rd_f32(yj);
                         // mins: sum_k m_k * (bsums[2k] + bsums[2k+1])
-                        let bs = ld(yj.add(BSUMS));
-                        let bs2 = _mm_hadd_epi16(
-                            _mm256_castsi256_si128(bs),
-                            _mm256_extracti128_si256::<1>(bs),
-                        );
-                        let pm = _mm_madd_epi16(mins, bs2);
+                        let pm = k4_mins_dot(mins, yj.add(Q8K_BSUMS));
                         accm[j] =
                             _mm_fmadd_ps(_mm_set1_ps(-dy * dmx), _mm_cvtepi32_ps(pm), accm[j]);
                         acc[j] = _mm256_fmadd_ps(
@@ -575,57 +377,33 @@ macro_rules! batch_kernels {
                 ys: usize,
                 out: *mut f32,
             ) {
-                let m4 = _mm256_set1_epi8(0x0F);
-                let m30 = _mm256_set1_epi8(0x30);
                 let mut acc = [_mm256_setzero_ps(); N];
                 for i in 0..nb {
                     let xb = x.add(i * 210);
-                    let yi = y.add(i * Q8K);
+                    let yi = y.add(i * Q8K_BYTES);
                     let dx = h2f_s(xb.add(208));
                     let sc16 = _mm256_cvtepi8_epi16(ld128(xb.add(192)));
                     let mut s = [_mm256_setzero_si256(); N];
+                    let (sc_a, sc_b) = scales16_halves(sc16);
                     for n in 0..2 {
-                        let scales = if n == 0 {
-                            _mm256_permute4x64_epi64::<0x44>(sc16)
-                        } else {
-                            _mm256_permute4x64_epi64::<0xEE>(sc16)
-                        };
-                        let ql = xb.add(64 * n);
-                        let qh = ld(xb.add(128 + 32 * n));
-                        let qa = ld(ql);
-                        let qb = ld(ql.add(32));
-                        let q0 = _mm256_or_si256(
-                            _mm256_and_si256(qa, m4),
-                            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m30),
-                        );
-                        let q1 = _mm256_or_si256(
-                            _mm256_and_si256(qb, m4),
-                            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m30),
-                        );
-                        let q2 = _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(qa), m4),
-                            _mm256_and_si256(qh, m30),
-                        );
-                        let q3 = _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(qb), m4),
-                            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
-                        );
+                        let scales = if n == 0 { sc_a } else { sc_b };
+                        let [q0, q1, q2, q3] = q6k_quants(xb.add(64 * n), xb.add(128 + 32 * n));
                         let sc0 = _mm256_shuffle_epi8(scales, pair_mask(0));
                         let sc1 = _mm256_shuffle_epi8(scales, pair_mask(1));
                         let sc2 = _mm256_shuffle_epi8(scales, pair_mask(2));
                         let sc3 = _mm256_shuffle_epi8(scales, pair_mask(3));
                         for j in 0..N {
                             let q8 = yi.add(j * ys + 4 + 128 * n);
-                            s[j] = mul_acc(s[j], q0, ld(q8), sc0);
-                            s[j] = mul_acc(s[j], q1, ld(q8.add(32)), sc1);
-                            s[j] = mul_acc(s[j], q2, ld(q8.add(64)), sc2);
-                            s[j] = mul_acc(s[j], q3, ld(q8.add(96)), sc3);
+                            s[j] = mul_acc::<VNNI>(s[j], q0, ld256(q8), sc0);
+                            s[j] = mul_acc::<VNNI>(s[j], q1, ld256(q8.add(32)), sc1);
+                            s[j] = mul_acc::<VNNI>(s[j], q2, ld256(q8.add(64)), sc2);
+                            s[j] = mul_acc::<VNNI>(s[j], q3, ld256(q8.add(96)), sc3);
                         }
                     }
                     for j in 0..N {
                         let yj = yi.add(j * ys);
                         // q is stored +32: subtract 32 * sum_k sc_k * bsums_k.
-                        let corr = _mm256_madd_epi16(sc16, ld(yj.add(BSUMS)));
+                        let corr = _mm256_madd_epi16(sc16, ld256(yj.add(Q8K_BSUMS)));
                         let t = _mm256_sub_epi32(s[j], _mm256_slli_epi32::<5>(corr));
                         let d = rd_f32(yj) * dx;
                         acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(t), acc[j]);
@@ -673,18 +451,7 @@ macro_rules! batch_kernels {
                 n_act: usize,
                 out: *mut f32,
             ) {
-                let mut j = 0;
-                while j + 4 <= n_act {
-                    group::<4>(ty, nb, x, y.add(j * ys), ys, out.add(j));
-                    j += 4;
-                }
-                let (y, out) = (y.add(j * ys), out.add(j));
-                match n_act - j {
-                    3 => group::<3>(ty, nb, x, y, ys, out),
-                    2 => group::<2>(ty, nb, x, y, ys, out),
-                    1 => group::<1>(ty, nb, x, y, ys, out),
-                    _ => {}
-                }
+                by_fours!(n_act, y, ys, out, N => group::<N>(ty, nb, x, y, ys, out));
             }
         }
     };

@@ -5,7 +5,7 @@
 //! Dot products pair each format with itself; the SIMD paths convert to f32 and accumulate with
 //! FMA in several f32 vectors, the scalar twin sums f32 products in f64 (as ggml's scalar code).
 
-use super::GgmlType;
+use super::{wrong_type, Family, GgmlType};
 use crate::cpu::{self, Isa};
 
 #[cfg(target_arch = "x86_64")]
@@ -43,10 +43,6 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(sign | if em >= 0x7C00 { special } else { finite })
 }
 
-fn not_float(ty: GgmlType) -> ! {
-    panic!("float: {ty} is not a float type")
-}
-
 /// Convert `dst.len()` elements of `ty` from `src` to f32.
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     match ty {
@@ -70,7 +66,7 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 *y = i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32;
             }
         }
-        _ => not_float(ty),
+        _ => wrong_type(Family::Float, ty),
     }
 }
 
@@ -97,43 +93,41 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
                 c.copy_from_slice(&(x.round() as i32).to_le_bytes());
             }
         }
-        _ => not_float(ty),
+        _ => wrong_type(Family::Float, ty),
     }
 }
 
-/// The instruction set the float kernels will use when asked for `isa` (capped by the CPU; the
-/// SIMD kernels need AVX2, FMA and F16C). There are no 512-bit float kernels: on Zen 4 they
-/// measured no faster for F32/BF16 and much slower for F16 (`vcvtph2ps zmm`), so `Avx512` runs
-/// the 256-bit ones.
+/// The instruction set the float kernels will use when asked for `isa` (capped by the CPU,
+/// [`cpu::cap`]). There are no 512-bit float kernels: on Zen 4 they measured no faster for
+/// F32/BF16 and much slower for F16 (`vcvtph2ps zmm`), so `Avx512` runs the 256-bit ones.
 pub fn effective_isa(isa: Isa) -> Isa {
-    let f = cpu::features();
-    let avx2 = cfg!(target_arch = "x86_64") && f.avx2_fma && f.f16c;
-    match isa {
-        Isa::Avx512 | Isa::Avx2 if avx2 => Isa::Avx2,
-        _ => Isa::Scalar,
-    }
+    cpu::cap(isa).min(Isa::Avx2)
 }
 
 /// Dot product of `n` elements of `ty` (both operands in `ty`). SIMD chosen at run time.
 #[inline]
 pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
-    vec_dot_isa(cpu::isa(), ty, n, w, act)
+    dot_at(cpu::isa(), ty, n, w, act)
 }
 
 /// [`vec_dot`] with the instruction set capped at `isa` (falls back to what the CPU has).
 pub fn vec_dot_isa(isa: Isa, ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
-    let isa = effective_isa(isa);
+    dot_at(cpu::cap(isa), ty, n, w, act)
+}
+
+/// [`vec_dot`] at level `isa`, which the CPU runs.
+fn dot_at(isa: Isa, ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar {
         let es = match ty {
             GgmlType::F32 => 4,
             GgmlType::F16 | GgmlType::BF16 => 2,
-            _ => not_float(ty),
+            _ => wrong_type(Family::Float, ty),
         };
         assert!(w.len() >= n * es, "vec_dot: weight row too short");
         assert!(act.len() >= n * es, "vec_dot: activation row too short");
         let (x, y) = (w.as_ptr(), act.as_ptr());
-        // SAFETY: AVX2/FMA/F16C checked by `effective_isa`; `n` elements of both are in bounds.
+        // SAFETY: the CPU runs `isa` (AVX2, FMA and F16C); `n` elements of both are in bounds.
         unsafe {
             return match ty {
                 GgmlType::F32 => x86::dot_f32_avx2(n, x, y),
@@ -158,7 +152,7 @@ pub fn vec_dot_scalar(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
         GgmlType::BF16 => dot_scalar::<2>(n, w, act, |c| {
             bf16_to_fp32(u16::from_le_bytes([c[0], c[1]]))
         }),
-        _ => not_float(ty),
+        _ => wrong_type(Family::Float, ty),
     }
 }
 

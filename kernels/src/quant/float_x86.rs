@@ -6,16 +6,8 @@
 
 #![allow(clippy::missing_safety_doc)]
 
+use crate::simd_x86::{h2f_s, hsum, rd_f32};
 use core::arch::x86_64::*;
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum256(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-    _mm_cvtss_f32(s)
-}
 
 /// Generic AVX2 loop: `load(p, i)` gives 8 f32 from element `i`; `scalar(i)` one product.
 macro_rules! avx2_loop {
@@ -36,7 +28,7 @@ macro_rules! avx2_loop {
             i += 8;
         }
         let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut sum = hsum256(v);
+        let mut sum = hsum(v);
         while i < n {
             sum += $scalar(i);
             i += 1;
@@ -46,20 +38,8 @@ macro_rules! avx2_loop {
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn h2f(p: *const u8) -> f32 {
-    let bits = core::ptr::read_unaligned(p as *const u16);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
-#[inline]
 unsafe fn bf2f(p: *const u8) -> f32 {
     f32::from_bits((core::ptr::read_unaligned(p as *const u16) as u32) << 16)
-}
-
-#[inline]
-unsafe fn rf(p: *const u8) -> f32 {
-    core::ptr::read_unaligned(p as *const f32)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -68,7 +48,7 @@ pub unsafe fn dot_f32_avx2(n: usize, x: *const u8, y: *const u8) -> f32 {
     avx2_loop!(
         n,
         |i: usize| (_mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(y.add(i))),
-        |i: usize| rf(x.add(i) as *const u8) * rf(y.add(i) as *const u8)
+        |i: usize| rd_f32(x.add(i) as *const u8) * rd_f32(y.add(i) as *const u8)
     )
 }
 
@@ -76,9 +56,9 @@ pub unsafe fn dot_f32_avx2(n: usize, x: *const u8, y: *const u8) -> f32 {
 pub unsafe fn dot_f16_avx2(n: usize, x: *const u8, y: *const u8) -> f32 {
     let ld =
         |p: *const u8, i: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i));
-    avx2_loop!(n, |i: usize| (ld(x, i), ld(y, i)), |i: usize| h2f(
+    avx2_loop!(n, |i: usize| (ld(x, i), ld(y, i)), |i: usize| h2f_s(
         x.add(2 * i)
-    ) * h2f(
+    ) * h2f_s(
         y.add(2 * i)
     ))
 }

@@ -17,7 +17,8 @@
 //! Dot products pair a K-quant weight row with a Q8_K activation row; the SIMD versions
 //! (AVX2+FMA+F16C, optionally AVX-512 VNNI) are chosen at run time.
 
-use super::{GgmlType, QK_K};
+use super::{wrong_type, Family, GgmlType, QK_K};
+use crate::cpu::{self, Isa};
 
 #[cfg(target_arch = "x86_64")]
 #[path = "kquants_x86.rs"]
@@ -29,6 +30,8 @@ pub(crate) const Q4K_BYTES: usize = 144;
 pub(crate) const Q5K_BYTES: usize = 176;
 pub(crate) const Q6K_BYTES: usize = 210;
 pub(crate) const Q8K_BYTES: usize = 292;
+/// Offset of `bsums` inside a Q8_K block.
+pub(crate) const Q8K_BSUMS: usize = 4 + QK_K;
 
 const GROUP_MAX_EPS: f32 = 1e-15;
 
@@ -247,7 +250,7 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         GgmlType::Q5_K => |b, y| dequant_q45k(b, y, true),
         GgmlType::Q6_K => dequant_q6k,
         GgmlType::Q8_K => dequant_q8k,
-        _ => return,
+        _ => wrong_type(Family::K, ty),
     };
     for (b, y) in src
         .chunks_exact(ty.type_size())
@@ -834,19 +837,25 @@ pub(crate) fn quant_q8k_scalar(x: &[f32], y: &mut [u8]) {
     }
     for j in 0..16 {
         let s: i32 = qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum();
-        let off = 4 + QK_K + 2 * j;
+        let off = Q8K_BSUMS + 2 * j;
         y[off..off + 2].copy_from_slice(&(s as i16).to_le_bytes());
     }
 }
 
-/// Quantize `src.len() / 256` blocks into `dst`.
+/// Quantize `src.len() / 256` blocks into `dst`. Q8_K uses SIMD when available; the bytes are
+/// identical to the scalar reference.
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
     if ty == GgmlType::Q8_K {
+        let blocks = src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(Q8K_BYTES));
         #[cfg(target_arch = "x86_64")]
-        if x86::quantize_q8k(src, dst) {
+        if cpu::isa() != Isa::Scalar {
+            for (x, y) in blocks {
+                // SAFETY: the CPU runs AVX2, FMA and F16C; `x` holds 256 floats, `y` 292 bytes.
+                unsafe { x86::quant_q8k_block(x.as_ptr(), y.as_mut_ptr()) };
+            }
             return;
         }
-        for (x, y) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(Q8K_BYTES)) {
+        for (x, y) in blocks {
             quant_q8k_scalar(x, y);
         }
         return;
@@ -857,7 +866,7 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
         GgmlType::Q4_K => quant_q4k,
         GgmlType::Q5_K => quant_q5k,
         GgmlType::Q6_K => quant_q6k,
-        _ => return,
+        _ => wrong_type(Family::K, ty),
     };
     for (x, y) in src
         .chunks_exact(QK_K)
@@ -881,7 +890,7 @@ fn dot16(q: &[i8], a: &[u8]) -> i32 {
 
 #[inline(always)]
 fn bsum(a: &[u8], j: usize) -> i32 {
-    i16_at(a, 4 + QK_K + 2 * j) as i32
+    i16_at(a, Q8K_BSUMS + 2 * j) as i32
 }
 
 fn dot_q2k_scalar(nb: usize, w: &[u8], act: &[u8]) -> f32 {
@@ -1010,17 +1019,39 @@ pub fn vec_dot_scalar(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
         GgmlType::Q5_K => dot_q45k_scalar(nb, w, act, true),
         GgmlType::Q6_K => dot_q6k_scalar(nb, w, act),
         GgmlType::Q8_K => dot_q8k_scalar(nb, w, act),
-        _ => 0.0,
+        _ => wrong_type(Family::K, ty),
     }
 }
 
 /// Dot product of a K-quant weight row (`n` elements) with a Q8_K activation row.
-/// SIMD chosen at run time; falls back to [`vec_dot_scalar`].
+/// SIMD chosen at run time; rows too short for `n` go to [`vec_dot_scalar`], which reads only
+/// the whole blocks they hold.
 #[inline]
 pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if let Some(v) = x86::vec_dot(ty, n, w, act) {
-        return v;
+    {
+        let isa = cpu::isa();
+        let nb = n / QK_K;
+        if isa != Isa::Scalar
+            && ty.family() == Family::K
+            && w.len() >= nb * ty.type_size()
+            && act.len() >= nb * Q8K_BYTES
+        {
+            let (x, y) = (w.as_ptr(), act.as_ptr());
+            // `vpdpwssd` measured faster for Q3_K/Q5_K/Q6_K on Zen 4 and slightly slower for
+            // Q2_K/Q4_K (LLVM re-splits much of it into vpmaddwd + vpaddd anyway).
+            let vnni =
+                cpu::vnni(isa) && matches!(ty, GgmlType::Q3_K | GgmlType::Q5_K | GgmlType::Q6_K);
+            // SAFETY: the CPU runs `isa` (and VNNI where `cpu::vnni` says so); `nb` blocks of
+            // both operands are in bounds (checked above).
+            unsafe {
+                return if vnni {
+                    x86::dot_vnni(ty, nb, x, y)
+                } else {
+                    x86::dot_avx2(ty, nb, x, y)
+                };
+            }
+        }
     }
     vec_dot_scalar(ty, n, w, act)
 }

@@ -1,4 +1,5 @@
-//! x86-64 SIMD kernels for the K-quants (AVX2 + FMA + F16C), selected at run time.
+//! x86-64 SIMD kernels for the K-quants (declared from `kquants.rs`, which picks them at run
+//! time): AVX2 + FMA + F16C, and the same source with AVX-512 VNNI's `vpdpwssd`.
 //!
 //! Every weight quant is decoded to small unsigned integers so that `vpmaddubsw` (u8 x i8)
 //! can be used; the constant offsets of Q3_K (-4) and Q6_K (-32) and the mins of
@@ -6,300 +7,86 @@
 
 use core::arch::x86_64::*;
 
-use super::{GgmlType, Q2K_BYTES, Q3K_BYTES, Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, Q8K_BYTES, QK_K};
-use crate::cpu::{self, Isa};
+use super::{
+    wrong_type, Family, GgmlType, Q2K_BYTES, Q3K_BYTES, Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, Q8K_BSUMS,
+    Q8K_BYTES,
+};
+use crate::simd_x86::{
+    h2f_s, hsum, hsum128, k45_quants, k4_mins_dot, k4_scales_mins, lane_mask, ld128, ld256,
+    mul_acc, pair_mask, q6k_quants, rd_f32, rd_u32, scales16_halves,
+};
 
-/// Offset of `bsums` inside a Q8_K block.
-const BSUMS: usize = 4 + QK_K;
-
-#[inline]
-fn simd_ok() -> bool {
-    cpu::isa() != Isa::Scalar && cpu::features().f16c
-}
-
-/// `None` when no SIMD path applies (no AVX2, a non-K type, or too-short inputs, which the
-/// scalar twin handles without reading out of bounds).
-#[inline]
-pub(super) fn vec_dot(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> Option<f32> {
-    if !simd_ok() {
-        return None;
-    }
-    let nb = n / QK_K;
-    if act.len() < nb * Q8K_BYTES {
-        return None;
-    }
-    let wbytes = match ty {
-        GgmlType::Q2_K => Q2K_BYTES,
-        GgmlType::Q3_K => Q3K_BYTES,
-        GgmlType::Q4_K => Q4K_BYTES,
-        GgmlType::Q5_K => Q5K_BYTES,
-        GgmlType::Q6_K => Q6K_BYTES,
-        GgmlType::Q8_K => Q8K_BYTES,
-        _ => return None,
-    };
-    if w.len() < nb * wbytes {
-        return None;
-    }
-    let (x, y) = (w.as_ptr(), act.as_ptr());
-    // SAFETY: the CPU features were detected at run time; the lengths were checked above.
-    // `vpdpwssd` measured faster for Q3_K/Q5_K/Q6_K on Zen 4 and slightly slower for
-    // Q2_K/Q4_K (LLVM re-splits much of it into vpmaddwd + vpaddd anyway).
-    let vnni_pays = matches!(ty, GgmlType::Q3_K | GgmlType::Q5_K | GgmlType::Q6_K);
-    unsafe {
-        Some(
-            if vnni_pays && cpu::isa() == Isa::Avx512 && cpu::features().avx512_vnni {
-                dot_vnni(ty, nb, x, y)
-            } else {
-                dot_avx2(ty, nb, x, y)
-            },
-        )
-    }
-}
-
+/// `nb` blocks of `ty` at `x` against `nb` Q8_K blocks at `y`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2(ty: GgmlType, nb: usize, x: *const u8, y: *const u8) -> f32 {
+pub(super) unsafe fn dot_avx2(ty: GgmlType, nb: usize, x: *const u8, y: *const u8) -> f32 {
     match ty {
         GgmlType::Q2_K => dot_q2k::<false>(nb, x, y),
         GgmlType::Q3_K => dot_q3k::<false>(nb, x, y),
-        GgmlType::Q4_K => dot_q4k::<false>(nb, x, y),
-        GgmlType::Q5_K => dot_q5k::<false>(nb, x, y),
+        GgmlType::Q4_K => dot_q45k::<false, false>(nb, x, y),
+        GgmlType::Q5_K => dot_q45k::<true, false>(nb, x, y),
         GgmlType::Q6_K => dot_q6k::<false>(nb, x, y),
-        _ => dot_q8k(nb, x, y),
+        GgmlType::Q8_K => dot_q8k(nb, x, y),
+        _ => wrong_type(Family::K, ty),
     }
 }
 
 /// The same kernels with `vpdpwssd` (AVX-512 VNNI on 256-bit registers).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn dot_vnni(ty: GgmlType, nb: usize, x: *const u8, y: *const u8) -> f32 {
+pub(super) unsafe fn dot_vnni(ty: GgmlType, nb: usize, x: *const u8, y: *const u8) -> f32 {
     match ty {
         GgmlType::Q2_K => dot_q2k::<true>(nb, x, y),
         GgmlType::Q3_K => dot_q3k::<true>(nb, x, y),
-        GgmlType::Q4_K => dot_q4k::<true>(nb, x, y),
-        GgmlType::Q5_K => dot_q5k::<true>(nb, x, y),
+        GgmlType::Q4_K => dot_q45k::<false, true>(nb, x, y),
+        GgmlType::Q5_K => dot_q45k::<true, true>(nb, x, y),
         GgmlType::Q6_K => dot_q6k::<true>(nb, x, y),
-        _ => dot_q8k(nb, x, y),
+        GgmlType::Q8_K => dot_q8k(nb, x, y),
+        _ => wrong_type(Family::K, ty),
     }
-}
-
-/// Q8_K quantization of whole blocks; `false` when no SIMD path applies.
-pub(super) fn quantize_q8k(src: &[f32], dst: &mut [u8]) -> bool {
-    if !simd_ok() {
-        return false;
-    }
-    let nb = (src.len() / QK_K).min(dst.len() / Q8K_BYTES);
-    for i in 0..nb {
-        let x = &src[i * QK_K..(i + 1) * QK_K];
-        let y = &mut dst[i * Q8K_BYTES..(i + 1) * Q8K_BYTES];
-        // SAFETY: features detected at run time; `x` holds 256 floats and `y` 292 bytes.
-        unsafe { quant_q8k_block(x.as_ptr(), y.as_mut_ptr()) };
-    }
-    true
 }
 
 // ---------------------------------------------------------------------------------------------
-// Helpers
+// Q4_K, Q5_K
 // ---------------------------------------------------------------------------------------------
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_ld(p: *const u8) -> f32 {
-    let bits = (p as *const u16).read_unaligned();
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f32_ld(p: *const u8) -> f32 {
-    (p as *const f32).read_unaligned()
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn u32_ld(p: *const u8) -> u32 {
-    u32::from_le((p as *const u32).read_unaligned())
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn ld256(p: *const u8) -> __m256i {
-    _mm256_loadu_si256(p as *const __m256i)
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn ld128(p: *const u8) -> __m128i {
-    _mm_loadu_si128(p as *const __m128i)
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_ps(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
-
-/// Byte-shuffle masks that broadcast one i16 lane within each 128-bit half: for pair `p`
-/// (0..4) the low half gets i16 lane `2p`, the high half i16 lane `2p + 1`. Applied to a
-/// register holding the same eight i16 scales in both halves, this gives the scales of two
-/// consecutive 16-element sub-blocks for the two halves of a 32-element vector.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pair_mask(p: usize) -> __m256i {
-    let lo = (4 * p) as i16 | (((4 * p + 1) as i16) << 8);
-    let hi = (4 * p + 2) as i16 | (((4 * p + 3) as i16) << 8);
-    _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
-}
-
-/// Broadcast i16 lane `k` (0..8) of each half across that half.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn lane_mask(k: usize) -> __m256i {
-    _mm256_set1_epi16((2 * k) as i16 | (((2 * k + 1) as i16) << 8))
-}
-
-/// `acc + sum of (u8 x i8) products, pairwise-scaled by the i16 `scale`` -> 8 x i32.
-/// With AVX-512 VNNI (`V`), `vpdpwssd` fuses the scaling multiply and the accumulation.
+/// Q4_K (`FIVE` false) or Q5_K.
 #[inline(always)]
-unsafe fn mul_acc<const V: bool>(acc: __m256i, q: __m256i, q8: __m256i, scale: __m256i) -> __m256i {
-    let p = _mm256_maddubs_epi16(q, q8);
-    if V {
-        _mm256_dpwssd_epi32(acc, p, scale)
-    } else {
-        _mm256_add_epi32(acc, _mm256_madd_epi16(scale, p))
-    }
-}
-
-/// 16 signed scales (i8) -> two registers of i16 scales for pairs 0..4 and 4..8, each with
-/// the same eight values in both halves.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scales16_halves(sc16: __m256i) -> (__m256i, __m256i) {
-    (
-        _mm256_permute4x64_epi64(sc16, 0x44),
-        _mm256_permute4x64_epi64(sc16, 0xEE),
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Q4_K
-// ---------------------------------------------------------------------------------------------
-
-#[inline(always)]
-unsafe fn dot_q4k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
-    let m4 = _mm256_set1_epi8(0x0F);
+unsafe fn dot_q45k<const FIVE: bool, const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    let bytes = if FIVE { Q5K_BYTES } else { Q4K_BYTES };
     let mut acc = _mm256_setzero_ps();
     let mut acc_m = _mm_setzero_ps();
     for i in 0..nb {
-        let x = w.add(i * Q4K_BYTES);
+        let x = w.add(i * bytes);
         let y = a.add(i * Q8K_BYTES);
-        let dy = f32_ld(y);
-        let d = dy * f16_ld(x);
-        let dmin = -dy * f16_ld(x.add(2));
+        let dy = rd_f32(y);
+        let d = dy * h2f_s(x);
+        let dmin = -dy * h2f_s(x.add(2));
 
-        let w0 = u32_ld(x.add(4));
-        let w1 = u32_ld(x.add(8));
-        let w2 = u32_ld(x.add(12));
-        let sc_lo = w0 & 0x3f3f_3f3f;
-        let m_lo = w1 & 0x3f3f_3f3f;
-        let sc_hi = (w2 & 0x0f0f_0f0f) | (((w0 >> 6) & 0x0303_0303) << 4);
-        let m_hi = ((w2 >> 4) & 0x0f0f_0f0f) | (((w1 >> 6) & 0x0303_0303) << 4);
-        let sm = _mm256_cvtepu8_epi16(_mm_set_epi32(
-            m_hi as i32,
-            m_lo as i32,
-            sc_hi as i32,
-            sc_lo as i32,
-        ));
-
-        // mins: sum_j m_j * (bsums[2j] + bsums[2j+1])
-        let bs = ld256(y.add(BSUMS));
-        let bs2 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-        let pm = _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), bs2);
+        let sm = k4_scales_mins(x.add(4));
+        let pm = k4_mins_dot(_mm256_extracti128_si256(sm, 1), y.add(Q8K_BSUMS));
         acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm), acc_m);
 
         let scales = _mm256_permute4x64_epi64(sm, 0x44);
-        let q = x.add(16);
+        // Q5_K: the fifth bits, two per byte per 64 quants.
+        let mut hb = if FIVE {
+            ld256(x.add(16))
+        } else {
+            _mm256_setzero_si256()
+        };
+        let q = x.add(if FIVE { 48 } else { 16 });
         let q8 = y.add(4);
         let mut s1 = _mm256_setzero_si256();
         let mut s2 = _mm256_setzero_si256();
         for j in 0..4 {
             let sl = _mm256_shuffle_epi8(scales, lane_mask(2 * j));
             let sh = _mm256_shuffle_epi8(scales, lane_mask(2 * j + 1));
-            let bits = ld256(q.add(32 * j));
-            let lo = _mm256_and_si256(bits, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            let [lo, hi] = k45_quants::<FIVE>(ld256(q.add(32 * j)), &mut hb);
             s1 = mul_acc::<V>(s1, lo, ld256(q8.add(64 * j)), sl);
             s2 = mul_acc::<V>(s2, hi, ld256(q8.add(64 * j + 32)), sh);
         }
         let s = _mm256_add_epi32(s1, s2);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
     }
-    let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    hsum_ps(acc) + _mm_cvtss_f32(m)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Q5_K
-// ---------------------------------------------------------------------------------------------
-
-#[inline(always)]
-unsafe fn dot_q5k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m1 = _mm256_set1_epi8(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
-    for i in 0..nb {
-        let x = w.add(i * Q5K_BYTES);
-        let y = a.add(i * Q8K_BYTES);
-        let dy = f32_ld(y);
-        let d = dy * f16_ld(x);
-        let dmin = -dy * f16_ld(x.add(2));
-
-        let w0 = u32_ld(x.add(4));
-        let w1 = u32_ld(x.add(8));
-        let w2 = u32_ld(x.add(12));
-        let sc_lo = w0 & 0x3f3f_3f3f;
-        let m_lo = w1 & 0x3f3f_3f3f;
-        let sc_hi = (w2 & 0x0f0f_0f0f) | (((w0 >> 6) & 0x0303_0303) << 4);
-        let m_hi = ((w2 >> 4) & 0x0f0f_0f0f) | (((w1 >> 6) & 0x0303_0303) << 4);
-        let sm = _mm256_cvtepu8_epi16(_mm_set_epi32(
-            m_hi as i32,
-            m_lo as i32,
-            sc_hi as i32,
-            sc_lo as i32,
-        ));
-
-        let bs = ld256(y.add(BSUMS));
-        let bs2 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-        let pm = _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), bs2);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm), acc_m);
-
-        let scales = _mm256_permute4x64_epi64(sm, 0x44);
-        let mut hb = ld256(x.add(16));
-        let q = x.add(48);
-        let q8 = y.add(4);
-        let mut s1 = _mm256_setzero_si256();
-        let mut s2 = _mm256_setzero_si256();
-        for j in 0..4 {
-            let sl = _mm256_shuffle_epi8(scales, lane_mask(2 * j));
-            let sh = _mm256_shuffle_epi8(scales, lane_mask(2 * j + 1));
-            let bits = ld256(q.add(32 * j));
-            let hl = _mm256_slli_epi16(_mm256_and_si256(hb, m1), 4);
-            let hh = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), m1), 4);
-            hb = _mm256_srli_epi16(hb, 2);
-            let lo = _mm256_or_si256(_mm256_and_si256(bits, m4), hl);
-            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), hh);
-            s1 = mul_acc::<V>(s1, lo, ld256(q8.add(64 * j)), sl);
-            s2 = mul_acc::<V>(s2, hi, ld256(q8.add(64 * j + 32)), sh);
-        }
-        let s = _mm256_add_epi32(s1, s2);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
-    }
-    let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    hsum_ps(acc) + _mm_cvtss_f32(m)
+    hsum(acc) + hsum128(acc_m)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -308,43 +95,22 @@ unsafe fn dot_q5k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
 
 #[inline(always)]
 unsafe fn dot_q6k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m30 = _mm256_set1_epi8(0x30);
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let x = w.add(i * Q6K_BYTES);
         let y = a.add(i * Q8K_BYTES);
-        let d = f32_ld(y) * f16_ld(x.add(208));
+        let d = rd_f32(y) * h2f_s(x.add(208));
 
         let sc16 = _mm256_cvtepi8_epi16(ld128(x.add(192)));
         // q is stored +32: subtract 32 * sum_j sc_j * bsums_j.
-        let corr = _mm256_madd_epi16(sc16, ld256(y.add(BSUMS)));
+        let corr = _mm256_madd_epi16(sc16, ld256(y.add(Q8K_BSUMS)));
         let (sc_a, sc_b) = scales16_halves(sc16);
 
         let mut s1 = _mm256_setzero_si256();
         let mut s2 = _mm256_setzero_si256();
         for n in 0..2 {
             let scales = if n == 0 { sc_a } else { sc_b };
-            let ql = x.add(64 * n);
-            let qh = ld256(x.add(128 + 32 * n));
-            let qa = ld256(ql);
-            let qb = ld256(ql.add(32));
-            let q0 = _mm256_or_si256(
-                _mm256_and_si256(qa, m4),
-                _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
-            );
-            let q1 = _mm256_or_si256(
-                _mm256_and_si256(qb, m4),
-                _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
-            );
-            let q2 = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(qa, 4), m4),
-                _mm256_and_si256(qh, m30),
-            );
-            let q3 = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
-                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-            );
+            let [q0, q1, q2, q3] = q6k_quants(x.add(64 * n), x.add(128 + 32 * n));
             let q8 = y.add(4 + 128 * n);
             let sc0 = _mm256_shuffle_epi8(scales, pair_mask(0));
             let sc1 = _mm256_shuffle_epi8(scales, pair_mask(1));
@@ -358,7 +124,7 @@ unsafe fn dot_q6k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let s = _mm256_sub_epi32(_mm256_add_epi32(s1, s2), _mm256_slli_epi32(corr, 5));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
     }
-    hsum_ps(acc)
+    hsum(acc)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -373,11 +139,11 @@ unsafe fn dot_q3k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
     for i in 0..nb {
         let x = w.add(i * Q3K_BYTES);
         let y = a.add(i * Q8K_BYTES);
-        let d = f32_ld(y) * f16_ld(x.add(108));
+        let d = rd_f32(y) * h2f_s(x.add(108));
 
-        let w0 = u32_ld(x.add(96));
-        let w1 = u32_ld(x.add(100));
-        let w2 = u32_ld(x.add(104));
+        let w0 = rd_u32(x.add(96));
+        let w1 = rd_u32(x.add(100));
+        let w2 = rd_u32(x.add(104));
         let a0 = (w0 & 0x0f0f_0f0f) | ((w2 & 0x0303_0303) << 4);
         let a1 = (w1 & 0x0f0f_0f0f) | (((w2 >> 2) & 0x0303_0303) << 4);
         let a2 = ((w0 >> 4) & 0x0f0f_0f0f) | (((w2 >> 4) & 0x0303_0303) << 4);
@@ -388,7 +154,7 @@ unsafe fn dot_q3k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
         );
         let sc16 = _mm256_cvtepi8_epi16(sc8);
         // q is stored +4: subtract 4 * sum_j sc_j * bsums_j.
-        let corr = _mm256_madd_epi16(sc16, ld256(y.add(BSUMS)));
+        let corr = _mm256_madd_epi16(sc16, ld256(y.add(Q8K_BSUMS)));
         let (sc_a, sc_b) = scales16_halves(sc16);
 
         let mut hm = ld256(x);
@@ -415,7 +181,7 @@ unsafe fn dot_q3k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let s = _mm256_sub_epi32(_mm256_add_epi32(s1, s2), _mm256_slli_epi32(corr, 2));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
     }
-    hsum_ps(acc)
+    hsum(acc)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,14 +196,14 @@ unsafe fn dot_q2k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
     for i in 0..nb {
         let x = w.add(i * Q2K_BYTES);
         let y = a.add(i * Q8K_BYTES);
-        let dy = f32_ld(y);
-        let d = dy * f16_ld(x.add(80));
-        let dmin = -dy * f16_ld(x.add(82));
+        let dy = rd_f32(y);
+        let d = dy * h2f_s(x.add(80));
+        let dmin = -dy * h2f_s(x.add(82));
 
         let raw = ld128(x);
         let sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4));
         let mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
-        let summ = _mm256_madd_epi16(mn16, ld256(y.add(BSUMS)));
+        let summ = _mm256_madd_epi16(mn16, ld256(y.add(Q8K_BSUMS)));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), acc);
         let (sc_a, sc_b) = scales16_halves(sc16);
 
@@ -461,7 +227,7 @@ unsafe fn dot_q2k<const V: bool>(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let s = _mm256_add_epi32(s1, s2);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
     }
-    hsum_ps(acc)
+    hsum(acc)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -474,7 +240,7 @@ unsafe fn dot_q8k(nb: usize, w: *const u8, a: *const u8) -> f32 {
     for i in 0..nb {
         let x = w.add(i * Q8K_BYTES);
         let y = a.add(i * Q8K_BYTES);
-        let d = f32_ld(x) * f32_ld(y);
+        let d = rd_f32(x) * rd_f32(y);
         let mut s = _mm256_setzero_si256();
         for k in 0..8 {
             let qx = _mm256_cvtepi8_epi16(ld128(x.add(4 + 32 * k)));
@@ -486,15 +252,16 @@ unsafe fn dot_q8k(nb: usize, w: *const u8, a: *const u8) -> f32 {
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
     }
-    hsum_ps(acc)
+    hsum(acc)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Q8_K quantization (bit-exact with ggml's quantize_row_q8_K_ref)
 // ---------------------------------------------------------------------------------------------
 
+/// One Q8_K block: 256 floats at `x` to 292 bytes at `y`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quant_q8k_block(x: *const f32, y: *mut u8) {
+pub(super) unsafe fn quant_q8k_block(x: *const f32, y: *mut u8) {
     let sign = _mm256_set1_ps(-0.0);
     // amax: NaNs are skipped (vmaxps returns its second operand when either is NaN), as in
     // the reference's `fabsf(x) > amax` test.
@@ -557,7 +324,7 @@ unsafe fn quant_q8k_block(x: *const f32, y: *mut u8) {
         _mm256_storeu_si256(sums.as_mut_ptr() as *mut __m256i, sad);
         let b0 = (sums[0] + sums[1] - 16 * 128) as i16;
         let b1 = (sums[2] + sums[3] - 16 * 128) as i16;
-        let o = y.add(BSUMS + 4 * g);
+        let o = y.add(Q8K_BSUMS + 4 * g);
         core::ptr::copy_nonoverlapping(b0.to_le_bytes().as_ptr(), o, 2);
         core::ptr::copy_nonoverlapping(b1.to_le_bytes().as_ptr(), o.add(2), 2);
     }

@@ -14,7 +14,7 @@
 //! Quantizers reproduce ggml's reference quantizers (`quantize_row_*_ref`) bit for bit; the
 //! Q8_0/Q8_1 activation quantizers have SIMD paths that give the same bytes.
 
-use super::GgmlType;
+use super::{wrong_type, Family, GgmlType};
 use crate::cpu::{self, Isa};
 
 #[cfg(target_arch = "x86_64")]
@@ -46,20 +46,8 @@ fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
-fn not_legacy(ty: GgmlType) -> ! {
-    panic!("legacy: {ty} is not a legacy block type")
-}
-
 fn is_legacy(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q5_1
-            | GgmlType::Q8_0
-            | GgmlType::Q8_1
-    )
+    ty.family() == Family::Legacy
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -69,7 +57,7 @@ fn is_legacy(ty: GgmlType) -> bool {
 /// Dequantize `dst.len() / 32` blocks of `ty` from `src`.
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     if !is_legacy(ty) {
-        not_legacy(ty);
+        wrong_type(Family::Legacy, ty);
     }
     let bs = ty.type_size();
     for (b, y) in src.chunks_exact(bs).zip(dst.chunks_exact_mut(QK)) {
@@ -119,7 +107,7 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                     *yj = q as i8 as f32 * d;
                 }
             }
-            _ => not_legacy(ty),
+            _ => wrong_type(Family::Legacy, ty),
         }
     }
 }
@@ -131,21 +119,41 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
 /// Quantize `src` (a multiple of 32 long) into `src.len() / 32` blocks of `ty` in `dst`.
 /// Q8_0 and Q8_1 use SIMD when available; the bytes are identical to the scalar reference.
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
-    quantize_row_isa(cpu::isa(), ty, src, dst)
+    quantize_at(cpu::isa(), ty, src, dst)
 }
 
 /// [`quantize_row`] with the instruction set capped at `isa` (falls back to what the CPU has).
 pub fn quantize_row_isa(isa: Isa, ty: GgmlType, src: &[f32], dst: &mut [u8]) {
-    match ty {
-        GgmlType::Q8_0 | GgmlType::Q8_1 => quantize_q8(effective_isa(isa), ty, src, dst),
-        _ => quantize_row_ref(ty, src, dst),
+    quantize_at(cpu::cap(isa), ty, src, dst)
+}
+
+/// [`quantize_row`] at level `isa`, which the CPU runs.
+fn quantize_at(isa: Isa, ty: GgmlType, src: &[f32], dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar && matches!(ty, GgmlType::Q8_0 | GgmlType::Q8_1) {
+        let nb = src.len() / QK;
+        assert!(
+            dst.len() >= nb * ty.type_size(),
+            "quantize_row: destination too short"
+        );
+        let (x, y, sum) = (src.as_ptr(), dst.as_mut_ptr(), ty == GgmlType::Q8_1);
+        // SAFETY: the CPU runs `isa`; lengths were checked above.
+        unsafe {
+            return if isa == Isa::Avx512 {
+                x86::quantize_q8_avx512(x, nb, y, sum)
+            } else {
+                x86::quantize_q8_avx2(x, nb, y, sum)
+            };
+        }
     }
+    let _ = isa;
+    quantize_row_ref(ty, src, dst)
 }
 
 /// The scalar reference quantizer for every legacy type (ggml's `quantize_row_*_ref`).
 pub fn quantize_row_ref(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
     if !is_legacy(ty) {
-        not_legacy(ty);
+        wrong_type(Family::Legacy, ty);
     }
     let bs = ty.type_size();
     for (x, y) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(bs)) {
@@ -156,7 +164,7 @@ pub fn quantize_row_ref(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
             GgmlType::Q5_1 => quant_block_q5_1(x, y),
             GgmlType::Q8_0 => quant_block_q8(x, y, false),
             GgmlType::Q8_1 => quant_block_q8(x, y, true),
-            _ => not_legacy(ty),
+            _ => wrong_type(Family::Legacy, ty),
         }
     }
 }
@@ -274,75 +282,49 @@ fn quant_block_q8(x: &[f32], y: &mut [u8], with_sum: bool) {
     }
 }
 
-fn quantize_q8(isa: Isa, ty: GgmlType, src: &[f32], dst: &mut [u8]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let nb = src.len() / QK;
-        let bs = ty.type_size();
-        assert!(dst.len() >= nb * bs, "quantize_row: destination too short");
-        let sum = ty == GgmlType::Q8_1;
-        // SAFETY: the ISA was checked at run time; lengths were checked above.
-        unsafe {
-            match isa {
-                Isa::Avx512 => {
-                    return x86::quantize_q8_avx512(src.as_ptr(), nb, dst.as_mut_ptr(), sum)
-                }
-                Isa::Avx2 => return x86::quantize_q8_avx2(src.as_ptr(), nb, dst.as_mut_ptr(), sum),
-                Isa::Scalar => {}
-            }
-        }
-    }
-    let _ = isa;
-    quantize_row_ref(ty, src, dst)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Dot products
 // ---------------------------------------------------------------------------------------------
 
 /// The instruction set the legacy kernels will actually use when asked for `isa`: capped by what
-/// the CPU supports (AVX2 paths also need FMA and F16C).
+/// the CPU supports ([`cpu::cap`]).
 pub fn effective_isa(isa: Isa) -> Isa {
-    let f = cpu::features();
-    let avx2 = cfg!(target_arch = "x86_64") && f.avx2_fma && f.f16c;
-    match isa {
-        Isa::Avx512 if avx2 && f.avx512 => Isa::Avx512,
-        Isa::Avx512 | Isa::Avx2 if avx2 => Isa::Avx2,
-        _ => Isa::Scalar,
-    }
+    cpu::cap(isa)
 }
 
 /// Whether the AVX-512 dot-product path uses VNNI (`vpdpbusd`) on this CPU.
 pub fn uses_vnni() -> bool {
-    let f = cpu::features();
-    effective_isa(Isa::Avx512) == Isa::Avx512 && f.avx512_vnni
+    cpu::vnni(cpu::cap(Isa::Avx512))
 }
 
 /// Dot product of `n` elements: weights `w` in `ty`, activations `act` in `ty.vec_dot_type()`.
 /// SIMD chosen at run time.
 #[inline]
 pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
-    vec_dot_isa(cpu::isa(), ty, n, w, act)
+    dot_at(cpu::isa(), ty, n, w, act)
 }
 
 /// [`vec_dot`] with the instruction set capped at `isa` (falls back to what the CPU has).
 pub fn vec_dot_isa(isa: Isa, ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
-    let isa = effective_isa(isa);
+    dot_at(cpu::cap(isa), ty, n, w, act)
+}
+
+/// [`vec_dot`] at level `isa`, which the CPU runs.
+fn dot_at(isa: Isa, ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar {
         let nb = n / QK;
         let (xs, ys) = (ty.type_size(), ty.vec_dot_type().type_size());
         if !is_legacy(ty) {
-            not_legacy(ty);
+            wrong_type(Family::Legacy, ty);
         }
         assert!(w.len() >= nb * xs, "vec_dot: weight row too short");
         assert!(act.len() >= nb * ys, "vec_dot: activation row too short");
-        let vnni = isa == Isa::Avx512 && cpu::features().avx512_vnni;
         let (x, y) = (w.as_ptr(), act.as_ptr());
-        // SAFETY: features checked by `effective_isa`/`features()`; `nb` blocks of both operands
-        // are in bounds (asserted above). The kernels only do unaligned loads.
+        // SAFETY: the CPU runs `isa` (and VNNI where `cpu::vnni` says so); `nb` blocks of both
+        // operands are in bounds (asserted above). The kernels only do unaligned loads.
         unsafe {
-            return if vnni {
+            return if cpu::vnni(isa) {
                 x86::vnni::dot(ty, nb, x, y)
             } else {
                 x86::avx2::dot(ty, nb, x, y)
@@ -365,7 +347,7 @@ pub fn vec_dot_scalar(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
         GgmlType::Q5_1 => dot_scalar_q5_1(w, &act[..nb * BYTES_Q8_1]),
         GgmlType::Q8_0 => dot_scalar_q8::<BYTES_Q8_0, 2>(w, &act[..nb * BYTES_Q8_0]),
         GgmlType::Q8_1 => dot_scalar_q8::<BYTES_Q8_1, 4>(w, &act[..nb * BYTES_Q8_1]),
-        _ => not_legacy(ty),
+        _ => wrong_type(Family::Legacy, ty),
     }
 }
 

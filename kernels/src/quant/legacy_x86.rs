@@ -9,12 +9,16 @@
 
 #![allow(clippy::missing_safety_doc)]
 
+use super::inv;
 use core::arch::x86_64::*;
 
 macro_rules! dot_kernels {
     ($name:ident, $feat:literal, $vnni:literal) => {
         pub mod $name {
-            use super::super::GgmlType;
+            use crate::quant::{wrong_type, Family, GgmlType};
+            use crate::simd_x86::{
+                dot_u8i8, h2f_pair, hsum, ld256, nibbles, q5_signed, q5_unsigned, rd_u32,
+            };
             use core::arch::x86_64::*;
 
             const VNNI: bool = $vnni;
@@ -31,103 +35,12 @@ macro_rules! dot_kernels {
                 _mm256_broadcastss_ps(_mm_mul_ss(v, _mm_movehdup_ps(v)))
             }
 
-            /// Two consecutive f16 at `p` to [p0, p1, 0, 0].
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn h2f_pair(p: *const u8) -> __m128 {
-                let bits = core::ptr::read_unaligned(p as *const u32);
-                _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
-            }
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn hsum(v: __m256) -> f32 {
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-                _mm_cvtss_f32(s)
-            }
-
-            /// Sums of u8(x) * i8(y) over groups of four bytes, as eight i32.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn dot_u8i8(x: __m256i, y: __m256i) -> __m256i {
-                if VNNI {
-                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y)
-                } else {
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
-                }
-            }
-
-            /// Same for i8(x) * i8(y) (x, y in -127..=127; x = -128 would saturate).
+            /// Sums of i8(x) * i8(y) over groups of four bytes, as eight i32 (x, y in -127..=127;
+            /// x = -128 would saturate).
             #[inline]
             #[target_feature(enable = $feat)]
             unsafe fn dot_i8i8(x: __m256i, y: __m256i) -> __m256i {
-                dot_u8i8(_mm256_abs_epi8(x), _mm256_sign_epi8(y, x))
-            }
-
-            /// 16 packed bytes at `p` to 32 nibbles: low nibbles in bytes 0..16, high in 16..32.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn nibbles(p: *const u8) -> __m256i {
-                let t = _mm_loadu_si128(p as *const __m128i);
-                let hi = _mm_srli_epi16::<4>(t);
-                _mm256_and_si256(_mm256_set_m128i(hi, t), _mm256_set1_epi8(0x0F))
-            }
-
-            /// Byte j = 0xFF where bit j of `qh` is set, else 0.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn bits_to_bytes(qh: u32) -> __m256i {
-                let v = _mm256_set1_epi32(qh as i32);
-                let idx = _mm256_set_epi64x(
-                    0x0303_0303_0303_0303,
-                    0x0202_0202_0202_0202,
-                    0x0101_0101_0101_0101,
-                    0,
-                );
-                let b = _mm256_shuffle_epi8(v, idx);
-                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-                _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit)
-            }
-
-            /// 5-bit quants of a q5 block: nibbles at `qs`, fifth bits `qh`, as 0..=31.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn q5_unsigned(qs: *const u8, qh: u32) -> __m256i {
-                let lo = nibbles(qs);
-                if VNNI {
-                    _mm256_mask_add_epi8(lo, qh, lo, _mm256_set1_epi8(16))
-                } else {
-                    let hb = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16));
-                    _mm256_or_si256(lo, hb)
-                }
-            }
-
-            /// Same, minus 16 (q5_0): -16..=15.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn q5_signed(qs: *const u8, qh: u32) -> __m256i {
-                let lo = nibbles(qs);
-                if VNNI {
-                    _mm256_mask_sub_epi8(lo, !qh, lo, _mm256_set1_epi8(16))
-                } else {
-                    // lo | 0xF0 == lo - 16 for lo in 0..16: set where the fifth bit is clear.
-                    let hb = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
-                    _mm256_or_si256(lo, hb)
-                }
-            }
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn load(p: *const u8) -> __m256i {
-                _mm256_loadu_si256(p as *const __m256i)
-            }
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn read_u32(p: *const u8) -> u32 {
-                core::ptr::read_unaligned(p as *const u32)
+                dot_u8i8::<VNNI>(_mm256_abs_epi8(x), _mm256_sign_epi8(y, x))
             }
 
             /// acc += f32(integer block dot `p`) * dx * dy (`_0` formats).
@@ -172,8 +85,8 @@ macro_rules! dot_kernels {
                     let (x1, y1) = (x0.add(XS), y0.add(YS));
                     let q0 = _mm256_sub_epi8(nibbles(x0.add(2)), eight);
                     let q1 = _mm256_sub_epi8(nibbles(x1.add(2)), eight);
-                    let p0 = dot_i8i8(q0, load(y0.add(2)));
-                    let p1 = dot_i8i8(q1, load(y1.add(2)));
+                    let p0 = dot_i8i8(q0, ld256(y0.add(2)));
+                    let p1 = dot_i8i8(q1, ld256(y1.add(2)));
                     acc0 = fma_block(acc0, p0, x0, y0);
                     acc1 = fma_block(acc1, p1, x1, y1);
                     i += 2;
@@ -181,7 +94,7 @@ macro_rules! dot_kernels {
                 if i < nb {
                     let (x0, y0) = (x.add(i * XS), y.add(i * YS));
                     let q0 = _mm256_sub_epi8(nibbles(x0.add(2)), eight);
-                    acc0 = fma_block(acc0, dot_i8i8(q0, load(y0.add(2))), x0, y0);
+                    acc0 = fma_block(acc0, dot_i8i8(q0, ld256(y0.add(2))), x0, y0);
                 }
                 hsum(_mm256_add_ps(acc0, acc1))
             }
@@ -196,15 +109,15 @@ macro_rules! dot_kernels {
                 while i + 2 <= nb {
                     let (x0, y0) = (x.add(i * XS), y.add(i * YS));
                     let (x1, y1) = (x0.add(XS), y0.add(YS));
-                    let p0 = dot_u8i8(nibbles(x0.add(4)), load(y0.add(4)));
-                    let p1 = dot_u8i8(nibbles(x1.add(4)), load(y1.add(4)));
+                    let p0 = dot_u8i8::<VNNI>(nibbles(x0.add(4)), ld256(y0.add(4)));
+                    let p1 = dot_u8i8::<VNNI>(nibbles(x1.add(4)), ld256(y1.add(4)));
                     acc0 = fma_block_1(acc0, &mut accm0, p0, x0, y0);
                     acc1 = fma_block_1(acc1, &mut accm1, p1, x1, y1);
                     i += 2;
                 }
                 if i < nb {
                     let (x0, y0) = (x.add(i * XS), y.add(i * YS));
-                    let p0 = dot_u8i8(nibbles(x0.add(4)), load(y0.add(4)));
+                    let p0 = dot_u8i8::<VNNI>(nibbles(x0.add(4)), ld256(y0.add(4)));
                     acc0 = fma_block_1(acc0, &mut accm0, p0, x0, y0);
                 }
                 finish_1(_mm256_add_ps(acc0, acc1), _mm_add_ps(accm0, accm1))
@@ -219,18 +132,18 @@ macro_rules! dot_kernels {
                 while i + 2 <= nb {
                     let (x0, y0) = (x.add(i * XS), y.add(i * YS));
                     let (x1, y1) = (x0.add(XS), y0.add(YS));
-                    let q0 = q5_signed(x0.add(6), read_u32(x0.add(2)));
-                    let q1 = q5_signed(x1.add(6), read_u32(x1.add(2)));
-                    let p0 = dot_i8i8(q0, load(y0.add(2)));
-                    let p1 = dot_i8i8(q1, load(y1.add(2)));
+                    let q0 = q5_signed::<VNNI>(x0.add(6), rd_u32(x0.add(2)));
+                    let q1 = q5_signed::<VNNI>(x1.add(6), rd_u32(x1.add(2)));
+                    let p0 = dot_i8i8(q0, ld256(y0.add(2)));
+                    let p1 = dot_i8i8(q1, ld256(y1.add(2)));
                     acc0 = fma_block(acc0, p0, x0, y0);
                     acc1 = fma_block(acc1, p1, x1, y1);
                     i += 2;
                 }
                 if i < nb {
                     let (x0, y0) = (x.add(i * XS), y.add(i * YS));
-                    let q0 = q5_signed(x0.add(6), read_u32(x0.add(2)));
-                    acc0 = fma_block(acc0, dot_i8i8(q0, load(y0.add(2))), x0, y0);
+                    let q0 = q5_signed::<VNNI>(x0.add(6), rd_u32(x0.add(2)));
+                    acc0 = fma_block(acc0, dot_i8i8(q0, ld256(y0.add(2))), x0, y0);
                 }
                 hsum(_mm256_add_ps(acc0, acc1))
             }
@@ -245,18 +158,24 @@ macro_rules! dot_kernels {
                 while i + 2 <= nb {
                     let (x0, y0) = (x.add(i * XS), y.add(i * YS));
                     let (x1, y1) = (x0.add(XS), y0.add(YS));
-                    let q0 = q5_unsigned(x0.add(8), read_u32(x0.add(4)));
-                    let q1 = q5_unsigned(x1.add(8), read_u32(x1.add(4)));
-                    let p0 = dot_u8i8(q0, load(y0.add(4)));
-                    let p1 = dot_u8i8(q1, load(y1.add(4)));
+                    let q0 = q5_unsigned::<VNNI>(x0.add(8), rd_u32(x0.add(4)));
+                    let q1 = q5_unsigned::<VNNI>(x1.add(8), rd_u32(x1.add(4)));
+                    let p0 = dot_u8i8::<VNNI>(q0, ld256(y0.add(4)));
+                    let p1 = dot_u8i8::<VNNI>(q1, ld256(y1.add(4)));
                     acc0 = fma_block_1(acc0, &mut accm0, p0, x0, y0);
                     acc1 = fma_block_1(acc1, &mut accm1, p1, x1, y1);
                     i += 2;
                 }
                 if i < nb {
                     let (x0, y0) = (x.add(i * XS), y.add(i * YS));
-                    let q0 = q5_unsigned(x0.add(8), read_u32(x0.add(4)));
-                    acc0 = fma_block_1(acc0, &mut accm0, dot_u8i8(q0, load(y0.add(4))), x0, y0);
+                    let q0 = q5_unsigned::<VNNI>(x0.add(8), rd_u32(x0.add(4)));
+                    acc0 = fma_block_1(
+                        acc0,
+                        &mut accm0,
+                        dot_u8i8::<VNNI>(q0, ld256(y0.add(4))),
+                        x0,
+                        y0,
+                    );
                 }
                 finish_1(_mm256_add_ps(acc0, acc1), _mm_add_ps(accm0, accm1))
             }
@@ -273,15 +192,15 @@ macro_rules! dot_kernels {
                 while i + 2 <= nb {
                     let (x0, y0) = (x.add(i * BS), y.add(i * BS));
                     let (x1, y1) = (x0.add(BS), y0.add(BS));
-                    let p0 = dot_i8i8(load(x0.add(OFF)), load(y0.add(OFF)));
-                    let p1 = dot_i8i8(load(x1.add(OFF)), load(y1.add(OFF)));
+                    let p0 = dot_i8i8(ld256(x0.add(OFF)), ld256(y0.add(OFF)));
+                    let p1 = dot_i8i8(ld256(x1.add(OFF)), ld256(y1.add(OFF)));
                     acc0 = fma_block(acc0, p0, x0, y0);
                     acc1 = fma_block(acc1, p1, x1, y1);
                     i += 2;
                 }
                 if i < nb {
                     let (x0, y0) = (x.add(i * BS), y.add(i * BS));
-                    let p0 = dot_i8i8(load(x0.add(OFF)), load(y0.add(OFF)));
+                    let p0 = dot_i8i8(ld256(x0.add(OFF)), ld256(y0.add(OFF)));
                     acc0 = fma_block(acc0, p0, x0, y0);
                 }
                 hsum(_mm256_add_ps(acc0, acc1))
@@ -300,7 +219,7 @@ macro_rules! dot_kernels {
                     GgmlType::Q5_1 => dot_q5_1(nb, x, y),
                     GgmlType::Q8_0 => dot_q8::<34, 2>(nb, x, y),
                     GgmlType::Q8_1 => dot_q8::<36, 4>(nb, x, y),
-                    _ => 0.0,
+                    _ => wrong_type(Family::Legacy, ty),
                 }
             }
         }
@@ -323,15 +242,6 @@ dot_kernels!(
 #[target_feature(enable = "f16c")]
 unsafe fn f2h(x: f32) -> u16 {
     _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))) as u16
-}
-
-#[inline]
-fn inv(d: f32) -> f32 {
-    if d != 0.0 {
-        1.0 / d
-    } else {
-        0.0
-    }
 }
 
 /// C `roundf` (half-way cases away from zero), exactly: t = trunc(v) and v - t are exact, so

@@ -7,7 +7,11 @@
 //! `vec_dot` (SIMD chosen at run time) and `vec_dot_scalar` (its scalar twin). The dot product
 //! takes a weight row in its own format and an activation row in `ty.vec_dot_type()` (ggml's
 //! pairing: Q4_0/Q5_0/Q8_0 with Q8_0, Q4_1/Q5_1 with Q8_1, K-quants with Q8_K, floats with
-//! themselves).
+//! themselves). `batch` holds the products of several rows at once ([`vec_dot_batch`],
+//! [`vec_dot_tile`], [`vec_dot_tile_x8`]).
+//!
+//! Every family's entry points pick their SIMD body by the one instruction-set level of
+//! [`crate::cpu::isa`]; the `*_x86.rs` files hold the `#[target_feature]` bodies.
 
 mod batch;
 pub mod float;
@@ -17,7 +21,10 @@ pub mod legacy;
 #[path = "x8_x86.rs"]
 mod x8;
 
-pub use batch::has_fast_path as has_batch_fast_path;
+pub use batch::{
+    has_fast_path as has_batch_fast_path, has_tile_x8, quantize_row_x8, vec_dot_batch,
+    vec_dot_tile, vec_dot_tile_x8, x8_row_bytes,
+};
 
 use crate::KernelError;
 
@@ -166,7 +173,7 @@ impl GgmlType {
         )
     }
 
-    fn family(self) -> Family {
+    pub(crate) fn family(self) -> Family {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I32 => Family::Float,
             GgmlType::Q4_0
@@ -186,10 +193,26 @@ impl std::fmt::Display for GgmlType {
     }
 }
 
-enum Family {
+/// The families of block formats, one file of kernels each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
     Float,
     Legacy,
     K,
+}
+
+/// A type handed to the kernels of a family it is not in. The entry points of this module
+/// dispatch by family, so only a direct caller of a family's functions can get here: that is a
+/// bug, and every family panics the same way.
+#[cold]
+#[track_caller]
+pub(crate) fn wrong_type(family: Family, ty: GgmlType) -> ! {
+    let name = match family {
+        Family::Float => "float",
+        Family::Legacy => "legacy block",
+        Family::K => "K-quant",
+    };
+    panic!("{ty} is not a {name} type")
 }
 
 fn check_len(ty: GgmlType, n: usize) -> Result<(), KernelError> {
@@ -203,13 +226,17 @@ fn check_len(ty: GgmlType, n: usize) -> Result<(), KernelError> {
     Ok(())
 }
 
+/// A row of `n` elements of `ty` in a buffer of `bytes` bytes: an error unless the row is whole
+/// blocks, a panic (`{what} too short`) unless the buffer holds it.
+fn check_row(ty: GgmlType, n: usize, bytes: usize, what: &str) -> Result<(), KernelError> {
+    check_len(ty, n)?;
+    assert!(bytes >= ty.row_bytes(n), "{what} too short");
+    Ok(())
+}
+
 /// Dequantize one row: `src` holds `dst.len() / block_size` blocks of `ty`.
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), KernelError> {
-    check_len(ty, dst.len())?;
-    assert!(
-        src.len() >= ty.row_bytes(dst.len()),
-        "dequantize_row: source too short"
-    );
+    check_row(ty, dst.len(), src.len(), "dequantize_row: source")?;
     match ty.family() {
         Family::Float => float::dequantize_row(ty, src, dst),
         Family::Legacy => legacy::dequantize_row(ty, src, dst),
@@ -220,11 +247,7 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), K
 
 /// Quantize one row with ggml's reference rounding: `dst` receives `ty.row_bytes(src.len())` bytes.
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), KernelError> {
-    check_len(ty, src.len())?;
-    assert!(
-        dst.len() >= ty.row_bytes(src.len()),
-        "quantize_row: destination too short"
-    );
+    check_row(ty, src.len(), dst.len(), "quantize_row: destination")?;
     match ty.family() {
         Family::Float => float::quantize_row(ty, src, dst),
         Family::Legacy => legacy::quantize_row(ty, src, dst),
@@ -244,246 +267,6 @@ pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
         Family::Float => float::vec_dot(ty, n, w, act),
         Family::Legacy => legacy::vec_dot(ty, n, w, act),
         Family::K => kquants::vec_dot(ty, n, w, act),
-    }
-}
-
-/// Batched [`vec_dot`]: `out[j] = vec_dot(ty, n, w, &act[j * act_stride..])` for
-/// `j < n_act`. Where a SIMD batch kernel exists (see [`has_batch_fast_path`]) each weight
-/// block is unpacked once and multiplied against up to four activation rows; the integer math
-/// is the single-row kernels', only the f32 accumulation order may differ slightly.
-pub fn vec_dot_batch(
-    ty: GgmlType,
-    n: usize,
-    w: &[u8],
-    act: &[u8],
-    act_stride: usize,
-    n_act: usize,
-    out: &mut [f32],
-) {
-    if n_act == 0 {
-        return;
-    }
-    assert!(
-        n.is_multiple_of(ty.block_size()),
-        "vec_dot_batch: bad row length"
-    );
-    assert!(
-        w.len() >= ty.row_bytes(n),
-        "vec_dot_batch: weight row too short"
-    );
-    let ab = ty.vec_dot_type().row_bytes(n);
-    assert!(
-        act.len() >= (n_act - 1) * act_stride + ab,
-        "vec_dot_batch: activation rows too short"
-    );
-    assert!(out.len() >= n_act, "vec_dot_batch: output too short");
-    if batch::vec_dot_batch(ty, n, w, act, act_stride, n_act, out) {
-        return;
-    }
-    for (j, o) in out[..n_act].iter_mut().enumerate() {
-        *o = vec_dot(ty, n, w, &act[j * act_stride..]);
-    }
-}
-
-/// Tiled [`vec_dot`]: `out[i * out_stride + j] = vec_dot(ty, n, &w[i * w_stride..],
-/// &act[j * act_stride..])` for `i < n_w`, `j < n_act`, the same bits. Where a SIMD tile
-/// kernel exists (Q4_0 and Q5_0 with AVX-512 VNNI) blocks of two weight rows by four
-/// activation rows share their unpacked weights and loaded activations; other types go
-/// through [`vec_dot_batch`] one weight row at a time. Q4_1 and Q8_0 have their fast tiles
-/// in [`vec_dot_tile_x8`], which takes the activations interleaved.
-#[allow(clippy::too_many_arguments)]
-pub fn vec_dot_tile(
-    ty: GgmlType,
-    n: usize,
-    w: &[u8],
-    w_stride: usize,
-    n_w: usize,
-    act: &[u8],
-    act_stride: usize,
-    n_act: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    if n_w == 0 || n_act == 0 {
-        return;
-    }
-    assert!(
-        n.is_multiple_of(ty.block_size()),
-        "vec_dot_tile: bad row length"
-    );
-    assert!(
-        w.len() >= (n_w - 1) * w_stride + ty.row_bytes(n),
-        "vec_dot_tile: weight rows too short"
-    );
-    let ab = ty.vec_dot_type().row_bytes(n);
-    assert!(
-        act.len() >= (n_act - 1) * act_stride + ab,
-        "vec_dot_tile: activation rows too short"
-    );
-    assert!(
-        n_w == 1 || out_stride >= n_act,
-        "vec_dot_tile: output stride shorter than a row"
-    );
-    assert!(
-        out.len() >= (n_w - 1) * out_stride + n_act,
-        "vec_dot_tile: output too short"
-    );
-    if batch::vec_dot_tile(
-        ty, n, w, w_stride, n_w, act, act_stride, n_act, out, out_stride,
-    ) {
-        return;
-    }
-    for i in 0..n_w {
-        vec_dot_batch(
-            ty,
-            n,
-            &w[i * w_stride..],
-            act,
-            act_stride,
-            n_act,
-            &mut out[i * out_stride..],
-        );
-    }
-}
-
-/// Whether [`vec_dot_tile_x8`] runs for weights of `ty` on this CPU (Q4_1 and Q8_0 with
-/// AVX-512 VNNI). Callers that get `false` use [`vec_dot_tile`] with the usual layout.
-pub fn has_tile_x8(ty: GgmlType) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let f = crate::cpu::features();
-        crate::cpu::isa() == crate::cpu::Isa::Avx512
-            && f.avx2_fma
-            && f.f16c
-            && f.avx512
-            && f.avx512_vnni
-            && x8::has_tile(ty)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = ty;
-        false
-    }
-}
-
-/// Bytes of one activation row of `n` elements (a multiple of 32) in the interleaved layout
-/// of [`quantize_row_x8`]: groups of eight blocks, the last one padded.
-pub fn x8_row_bytes(n: usize) -> usize {
-    n.div_ceil(8 * QK8_0) * 288
-}
-
-/// Quantize `src` to `vt` (Q8_0 or Q8_1; the same values as [`quantize_row`]) in the
-/// interleaved layout that [`vec_dot_tile_x8`] reads: per group of eight blocks, the eight
-/// `d`, eight second fields (Q8_1: `s`; Q8_0: the i16 sum of the block's quants), then the
-/// quants with dword `v` of block `k` at dword `8 * v + k`. `dst` takes
-/// [`x8_row_bytes`]`(src.len())` bytes.
-pub fn quantize_row_x8(vt: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), KernelError> {
-    assert!(
-        matches!(vt, GgmlType::Q8_0 | GgmlType::Q8_1),
-        "quantize_row_x8: {vt} is not Q8_0 or Q8_1"
-    );
-    check_len(vt, src.len())?;
-    let nb = src.len() / QK8_0;
-    assert!(
-        dst.len() >= x8_row_bytes(src.len()),
-        "quantize_row_x8: destination too short"
-    );
-    // One group at a time through the usual quantizer (same bytes), then rearranged.
-    let bs = vt.type_size();
-    let mut tmp = [0u8; 8 * 36];
-    for (g, out) in dst[..x8_row_bytes(src.len())]
-        .chunks_exact_mut(288)
-        .enumerate()
-    {
-        let k = (nb - 8 * g).min(8);
-        let x = &src[8 * g * QK8_0..(8 * g + k) * QK8_0];
-        quantize_row(vt, x, &mut tmp[..k * bs])?;
-        interleave(vt == GgmlType::Q8_1, k, &tmp[..k * bs], out);
-    }
-    Ok(())
-}
-
-/// `nb` blocks of Q8_0 or Q8_1 (`q8_1`) at `src` into one interleaved group (`nb` <= 8).
-fn interleave(q8_1: bool, nb: usize, src: &[u8], out: &mut [u8]) {
-    let bs = if q8_1 { 36 } else { 34 };
-    let off = bs - 32;
-    out[..288].fill(0);
-    for k in 0..nb {
-        let b = &src[k * bs..(k + 1) * bs];
-        out[2 * k..2 * k + 2].copy_from_slice(&b[..2]);
-        let second = if q8_1 {
-            [b[2], b[3]]
-        } else {
-            let s: i32 = b[off..off + 32].iter().map(|&q| q as i8 as i32).sum();
-            (s as i16).to_le_bytes()
-        };
-        out[16 + 2 * k..16 + 2 * k + 2].copy_from_slice(&second);
-        for v in 0..8 {
-            let o = 32 + 32 * v + 4 * k;
-            out[o..o + 4].copy_from_slice(&b[off + 4 * v..off + 4 * v + 4]);
-        }
-    }
-}
-
-/// [`vec_dot_tile`] with the activations in the interleaved layout of [`quantize_row_x8`]
-/// (rows `act_stride` bytes apart): `out[i * out_stride + j]` is the same bits as
-/// `vec_dot(ty, n, &w[i * w_stride..], a_j)` where `a_j` is activation row `j` in the usual
-/// layout. Weight rows are unpacked once per group of eight blocks for all activation rows.
-/// Panics unless [`has_tile_x8`]`(ty)`.
-#[allow(clippy::too_many_arguments)]
-pub fn vec_dot_tile_x8(
-    ty: GgmlType,
-    n: usize,
-    w: &[u8],
-    w_stride: usize,
-    n_w: usize,
-    act: &[u8],
-    act_stride: usize,
-    n_act: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    assert!(has_tile_x8(ty), "vec_dot_tile_x8: no kernel for {ty}");
-    if n_w == 0 || n_act == 0 {
-        return;
-    }
-    assert!(
-        n.is_multiple_of(ty.block_size()),
-        "vec_dot_tile_x8: bad row length"
-    );
-    assert!(
-        w.len() >= (n_w - 1) * w_stride + ty.row_bytes(n),
-        "vec_dot_tile_x8: weight rows too short"
-    );
-    assert!(
-        act.len() >= (n_act - 1) * act_stride + x8_row_bytes(n),
-        "vec_dot_tile_x8: activation rows too short"
-    );
-    assert!(
-        n_w == 1 || out_stride >= n_act,
-        "vec_dot_tile_x8: output stride shorter than a row"
-    );
-    assert!(
-        out.len() >= (n_w - 1) * out_stride + n_act,
-        "vec_dot_tile_x8: output too short"
-    );
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `has_tile_x8` checked the CPU features; the bounds were checked above. The
-    // kernel reads only the `n / 32` blocks of each weight row (masked loads and gathers in a
-    // partial group) and whole groups of each activation row.
-    unsafe {
-        x8::dot_tile(
-            ty,
-            n / ty.block_size(),
-            w.as_ptr(),
-            w_stride,
-            n_w,
-            act.as_ptr(),
-            act_stride,
-            n_act,
-            out.as_mut_ptr(),
-            out_stride,
-        );
     }
 }
 

@@ -31,6 +31,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 use super::GgmlType;
+use crate::simd_x86::{by_fours, hsum, ld128, ld256, nibbles};
 use core::arch::x86_64::*;
 
 /// Blocks per group.
@@ -41,33 +42,15 @@ pub const GROUP: usize = 8;
 pub const GROUP_BYTES: usize = 288;
 const QOFF: usize = 32;
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn ld(p: *const u8) -> __m256i {
-    _mm256_loadu_si256(p as *const __m256i)
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn ld128(p: *const u8) -> __m128i {
-    _mm_loadu_si128(p as *const __m128i)
-}
+// Block kinds (const parameter of the kernels).
+const Q4_1: u8 = 0;
+const Q8_0: u8 = 1;
 
 /// 16 bytes at `p`, or zeros when `on` is false (nothing read then).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn ld128_if(p: *const u8, on: bool) -> __m128i {
     _mm_maskz_loadu_epi32(if on { 0xF } else { 0 }, p as *const i32)
-}
-
-/// The fixed horizontal sum of both kernels.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
 }
 
 /// Step 2 of the order (see the module docs).
@@ -117,15 +100,6 @@ unsafe fn gather(p: *const u8, stride: i32, rem: usize) -> __m256i {
 unsafe fn half_f16<const HI: bool>(v: __m256i) -> __m256 {
     let v = if HI { _mm256_srli_epi32::<16>(v) } else { v };
     _mm256_cvtph_ps(_mm256_cvtepi32_epi16(v))
-}
-
-/// 16 packed bytes at `p` to 32 nibbles: low nibbles in bytes 0..16, high in 16..32.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn nibbles(p: *const u8) -> __m256i {
-    let t = ld128(p);
-    let hi = _mm_srli_epi16::<4>(t);
-    _mm256_and_si256(_mm256_set_m128i(hi, t), _mm256_set1_epi8(0x0F))
 }
 
 /// Transpose of four vectors of two 128-bit halves: dword `i` of half `h` of output `m` is
@@ -180,28 +154,13 @@ unsafe fn q4_1_group(acc: __m256, x: *const u8, y: *const u8, rem: usize) -> __m
     let zero = _mm256_setzero_si256();
     let mut p = [zero; 8];
     for (k, pk) in p.iter_mut().enumerate().take(rem) {
-        *pk = _mm256_dpbusd_epi32(zero, nibbles(x.add(20 * k + 4)), ld(y.add(36 * k + 4)));
+        *pk = _mm256_dpbusd_epi32(zero, nibbles(x.add(20 * k + 4)), ld256(y.add(36 * k + 4)));
     }
     let isum = reduce8(&p);
     let xs = gather(x, 20, rem);
     let ys = gather(y, 36, rem);
     let acc = step(acc, isum, half_f16::<false>(xs), half_f16::<false>(ys));
     _mm256_fmadd_ps(half_f16::<true>(xs), half_f16::<true>(ys), acc)
-}
-
-/// Q4_1 x Q8_1, `nb` blocks, in the module's order.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_q4_1(nb: usize, x: *const u8, y: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut g = 0;
-    while g + GROUP <= nb {
-        acc = q4_1_group(acc, x.add(g * 20), y.add(g * 36), GROUP);
-        g += GROUP;
-    }
-    if g < nb {
-        acc = q4_1_group(acc, x.add(g * 20), y.add(g * 36), nb - g);
-    }
-    hsum(acc)
 }
 
 /// One group of Q8_0 x Q8_0.
@@ -211,8 +170,8 @@ unsafe fn q8_0_group(acc: __m256, x: *const u8, y: *const u8, rem: usize) -> __m
     let zero = _mm256_setzero_si256();
     let mut p = [zero; 8];
     for (k, pk) in p.iter_mut().enumerate().take(rem) {
-        let qx = ld(x.add(34 * k + 2));
-        let qy = ld(y.add(34 * k + 2));
+        let qx = ld256(x.add(34 * k + 2));
+        let qy = ld256(y.add(34 * k + 2));
         // |qx| * (qy with qx's sign): exact for qy != -128 (Q8 activations are -127..=127).
         *pk = _mm256_dpbusd_epi32(zero, _mm256_abs_epi8(qx), _mm256_sign_epi8(qy, qx));
     }
@@ -222,19 +181,41 @@ unsafe fn q8_0_group(acc: __m256, x: *const u8, y: *const u8, rem: usize) -> __m
     step(acc, isum, dx, dy)
 }
 
-/// Q8_0 x Q8_0, `nb` blocks, in the module's order.
+/// `nb` blocks of kind `K` (Q4_1 x Q8_1 or Q8_0 x Q8_0), in the module's order.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_q8_0(nb: usize, x: *const u8, y: *const u8) -> f32 {
+unsafe fn dot_row<const K: u8>(nb: usize, x: *const u8, y: *const u8) -> f32 {
+    let (xs, ys) = if K == Q4_1 { (20, 36) } else { (34, 34) };
+    let group = |acc, g: usize, rem| {
+        let (x, y) = (x.add(g * xs), y.add(g * ys));
+        if K == Q4_1 {
+            q4_1_group(acc, x, y, rem)
+        } else {
+            q8_0_group(acc, x, y, rem)
+        }
+    };
     let mut acc = _mm256_setzero_ps();
     let mut g = 0;
     while g + GROUP <= nb {
-        acc = q8_0_group(acc, x.add(g * 34), y.add(g * 34), GROUP);
+        acc = group(acc, g, GROUP);
         g += GROUP;
     }
     if g < nb {
-        acc = q8_0_group(acc, x.add(g * 34), y.add(g * 34), nb - g);
+        acc = group(acc, g, nb - g);
     }
     hsum(acc)
+}
+
+/// Q4_1 x Q8_1, `nb` blocks, in the module's order.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_q4_1(nb: usize, x: *const u8, y: *const u8) -> f32 {
+    dot_row::<Q4_1>(nb, x, y)
+}
+
+/// Q8_0 x Q8_0, `nb` blocks, in the module's order.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_q8_0(nb: usize, x: *const u8, y: *const u8) -> f32 {
+    dot_row::<Q8_0>(nb, x, y)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -288,9 +269,6 @@ unsafe fn q8_0_weights<const FULL: bool>(x: *const u8, rem: usize) -> WGroup {
     }
 }
 
-const Q4_1: u8 = 0;
-const Q8_0: u8 = 1;
-
 /// One group of `R` weight rows (`xrs` bytes apart from `x`, at the group's first block)
 /// against `N` interleaved activation groups (`ys` bytes apart from `y`).
 #[inline]
@@ -337,8 +315,8 @@ unsafe fn tile_group<const K: u8, const R: usize, const N: usize, const FULL: bo
             let mut s0 = start;
             let mut s1 = _mm256_setzero_si256();
             for v in (0..8).step_by(2) {
-                s0 = _mm256_dpbusd_epi32(s0, wr.u[v], ld(yj.add(QOFF + 32 * v)));
-                s1 = _mm256_dpbusd_epi32(s1, wr.u[v + 1], ld(yj.add(QOFF + 32 * v + 32)));
+                s0 = _mm256_dpbusd_epi32(s0, wr.u[v], ld256(yj.add(QOFF + 32 * v)));
+                s1 = _mm256_dpbusd_epi32(s1, wr.u[v + 1], ld256(yj.add(QOFF + 32 * v + 32)));
             }
             let isum = _mm256_add_epi32(s0, s1);
             let a = step(acc[r][j], isum, wr.dx, dy);
@@ -386,33 +364,6 @@ unsafe fn tile<const K: u8, const R: usize, const N: usize>(
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_rows<const K: u8, const R: usize>(
-    nb: usize,
-    x: *const u8,
-    xrs: usize,
-    y: *const u8,
-    ys: usize,
-    n_act: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    let mut j = 0;
-    while j + 4 <= n_act {
-        tile::<K, R, 4>(nb, x, xrs, y.add(j * ys), ys, out.add(j), os);
-        j += 4;
-    }
-    let (y, out) = (y.add(j * ys), out.add(j));
-    match n_act - j {
-        3 => tile::<K, R, 3>(nb, x, xrs, y, ys, out, os),
-        2 => tile::<K, R, 2>(nb, x, xrs, y, ys, out, os),
-        1 => tile::<K, R, 1>(nb, x, xrs, y, ys, out, os),
-        _ => {}
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn tile_kind<const K: u8>(
     nb: usize,
     x: *const u8,
@@ -425,13 +376,9 @@ unsafe fn tile_kind<const K: u8>(
     os: usize,
 ) {
     for i in 0..n_w {
-        tile_rows::<K, 1>(nb, x.add(i * xrs), xrs, y, ys, n_act, out.add(i * os), os);
+        let (x, out) = (x.add(i * xrs), out.add(i * os));
+        by_fours!(n_act, y, ys, out, N => tile::<K, 1, N>(nb, x, xrs, y, ys, out, os));
     }
-}
-
-/// Whether [`dot_tile`] takes `ty`.
-pub fn has_tile(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0)
 }
 
 /// `out[i * os + j]` = dot of weight row `i` (`nb` blocks of `ty` at `x + i * xrs`) with the
