@@ -66,7 +66,7 @@ unsafe fn dot_q45k<const FIVE: bool, const V: bool>(nb: usize, w: *const u8, a: 
         acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm), acc_m);
 
         let scales = _mm256_permute4x64_epi64(sm, 0x44);
-        // Q5_K: the fifth bits, two per byte per 64 quants.
+        // Q5_K: 32 bytes of fifth bits, two bits of each byte per 64 quants.
         let mut hb = if FIVE {
             ld256(x.add(16))
         } else {
