@@ -24,7 +24,8 @@ use lethe::forge::slug::{
 };
 use lethe::forge::train::{Lora, Objective, TrainModel};
 use lethe::gguf::{GgufFile, GgufWriter};
-use lethe::model::{Model, PatchKind, PatchSet, Slot, Target};
+use lethe::model::Model;
+use lethe::patch::{PatchKind, PatchSet, Slot, Target};
 use lethe::pool::ThreadPool;
 use lethe::tokenizer::Tokenizer;
 use lethe_kernels::quant::{self, GgmlType};
@@ -419,7 +420,7 @@ fn slug_on_smollm2_raises_the_forget_loss_more_than_the_retain_loss() {
     assert!(!dir.join("slug.candidate.gguf").exists());
 
     // The patch loads: one dense delta of the chosen matrix.
-    let p = lethe::unlearn::patch::load(&out, &m).unwrap();
+    let p = lethe::patch::load(&out, &m).unwrap();
     assert_eq!(p.kind, PatchKind::Delta);
     assert_eq!(p.tensors.len(), 1);
     assert_eq!(

@@ -18,7 +18,8 @@ use lethe::forge::train::{
     eval_loss, train, AdamW, AdamWConfig, Balance, Decay, Lora, Schedule, Sequence, Target,
     TrainConfig, TrainModel,
 };
-use lethe::model::{Model, PatchSet, Precision, Slot};
+use lethe::model::{Model, Precision};
+use lethe::patch::{PatchSet, Slot};
 use lethe::tokenizer::Tokenizer;
 use lethe_kernels::quant::GgmlType;
 use std::path::Path;
@@ -379,7 +380,7 @@ fn the_written_adapter_reproduces_the_trained_model() {
     let engine = |patched: bool| {
         let mut st = m.new_state(tokens.len());
         if patched {
-            let p = lethe::unlearn::patch::load(&path, &m).unwrap();
+            let p = lethe::patch::load(&path, &m).unwrap();
             let ps = PatchSet::new(&m, &[(Arc::new(p), 1.0)]).unwrap();
             m.attach_patches(&mut st, Some(Arc::new(ps))).unwrap();
         }
@@ -506,7 +507,7 @@ fn mean_nll(model: &Model, lora: Option<&Path>, items: &[Example]) -> f64 {
     let n_ctx = n_ctx_for(&tok, model.cfg.arch.name(), items).unwrap();
     let mut st = model.new_state(n_ctx);
     if let Some(l) = lora {
-        let p = lethe::unlearn::patch::load(l, model).unwrap();
+        let p = lethe::patch::load(l, model).unwrap();
         let ps = PatchSet::new(model, &[(Arc::new(p), 1.0)]).unwrap();
         model.attach_patches(&mut st, Some(Arc::new(ps))).unwrap();
     }

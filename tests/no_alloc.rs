@@ -96,8 +96,8 @@ fn uld_decode_steps_do_not_allocate() {
 #[test]
 fn patched_decode_steps_do_not_allocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    use lethe::model::{Change, Patch, PatchKind, PatchSet, Slot, Target, TensorDelta};
-    use lethe::unlearn::patch::{write_delta, DeltaEntry};
+    use lethe::patch::{write_delta, DeltaEntry};
+    use lethe::patch::{Change, Patch, PatchKind, PatchSet, Slot, Target, TensorDelta};
     use std::sync::Arc;
     let model = Model::open(model_path("smollm2"), 2).unwrap();
     let low_rank = |target: Target, rank: usize| {
@@ -140,7 +140,7 @@ fn patched_decode_steps_do_not_allocate() {
         data: vec![1e-3; 576 * 576],
     };
     write_delta(&path, "llama", "t", &[dense]).unwrap();
-    let dense = lethe::unlearn::patch::load(&path, &model).unwrap();
+    let dense = lethe::patch::load(&path, &model).unwrap();
     std::fs::remove_file(&path).ok();
     let set = PatchSet::new(&model, &[(Arc::new(lora), 1.0), (Arc::new(dense), 0.5)]).unwrap();
     let mut st = model.new_state(256);

@@ -11,9 +11,10 @@ use common::TempDir;
 
 use common::python_dump;
 use lethe::forge::ablate::{self, Example, Field};
-use lethe::model::{Model, PatchSet, Slot, Target};
+use lethe::model::Model;
+use lethe::patch::{self, DeltaEntry};
+use lethe::patch::{PatchSet, Slot, Target};
 use lethe::tokenizer::Tokenizer;
-use lethe::unlearn::patch::{self, DeltaEntry};
 use lethe::Error;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};

@@ -14,10 +14,11 @@ use common::{Rng, TempDir};
 
 use common::model_path;
 use lethe::generate::Decoder;
-use lethe::model::{Model, Patch, PatchSet, Precision, Slot, Target};
-use lethe::unlearn::patch::{
+use lethe::model::{Model, Precision};
+use lethe::patch::{
     self as patchfile, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry,
 };
+use lethe::patch::{Patch, PatchSet, Slot, Target};
 use lethe::unlearn::{Assistant, LockstepDecoder, ScoreRule, TermKind};
 use lethe_kernels::quant::GgmlType;
 use std::path::{Path, PathBuf};
@@ -811,8 +812,8 @@ fn low_rank_delta_equals_a_lora_without_alpha() {
     let d: Vec<DeltaEntry> = entries.iter().cloned().map(DeltaEntry::LowRank).collect();
     write_delta(&pd, "llama", "d", &d).unwrap();
     let (lora, delta) = (load(&pl, &m), load(&pd, &m));
-    assert_eq!(delta.kind, lethe::model::PatchKind::Delta);
-    assert_eq!(lora.kind, lethe::model::PatchKind::Lora);
+    assert_eq!(delta.kind, lethe::patch::PatchKind::Delta);
+    assert_eq!(lora.kind, lethe::patch::PatchKind::Lora);
     let (sl, sd) = (set(&m, &[(lora, 0.8)]), set(&m, &[(delta, 0.8)]));
     for e in &entries {
         let t = Target::parse(&e.base).unwrap();

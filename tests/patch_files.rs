@@ -8,10 +8,11 @@ use common::{Rng, TempDir};
 
 use common::{model_path, python_dump};
 use lethe::gguf::GgufWriter;
-use lethe::model::{Model, Patch, PatchKind, PatchSet, Slot, Target};
-use lethe::unlearn::patch::{
+use lethe::model::Model;
+use lethe::patch::{
     self as patchfile, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry,
 };
+use lethe::patch::{Patch, PatchKind, PatchSet, Slot, Target};
 use lethe_kernels::quant::{self, GgmlType};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};

@@ -6,8 +6,9 @@
 mod common;
 
 use common::model_path;
-use lethe::model::{Model, Patch, PatchSet, Slot, Target};
-use lethe::unlearn::patch::{load, write_delta, write_lora, DeltaEntry, LowRankEntry};
+use lethe::model::Model;
+use lethe::patch::{load, write_delta, write_lora, DeltaEntry, LowRankEntry};
+use lethe::patch::{Patch, PatchSet, Slot, Target};
 use lethe_kernels::quant::GgmlType;
 use std::sync::Arc;
 

@@ -24,7 +24,8 @@ use lethe::forge::train::ops::{
     rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
 };
 use lethe::forge::train::{Lora, LoraParam, Objective, TrainModel};
-use lethe::model::{Model, PatchSet, Precision, Slot};
+use lethe::model::{Model, Precision};
+use lethe::patch::{PatchSet, Slot};
 use lethe::pool::ThreadPool;
 use lethe_kernels::ops::{RopeKind, RopeTable};
 use lethe_kernels::quant::GgmlType;
@@ -672,7 +673,7 @@ fn engine_logits(m: &Model, tokens: &[u32], lora: Option<&Lora>, dir: &TempDir) 
     if let Some(l) = lora {
         let path = dir.join("adapter.gguf");
         l.write(&path, m, "train test").unwrap();
-        let p = lethe::unlearn::patch::load(&path, m).unwrap();
+        let p = lethe::patch::load(&path, m).unwrap();
         let ps = PatchSet::new(m, &[(Arc::new(p), 1.0)]).unwrap();
         m.attach_patches(&mut st, Some(Arc::new(ps))).unwrap();
     }

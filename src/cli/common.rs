@@ -3,9 +3,9 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use lethe::generate::{Decoder, SamplerParams};
-use lethe::model::{Model, Patch, PatchKind, PatchSet, Precision};
+use lethe::model::{Model, Precision};
+use lethe::patch::{self, Patch, PatchKind, PatchSet};
 use lethe::tokenizer::Tokenizer;
-use lethe::unlearn::patch;
 use lethe::unlearn::profile::{self, Profile, ProfileFile};
 use lethe::unlearn::{Assistant, ScoreRule, TermKind};
 use serde_json::{json, Value};

@@ -4,7 +4,8 @@
 use super::common::{patch_set, profile_audit, profile_patches, profile_terms, PatchArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lethe::model::{Model, Patch};
+use lethe::model::Model;
+use lethe::patch::Patch;
 use lethe::serve::{Loaded, ServeConfig, ServedModel};
 use lethe::tokenizer::Tokenizer;
 use lethe::unlearn::profile::{self, ProfileFile};

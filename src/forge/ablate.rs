@@ -34,10 +34,11 @@
 //! (up to the 8-bit quantization of the activations in the base matmul); for gemma3 the RMS
 //! of the output changes too, so the other directions are rescaled slightly.
 
-use crate::model::patch::{axpy, dot};
-use crate::model::{Model, Slot, State, Target};
+use crate::model::{Model, State};
+use crate::patch::{axpy, dot};
+use crate::patch::{write_delta, DeltaEntry, LowRankEntry};
+use crate::patch::{Slot, Target};
 use crate::tokenizer::{apply_chat_template, ChatMessage, Tokenizer};
-use crate::unlearn::patch::{write_delta, DeltaEntry, LowRankEntry};
 use crate::{Error, Result};
 use std::ops::Range;
 use std::path::Path;

@@ -40,10 +40,11 @@
 
 use crate::forge::ablate::{answer_nll, chat_tokens, Example};
 use crate::forge::train::{Lora, Objective, TrainModel};
-use crate::model::patch::{axpy, dot};
-use crate::model::{Model, Patch, PatchSet, Slot, Target};
+use crate::model::Model;
+use crate::patch::{axpy, dot};
+use crate::patch::{write_delta, DeltaEntry};
+use crate::patch::{Patch, PatchSet, Slot, Target};
 use crate::tokenizer::Tokenizer;
-use crate::unlearn::patch::{write_delta, DeltaEntry};
 use crate::{Error, Result};
 use lethe_kernels::quant::GgmlType;
 use rayon::prelude::*;
@@ -494,7 +495,7 @@ pub fn write_and_load(
     entries: &[DeltaEntry],
 ) -> Result<Arc<Patch>> {
     write_delta(path, model.cfg.arch.name(), name, entries)?;
-    Ok(Arc::new(crate::unlearn::patch::load(path, model)?))
+    Ok(Arc::new(crate::patch::load(path, model)?))
 }
 
 /// What [`slug`] did.

@@ -11,8 +11,8 @@
 //! ```
 
 use super::attention::AttnShape;
-use super::patch::Slot;
 use super::{norm_rows, norm_rows_inplace, Batch, Model, Scratch};
+use crate::patch::Slot;
 use lethe_kernels::ops;
 
 /// An optional norm weight (gemma3's are checked present at load).

@@ -9,8 +9,8 @@
 //! ```
 
 use super::attention::AttnShape;
-use super::patch::Slot;
 use super::{norm_rows, Batch, Model, Scratch};
+use crate::patch::Slot;
 use lethe_kernels::ops;
 
 /// The blocks over the batch `b`, whose rows are in `st` (`st.x`: `[n, n_embd]`).

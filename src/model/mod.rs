@@ -8,14 +8,13 @@ pub mod config;
 mod gemma3;
 pub mod kv;
 mod llama;
-pub mod patch;
 pub mod weights;
 
 pub use config::{Arch, Config};
-pub use patch::{Change, Patch, PatchKind, PatchSet, Slot, Target, TensorDelta};
 pub use weights::{Precision, Weight};
 
 use crate::gguf::GgufFile;
+use crate::patch::{PatchSet, Slot, Target};
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 use attention::AttnShape;

@@ -16,7 +16,8 @@
 use super::error::ApiError;
 use super::stats::Stats;
 use crate::generate::{feed_each, Decoder, GenerateParams, Generation, Generator, TokenProbs};
-use crate::model::{Model, Patch, PatchSet};
+use crate::model::Model;
+use crate::patch::{Patch, PatchSet};
 use crate::tokenizer::Tokenizer;
 use crate::unlearn::Assistant;
 use std::collections::VecDeque;

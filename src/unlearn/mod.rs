@@ -3,7 +3,6 @@
 
 pub mod combine;
 pub mod lockstep;
-pub mod patch;
 pub mod profile;
 pub mod score;
 
@@ -15,7 +14,8 @@ pub use lockstep::{Assistant, LockstepDecoder};
 pub use score::Scorer;
 
 use crate::generate::{Decoder, ModelDecoder};
-use crate::model::{Model, PatchSet};
+use crate::model::Model;
+use crate::patch::PatchSet;
 use std::sync::Arc;
 
 /// The decoder of a (possibly forgotten) model: `model` with its layer `patches`, alone when

@@ -12,7 +12,7 @@ use lethe::forge::train::trainer::{describe, total_steps, Progress};
 use lethe::forge::train::{
     train_with_epochs, AdamWConfig, Balance, Decay, Lora, TrainConfig, TrainModel, TrainReport,
 };
-use lethe::model::Slot;
+use lethe::patch::Slot;
 use std::path::PathBuf;
 
 /// The optimizer and schedule flags both training commands take.

@@ -5,10 +5,10 @@ use super::super::common::file_scale;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lethe::forge::bake::{
+use lethe::model::Model;
+use lethe::patch::bake::{
     self, BakeReport, BakeType, Survival, TensorReport, LOST_KEPT, NOISY_RESIDUAL,
 };
-use lethe::model::Model;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

@@ -3,8 +3,9 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lethe::model::{Model, Slot, Target};
-use lethe::unlearn::patch::{write_lora, LowRankEntry};
+use lethe::model::Model;
+use lethe::patch::{write_lora, LowRankEntry};
+use lethe::patch::{Slot, Target};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]

@@ -6,8 +6,9 @@
 //! [`Lora::write`] writes llama.cpp's adapter layout (`.lora_a` `[cols, r]`, `.lora_b`
 //! `[r, rows]`, `adapter.lora.alpha`), which `lethe --lora FILE` loads at scale 1.
 
-use crate::model::{Model, Slot, Target};
-use crate::unlearn::patch::{write_lora, LowRankEntry};
+use crate::model::Model;
+use crate::patch::{write_lora, LowRankEntry};
+use crate::patch::{Slot, Target};
 use crate::{Error, Result};
 use std::path::Path;
 

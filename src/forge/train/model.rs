@@ -22,7 +22,8 @@ use super::loss::Objective;
 use super::ops::{
     rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
 };
-use crate::model::{Arch, Model, Slot, Weight};
+use crate::model::{Arch, Model, Weight};
+use crate::patch::Slot;
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 

@@ -3,7 +3,8 @@
 
 use super::{check_arch, lora, target, to_f32};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::model::{Change, Model, Patch, PatchKind, TensorDelta, Weight};
+use crate::model::{Model, Weight};
+use crate::patch::{Change, Patch, PatchKind, TensorDelta};
 use crate::{Error, Result};
 use lethe_kernels::quant::GgmlType;
 use std::collections::BTreeMap;

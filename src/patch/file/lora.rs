@@ -3,7 +3,8 @@
 
 use super::{check_arch, target, to_f32, transpose};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::model::{Change, Model, Patch, PatchKind, Target, TensorDelta};
+use crate::model::Model;
+use crate::patch::{Change, Patch, PatchKind, Target, TensorDelta};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 

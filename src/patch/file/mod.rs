@@ -15,8 +15,9 @@ mod delta;
 mod lora;
 pub mod write;
 
+use super::{Patch, PatchKind, Target};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::model::{Model, Patch, PatchKind, Target};
+use crate::model::Model;
 use crate::{Error, Result};
 use lethe_kernels::quant;
 use std::path::Path;

@@ -36,8 +36,9 @@
 //! The work runs on the current rayon pool ([`rayon::ThreadPool::install`] bounds it), one
 //! tensor at a time, so memory holds one merged tensor at most.
 
+use super::{Patch, PatchKind, Target, TensorDelta};
 use crate::gguf::{GgufFile, GgufWriter, TensorInfo, Value};
-use crate::model::{Model, Patch, PatchKind, Target, TensorDelta};
+use crate::model::Model;
 use crate::{Error, Result};
 use lethe_kernels::quant::{dequantize_row, quantize_row, GgmlType};
 use rayon::prelude::*;
@@ -173,7 +174,7 @@ pub struct BakeReport {
 pub fn load_patches(model: &Model, specs: &[(PathBuf, f32)]) -> Result<Vec<(Arc<Patch>, f32)>> {
     let mut parts = Vec::with_capacity(specs.len());
     for (path, scale) in specs {
-        let p = crate::unlearn::patch::load(path, model)?;
+        let p = super::load(path, model)?;
         refuse_cvec(&p)?;
         parts.push((Arc::new(p), *scale));
     }

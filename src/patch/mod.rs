@@ -1,29 +1,36 @@
-//! Layer patches at run time: weight deltas applied inside the matmuls, never merged into the
-//! quantized weights, and control vectors added to the residual stream after a block.
+//! Layer patches: weight deltas applied inside the matmuls at run time, never merged into the
+//! quantized weights, and control vectors added to the residual stream after a block; their
+//! files; and baking them into a model.
 //!
 //! ```text
 //! y  = W x + sum_i s_i * dW_i x          dW = B A (low rank: LoRA, ablation), dense, or sparse
 //! x += sum_j s_j * v_j[N]                after block N (control vectors)
 //! ```
 //!
-//! A [`Patch`] is what one file holds, checked against a model's shapes (the readers are in
-//! `unlearn::patch`); a [`PatchSet`] is several patches with their scales. A set is attached
-//! to a [`State`](super::State), one per conversation, so the base and any number of patched
-//! variants share one copy of the weights; a scale of 0 drops the patch from the set, so it
-//! costs nothing.
+//! A [`Patch`] is what one file holds, checked against a model's shapes; a [`PatchSet`] is
+//! several patches with their scales. A set is attached to a [`State`](crate::model::State),
+//! one per conversation, so the base and any number of patched variants share one copy of the
+//! weights; a scale of 0 drops the patch from the set, so it costs nothing.
 //!
-//! Files: [`delta`] (the three forms of a weight change and their arithmetic), [`set`]
-//! (patches with their scales, per block and matrix), `fused` (the forward pass's matmuls with
-//! the deltas applied).
+//! Files: `change` (the three forms of a weight change and their arithmetic), `set` (patches
+//! with their scales, per block and matrix), `fused` (the forward pass's matmuls with the
+//! deltas applied), [`file`] (reading and writing patch files), [`bake`] (patches merged into
+//! a model's weights, written as a new GGUF).
 
-mod delta;
+pub mod bake;
+mod change;
+pub mod file;
 mod fused;
 mod set;
 
-pub use delta::{Change, TensorDelta};
+pub use change::{Change, TensorDelta};
+pub use file::{
+    inspect, kind_of, load, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry,
+    PatchInfo,
+};
 pub use set::PatchSet;
 
-use super::{Model, Weight};
+use crate::model::{Model, Weight};
 use crate::{Error, Result};
 use lethe_kernels::quant::{self, GgmlType};
 
