@@ -21,8 +21,9 @@ use common::python_dump;
 use lethe::gguf::{GgufFile, Value};
 use lethe::model::{Model, Precision};
 use lethe::patch::bake::{self, BakeReport, BakeType, Survival, TensorReport};
-use lethe::patch::{self, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry};
-use lethe::patch::{Patch, PatchSet};
+use lethe::patch::{
+    self, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry, Patch, PatchSet,
+};
 use lethe::tokenizer::Tokenizer;
 use lethe_kernels::quant::{dequantize_row, quantize_row, GgmlType};
 use std::path::{Path, PathBuf};

@@ -40,10 +40,8 @@
 
 use crate::forge::ablate::{answer_nll, chat_tokens, Example};
 use crate::forge::train::{Lora, Objective, TrainModel};
-use crate::model::Model;
-use crate::patch::{axpy, dot};
-use crate::patch::{write_delta, DeltaEntry};
-use crate::patch::{Patch, PatchSet, Slot, Target};
+use crate::model::{Model, Proj, WeightId};
+use crate::patch::{axpy, dot, write_delta, DeltaEntry, Patch, PatchSet};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use lethe_kernels::quant::GgmlType;
@@ -269,7 +267,7 @@ pub fn set_grads(
 #[derive(Debug, Clone)]
 pub struct Scored {
     pub layer: usize,
-    pub slot: Slot,
+    pub slot: Proj,
     pub weight_norm: f64,
     pub stats: GradStats,
     /// `||g_F|| / ||W||`.
@@ -280,12 +278,12 @@ pub struct Scored {
 
 impl Scored {
     pub fn name(&self) -> String {
-        Target::Block(self.layer, self.slot).tensor_name()
+        WeightId::Block(self.layer, self.slot).tensor_name()
     }
 }
 
 /// `||W||_F` of the dequantized weight.
-pub fn weight_norm(model: &Model, t: Target) -> Result<f64> {
+pub fn weight_norm(model: &Model, t: WeightId) -> Result<f64> {
     let (cols, rows) = model.target_shape(t)?;
     let w = model.target_weight(t).expect("checked by target_shape");
     let sum: f64 = (0..rows)
@@ -302,7 +300,7 @@ pub fn weight_norm(model: &Model, t: Target) -> Result<f64> {
 }
 
 /// Every matrix of `slots` in the blocks both sets cover, scored.
-pub fn score(model: &Model, f: &SetGrads, r: &SetGrads, slots: &[Slot]) -> Result<Vec<Scored>> {
+pub fn score(model: &Model, f: &SetGrads, r: &SetGrads, slots: &[Proj]) -> Result<Vec<Scored>> {
     if f.layers != r.layers {
         return Err(Error::Invalid(
             "the forget and retain gradients cover different blocks".into(),
@@ -311,7 +309,7 @@ pub fn score(model: &Model, f: &SetGrads, r: &SetGrads, slots: &[Slot]) -> Resul
     let mut out = Vec::new();
     for il in f.layers.clone() {
         for &slot in slots {
-            let t = Target::Block(il, slot);
+            let t = WeightId::Block(il, slot);
             let (cols, rows) = model.target_shape(t)?;
             let k = il - f.layers.start;
             let stats = grad_stats(
@@ -459,7 +457,7 @@ pub fn search_step(
 
 /// The unit step of one matrix: `||W|| g_F / ||g_F||` (`[rows, cols]`).
 pub fn unit_step(model: &Model, f: &SetGrads, s: &Scored) -> Result<Vec<f32>> {
-    let (cols, rows) = model.target_shape(Target::Block(s.layer, s.slot))?;
+    let (cols, rows) = model.target_shape(WeightId::Block(s.layer, s.slot))?;
     let k = s.layer - f.layers.start;
     let mut g = dense_grad(&f.mats[k][s.slot as usize], cols, rows);
     let n = dot64(&g, &g).sqrt();
@@ -476,7 +474,7 @@ pub fn unit_step(model: &Model, f: &SetGrads, s: &Scored) -> Result<Vec<f32>> {
 
 /// The dense delta of `s`'s matrix holding `data` (`[rows, cols]`).
 pub fn entry(model: &Model, s: &Scored, ty: GgmlType, data: Vec<f32>) -> Result<DeltaEntry> {
-    let t = Target::Block(s.layer, s.slot);
+    let t = WeightId::Block(s.layer, s.slot);
     let (cols, rows) = model.target_shape(t)?;
     Ok(DeltaEntry::Dense {
         base: t.tensor_name(),
@@ -522,7 +520,7 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct SlugOpts {
     pub layers: Range<usize>,
-    pub slots: Vec<Slot>,
+    pub slots: Vec<Proj>,
     /// Front members searched, by importance.
     pub candidates: usize,
     pub search: SearchOpts,
@@ -625,33 +623,24 @@ pub fn slug(
     })
 }
 
-/// Slots by name: `q k v o gate up down`, or the tensor names (`attn_q` ... `ffn_down`),
+/// Matrices by name: `q k v o gate up down`, or the tensor names (`attn_q` ... `ffn_down`),
 /// comma-separated; `all` for the seven.
-pub fn parse_slots(spec: &str) -> Result<Vec<Slot>> {
+pub fn parse_slots(spec: &str) -> Result<Vec<Proj>> {
     let mut out = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if part == "all" {
-            for s in Slot::ALL {
+            for s in Proj::ALL {
                 if !out.contains(&s) {
                     out.push(s);
                 }
             }
             continue;
         }
-        let s = match part {
-            "q" | "attn_q" => Slot::Q,
-            "k" | "attn_k" => Slot::K,
-            "v" | "attn_v" => Slot::V,
-            "o" | "attn_output" => Slot::O,
-            "gate" | "ffn_gate" => Slot::Gate,
-            "up" | "ffn_up" => Slot::Up,
-            "down" | "ffn_down" => Slot::Down,
-            _ => {
-                return Err(Error::Invalid(format!(
-                    "target {part:?}: expected q, k, v, o, gate, up, down (or attn_q ... \
-                     ffn_down, or all)"
-                )))
-            }
+        let Some(s) = Proj::from_short(part).or_else(|| Proj::from_tensor(part)) else {
+            return Err(Error::Invalid(format!(
+                "target {part:?}: expected q, k, v, o, gate, up, down (or attn_q ... ffn_down, \
+                 or all)"
+            )));
         };
         if !out.contains(&s) {
             out.push(s);

@@ -11,10 +11,10 @@ mod llama;
 pub mod weights;
 
 pub use config::{Arch, Config};
-pub use weights::{Precision, Weight};
+pub use weights::{Precision, Proj, Weight, WeightId};
 
 use crate::gguf::GgufFile;
-use crate::patch::{PatchSet, Slot, Target};
+use crate::patch::PatchSet;
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 use attention::AttnShape;
@@ -166,18 +166,18 @@ impl Model {
 
     /// `y = W x` for `n` tokens (`x` `[n, cols]`, returns `[n, rows]`) through the weight `t`
     /// names, with `patches`' deltas on it: the matmul and patch code of a forward pass, one
-    /// weight at a time (for tests, and for checking what a patch does). For [`Target::Embd`]
+    /// weight at a time (for tests, and for checking what a patch does). For [`WeightId::Embd`]
     /// (a lookup) `x` holds `n` token ids and the result is their rows, `[n, n_embd]`.
     pub fn apply_weight(
         &self,
-        t: Target,
+        t: WeightId,
         x: &[f32],
         n: usize,
         patches: Option<&PatchSet>,
     ) -> Result<Vec<f32>> {
         let (cols, rows) = self.target_shape(t)?;
         // The embedding is a lookup: one token id in, one row of `n_embd` out.
-        let (cols, rows) = if t == Target::Embd {
+        let (cols, rows) = if t == WeightId::Embd {
             (1, cols)
         } else {
             (cols, rows)
@@ -194,7 +194,7 @@ impl Model {
             p.check_model(self)?;
         }
         let mut y = vec![0.0f32; n * rows];
-        if t == Target::Embd {
+        if t == WeightId::Embd {
             // The embedding is a lookup: `x` holds token ids.
             let mut tmp = Vec::new();
             for (i, &tok) in x.iter().enumerate() {
@@ -212,7 +212,7 @@ impl Model {
             }
             return Ok(y);
         }
-        if let Target::Block(il, slot) = t {
+        if let WeightId::Block(il, slot) = t {
             // A block's matmul runs through the state, as in a forward pass (fused low-rank
             // deltas included).
             if n > MAX_BATCH {
@@ -224,19 +224,19 @@ impl Model {
             let buf = &mut st.buf;
             buf.patch_tmp = vec![0.0; patches.map_or(0, |p| p.scratch_len())];
             let input = match slot {
-                Slot::O => &mut buf.att,
-                Slot::Down => &mut buf.hg,
+                Proj::O => &mut buf.att,
+                Proj::Down => &mut buf.hg,
                 _ => &mut buf.xb,
             };
             input[..n * cols].copy_from_slice(x);
             buf.mm(self, patches, il, &[slot], n);
             let out = match slot {
-                Slot::Q => &buf.q,
-                Slot::K => &buf.k,
-                Slot::V => &buf.v,
-                Slot::O | Slot::Down => &buf.xb2,
-                Slot::Gate => &buf.hg,
-                Slot::Up => &buf.hu,
+                Proj::Q => &buf.q,
+                Proj::K => &buf.k,
+                Proj::V => &buf.v,
+                Proj::O | Proj::Down => &buf.xb2,
+                Proj::Gate => &buf.hg,
+                Proj::Up => &buf.hu,
             };
             y.copy_from_slice(&out[..n * rows]);
             return Ok(y);
@@ -685,7 +685,7 @@ impl Model {
             let (n, tmp, act) = (which.len(), &mut buf.patch_tmp, &mut buf.act);
             p.apply(
                 &self.pool,
-                Target::Output,
+                WeightId::Output,
                 xs,
                 n,
                 out,
@@ -698,6 +698,41 @@ impl Model {
             for v in out[..which.len() * self.cfg.n_vocab].iter_mut() {
                 *v = (*v / cap).tanh() * cap;
             }
+        }
+    }
+}
+
+impl Model {
+    /// The weight `t` names in this model, if it has it.
+    pub fn target_weight(&self, t: WeightId) -> Option<&Weight> {
+        match t {
+            WeightId::Embd => Some(&self.tok_embd),
+            WeightId::Output => Some(&self.output),
+            WeightId::Block(n, s) => {
+                let l = self.layers.get(n)?;
+                Some(match s {
+                    Proj::Q => &l.wq,
+                    Proj::K => &l.wk,
+                    Proj::V => &l.wv,
+                    Proj::O => &l.wo,
+                    Proj::Gate => &l.w_gate,
+                    Proj::Up => &l.w_up,
+                    Proj::Down => &l.w_down,
+                })
+            }
+        }
+    }
+
+    /// `[cols, rows]` of the weight `t` names, or a clear error when the model has no such weight.
+    pub fn target_shape(&self, t: WeightId) -> Result<(usize, usize)> {
+        match self.target_weight(t) {
+            Some(w) => Ok((w.cols, w.rows)),
+            None => Err(Error::Model(format!(
+                "{}: the model has no such weight (it has {} blocks, 0..{})",
+                t.tensor_name(),
+                self.cfg.n_layer,
+                self.cfg.n_layer.saturating_sub(1)
+            ))),
         }
     }
 }

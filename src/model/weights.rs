@@ -49,6 +49,103 @@ impl Weight {
     }
 }
 
+/// One matrix of a block: a projection of its attention or its feed-forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The tensor's name inside `blk.N.`.
+    pub fn tensor(self) -> &'static str {
+        match self {
+            Proj::Q => "attn_q",
+            Proj::K => "attn_k",
+            Proj::V => "attn_v",
+            Proj::O => "attn_output",
+            Proj::Gate => "ffn_gate",
+            Proj::Up => "ffn_up",
+            Proj::Down => "ffn_down",
+        }
+    }
+
+    /// The short name the command line uses: `q`, `k`, `v`, `o`, `gate`, `up`, `down`.
+    pub fn short(self) -> &'static str {
+        match self {
+            Proj::Q => "q",
+            Proj::K => "k",
+            Proj::V => "v",
+            Proj::O => "o",
+            Proj::Gate => "gate",
+            Proj::Up => "up",
+            Proj::Down => "down",
+        }
+    }
+
+    /// The matrix whose tensor name ([`Proj::tensor`]) is `s`.
+    pub fn from_tensor(s: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|x| x.tensor() == s)
+    }
+
+    /// The matrix whose short name ([`Proj::short`]) is `s`.
+    pub fn from_short(s: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|x| x.short() == s)
+    }
+}
+
+/// A weight of the model by name: what a patch changes, or what
+/// [`Model::apply_weight`](super::Model::apply_weight) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightId {
+    /// `token_embd.weight` as the embedding lookup (the head is [`WeightId::Output`], even when
+    /// the two are tied).
+    Embd,
+    /// The output head.
+    Output,
+    Block(usize, Proj),
+}
+
+impl WeightId {
+    /// The target a base tensor name denotes (`blk.3.attn_q.weight`, `token_embd.weight`, ...).
+    pub fn parse(name: &str) -> Option<WeightId> {
+        match name {
+            "token_embd.weight" => return Some(WeightId::Embd),
+            "output.weight" => return Some(WeightId::Output),
+            _ => {}
+        }
+        let rest = name.strip_prefix("blk.")?.strip_suffix(".weight")?;
+        let (n, proj) = rest.split_once('.')?;
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || n.len() > 6 {
+            return None;
+        }
+        Some(WeightId::Block(n.parse().ok()?, Proj::from_tensor(proj)?))
+    }
+
+    pub fn tensor_name(self) -> String {
+        match self {
+            WeightId::Embd => "token_embd.weight".into(),
+            WeightId::Output => "output.weight".into(),
+            WeightId::Block(n, s) => format!("blk.{n}.{}.weight", s.tensor()),
+        }
+    }
+}
+
 /// Load a weight, checking its shape `[cols, rows]`.
 pub fn load(f: &GgufFile, name: &str, cols: usize, rows: usize) -> Result<Weight> {
     let t = f

@@ -13,7 +13,7 @@
 //! names the bulk of the weights, which are the base's.
 //!
 //! Tied embeddings (no `output.weight`: the head reads `token_embd.weight`). A patch names the
-//! embedding lookup ([`Target::Embd`]) and the head ([`Target::Output`]) apart, so a change to
+//! embedding lookup ([`WeightId::Embd`]) and the head ([`WeightId::Output`]) apart, so a change to
 //! one must leave the other as it was: the baked file unties them by adding `output.weight`,
 //! which llama.cpp (llama, gemma3) uses for the head when the file has one:
 //!
@@ -36,9 +36,9 @@
 //! The work runs on the current rayon pool ([`rayon::ThreadPool::install`] bounds it), one
 //! tensor at a time, so memory holds one merged tensor at most.
 
-use super::{Patch, PatchKind, Target, TensorDelta};
+use super::{Patch, PatchKind, TensorDelta};
 use crate::gguf::{GgufFile, GgufWriter, TensorInfo, Value};
-use crate::model::Model;
+use crate::model::{Model, WeightId};
 use crate::{Error, Result};
 use lethe_kernels::quant::{dequantize_row, quantize_row, GgmlType};
 use rayon::prelude::*;
@@ -244,7 +244,7 @@ fn merges<'a>(
     parts: &'a [(Arc<Patch>, f32)],
     ty: BakeType,
 ) -> Result<Vec<Merge<'a>>> {
-    let mut by_target: Vec<(Target, Vec<(&TensorDelta, f32)>)> = Vec::new();
+    let mut by_target: Vec<(WeightId, Vec<(&TensorDelta, f32)>)> = Vec::new();
     for (p, s) in parts {
         for d in &p.tensors {
             match by_target.iter_mut().find(|(t, _)| *t == d.target) {
@@ -257,7 +257,7 @@ fn merges<'a>(
     for (target, deltas) in by_target {
         let name = target.tensor_name();
         let base_name = match (target, file.tensor(&name)) {
-            (Target::Output, None) => "token_embd.weight".to_string(),
+            (WeightId::Output, None) => "token_embd.weight".to_string(),
             _ => name.clone(),
         };
         let base = file

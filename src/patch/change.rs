@@ -1,9 +1,9 @@
 //! The three forms of a weight change (low rank, dense, sparse) and what they compute.
 
-use super::{axpy, dot, SendPtr, Target};
+use super::{axpy, dot, SendPtr};
 use crate::gguf::GgufFile;
 use crate::model::weights::{matmul, matvec_rows, ActBuf, Weight};
-use crate::model::Precision;
+use crate::model::{Precision, WeightId};
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,7 +30,7 @@ pub enum Change {
 
 /// One changed weight of a patch.
 pub struct TensorDelta {
-    pub target: Target,
+    pub target: WeightId,
     pub cols: usize,
     pub rows: usize,
     /// The file's own factor (LoRA: `alpha / rank`, or 1), times the user's scale at use.
@@ -41,7 +41,7 @@ pub struct TensorDelta {
 impl TensorDelta {
     /// A sparse delta from `(flat index, value)` pairs (`index = row * cols + col`).
     pub fn sparse(
-        target: Target,
+        target: WeightId,
         cols: usize,
         rows: usize,
         scale: f32,

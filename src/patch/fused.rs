@@ -1,22 +1,22 @@
 //! A block's matmuls with the attached patches: low-rank deltas fused into the weights' own
 //! job, dense and sparse ones after it; control vectors after the block.
 
-use super::{axpy, Change, PatchSet, SendPtr, Slot, Target};
+use super::{axpy, Change, PatchSet, SendPtr};
 use crate::model::weights::{run_parts, Part, Weight, MAX_PARTS};
-use crate::model::{Layer, Model, Precision, Scratch};
+use crate::model::{Layer, Model, Precision, Proj, Scratch, WeightId};
 use crate::pool::ThreadPool;
 use half::f16;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-fn weight(l: &Layer, s: Slot) -> &Weight {
+fn weight(l: &Layer, s: Proj) -> &Weight {
     match s {
-        Slot::Q => &l.wq,
-        Slot::K => &l.wk,
-        Slot::V => &l.wv,
-        Slot::O => &l.wo,
-        Slot::Gate => &l.w_gate,
-        Slot::Up => &l.w_up,
-        Slot::Down => &l.w_down,
+        Proj::Q => &l.wq,
+        Proj::K => &l.wk,
+        Proj::V => &l.wv,
+        Proj::O => &l.wo,
+        Proj::Gate => &l.w_gate,
+        Proj::Up => &l.w_up,
+        Proj::Down => &l.w_down,
     }
 }
 
@@ -44,7 +44,7 @@ impl Scratch {
         m: &Model,
         ps: Option<&PatchSet>,
         il: usize,
-        slots: &[Slot],
+        slots: &[Proj],
         n: usize,
     ) {
         let l = &m.layers[il];
@@ -53,17 +53,17 @@ impl Scratch {
         let mut outs = [std::ptr::null_mut::<f32>(); 3];
         for (o, &s) in outs.iter_mut().zip(slots) {
             *o = match s {
-                Slot::Q => self.q.as_mut_ptr(),
-                Slot::K => self.k.as_mut_ptr(),
-                Slot::V => self.v.as_mut_ptr(),
-                Slot::O | Slot::Down => self.xb2.as_mut_ptr(),
-                Slot::Gate => self.hg.as_mut_ptr(),
-                Slot::Up => self.hu.as_mut_ptr(),
+                Proj::Q => self.q.as_mut_ptr(),
+                Proj::K => self.k.as_mut_ptr(),
+                Proj::V => self.v.as_mut_ptr(),
+                Proj::O | Proj::Down => self.xb2.as_mut_ptr(),
+                Proj::Gate => self.hg.as_mut_ptr(),
+                Proj::Up => self.hu.as_mut_ptr(),
             };
         }
         let x: &[f32] = match slots[0] {
-            Slot::O => &self.att,
-            Slot::Down => &self.hg,
+            Proj::O => &self.att,
+            Proj::Down => &self.hg,
             _ => &self.xb,
         };
         let cols = weight(l, slots[0]).cols;
@@ -72,7 +72,7 @@ impl Scratch {
         let fused = same_vt
             && p == Precision::Fast
             && ps.is_some_and(|ps| {
-                let low_rank = |s: &Slot| {
+                let low_rank = |s: &Proj| {
                     let items = &ps.blocks[il].slots[*s as usize];
                     items.iter().filter(|a| a.f16.is_some()).count()
                 };
@@ -177,7 +177,7 @@ impl Scratch {
             // SAFETY: `y` is the slot's output buffer, at least n * rows long.
             let y = unsafe { std::slice::from_raw_parts_mut(y, n * rows) };
             let (tmp, act) = (&mut self.patch_tmp, &mut self.act);
-            let t = Target::Block(il, s);
+            let t = WeightId::Block(il, s);
             ps.apply_some(pool, t, x, n, y, tmp, act, p, true);
         }
     }
@@ -190,7 +190,7 @@ impl Scratch {
         pool: &ThreadPool,
         p: Precision,
         il: usize,
-        slots: &[Slot],
+        slots: &[Proj],
         n: usize,
     ) {
         for &slot in slots {
@@ -198,15 +198,15 @@ impl Scratch {
                 continue;
             }
             let (x, y): (&[f32], &mut [f32]) = match slot {
-                Slot::Q => (&self.xb, &mut self.q),
-                Slot::K => (&self.xb, &mut self.k),
-                Slot::V => (&self.xb, &mut self.v),
-                Slot::O => (&self.att, &mut self.xb2),
-                Slot::Gate => (&self.xb, &mut self.hg),
-                Slot::Up => (&self.xb, &mut self.hu),
-                Slot::Down => (&self.hg, &mut self.xb2),
+                Proj::Q => (&self.xb, &mut self.q),
+                Proj::K => (&self.xb, &mut self.k),
+                Proj::V => (&self.xb, &mut self.v),
+                Proj::O => (&self.att, &mut self.xb2),
+                Proj::Gate => (&self.xb, &mut self.hg),
+                Proj::Up => (&self.xb, &mut self.hu),
+                Proj::Down => (&self.hg, &mut self.xb2),
             };
-            let t = Target::Block(il, slot);
+            let t = WeightId::Block(il, slot);
             ps.apply(pool, t, x, n, y, &mut self.patch_tmp, &mut self.act, p);
         }
     }

@@ -30,7 +30,7 @@ pub use file::{
 };
 pub use set::PatchSet;
 
-use crate::model::{Model, Weight};
+use crate::model::Model;
 use crate::{Error, Result};
 use lethe_kernels::quant::{self, GgmlType};
 
@@ -52,118 +52,6 @@ impl PatchKind {
             PatchKind::Lora => "lora",
             PatchKind::ControlVector => "control_vector",
             PatchKind::Delta => "delta",
-        }
-    }
-}
-
-/// One matrix of a block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Slot {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Slot {
-    pub const ALL: [Slot; 7] = [
-        Slot::Q,
-        Slot::K,
-        Slot::V,
-        Slot::O,
-        Slot::Gate,
-        Slot::Up,
-        Slot::Down,
-    ];
-
-    /// The tensor's name inside `blk.N.`.
-    pub fn tensor(self) -> &'static str {
-        match self {
-            Slot::Q => "attn_q",
-            Slot::K => "attn_k",
-            Slot::V => "attn_v",
-            Slot::O => "attn_output",
-            Slot::Gate => "ffn_gate",
-            Slot::Up => "ffn_up",
-            Slot::Down => "ffn_down",
-        }
-    }
-
-    fn from_tensor(s: &str) -> Option<Slot> {
-        Slot::ALL.into_iter().find(|x| x.tensor() == s)
-    }
-}
-
-/// The weight a patch changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Target {
-    /// `token_embd.weight` as the embedding lookup (the head is [`Target::Output`], even when
-    /// the two are tied).
-    Embd,
-    /// The output head.
-    Output,
-    Block(usize, Slot),
-}
-
-impl Target {
-    /// The target a base tensor name denotes (`blk.3.attn_q.weight`, `token_embd.weight`, ...).
-    pub fn parse(name: &str) -> Option<Target> {
-        match name {
-            "token_embd.weight" => return Some(Target::Embd),
-            "output.weight" => return Some(Target::Output),
-            _ => {}
-        }
-        let rest = name.strip_prefix("blk.")?.strip_suffix(".weight")?;
-        let (n, slot) = rest.split_once('.')?;
-        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || n.len() > 6 {
-            return None;
-        }
-        Some(Target::Block(n.parse().ok()?, Slot::from_tensor(slot)?))
-    }
-
-    pub fn tensor_name(self) -> String {
-        match self {
-            Target::Embd => "token_embd.weight".into(),
-            Target::Output => "output.weight".into(),
-            Target::Block(n, s) => format!("blk.{n}.{}.weight", s.tensor()),
-        }
-    }
-}
-
-impl Model {
-    /// The weight `t` names in this model, if it has it.
-    pub fn target_weight(&self, t: Target) -> Option<&Weight> {
-        match t {
-            Target::Embd => Some(&self.tok_embd),
-            Target::Output => Some(&self.output),
-            Target::Block(n, s) => {
-                let l = self.layers.get(n)?;
-                Some(match s {
-                    Slot::Q => &l.wq,
-                    Slot::K => &l.wk,
-                    Slot::V => &l.wv,
-                    Slot::O => &l.wo,
-                    Slot::Gate => &l.w_gate,
-                    Slot::Up => &l.w_up,
-                    Slot::Down => &l.w_down,
-                })
-            }
-        }
-    }
-
-    /// `[cols, rows]` of the weight `t` names, or a clear error when the model has no such weight.
-    pub fn target_shape(&self, t: Target) -> Result<(usize, usize)> {
-        match self.target_weight(t) {
-            Some(w) => Ok((w.cols, w.rows)),
-            None => Err(Error::Model(format!(
-                "{}: the model has no such weight (it has {} blocks, 0..{})",
-                t.tensor_name(),
-                self.cfg.n_layer,
-                self.cfg.n_layer.saturating_sub(1)
-            ))),
         }
     }
 }

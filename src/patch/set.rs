@@ -1,8 +1,8 @@
 //! Patches with their scales, sorted by the weight they change, ready to attach to a state.
 
-use super::{axpy, Change, Patch, Slot, Target, TensorDelta};
+use super::{axpy, Change, Patch, TensorDelta};
 use crate::model::weights::ActBuf;
-use crate::model::{Arch, Model, Precision, MAX_BATCH};
+use crate::model::{Arch, Model, Precision, Proj, WeightId, MAX_BATCH};
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 use half::f16;
@@ -110,16 +110,16 @@ impl PatchSet {
                 };
                 let need = match &d.change {
                     Change::LowRank { rank, .. } => MAX_BATCH * rank,
-                    Change::Dense { .. } if d.target == Target::Output => d.rows,
+                    Change::Dense { .. } if d.target == WeightId::Output => d.rows,
                     Change::Dense { .. } => MAX_BATCH * d.rows,
                     Change::Sparse { .. } => 0,
                 }
                 .max(d.cols);
                 set.scratch = set.scratch.max(need);
                 match d.target {
-                    Target::Embd => set.embd.push(a),
-                    Target::Output => set.output.push(a),
-                    Target::Block(n, slot) => {
+                    WeightId::Embd => set.embd.push(a),
+                    WeightId::Output => set.output.push(a),
+                    WeightId::Block(n, slot) => {
                         set.blocks[n].slots[slot as usize].push(a);
                         // The fused path keeps every low-rank `A x` of a block's matmul group
                         // in the scratch at once.
@@ -185,7 +185,7 @@ impl PatchSet {
         self.blocks[il].cvec.as_deref()
     }
 
-    pub(crate) fn has_slot(&self, il: usize, slot: Slot) -> bool {
+    pub(crate) fn has_slot(&self, il: usize, slot: Proj) -> bool {
         !self.blocks[il].slots[slot as usize].is_empty()
     }
 
@@ -194,7 +194,7 @@ impl PatchSet {
     pub(crate) fn apply(
         &self,
         pool: &ThreadPool,
-        target: Target,
+        target: WeightId,
         x: &[f32],
         n: usize,
         y: &mut [f32],
@@ -211,7 +211,7 @@ impl PatchSet {
     pub(crate) fn apply_some(
         &self,
         pool: &ThreadPool,
-        target: Target,
+        target: WeightId,
         x: &[f32],
         n: usize,
         y: &mut [f32],
@@ -221,9 +221,9 @@ impl PatchSet {
         skip_low_rank: bool,
     ) {
         let items = match target {
-            Target::Embd => &self.embd,
-            Target::Output => &self.output,
-            Target::Block(il, slot) => &self.blocks[il].slots[slot as usize],
+            WeightId::Embd => &self.embd,
+            WeightId::Output => &self.output,
+            WeightId::Block(il, slot) => &self.blocks[il].slots[slot as usize],
         };
         for a in items {
             if skip_low_rank && a.f16.is_some() {

@@ -3,8 +3,8 @@
 
 use super::{check_arch, target, to_f32, transpose};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::model::Model;
-use crate::patch::{Change, Patch, PatchKind, Target, TensorDelta};
+use crate::model::{Model, WeightId};
+use crate::patch::{Change, Patch, PatchKind, TensorDelta};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 
@@ -15,7 +15,7 @@ pub(super) fn read(f: &GgufFile, model: &Model, source: String) -> Result<Patch>
     let mut tensors = Vec::with_capacity(pairs.len());
     for (base, (a, b)) in pairs {
         let (t, cols, rows) = target(&base, model)?;
-        if t == Target::Embd {
+        if t == WeightId::Embd {
             return Err(Error::Invalid(format!(
                 "{base}: a LoRA on the token embedding is not supported; write it as a delta"
             )));
@@ -65,7 +65,7 @@ pub(super) fn pairs(f: &GgufFile) -> Result<BTreeMap<String, (&TensorInfo, &Tens
 pub(super) fn low_rank(
     f: &GgufFile,
     base: &str,
-    target: Target,
+    target: WeightId,
     cols: usize,
     rows: usize,
     a: &TensorInfo,

@@ -15,9 +15,9 @@ mod delta;
 mod lora;
 pub mod write;
 
-use super::{Patch, PatchKind, Target};
+use super::{Patch, PatchKind};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::model::Model;
+use crate::model::{Model, WeightId};
 use crate::{Error, Result};
 use lethe_kernels::quant;
 use std::path::Path;
@@ -137,8 +137,8 @@ fn split_suffix(name: &str) -> (&str, &str) {
 }
 
 /// The base tensor `name` denotes, checked against the model.
-fn target(name: &str, model: &Model) -> Result<(Target, usize, usize)> {
-    let t = Target::parse(name).ok_or_else(|| {
+fn target(name: &str, model: &Model) -> Result<(WeightId, usize, usize)> {
+    let t = WeightId::parse(name).ok_or_else(|| {
         Error::Invalid(format!(
             "{name:?} is not a weight lethe can patch (token_embd.weight, output.weight, or \
              blk.N.{{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}}.weight)"
