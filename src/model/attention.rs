@@ -1,7 +1,7 @@
 //! Causal multi-head attention with GQA over the F16 cache, for a batch of new tokens.
 
 use super::kv::KvCache;
-use super::weights::SyncPtr;
+use super::matmul::SyncPtr;
 use crate::pool::ThreadPool;
 use lethe_kernels::ops;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,23 +15,22 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
-/// `out[t, h*hd..]` = softmax(q_t,h · K / sqrt) V for `n_tok` rows, where `row(t)` names row
-/// `t`'s cache and position (its key and value, and those before it, are already in that
-/// cache, layer `il`). `q` is `[n_tok, n_head*hd]`; `scores` is scratch of `n_threads * n_ctx`
-/// floats, `n_ctx` at least the longest cache.
-#[allow(clippy::too_many_arguments)]
+/// `out[t, h*hd..]` = softmax(q_t,h · K / sqrt) V for the `n_tok` rows of `q` (`[n_tok,
+/// n_head*hd]`), where `row(t)` names row `t`'s cache and position (its key and value, and
+/// those before it, are already in that cache, layer `il`). `scores` is scratch of
+/// `n_threads * n_ctx` floats, `n_ctx` at least the longest cache.
 pub fn attend<'k>(
     pool: &ThreadPool,
     il: usize,
     s: &AttnShape,
     q: &[f32],
-    n_tok: usize,
     row: &(dyn Fn(usize) -> (&'k KvCache, usize) + Sync),
     out: &mut [f32],
     scores: &mut [f32],
 ) {
     let hd = s.head_dim;
     let qd = s.n_head * hd;
+    let n_tok = q.len() / qd;
     let group = s.n_head / s.n_head_kv;
     let n_ctx = scores.len() / pool.n_threads();
     let op = SyncPtr(out.as_mut_ptr());

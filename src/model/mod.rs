@@ -8,10 +8,12 @@ pub mod config;
 mod gemma3;
 pub mod kv;
 mod llama;
+pub mod matmul;
 pub mod weights;
 
 pub use config::{Arch, Config};
-pub use weights::{Precision, Proj, Weight, WeightId};
+pub use matmul::{Exec, Precision};
+pub use weights::{Proj, Weight, WeightId};
 
 use crate::gguf::GgufFile;
 use crate::patch::PatchSet;
@@ -20,9 +22,10 @@ use crate::{Error, Result};
 use attention::AttnShape;
 use kv::KvCache;
 use lethe_kernels::ops::{RopeKind, RopeTable};
+use matmul::ActBuf;
 use std::path::Path;
 use std::sync::Arc;
-use weights::{load, load_vec, ActBuf};
+use weights::{load, load_vec};
 
 /// Most tokens pushed through the blocks at once (prefill is chunked to this).
 pub const MAX_BATCH: usize = 128;
@@ -135,6 +138,17 @@ impl Model {
         })
     }
 
+    /// The context of matmuls over this model's weights, with the scratch `act` and `tmp`.
+    pub fn exec<'a>(&'a self, act: &'a mut ActBuf, tmp: &'a mut [f32]) -> Exec<'a> {
+        Exec {
+            pool: &self.pool,
+            file: &self.file,
+            precision: self.precision,
+            act,
+            tmp,
+        }
+    }
+
     /// A fresh run state with room for `n_ctx` tokens.
     pub fn new_state(&self, n_ctx: usize) -> State {
         State::new(&self.cfg, n_ctx, self.pool.n_threads())
@@ -242,28 +256,11 @@ impl Model {
             return Ok(y);
         }
         let mut act = ActBuf::new(n.max(1), cols);
-        weights::matmul(
-            &self.pool,
-            &self.file,
-            w,
-            x,
-            n,
-            &mut y,
-            &mut act,
-            self.precision,
-        );
+        let mut tmp = vec![0.0f32; patches.map_or(0, |p| p.scratch_len().max(n * rows))];
+        let mut ex = self.exec(&mut act, &mut tmp);
+        ex.matmul(w, x, n, &mut y);
         if let Some(p) = patches {
-            let mut tmp = vec![0.0f32; p.scratch_len().max(n * rows)];
-            p.apply(
-                &self.pool,
-                t,
-                x,
-                n,
-                &mut y,
-                &mut tmp,
-                &mut act,
-                self.precision,
-            );
+            p.apply(&mut ex, t, x, n, &mut y);
         }
         Ok(y)
     }
@@ -413,20 +410,11 @@ impl Model {
     fn head_rows_of_xb(&self, st: &mut State, rows: &[u32], out: &mut [f32]) {
         let e = self.cfg.n_embd;
         let buf = &mut st.buf;
-        weights::matvec_rows(
-            &self.pool,
-            &self.file,
-            &self.output,
-            &buf.xb[..e],
-            rows,
-            out,
-            &mut buf.act,
-            self.precision,
-        );
+        let x = &buf.xb[..e];
+        let mut ex = self.exec(&mut buf.act, &mut buf.patch_tmp);
+        ex.matvec_rows(&self.output, x, rows, out);
         if let Some(p) = st.patches.as_deref().filter(|p| p.has_output()) {
-            let (x, tmp, act) = (&buf.xb[..e], &mut buf.patch_tmp, &mut buf.act);
-            let o = &mut out[..rows.len()];
-            p.apply_output_rows(&self.pool, x, rows, o, tmp, act, self.precision);
+            p.apply_output_rows(&mut ex, x, rows, &mut out[..rows.len()]);
         }
         if let Some(cap) = self.cfg.final_logit_softcap {
             for v in out[..rows.len()].iter_mut() {
@@ -590,19 +578,11 @@ impl Model {
             let x = &buf.x[t * e..(t + 1) * e];
             lethe_kernels::ops::rmsnorm(&mut buf.xb[..e], x, &self.output_norm, self.cfg.rms_eps);
             let out = &mut out[..r.len()];
-            weights::matvec_rows(
-                &self.pool,
-                &self.file,
-                &self.output,
-                &buf.xb[..e],
-                r,
-                out,
-                &mut buf.act,
-                self.precision,
-            );
+            let x = &buf.xb[..e];
+            let mut ex = self.exec(&mut buf.act, &mut buf.patch_tmp);
+            ex.matvec_rows(&self.output, x, r, out);
             if let Some(p) = ps.as_deref().filter(|p| p.has_output()) {
-                let (x, tmp, act) = (&buf.xb[..e], &mut buf.patch_tmp, &mut buf.act);
-                p.apply_output_rows(&self.pool, x, r, out, tmp, act, self.precision);
+                p.apply_output_rows(&mut ex, x, r, out);
             }
             if let Some(cap) = self.cfg.final_logit_softcap {
                 for v in out.iter_mut() {
@@ -670,29 +650,11 @@ impl Model {
                 self.cfg.rms_eps,
             );
         }
-        let xs = &buf.xb[which.start * e..which.end * e];
-        weights::matmul(
-            &self.pool,
-            &self.file,
-            &self.output,
-            xs,
-            which.len(),
-            out,
-            &mut buf.act,
-            self.precision,
-        );
+        let (xs, n) = (&buf.xb[which.start * e..which.end * e], which.len());
+        let mut ex = self.exec(&mut buf.act, &mut buf.patch_tmp);
+        ex.matmul(&self.output, xs, n, out);
         if let Some(p) = ps.filter(|p| p.has_output()) {
-            let (n, tmp, act) = (which.len(), &mut buf.patch_tmp, &mut buf.act);
-            p.apply(
-                &self.pool,
-                WeightId::Output,
-                xs,
-                n,
-                out,
-                tmp,
-                act,
-                self.precision,
-            );
+            p.apply(&mut ex, WeightId::Output, xs, n, out);
         }
         if let Some(cap) = self.cfg.final_logit_softcap {
             for v in out[..which.len() * self.cfg.n_vocab].iter_mut() {
@@ -913,17 +875,8 @@ impl Batch<'_, '_> {
             let (i, pos) = self.row(t);
             (&self.seqs[i].kv, pos)
         };
-        let n = self.n();
-        attention::attend(
-            pool,
-            il,
-            shape,
-            &buf.q,
-            n,
-            &row,
-            &mut buf.att,
-            &mut buf.scores,
-        );
+        let q = &buf.q[..self.n() * shape.n_head * shape.head_dim]; // [n, n_head*hd]
+        attention::attend(pool, il, shape, q, &row, &mut buf.att, &mut buf.scores);
     }
 }
 

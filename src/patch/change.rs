@@ -2,9 +2,7 @@
 
 use super::{axpy, dot, SendPtr};
 use crate::gguf::GgufFile;
-use crate::model::weights::{matmul, matvec_rows, ActBuf, Weight};
-use crate::model::{Precision, WeightId};
-use crate::pool::ThreadPool;
+use crate::model::{Exec, Weight, WeightId};
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -127,25 +125,15 @@ impl TensorDelta {
         }
     }
 
-    /// `y[t] += s * dW x[t]` for `n` tokens (`x` `[n, cols]`, `y` `[n, rows]`).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn apply(
-        &self,
-        pool: &ThreadPool,
-        s: f32,
-        x: &[f32],
-        n: usize,
-        y: &mut [f32],
-        tmp: &mut [f32],
-        act: &mut ActBuf,
-        precision: Precision,
-    ) {
+    /// `y[t] += s * dW x[t]` for `n` tokens (`x` `[n, cols]`, `y` `[n, rows]`), with the
+    /// scratch of `ex`.
+    pub(crate) fn apply(&self, ex: &mut Exec, s: f32, x: &[f32], n: usize, y: &mut [f32]) {
         let (cols, rows, s) = (self.cols, self.rows, s * self.scale);
         match &self.change {
             Change::LowRank { rank, a, bt } => {
                 let rank = *rank;
                 let yp = SendPtr(y.as_mut_ptr());
-                let tp = SendPtr(tmp.as_mut_ptr());
+                let tp = SendPtr(ex.tmp.as_mut_ptr());
                 let one = |t: usize| {
                     // SAFETY: token t's rows of y and tmp are touched by one thread only.
                     let (yt, tt) = unsafe {
@@ -167,7 +155,7 @@ impl TensorDelta {
                     (0..n).for_each(one);
                 } else {
                     let next = AtomicUsize::new(0);
-                    pool.run_dynamic(&|_, _| loop {
+                    ex.pool.run_dynamic(&|_, _| loop {
                         let t = next.fetch_add(1, Ordering::Relaxed);
                         if t >= n {
                             break;
@@ -177,11 +165,12 @@ impl TensorDelta {
                 }
             }
             Change::Dense { file, w } => {
+                let (mut ex, tmp) = ex.with_file(file);
                 let per = (tmp.len() / rows).max(1);
                 for t0 in (0..n).step_by(per) {
                     let m = per.min(n - t0);
                     let xs = &x[t0 * cols..(t0 + m) * cols];
-                    matmul(pool, file, w, xs, m, &mut tmp[..m * rows], act, precision);
+                    ex.matmul(w, xs, m, &mut tmp[..m * rows]);
                     axpy(&mut y[t0 * rows..(t0 + m) * rows], s, &tmp[..m * rows]);
                 }
             }
@@ -205,18 +194,14 @@ impl TensorDelta {
         }
     }
 
-    /// `out[i] += s * (dW x)[rows[i]]` for one token `x` (`[cols]`): a head on some rows.
-    #[allow(clippy::too_many_arguments)]
+    /// `out[i] += s * (dW x)[sel[i]]` for one token `x` (`[cols]`): a head on some rows.
     pub(crate) fn apply_rows(
         &self,
-        pool: &ThreadPool,
+        ex: &mut Exec,
         s: f32,
         x: &[f32],
         sel: &[u32],
         out: &mut [f32],
-        tmp: &mut [f32],
-        act: &mut ActBuf,
-        precision: Precision,
     ) {
         let (cols, s) = (self.cols, s * self.scale);
         match &self.change {
@@ -230,9 +215,10 @@ impl TensorDelta {
                 }
             }
             Change::Dense { file, w } => {
+                let (mut ex, tmp) = ex.with_file(file);
                 for (o, s0) in out.chunks_mut(tmp.len()).zip(sel.chunks(tmp.len())) {
                     let t = &mut tmp[..s0.len()];
-                    matvec_rows(pool, file, w, x, s0, t, act, precision);
+                    ex.matvec_rows(w, x, s0, t);
                     axpy(o, s, t);
                 }
             }

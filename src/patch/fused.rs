@@ -2,9 +2,8 @@
 //! job, dense and sparse ones after it; control vectors after the block.
 
 use super::{axpy, Change, PatchSet, SendPtr};
-use crate::model::weights::{run_parts, Part, Weight, MAX_PARTS};
-use crate::model::{Layer, Model, Precision, Proj, Scratch, WeightId};
-use crate::pool::ThreadPool;
+use crate::model::matmul::{Part, MAX_PARTS};
+use crate::model::{Layer, Model, Precision, Proj, Scratch, Weight, WeightId};
 use half::f16;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -48,7 +47,7 @@ impl Scratch {
         n: usize,
     ) {
         let l = &m.layers[il];
-        let (pool, f, p) = (&*m.pool, &*m.file, m.precision);
+        let (f, p) = (&*m.file, m.precision);
         debug_assert!(slots.len() <= 3);
         let mut outs = [std::ptr::null_mut::<f32>(); 3];
         for (o, &s) in outs.iter_mut().zip(slots) {
@@ -84,7 +83,8 @@ impl Scratch {
         if !same_vt {
             for (&s, &y) in slots.iter().zip(&outs) {
                 table[0] = Part::weight(f, weight(l, s), y);
-                run_parts(pool, &mut table[..1], cols, x, n, &mut self.act, p);
+                let mut ex = m.exec(&mut self.act, &mut self.patch_tmp);
+                ex.run_parts(&mut table[..1], cols, x, n);
             }
         } else {
             for (&s, &y) in slots.iter().zip(&outs) {
@@ -94,16 +94,18 @@ impl Scratch {
         }
         let Some(ps) = ps.filter(|_| fused) else {
             if same_vt {
-                run_parts(pool, &mut table[..k], cols, x, n, &mut self.act, p);
+                let mut ex = m.exec(&mut self.act, &mut self.patch_tmp);
+                ex.run_parts(&mut table[..k], cols, x, n);
             }
             if let Some(ps) = ps {
-                self.patch_block(ps, pool, p, il, slots, n);
+                self.patch_block(m, ps, il, slots, n);
             }
             return;
         };
         // The first halves, `t_i = A_i x` (`[n, rank]` each, in the scratch), as more rows of
         // the same job.
-        let tmp = self.patch_tmp.as_mut_ptr();
+        let mut ex = m.exec(&mut self.act, &mut self.patch_tmp);
+        let tmp = ex.tmp.as_mut_ptr();
         let mut second = [None::<Second>; MAX_PARTS];
         let (mut off, mut rows_total) = (0, 0);
         for (&s, &y) in slots.iter().zip(&outs) {
@@ -129,9 +131,9 @@ impl Scratch {
                 k += 1;
             }
         }
-        run_parts(pool, &mut table[..k], cols, x, n, &mut self.act, p);
+        ex.run_parts(&mut table[..k], cols, x, n);
         let second = &second[..k];
-        let tmp = &self.patch_tmp;
+        let tmp = &*ex.tmp;
         let add = |r0: usize, r1: usize| {
             for s2 in second.iter().flatten() {
                 let (lo, hi) = (r0.max(s2.start), r1.min(s2.start + s2.rows));
@@ -166,7 +168,7 @@ impl Scratch {
                 }
                 add(r0, (r0 + CHUNK).min(rows_total));
             };
-            pool.run_dynamic(&job);
+            ex.pool.run_dynamic(&job);
         }
         // Dense and sparse deltas, one by one.
         for (&s, &y) in slots.iter().zip(&outs) {
@@ -176,23 +178,13 @@ impl Scratch {
             let rows = weight(l, s).rows;
             // SAFETY: `y` is the slot's output buffer, at least n * rows long.
             let y = unsafe { std::slice::from_raw_parts_mut(y, n * rows) };
-            let (tmp, act) = (&mut self.patch_tmp, &mut self.act);
-            let t = WeightId::Block(il, s);
-            ps.apply_some(pool, t, x, n, y, tmp, act, p, true);
+            ps.apply_some(&mut ex, WeightId::Block(il, s), x, n, y, true);
         }
     }
 
     /// Add the attached patches' deltas of block `il` to the outputs of the matmuls `slots`,
     /// just after the base matmuls wrote them.
-    fn patch_block(
-        &mut self,
-        ps: &PatchSet,
-        pool: &ThreadPool,
-        p: Precision,
-        il: usize,
-        slots: &[Proj],
-        n: usize,
-    ) {
+    fn patch_block(&mut self, m: &Model, ps: &PatchSet, il: usize, slots: &[Proj], n: usize) {
         for &slot in slots {
             if !ps.has_slot(il, slot) {
                 continue;
@@ -206,8 +198,8 @@ impl Scratch {
                 Proj::Up => (&self.xb, &mut self.hu),
                 Proj::Down => (&self.hg, &mut self.xb2),
             };
-            let t = WeightId::Block(il, slot);
-            ps.apply(pool, t, x, n, y, &mut self.patch_tmp, &mut self.act, p);
+            let mut ex = m.exec(&mut self.act, &mut self.patch_tmp);
+            ps.apply(&mut ex, WeightId::Block(il, slot), x, n, y);
         }
     }
 

@@ -1,9 +1,7 @@
 //! Patches with their scales, sorted by the weight they change, ready to attach to a state.
 
 use super::{axpy, Change, Patch, TensorDelta};
-use crate::model::weights::ActBuf;
-use crate::model::{Arch, Model, Precision, Proj, WeightId, MAX_BATCH};
-use crate::pool::ThreadPool;
+use crate::model::{Arch, Exec, Model, Proj, WeightId, MAX_BATCH};
 use crate::{Error, Result};
 use half::f16;
 use std::sync::Arc;
@@ -189,35 +187,28 @@ impl PatchSet {
         !self.blocks[il].slots[slot as usize].is_empty()
     }
 
-    /// `y += deltas of (il, slot) times x` for `n` tokens.
-    #[allow(clippy::too_many_arguments)]
+    /// `y += deltas of the weight `target` times x` for `n` tokens (`x` `[n, cols]`, `y`
+    /// `[n, rows]`).
     pub(crate) fn apply(
         &self,
-        pool: &ThreadPool,
+        ex: &mut Exec,
         target: WeightId,
         x: &[f32],
         n: usize,
         y: &mut [f32],
-        tmp: &mut [f32],
-        act: &mut ActBuf,
-        precision: Precision,
     ) {
-        self.apply_some(pool, target, x, n, y, tmp, act, precision, false)
+        self.apply_some(ex, target, x, n, y, false)
     }
 
     /// [`PatchSet::apply`], leaving out the low-rank deltas when `skip_low_rank` (the fused
     /// path did them).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn apply_some(
         &self,
-        pool: &ThreadPool,
+        ex: &mut Exec,
         target: WeightId,
         x: &[f32],
         n: usize,
         y: &mut [f32],
-        tmp: &mut [f32],
-        act: &mut ActBuf,
-        precision: Precision,
         skip_low_rank: bool,
     ) {
         let items = match target {
@@ -229,25 +220,14 @@ impl PatchSet {
             if skip_low_rank && a.f16.is_some() {
                 continue;
             }
-            a.delta().apply(pool, a.scale, x, n, y, tmp, act, precision);
+            a.delta().apply(ex, a.scale, x, n, y);
         }
     }
 
     /// `out[i] += output deltas at row sel[i]` for one token `x`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn apply_output_rows(
-        &self,
-        pool: &ThreadPool,
-        x: &[f32],
-        sel: &[u32],
-        out: &mut [f32],
-        tmp: &mut [f32],
-        act: &mut ActBuf,
-        precision: Precision,
-    ) {
+    pub(crate) fn apply_output_rows(&self, ex: &mut Exec, x: &[f32], sel: &[u32], out: &mut [f32]) {
         for a in &self.output {
-            a.delta()
-                .apply_rows(pool, a.scale, x, sel, out, tmp, act, precision);
+            a.delta().apply_rows(ex, a.scale, x, sel, out);
         }
     }
 }

@@ -335,7 +335,7 @@ impl<'m> TrainModel<'m> {
             swiglu_forward(&b.gate, &b.up, &mut h);
             let mut dh = vec![0f32; n * ff]; // [n, n_ff]
             linear_backward(pool, &m.file, &l.w_down, &dx, n, &mut dh);
-            self.lora_bwd(il, Proj::Down, &h, b, &dx, n, Some(&mut dh));
+            self.lora_bwd(act, il, Proj::Down, &h, &dx, Some(&mut dh));
             take(il, Proj::Down, &h, &dx);
             let (mut dg, mut du) = (vec![0f32; n * ff], vec![0f32; n * ff]); // [n, n_ff]
             swiglu_backward(&b.gate, &b.up, &dh, &mut dg, &mut du);
@@ -346,20 +346,20 @@ impl<'m> TrainModel<'m> {
                 dxn.fill(0.0);
                 linear_backward(pool, &m.file, &l.w_gate, &dg, n, &mut dxn);
                 linear_backward(pool, &m.file, &l.w_up, &du, n, &mut dxn);
-                self.lora_bwd(il, Proj::Gate, &xn, b, &dg, n, Some(&mut dxn));
-                self.lora_bwd(il, Proj::Up, &xn, b, &du, n, Some(&mut dxn));
+                self.lora_bwd(act, il, Proj::Gate, &xn, &dg, Some(&mut dxn));
+                self.lora_bwd(act, il, Proj::Up, &xn, &du, Some(&mut dxn));
                 // dx becomes the gradient of x_mid: the residual path plus the norm's.
                 rmsnorm_backward(&b.x_mid, &l.ffn_norm, &b.rstd_ffn, &dxn, &mut dx);
             } else {
-                self.lora_bwd(il, Proj::Gate, &xn, b, &dg, n, None);
-                self.lora_bwd(il, Proj::Up, &xn, b, &du, n, None);
+                self.lora_bwd(act, il, Proj::Gate, &xn, &dg, None);
+                self.lora_bwd(act, il, Proj::Up, &xn, &du, None);
                 break;
             }
 
             // Attention: dx is the gradient of x_mid.
             let mut datt = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
             linear_backward(pool, &m.file, &l.wo, &dx, n, &mut datt);
-            self.lora_bwd(il, Proj::O, &b.att, b, &dx, n, Some(&mut datt));
+            self.lora_bwd(act, il, Proj::O, &b.att, &dx, Some(&mut datt));
             take(il, Proj::O, &b.att, &dx);
             let mut dq = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
             let mut dk = vec![0f32; n * hs.kv_dim()]; // [n, n_head_kv*hd]
@@ -398,15 +398,8 @@ impl<'m> TrainModel<'m> {
             }
             let mut dxn_opt = need_in.then_some(&mut dxn);
             for (slot, dy) in [(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)] {
-                self.lora_bwd(
-                    il,
-                    slot,
-                    &xn,
-                    b,
-                    dy,
-                    n,
-                    dxn_opt.as_deref_mut().map(|d| &mut d[..]),
-                );
+                let dx = dxn_opt.as_deref_mut().map(|d| &mut d[..]);
+                self.lora_bwd(act, il, slot, &xn, dy, dx);
             }
             if need_in {
                 rmsnorm_backward(&b.x, &l.attn_norm, &b.rstd_attn, &dxn, &mut dx);
@@ -415,28 +408,26 @@ impl<'m> TrainModel<'m> {
         Ok(())
     }
 
-    /// The backward pass of block `il`'s adapter on `slot`, if it has one (`x`: that matmul's
-    /// input, `dy`: the gradient of its output).
-    #[allow(clippy::too_many_arguments)]
+    /// The backward pass of block `il`'s adapter on `slot`, if it has one, in the forward pass
+    /// `act` (`x`: that matmul's input, `dy`: the gradient of its output).
     fn lora_bwd(
         &mut self,
+        act: &Activations,
         il: usize,
         slot: Proj,
         x: &[f32],
-        b: &BlockActs,
         dy: &[f32],
-        n: usize,
         dx: Option<&mut [f32]>,
     ) {
         let Some(i) = self.lora.index_of(il, slot) else {
             return;
         };
         let s = self.lora.scale();
-        let u = b.lora_u[slot as usize]
+        let u = act.blocks[il].lora_u[slot as usize]
             .as_deref()
             .expect("kept by the forward pass");
         let pool: &ThreadPool = &self.model.pool;
-        lora_backward(pool, &mut self.lora.params[i], s, x, u, dy, n, dx);
+        lora_backward(pool, &mut self.lora.params[i], s, x, u, dy, act.n, dx);
     }
 
     /// Forward, loss and backward of one sequence: returns the loss and adds its gradient to
