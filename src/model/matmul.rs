@@ -1,8 +1,10 @@
 //! The matmul over weights used in place: activations quantized once per job to the weights'
 //! paired format, rows of one or several matrices shared out over the pool.
 
-use super::weights::Weight;
+use super::weights::{Proj, Weight};
+use super::{Model, Scratch};
 use crate::gguf::GgufFile;
+use crate::patch::PatchSet;
 use crate::pool::ThreadPool;
 use lethe_kernels::quant::{self, GgmlType};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,7 +56,7 @@ pub struct Exec<'a> {
     pub tmp: &'a mut [f32],
 }
 
-/// Most matrices in one job ([`Exec::run_parts`]).
+/// Most matrices in one job ([`Job`]).
 pub const MAX_PARTS: usize = 16;
 
 impl<'a> Exec<'a> {
@@ -149,16 +151,25 @@ impl<'a> Exec<'a> {
             }
             return;
         }
-        let mut table = [Part::EMPTY; MAX_PARTS];
-        assert!(
-            parts.len() <= MAX_PARTS,
-            "at most {MAX_PARTS} weights per group"
-        );
-        for (i, (w, y)) in parts.iter_mut().enumerate() {
+        let mut job = Job::new(cols);
+        for (w, y) in parts.iter_mut() {
             debug_assert!(y.len() >= n_tok * w.rows);
-            table[i] = Part::weight(self.file, w, y.as_mut_ptr());
+            job.push(Part::weight(self.file, w, y.as_mut_ptr()));
         }
-        self.run_parts(&mut table[..parts.len()], cols, x, n_tok);
+        self.run(&mut job, x, n_tok);
+    }
+
+    /// Run `job` over the input `x` (`[n_tok, cols]`): all its matrices at once when their
+    /// quantized activations are of one format, else one after another.
+    pub(crate) fn run(&mut self, job: &mut Job, x: &[f32], n_tok: usize) {
+        let cols = job.cols;
+        if job.one_format() {
+            self.run_parts(job.parts_mut(), cols, x, n_tok);
+        } else {
+            for p in job.parts_mut() {
+                self.run_parts(std::slice::from_mut(p), cols, x, n_tok);
+            }
+        }
     }
 
     /// Run the matrices `table` (all with `cols` columns, all quantized ones pairing with one
@@ -238,6 +249,57 @@ impl<'a> Exec<'a> {
     }
 }
 
+/// Matrices over one input (`cols` wide), run as one job ([`Exec::run`]): a group of a
+/// block's weights, and the low-rank halves its patches add.
+pub(crate) struct Job<'a> {
+    parts: [Part<'a>; MAX_PARTS],
+    len: usize,
+    cols: usize,
+}
+
+impl<'a> Job<'a> {
+    pub(crate) fn new(cols: usize) -> Self {
+        Job {
+            parts: [Part::EMPTY; MAX_PARTS],
+            len: 0,
+            cols,
+        }
+    }
+
+    /// Add `p` (with `cols` columns, like the others).
+    pub(crate) fn push(&mut self, p: Part<'a>) {
+        assert!(self.len < MAX_PARTS, "at most {MAX_PARTS} matrices per job");
+        self.parts[self.len] = p;
+        self.len += 1;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub(crate) fn parts(&self) -> &[Part<'a>] {
+        &self.parts[..self.len]
+    }
+
+    fn parts_mut(&mut self) -> &mut [Part<'a>] {
+        &mut self.parts[..self.len]
+    }
+
+    /// Whether the quantized matrices pair with one activation format, so that the input is
+    /// quantized once for all of them.
+    pub(crate) fn one_format(&self) -> bool {
+        let mut vt = self.parts().iter().filter(|p| !p.f32_act);
+        match vt.next() {
+            Some(first) => vt.all(|p| p.ty.vec_dot_type() == first.ty.vec_dot_type()),
+            None => true,
+        }
+    }
+}
+
 /// One matrix of a job, with its output (`[n_tok, rows]`) and its first row in the job's row
 /// numbering.
 #[derive(Clone, Copy)]
@@ -291,6 +353,16 @@ impl<'a> Part<'a> {
             start: 0,
             y: SyncPtr(y),
         }
+    }
+
+    /// Rows of the matrix.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Where the matrix writes its `[n_tok, rows]` output.
+    pub(crate) fn out(&self) -> *mut f32 {
+        self.y.0
     }
 
     /// Rows `rows` of an f16 part against `n_tok` f32 input rows.
@@ -418,4 +490,51 @@ fn quantize_rows(
         let d = unsafe { std::slice::from_raw_parts_mut((dp as *mut u8).add(t * ab), ab) };
         quantize_row(vt, x8, &x[t * cols..(t + 1) * cols], d);
     });
+}
+
+impl Scratch {
+    /// Where matrix `p` of a block reads its input and writes its output in the scratch,
+    /// `(input, output)` (`[B, cols]` and `[B, rows]`): q/k/v and gate/up read the normed
+    /// residual `xb`, o reads the attention `att`, down reads `hg` (the gated feed-forward);
+    /// o and down both write `xb2`.
+    pub(crate) fn io(&mut self, p: Proj) -> (&mut Vec<f32>, &mut Vec<f32>) {
+        match p {
+            Proj::Q => (&mut self.xb, &mut self.q),
+            Proj::K => (&mut self.xb, &mut self.k),
+            Proj::V => (&mut self.xb, &mut self.v),
+            Proj::O => (&mut self.att, &mut self.xb2),
+            Proj::Gate => (&mut self.xb, &mut self.hg),
+            Proj::Up => (&mut self.xb, &mut self.hu),
+            Proj::Down => (&mut self.hg, &mut self.xb2),
+        }
+    }
+
+    /// The matmuls `projs` of block `il`, which share their input (q/k/v, o, gate/up or down),
+    /// as one job over the `n` rows of the scratch ([`Scratch::io`]), with the deltas of the
+    /// patches `ps` ([`PatchSet::mm`]).
+    pub(crate) fn mm(
+        &mut self,
+        m: &Model,
+        ps: Option<&PatchSet>,
+        il: usize,
+        projs: &[Proj],
+        n: usize,
+    ) {
+        let l = &m.layers[il];
+        let cols = l.weight(projs[0]).cols;
+        let mut job = Job::new(cols);
+        for &p in projs {
+            let y = self.io(p).1.as_mut_ptr();
+            job.push(Part::weight(&m.file, l.weight(p), y));
+        }
+        let x = self.io(projs[0]).0.as_ptr();
+        // SAFETY: the input holds `B >= n` rows of `cols`; it is none of the outputs, and
+        // nothing writes it until the matmuls are done.
+        let x = unsafe { std::slice::from_raw_parts(x, n * cols) };
+        let mut ex = m.exec(&mut self.act, &mut self.patch_tmp);
+        match ps {
+            Some(ps) => ps.mm(&mut ex, il, projs, &mut job, x, n),
+            None => ex.run(&mut job, x, n),
+        }
+    }
 }

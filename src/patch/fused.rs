@@ -1,21 +1,98 @@
-//! A block's matmuls with the attached patches: low-rank deltas fused into the weights' own
-//! job, dense and sparse ones after it; control vectors after the block.
+//! A block's matmuls with a patch set's deltas: low-rank deltas fused into the weights' own
+//! job, dense and sparse ones after it.
 
-use super::{axpy, Change, PatchSet, SendPtr};
-use crate::model::matmul::{Part, MAX_PARTS};
-use crate::model::{Layer, Model, Precision, Proj, Scratch, Weight, WeightId};
+use super::{Change, PatchSet, SendPtr};
+use crate::model::matmul::{Job, Part, MAX_PARTS};
+use crate::model::{Exec, Precision, Proj, WeightId};
+use crate::pool::ThreadPool;
 use half::f16;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-fn weight(l: &Layer, s: Proj) -> &Weight {
-    match s {
-        Proj::Q => &l.wq,
-        Proj::K => &l.wk,
-        Proj::V => &l.wv,
-        Proj::O => &l.wo,
-        Proj::Gate => &l.w_gate,
-        Proj::Up => &l.w_up,
-        Proj::Down => &l.w_down,
+impl PatchSet {
+    /// Block `il`'s matrices `projs` (the parts of `job`, in that order) over `x` (`[n, cols]`)
+    /// with this set's deltas of them. Low-rank deltas are fused into the same job: their
+    /// `A x` rows are computed beside the weights' rows, then `B (A x)` is added by one more
+    /// job over the output rows. Dense and sparse deltas follow, one by one.
+    pub(crate) fn mm<'a>(
+        &'a self,
+        ex: &mut Exec,
+        il: usize,
+        projs: &[Proj],
+        job: &mut Job<'a>,
+        x: &[f32],
+        n: usize,
+    ) {
+        let fused = ex.precision == Precision::Fast && job.one_format() && {
+            let low_rank = |p: &Proj| {
+                let items = &self.blocks[il].projs[*p as usize];
+                items.iter().filter(|a| a.f16.is_some()).count()
+            };
+            let n_low_rank: usize = projs.iter().map(low_rank).sum();
+            n_low_rank > 0 && job.len() + n_low_rank <= MAX_PARTS
+        };
+        let second = fused.then(|| self.first_halves(ex.tmp, il, projs, job, n));
+        ex.run(job, x, n);
+        if let Some(second) = second {
+            second.add(ex.pool, ex.tmp, n);
+        }
+        // The deltas the job did not take.
+        for (&p, part) in projs.iter().zip(job.parts()) {
+            if !self.has_proj(il, p) {
+                continue;
+            }
+            // SAFETY: the part's output holds `n` rows for this call alone.
+            let y = unsafe { std::slice::from_raw_parts_mut(part.out(), n * part.rows()) };
+            for a in self.deltas(WeightId::Block(il, p)) {
+                if !(fused && a.f16.is_some()) {
+                    a.delta().apply(ex, a.scale, x, n, y);
+                }
+            }
+        }
+    }
+
+    /// Add to `job` the first halves of the low-rank deltas of its matrices `projs`, `t_i =
+    /// A_i x` (`[n, rank]` each, into `tmp`), as more rows of the same job; returns their
+    /// second halves.
+    fn first_halves<'a>(
+        &'a self,
+        tmp: &mut [f32],
+        il: usize,
+        projs: &[Proj],
+        job: &mut Job<'a>,
+        n: usize,
+    ) -> SecondHalves<'a> {
+        let tmp = tmp.as_mut_ptr();
+        let mut s = SecondHalves {
+            items: [None; MAX_PARTS],
+            rows: 0,
+        };
+        let (mut k, mut off) = (0, 0);
+        for (i, &p) in projs.iter().enumerate() {
+            let (y, rows) = (job.parts()[i].out(), job.parts()[i].rows());
+            for a in &self.blocks[il].projs[p as usize] {
+                let (Some((a16, bt16)), Change::LowRank { rank, .. }) = (&a.f16, &a.delta().change)
+                else {
+                    continue;
+                };
+                // SAFETY: the scratch holds MAX_BATCH * (sum of the block's ranks) floats.
+                job.push(Part::f16_rows(a16, job.cols(), *rank, unsafe {
+                    tmp.add(off)
+                }));
+                s.items[k] = Some(Second {
+                    y: SendPtr(y),
+                    rows,
+                    rank: *rank,
+                    bt: bt16,
+                    scale: a.scale * a.delta().scale,
+                    off,
+                    start: s.rows,
+                });
+                off += n * rank;
+                s.rows += rows;
+                k += 1;
+            }
+        }
+        s
     }
 }
 
@@ -29,111 +106,22 @@ struct Second<'a> {
     scale: f32,
     /// Offset of `t_i` (`[n, rank]`) in the scratch.
     off: usize,
-    /// First row in the job's row numbering.
+    /// First row in the second halves' row numbering.
     start: usize,
 }
 
-impl Scratch {
-    /// The matmuls `slots` of block `il` (which share their input: q/k/v, o, gate/up or down)
-    /// with the attached patches' deltas. Low-rank deltas are fused into the same job: their
-    /// `A x` rows are computed beside the weights' rows, then `B (A x)` is added by one more
-    /// job over the output rows.
-    pub(crate) fn mm(
-        &mut self,
-        m: &Model,
-        ps: Option<&PatchSet>,
-        il: usize,
-        slots: &[Proj],
-        n: usize,
-    ) {
-        let l = &m.layers[il];
-        let (f, p) = (&*m.file, m.precision);
-        debug_assert!(slots.len() <= 3);
-        let mut outs = [std::ptr::null_mut::<f32>(); 3];
-        for (o, &s) in outs.iter_mut().zip(slots) {
-            *o = match s {
-                Proj::Q => self.q.as_mut_ptr(),
-                Proj::K => self.k.as_mut_ptr(),
-                Proj::V => self.v.as_mut_ptr(),
-                Proj::O | Proj::Down => self.xb2.as_mut_ptr(),
-                Proj::Gate => self.hg.as_mut_ptr(),
-                Proj::Up => self.hu.as_mut_ptr(),
-            };
-        }
-        let x: &[f32] = match slots[0] {
-            Proj::O => &self.att,
-            Proj::Down => &self.hg,
-            _ => &self.xb,
-        };
-        let cols = weight(l, slots[0]).cols;
-        let vt = weight(l, slots[0]).ty.vec_dot_type();
-        let same_vt = slots.iter().all(|&s| weight(l, s).ty.vec_dot_type() == vt);
-        let fused = same_vt
-            && p == Precision::Fast
-            && ps.is_some_and(|ps| {
-                let low_rank = |s: &Proj| {
-                    let items = &ps.blocks[il].slots[*s as usize];
-                    items.iter().filter(|a| a.f16.is_some()).count()
-                };
-                let n_low_rank: usize = slots.iter().map(low_rank).sum();
-                n_low_rank > 0 && slots.len() + n_low_rank <= MAX_PARTS
-            });
-        let mut table = [Part::EMPTY; MAX_PARTS];
-        let mut k = 0;
-        if !same_vt {
-            for (&s, &y) in slots.iter().zip(&outs) {
-                table[0] = Part::weight(f, weight(l, s), y);
-                let mut ex = m.exec(&mut self.act, &mut self.patch_tmp);
-                ex.run_parts(&mut table[..1], cols, x, n);
-            }
-        } else {
-            for (&s, &y) in slots.iter().zip(&outs) {
-                table[k] = Part::weight(f, weight(l, s), y);
-                k += 1;
-            }
-        }
-        let Some(ps) = ps.filter(|_| fused) else {
-            if same_vt {
-                let mut ex = m.exec(&mut self.act, &mut self.patch_tmp);
-                ex.run_parts(&mut table[..k], cols, x, n);
-            }
-            if let Some(ps) = ps {
-                self.patch_block(m, ps, il, slots, n);
-            }
-            return;
-        };
-        // The first halves, `t_i = A_i x` (`[n, rank]` each, in the scratch), as more rows of
-        // the same job.
-        let mut ex = m.exec(&mut self.act, &mut self.patch_tmp);
-        let tmp = ex.tmp.as_mut_ptr();
-        let mut second = [None::<Second>; MAX_PARTS];
-        let (mut off, mut rows_total) = (0, 0);
-        for (&s, &y) in slots.iter().zip(&outs) {
-            for a in &ps.blocks[il].slots[s as usize] {
-                let (Some((a16, bt16)), Change::LowRank { rank, .. }) = (&a.f16, &a.delta().change)
-                else {
-                    continue;
-                };
-                // SAFETY: the scratch holds MAX_BATCH * (sum of the block's ranks) floats.
-                table[k] = Part::f16_rows(a16, cols, *rank, unsafe { tmp.add(off) });
-                let rows = weight(l, s).rows;
-                second[k] = Some(Second {
-                    y: SendPtr(y),
-                    rows,
-                    rank: *rank,
-                    bt: bt16,
-                    scale: a.scale * a.delta().scale,
-                    off,
-                    start: rows_total,
-                });
-                off += n * rank;
-                rows_total += rows;
-                k += 1;
-            }
-        }
-        ex.run_parts(&mut table[..k], cols, x, n);
-        let second = &second[..k];
-        let tmp = &*ex.tmp;
+/// The second halves of the low-rank deltas fused into a job.
+struct SecondHalves<'a> {
+    items: [Option<Second<'a>>; MAX_PARTS],
+    /// Their output rows, all together.
+    rows: usize,
+}
+
+impl SecondHalves<'_> {
+    /// `y[t] += s * B t_i[t]` for each, `t_i` in `tmp`, over the output rows of all of them.
+    fn add(&self, pool: &ThreadPool, tmp: &[f32], n: usize) {
+        let second = &self.items;
+        let rows_total = self.rows;
         let add = |r0: usize, r1: usize| {
             for s2 in second.iter().flatten() {
                 let (lo, hi) = (r0.max(s2.start), r1.min(s2.start + s2.rows));
@@ -168,49 +156,7 @@ impl Scratch {
                 }
                 add(r0, (r0 + CHUNK).min(rows_total));
             };
-            ex.pool.run_dynamic(&job);
-        }
-        // Dense and sparse deltas, one by one.
-        for (&s, &y) in slots.iter().zip(&outs) {
-            if !ps.has_slot(il, s) {
-                continue;
-            }
-            let rows = weight(l, s).rows;
-            // SAFETY: `y` is the slot's output buffer, at least n * rows long.
-            let y = unsafe { std::slice::from_raw_parts_mut(y, n * rows) };
-            ps.apply_some(&mut ex, WeightId::Block(il, s), x, n, y, true);
-        }
-    }
-
-    /// Add the attached patches' deltas of block `il` to the outputs of the matmuls `slots`,
-    /// just after the base matmuls wrote them.
-    fn patch_block(&mut self, m: &Model, ps: &PatchSet, il: usize, slots: &[Proj], n: usize) {
-        for &slot in slots {
-            if !ps.has_slot(il, slot) {
-                continue;
-            }
-            let (x, y): (&[f32], &mut [f32]) = match slot {
-                Proj::Q => (&self.xb, &mut self.q),
-                Proj::K => (&self.xb, &mut self.k),
-                Proj::V => (&self.xb, &mut self.v),
-                Proj::O => (&self.att, &mut self.xb2),
-                Proj::Gate => (&self.xb, &mut self.hg),
-                Proj::Up => (&self.xb, &mut self.hu),
-                Proj::Down => (&self.hg, &mut self.xb2),
-            };
-            let mut ex = m.exec(&mut self.act, &mut self.patch_tmp);
-            ps.apply(&mut ex, WeightId::Block(il, slot), x, n, y);
-        }
-    }
-
-    /// Add the control vector of block `il` (if any) to the residual stream of `n` tokens.
-    pub(crate) fn add_cvec(&mut self, ps: Option<&PatchSet>, il: usize, n: usize) {
-        let Some(v) = ps.and_then(|ps| ps.cvec(il)) else {
-            return;
-        };
-        let e = v.len();
-        for x in self.x[..n * e].chunks_exact_mut(e) {
-            axpy(x, 1.0, v);
+            pool.run_dynamic(&job);
         }
     }
 }

@@ -51,7 +51,7 @@ impl Applied {
 
 #[derive(Default)]
 pub(crate) struct BlockPatches {
-    pub(crate) slots: [Vec<Applied>; 7],
+    pub(crate) projs: [Vec<Applied>; 7],
     /// The scaled sum of the control vectors for this block's output.
     cvec: Option<Vec<f32>>,
 }
@@ -117,12 +117,12 @@ impl PatchSet {
                 match d.target {
                     WeightId::Embd => set.embd.push(a),
                     WeightId::Output => set.output.push(a),
-                    WeightId::Block(n, slot) => {
-                        set.blocks[n].slots[slot as usize].push(a);
+                    WeightId::Block(n, proj) => {
+                        set.blocks[n].projs[proj as usize].push(a);
                         // The fused path keeps every low-rank `A x` of a block's matmul group
                         // in the scratch at once.
                         let ranks: usize = set.blocks[n]
-                            .slots
+                            .projs
                             .iter()
                             .flatten()
                             .map(|a| match &a.delta().change {
@@ -183,8 +183,17 @@ impl PatchSet {
         self.blocks[il].cvec.as_deref()
     }
 
-    pub(crate) fn has_slot(&self, il: usize, slot: Proj) -> bool {
-        !self.blocks[il].slots[slot as usize].is_empty()
+    pub(crate) fn has_proj(&self, il: usize, p: Proj) -> bool {
+        !self.blocks[il].projs[p as usize].is_empty()
+    }
+
+    /// The deltas of the weight `target`, with their scales.
+    pub(crate) fn deltas(&self, target: WeightId) -> &[Applied] {
+        match target {
+            WeightId::Embd => &self.embd,
+            WeightId::Output => &self.output,
+            WeightId::Block(il, p) => &self.blocks[il].projs[p as usize],
+        }
     }
 
     /// `y += deltas of the weight `target` times x` for `n` tokens (`x` `[n, cols]`, `y`
@@ -197,29 +206,7 @@ impl PatchSet {
         n: usize,
         y: &mut [f32],
     ) {
-        self.apply_some(ex, target, x, n, y, false)
-    }
-
-    /// [`PatchSet::apply`], leaving out the low-rank deltas when `skip_low_rank` (the fused
-    /// path did them).
-    pub(crate) fn apply_some(
-        &self,
-        ex: &mut Exec,
-        target: WeightId,
-        x: &[f32],
-        n: usize,
-        y: &mut [f32],
-        skip_low_rank: bool,
-    ) {
-        let items = match target {
-            WeightId::Embd => &self.embd,
-            WeightId::Output => &self.output,
-            WeightId::Block(il, slot) => &self.blocks[il].slots[slot as usize],
-        };
-        for a in items {
-            if skip_low_rank && a.f16.is_some() {
-                continue;
-            }
+        for a in self.deltas(target) {
             a.delta().apply(ex, a.scale, x, n, y);
         }
     }

@@ -22,7 +22,7 @@ use super::loss::Objective;
 use super::ops::{
     rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
 };
-use crate::model::{Arch, Model, Proj, Weight};
+use crate::model::{Arch, Model, Proj};
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 
@@ -139,7 +139,7 @@ impl<'m> TrainModel<'m> {
         us: &mut [Option<Vec<f32>>; 7],
     ) -> Vec<f32> {
         let m = self.model;
-        let w = weight(m, il, slot);
+        let w = m.layers[il].weight(slot);
         let mut y = vec![0f32; n * w.rows]; // [n, rows]
         linear_forward(&m.pool, &m.file, w, x, n, &mut y);
         if let Some(p) = self.lora.get(il, slot) {
@@ -445,18 +445,5 @@ impl<'m> TrainModel<'m> {
         let loss = objective.loss(&act.logits, self.model.cfg.n_vocab, &mut dlogits)?;
         self.backward(&act, &dlogits)?;
         Ok(loss)
-    }
-}
-
-fn weight(m: &Model, il: usize, slot: Proj) -> &Weight {
-    let l = &m.layers[il];
-    match slot {
-        Proj::Q => &l.wq,
-        Proj::K => &l.wk,
-        Proj::V => &l.wv,
-        Proj::O => &l.wo,
-        Proj::Gate => &l.w_gate,
-        Proj::Up => &l.w_up,
-        Proj::Down => &l.w_down,
     }
 }
