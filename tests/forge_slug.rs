@@ -165,7 +165,7 @@ fn full_matrix_gradients_match_finite_differences() {
     for (il, mat) in mats.iter().enumerate() {
         for slot in Proj::ALL {
             let (cols, rows) = m.target_shape(WeightId::Block(il, slot)).unwrap();
-            let g = dense_grad(&mat[slot as usize], cols, rows); // [rows, cols]
+            let g = dense_grad(&m.pool, &mat[slot as usize], cols, rows); // [rows, cols]
             let lora = Lora::new(&m, [il], &[slot], 1, 1.0, 0).unwrap();
             let mut tm = TrainModel::new(&m, lora).unwrap();
             // Every entry of one matrix of the lowest block; elsewhere the largest entry and
@@ -282,8 +282,8 @@ fn gram_norms_and_cosines_match_the_materialised_gradients() {
         for slot in Proj::ALL {
             let (cols, rows) = m.target_shape(WeightId::Block(il, slot)).unwrap();
             let (a, b) = (&f[il][slot as usize], &r[il][slot as usize]);
-            let g = gram_stats(a, b);
-            let d = dense_stats(a, b, cols, rows);
+            let g = gram_stats(&m.pool, a, b);
+            let d = dense_stats(&m.pool, a, b, cols, rows);
             check_stats(&format!("blk.{il}.{}", slot.tensor()), g, d);
         }
     }
@@ -299,7 +299,10 @@ fn gram_norms_and_cosines_match_the_materialised_gradients() {
     let mut b = mk(&mut rng, 17);
     b.x[..5 * cols].copy_from_slice(&a.x[..5 * cols]);
     b.dy[..5 * rows].copy_from_slice(&a.dy[..5 * rows]);
-    let (g, d) = (gram_stats(&a, &b), dense_stats(&a, &b, cols, rows));
+    let (g, d) = (
+        gram_stats(&m.pool, &a, &b),
+        dense_stats(&m.pool, &a, &b, cols, rows),
+    );
     check_stats("random", g, d);
     assert!(d.cos() > 0.05, "the shared tokens align the gradients");
 }
@@ -399,13 +402,7 @@ fn slug_on_smollm2_raises_the_forget_loss_more_than_the_retain_loss() {
         },
         ty: GgmlType::F16,
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    let r = pool
-        .install(|| slug::slug(&m, &tok, &forget, &retain, &opts, &out))
-        .unwrap();
+    let r = slug::slug(&m, &tok, &forget, &retain, &opts, &out).unwrap();
     assert_eq!(r.scored.len(), 14);
     assert!(!r.front.is_empty());
     for s in &r.scored {

@@ -1,10 +1,8 @@
 //! Causal multi-head attention with GQA over the F16 cache, for a batch of new tokens.
 
 use super::kv::KvCache;
-use super::matmul::SyncPtr;
-use crate::pool::ThreadPool;
+use crate::pool::{SharedMut, ThreadPool};
 use lethe_kernels::ops;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct AttnShape {
     pub n_head: usize,
@@ -33,19 +31,12 @@ pub fn attend<'k>(
     let n_tok = q.len() / qd;
     let group = s.n_head / s.n_head_kv;
     let n_ctx = scores.len() / pool.n_threads();
-    let op = SyncPtr(out.as_mut_ptr());
-    let sp = SyncPtr(scores.as_mut_ptr());
-    let jobs = n_tok * s.n_head;
-    let next = AtomicUsize::new(0);
-    pool.run_dynamic(&|ith, _| {
-        let (op, sp) = (op, sp);
+    assert!(out.len() >= n_tok * qd);
+    let (op, sp) = (SharedMut::new(out), SharedMut::new(scores));
+    pool.for_chunks(n_tok * s.n_head, 1, |ith, jobs| {
         // SAFETY: each thread owns its slice of the scratch and distinct (t, h) outputs.
-        let sc = unsafe { std::slice::from_raw_parts_mut(sp.0.add(ith * n_ctx), n_ctx) };
-        loop {
-            let job = next.fetch_add(1, Ordering::Relaxed);
-            if job >= jobs {
-                break;
-            }
+        let sc = unsafe { sp.slice(ith * n_ctx, n_ctx) };
+        for job in jobs {
             let (t, h) = (job / s.n_head, job % s.n_head);
             let (kv, pos) = row(t);
             debug_assert!(kv.n_ctx <= n_ctx);
@@ -62,7 +53,7 @@ pub fn attend<'k>(
                 sc[j] = ops::dot_f16(qh, k) * s.scale;
             }
             ops::softmax_inplace(sc);
-            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add(t * qd + h * hd), hd) };
+            let o = unsafe { op.slice(t * qd + h * hd, hd) };
             o.fill(0.0);
             for (j, p) in (lo..=pos).enumerate() {
                 let v = &vc[p * kvd + kh * hd..p * kvd + (kh + 1) * hd];

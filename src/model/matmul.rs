@@ -5,9 +5,8 @@ use super::weights::{Proj, Weight};
 use super::{Model, Scratch};
 use crate::gguf::GgufFile;
 use crate::patch::PatchSet;
-use crate::pool::ThreadPool;
+use crate::pool::{SharedMut, ThreadPool};
 use lethe_kernels::quant::{self, GgmlType};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How activations meet the weights in a matmul.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -18,12 +17,6 @@ pub enum Precision {
     /// Weights dequantized row by row, dot products with f32 activations accumulated in f64.
     Exact,
 }
-
-/// Raw pointer that may be shared across the pool's threads for disjoint writes.
-#[derive(Clone, Copy)]
-pub struct SyncPtr(pub *mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
 
 /// Scratch for quantized activations, sized once.
 #[derive(Default)]
@@ -84,8 +77,8 @@ impl<'a> Exec<'a> {
     pub fn matvec_rows(&mut self, w: &Weight, x: &[f32], rows: &[u32], out: &mut [f32]) {
         let (pool, act) = (self.pool, &mut *self.act);
         let (cols, rb, wd) = (w.cols, w.row_bytes(), w.data(self.file));
-        let out = SyncPtr(out.as_mut_ptr());
-        let next = AtomicUsize::new(0);
+        assert!(out.len() >= rows.len());
+        let out = SharedMut::new(out);
         const CHUNK: usize = 64;
         match self.precision {
             Precision::Fast => {
@@ -99,13 +92,8 @@ impl<'a> Exec<'a> {
                 };
                 quantize_row(vt, x8, &x[..cols], &mut act.bytes[..ab]);
                 let a = &act.bytes[..ab];
-                pool.run_dynamic(&|_, _| loop {
-                    let out = &out;
-                    let i0 = next.fetch_add(CHUNK, Ordering::Relaxed);
-                    if i0 >= rows.len() {
-                        break;
-                    }
-                    for (i, &r) in rows.iter().enumerate().skip(i0).take(CHUNK) {
+                pool.for_chunks(rows.len(), CHUNK, |_, chunk| {
+                    for (i, &r) in rows.iter().enumerate().skip(chunk.start).take(CHUNK) {
                         let r = r as usize;
                         let wr = &wd[r * rb..(r + 1) * rb];
                         let v = if x8 {
@@ -116,7 +104,7 @@ impl<'a> Exec<'a> {
                             quant::vec_dot(w.ty, cols, wr, a)
                         };
                         // SAFETY: each i is claimed by one thread.
-                        unsafe { *out.0.add(i) = v };
+                        unsafe { out.write(i, v) };
                     }
                 });
             }
@@ -128,7 +116,7 @@ impl<'a> Exec<'a> {
                         .expect("validated");
                     let v: f64 = row.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
                     // SAFETY: single-threaded here.
-                    unsafe { *out.0.add(i) = v as f32 };
+                    unsafe { out.write(i, v as f32) };
                 }
             }
         }
@@ -212,13 +200,8 @@ impl<'a> Exec<'a> {
                 let chunk = (total / (pool.n_threads() * 8))
                     .next_multiple_of(16)
                     .max(16);
-                let next = AtomicUsize::new(0);
-                pool.run_dynamic(&|_, _| loop {
-                    let r0 = next.fetch_add(chunk, Ordering::Relaxed);
-                    if r0 >= total {
-                        break;
-                    }
-                    for_rows(table, r0..(r0 + chunk).min(total), |p, a, b| {
+                pool.for_chunks(total, chunk, |_, rows| {
+                    for_rows(table, rows, |p, a, b| {
                         if p.f32_act {
                             p.dot_rows_f16(a..b, cols, x, n_tok)
                         } else {
@@ -239,7 +222,7 @@ impl<'a> Exec<'a> {
                                 let v: f64 =
                                     row.iter().zip(xs).map(|(&a, &b)| a as f64 * b as f64).sum();
                                 // SAFETY: each (t, r) is written by exactly one thread.
-                                unsafe { *p.y.0.add(t * p.rows + r) = v as f32 };
+                                unsafe { p.y.write(t * p.rows + r, v as f32) };
                             }
                         }
                     });
@@ -311,7 +294,7 @@ pub(crate) struct Part<'a> {
     rb: usize,
     rows: usize,
     start: usize,
-    y: SyncPtr,
+    y: SharedMut<f32>,
 }
 
 impl<'a> Part<'a> {
@@ -322,7 +305,7 @@ impl<'a> Part<'a> {
         rb: 0,
         rows: 0,
         start: 0,
-        y: SyncPtr(std::ptr::null_mut()),
+        y: SharedMut::from_ptr(std::ptr::null_mut()),
     };
 
     /// A weight of the model writing to `y` (`[n_tok, w.rows]`).
@@ -334,7 +317,7 @@ impl<'a> Part<'a> {
             rb: w.row_bytes(),
             rows: w.rows,
             start: 0,
-            y: SyncPtr(y),
+            y: SharedMut::from_ptr(y),
         }
     }
 
@@ -351,7 +334,7 @@ impl<'a> Part<'a> {
             rb: cols * 2,
             rows,
             start: 0,
-            y: SyncPtr(y),
+            y: SharedMut::from_ptr(y),
         }
     }
 
@@ -362,7 +345,7 @@ impl<'a> Part<'a> {
 
     /// Where the matrix writes its `[n_tok, rows]` output.
     pub(crate) fn out(&self) -> *mut f32 {
-        self.y.0
+        self.y.ptr()
     }
 
     /// Rows `rows` of an f16 part against `n_tok` f32 input rows.
@@ -376,7 +359,7 @@ impl<'a> Part<'a> {
             for t in 0..n_tok {
                 let v = lethe_kernels::ops::dot_f16(&x[t * cols..(t + 1) * cols], wr);
                 // SAFETY: each (t, r) is written by exactly one thread.
-                unsafe { *self.y.0.add(t * self.rows + r) = v };
+                unsafe { self.y.write(t * self.rows + r, v) };
             }
         }
     }
@@ -397,7 +380,7 @@ impl<'a> Part<'a> {
             let n = rows.len();
             let wr = &w[rows.start * rb..rows.end * rb];
             // SAFETY: each row is written by exactly one thread.
-            let y = unsafe { std::slice::from_raw_parts_mut(self.y.0.add(rows.start), n) };
+            let y = unsafe { self.y.slice(rows.start, n) };
             quant::vec_dot_tile_x8(ty, cols, wr, rb, n, abuf, ab, 1, y, 1);
             return;
         }
@@ -405,7 +388,7 @@ impl<'a> Part<'a> {
             for r in rows {
                 let v = quant::vec_dot(ty, cols, &w[r * rb..(r + 1) * rb], abuf);
                 // SAFETY: each row is written by exactly one thread.
-                unsafe { *self.y.0.add(r) = v };
+                unsafe { self.y.write(r, v) };
             }
             return;
         }
@@ -429,7 +412,7 @@ impl<'a> Part<'a> {
                 for i in 0..nr {
                     for (k, &v) in out[i * TOK_BLOCK..i * TOK_BLOCK + nt].iter().enumerate() {
                         // SAFETY: each (t, r) is written by exactly one thread.
-                        unsafe { *self.y.0.add((t0 + k) * self.rows + r0 + i) = v };
+                        unsafe { self.y.write((t0 + k) * self.rows + r0 + i, v) };
                     }
                 }
             }
@@ -475,20 +458,14 @@ fn quantize_rows(
     } else {
         vt.row_bytes(cols)
     };
-    if n == 1 {
-        quantize_row(vt, x8, x, &mut dst[..ab]);
-        return;
-    }
-    let dp = dst.as_mut_ptr() as usize;
-    let next = AtomicUsize::new(0);
-    pool.run_dynamic(&|_, _| loop {
-        let t = next.fetch_add(1, Ordering::Relaxed);
-        if t >= n {
-            break;
+    assert!(dst.len() >= n * ab);
+    let dst = SharedMut::new(dst);
+    pool.for_chunks(n, 1, |_, ts| {
+        for t in ts {
+            // SAFETY: each row is claimed by one thread.
+            let d = unsafe { dst.slice(t * ab, ab) };
+            quantize_row(vt, x8, &x[t * cols..(t + 1) * cols], d);
         }
-        // SAFETY: each row is claimed by one thread.
-        let d = unsafe { std::slice::from_raw_parts_mut((dp as *mut u8).add(t * ab), ab) };
-        quantize_row(vt, x8, &x[t * cols..(t + 1) * cols], d);
     });
 }
 

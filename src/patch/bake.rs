@@ -33,15 +33,15 @@
 //! Control vectors add to the residual stream, not to a weight: they cannot be baked and are
 //! refused (pass them at run time).
 //!
-//! The work runs on the current rayon pool ([`rayon::ThreadPool::install`] bounds it), one
-//! tensor at a time, so memory holds one merged tensor at most.
+//! The work runs on the model's pool, one tensor at a time, so memory holds one merged tensor
+//! at most.
 
 use super::{Patch, PatchKind, TensorDelta};
 use crate::gguf::{GgufFile, GgufWriter, TensorInfo, Value};
 use crate::model::{Model, WeightId};
+use crate::pool::{SharedMut, ThreadPool};
 use crate::{Error, Result};
 use lethe_kernels::quant::{dequantize_row, quantize_row, GgmlType};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -420,19 +420,27 @@ impl Progress<'_> {
     }
 }
 
-/// Merges one tensor: its bytes in the written type and its report.
-fn merge(file: &GgufFile, m: &Merge, progress: &Progress) -> Result<(Vec<u8>, TensorReport)> {
+/// Merges one tensor on the threads of `pool`: its bytes in the written type and its report.
+fn merge(
+    pool: &ThreadPool,
+    file: &GgufFile,
+    m: &Merge,
+    progress: &Progress,
+) -> Result<(Vec<u8>, TensorReport)> {
     let (cols, rows) = (m.cols(), m.rows());
     let rb_out = m.ty.row_bytes(cols);
     let mut bytes = vec![0u8; rows * rb_out]; // [cols, rows] in m.ty
-    let sums = bytes
-        .par_chunks_mut(CHUNK_ROWS * rb_out)
-        .enumerate()
-        .map(|(i, dst)| {
-            let s = merge_rows(file, m, i * CHUNK_ROWS, dst)?;
-            progress.add(dst.len() / rb_out);
-            Ok(s)
-        })
+    let dst = SharedMut::new(&mut bytes);
+    let sums = pool.map(rows.div_ceil(CHUNK_ROWS), |i| {
+        let (r0, r1) = (i * CHUNK_ROWS, ((i + 1) * CHUNK_ROWS).min(rows));
+        // SAFETY: rows r0..r1 of the output are chunk i's alone.
+        let dst = unsafe { dst.slice(r0 * rb_out, (r1 - r0) * rb_out) };
+        let s = merge_rows(file, m, r0, dst)?;
+        progress.add(r1 - r0);
+        Ok(s)
+    });
+    let sums = sums
+        .into_iter()
         .collect::<Result<Vec<Sums>>>()?
         .into_iter()
         .fold(Sums::default(), |a, b| a + b);
@@ -527,7 +535,7 @@ pub fn bake(
         let m = by_name
             .get(info.name.as_str())
             .ok_or_else(|| Error::Model(format!("{}: no data to write", info.name)))?;
-        let (data, report) = merge(file, m, &progress)?;
+        let (data, report) = merge(&model.pool, file, m, &progress)?;
         changed.push(report);
         Ok(data)
     })?;

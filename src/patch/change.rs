@@ -1,10 +1,10 @@
 //! The three forms of a weight change (low rank, dense, sparse) and what they compute.
 
-use super::{axpy, dot, SendPtr};
+use super::{axpy, dot};
 use crate::gguf::GgufFile;
 use crate::model::{Exec, Weight, WeightId};
+use crate::pool::SharedMut;
 use crate::{Error, Result};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// How a weight changes: `dW` (`[cols, rows]`, ggml order) in one of three forms.
@@ -132,16 +132,11 @@ impl TensorDelta {
         match &self.change {
             Change::LowRank { rank, a, bt } => {
                 let rank = *rank;
-                let yp = SendPtr(y.as_mut_ptr());
-                let tp = SendPtr(ex.tmp.as_mut_ptr());
+                assert!(y.len() >= n * rows && ex.tmp.len() >= n * rank);
+                let (yp, tp) = (SharedMut::new(y), SharedMut::new(ex.tmp));
                 let one = |t: usize| {
                     // SAFETY: token t's rows of y and tmp are touched by one thread only.
-                    let (yt, tt) = unsafe {
-                        (
-                            std::slice::from_raw_parts_mut(yp.get().add(t * rows), rows),
-                            std::slice::from_raw_parts_mut(tp.get().add(t * rank), rank),
-                        )
-                    };
+                    let (yt, tt) = unsafe { (yp.slice(t * rows, rows), tp.slice(t * rank, rank)) };
                     let xt = &x[t * cols..(t + 1) * cols];
                     for (k, v) in tt.iter_mut().enumerate() {
                         *v = s * dot(&a[k * cols..(k + 1) * cols], xt);
@@ -151,17 +146,10 @@ impl TensorDelta {
                     }
                 };
                 // One token of a small adapter is a few microseconds: not worth a pool job.
-                if n == 1 || n * rank * (cols + rows) < 1 << 16 {
+                if n * rank * (cols + rows) < 1 << 16 {
                     (0..n).for_each(one);
                 } else {
-                    let next = AtomicUsize::new(0);
-                    ex.pool.run_dynamic(&|_, _| loop {
-                        let t = next.fetch_add(1, Ordering::Relaxed);
-                        if t >= n {
-                            break;
-                        }
-                        one(t);
-                    });
+                    ex.pool.for_chunks(n, 1, |_, ts| ts.for_each(&one));
                 }
             }
             Change::Dense { file, w } => {

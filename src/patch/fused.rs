@@ -1,12 +1,11 @@
 //! A block's matmuls with a patch set's deltas: low-rank deltas fused into the weights' own
 //! job, dense and sparse ones after it.
 
-use super::{Change, PatchSet, SendPtr};
+use super::{Change, PatchSet};
 use crate::model::matmul::{Job, Part, MAX_PARTS};
 use crate::model::{Exec, Precision, Proj, WeightId};
-use crate::pool::ThreadPool;
+use crate::pool::{SharedMut, ThreadPool};
 use half::f16;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 impl PatchSet {
     /// Block `il`'s matrices `projs` (the parts of `job`, in that order) over `x` (`[n, cols]`)
@@ -79,7 +78,7 @@ impl PatchSet {
                     tmp.add(off)
                 }));
                 s.items[k] = Some(Second {
-                    y: SendPtr(y),
+                    y: SharedMut::from_ptr(y),
                     rows,
                     rank: *rank,
                     bt: bt16,
@@ -99,7 +98,7 @@ impl PatchSet {
 /// A low-rank delta's second half in the fused path: `y[t] += s * B t_i[t]`.
 #[derive(Clone, Copy)]
 struct Second<'a> {
-    y: SendPtr,
+    y: SharedMut<f32>,
     rows: usize,
     rank: usize,
     bt: &'a [f16],
@@ -131,9 +130,7 @@ impl SecondHalves<'_> {
                 let (lo, hi) = (lo - s2.start, hi - s2.start);
                 for t in 0..n {
                     // SAFETY: rows lo..hi of token t belong to this call alone.
-                    let y = unsafe {
-                        std::slice::from_raw_parts_mut(s2.y.get().add(t * s2.rows + lo), hi - lo)
-                    };
+                    let y = unsafe { s2.y.slice(t * s2.rows + lo, hi - lo) };
                     for kk in 0..s2.rank {
                         let c = s2.scale * tmp[s2.off + t * s2.rank + kk];
                         let b = &s2.bt[kk * s2.rows + lo..kk * s2.rows + hi];
@@ -146,17 +143,7 @@ impl SecondHalves<'_> {
         if work < 1 << 14 {
             add(0, rows_total);
         } else {
-            let next = AtomicUsize::new(0);
-            const CHUNK: usize = 128;
-            let add = &add;
-            let job = move |_: usize, _: usize| loop {
-                let r0 = next.fetch_add(CHUNK, Ordering::Relaxed);
-                if r0 >= rows_total {
-                    break;
-                }
-                add(r0, (r0 + CHUNK).min(rows_total));
-            };
-            pool.run_dynamic(&job);
+            pool.for_chunks(rows_total, 128, |_, r| add(r.start, r.end));
         }
     }
 }

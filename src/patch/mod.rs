@@ -56,16 +56,6 @@ impl PatchKind {
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// One patch file, checked against a model: its weight deltas and control vectors.
 pub struct Patch {
     /// Where it came from (for messages and reports).
