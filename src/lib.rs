@@ -7,6 +7,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod model;
+pub mod patch;
 pub mod pool;
 pub mod qa;
 pub mod serve;

@@ -1,9 +1,15 @@
-//! One persistent pool of threads for the forward pass.
+//! One persistent pool of threads for the forward pass, and the parallel loops over it.
 //!
 //! `run(f)` calls `f(ith, nth)` on every thread (the caller is thread 0) and returns when all
 //! are done. Workers spin briefly between jobs (a decode step issues a few hundred small jobs),
 //! then sleep on a condition variable, so an idle server costs nothing.
+//!
+//! The loops: [`ThreadPool::for_chunks`] (chunks of `0..n` claimed as they come, the one loop
+//! of every parallel matmul, attention and training kernel), [`ThreadPool::map`] (one result
+//! per item, in order) and [`ThreadPool::for_each_mut`]; [`SharedMut`] is the one pointer the
+//! threads share to write disjoint parts of a buffer.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -130,11 +136,120 @@ impl ThreadPool {
         }
     }
 
+    /// `f(ith, range)` for the consecutive chunks of `0..n` of `chunk` items (the last may be
+    /// shorter), claimed by the threads as they come through an atomic counter
+    /// ([`ThreadPool::run_dynamic`]), so a thread that starts late or is pre-empted holds no
+    /// one up. `ith` is the claiming thread's index, for per-thread scratch. One chunk, or one
+    /// thread, runs on the caller alone.
+    pub fn for_chunks<F>(&self, n: usize, chunk: usize, f: F)
+    where
+        F: Fn(usize, Range<usize>) + Sync,
+    {
+        let chunk = chunk.max(1);
+        if n <= chunk || self.n_threads() == 1 {
+            for r0 in (0..n).step_by(chunk) {
+                f(0, r0..(r0 + chunk).min(n));
+            }
+            return;
+        }
+        let next = AtomicUsize::new(0);
+        self.run_dynamic(&|ith, _| loop {
+            let r0 = next.fetch_add(chunk, Ordering::Relaxed);
+            if r0 >= n {
+                break;
+            }
+            f(ith, r0..(r0 + chunk).min(n));
+        });
+    }
+
+    /// `[f(0), f(1), .., f(n - 1)]`, the items shared out as [`ThreadPool::for_chunks`] does.
+    pub fn map<R, F>(&self, n: usize, f: F) -> Vec<R>
+    where
+        R: Send,
+        F: Fn(usize) -> R + Sync,
+    {
+        let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+        let o = SharedMut::new(&mut out);
+        self.for_chunks(n, 1, |_, items| {
+            for i in items {
+                // SAFETY: item `i` is claimed by one thread.
+                unsafe { o.write(i, Some(f(i))) };
+            }
+        });
+        out.into_iter()
+            .map(|r| r.expect("every item ran"))
+            .collect()
+    }
+
+    /// `f(item)` for every item, shared out as [`ThreadPool::for_chunks`] does.
+    pub fn for_each_mut<T, F>(&self, items: &mut [T], f: F)
+    where
+        T: Send,
+        F: Fn(&mut T) + Sync,
+    {
+        let p = SharedMut::new(items);
+        self.for_chunks(items.len(), 1, |_, r| {
+            // SAFETY: the items `r` are claimed by one thread.
+            unsafe { p.slice(r.start, r.len()) }.iter_mut().for_each(&f);
+        });
+    }
+
     /// Split `0..n` into `nth` near-equal contiguous ranges and return range `ith`.
     pub fn split(n: usize, ith: usize, nth: usize) -> std::ops::Range<usize> {
         let per = n.div_ceil(nth);
         let start = (ith * per).min(n);
         start..((ith + 1) * per).min(n)
+    }
+}
+
+/// A pointer to a buffer whose disjoint parts the pool's threads write at once; each use says
+/// why its parts are disjoint.
+pub struct SharedMut<T>(*mut T);
+
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SharedMut<T> {}
+
+// SAFETY: the threads write disjoint parts (see the uses), so sending the pointer or sharing it
+// is sending `&mut` to disjoint items, sound for `T: Send`.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    pub fn new(buf: &mut [T]) -> Self {
+        Self(buf.as_mut_ptr())
+    }
+
+    /// Over the buffer at `p`.
+    pub const fn from_ptr(p: *mut T) -> Self {
+        Self(p)
+    }
+
+    pub fn ptr(self) -> *mut T {
+        self.0
+    }
+
+    /// The `len` items at `off`.
+    ///
+    /// # Safety
+    /// They must lie inside the buffer, which outlives `'a`, and no other thread may touch them
+    /// meanwhile.
+    #[inline]
+    pub unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(off), len)
+    }
+
+    /// Write item `i`.
+    ///
+    /// # Safety
+    /// As [`SharedMut::slice`], for item `i`.
+    #[inline]
+    pub unsafe fn write(self, i: usize, v: T) {
+        *self.0.add(i) = v;
     }
 }
 
@@ -254,6 +369,26 @@ mod tests {
             hits.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(hits.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn chunks_cover_the_range_once() {
+        let pool = ThreadPool::new(3);
+        for (n, chunk) in [(0, 4), (1, 4), (4, 4), (1000, 7), (1000, 1)] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.for_chunks(n, chunk, |ith, r| {
+                assert!(ith < 3 && r.len() <= chunk);
+                for i in r {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+        let sq = pool.map(500, |i| i * i);
+        assert_eq!(sq, (0..500).map(|i| i * i).collect::<Vec<_>>());
+        let mut v: Vec<usize> = (0..300).collect();
+        pool.for_each_mut(&mut v, |x| *x *= 2);
+        assert_eq!(v, (0..300).map(|i| 2 * i).collect::<Vec<_>>());
     }
 
     #[test]

@@ -6,8 +6,8 @@
 mod common;
 
 use common::model_path;
-use lethe::model::{Model, Patch, PatchSet, Slot, State, Target};
-use lethe::unlearn::patch::{load, write_delta, write_lora, DeltaEntry, LowRankEntry};
+use lethe::model::{Model, Proj, State, WeightId};
+use lethe::patch::{load, write_delta, write_lora, DeltaEntry, LowRankEntry, Patch, PatchSet};
 use lethe_kernels::quant::GgmlType;
 use std::sync::Arc;
 
@@ -99,8 +99,8 @@ fn batched_steps_equal_single_steps() {
 /// dense delta on block 2's feed-forward output.
 fn patches(m: &Model, dir: &std::path::Path) -> Arc<PatchSet> {
     let rank = 4;
-    let mut targets: Vec<Target> = Slot::ALL.map(|s| Target::Block(1, s)).to_vec();
-    targets.push(Target::Output);
+    let mut targets: Vec<WeightId> = Proj::ALL.map(|s| WeightId::Block(1, s)).to_vec();
+    targets.push(WeightId::Output);
     let lr: Vec<LowRankEntry> = targets
         .iter()
         .enumerate()
@@ -116,7 +116,7 @@ fn patches(m: &Model, dir: &std::path::Path) -> Arc<PatchSet> {
             }
         })
         .collect();
-    let t = Target::Block(2, Slot::Down);
+    let t = WeightId::Block(2, Proj::Down);
     let (cols, rows) = m.target_shape(t).unwrap();
     let dense = vec![DeltaEntry::Dense {
         base: t.tensor_name(),

@@ -23,7 +23,8 @@ use lethe::forge::slug::{
 };
 use lethe::forge::train::{Lora, Objective, TrainModel};
 use lethe::gguf::{GgufFile, GgufWriter};
-use lethe::model::{Model, PatchKind, PatchSet, Slot, Target};
+use lethe::model::{Model, Proj, WeightId};
+use lethe::patch::{PatchKind, PatchSet};
 use lethe::pool::ThreadPool;
 use lethe::qa::{self, Example};
 use lethe::tokenizer::Tokenizer;
@@ -162,14 +163,14 @@ fn full_matrix_gradients_match_finite_differences() {
     let h = 1e-2f32;
     let mut rng = Rng(5);
     for (il, mat) in mats.iter().enumerate() {
-        for slot in Slot::ALL {
-            let (cols, rows) = m.target_shape(Target::Block(il, slot)).unwrap();
-            let g = dense_grad(&mat[slot as usize], cols, rows); // [rows, cols]
+        for slot in Proj::ALL {
+            let (cols, rows) = m.target_shape(WeightId::Block(il, slot)).unwrap();
+            let g = dense_grad(&m.pool, &mat[slot as usize], cols, rows); // [rows, cols]
             let lora = Lora::new(&m, [il], &[slot], 1, 1.0, 0).unwrap();
             let mut tm = TrainModel::new(&m, lora).unwrap();
             // Every entry of one matrix of the lowest block; elsewhere the largest entry and
             // 40 drawn at random.
-            let entries: Vec<usize> = if il == 0 && slot == Slot::K {
+            let entries: Vec<usize> = if il == 0 && slot == Proj::K {
                 (0..rows * cols).collect()
             } else {
                 let big = (0..g.len())
@@ -216,7 +217,7 @@ fn full_matrix_gradients_match_finite_differences() {
 fn capture_leaves_the_adapter_gradients_unchanged() {
     let m = tiny(22);
     let seqs = sequences();
-    let lora = Lora::new(&m, [0, 1], &Slot::ALL, 2, 4.0, 9).unwrap();
+    let lora = Lora::new(&m, [0, 1], &Proj::ALL, 2, 4.0, 9).unwrap();
     let mut a = TrainModel::new(&m, lora.clone()).unwrap();
     let mut b = TrainModel::new(&m, lora).unwrap();
     for p in a.lora.params.iter_mut() {
@@ -278,11 +279,11 @@ fn gram_norms_and_cosines_match_the_materialised_gradients() {
     let f = capture(&m, &seqs[..1]);
     let r = capture(&m, &seqs[1..]);
     for il in 0..N_LAYER {
-        for slot in Slot::ALL {
-            let (cols, rows) = m.target_shape(Target::Block(il, slot)).unwrap();
+        for slot in Proj::ALL {
+            let (cols, rows) = m.target_shape(WeightId::Block(il, slot)).unwrap();
             let (a, b) = (&f[il][slot as usize], &r[il][slot as usize]);
-            let g = gram_stats(a, b);
-            let d = dense_stats(a, b, cols, rows);
+            let g = gram_stats(&m.pool, a, b);
+            let d = dense_stats(&m.pool, a, b, cols, rows);
             check_stats(&format!("blk.{il}.{}", slot.tensor()), g, d);
         }
     }
@@ -298,7 +299,10 @@ fn gram_norms_and_cosines_match_the_materialised_gradients() {
     let mut b = mk(&mut rng, 17);
     b.x[..5 * cols].copy_from_slice(&a.x[..5 * cols]);
     b.dy[..5 * rows].copy_from_slice(&a.dy[..5 * rows]);
-    let (g, d) = (gram_stats(&a, &b), dense_stats(&a, &b, cols, rows));
+    let (g, d) = (
+        gram_stats(&m.pool, &a, &b),
+        dense_stats(&m.pool, &a, &b, cols, rows),
+    );
     check_stats("random", g, d);
     assert!(d.cos() > 0.05, "the shared tokens align the gradients");
 }
@@ -363,10 +367,10 @@ fn step_search_finds_the_largest_accepted_step() {
 
 #[test]
 fn targets_parse() {
-    assert_eq!(slug::parse_slots("all").unwrap(), Slot::ALL.to_vec());
+    assert_eq!(slug::parse_slots("all").unwrap(), Proj::ALL.to_vec());
     assert_eq!(
         slug::parse_slots("o, ffn_down,o").unwrap(),
-        vec![Slot::O, Slot::Down]
+        vec![Proj::O, Proj::Down]
     );
     assert!(slug::parse_slots("attn").is_err());
     assert!(slug::parse_slots(" , ").is_err());
@@ -388,7 +392,7 @@ fn slug_on_smollm2_raises_the_forget_loss_more_than_the_retain_loss() {
     let out = dir.join("slug.gguf");
     let opts = SlugOpts {
         layers: 28..30,
-        slots: Slot::ALL.to_vec(),
+        slots: Proj::ALL.to_vec(),
         candidates: 1,
         search: SearchOpts {
             max_retain_increase: 0.1,
@@ -398,13 +402,7 @@ fn slug_on_smollm2_raises_the_forget_loss_more_than_the_retain_loss() {
         },
         ty: GgmlType::F16,
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    let r = pool
-        .install(|| slug::slug(&m, &tok, &forget, &retain, &opts, &out))
-        .unwrap();
+    let r = slug::slug(&m, &tok, &forget, &retain, &opts, &out).unwrap();
     assert_eq!(r.scored.len(), 14);
     assert!(!r.front.is_empty());
     for s in &r.scored {
@@ -419,12 +417,12 @@ fn slug_on_smollm2_raises_the_forget_loss_more_than_the_retain_loss() {
     assert!(!dir.join("slug.candidate.gguf").exists());
 
     // The patch loads: one dense delta of the chosen matrix.
-    let p = lethe::unlearn::patch::load(&out, &m).unwrap();
+    let p = lethe::patch::load(&out, &m).unwrap();
     assert_eq!(p.kind, PatchKind::Delta);
     assert_eq!(p.tensors.len(), 1);
     assert_eq!(
         p.tensors[0].target,
-        Target::Block(chosen.layer, chosen.slot)
+        WeightId::Block(chosen.layer, chosen.slot)
     );
     let set = Arc::new(PatchSet::new(&m, &[(Arc::new(p), 1.0)]).unwrap());
     let f = slug::mean_answer_nll(&m, &tok, &forget, Some(set.clone())).unwrap();

@@ -17,7 +17,8 @@ use lethe::forge::train::{
     eval_loss, train, AdamW, AdamWConfig, Balance, Decay, Lora, Schedule, Sequence, Target,
     TrainConfig, TrainModel,
 };
-use lethe::model::{Model, PatchSet, Precision, Slot};
+use lethe::model::{Model, Precision, Proj};
+use lethe::patch::PatchSet;
 use lethe::qa::{answer_nll, n_ctx_for, read_examples, Example};
 use lethe::tokenizer::Tokenizer;
 use lethe_kernels::quant::GgmlType;
@@ -35,7 +36,7 @@ use std::sync::Arc;
 #[test]
 fn adamw_matches_hand_computed_steps() {
     let m = tiny(GgmlType::F32, false, 3);
-    let mut lora = Lora::new(&m, [0], &[Slot::Q], 2, 4.0, 1).unwrap();
+    let mut lora = Lora::new(&m, [0], &[Proj::Q], 2, 4.0, 1).unwrap();
     let (lr, wd) = (0.01f32, 0.1f32);
     let sched = Schedule {
         lr,
@@ -195,7 +196,7 @@ fn tiny_config(seed: u64, epochs: usize) -> TrainConfig {
 
 /// Train an adapter of rank 4 on every matrix of the tiny model; the model keeps it.
 fn train_tiny<'m>(m: &'m Model, seed: u64, epochs: usize) -> (TrainModel<'m>, Vec<f64>) {
-    let lora = Lora::new(m, 0..N_LAYER, &Slot::ALL, 4, 8.0, seed).unwrap();
+    let lora = Lora::new(m, 0..N_LAYER, &Proj::ALL, 4, 8.0, seed).unwrap();
     let mut tm = TrainModel::new(m, lora).unwrap();
     let mut seen = 0;
     let mut cb = |p: &Progress| {
@@ -234,7 +235,7 @@ fn training_lowers_the_loss_on_the_tiny_model() {
 #[test]
 fn the_balances_by_hand_on_the_tiny_model() {
     let m = tiny(GgmlType::F32, false, 3);
-    let lora = Lora::new(&m, 0..N_LAYER, &Slot::ALL, 4, 8.0, 5).unwrap();
+    let lora = Lora::new(&m, 0..N_LAYER, &Proj::ALL, 4, 8.0, 5).unwrap();
     let mut tm = TrainModel::new(&m, lora).unwrap();
     // A nonzero B, so that every gradient is nonzero.
     for p in tm.lora.params.iter_mut() {
@@ -379,7 +380,7 @@ fn the_written_adapter_reproduces_the_trained_model() {
     let engine = |patched: bool| {
         let mut st = m.new_state(tokens.len());
         if patched {
-            let p = lethe::unlearn::patch::load(&path, &m).unwrap();
+            let p = lethe::patch::load(&path, &m).unwrap();
             let ps = PatchSet::new(&m, &[(Arc::new(p), 1.0)]).unwrap();
             m.attach_patches(&mut st, Some(Arc::new(ps))).unwrap();
         }
@@ -506,7 +507,7 @@ fn mean_nll(model: &Model, lora: Option<&Path>, items: &[Example]) -> f64 {
     let n_ctx = n_ctx_for(&tok, model.cfg.arch.name(), items).unwrap();
     let mut st = model.new_state(n_ctx);
     if let Some(l) = lora {
-        let p = lethe::unlearn::patch::load(l, model).unwrap();
+        let p = lethe::patch::load(l, model).unwrap();
         let ps = PatchSet::new(model, &[(Arc::new(p), 1.0)]).unwrap();
         model.attach_patches(&mut st, Some(Arc::new(ps))).unwrap();
     }

@@ -172,9 +172,9 @@ fn batched_lockstep_steps_equal_single_steps() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let p = lethe::unlearn::patch::load(&lora, &a4).unwrap();
+    let p = lethe::patch::load(&lora, &a4).unwrap();
     let a4_patches = Some(Arc::new(
-        lethe::model::PatchSet::new(&a4, &[(Arc::new(p), 1.0)]).unwrap(),
+        lethe::patch::PatchSet::new(&a4, &[(Arc::new(p), 1.0)]).unwrap(),
     ));
     let uld = |m: &Arc<Model>, alpha: f32, filter: f32, patches| Assistant {
         model: m.clone(),

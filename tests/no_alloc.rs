@@ -96,11 +96,11 @@ fn uld_decode_steps_do_not_allocate() {
 #[test]
 fn patched_decode_steps_do_not_allocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    use lethe::model::{Change, Patch, PatchKind, PatchSet, Slot, Target, TensorDelta};
-    use lethe::unlearn::patch::{write_delta, DeltaEntry};
+    use lethe::model::{Proj, WeightId};
+    use lethe::patch::{write_delta, Change, DeltaEntry, Patch, PatchKind, PatchSet, TensorDelta};
     use std::sync::Arc;
     let model = Model::open(model_path("smollm2"), 2).unwrap();
-    let low_rank = |target: Target, rank: usize| {
+    let low_rank = |target: WeightId, rank: usize| {
         let (cols, rows) = model.target_shape(target).unwrap();
         TensorDelta {
             target,
@@ -114,15 +114,15 @@ fn patched_decode_steps_do_not_allocate() {
             },
         }
     };
-    let mut tensors: Vec<TensorDelta> = Slot::ALL
+    let mut tensors: Vec<TensorDelta> = Proj::ALL
         .iter()
-        .map(|&s| low_rank(Target::Block(1, s), 8))
+        .map(|&s| low_rank(WeightId::Block(1, s), 8))
         .collect();
-    tensors.push(low_rank(Target::Embd, 1));
-    tensors.push(low_rank(Target::Output, 2));
+    tensors.push(low_rank(WeightId::Embd, 1));
+    tensors.push(low_rank(WeightId::Output, 2));
     let mut entries: Vec<(u64, f32)> = (0..64).map(|i| (i * 977, 0.01)).collect();
     tensors.push(
-        TensorDelta::sparse(Target::Block(2, Slot::Up), 576, 1536, 1.0, &mut entries).unwrap(),
+        TensorDelta::sparse(WeightId::Block(2, Proj::Up), 576, 1536, 1.0, &mut entries).unwrap(),
     );
     let lora = Patch {
         source: "in memory".into(),
@@ -140,7 +140,7 @@ fn patched_decode_steps_do_not_allocate() {
         data: vec![1e-3; 576 * 576],
     };
     write_delta(&path, "llama", "t", &[dense]).unwrap();
-    let dense = lethe::unlearn::patch::load(&path, &model).unwrap();
+    let dense = lethe::patch::load(&path, &model).unwrap();
     std::fs::remove_file(&path).ok();
     let set = PatchSet::new(&model, &[(Arc::new(lora), 1.0), (Arc::new(dense), 0.5)]).unwrap();
     let mut st = model.new_state(256);

@@ -11,10 +11,10 @@ use common::TempDir;
 
 use common::python_dump;
 use lethe::forge::ablate::{self, Field};
-use lethe::model::{Model, PatchSet, Slot, Target};
+use lethe::model::{Model, Proj, WeightId};
+use lethe::patch::{self, DeltaEntry, PatchSet};
 use lethe::qa::{self, Example};
 use lethe::tokenizer::Tokenizer;
-use lethe::unlearn::patch::{self, DeltaEntry};
 use lethe::Error;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -110,8 +110,8 @@ fn ablated_weights_write_nothing_along_the_direction() {
     let n = 4;
     let (mut worst_patched, mut least_base) = (0.0f64, f64::INFINITY);
     for il in 0..m.cfg.n_layer {
-        for slot in [Slot::O, Slot::Down] {
-            let t = Target::Block(il, slot);
+        for slot in [Proj::O, Proj::Down] {
+            let t = WeightId::Block(il, slot);
             let (cols, _) = m.target_shape(t).unwrap();
             let x = noise(n * cols, (il * 7 + slot as usize) as u64);
             let base = m.apply_weight(t, &x, n, None).unwrap();
@@ -128,9 +128,11 @@ fn ablated_weights_write_nothing_along_the_direction() {
     let (ids, _) = qa::chat_tokens(&tok, "llama", &forget[0].question, None).unwrap();
     let mut ids: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
     ids.extend([0.0, 1.0, 100.0, 1000.0, 49151.0]);
-    let base = m.apply_weight(Target::Embd, &ids, ids.len(), None).unwrap();
+    let base = m
+        .apply_weight(WeightId::Embd, &ids, ids.len(), None)
+        .unwrap();
     let after = m
-        .apply_weight(Target::Embd, &ids, ids.len(), Some(&set))
+        .apply_weight(WeightId::Embd, &ids, ids.len(), Some(&set))
         .unwrap();
     let (pe, be) = (max_projection(&after, &d.r), max_projection(&base, &d.r));
     println!("embedding: patched max |r.e|/|e| = {pe:.2e}, plain max {be:.2e}");
@@ -218,11 +220,11 @@ fn gemma3_post_norms_see_nothing_along_the_direction() {
     let set = PatchSet::new(&m, &[(Arc::new(patch::load(&path, &m).unwrap()), 1.0)]).unwrap();
     let (mut worst, mut least) = (0.0f64, f64::INFINITY);
     for il in 0..2 {
-        for slot in [Slot::O, Slot::Down] {
-            let t = Target::Block(il, slot);
+        for slot in [Proj::O, Proj::Down] {
+            let t = WeightId::Block(il, slot);
             let l = &m.layers[il];
             let g = match slot {
-                Slot::O => l.post_attn_norm.as_deref().unwrap(),
+                Proj::O => l.post_attn_norm.as_deref().unwrap(),
                 _ => l.post_ffn_norm.as_deref().unwrap(),
             };
             let (cols, _) = m.target_shape(t).unwrap();
@@ -302,7 +304,7 @@ fn bad_layers_and_directions_are_refused() {
     let one = noise(m.cfg.n_embd, 1);
     assert!(ablate::ablation_patch(&m, &one, 0..n + 1).is_err());
     assert!(ablate::ablation_patch(&m, &one, 4..4).is_err());
-    let e = err_text(ablate::output_direction(&m, 0, Slot::Q, &one));
+    let e = err_text(ablate::output_direction(&m, 0, Proj::Q, &one));
     assert!(e.contains("residual stream"), "{e}");
 }
 

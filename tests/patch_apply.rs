@@ -14,9 +14,10 @@ use common::{Rng, TempDir};
 
 use common::model_path;
 use lethe::generate::Decoder;
-use lethe::model::{Model, Patch, PatchSet, Precision, Slot, Target};
-use lethe::unlearn::patch::{
-    self as patchfile, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry,
+use lethe::model::{Model, Precision, Proj, WeightId};
+use lethe::patch::{
+    self as patchfile, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry, Patch,
+    PatchSet,
 };
 use lethe::unlearn::{Assistant, LockstepDecoder, ScoreRule, TermKind};
 use lethe_kernels::quant::GgmlType;
@@ -44,7 +45,7 @@ fn set(m: &Model, parts: &[(Arc<Patch>, f32)]) -> Arc<PatchSet> {
     Arc::new(PatchSet::new(m, parts).unwrap())
 }
 
-fn low_rank(m: &Model, t: Target, rank: usize, std: f32, rng: &mut Rng) -> LowRankEntry {
+fn low_rank(m: &Model, t: WeightId, rank: usize, std: f32, rng: &mut Rng) -> LowRankEntry {
     let (cols, rows) = m.target_shape(t).unwrap();
     LowRankEntry {
         base: t.tensor_name(),
@@ -133,7 +134,7 @@ struct Reference {
 
 fn reference(
     m: &Model,
-    t: Target,
+    t: WeightId,
     x: &[f32],
     n: usize,
     dw: &dyn Fn(usize, &mut [f64]),
@@ -258,7 +259,7 @@ fn sub(a: &[f32], b: &[f32]) -> Vec<f32> {
 fn check_weight(
     m: &Model,
     mx: &Model,
-    t: Target,
+    t: WeightId,
     x: &[f32],
     n: usize,
     ps: &PatchSet,
@@ -357,7 +358,7 @@ fn lora_matches_the_dense_reference_on_every_matrix() {
     let (m, mx) = (open("smollm2"), open_exact("smollm2"));
     let dir = TempDir::new("lora-ref");
     let mut rng = Rng(11);
-    let mut cases: Vec<(Target, usize, Option<f32>, f32)> = Slot::ALL
+    let mut cases: Vec<(WeightId, usize, Option<f32>, f32)> = Proj::ALL
         .iter()
         .enumerate()
         .map(|(i, &s)| {
@@ -372,10 +373,10 @@ fn lora_matches_the_dense_reference_on_every_matrix() {
                 None,
             ][i];
             let scale = [0.7, 1.0, 1.6, -0.8, 0.5, 2.0, 1.2][i];
-            (Target::Block(3, s), 8, alpha, scale)
+            (WeightId::Block(3, s), 8, alpha, scale)
         })
         .collect();
-    cases.push((Target::Output, 4, Some(8.0), 0.9));
+    cases.push((WeightId::Output, 4, Some(8.0), 0.9));
     let mut worst_rel = 0.0f64;
     for (i, (t, rank, alpha, s)) in cases.into_iter().enumerate() {
         let e = low_rank(&m, t, rank, 0.05, &mut rng);
@@ -385,7 +386,7 @@ fn lora_matches_the_dense_reference_on_every_matrix() {
         assert_eq!(p.tensors.len(), 1);
         let ps = set(&m, &[(p, s)]);
         let f = s as f64 * alpha.map_or(1.0, |a| a as f64 / rank as f64);
-        let ns: &[usize] = if t == Target::Output {
+        let ns: &[usize] = if t == WeightId::Output {
             &[1, 3]
         } else {
             &[1, 2, 17, 100]
@@ -418,7 +419,7 @@ fn lora_alpha_absent_means_the_scale_alone() {
     let m = open("smollm2");
     let dir = TempDir::new("alpha");
     let mut rng = Rng(12);
-    let t = Target::Block(5, Slot::Up);
+    let t = WeightId::Block(5, Proj::Up);
     let rank = 6;
     let e = low_rank(&m, t, rank, 0.05, &mut rng);
     let out = |alpha: Option<f32>, s: f32, x: &[f32]| {
@@ -450,10 +451,10 @@ fn lora_on_gemma3_weights() {
     let dir = TempDir::new("gemma-lora");
     let mut rng = Rng(13);
     for (i, t) in [
-        Target::Block(0, Slot::Q),
-        Target::Block(0, Slot::Down),
-        Target::Block(2, Slot::O),
-        Target::Block(1, Slot::V),
+        WeightId::Block(0, Proj::Q),
+        WeightId::Block(0, Proj::Down),
+        WeightId::Block(2, Proj::O),
+        WeightId::Block(1, Proj::V),
     ]
     .into_iter()
     .enumerate()
@@ -555,7 +556,7 @@ fn control_vector_on_the_last_block_by_hand() {
             }
         }
         // The fast head rounds its input to Q8_0: compare with W q(h) there.
-        let rq = reference(&m, Target::Output, &hn, n, &|_, o| o.fill(0.0));
+        let rq = reference(&m, WeightId::Output, &hn, n, &|_, o| o.fill(0.0));
         let (ratio, abs) = if exact {
             worst(&got, &want, &|i| 2e-5 * mag[i] + 1e-5)
         } else {
@@ -569,7 +570,7 @@ fn control_vector_on_the_last_block_by_hand() {
         let mut xn = vec![0.0f32; e];
         let hl: Vec<f32> = (0..e).map(|c| x[(n - 1) * e + c] + s * v[c]).collect();
         lethe_kernels::ops::rmsnorm(&mut xn, &hl, &m.output_norm, m.cfg.rms_eps);
-        let head = m.apply_weight(Target::Output, &xn, 1, None).unwrap();
+        let head = m.apply_weight(WeightId::Output, &xn, 1, None).unwrap();
         let last = &got[(n - 1) * nv..];
         let d_head = max_diff(&head, last);
         assert!(d_head < 1e-4, "norm + head by the model's API: {d_head}");
@@ -647,12 +648,12 @@ fn dense_deltas_match_the_reference() {
     let dir = TempDir::new("dense");
     let mut rng = Rng(31);
     for (i, (t, ty, s)) in [
-        (Target::Block(4, Slot::Gate), GgmlType::F32, 1.0f32),
-        (Target::Block(4, Slot::Down), GgmlType::F32, -0.6),
-        (Target::Block(4, Slot::Gate), GgmlType::F16, 0.8),
-        (Target::Block(6, Slot::K), GgmlType::F16, 1.3),
-        (Target::Block(4, Slot::Down), GgmlType::Q8_0, 1.0),
-        (Target::Block(6, Slot::O), GgmlType::Q8_0, -1.5),
+        (WeightId::Block(4, Proj::Gate), GgmlType::F32, 1.0f32),
+        (WeightId::Block(4, Proj::Down), GgmlType::F32, -0.6),
+        (WeightId::Block(4, Proj::Gate), GgmlType::F16, 0.8),
+        (WeightId::Block(6, Proj::K), GgmlType::F16, 1.3),
+        (WeightId::Block(4, Proj::Down), GgmlType::Q8_0, 1.0),
+        (WeightId::Block(6, Proj::O), GgmlType::Q8_0, -1.5),
     ]
     .into_iter()
     .enumerate()
@@ -702,7 +703,7 @@ fn sparse_delta_equals_the_dense_f32_delta() {
     let (m, mx) = (open("smollm2"), open_exact("smollm2"));
     let dir = TempDir::new("sparse");
     let mut rng = Rng(32);
-    let t = Target::Block(8, Slot::V);
+    let t = WeightId::Block(8, Proj::V);
     let (cols, rows) = m.target_shape(t).unwrap();
     let mut dense = vec![0.0f32; cols * rows];
     let (mut idx, mut val) = (Vec::new(), Vec::new());
@@ -799,9 +800,9 @@ fn low_rank_delta_equals_a_lora_without_alpha() {
     let dir = TempDir::new("lowrank");
     let mut rng = Rng(33);
     let entries: Vec<LowRankEntry> = [
-        Target::Block(1, Slot::Q),
-        Target::Block(9, Slot::Down),
-        Target::Output,
+        WeightId::Block(1, Proj::Q),
+        WeightId::Block(9, Proj::Down),
+        WeightId::Output,
     ]
     .into_iter()
     .map(|t| low_rank(&m, t, 5, 0.05, &mut rng))
@@ -811,11 +812,11 @@ fn low_rank_delta_equals_a_lora_without_alpha() {
     let d: Vec<DeltaEntry> = entries.iter().cloned().map(DeltaEntry::LowRank).collect();
     write_delta(&pd, "llama", "d", &d).unwrap();
     let (lora, delta) = (load(&pl, &m), load(&pd, &m));
-    assert_eq!(delta.kind, lethe::model::PatchKind::Delta);
-    assert_eq!(lora.kind, lethe::model::PatchKind::Lora);
+    assert_eq!(delta.kind, lethe::patch::PatchKind::Delta);
+    assert_eq!(lora.kind, lethe::patch::PatchKind::Lora);
     let (sl, sd) = (set(&m, &[(lora, 0.8)]), set(&m, &[(delta, 0.8)]));
     for e in &entries {
-        let t = Target::parse(&e.base).unwrap();
+        let t = WeightId::parse(&e.base).unwrap();
         let x = rng.vec(3 * e.cols, 1.0);
         assert_eq!(
             m.apply_weight(t, &x, 3, Some(&sl)).unwrap(),
@@ -871,8 +872,8 @@ fn embedding_delta_changes_the_lookup_not_the_head() {
 
     // The lookup.
     let ids: Vec<f32> = [504u32, 17, 2365, 504].iter().map(|&t| t as f32).collect();
-    let y0 = m.apply_weight(Target::Embd, &ids, 4, None).unwrap();
-    let y1 = m.apply_weight(Target::Embd, &ids, 4, Some(&ps)).unwrap();
+    let y0 = m.apply_weight(WeightId::Embd, &ids, 4, None).unwrap();
+    let y1 = m.apply_weight(WeightId::Embd, &ids, 4, Some(&ps)).unwrap();
     assert_eq!(
         (y0.len(), y1.len()),
         (4 * e, 4 * e),
@@ -893,8 +894,8 @@ fn embedding_delta_changes_the_lookup_not_the_head() {
     // The head: untouched.
     let x = rng.vec(2 * e, 1.0);
     assert_eq!(
-        m.apply_weight(Target::Output, &x, 2, Some(&ps)).unwrap(),
-        m.apply_weight(Target::Output, &x, 2, None).unwrap()
+        m.apply_weight(WeightId::Output, &x, 2, Some(&ps)).unwrap(),
+        m.apply_weight(WeightId::Output, &x, 2, None).unwrap()
     );
     // Through the model: the residual at block 0's input, and the logits.
     let tokens = [1u32, 504, 330, 2365];
@@ -943,7 +944,7 @@ fn patches_compose_as_a_sum_and_scale_linearly() {
     let m = open("smollm2");
     let dir = TempDir::new("compose");
     let mut rng = Rng(41);
-    let t = Target::Block(3, Slot::Q);
+    let t = WeightId::Block(3, Proj::Q);
     let (cols, rows) = m.target_shape(t).unwrap();
     let e = low_rank(&m, t, 8, 0.05, &mut rng);
     let dense = rng.vec(cols * rows, 0.02);
@@ -1005,7 +1006,7 @@ fn scale_zero_is_the_base_model() {
     let m = open("smollm2");
     let dir = TempDir::new("zero");
     let mut rng = Rng(42);
-    let e = low_rank(&m, Target::Block(2, Slot::Up), 8, 0.05, &mut rng);
+    let e = low_rank(&m, WeightId::Block(2, Proj::Up), 8, 0.05, &mut rng);
     let (pl, pc) = (dir.join("l.gguf"), dir.join("c.gguf"));
     write_lora(&pl, "llama", "l", None, &[e]).unwrap();
     write_cvec(&pc, "llama", &[(5, rng.vec(m.cfg.n_embd, 1.0))]).unwrap();
@@ -1035,7 +1036,7 @@ fn scale_zero_is_the_base_model() {
     m.forward(&mut st, &tokens, Some(&mut all1)).unwrap();
     assert!(max_diff(&all1, &all_base) > 1e-2);
     let x = rng.vec(576, 1.0);
-    let t = Target::Block(2, Slot::Up);
+    let t = WeightId::Block(2, Proj::Up);
     let zs = PatchSet::new(&m, &[(l, 0.0)]).unwrap();
     assert_eq!(
         m.apply_weight(t, &x, 1, Some(&zs)).unwrap(),
@@ -1098,7 +1099,7 @@ fn attaching_other_patches_resets_the_cache() {
         .expect_err("refused");
     assert!(err.to_string().contains("other shapes"), "{err}");
     let err = m
-        .apply_weight(Target::Block(0, Slot::Q), &vec![0.0; 576], 1, Some(&gs))
+        .apply_weight(WeightId::Block(0, Proj::Q), &vec![0.0; 576], 1, Some(&gs))
         .expect_err("refused");
     assert!(err.to_string().contains("other shapes"), "{err}");
 }
@@ -1131,19 +1132,19 @@ fn prefill_equals_decode_with_patches() {
     let mut rng = Rng(51);
     let mut lora = Vec::new();
     for b in 0..4 {
-        for s in [Slot::Q, Slot::V, Slot::Down, Slot::Gate] {
-            lora.push(low_rank(&m, Target::Block(b, s), 16, 0.03, &mut rng));
+        for s in [Proj::Q, Proj::V, Proj::Down, Proj::Gate] {
+            lora.push(low_rank(&m, WeightId::Block(b, s), 16, 0.03, &mut rng));
         }
     }
-    lora.push(low_rank(&m, Target::Output, 4, 0.03, &mut rng));
+    lora.push(low_rank(&m, WeightId::Output, 4, 0.03, &mut rng));
     let e = m.cfg.n_embd;
-    let t_sp = Target::Block(10, Slot::Gate);
+    let t_sp = WeightId::Block(10, Proj::Gate);
     let (c_sp, r_sp) = m.target_shape(t_sp).unwrap();
     let mut idx: Vec<i32> = (0..500).map(|_| rng.below(c_sp * r_sp) as i32).collect();
     idx.sort_unstable();
     idx.dedup();
     let val = rng.vec(idx.len(), 0.3);
-    let t_d = Target::Block(12, Slot::O);
+    let t_d = WeightId::Block(12, Proj::O);
     let (c_d, r_d) = m.target_shape(t_d).unwrap();
     let paths: Vec<PathBuf> = ["l", "c", "d"]
         .iter()
@@ -1230,10 +1231,10 @@ fn prefill_equals_decode_with_patches_on_gemma3() {
     let dir = TempDir::new("gemma-prefill");
     let mut rng = Rng(52);
     let lora: Vec<LowRankEntry> = [
-        Target::Block(1, Slot::Q),
-        Target::Block(4, Slot::Down),
-        Target::Block(9, Slot::V),
-        Target::Block(5, Slot::Up),
+        WeightId::Block(1, Proj::Q),
+        WeightId::Block(4, Proj::Down),
+        WeightId::Block(9, Proj::V),
+        WeightId::Block(5, Proj::Up),
     ]
     .into_iter()
     .map(|t| low_rank(&m, t, 8, 0.05, &mut rng))
@@ -1281,9 +1282,9 @@ fn lockstep_uses_the_patched_assistant() {
     assert_eq!(am.cfg.n_layer, 8);
     let mut rng = Rng(61);
     let lora: Vec<LowRankEntry> = [
-        Target::Block(2, Slot::V),
-        Target::Block(6, Slot::Up),
-        Target::Output,
+        WeightId::Block(2, Proj::V),
+        WeightId::Block(6, Proj::Up),
+        WeightId::Output,
     ]
     .into_iter()
     .map(|t| low_rank(&am, t, 4, 0.05, &mut rng))
@@ -1397,7 +1398,7 @@ fn forward_rows_applies_head_patches() {
     let dir = TempDir::new("rows");
     let mut rng = Rng(62);
     let (e, nv) = (m.cfg.n_embd, m.cfg.n_vocab);
-    let lr = low_rank(&m, Target::Output, 3, 0.05, &mut rng);
+    let lr = low_rank(&m, WeightId::Output, 3, 0.05, &mut rng);
     let idx: Vec<i32> = (0..2000)
         .map(|_| rng.below(e * nv) as i32)
         .collect::<std::collections::BTreeSet<_>>()

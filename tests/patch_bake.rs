@@ -1,4 +1,4 @@
-//! `lethe::forge::bake` on the real SmolLM2 (Q4_1, tied embeddings): patches merged into the
+//! `lethe::patch::bake` on the real SmolLM2 (Q4_1, tied embeddings): patches merged into the
 //! weights give the model the runtime patches give, within the error of the type written;
 //! unchanged tensors are byte copies; a tied embedding or head is untied so the other keeps the
 //! original weights; llama.cpp's Python reader reads the result; and what cannot be baked is
@@ -18,11 +18,13 @@ mod common;
 use common::TempDir;
 
 use common::python_dump;
-use lethe::forge::bake::{self, BakeReport, BakeType, Survival, TensorReport};
 use lethe::gguf::{GgufFile, Value};
-use lethe::model::{Model, Patch, PatchSet, Precision};
+use lethe::model::{Model, Precision};
+use lethe::patch::bake::{self, BakeReport, BakeType, Survival, TensorReport};
+use lethe::patch::{
+    self, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry, Patch, PatchSet,
+};
 use lethe::tokenizer::Tokenizer;
-use lethe::unlearn::patch::{self, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry};
 use lethe_kernels::quant::{dequantize_row, quantize_row, GgmlType};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

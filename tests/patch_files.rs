@@ -8,9 +8,10 @@ use common::{Rng, TempDir};
 
 use common::{model_path, python_dump};
 use lethe::gguf::GgufWriter;
-use lethe::model::{Model, Patch, PatchKind, PatchSet, Slot, Target};
-use lethe::unlearn::patch::{
-    self as patchfile, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry,
+use lethe::model::{Model, Proj, WeightId};
+use lethe::patch::{
+    self as patchfile, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry, Patch,
+    PatchKind, PatchSet,
 };
 use lethe_kernels::quant::{self, GgmlType};
 use sha2::{Digest, Sha256};
@@ -33,7 +34,7 @@ fn set(m: &Model, parts: &[(Arc<Patch>, f32)]) -> Arc<PatchSet> {
     Arc::new(PatchSet::new(m, parts).unwrap())
 }
 
-fn low_rank(m: &Model, t: Target, rank: usize, std: f32, rng: &mut Rng) -> LowRankEntry {
+fn low_rank(m: &Model, t: WeightId, rank: usize, std: f32, rng: &mut Rng) -> LowRankEntry {
     let (cols, rows) = m.target_shape(t).unwrap();
     LowRankEntry {
         base: t.tensor_name(),
@@ -146,7 +147,7 @@ fn bad_patch_files_are_refused_with_clear_messages() {
     let m = open("smollm2");
     let dir = TempDir::new("refuse");
     let mut rng = Rng(71);
-    let q = Target::Block(0, Slot::Q);
+    let q = WeightId::Block(0, Proj::Q);
     let good = low_rank(&m, q, 4, 0.05, &mut rng);
     let p = |n: &str| dir.join(n);
 
@@ -313,7 +314,7 @@ fn bad_patch_files_are_refused_with_clear_messages() {
         &["blk.0.attn_norm.weight", "not a weight lethe can patch"],
     );
     // A LoRA on the token embedding (llama.cpp's transposed layout): use a delta.
-    let emb = low_rank(&m, Target::Embd, 2, 0.05, &mut rng);
+    let emb = low_rank(&m, WeightId::Embd, 2, 0.05, &mut rng);
     write_lora(
         p("embd.gguf"),
         "llama",
@@ -565,8 +566,8 @@ fn lethe_written_patches_read_in_llama_cpp_python() {
     let m = open("smollm2");
     let dir = TempDir::new("pydump");
     let mut rng = Rng(81);
-    let e1 = low_rank(&m, Target::Block(2, Slot::K), 4, 0.05, &mut rng);
-    let e2 = low_rank(&m, Target::Output, 2, 0.05, &mut rng);
+    let e1 = low_rank(&m, WeightId::Block(2, Proj::K), 4, 0.05, &mut rng);
+    let e2 = low_rank(&m, WeightId::Output, 2, 0.05, &mut rng);
     let lp = dir.join("lora.gguf");
     write_lora(
         &lp,
@@ -621,8 +622,8 @@ fn lethe_written_patches_read_in_llama_cpp_python() {
     }
 
     let dp = dir.join("delta.gguf");
-    let t_q = Target::Block(1, Slot::Q);
-    let t_k = Target::Block(1, Slot::K);
+    let t_q = WeightId::Block(1, Proj::Q);
+    let t_k = WeightId::Block(1, Proj::K);
     let dense_f16 = rng.vec(576 * 192, 0.02);
     let dense_q8 = rng.vec(576 * 576, 0.02);
     write_delta(
@@ -651,7 +652,7 @@ fn lethe_written_patches_read_in_llama_cpp_python() {
             },
             DeltaEntry::LowRank(low_rank(
                 &m,
-                Target::Block(3, Slot::Down),
+                WeightId::Block(3, Proj::Down),
                 3,
                 0.05,
                 &mut rng,
@@ -765,7 +766,7 @@ fn python_written_patches_equal_lethe_written_ones() {
     let (sp, sl) = (set(&m, &[(pl, s)]), set(&m, &[(ll, s)]));
     let mut rng = Rng(82);
     for e in &entries {
-        let t = Target::parse(&e.base).unwrap();
+        let t = WeightId::parse(&e.base).unwrap();
         let n = 4;
         let x = rng.vec(n * e.cols, 1.0);
         let yp = m.apply_weight(t, &x, n, Some(&sp)).unwrap();
@@ -888,7 +889,7 @@ fn binary_flags_name_the_right_kind() {
         "llama",
         "l",
         None,
-        &[low_rank(&m, Target::Block(0, Slot::Q), 2, 0.05, &mut rng)],
+        &[low_rank(&m, WeightId::Block(0, Proj::Q), 2, 0.05, &mut rng)],
     )
     .unwrap();
     write_cvec(&cp, "llama", &[(3, rng.vec(576, 0.1))]).unwrap();
@@ -924,7 +925,7 @@ fn binary_scales_and_control_vector_layer_range() {
     write_cvec(&paths[1], "llama", &[(7, v7)]).unwrap();
     // Every matrix of blocks 0..4, entries of B A with a std of 0.02 or so.
     let lora: Vec<LowRankEntry> = (0..4)
-        .flat_map(|b| Slot::ALL.map(|s| Target::Block(b, s)))
+        .flat_map(|b| Proj::ALL.map(|s| WeightId::Block(b, s)))
         .map(|t| low_rank(&m, t, 16, 0.07, &mut rng))
         .collect();
     write_lora(&paths[2], "llama", "l", None, &lora).unwrap();

@@ -6,8 +6,8 @@
 mod common;
 
 use common::model_path;
-use lethe::model::{Model, Patch, PatchSet, Slot, Target};
-use lethe::unlearn::patch::{load, write_delta, write_lora, DeltaEntry, LowRankEntry};
+use lethe::model::{Model, Proj, WeightId};
+use lethe::patch::{load, write_delta, write_lora, DeltaEntry, LowRankEntry, Patch, PatchSet};
 use lethe_kernels::quant::GgmlType;
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ fn lora_and_dense(
     m: &Model,
     dir: &std::path::Path,
     rank: usize,
-    targets: &[Target],
+    targets: &[WeightId],
 ) -> (Arc<Patch>, Arc<Patch>) {
     let (mut lr, mut dense) = (Vec::new(), Vec::new());
     for (i, &t) in targets.iter().enumerate() {
@@ -95,7 +95,7 @@ fn fused_low_rank_matches_the_dense_delta() {
         let dir = std::env::temp_dir().join(format!("lethe-fused-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let m = Model::open(model_path(name), 2).unwrap();
-        let targets: Vec<Target> = Slot::ALL.map(|s| Target::Block(3, s)).to_vec();
+        let targets: Vec<WeightId> = Proj::ALL.map(|s| WeightId::Block(3, s)).to_vec();
         // Rank 2 adds B (A x) on the calling thread, rank 16 as a pool job.
         for rank in [2, 16] {
             let (lora, dense) = lora_and_dense(&m, &dir, rank, &targets);

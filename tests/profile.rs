@@ -426,7 +426,7 @@ fn missing_files_are_named() {
         .unwrap_err()
         .to_string();
     assert!(m.contains("patch 0") && m.contains("not a patch"), "{m}");
-    let entry = lethe::unlearn::patch::LowRankEntry {
+    let entry = lethe::patch::LowRankEntry {
         base: "blk.0.attn_q.weight".into(),
         cols: 576,
         rows: 576,
@@ -434,8 +434,7 @@ fn missing_files_are_named() {
         a: vec![0.01; 576],
         b: vec![0.01; 576],
     };
-    lethe::unlearn::patch::write_lora(dir.0.join("lora.gguf"), "llama", "t", None, &[entry])
-        .unwrap();
+    lethe::patch::write_lora(dir.0.join("lora.gguf"), "llama", "t", None, &[entry]).unwrap();
     let r = check_profile(&f.profiles[0], &f.dir).unwrap();
     assert_eq!(r.files.len(), 2);
     assert_eq!(r.files[1].role, "patch 0");

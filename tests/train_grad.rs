@@ -24,7 +24,8 @@ use lethe::forge::train::ops::{
     rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
 };
 use lethe::forge::train::{Lora, LoraParam, Objective, TrainModel};
-use lethe::model::{Model, PatchSet, Precision, Slot};
+use lethe::model::{Model, Precision, Proj};
+use lethe::patch::PatchSet;
 use lethe::pool::ThreadPool;
 use lethe_kernels::ops::{RopeKind, RopeTable};
 use lethe_kernels::quant::GgmlType;
@@ -458,7 +459,7 @@ fn lora_backward_matches_finite_differences() {
     let (cols, rows, r, n, s) = (48, 20, 3, 5, 0.75f32);
     let mut p = LoraParam {
         layer: 0,
-        slot: Slot::Q,
+        slot: Proj::Q,
         cols,
         rows,
         a: rng.vec(r * cols, 0.5),
@@ -560,11 +561,11 @@ fn losses_and_their_gradients() {
 /// otherwise).
 #[test]
 fn adapter_gradients_through_the_whole_model() {
-    let cases: [(usize, &[usize], &[Slot]); 4] = [
-        (N_LAYER, &[0, 1], &Slot::ALL),
-        (1, &[0], &Slot::ALL),
-        (N_LAYER, &[1], &[Slot::Gate, Slot::Down]),
-        (N_LAYER, &[1], &[Slot::V, Slot::Up]),
+    let cases: [(usize, &[usize], &[Proj]); 4] = [
+        (N_LAYER, &[0, 1], &Proj::ALL),
+        (1, &[0], &Proj::ALL),
+        (N_LAYER, &[1], &[Proj::Gate, Proj::Down]),
+        (N_LAYER, &[1], &[Proj::V, Proj::Up]),
     ];
     for (name, m) in variants() {
         let rf = reference(&m);
@@ -645,7 +646,7 @@ fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel) {
 
 /// An adapter of rank `r` on `slots` of `layers`, `A` and `B` both random (a fresh adapter's
 /// zero `B` would leave `A` without gradient).
-fn random_lora(m: &Model, layers: &[usize], slots: &[Slot], r: usize, seed: u64) -> Lora {
+fn random_lora(m: &Model, layers: &[usize], slots: &[Proj], r: usize, seed: u64) -> Lora {
     let mut lora = Lora::new(m, layers.iter().copied(), slots, r, 2.0 * r as f32, seed).unwrap();
     let mut rng = Rng(seed ^ 0x5eed);
     for p in &mut lora.params {
@@ -659,7 +660,7 @@ fn random_lora(m: &Model, layers: &[usize], slots: &[Slot], r: usize, seed: u64)
 /// random (a fresh adapter's zero `B` would leave `A` without gradient).
 fn random_lora_on(m: &Model, n_layers: usize, r: usize, seed: u64) -> Lora {
     let layers: Vec<usize> = (0..n_layers).collect();
-    random_lora(m, &layers, &Slot::ALL, r, seed)
+    random_lora(m, &layers, &Proj::ALL, r, seed)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -672,7 +673,7 @@ fn engine_logits(m: &Model, tokens: &[u32], lora: Option<&Lora>, dir: &TempDir) 
     if let Some(l) = lora {
         let path = dir.join("adapter.gguf");
         l.write(&path, m, "train test").unwrap();
-        let p = lethe::unlearn::patch::load(&path, m).unwrap();
+        let p = lethe::patch::load(&path, m).unwrap();
         let ps = PatchSet::new(m, &[(Arc::new(p), 1.0)]).unwrap();
         m.attach_patches(&mut st, Some(Arc::new(ps))).unwrap();
     }
@@ -703,7 +704,7 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 fn logits_match_the_inference_engine_on_the_tiny_model() {
     let dir = TempDir::new("train-tiny");
     for (name, mut m) in variants() {
-        let fresh = Lora::new(&m, 0..N_LAYER, &[Slot::Q, Slot::V, Slot::Down], 4, 8.0, 1).unwrap();
+        let fresh = Lora::new(&m, 0..N_LAYER, &[Proj::Q, Proj::V, Proj::Down], 4, 8.0, 1).unwrap();
         assert!(fresh.params.iter().all(|p| p.b.iter().all(|&v| v == 0.0)));
         let random = random_lora_on(&m, N_LAYER, 4, 33);
         for (precision, tol) in [(Precision::Exact, 2e-3), (Precision::Fast, 0.1)] {
@@ -764,7 +765,7 @@ fn first_blocks_equal_the_truncated_model() {
 #[test]
 fn a_fresh_adapter_is_initialised_as_peft_does() {
     let m = tiny(GgmlType::F32, false, 11);
-    let l = Lora::new(&m, [1], &[Slot::Q, Slot::Down], 8, 16.0, 7).unwrap();
+    let l = Lora::new(&m, [1], &[Proj::Q, Proj::Down], 8, 16.0, 7).unwrap();
     assert_eq!(l.params.len(), 2);
     assert_eq!(l.scale(), 2.0);
     assert_eq!(l.n_params(), 8 * E + E * 8 + 8 * FF + E * 8);
@@ -776,13 +777,13 @@ fn a_fresh_adapter_is_initialised_as_peft_does() {
         let mean = p.a.iter().map(|v| v.abs()).sum::<f32>() / p.a.len() as f32;
         assert!((mean / bound - 0.5).abs() < 0.1, "{mean} {bound}");
     }
-    assert_eq!(l.get(1, Slot::Down).unwrap().cols, FF);
-    assert!(l.get(0, Slot::Q).is_none());
+    assert_eq!(l.get(1, Proj::Down).unwrap().cols, FF);
+    assert!(l.get(0, Proj::Q).is_none());
     // Seeded.
-    let again = Lora::new(&m, [1], &[Slot::Q, Slot::Down], 8, 16.0, 7).unwrap();
+    let again = Lora::new(&m, [1], &[Proj::Q, Proj::Down], 8, 16.0, 7).unwrap();
     assert_eq!(l.params[0].a, again.params[0].a);
-    assert!(Lora::new(&m, [2], &[Slot::Q], 8, 16.0, 7).is_err());
-    assert!(Lora::new(&m, [0], &[Slot::Q], 0, 16.0, 7).is_err());
+    assert!(Lora::new(&m, [2], &[Proj::Q], 8, 16.0, 7).is_err());
+    assert!(Lora::new(&m, [0], &[Proj::Q], 0, 16.0, 7).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -803,7 +804,7 @@ fn logits_match_the_inference_engine_on_smollm2() {
     let mut m = smollm2();
     m.precision = Precision::Exact;
     let n_layer = m.cfg.n_layer;
-    let fresh = Lora::new(&m, 0..n_layer, &[Slot::Q, Slot::V], 8, 16.0, 1).unwrap();
+    let fresh = Lora::new(&m, 0..n_layer, &[Proj::Q, Proj::V], 8, 16.0, 1).unwrap();
     let mut random = fresh.clone();
     let mut rng = Rng(9);
     for p in &mut random.params {
@@ -847,7 +848,7 @@ fn logits_match_the_inference_engine_on_smollm2() {
 fn speed_smollm2_forward_backward() {
     let m = smollm2();
     let n_layer = m.cfg.n_layer;
-    let lora = Lora::new(&m, 0..n_layer, &[Slot::Q, Slot::V], 8, 16.0, 1).unwrap();
+    let lora = Lora::new(&m, 0..n_layer, &[Proj::Q, Proj::V], 8, 16.0, 1).unwrap();
     let mut tm = TrainModel::new(&m, lora).unwrap();
     let tokens: Vec<u32> = (0..64).map(|i| (i * 7919 % 40000) as u32 + 100).collect();
     let labels: Vec<Option<u32>> = (0..64).map(|t| tokens.get(t + 1).copied()).collect();

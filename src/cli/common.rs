@@ -3,8 +3,8 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use lethe::generate::{Decoder, SamplerParams};
-use lethe::model::{Model, Patch, PatchKind, Precision};
-use lethe::unlearn::patch;
+use lethe::model::{Model, Precision};
+use lethe::patch::{self, Patch, PatchKind};
 use lethe::unlearn::profile::{self, Profile, ProfileFile};
 use lethe::unlearn::{default_threads, Assistant, Base, Forgotten, LoadOptions, TermKind};
 use serde_json::{json, Value};

@@ -34,11 +34,10 @@
 //! (up to the 8-bit quantization of the activations in the base matmul); for gemma3 the RMS
 //! of the output changes too, so the other directions are rescaled slightly.
 
-use crate::model::patch::{axpy, dot};
-use crate::model::{Model, Slot, State, Target};
+use crate::model::{Model, Proj, State, WeightId};
+use crate::patch::{axpy, dot, write_delta, DeltaEntry, LowRankEntry};
 use crate::qa::{chat_tokens, Example};
 use crate::tokenizer::Tokenizer;
-use crate::unlearn::patch::{write_delta, DeltaEntry, LowRankEntry};
 use crate::{Error, Result};
 use std::ops::Range;
 use std::path::Path;
@@ -318,17 +317,17 @@ fn unit(model: &Model, r: &[f32]) -> Result<Vec<f32>> {
 
 /// The direction `u` of block `il`'s output (of `slot`) that lands on `r` in the residual
 /// stream: `r`, or `g * r / ||g * r||` when the output is RMS-normed with weight `g` first.
-pub fn output_direction(model: &Model, il: usize, slot: Slot, r: &[f32]) -> Result<Vec<f32>> {
+pub fn output_direction(model: &Model, il: usize, slot: Proj, r: &[f32]) -> Result<Vec<f32>> {
     let l = model.layers.get(il).ok_or_else(|| {
         Error::Invalid(format!("block {il}: the model has {}", model.cfg.n_layer))
     })?;
     let post = match slot {
-        Slot::O => l.post_attn_norm.as_deref(),
-        Slot::Down => l.post_ffn_norm.as_deref(),
+        Proj::O => l.post_attn_norm.as_deref(),
+        Proj::Down => l.post_ffn_norm.as_deref(),
         _ => {
             return Err(Error::Invalid(format!(
                 "{}: only attn_output and ffn_down write to the residual stream",
-                Target::Block(il, slot).tensor_name()
+                WeightId::Block(il, slot).tensor_name()
             )))
         }
     };
@@ -343,7 +342,7 @@ pub fn output_direction(model: &Model, il: usize, slot: Slot, r: &[f32]) -> Resu
 
 /// The rank-1 delta that removes `r` from every token embedding row: `B = E r`, `A = -r^T`.
 fn embd_entry(model: &Model, r: &[f32]) -> Result<LowRankEntry> {
-    let (cols, rows) = model.target_shape(Target::Embd)?; // [n_embd, n_vocab]
+    let (cols, rows) = model.target_shape(WeightId::Embd)?; // [n_embd, n_vocab]
     let w = &model.tok_embd;
     let mut row = vec![0.0f32; cols]; // [n_embd]
     let b: Vec<f32> = (0..rows)
@@ -353,7 +352,7 @@ fn embd_entry(model: &Model, r: &[f32]) -> Result<LowRankEntry> {
         })
         .collect(); // [n_vocab]
     Ok(LowRankEntry {
-        base: Target::Embd.tensor_name(),
+        base: WeightId::Embd.tensor_name(),
         cols,
         rows,
         rank: 1,
@@ -363,7 +362,7 @@ fn embd_entry(model: &Model, r: &[f32]) -> Result<LowRankEntry> {
 }
 
 /// The rank-1 delta `-u (u^T W)` of the weight `t` (`W` is `[cols, n_embd]`: `n_embd` rows).
-fn block_entry(model: &Model, t: Target, u: &[f32]) -> Result<LowRankEntry> {
+fn block_entry(model: &Model, t: WeightId, u: &[f32]) -> Result<LowRankEntry> {
     let (cols, rows) = model.target_shape(t)?;
     let w = model.target_weight(t).expect("checked by target_shape");
     let mut a = vec![0.0f32; cols]; // [cols]: u^T W
@@ -395,9 +394,9 @@ pub fn ablation_patch(model: &Model, r: &[f32], layers: Range<usize>) -> Result<
     }
     let mut out = vec![DeltaEntry::LowRank(embd_entry(model, &r)?)];
     for il in layers {
-        for slot in [Slot::O, Slot::Down] {
+        for slot in [Proj::O, Proj::Down] {
             let u = output_direction(model, il, slot, &r)?;
-            let e = block_entry(model, Target::Block(il, slot), &u)?;
+            let e = block_entry(model, WeightId::Block(il, slot), &u)?;
             out.push(DeltaEntry::LowRank(e));
         }
     }

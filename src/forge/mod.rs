@@ -11,11 +11,9 @@
 
 pub mod ablate;
 pub mod assistant;
-pub mod bake;
 pub mod slug;
 pub mod train;
 pub mod uld;
 
 pub use ablate::ablation_patch;
 pub use assistant::truncate_model;
-pub use bake::{bake, BakeReport, BakeType, TensorReport};

@@ -39,14 +39,13 @@
 //! the forget loss most is written, at that step.
 
 use crate::forge::train::{Lora, Objective, TrainModel};
-use crate::model::patch::{axpy, dot};
-use crate::model::{Model, Patch, PatchSet, Slot, Target};
+use crate::model::{Model, Proj, WeightId};
+use crate::patch::{axpy, dot, write_delta, DeltaEntry, Patch, PatchSet};
+use crate::pool::{SharedMut, ThreadPool};
 use crate::qa::{answer_nll, chat_tokens, Example};
 use crate::tokenizer::Tokenizer;
-use crate::unlearn::patch::{write_delta, DeltaEntry};
 use crate::{Error, Result};
 use lethe_kernels::quant::GgmlType;
-use rayon::prelude::*;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -85,17 +84,22 @@ impl Tokens {
 }
 
 /// `dW = sum_t dy_t x_t^T` (`[rows, cols]`, row `r` = `sum_t dy_t[r] x_t`), over `cols` and
-/// `rows` wide tokens.
-pub fn dense_grad(t: &Tokens, cols: usize, rows: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
+/// `rows` wide tokens; rows shared out over `pool`.
+pub fn dense_grad(pool: &ThreadPool, t: &Tokens, cols: usize, rows: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols]; // [rows, cols]
     if t.n == 0 {
         return out;
     }
-    out.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
-        for s in 0..t.n {
-            let d = t.dy[s * rows + r];
-            if d != 0.0 {
-                axpy(row, d, &t.x[s * cols..(s + 1) * cols]);
+    let o = SharedMut::new(&mut out);
+    pool.for_chunks(rows, 1, |_, rs| {
+        for r in rs {
+            // SAFETY: row r of the output is this chunk's alone.
+            let row = unsafe { o.slice(r * cols, cols) };
+            for s in 0..t.n {
+                let d = t.dy[s * rows + r];
+                if d != 0.0 {
+                    axpy(row, d, &t.x[s * cols..(s + 1) * cols]);
+                }
             }
         }
     });
@@ -124,34 +128,33 @@ impl GradStats {
 
 /// `sum_{t in a, s in b} (x_t . x_s)(dy_t . dy_s)`, in f64 (`same`: `a` is `b`, so the sum is
 /// symmetric and each pair is computed once).
-fn gram_dot(a: &Tokens, b: &Tokens, same: bool) -> f64 {
+fn gram_dot(pool: &ThreadPool, a: &Tokens, b: &Tokens, same: bool) -> f64 {
     let (cols, rows) = (a.cols(), a.rows());
-    (0..a.n)
-        .into_par_iter()
-        .map(|i| {
-            let (xi, di) = (
-                &a.x[i * cols..(i + 1) * cols],
-                &a.dy[i * rows..(i + 1) * rows],
-            );
-            let from = if same { i } else { 0 };
-            let mut acc = 0f64;
-            for j in from..b.n {
-                let xx = dot(xi, &b.x[j * cols..(j + 1) * cols]) as f64;
-                let dd = dot(di, &b.dy[j * rows..(j + 1) * rows]) as f64;
-                let w = if same && j != i { 2.0 } else { 1.0 };
-                acc += w * xx * dd;
-            }
-            acc
-        })
-        .sum()
+    pool.map(a.n, |i| {
+        let (xi, di) = (
+            &a.x[i * cols..(i + 1) * cols],
+            &a.dy[i * rows..(i + 1) * rows],
+        );
+        let from = if same { i } else { 0 };
+        let mut acc = 0f64;
+        for j in from..b.n {
+            let xx = dot(xi, &b.x[j * cols..(j + 1) * cols]) as f64;
+            let dd = dot(di, &b.dy[j * rows..(j + 1) * rows]) as f64;
+            let w = if same && j != i { 2.0 } else { 1.0 };
+            acc += w * xx * dd;
+        }
+        acc
+    })
+    .into_iter()
+    .sum()
 }
 
 /// The statistics through the Gram matrices of the tokens, never forming `dW`.
-pub fn gram_stats(f: &Tokens, r: &Tokens) -> GradStats {
+pub fn gram_stats(pool: &ThreadPool, f: &Tokens, r: &Tokens) -> GradStats {
     GradStats {
-        ff: gram_dot(f, f, true),
-        rr: gram_dot(r, r, true),
-        fr: gram_dot(f, r, false),
+        ff: gram_dot(pool, f, f, true),
+        rr: gram_dot(pool, r, r, true),
+        fr: gram_dot(pool, f, r, false),
     }
 }
 
@@ -160,9 +163,15 @@ fn dot64(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The statistics from the materialised gradients.
-pub fn dense_stats(f: &Tokens, r: &Tokens, cols: usize, rows: usize) -> GradStats {
-    let gf = dense_grad(f, cols, rows);
-    let gr = dense_grad(r, cols, rows);
+pub fn dense_stats(
+    pool: &ThreadPool,
+    f: &Tokens,
+    r: &Tokens,
+    cols: usize,
+    rows: usize,
+) -> GradStats {
+    let gf = dense_grad(pool, f, cols, rows);
+    let gr = dense_grad(pool, r, cols, rows);
     GradStats {
         ff: dot64(&gf, &gf),
         rr: dot64(&gr, &gr),
@@ -171,12 +180,18 @@ pub fn dense_stats(f: &Tokens, r: &Tokens, cols: usize, rows: usize) -> GradStat
 }
 
 /// Whichever of [`gram_stats`] and [`dense_stats`] costs fewer multiply-adds.
-pub fn grad_stats(f: &Tokens, r: &Tokens, cols: usize, rows: usize) -> GradStats {
+pub fn grad_stats(
+    pool: &ThreadPool,
+    f: &Tokens,
+    r: &Tokens,
+    cols: usize,
+    rows: usize,
+) -> GradStats {
     let n = (f.n + r.n) as f64;
     if n * (cols + rows) as f64 / 2.0 < (cols * rows) as f64 {
-        gram_stats(f, r)
+        gram_stats(pool, f, r)
     } else {
-        dense_stats(f, r, cols, rows)
+        dense_stats(pool, f, r, cols, rows)
     }
 }
 
@@ -268,7 +283,7 @@ pub fn set_grads(
 #[derive(Debug, Clone)]
 pub struct MatrixScore {
     pub layer: usize,
-    pub slot: Slot,
+    pub slot: Proj,
     pub weight_norm: f64,
     pub stats: GradStats,
     /// `||g_F|| / ||W||`.
@@ -279,25 +294,25 @@ pub struct MatrixScore {
 
 impl MatrixScore {
     pub fn name(&self) -> String {
-        Target::Block(self.layer, self.slot).tensor_name()
+        WeightId::Block(self.layer, self.slot).tensor_name()
     }
 }
 
 /// `||W||_F` of the dequantized weight.
-pub fn weight_norm(model: &Model, t: Target) -> Result<f64> {
+pub fn weight_norm(model: &Model, t: WeightId) -> Result<f64> {
     let (cols, rows) = model.target_shape(t)?;
     let w = model.target_weight(t).expect("checked by target_shape");
-    let sum: f64 = (0..rows)
-        .into_par_iter()
-        .map_init(
-            || vec![0f32; cols],
-            |row, r| {
-                w.dequantize_row(&model.file, r, row);
-                dot64(row, row)
-            },
-        )
-        .sum();
-    Ok(sum.sqrt())
+    const CHUNK: usize = 64;
+    let sums = model.pool.map(rows.div_ceil(CHUNK), |i| {
+        let mut row = vec![0f32; cols]; // [cols]
+        let mut sum = 0f64;
+        for r in i * CHUNK..((i + 1) * CHUNK).min(rows) {
+            w.dequantize_row(&model.file, r, &mut row);
+            sum += dot64(&row, &row);
+        }
+        sum
+    });
+    Ok(sums.into_iter().sum::<f64>().sqrt())
 }
 
 /// Every matrix of `slots` in the blocks both sets cover, scored.
@@ -305,7 +320,7 @@ pub fn score(
     model: &Model,
     f: &SetGrads,
     r: &SetGrads,
-    slots: &[Slot],
+    slots: &[Proj],
 ) -> Result<Vec<MatrixScore>> {
     if f.layers != r.layers {
         return Err(Error::Invalid(
@@ -315,10 +330,11 @@ pub fn score(
     let mut out = Vec::new();
     for il in f.layers.clone() {
         for &slot in slots {
-            let t = Target::Block(il, slot);
+            let t = WeightId::Block(il, slot);
             let (cols, rows) = model.target_shape(t)?;
             let k = il - f.layers.start;
             let stats = grad_stats(
+                &model.pool,
                 &f.mats[k][slot as usize],
                 &r.mats[k][slot as usize],
                 cols,
@@ -463,9 +479,9 @@ pub fn search_step(
 
 /// The unit step of one matrix: `||W|| g_F / ||g_F||` (`[rows, cols]`).
 pub fn unit_step(model: &Model, f: &SetGrads, s: &MatrixScore) -> Result<Vec<f32>> {
-    let (cols, rows) = model.target_shape(Target::Block(s.layer, s.slot))?;
+    let (cols, rows) = model.target_shape(WeightId::Block(s.layer, s.slot))?;
     let k = s.layer - f.layers.start;
-    let mut g = dense_grad(&f.mats[k][s.slot as usize], cols, rows);
+    let mut g = dense_grad(&model.pool, &f.mats[k][s.slot as usize], cols, rows);
     let n = dot64(&g, &g).sqrt();
     if !(n > 0.0 && n.is_finite()) {
         return Err(Error::Invalid(format!(
@@ -480,7 +496,7 @@ pub fn unit_step(model: &Model, f: &SetGrads, s: &MatrixScore) -> Result<Vec<f32
 
 /// The dense delta of `s`'s matrix holding `data` (`[rows, cols]`).
 pub fn entry(model: &Model, s: &MatrixScore, ty: GgmlType, data: Vec<f32>) -> Result<DeltaEntry> {
-    let t = Target::Block(s.layer, s.slot);
+    let t = WeightId::Block(s.layer, s.slot);
     let (cols, rows) = model.target_shape(t)?;
     Ok(DeltaEntry::Dense {
         base: t.tensor_name(),
@@ -499,7 +515,7 @@ pub fn write_and_load(
     entries: &[DeltaEntry],
 ) -> Result<Arc<Patch>> {
     write_delta(path, model.cfg.arch.name(), name, entries)?;
-    Ok(Arc::new(crate::unlearn::patch::load(path, model)?))
+    Ok(Arc::new(crate::patch::load(path, model)?))
 }
 
 /// What [`slug`] did.
@@ -526,7 +542,7 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct SlugOpts {
     pub layers: Range<usize>,
-    pub slots: Vec<Slot>,
+    pub slots: Vec<Proj>,
     /// Front members searched, by importance.
     pub candidates: usize,
     pub search: SearchOpts,
@@ -629,33 +645,24 @@ pub fn slug(
     })
 }
 
-/// Slots by name: `q k v o gate up down`, or the tensor names (`attn_q` ... `ffn_down`),
+/// Matrices by name: `q k v o gate up down`, or the tensor names (`attn_q` ... `ffn_down`),
 /// comma-separated; `all` for the seven.
-pub fn parse_slots(spec: &str) -> Result<Vec<Slot>> {
+pub fn parse_slots(spec: &str) -> Result<Vec<Proj>> {
     let mut out = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if part == "all" {
-            for s in Slot::ALL {
+            for s in Proj::ALL {
                 if !out.contains(&s) {
                     out.push(s);
                 }
             }
             continue;
         }
-        let s = match part {
-            "q" | "attn_q" => Slot::Q,
-            "k" | "attn_k" => Slot::K,
-            "v" | "attn_v" => Slot::V,
-            "o" | "attn_output" => Slot::O,
-            "gate" | "ffn_gate" => Slot::Gate,
-            "up" | "ffn_up" => Slot::Up,
-            "down" | "ffn_down" => Slot::Down,
-            _ => {
-                return Err(Error::Invalid(format!(
-                    "target {part:?}: expected q, k, v, o, gate, up, down (or attn_q ... \
-                     ffn_down, or all)"
-                )))
-            }
+        let Some(s) = Proj::from_short(part).or_else(|| Proj::from_tensor(part)) else {
+            return Err(Error::Invalid(format!(
+                "target {part:?}: expected q, k, v, o, gate, up, down (or attn_q ... ffn_down, \
+                 or all)"
+            )));
         };
         if !out.contains(&s) {
             out.push(s);

@@ -6,7 +6,8 @@ pub mod stop;
 pub use sampler::{Sampler, SamplerParams};
 pub use stop::{StopMatcher, StopOutcome};
 
-use crate::model::{Model, PatchSet, State};
+use crate::model::{Model, State};
+use crate::patch::PatchSet;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 use std::sync::Arc;

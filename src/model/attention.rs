@@ -1,10 +1,8 @@
 //! Causal multi-head attention with GQA over the F16 cache, for a batch of new tokens.
 
 use super::kv::KvCache;
-use super::weights::SyncPtr;
-use crate::pool::ThreadPool;
+use crate::pool::{SharedMut, ThreadPool};
 use lethe_kernels::ops;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct AttnShape {
     pub n_head: usize,
@@ -15,38 +13,30 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
-/// `out[t, h*hd..]` = softmax(q_t,h · K / sqrt) V for `n_tok` rows, where `row(t)` names row
-/// `t`'s cache and position (its key and value, and those before it, are already in that
-/// cache, layer `il`). `q` is `[n_tok, n_head*hd]`; `scores` is scratch of `n_threads * n_ctx`
-/// floats, `n_ctx` at least the longest cache.
-#[allow(clippy::too_many_arguments)]
+/// `out[t, h*hd..]` = softmax(q_t,h · K / sqrt) V for the `n_tok` rows of `q` (`[n_tok,
+/// n_head*hd]`), where `row(t)` names row `t`'s cache and position (its key and value, and
+/// those before it, are already in that cache, layer `il`). `scores` is scratch of
+/// `n_threads * n_ctx` floats, `n_ctx` at least the longest cache.
 pub fn attend<'k>(
     pool: &ThreadPool,
     il: usize,
     s: &AttnShape,
     q: &[f32],
-    n_tok: usize,
     row: &(dyn Fn(usize) -> (&'k KvCache, usize) + Sync),
     out: &mut [f32],
     scores: &mut [f32],
 ) {
     let hd = s.head_dim;
     let qd = s.n_head * hd;
+    let n_tok = q.len() / qd;
     let group = s.n_head / s.n_head_kv;
     let n_ctx = scores.len() / pool.n_threads();
-    let op = SyncPtr(out.as_mut_ptr());
-    let sp = SyncPtr(scores.as_mut_ptr());
-    let jobs = n_tok * s.n_head;
-    let next = AtomicUsize::new(0);
-    pool.run_dynamic(&|ith, _| {
-        let (op, sp) = (op, sp);
+    assert!(out.len() >= n_tok * qd);
+    let (op, sp) = (SharedMut::new(out), SharedMut::new(scores));
+    pool.for_chunks(n_tok * s.n_head, 1, |ith, jobs| {
         // SAFETY: each thread owns its slice of the scratch and distinct (t, h) outputs.
-        let sc = unsafe { std::slice::from_raw_parts_mut(sp.0.add(ith * n_ctx), n_ctx) };
-        loop {
-            let job = next.fetch_add(1, Ordering::Relaxed);
-            if job >= jobs {
-                break;
-            }
+        let sc = unsafe { sp.slice(ith * n_ctx, n_ctx) };
+        for job in jobs {
             let (t, h) = (job / s.n_head, job % s.n_head);
             let (kv, pos) = row(t);
             debug_assert!(kv.n_ctx <= n_ctx);
@@ -63,7 +53,7 @@ pub fn attend<'k>(
                 sc[j] = ops::dot_f16(qh, k) * s.scale;
             }
             ops::softmax_inplace(sc);
-            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add(t * qd + h * hd), hd) };
+            let o = unsafe { op.slice(t * qd + h * hd, hd) };
             o.fill(0.0);
             for (j, p) in (lo..=pos).enumerate() {
                 let v = &vc[p * kvd + kh * hd..p * kvd + (kh + 1) * hd];

@@ -11,8 +11,8 @@
 //! ```
 
 use super::attention::AttnShape;
-use super::patch::Slot;
 use super::{norm_rows, norm_rows_inplace, Batch, Model, Scratch};
+use crate::model::Proj;
 use lethe_kernels::ops;
 
 /// An optional norm weight (gemma3's are checked present at load).
@@ -43,20 +43,20 @@ pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
 
         norm_rows(&mut st.xb, &st.x, &l.attn_norm, n, eps);
         // q [n, n_head*hd], k and v [n, n_head_kv*hd]
-        st.mm(m, ps, il, &[Slot::Q, Slot::K, Slot::V], n);
+        st.mm(m, ps, il, &[Proj::Q, Proj::K, Proj::V], n);
         norm_rows_inplace(&mut st.q, norm(&l.q_norm), n * c.n_head, eps);
         norm_rows_inplace(&mut st.k, norm(&l.k_norm), n * c.n_head_kv, eps);
         b.rope_and_cache(c, rope, il, st);
         b.attend(pool, il, &shape, st); // att [n, n_head*hd], each row over its own cache
-        st.mm(m, ps, il, &[Slot::O], n); // xb2 [n, e] = Wo att
+        st.mm(m, ps, il, &[Proj::O], n); // xb2 [n, e] = Wo att
         norm_rows_inplace(&mut st.xb2, norm(&l.post_attn_norm), n, eps);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 
         norm_rows(&mut st.xb, &st.x, &l.ffn_norm, n, eps);
         // gate, up [n, n_ff]
-        st.mm(m, ps, il, &[Slot::Gate, Slot::Up], n);
+        st.mm(m, ps, il, &[Proj::Gate, Proj::Up], n);
         ops::gelu_tanh_mul(&mut st.hg[..n * ff], &st.hu[..n * ff]);
-        st.mm(m, ps, il, &[Slot::Down], n); // xb2 [n, e] = Wdown hg
+        st.mm(m, ps, il, &[Proj::Down], n); // xb2 [n, e] = Wdown hg
         norm_rows_inplace(&mut st.xb2, norm(&l.post_ffn_norm), n, eps);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
         st.add_cvec(ps, il, n);

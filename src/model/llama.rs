@@ -9,8 +9,8 @@
 //! ```
 
 use super::attention::AttnShape;
-use super::patch::Slot;
 use super::{norm_rows, Batch, Model, Scratch};
+use crate::model::Proj;
 use lethe_kernels::ops;
 
 /// The blocks over the batch `b`, whose rows are in `st` (`st.x`: `[n, n_embd]`).
@@ -32,17 +32,17 @@ pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
         b.tap(il, st);
         norm_rows(&mut st.xb, &st.x, &l.attn_norm, n, c.rms_eps);
         // q [n, n_head*hd], k and v [n, n_head_kv*hd]
-        st.mm(m, ps, il, &[Slot::Q, Slot::K, Slot::V], n);
+        st.mm(m, ps, il, &[Proj::Q, Proj::K, Proj::V], n);
         b.rope_and_cache(c, &m.rope_global, il, st);
         b.attend(pool, il, &shape, st); // att [n, n_head*hd], each row over its own cache
-        st.mm(m, ps, il, &[Slot::O], n); // xb2 [n, e] = Wo att
+        st.mm(m, ps, il, &[Proj::O], n); // xb2 [n, e] = Wo att
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 
         norm_rows(&mut st.xb, &st.x, &l.ffn_norm, n, c.rms_eps);
         // gate, up [n, n_ff]
-        st.mm(m, ps, il, &[Slot::Gate, Slot::Up], n);
+        st.mm(m, ps, il, &[Proj::Gate, Proj::Up], n);
         ops::silu_mul(&mut st.hg[..n * ff], &st.hu[..n * ff]);
-        st.mm(m, ps, il, &[Slot::Down], n); // xb2 [n, e] = Wdown hg
+        st.mm(m, ps, il, &[Proj::Down], n); // xb2 [n, e] = Wdown hg
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
         st.add_cvec(ps, il, n);
     }

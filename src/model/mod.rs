@@ -8,22 +8,24 @@ pub mod config;
 mod gemma3;
 pub mod kv;
 mod llama;
-pub mod patch;
+pub mod matmul;
 pub mod weights;
 
 pub use config::{Arch, Config};
-pub use patch::{Change, Patch, PatchKind, PatchSet, Slot, Target, TensorDelta};
-pub use weights::{Precision, Weight};
+pub use matmul::{Exec, Precision};
+pub use weights::{Proj, Weight, WeightId};
 
 use crate::gguf::GgufFile;
+use crate::patch::PatchSet;
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 use attention::AttnShape;
 use kv::KvCache;
 use lethe_kernels::ops::{RopeKind, RopeTable};
+use matmul::ActBuf;
 use std::path::Path;
 use std::sync::Arc;
-use weights::{load, load_vec, ActBuf};
+use weights::{load, load_vec};
 
 /// Most tokens pushed through the blocks at once (prefill is chunked to this).
 pub const MAX_BATCH: usize = 128;
@@ -136,6 +138,17 @@ impl Model {
         })
     }
 
+    /// The context of matmuls over this model's weights, with the scratch `act` and `tmp`.
+    pub fn exec<'a>(&'a self, act: &'a mut ActBuf, tmp: &'a mut [f32]) -> Exec<'a> {
+        Exec {
+            pool: &self.pool,
+            file: &self.file,
+            precision: self.precision,
+            act,
+            tmp,
+        }
+    }
+
     /// A fresh run state with room for `n_ctx` tokens.
     pub fn new_state(&self, n_ctx: usize) -> State {
         State::new(&self.cfg, n_ctx, self.pool.n_threads())
@@ -167,18 +180,18 @@ impl Model {
 
     /// `y = W x` for `n` tokens (`x` `[n, cols]`, returns `[n, rows]`) through the weight `t`
     /// names, with `patches`' deltas on it: the matmul and patch code of a forward pass, one
-    /// weight at a time (for tests, and for checking what a patch does). For [`Target::Embd`]
+    /// weight at a time (for tests, and for checking what a patch does). For [`WeightId::Embd`]
     /// (a lookup) `x` holds `n` token ids and the result is their rows, `[n, n_embd]`.
     pub fn apply_weight(
         &self,
-        t: Target,
+        t: WeightId,
         x: &[f32],
         n: usize,
         patches: Option<&PatchSet>,
     ) -> Result<Vec<f32>> {
         let (cols, rows) = self.target_shape(t)?;
         // The embedding is a lookup: one token id in, one row of `n_embd` out.
-        let (cols, rows) = if t == Target::Embd {
+        let (cols, rows) = if t == WeightId::Embd {
             (1, cols)
         } else {
             (cols, rows)
@@ -195,7 +208,7 @@ impl Model {
             p.check_model(self)?;
         }
         let mut y = vec![0.0f32; n * rows];
-        if t == Target::Embd {
+        if t == WeightId::Embd {
             // The embedding is a lookup: `x` holds token ids.
             let mut tmp = Vec::new();
             for (i, &tok) in x.iter().enumerate() {
@@ -213,7 +226,7 @@ impl Model {
             }
             return Ok(y);
         }
-        if let Target::Block(il, slot) = t {
+        if let WeightId::Block(il, p) = t {
             // A block's matmul runs through the state, as in a forward pass (fused low-rank
             // deltas included).
             if n > MAX_BATCH {
@@ -224,47 +237,17 @@ impl Model {
             let mut st = self.new_state(1);
             let buf = &mut st.buf;
             buf.patch_tmp = vec![0.0; patches.map_or(0, |p| p.scratch_len())];
-            let input = match slot {
-                Slot::O => &mut buf.att,
-                Slot::Down => &mut buf.hg,
-                _ => &mut buf.xb,
-            };
-            input[..n * cols].copy_from_slice(x);
-            buf.mm(self, patches, il, &[slot], n);
-            let out = match slot {
-                Slot::Q => &buf.q,
-                Slot::K => &buf.k,
-                Slot::V => &buf.v,
-                Slot::O | Slot::Down => &buf.xb2,
-                Slot::Gate => &buf.hg,
-                Slot::Up => &buf.hu,
-            };
-            y.copy_from_slice(&out[..n * rows]);
+            buf.io(p).0[..n * cols].copy_from_slice(x);
+            buf.mm(self, patches, il, &[p], n);
+            y.copy_from_slice(&buf.io(p).1[..n * rows]);
             return Ok(y);
         }
         let mut act = ActBuf::new(n.max(1), cols);
-        weights::matmul(
-            &self.pool,
-            &self.file,
-            w,
-            x,
-            n,
-            &mut y,
-            &mut act,
-            self.precision,
-        );
+        let mut tmp = vec![0.0f32; patches.map_or(0, |p| p.scratch_len().max(n * rows))];
+        let mut ex = self.exec(&mut act, &mut tmp);
+        ex.matmul(w, x, n, &mut y);
         if let Some(p) = patches {
-            let mut tmp = vec![0.0f32; p.scratch_len().max(n * rows)];
-            p.apply(
-                &self.pool,
-                t,
-                x,
-                n,
-                &mut y,
-                &mut tmp,
-                &mut act,
-                self.precision,
-            );
+            p.apply(&mut ex, t, x, n, &mut y);
         }
         Ok(y)
     }
@@ -292,8 +275,8 @@ impl Model {
     pub fn bytes_per_token(&self) -> usize {
         let mut b = self.output.len_bytes() + self.tok_embd.row_bytes();
         for l in &self.layers {
-            for w in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
-                b += w.len_bytes();
+            for p in Proj::ALL {
+                b += l.weight(p).len_bytes();
             }
         }
         b
@@ -412,25 +395,28 @@ impl Model {
     /// The output head on the vocabulary rows `rows` of the normed hidden state in
     /// `st.buf.xb[..n_embd]`, with the state's output patches and the final-logit softcap.
     fn head_rows_of_xb(&self, st: &mut State, rows: &[u32], out: &mut [f32]) {
+        self.head_rows_in(&mut st.buf, st.patches.as_deref(), rows, out);
+    }
+
+    /// The output head on the vocabulary rows `rows` of the normed hidden state in
+    /// `buf.xb[..n_embd]`, with the output deltas of `ps` and the final-logit softcap.
+    fn head_rows_in(
+        &self,
+        buf: &mut Scratch,
+        ps: Option<&PatchSet>,
+        rows: &[u32],
+        out: &mut [f32],
+    ) {
         let e = self.cfg.n_embd;
-        let buf = &mut st.buf;
-        weights::matvec_rows(
-            &self.pool,
-            &self.file,
-            &self.output,
-            &buf.xb[..e],
-            rows,
-            out,
-            &mut buf.act,
-            self.precision,
-        );
-        if let Some(p) = st.patches.as_deref().filter(|p| p.has_output()) {
-            let (x, tmp, act) = (&buf.xb[..e], &mut buf.patch_tmp, &mut buf.act);
-            let o = &mut out[..rows.len()];
-            p.apply_output_rows(&self.pool, x, rows, o, tmp, act, self.precision);
+        let out = &mut out[..rows.len()];
+        let x = &buf.xb[..e];
+        let mut ex = self.exec(&mut buf.act, &mut buf.patch_tmp);
+        ex.matvec_rows(&self.output, x, rows, out);
+        if let Some(p) = ps.filter(|p| p.has_output()) {
+            p.apply_output_rows(&mut ex, x, rows, out);
         }
         if let Some(cap) = self.cfg.final_logit_softcap {
-            for v in out[..rows.len()].iter_mut() {
+            for v in out.iter_mut() {
                 *v = (*v / cap).tanh() * cap;
             }
         }
@@ -482,47 +468,19 @@ impl Model {
                 tokens.len()
             )));
         }
-        if states.len() > MAX_BATCH {
-            return Err(Error::Invalid(format!(
-                "at most {MAX_BATCH} sequences at once"
-            )));
-        }
-        for (st, tok) in states.iter().zip(tokens.chunks(1)) {
-            self.check_input(st, tok)?;
-            if !same_patches(st, states[0]) {
-                return Err(Error::Invalid(
-                    "sequences in one batch must run with the same patches".into(),
-                ));
+        self.check_batch(states, tokens, |_| Ok(()))?;
+        self.step_multi(states, tokens, |buf, ps, states| {
+            let (n, v) = (states.len(), self.cfg.n_vocab);
+            let mut logits = std::mem::take(&mut buf.logits);
+            if logits.len() < n * v {
+                logits.resize(n * v, 0.0);
             }
-        }
-        // The batch runs in the scratch of the state with the widest attention scratch
-        // (the largest context).
-        let Some(big) = (0..states.len()).max_by_key(|&i| states[i].buf.scores.len()) else {
-            return Ok(());
-        };
-        let mut buf = std::mem::take(&mut states[big].buf);
-        let n = tokens.len();
-        let ps = states[0].patches.clone();
-        self.blocks(
-            &mut buf,
-            Batch {
-                seqs: states,
-                per_seq: 1,
-            },
-            tokens,
-        );
-        let v = self.cfg.n_vocab;
-        let mut logits = std::mem::take(&mut buf.logits);
-        if logits.len() < n * v {
-            logits.resize(n * v, 0.0);
-        }
-        self.head(&mut buf, ps.as_deref(), 0..n, &mut logits[..n * v]); // [n_seq, n_vocab]
-        for (st, l) in states.iter_mut().zip(logits.chunks_exact(v)) {
-            st.logits.copy_from_slice(l);
-            st.pos += 1;
-        }
-        buf.logits = logits;
-        states[big].buf = buf;
+            self.head(buf, ps, 0..n, &mut logits[..n * v]); // [n_seq, n_vocab]
+            for (st, l) in states.iter_mut().zip(logits.chunks_exact(v)) {
+                st.logits.copy_from_slice(l);
+            }
+            buf.logits = logits;
+        });
         Ok(())
     }
 
@@ -547,7 +505,42 @@ impl Model {
                 outs.len()
             )));
         }
-        if n > MAX_BATCH {
+        self.check_batch(states, tokens, |i| {
+            self.check_rows(rows[i])?;
+            if outs[i].len() < rows[i].len() {
+                return Err(Error::Invalid(format!(
+                    "{} rows but room for {} logits",
+                    rows[i].len(),
+                    outs[i].len()
+                )));
+            }
+            Ok(())
+        })?;
+        self.step_multi(states, tokens, |buf, ps, _| {
+            let e = self.cfg.n_embd;
+            for (t, (r, out)) in rows.iter().zip(outs.iter_mut()).enumerate() {
+                let x = &buf.x[t * e..(t + 1) * e];
+                lethe_kernels::ops::rmsnorm(
+                    &mut buf.xb[..e],
+                    x,
+                    &self.output_norm,
+                    self.cfg.rms_eps,
+                );
+                self.head_rows_in(buf, ps, r, out);
+            }
+        });
+        Ok(())
+    }
+
+    /// The checks of a batched step: at most [`MAX_BATCH`] sequences, each with room for its
+    /// token and with the same patches as the first; `more(i)` checks sequence `i` further.
+    fn check_batch(
+        &self,
+        states: &[&mut State],
+        tokens: &[u32],
+        more: impl Fn(usize) -> Result<()>,
+    ) -> Result<()> {
+        if states.len() > MAX_BATCH {
             return Err(Error::Invalid(format!(
                 "at most {MAX_BATCH} sequences at once"
             )));
@@ -559,22 +552,23 @@ impl Model {
                     "sequences in one batch must run with the same patches".into(),
                 ));
             }
-            if let Some(&bad) = rows[i].iter().find(|&&r| r as usize >= self.cfg.n_vocab) {
-                return Err(Error::Invalid(format!(
-                    "row {bad} is outside the vocabulary of {}",
-                    self.cfg.n_vocab
-                )));
-            }
-            if outs[i].len() < rows[i].len() {
-                return Err(Error::Invalid(format!(
-                    "{} rows but room for {} logits",
-                    rows[i].len(),
-                    outs[i].len()
-                )));
-            }
+            more(i)?;
         }
+        Ok(())
+    }
+
+    /// One batched step of `states` (one token each, checked): the blocks run in the scratch
+    /// of the state with the widest attention scratch (the largest context); `head` gets that
+    /// scratch (the final hidden states in `x`) with the batch's patches, then every state
+    /// moves one token on.
+    fn step_multi(
+        &self,
+        states: &mut [&mut State],
+        tokens: &[u32],
+        head: impl FnOnce(&mut Scratch, Option<&PatchSet>, &mut [&mut State]),
+    ) {
         let Some(big) = (0..states.len()).max_by_key(|&i| states[i].buf.scores.len()) else {
-            return Ok(());
+            return;
         };
         let mut buf = std::mem::take(&mut states[big].buf);
         let ps = states[0].patches.clone();
@@ -586,36 +580,11 @@ impl Model {
             },
             tokens,
         );
-        let e = self.cfg.n_embd;
-        for (t, (r, out)) in rows.iter().zip(outs.iter_mut()).enumerate() {
-            let x = &buf.x[t * e..(t + 1) * e];
-            lethe_kernels::ops::rmsnorm(&mut buf.xb[..e], x, &self.output_norm, self.cfg.rms_eps);
-            let out = &mut out[..r.len()];
-            weights::matvec_rows(
-                &self.pool,
-                &self.file,
-                &self.output,
-                &buf.xb[..e],
-                r,
-                out,
-                &mut buf.act,
-                self.precision,
-            );
-            if let Some(p) = ps.as_deref().filter(|p| p.has_output()) {
-                let (x, tmp, act) = (&buf.xb[..e], &mut buf.patch_tmp, &mut buf.act);
-                p.apply_output_rows(&self.pool, x, r, out, tmp, act, self.precision);
-            }
-            if let Some(cap) = self.cfg.final_logit_softcap {
-                for v in out.iter_mut() {
-                    *v = (*v / cap).tanh() * cap;
-                }
-            }
-        }
+        head(&mut buf, ps.as_deref(), states);
         for st in states.iter_mut() {
             st.pos += 1;
         }
         states[big].buf = buf;
-        Ok(())
     }
 
     /// The blocks over one chunk of one sequence; leaves the final hidden states in
@@ -671,34 +640,55 @@ impl Model {
                 self.cfg.rms_eps,
             );
         }
-        let xs = &buf.xb[which.start * e..which.end * e];
-        weights::matmul(
-            &self.pool,
-            &self.file,
-            &self.output,
-            xs,
-            which.len(),
-            out,
-            &mut buf.act,
-            self.precision,
-        );
+        let (xs, n) = (&buf.xb[which.start * e..which.end * e], which.len());
+        let mut ex = self.exec(&mut buf.act, &mut buf.patch_tmp);
+        ex.matmul(&self.output, xs, n, out);
         if let Some(p) = ps.filter(|p| p.has_output()) {
-            let (n, tmp, act) = (which.len(), &mut buf.patch_tmp, &mut buf.act);
-            p.apply(
-                &self.pool,
-                Target::Output,
-                xs,
-                n,
-                out,
-                tmp,
-                act,
-                self.precision,
-            );
+            p.apply(&mut ex, WeightId::Output, xs, n, out);
         }
         if let Some(cap) = self.cfg.final_logit_softcap {
             for v in out[..which.len() * self.cfg.n_vocab].iter_mut() {
                 *v = (*v / cap).tanh() * cap;
             }
+        }
+    }
+}
+
+impl Layer {
+    /// The matrix `p` of this block.
+    pub fn weight(&self, p: Proj) -> &Weight {
+        match p {
+            Proj::Q => &self.wq,
+            Proj::K => &self.wk,
+            Proj::V => &self.wv,
+            Proj::O => &self.wo,
+            Proj::Gate => &self.w_gate,
+            Proj::Up => &self.w_up,
+            Proj::Down => &self.w_down,
+        }
+    }
+}
+
+impl Model {
+    /// The weight `t` names in this model, if it has it.
+    pub fn target_weight(&self, t: WeightId) -> Option<&Weight> {
+        match t {
+            WeightId::Embd => Some(&self.tok_embd),
+            WeightId::Output => Some(&self.output),
+            WeightId::Block(n, p) => Some(self.layers.get(n)?.weight(p)),
+        }
+    }
+
+    /// `[cols, rows]` of the weight `t` names, or a clear error when the model has no such weight.
+    pub fn target_shape(&self, t: WeightId) -> Result<(usize, usize)> {
+        match self.target_weight(t) {
+            Some(w) => Ok((w.cols, w.rows)),
+            None => Err(Error::Model(format!(
+                "{}: the model has no such weight (it has {} blocks, 0..{})",
+                t.tensor_name(),
+                self.cfg.n_layer,
+                self.cfg.n_layer.saturating_sub(1)
+            ))),
         }
     }
 }
@@ -733,6 +723,17 @@ pub struct Scratch {
 }
 
 impl Scratch {
+    /// Add the control vector of block `il` (if any) to the residual stream of `n` tokens.
+    pub(crate) fn add_cvec(&mut self, ps: Option<&PatchSet>, il: usize, n: usize) {
+        let Some(v) = ps.and_then(|ps| ps.cvec(il)) else {
+            return;
+        };
+        let e = v.len();
+        for x in self.x[..n * e].chunks_exact_mut(e) {
+            crate::patch::axpy(x, 1.0, v);
+        }
+    }
+
     fn new(c: &Config, n_ctx: usize, n_threads: usize) -> Self {
         let b = MAX_BATCH;
         let z = |n: usize| vec![0.0f32; n];
@@ -879,17 +880,8 @@ impl Batch<'_, '_> {
             let (i, pos) = self.row(t);
             (&self.seqs[i].kv, pos)
         };
-        let n = self.n();
-        attention::attend(
-            pool,
-            il,
-            shape,
-            &buf.q,
-            n,
-            &row,
-            &mut buf.att,
-            &mut buf.scores,
-        );
+        let q = &buf.q[..self.n() * shape.n_head * shape.head_dim]; // [n, n_head*hd]
+        attention::attend(pool, il, shape, q, &row, &mut buf.att, &mut buf.scores);
     }
 }
 

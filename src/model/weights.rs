@@ -1,10 +1,9 @@
-//! Weight tensors used in place from the memory-mapped file, and the matmul over them.
+//! Weight tensors used in place from the memory-mapped file, and their names: the matrices of
+//! a block ([`Proj`]) and the weights a patch can change ([`WeightId`]).
 
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::pool::ThreadPool;
 use crate::{Error, Result};
 use lethe_kernels::quant::{self, GgmlType};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A 2-D weight `[cols, rows]` in ggml order: `rows` rows of `cols` contiguous elements.
 #[derive(Debug, Clone)]
@@ -49,6 +48,103 @@ impl Weight {
     }
 }
 
+/// One matrix of a block: a projection of its attention or its feed-forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The tensor's name inside `blk.N.`.
+    pub fn tensor(self) -> &'static str {
+        match self {
+            Proj::Q => "attn_q",
+            Proj::K => "attn_k",
+            Proj::V => "attn_v",
+            Proj::O => "attn_output",
+            Proj::Gate => "ffn_gate",
+            Proj::Up => "ffn_up",
+            Proj::Down => "ffn_down",
+        }
+    }
+
+    /// The short name the command line uses: `q`, `k`, `v`, `o`, `gate`, `up`, `down`.
+    pub fn short(self) -> &'static str {
+        match self {
+            Proj::Q => "q",
+            Proj::K => "k",
+            Proj::V => "v",
+            Proj::O => "o",
+            Proj::Gate => "gate",
+            Proj::Up => "up",
+            Proj::Down => "down",
+        }
+    }
+
+    /// The matrix whose tensor name ([`Proj::tensor`]) is `s`.
+    pub fn from_tensor(s: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|x| x.tensor() == s)
+    }
+
+    /// The matrix whose short name ([`Proj::short`]) is `s`.
+    pub fn from_short(s: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|x| x.short() == s)
+    }
+}
+
+/// A weight of the model by name: what a patch changes, or what
+/// [`Model::apply_weight`](super::Model::apply_weight) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightId {
+    /// `token_embd.weight` as the embedding lookup (the head is [`WeightId::Output`], even when
+    /// the two are tied).
+    Embd,
+    /// The output head.
+    Output,
+    Block(usize, Proj),
+}
+
+impl WeightId {
+    /// The target a base tensor name denotes (`blk.3.attn_q.weight`, `token_embd.weight`, ...).
+    pub fn parse(name: &str) -> Option<WeightId> {
+        match name {
+            "token_embd.weight" => return Some(WeightId::Embd),
+            "output.weight" => return Some(WeightId::Output),
+            _ => {}
+        }
+        let rest = name.strip_prefix("blk.")?.strip_suffix(".weight")?;
+        let (n, proj) = rest.split_once('.')?;
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || n.len() > 6 {
+            return None;
+        }
+        Some(WeightId::Block(n.parse().ok()?, Proj::from_tensor(proj)?))
+    }
+
+    pub fn tensor_name(self) -> String {
+        match self {
+            WeightId::Embd => "token_embd.weight".into(),
+            WeightId::Output => "output.weight".into(),
+            WeightId::Block(n, s) => format!("blk.{n}.{}.weight", s.tensor()),
+        }
+    }
+}
+
 /// Load a weight, checking its shape `[cols, rows]`.
 pub fn load(f: &GgufFile, name: &str, cols: usize, rows: usize) -> Result<Weight> {
     let t = f
@@ -84,436 +180,4 @@ pub fn load_vec(f: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>> {
     let mut out = vec![0.0; n];
     quant::dequantize_row(t.ty, f.tensor_data(t), &mut out)?;
     Ok(out)
-}
-
-/// How activations meet the weights in a matmul.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// As llama.cpp: activations quantized once per matmul to the weight's paired format.
-    #[default]
-    Fast,
-    /// Weights dequantized row by row, dot products with f32 activations accumulated in f64.
-    Exact,
-}
-
-/// Raw pointer that may be shared across the pool's threads for disjoint writes.
-#[derive(Clone, Copy)]
-pub struct SyncPtr(pub *mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-
-/// Scratch for quantized activations, sized once.
-#[derive(Default)]
-pub struct ActBuf {
-    pub bytes: Vec<u8>,
-}
-
-impl ActBuf {
-    pub fn new(max_tokens: usize, max_cols: usize) -> Self {
-        // Q8_1 (36 B per 32) is the widest paired format per element, and padded to groups of
-        // 256 it is also the interleaved layout's size; F32 for float weights.
-        let per_row = (max_cols * 4).max(GgmlType::Q8_1.row_bytes(max_cols.next_multiple_of(256)));
-        Self {
-            bytes: vec![0u8; max_tokens * per_row],
-        }
-    }
-}
-
-/// `y[t, r] = sum_c W[r, c] * x[t, c]` for `n_tok` tokens; `x` is `[n_tok, cols]`, `y` is
-/// `[n_tok, rows]`.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    pool: &ThreadPool,
-    f: &GgufFile,
-    w: &Weight,
-    x: &[f32],
-    n_tok: usize,
-    y: &mut [f32],
-    act: &mut ActBuf,
-    precision: Precision,
-) {
-    matmul_group(pool, f, &mut [(w, y)], x, n_tok, act, precision);
-}
-
-/// `out[i] = W[rows[i]] · x` for one token `x` (`[cols]`): a head computed only on some rows.
-#[allow(clippy::too_many_arguments)]
-pub fn matvec_rows(
-    pool: &ThreadPool,
-    f: &GgufFile,
-    w: &Weight,
-    x: &[f32],
-    rows: &[u32],
-    out: &mut [f32],
-    act: &mut ActBuf,
-    precision: Precision,
-) {
-    let (cols, rb, wd) = (w.cols, w.row_bytes(), w.data(f));
-    let out = SyncPtr(out.as_mut_ptr());
-    let next = AtomicUsize::new(0);
-    const CHUNK: usize = 64;
-    match precision {
-        Precision::Fast => {
-            let vt = w.ty.vec_dot_type();
-            // The layout `run_parts` uses for this weight, so that the values are its bits.
-            let x8 = quant::has_tile_x8(w.ty);
-            let ab = if x8 {
-                quant::x8_row_bytes(cols)
-            } else {
-                vt.row_bytes(cols)
-            };
-            quantize_row(vt, x8, &x[..cols], &mut act.bytes[..ab]);
-            let a = &act.bytes[..ab];
-            pool.run_dynamic(&|_, _| loop {
-                let out = &out;
-                let i0 = next.fetch_add(CHUNK, Ordering::Relaxed);
-                if i0 >= rows.len() {
-                    break;
-                }
-                for (i, &r) in rows.iter().enumerate().skip(i0).take(CHUNK) {
-                    let r = r as usize;
-                    let wr = &wd[r * rb..(r + 1) * rb];
-                    let v = if x8 {
-                        let mut o = [0f32];
-                        quant::vec_dot_tile_x8(w.ty, cols, wr, rb, 1, a, ab, 1, &mut o, 1);
-                        o[0]
-                    } else {
-                        quant::vec_dot(w.ty, cols, wr, a)
-                    };
-                    // SAFETY: each i is claimed by one thread.
-                    unsafe { *out.0.add(i) = v };
-                }
-            });
-        }
-        Precision::Exact => {
-            let mut row = vec![0.0f32; cols];
-            for (i, &r) in rows.iter().enumerate() {
-                let r = r as usize;
-                quant::dequantize_row(w.ty, &wd[r * rb..(r + 1) * rb], &mut row)
-                    .expect("validated");
-                let v: f64 = row.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
-                // SAFETY: single-threaded here.
-                unsafe { *out.0.add(i) = v as f32 };
-            }
-        }
-    }
-}
-
-/// Several matmuls over the same input (q/k/v, gate/up) as one job: the input is quantized
-/// once and the threads split the rows of all of them, so there is one synchronisation instead
-/// of one per weight. Weights whose activation formats differ run one after another.
-pub fn matmul_group(
-    pool: &ThreadPool,
-    f: &GgufFile,
-    parts: &mut [(&Weight, &mut [f32])],
-    x: &[f32],
-    n_tok: usize,
-    act: &mut ActBuf,
-    precision: Precision,
-) {
-    let Some((first, _)) = parts.first() else {
-        return;
-    };
-    let (cols, vt) = (first.cols, first.ty.vec_dot_type());
-    let same = parts
-        .iter()
-        .all(|(w, _)| w.cols == cols && w.ty.vec_dot_type() == vt);
-    if !same && parts.len() > 1 {
-        for part in parts.iter_mut() {
-            matmul_group(
-                pool,
-                f,
-                std::slice::from_mut(part),
-                x,
-                n_tok,
-                act,
-                precision,
-            );
-        }
-        return;
-    }
-    let mut table = [Part::EMPTY; MAX_PARTS];
-    assert!(
-        parts.len() <= MAX_PARTS,
-        "at most {MAX_PARTS} weights per group"
-    );
-    for (i, (w, y)) in parts.iter_mut().enumerate() {
-        debug_assert!(y.len() >= n_tok * w.rows);
-        table[i] = Part::weight(f, w, y.as_mut_ptr());
-    }
-    run_parts(
-        pool,
-        &mut table[..parts.len()],
-        cols,
-        x,
-        n_tok,
-        act,
-        precision,
-    );
-}
-
-/// Most matrices in one job ([`run_parts`]).
-pub const MAX_PARTS: usize = 16;
-
-/// Run the matrices `table` (all with `cols` columns, all quantized ones pairing with one
-/// activation format) over the same input `x` (`[n_tok, cols]`) as one job. Parts made with
-/// [`Part::f16_rows`] (LoRA factors) take `x` in f32.
-pub(crate) fn run_parts(
-    pool: &ThreadPool,
-    table: &mut [Part],
-    cols: usize,
-    x: &[f32],
-    n_tok: usize,
-    act: &mut ActBuf,
-    precision: Precision,
-) {
-    debug_assert!(x.len() >= n_tok * cols);
-    let mut total = 0;
-    for p in table.iter_mut() {
-        p.start = total;
-        total += p.rows;
-    }
-    let table = &*table;
-    match precision {
-        Precision::Fast => {
-            let vt = table
-                .iter()
-                .find(|p| !p.f32_act)
-                .map(|p| p.ty.vec_dot_type());
-            debug_assert!(table
-                .iter()
-                .all(|p| p.f32_act || Some(p.ty.vec_dot_type()) == vt));
-            // Q4_1/Q8_0 weights with AVX-512 VNNI take the activations interleaved in groups
-            // of eight blocks (`vec_dot_tile_x8`), one sequence or several alike.
-            let x8 = vt.is_some() && table.iter().all(|p| p.f32_act || quant::has_tile_x8(p.ty));
-            let ab = match vt {
-                Some(_) if x8 => quant::x8_row_bytes(cols),
-                Some(vt) => vt.row_bytes(cols),
-                None => 0,
-            };
-            let abuf = &mut act.bytes[..n_tok * ab];
-            if let Some(vt) = vt {
-                quantize_rows(pool, vt, x8, &x[..n_tok * cols], cols, abuf);
-            }
-            let abuf = &*abuf;
-            // Threads take chunks of rows as they come, so a thread that starts late or is
-            // pre-empted (a shared machine) does not hold the others up at the join.
-            let chunk = (total / (pool.n_threads() * 8))
-                .next_multiple_of(16)
-                .max(16);
-            let next = AtomicUsize::new(0);
-            pool.run_dynamic(&|_, _| loop {
-                let r0 = next.fetch_add(chunk, Ordering::Relaxed);
-                if r0 >= total {
-                    break;
-                }
-                for_rows(table, r0..(r0 + chunk).min(total), |p, a, b| {
-                    if p.f32_act {
-                        p.dot_rows_f16(a..b, cols, x, n_tok)
-                    } else {
-                        p.dot_rows(a..b, cols, abuf, ab, x8, n_tok)
-                    }
-                });
-            });
-        }
-        Precision::Exact => {
-            pool.run(&|ith, nth| {
-                let mut row = vec![0.0f32; cols];
-                for_rows(table, ThreadPool::split(total, ith, nth), |p, r0, r1| {
-                    for r in r0..r1 {
-                        quant::dequantize_row(p.ty, &p.w[r * p.rb..(r + 1) * p.rb], &mut row)
-                            .expect("validated");
-                        for t in 0..n_tok {
-                            let xs = &x[t * cols..(t + 1) * cols];
-                            let v: f64 =
-                                row.iter().zip(xs).map(|(&a, &b)| a as f64 * b as f64).sum();
-                            // SAFETY: each (t, r) is written by exactly one thread.
-                            unsafe { *p.y.0.add(t * p.rows + r) = v as f32 };
-                        }
-                    }
-                });
-            });
-        }
-    }
-}
-
-/// One matrix of a job, with its output (`[n_tok, rows]`) and its first row in the job's row
-/// numbering.
-#[derive(Clone, Copy)]
-pub(crate) struct Part<'a> {
-    w: &'a [u8],
-    ty: GgmlType,
-    /// F16 rows multiplied with the f32 input as it is (LoRA factors), not with a quantized copy.
-    f32_act: bool,
-    rb: usize,
-    rows: usize,
-    start: usize,
-    y: SyncPtr,
-}
-
-impl<'a> Part<'a> {
-    pub(crate) const EMPTY: Part<'static> = Part {
-        w: &[],
-        ty: GgmlType::F32,
-        f32_act: false,
-        rb: 0,
-        rows: 0,
-        start: 0,
-        y: SyncPtr(std::ptr::null_mut()),
-    };
-
-    /// A weight of the model writing to `y` (`[n_tok, w.rows]`).
-    pub(crate) fn weight(f: &'a GgufFile, w: &Weight, y: *mut f32) -> Self {
-        Part {
-            w: w.data(f),
-            ty: w.ty,
-            f32_act: false,
-            rb: w.row_bytes(),
-            rows: w.rows,
-            start: 0,
-            y: SyncPtr(y),
-        }
-    }
-
-    /// `rows` f16 rows of `cols` (`[cols, rows]`) multiplied with the f32 input, writing to `y`
-    /// (`[n_tok, rows]`).
-    pub(crate) fn f16_rows(w: &'a [half::f16], cols: usize, rows: usize, y: *mut f32) -> Self {
-        debug_assert_eq!(w.len(), rows * cols);
-        // SAFETY: f16 is two initialised bytes; u8 has alignment 1.
-        let bytes = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u8, w.len() * 2) };
-        Part {
-            w: bytes,
-            ty: GgmlType::F16,
-            f32_act: true,
-            rb: cols * 2,
-            rows,
-            start: 0,
-            y: SyncPtr(y),
-        }
-    }
-
-    /// Rows `rows` of an f16 part against `n_tok` f32 input rows.
-    fn dot_rows_f16(&self, rows: std::ops::Range<usize>, cols: usize, x: &[f32], n_tok: usize) {
-        // SAFETY: built from a `&[f16]` by `f16_rows`.
-        let w: &[half::f16] = unsafe {
-            std::slice::from_raw_parts(self.w.as_ptr() as *const half::f16, self.w.len() / 2)
-        };
-        for r in rows {
-            let wr = &w[r * cols..(r + 1) * cols];
-            for t in 0..n_tok {
-                let v = lethe_kernels::ops::dot_f16(&x[t * cols..(t + 1) * cols], wr);
-                // SAFETY: each (t, r) is written by exactly one thread.
-                unsafe { *self.y.0.add(t * self.rows + r) = v };
-            }
-        }
-    }
-
-    /// Rows `rows` of this weight against `n_tok` quantized activation rows (`ab` bytes each;
-    /// interleaved for `vec_dot_tile_x8` when `x8`).
-    fn dot_rows(
-        &self,
-        rows: std::ops::Range<usize>,
-        cols: usize,
-        abuf: &[u8],
-        ab: usize,
-        x8: bool,
-        n_tok: usize,
-    ) {
-        let (w, rb, ty) = (self.w, self.rb, self.ty);
-        if x8 && n_tok == 1 {
-            let n = rows.len();
-            let wr = &w[rows.start * rb..rows.end * rb];
-            // SAFETY: each row is written by exactly one thread.
-            let y = unsafe { std::slice::from_raw_parts_mut(self.y.0.add(rows.start), n) };
-            quant::vec_dot_tile_x8(ty, cols, wr, rb, n, abuf, ab, 1, y, 1);
-            return;
-        }
-        if n_tok == 1 {
-            for r in rows {
-                let v = quant::vec_dot(ty, cols, &w[r * rb..(r + 1) * rb], abuf);
-                // SAFETY: each row is written by exactly one thread.
-                unsafe { *self.y.0.add(r) = v };
-            }
-            return;
-        }
-        // Prefill: a block of ROW_BLOCK weight rows and TOK_BLOCK activation rows stays in
-        // cache while `vec_dot_tile` unpacks each weight block once for several tokens and
-        // loads each activation block once for several weight rows.
-        const ROW_BLOCK: usize = 16;
-        const TOK_BLOCK: usize = 16;
-        let mut out = [0f32; ROW_BLOCK * TOK_BLOCK];
-        for r0 in rows.clone().step_by(ROW_BLOCK) {
-            let nr = (rows.end - r0).min(ROW_BLOCK);
-            let wr = &w[r0 * rb..(r0 + nr) * rb];
-            for t0 in (0..n_tok).step_by(TOK_BLOCK) {
-                let nt = (n_tok - t0).min(TOK_BLOCK);
-                let a = &abuf[t0 * ab..(t0 + nt) * ab];
-                if x8 {
-                    quant::vec_dot_tile_x8(ty, cols, wr, rb, nr, a, ab, nt, &mut out, TOK_BLOCK);
-                } else {
-                    quant::vec_dot_tile(ty, cols, wr, rb, nr, a, ab, nt, &mut out, TOK_BLOCK);
-                }
-                for i in 0..nr {
-                    for (k, &v) in out[i * TOK_BLOCK..i * TOK_BLOCK + nt].iter().enumerate() {
-                        // SAFETY: each (t, r) is written by exactly one thread.
-                        unsafe { *self.y.0.add((t0 + k) * self.rows + r0 + i) = v };
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Call `f(part, r0, r1)` for the local row ranges of each part that `range` (in the group's
-/// row numbering) covers.
-fn for_rows(parts: &[Part], range: std::ops::Range<usize>, mut f: impl FnMut(&Part, usize, usize)) {
-    for p in parts {
-        let lo = range.start.max(p.start);
-        let hi = range.end.min(p.start + p.rows);
-        if lo < hi {
-            f(p, lo - p.start, hi - p.start);
-        }
-    }
-}
-
-/// Quantize one row to `vt`, interleaved ([`quant::quantize_row_x8`]) when `x8`.
-fn quantize_row(vt: GgmlType, x8: bool, x: &[f32], dst: &mut [u8]) {
-    if x8 {
-        quant::quantize_row_x8(vt, x, dst)
-    } else {
-        quant::quantize_row(vt, x, dst)
-    }
-    .expect("row length checked at load")
-}
-
-/// Quantize `x` (`n` rows of `cols`) into `dst` in format `vt` (interleaved when `x8`), rows
-/// split across threads.
-fn quantize_rows(
-    pool: &ThreadPool,
-    vt: GgmlType,
-    x8: bool,
-    x: &[f32],
-    cols: usize,
-    dst: &mut [u8],
-) {
-    let n = x.len() / cols;
-    let ab = if x8 {
-        quant::x8_row_bytes(cols)
-    } else {
-        vt.row_bytes(cols)
-    };
-    if n == 1 {
-        quantize_row(vt, x8, x, &mut dst[..ab]);
-        return;
-    }
-    let dp = dst.as_mut_ptr() as usize;
-    let next = AtomicUsize::new(0);
-    pool.run_dynamic(&|_, _| loop {
-        let t = next.fetch_add(1, Ordering::Relaxed);
-        if t >= n {
-            break;
-        }
-        // SAFETY: each row is claimed by one thread.
-        let d = unsafe { std::slice::from_raw_parts_mut((dp as *mut u8).add(t * ab), ab) };
-        quantize_row(vt, x8, &x[t * cols..(t + 1) * cols], d);
-    });
 }

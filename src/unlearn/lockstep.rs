@@ -9,7 +9,8 @@ use super::combine::{
     combine_in, plausible_threshold_in, CombineScratch, ScoreRule, Term, TermKind, Use,
 };
 use crate::generate::Decoder;
-use crate::model::{Model, PatchSet, State};
+use crate::model::{Model, State};
+use crate::patch::PatchSet;
 use crate::{Error, Result};
 use std::sync::Arc;
 

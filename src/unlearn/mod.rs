@@ -6,7 +6,6 @@
 pub mod combine;
 pub mod forgotten;
 pub mod lockstep;
-pub mod patch;
 pub mod profile;
 pub mod score;
 

@@ -39,7 +39,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::gguf::GgufFile;
-use crate::model::{Model, Patch};
+use crate::model::Model;
+use crate::patch::Patch;
 use crate::pool::ThreadPool;
 use crate::unlearn::combine::{ScoreRule, TermKind};
 use crate::{Error, Result};
@@ -153,7 +154,7 @@ impl AssistantSpec {
     }
 }
 
-pub use crate::model::PatchKind;
+pub use crate::patch::PatchKind;
 
 /// One layer patch of a profile.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -497,7 +498,7 @@ pub fn load_patch(dir: &Path, spec: &PatchSpec, model: &Model) -> Result<(Patch,
     if !path.is_file() {
         return Err(Error::Invalid(format!("{} does not exist", path.display())));
     }
-    let patch = crate::unlearn::patch::load(&path, model)?;
+    let patch = crate::patch::load(&path, model)?;
     if let Some(k) = spec.kind {
         if k != patch.kind {
             return Err(Error::Invalid(format!(

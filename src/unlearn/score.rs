@@ -19,7 +19,8 @@ use super::combine::{
     TermKind, Use,
 };
 use super::lockstep::Assistant;
-use crate::model::{Model, PatchSet, State};
+use crate::model::{Model, State};
+use crate::patch::PatchSet;
 use crate::{Error, Result};
 use std::sync::Arc;
 

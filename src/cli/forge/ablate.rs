@@ -4,7 +4,8 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use lethe::forge::ablate::{self, Field};
-use lethe::model::{Model, PatchSet};
+use lethe::model::Model;
+use lethe::patch::PatchSet;
 use lethe::qa::{self, Example};
 use lethe::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
@@ -142,7 +143,7 @@ fn evaluate(
     retain: &[Example],
     retain_from: usize,
 ) -> Result<()> {
-    let p = lethe::unlearn::patch::load(patch, model)?;
+    let p = lethe::patch::load(patch, model)?;
     let set = Arc::new(PatchSet::new(model, &[(Arc::new(p), 1.0)])?);
     let arch = model.cfg.arch.name();
     let n_ctx = qa::n_ctx_for(tok, arch, forget)?.max(qa::n_ctx_for(tok, arch, retain)?);

@@ -11,7 +11,7 @@ use lethe::forge::train::trainer::{describe, total_steps, Progress};
 use lethe::forge::train::{
     train_with_epochs, AdamWConfig, Balance, Decay, Lora, TrainConfig, TrainModel, TrainReport,
 };
-use lethe::model::Slot;
+use lethe::model::Proj;
 use lethe::qa::read_examples;
 use std::path::PathBuf;
 
@@ -115,18 +115,11 @@ pub struct FinetuneArgs {
 }
 
 /// `q,k,v,o,gate,up,down` (any subset).
-pub fn parse_targets(s: &str) -> Result<Vec<Slot>> {
+pub fn parse_targets(s: &str) -> Result<Vec<Proj>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let slot = match part {
-            "q" => Slot::Q,
-            "k" => Slot::K,
-            "v" => Slot::V,
-            "o" => Slot::O,
-            "gate" => Slot::Gate,
-            "up" => Slot::Up,
-            "down" => Slot::Down,
-            _ => anyhow::bail!("--targets: {part:?} is not one of q,k,v,o,gate,up,down"),
+        let Some(slot) = Proj::from_short(part) else {
+            anyhow::bail!("--targets: {part:?} is not one of q,k,v,o,gate,up,down")
         };
         if !out.contains(&slot) {
             out.push(slot);

@@ -1,7 +1,7 @@
 //! `lethe forge slug`: SLUG (Single Layer Unlearning Gradient), one step along the forget
 //! gradient of the one matrix chosen from both sets' gradients, written as a dense delta patch.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use lethe::forge::ablate;
 use lethe::forge::slug::{self, SearchOpts, SlugOpts};
@@ -99,12 +99,8 @@ pub fn main(a: SlugArgs) -> Result<()> {
         },
         ty,
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("starting the thread pool")?;
     let t0 = std::time::Instant::now();
-    let r = pool.install(|| slug::slug(&model, &tok, &forget, &retain, &opts, &a.output))?;
+    let r = slug::slug(&model, &tok, &forget, &retain, &opts, &a.output)?;
     let secs = t0.elapsed().as_secs_f64();
 
     println!(

@@ -5,10 +5,10 @@ use super::super::common::file_scale;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lethe::forge::bake::{
+use lethe::model::Model;
+use lethe::patch::bake::{
     self, BakeReport, BakeType, Survival, TensorReport, LOST_KEPT, NOISY_RESIDUAL,
 };
-use lethe::model::Model;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -40,31 +40,25 @@ pub fn main(a: BakeArgs) -> Result<()> {
         .map(|s| file_scale(s))
         .collect::<Result<Vec<_>>>()?;
     let path = lethe::hub::resolve_model(&a.model)?;
-    let model = Model::open(&path, 1).with_context(|| format!("loading {}", path.display()))?;
+    let threads = super::super::forge::threads(a.threads);
+    let model =
+        Model::open(&path, threads).with_context(|| format!("loading {}", path.display()))?;
     let parts = bake::load_patches(&model, &specs)?;
 
-    let threads = a.threads.unwrap_or(0);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("starting the threads")?;
     let bar = progress_bar();
     let start = Instant::now();
-    let report = pool
-        .install(|| {
-            bake::bake(
-                &model,
-                Some(&path),
-                &parts,
-                ty,
-                &a.output,
-                &|done, total| {
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64);
-                },
-            )
-        })
-        .with_context(|| format!("baking into {}", a.output.display()));
+    let report = bake::bake(
+        &model,
+        Some(&path),
+        &parts,
+        ty,
+        &a.output,
+        &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )
+    .with_context(|| format!("baking into {}", a.output.display()));
     bar.finish_and_clear();
     let report = report?;
     print_report(&report, &path, ty, &a.output, start.elapsed().as_secs_f64());

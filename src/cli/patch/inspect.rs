@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use lethe::model::PatchKind;
+use lethe::patch::PatchKind;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -12,7 +12,7 @@ pub struct InspectArgs {
 }
 
 pub fn main(a: InspectArgs) -> Result<()> {
-    let info = lethe::unlearn::patch::inspect(&a.file)?;
+    let info = lethe::patch::inspect(&a.file)?;
     println!("file: {}", a.file.display());
     println!("type: {}", info.kind.name());
     match info.kind {

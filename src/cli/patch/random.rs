@@ -3,8 +3,8 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lethe::model::{Model, Slot, Target};
-use lethe::unlearn::patch::{write_lora, LowRankEntry};
+use lethe::model::{Model, Proj, WeightId};
+use lethe::patch::{write_lora, LowRankEntry};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -53,27 +53,19 @@ pub fn parse_blocks(s: &str, n_layer: usize) -> Result<std::ops::Range<usize>> {
     Ok(r)
 }
 
-fn slot(s: &str) -> Result<Slot> {
-    Ok(match s {
-        "q" => Slot::Q,
-        "k" => Slot::K,
-        "v" => Slot::V,
-        "o" => Slot::O,
-        "gate" => Slot::Gate,
-        "up" => Slot::Up,
-        "down" => Slot::Down,
-        other => anyhow::bail!("matrix {other:?}: one of q,k,v,o,gate,up,down,all"),
-    })
+fn proj(s: &str) -> Result<Proj> {
+    Proj::from_short(s)
+        .ok_or_else(|| anyhow::anyhow!("matrix {s:?}: one of q,k,v,o,gate,up,down,all"))
 }
 
 pub fn main(a: RandomArgs) -> Result<()> {
     let path = lethe::hub::resolve_model(&a.model)?;
     let model = Model::open(&path, 1).with_context(|| format!("loading {}", path.display()))?;
     let blocks = parse_blocks(&a.blocks, model.cfg.n_layer)?;
-    let slots: Vec<Slot> = if a.matrices == "all" {
-        Slot::ALL.to_vec()
+    let projs: Vec<Proj> = if a.matrices == "all" {
+        Proj::ALL.to_vec()
     } else {
-        a.matrices.split(',').map(slot).collect::<Result<_>>()?
+        a.matrices.split(',').map(proj).collect::<Result<_>>()?
     };
     if a.rank == 0 {
         anyhow::bail!("--rank must be at least 1");
@@ -88,8 +80,8 @@ pub fn main(a: RandomArgs) -> Result<()> {
     };
     let mut entries = Vec::new();
     for n in blocks.clone() {
-        for &s in &slots {
-            let t = Target::Block(n, s);
+        for &s in &projs {
+            let t = WeightId::Block(n, s);
             let (cols, rows) = model.target_shape(t)?;
             let a_: Vec<f32> = (0..a.rank * cols).map(|_| f * normal()).collect();
             let b_: Vec<f32> = (0..rows * a.rank).map(|_| f * normal()).collect();

@@ -8,8 +8,8 @@
 //! o[t, h] = sum_j p[t, j] v[j, h / group]
 //! ```
 
-use super::kern::{axpy, dot, par_chunks, Shared};
-use crate::pool::ThreadPool;
+use super::kern::{axpy, dot};
+use crate::pool::{SharedMut, ThreadPool};
 
 /// The head layout of one attention.
 #[derive(Debug, Clone, Copy)]
@@ -58,8 +58,8 @@ pub fn attention_forward(
 ) {
     let (hd, qd, kvd) = (s.head_dim, s.q_dim(), s.kv_dim());
     let group = s.n_head / s.n_head_kv;
-    let (pp, op) = (Shared(probs.as_mut_ptr()), Shared(out.as_mut_ptr()));
-    par_chunks(pool, s.n_head * n, 8, &|_, jobs| {
+    let (pp, op) = (SharedMut::new(&mut *probs), SharedMut::new(&mut *out));
+    pool.for_chunks(s.n_head * n, 8, |_, jobs| {
         for job in jobs {
             let (h, t) = (job / n, job % n);
             let kh = h / group;
@@ -101,8 +101,8 @@ pub fn attention_backward(
     let (hd, qd, kvd) = (s.head_dim, s.q_dim(), s.kv_dim());
     let group = s.n_head / s.n_head_kv;
     let mut dkv = vec![0f32; 2 * s.n_head * n * hd]; // [2, n_head, n, hd]: dk, dv per query head
-    let (dqp, dkvp) = (Shared(dq.as_mut_ptr()), Shared(dkv.as_mut_ptr()));
-    par_chunks(pool, s.n_head, 1, &|_, hs| {
+    let (dqp, dkvp) = (SharedMut::new(&mut *dq), SharedMut::new(&mut dkv));
+    pool.for_chunks(s.n_head, 1, |_, hs| {
         let mut dp = vec![0f32; n]; // [n]
         for h in hs {
             let kh = h / group;

@@ -1,53 +1,7 @@
-//! The inner loops of training: f32 dot products and axpys over rows, and a parallel loop
-//! over chunks of work on the model's pool.
+//! The inner loops of training: f32 dot products and axpys over rows.
 //!
 //! On x86-64 with AVX2 and FMA (checked at run time, as in `lethe-kernels`) the row kernels are
 //! intrinsics; elsewhere plain loops over 8-lane arrays.
-
-use crate::pool::ThreadPool;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// `f(range)` for consecutive chunks of `0..n` of `chunk` items, claimed by the pool's threads
-/// as they come (`f` gets the claiming thread's index too, for per-thread scratch).
-pub(crate) fn par_chunks(
-    pool: &ThreadPool,
-    n: usize,
-    chunk: usize,
-    f: &(dyn Fn(usize, std::ops::Range<usize>) + Sync),
-) {
-    let chunk = chunk.max(1);
-    if n <= chunk || pool.n_threads() == 1 {
-        for r0 in (0..n).step_by(chunk) {
-            f(0, r0..(r0 + chunk).min(n));
-        }
-        return;
-    }
-    let next = AtomicUsize::new(0);
-    pool.run_dynamic(&|ith, _| loop {
-        let r0 = next.fetch_add(chunk, Ordering::Relaxed);
-        if r0 >= n {
-            break;
-        }
-        f(ith, r0..(r0 + chunk).min(n));
-    });
-}
-
-/// A raw pointer shared by the pool's threads for disjoint writes.
-#[derive(Clone, Copy)]
-pub(crate) struct Shared(pub *mut f32);
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// `len` floats at `off`.
-    ///
-    /// # Safety
-    /// The range must be inside the buffer and written by no other thread meanwhile.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice(&self, off: usize, len: usize) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(off), len)
-    }
-}
 
 #[inline(always)]
 fn dot4_body(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
@@ -409,17 +363,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn par_chunks_covers_once() {
-        let pool = ThreadPool::new(2);
-        let hits: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
-        par_chunks(&pool, 1000, 7, &|_, r| {
-            for i in r {
-                hits[i].fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 }

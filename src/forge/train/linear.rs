@@ -6,11 +6,11 @@
 //! they meet the weights' exact dequantized values, so the loss is a smooth function of the
 //! adapter and finite differences check its gradients).
 
-use super::kern::{axpy_rows, axpy_rows2, dot2x4, par_chunks, Shared};
+use super::kern::{axpy_rows, axpy_rows2, dot2x4};
 use super::lora::LoraParam;
 use crate::gguf::GgufFile;
 use crate::model::Weight;
-use crate::pool::ThreadPool;
+use crate::pool::{SharedMut, ThreadPool};
 use lethe_kernels::quant;
 
 /// Weight rows dequantized at once by one thread (a multiple of 4, the width of the forward
@@ -41,9 +41,9 @@ pub fn linear_forward(
     assert!(x.len() >= n * cols && y.len() >= n * rows);
     let nth = pool.n_threads();
     let mut scratch = vec![0f32; nth * ROWS * cols]; // [n_threads, ROWS, cols]
-    let sp = Shared(scratch.as_mut_ptr());
-    let yp = Shared(y.as_mut_ptr());
-    par_chunks(pool, rows, ROWS, &|ith, range| {
+    let sp = SharedMut::new(&mut scratch);
+    let yp = SharedMut::new(&mut *y);
+    pool.for_chunks(rows, ROWS, |ith, range| {
         // SAFETY: thread `ith` alone uses its scratch; each row of `y` is one chunk's.
         let wb = unsafe { sp.slice(ith * ROWS * cols, ROWS * cols) }; // [ROWS, cols]
         let nr = range.len();
@@ -93,8 +93,8 @@ pub fn linear_backward(
     let seg = per * block;
     let n_seg = cols.div_ceil(seg);
     let (data, rb) = (w.data(f), w.row_bytes());
-    let dxp = Shared(dx.as_mut_ptr());
-    par_chunks(pool, n_seg, 1, &|_, segs| {
+    let dxp = SharedMut::new(&mut *dx);
+    pool.for_chunks(n_seg, 1, |_, segs| {
         let mut wb = vec![0f32; ROWS * seg]; // [ROWS, seg]
         for sg in segs {
             let (c0, c1) = (sg * seg, ((sg + 1) * seg).min(cols));
@@ -163,9 +163,9 @@ pub fn lora_forward(
     y: &mut [f32],
 ) {
     let (cols, rows, rank) = (p.cols, p.rows, p.rank());
-    let (up, yp) = (Shared(u.as_mut_ptr()), Shared(y.as_mut_ptr()));
+    let (up, yp) = (SharedMut::new(&mut *u), SharedMut::new(&mut *y));
     // u = A x: chunks of tokens (each chunk writes its own rows of u).
-    par_chunks(pool, n, 4, &|_, ts| {
+    pool.for_chunks(n, 4, |_, ts| {
         // SAFETY: tokens `ts`'s rows of `u` belong to this chunk.
         let ut = unsafe { up.slice(ts.start * rank, ts.len() * rank) }; // [len, r]
         dots(
@@ -178,7 +178,7 @@ pub fn lora_forward(
         );
     });
     // y += s B u: chunks of output rows, all tokens.
-    par_chunks(pool, rows, 64, &|_, rs| {
+    pool.for_chunks(rows, 64, |_, rs| {
         let mut d = vec![0f32; n * rs.len()]; // [n, len]
         dots(
             u,
@@ -215,9 +215,9 @@ pub fn lora_backward(
     let (cols, rows, rank) = (p.cols, p.rows, p.rank());
     // du[t, k] = s sum_r B[r, k] dy[t, r]
     let mut du = vec![0f32; n * rank]; // [n, r]
-    let dup = Shared(du.as_mut_ptr());
+    let dup = SharedMut::new(&mut du);
     let b = &p.b;
-    par_chunks(pool, n, 4, &|_, ts| {
+    pool.for_chunks(n, 4, |_, ts| {
         for t in ts {
             // SAFETY: token `t`'s row of `du` belongs to this chunk.
             let dut = unsafe { dup.slice(t * rank, rank) }; // [r]
@@ -228,8 +228,8 @@ pub fn lora_backward(
         }
     });
     // grad_b[r, k] += s sum_t dy[t, r] u[t, k]
-    let gbp = Shared(p.grad_b.as_mut_ptr());
-    par_chunks(pool, rows, 64, &|_, rs| {
+    let gbp = SharedMut::new(&mut p.grad_b);
+    pool.for_chunks(rows, 64, |_, rs| {
         // SAFETY: rows `rs` of grad_b belong to this chunk.
         let gb = unsafe { gbp.slice(rs.start * rank, rs.len() * rank) }; // [len, r]
         let mut col = vec![0f32; n]; // [n] s * dy[:, r]
@@ -241,8 +241,8 @@ pub fn lora_backward(
         }
     });
     // grad_a[k] += sum_t du[t, k] x[t]
-    let gap = Shared(p.grad_a.as_mut_ptr());
-    par_chunks(pool, rank, 1, &|_, ks| {
+    let gap = SharedMut::new(&mut p.grad_a);
+    pool.for_chunks(rank, 1, |_, ks| {
         let mut col = vec![0f32; n]; // [n] du[:, k]
         for k in ks {
             // SAFETY: row `k` of grad_a belongs to this chunk.
@@ -255,9 +255,9 @@ pub fn lora_backward(
     });
     // dx[t] += sum_k du[t, k] A[k]
     if let Some(dx) = dx {
-        let dxp = Shared(dx.as_mut_ptr());
+        let dxp = SharedMut::new(&mut *dx);
         let a = &p.a;
-        par_chunks(pool, n, 4, &|_, ts| {
+        pool.for_chunks(n, 4, |_, ts| {
             for t in ts {
                 // SAFETY: token `t`'s row of dx belongs to this chunk.
                 let dxt = unsafe { dxp.slice(t * cols, cols) }; // [cols]

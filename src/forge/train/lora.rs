@@ -6,8 +6,8 @@
 //! [`Lora::write`] writes llama.cpp's adapter layout (`.lora_a` `[cols, r]`, `.lora_b`
 //! `[r, rows]`, `adapter.lora.alpha`), which `lethe --lora FILE` loads at scale 1.
 
-use crate::model::{Model, Slot, Target};
-use crate::unlearn::patch::{write_lora, LowRankEntry};
+use crate::model::{Model, Proj, WeightId};
+use crate::patch::{write_lora, LowRankEntry};
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -15,7 +15,7 @@ use std::path::Path;
 #[derive(Debug, Clone)]
 pub struct LoraParam {
     pub layer: usize,
-    pub slot: Slot,
+    pub slot: Proj,
     /// The base matrix's row length (input width).
     pub cols: usize,
     /// The base matrix's row count (output width).
@@ -27,8 +27,8 @@ pub struct LoraParam {
 }
 
 impl LoraParam {
-    pub fn target(&self) -> Target {
-        Target::Block(self.layer, self.slot)
+    pub fn target(&self) -> WeightId {
+        WeightId::Block(self.layer, self.slot)
     }
 
     /// The rank `r`.
@@ -54,7 +54,7 @@ impl Lora {
     pub fn new(
         model: &Model,
         layers: impl IntoIterator<Item = usize>,
-        slots: &[Slot],
+        slots: &[Proj],
         rank: usize,
         alpha: f32,
         seed: u64,
@@ -72,7 +72,7 @@ impl Lora {
         let mut index = vec![[None; 7]; model.cfg.n_layer];
         for layer in layers {
             for &slot in slots {
-                let (cols, rows) = model.target_shape(Target::Block(layer, slot))?;
+                let (cols, rows) = model.target_shape(WeightId::Block(layer, slot))?;
                 if index[layer][slot as usize].is_some() {
                     continue;
                 }
@@ -107,12 +107,12 @@ impl Lora {
     }
 
     /// The parameters on block `layer`'s matrix `slot`, if it has an adapter.
-    pub fn get(&self, layer: usize, slot: Slot) -> Option<&LoraParam> {
+    pub fn get(&self, layer: usize, slot: Proj) -> Option<&LoraParam> {
         let i = self.index.get(layer)?[slot as usize]?;
         Some(&self.params[i])
     }
 
-    pub(crate) fn index_of(&self, layer: usize, slot: Slot) -> Option<usize> {
+    pub(crate) fn index_of(&self, layer: usize, slot: Proj) -> Option<usize> {
         self.index.get(layer)?[slot as usize]
     }
 

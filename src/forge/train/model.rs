@@ -22,7 +22,7 @@ use super::loss::Objective;
 use super::ops::{
     rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
 };
-use crate::model::{Arch, Model, Slot, Weight};
+use crate::model::{Arch, Model, Proj};
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 
@@ -45,7 +45,7 @@ struct BlockActs {
 
 /// What [`TrainModel::backward_capture`] hands each matrix's input and output gradient to:
 /// `(block, slot, x [n, cols], dy [n, rows])`.
-pub type Capture<'a> = dyn FnMut(usize, Slot, &[f32], &[f32]) + 'a;
+pub type Capture<'a> = dyn FnMut(usize, Proj, &[f32], &[f32]) + 'a;
 
 /// The forward pass of one sequence (or of several packed one after another, each attending
 /// only to itself from position 0): the logits and what the backward pass needs. Valid for
@@ -133,13 +133,13 @@ impl<'m> TrainModel<'m> {
     fn mm(
         &self,
         il: usize,
-        slot: Slot,
+        slot: Proj,
         x: &[f32],
         n: usize,
         us: &mut [Option<Vec<f32>>; 7],
     ) -> Vec<f32> {
         let m = self.model;
-        let w = weight(m, il, slot);
+        let w = m.layers[il].weight(slot);
         let mut y = vec![0f32; n * w.rows]; // [n, rows]
         linear_forward(&m.pool, &m.file, w, x, n, &mut y);
         if let Some(p) = self.lora.get(il, slot) {
@@ -186,9 +186,9 @@ impl<'m> TrainModel<'m> {
             let mut us: [Option<Vec<f32>>; 7] = Default::default();
             let mut rstd_attn = vec![0f32; n]; // [n]
             rmsnorm_forward(&x, &l.attn_norm, c.rms_eps, &mut xn, &mut rstd_attn);
-            let mut q = self.mm(il, Slot::Q, &xn, n, &mut us); // [n, n_head*hd]
-            let mut k = self.mm(il, Slot::K, &xn, n, &mut us); // [n, n_head_kv*hd]
-            let v = self.mm(il, Slot::V, &xn, n, &mut us); // [n, n_head_kv*hd]
+            let mut q = self.mm(il, Proj::Q, &xn, n, &mut us); // [n, n_head*hd]
+            let mut k = self.mm(il, Proj::K, &xn, n, &mut us); // [n, n_head_kv*hd]
+            let v = self.mm(il, Proj::V, &xn, n, &mut us); // [n, n_head_kv*hd]
             let mut probs = vec![0f32; segs.iter().map(|&l| hs.probs_len(l)).sum()];
             let mut att = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
             let (qd, kvd) = (hs.q_dim(), hs.kv_dim());
@@ -210,17 +210,17 @@ impl<'m> TrainModel<'m> {
                 );
                 (t0, p0) = (t1, p1);
             }
-            let o = self.mm(il, Slot::O, &att, n, &mut us); // [n, e]
+            let o = self.mm(il, Proj::O, &att, n, &mut us); // [n, e]
             let mut x_mid = o;
             lethe_kernels::ops::add_inplace(&mut x_mid, &x); // [n, e]
 
             let mut rstd_ffn = vec![0f32; n]; // [n]
             rmsnorm_forward(&x_mid, &l.ffn_norm, c.rms_eps, &mut xn, &mut rstd_ffn);
-            let gate = self.mm(il, Slot::Gate, &xn, n, &mut us); // [n, n_ff]
-            let up = self.mm(il, Slot::Up, &xn, n, &mut us); // [n, n_ff]
+            let gate = self.mm(il, Proj::Gate, &xn, n, &mut us); // [n, n_ff]
+            let up = self.mm(il, Proj::Up, &xn, n, &mut us); // [n, n_ff]
             let mut h = vec![0f32; n * c.n_ff]; // [n, n_ff]
             swiglu_forward(&gate, &up, &mut h);
-            let mut out = self.mm(il, Slot::Down, &h, n, &mut us); // [n, e]
+            let mut out = self.mm(il, Proj::Down, &h, n, &mut us); // [n, e]
             lethe_kernels::ops::add_inplace(&mut out, &x_mid);
             let x_in = std::mem::replace(&mut x, out);
             blocks.push(BlockActs {
@@ -306,7 +306,7 @@ impl<'m> TrainModel<'m> {
             },
         };
         // Hands (x, dy) of block `il`'s `slot` to the capture, if it covers the block.
-        let mut take = |il: usize, slot: Slot, x: &[f32], dy: &[f32]| {
+        let mut take = |il: usize, slot: Proj, x: &[f32], dy: &[f32]| {
             if let Some((from, f)) = cap.as_mut() {
                 if il >= *from {
                     f(il, slot, x, dy);
@@ -326,41 +326,41 @@ impl<'m> TrainModel<'m> {
         for il in (lowest..self.n_layers).rev() {
             let (l, b) = (&m.layers[il], &act.blocks[il]);
             let captured = cap_from.is_some_and(|f| il >= f);
-            let has = |slot: Slot| captured || self.lora.get(il, slot).is_some();
+            let has = |slot: Proj| captured || self.lora.get(il, slot).is_some();
             let need_in = il > lowest;
-            let attn_needed = need_in || [Slot::Q, Slot::K, Slot::V, Slot::O].into_iter().any(has);
+            let attn_needed = need_in || [Proj::Q, Proj::K, Proj::V, Proj::O].into_iter().any(has);
 
             // Feed-forward: dx is the gradient of the block's output.
             let mut h = vec![0f32; n * ff]; // [n, n_ff]
             swiglu_forward(&b.gate, &b.up, &mut h);
             let mut dh = vec![0f32; n * ff]; // [n, n_ff]
             linear_backward(pool, &m.file, &l.w_down, &dx, n, &mut dh);
-            self.lora_bwd(il, Slot::Down, &h, b, &dx, n, Some(&mut dh));
-            take(il, Slot::Down, &h, &dx);
+            self.lora_bwd(act, il, Proj::Down, &h, &dx, Some(&mut dh));
+            take(il, Proj::Down, &h, &dx);
             let (mut dg, mut du) = (vec![0f32; n * ff], vec![0f32; n * ff]); // [n, n_ff]
             swiglu_backward(&b.gate, &b.up, &dh, &mut dg, &mut du);
             rmsnorm_forward(&b.x_mid, &l.ffn_norm, c.rms_eps, &mut xn, &mut tmp);
-            take(il, Slot::Gate, &xn, &dg);
-            take(il, Slot::Up, &xn, &du);
+            take(il, Proj::Gate, &xn, &dg);
+            take(il, Proj::Up, &xn, &du);
             if attn_needed {
                 dxn.fill(0.0);
                 linear_backward(pool, &m.file, &l.w_gate, &dg, n, &mut dxn);
                 linear_backward(pool, &m.file, &l.w_up, &du, n, &mut dxn);
-                self.lora_bwd(il, Slot::Gate, &xn, b, &dg, n, Some(&mut dxn));
-                self.lora_bwd(il, Slot::Up, &xn, b, &du, n, Some(&mut dxn));
+                self.lora_bwd(act, il, Proj::Gate, &xn, &dg, Some(&mut dxn));
+                self.lora_bwd(act, il, Proj::Up, &xn, &du, Some(&mut dxn));
                 // dx becomes the gradient of x_mid: the residual path plus the norm's.
                 rmsnorm_backward(&b.x_mid, &l.ffn_norm, &b.rstd_ffn, &dxn, &mut dx);
             } else {
-                self.lora_bwd(il, Slot::Gate, &xn, b, &dg, n, None);
-                self.lora_bwd(il, Slot::Up, &xn, b, &du, n, None);
+                self.lora_bwd(act, il, Proj::Gate, &xn, &dg, None);
+                self.lora_bwd(act, il, Proj::Up, &xn, &du, None);
                 break;
             }
 
             // Attention: dx is the gradient of x_mid.
             let mut datt = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
             linear_backward(pool, &m.file, &l.wo, &dx, n, &mut datt);
-            self.lora_bwd(il, Slot::O, &b.att, b, &dx, n, Some(&mut datt));
-            take(il, Slot::O, &b.att, &dx);
+            self.lora_bwd(act, il, Proj::O, &b.att, &dx, Some(&mut datt));
+            take(il, Proj::O, &b.att, &dx);
             let mut dq = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
             let mut dk = vec![0f32; n * hs.kv_dim()]; // [n, n_head_kv*hd]
             let mut dv = vec![0f32; n * hs.kv_dim()]; // [n, n_head_kv*hd]
@@ -387,9 +387,9 @@ impl<'m> TrainModel<'m> {
                 (t0, p0) = (t1, p1);
             }
             rmsnorm_forward(&b.x, &l.attn_norm, c.rms_eps, &mut xn, &mut tmp);
-            take(il, Slot::Q, &xn, &dq);
-            take(il, Slot::K, &xn, &dk);
-            take(il, Slot::V, &xn, &dv);
+            take(il, Proj::Q, &xn, &dq);
+            take(il, Proj::K, &xn, &dk);
+            take(il, Proj::V, &xn, &dv);
             if need_in {
                 dxn.fill(0.0);
                 linear_backward(pool, &m.file, &l.wq, &dq, n, &mut dxn);
@@ -397,16 +397,9 @@ impl<'m> TrainModel<'m> {
                 linear_backward(pool, &m.file, &l.wv, &dv, n, &mut dxn);
             }
             let mut dxn_opt = need_in.then_some(&mut dxn);
-            for (slot, dy) in [(Slot::Q, &dq), (Slot::K, &dk), (Slot::V, &dv)] {
-                self.lora_bwd(
-                    il,
-                    slot,
-                    &xn,
-                    b,
-                    dy,
-                    n,
-                    dxn_opt.as_deref_mut().map(|d| &mut d[..]),
-                );
+            for (slot, dy) in [(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)] {
+                let dx = dxn_opt.as_deref_mut().map(|d| &mut d[..]);
+                self.lora_bwd(act, il, slot, &xn, dy, dx);
             }
             if need_in {
                 rmsnorm_backward(&b.x, &l.attn_norm, &b.rstd_attn, &dxn, &mut dx);
@@ -415,28 +408,26 @@ impl<'m> TrainModel<'m> {
         Ok(())
     }
 
-    /// The backward pass of block `il`'s adapter on `slot`, if it has one (`x`: that matmul's
-    /// input, `dy`: the gradient of its output).
-    #[allow(clippy::too_many_arguments)]
+    /// The backward pass of block `il`'s adapter on `slot`, if it has one, in the forward pass
+    /// `act` (`x`: that matmul's input, `dy`: the gradient of its output).
     fn lora_bwd(
         &mut self,
+        act: &Activations,
         il: usize,
-        slot: Slot,
+        slot: Proj,
         x: &[f32],
-        b: &BlockActs,
         dy: &[f32],
-        n: usize,
         dx: Option<&mut [f32]>,
     ) {
         let Some(i) = self.lora.index_of(il, slot) else {
             return;
         };
         let s = self.lora.scale();
-        let u = b.lora_u[slot as usize]
+        let u = act.blocks[il].lora_u[slot as usize]
             .as_deref()
             .expect("kept by the forward pass");
         let pool: &ThreadPool = &self.model.pool;
-        lora_backward(pool, &mut self.lora.params[i], s, x, u, dy, n, dx);
+        lora_backward(pool, &mut self.lora.params[i], s, x, u, dy, act.n, dx);
     }
 
     /// Forward, loss and backward of one sequence: returns the loss and adds its gradient to
@@ -454,18 +445,5 @@ impl<'m> TrainModel<'m> {
         let loss = objective.loss(&act.logits, self.model.cfg.n_vocab, &mut dlogits)?;
         self.backward(&act, &dlogits)?;
         Ok(loss)
-    }
-}
-
-fn weight(m: &Model, il: usize, slot: Slot) -> &Weight {
-    let l = &m.layers[il];
-    match slot {
-        Slot::Q => &l.wq,
-        Slot::K => &l.wk,
-        Slot::V => &l.wv,
-        Slot::O => &l.wo,
-        Slot::Gate => &l.w_gate,
-        Slot::Up => &l.w_up,
-        Slot::Down => &l.w_down,
     }
 }

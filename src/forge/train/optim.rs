@@ -215,30 +215,38 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - (c.beta1 as f64).powi(t);
         let bc2 = 1.0 - (c.beta2 as f64).powi(t);
-        let step_size = (lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let decay = 1.0 - lr * c.weight_decay;
+        let k = StepFactors {
+            step_size: (lr as f64 / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            decay: 1.0 - lr * c.weight_decay,
+        };
         for (p, mo) in lora.params.iter_mut().zip(&mut self.moments) {
             let [ma, va, mb, vb] = mo;
-            update(&mut p.a, &p.grad_a, ma, va, c, decay, step_size, bc2_sqrt);
-            update(&mut p.b, &p.grad_b, mb, vb, c, decay, step_size, bc2_sqrt);
+            update(&mut p.a, &p.grad_a, ma, va, c, k);
+            update(&mut p.b, &p.grad_b, mb, vb, c, k);
         }
         Ok(StepInfo { grad_norm, lr })
     }
 }
 
-/// PyTorch's single-tensor AdamW update.
-#[allow(clippy::too_many_arguments)]
-fn update(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    c: AdamWConfig,
-    decay: f32,
+/// What one AdamW step multiplies by, the same for every tensor.
+#[derive(Clone, Copy)]
+struct StepFactors {
+    /// `lr / (1 - beta1^t)`.
     step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
     bc2_sqrt: f32,
-) {
+    /// `1 - lr * weight_decay`.
+    decay: f32,
+}
+
+/// PyTorch's single-tensor AdamW update.
+fn update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamWConfig, k: StepFactors) {
+    let StepFactors {
+        step_size,
+        bc2_sqrt,
+        decay,
+    } = k;
     for i in 0..p.len() {
         let gi = g[i];
         p[i] *= decay;

@@ -1,12 +1,10 @@
 //! The three forms of a weight change (low rank, dense, sparse) and what they compute.
 
-use super::{axpy, dot, SendPtr, Target};
+use super::{axpy, dot};
 use crate::gguf::GgufFile;
-use crate::model::weights::{matmul, matvec_rows, ActBuf, Weight};
-use crate::model::Precision;
-use crate::pool::ThreadPool;
+use crate::model::{Exec, Weight, WeightId};
+use crate::pool::SharedMut;
 use crate::{Error, Result};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// How a weight changes: `dW` (`[cols, rows]`, ggml order) in one of three forms.
@@ -30,7 +28,7 @@ pub enum Change {
 
 /// One changed weight of a patch.
 pub struct TensorDelta {
-    pub target: Target,
+    pub target: WeightId,
     pub cols: usize,
     pub rows: usize,
     /// The file's own factor (LoRA: `alpha / rank`, or 1), times the user's scale at use.
@@ -41,7 +39,7 @@ pub struct TensorDelta {
 impl TensorDelta {
     /// A sparse delta from `(flat index, value)` pairs (`index = row * cols + col`).
     pub fn sparse(
-        target: Target,
+        target: WeightId,
         cols: usize,
         rows: usize,
         scale: f32,
@@ -127,33 +125,18 @@ impl TensorDelta {
         }
     }
 
-    /// `y[t] += s * dW x[t]` for `n` tokens (`x` `[n, cols]`, `y` `[n, rows]`).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn apply(
-        &self,
-        pool: &ThreadPool,
-        s: f32,
-        x: &[f32],
-        n: usize,
-        y: &mut [f32],
-        tmp: &mut [f32],
-        act: &mut ActBuf,
-        precision: Precision,
-    ) {
+    /// `y[t] += s * dW x[t]` for `n` tokens (`x` `[n, cols]`, `y` `[n, rows]`), with the
+    /// scratch of `ex`.
+    pub(crate) fn apply(&self, ex: &mut Exec, s: f32, x: &[f32], n: usize, y: &mut [f32]) {
         let (cols, rows, s) = (self.cols, self.rows, s * self.scale);
         match &self.change {
             Change::LowRank { rank, a, bt } => {
                 let rank = *rank;
-                let yp = SendPtr(y.as_mut_ptr());
-                let tp = SendPtr(tmp.as_mut_ptr());
+                assert!(y.len() >= n * rows && ex.tmp.len() >= n * rank);
+                let (yp, tp) = (SharedMut::new(y), SharedMut::new(ex.tmp));
                 let one = |t: usize| {
                     // SAFETY: token t's rows of y and tmp are touched by one thread only.
-                    let (yt, tt) = unsafe {
-                        (
-                            std::slice::from_raw_parts_mut(yp.get().add(t * rows), rows),
-                            std::slice::from_raw_parts_mut(tp.get().add(t * rank), rank),
-                        )
-                    };
+                    let (yt, tt) = unsafe { (yp.slice(t * rows, rows), tp.slice(t * rank, rank)) };
                     let xt = &x[t * cols..(t + 1) * cols];
                     for (k, v) in tt.iter_mut().enumerate() {
                         *v = s * dot(&a[k * cols..(k + 1) * cols], xt);
@@ -163,25 +146,19 @@ impl TensorDelta {
                     }
                 };
                 // One token of a small adapter is a few microseconds: not worth a pool job.
-                if n == 1 || n * rank * (cols + rows) < 1 << 16 {
+                if n * rank * (cols + rows) < 1 << 16 {
                     (0..n).for_each(one);
                 } else {
-                    let next = AtomicUsize::new(0);
-                    pool.run_dynamic(&|_, _| loop {
-                        let t = next.fetch_add(1, Ordering::Relaxed);
-                        if t >= n {
-                            break;
-                        }
-                        one(t);
-                    });
+                    ex.pool.for_chunks(n, 1, |_, ts| ts.for_each(&one));
                 }
             }
             Change::Dense { file, w } => {
+                let (mut ex, tmp) = ex.with_file(file);
                 let per = (tmp.len() / rows).max(1);
                 for t0 in (0..n).step_by(per) {
                     let m = per.min(n - t0);
                     let xs = &x[t0 * cols..(t0 + m) * cols];
-                    matmul(pool, file, w, xs, m, &mut tmp[..m * rows], act, precision);
+                    ex.matmul(w, xs, m, &mut tmp[..m * rows]);
                     axpy(&mut y[t0 * rows..(t0 + m) * rows], s, &tmp[..m * rows]);
                 }
             }
@@ -205,18 +182,14 @@ impl TensorDelta {
         }
     }
 
-    /// `out[i] += s * (dW x)[rows[i]]` for one token `x` (`[cols]`): a head on some rows.
-    #[allow(clippy::too_many_arguments)]
+    /// `out[i] += s * (dW x)[sel[i]]` for one token `x` (`[cols]`): a head on some rows.
     pub(crate) fn apply_rows(
         &self,
-        pool: &ThreadPool,
+        ex: &mut Exec,
         s: f32,
         x: &[f32],
         sel: &[u32],
         out: &mut [f32],
-        tmp: &mut [f32],
-        act: &mut ActBuf,
-        precision: Precision,
     ) {
         let (cols, s) = (self.cols, s * self.scale);
         match &self.change {
@@ -230,9 +203,10 @@ impl TensorDelta {
                 }
             }
             Change::Dense { file, w } => {
+                let (mut ex, tmp) = ex.with_file(file);
                 for (o, s0) in out.chunks_mut(tmp.len()).zip(sel.chunks(tmp.len())) {
                     let t = &mut tmp[..s0.len()];
-                    matvec_rows(pool, file, w, x, s0, t, act, precision);
+                    ex.matvec_rows(w, x, s0, t);
                     axpy(o, s, t);
                 }
             }

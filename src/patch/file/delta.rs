@@ -1,9 +1,10 @@
 //! lethe's delta adapters: `y = W x + s * dW x` with `dW` dense, sparse or low-rank, per
 //! base tensor. llama.cpp does not read them; `lethe patch bake` merges them into a model.
 
-use super::{check_arch, lora, target, to_f32};
+use super::{check_arch, lora, to_f32};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::model::{Change, Model, Patch, PatchKind, TensorDelta, Weight};
+use crate::model::{Model, Weight};
+use crate::patch::{Change, Patch, PatchKind, TensorDelta};
 use crate::{Error, Result};
 use lethe_kernels::quant::GgmlType;
 use std::collections::BTreeMap;
@@ -42,7 +43,8 @@ pub(super) fn read(f: &Arc<GgufFile>, model: &Model, source: String) -> Result<P
     }
     let mut tensors = Vec::new();
     for (base, p) in by_base {
-        let (tg, cols, rows) = target(base, model)?;
+        let tensor = super::base(base, model)?;
+        let (tg, cols, rows) = (tensor.id, tensor.cols, tensor.rows);
         let d = match (p.dense, p.idx, p.val, p.a, p.b) {
             (Some(d), None, None, None, None) => {
                 if !matches!(d.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Q8_0) {
@@ -101,9 +103,7 @@ pub(super) fn read(f: &Arc<GgufFile>, model: &Model, source: String) -> Result<P
                 let mut entries: Vec<(u64, f32)> = idx.iter().map(|&i| i as u64).zip(val).collect();
                 TensorDelta::sparse(tg, cols, rows, 1.0, &mut entries)?
             }
-            (None, None, None, Some(a), Some(b)) => {
-                lora::low_rank(f, base, tg, cols, rows, a, b, 0.0)?
-            }
+            (None, None, None, Some(a), Some(b)) => lora::low_rank(f, &tensor, a, b, 0.0)?,
             _ => {
                 return Err(Error::Invalid(format!(
                     "{base}: a delta is one of .delta, .delta_idx + .delta_val, or .lora_a + \

@@ -2,7 +2,8 @@
 //! of block N, as llama.cpp numbers blocks (from 0; block 0 has none).
 
 use crate::gguf::GgufFile;
-use crate::model::{Model, Patch, PatchKind};
+use crate::model::Model;
+use crate::patch::{Patch, PatchKind};
 use crate::{Error, Result};
 use lethe_kernels::quant::GgmlType;
 

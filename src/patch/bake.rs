@@ -13,7 +13,7 @@
 //! names the bulk of the weights, which are the base's.
 //!
 //! Tied embeddings (no `output.weight`: the head reads `token_embd.weight`). A patch names the
-//! embedding lookup ([`Target::Embd`]) and the head ([`Target::Output`]) apart, so a change to
+//! embedding lookup ([`WeightId::Embd`]) and the head ([`WeightId::Output`]) apart, so a change to
 //! one must leave the other as it was: the baked file unties them by adding `output.weight`,
 //! which llama.cpp (llama, gemma3) uses for the head when the file has one:
 //!
@@ -33,14 +33,15 @@
 //! Control vectors add to the residual stream, not to a weight: they cannot be baked and are
 //! refused (pass them at run time).
 //!
-//! The work runs on the current rayon pool ([`rayon::ThreadPool::install`] bounds it), one
-//! tensor at a time, so memory holds one merged tensor at most.
+//! The work runs on the model's pool, one tensor at a time, so memory holds one merged tensor
+//! at most.
 
+use super::{Patch, PatchKind, TensorDelta};
 use crate::gguf::{GgufFile, GgufWriter, TensorInfo, Value};
-use crate::model::{Model, Patch, PatchKind, Target, TensorDelta};
+use crate::model::{Model, WeightId};
+use crate::pool::{SharedMut, ThreadPool};
 use crate::{Error, Result};
 use lethe_kernels::quant::{dequantize_row, quantize_row, GgmlType};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -173,7 +174,7 @@ pub struct BakeReport {
 pub fn load_patches(model: &Model, specs: &[(PathBuf, f32)]) -> Result<Vec<(Arc<Patch>, f32)>> {
     let mut parts = Vec::with_capacity(specs.len());
     for (path, scale) in specs {
-        let p = crate::unlearn::patch::load(path, model)?;
+        let p = super::load(path, model)?;
         refuse_cvec(&p)?;
         parts.push((Arc::new(p), *scale));
     }
@@ -243,7 +244,7 @@ fn merges<'a>(
     parts: &'a [(Arc<Patch>, f32)],
     ty: BakeType,
 ) -> Result<Vec<Merge<'a>>> {
-    let mut by_target: Vec<(Target, Vec<(&TensorDelta, f32)>)> = Vec::new();
+    let mut by_target: Vec<(WeightId, Vec<(&TensorDelta, f32)>)> = Vec::new();
     for (p, s) in parts {
         for d in &p.tensors {
             match by_target.iter_mut().find(|(t, _)| *t == d.target) {
@@ -256,7 +257,7 @@ fn merges<'a>(
     for (target, deltas) in by_target {
         let name = target.tensor_name();
         let base_name = match (target, file.tensor(&name)) {
-            (Target::Output, None) => "token_embd.weight".to_string(),
+            (WeightId::Output, None) => "token_embd.weight".to_string(),
             _ => name.clone(),
         };
         let base = file
@@ -419,19 +420,27 @@ impl Progress<'_> {
     }
 }
 
-/// Merges one tensor: its bytes in the written type and its report.
-fn merge(file: &GgufFile, m: &Merge, progress: &Progress) -> Result<(Vec<u8>, TensorReport)> {
+/// Merges one tensor on the threads of `pool`: its bytes in the written type and its report.
+fn merge(
+    pool: &ThreadPool,
+    file: &GgufFile,
+    m: &Merge,
+    progress: &Progress,
+) -> Result<(Vec<u8>, TensorReport)> {
     let (cols, rows) = (m.cols(), m.rows());
     let rb_out = m.ty.row_bytes(cols);
     let mut bytes = vec![0u8; rows * rb_out]; // [cols, rows] in m.ty
-    let sums = bytes
-        .par_chunks_mut(CHUNK_ROWS * rb_out)
-        .enumerate()
-        .map(|(i, dst)| {
-            let s = merge_rows(file, m, i * CHUNK_ROWS, dst)?;
-            progress.add(dst.len() / rb_out);
-            Ok(s)
-        })
+    let dst = SharedMut::new(&mut bytes);
+    let sums = pool.map(rows.div_ceil(CHUNK_ROWS), |i| {
+        let (r0, r1) = (i * CHUNK_ROWS, ((i + 1) * CHUNK_ROWS).min(rows));
+        // SAFETY: rows r0..r1 of the output are chunk i's alone.
+        let dst = unsafe { dst.slice(r0 * rb_out, (r1 - r0) * rb_out) };
+        let s = merge_rows(file, m, r0, dst)?;
+        progress.add(r1 - r0);
+        Ok(s)
+    });
+    let sums = sums
+        .into_iter()
         .collect::<Result<Vec<Sums>>>()?
         .into_iter()
         .fold(Sums::default(), |a, b| a + b);
@@ -526,7 +535,7 @@ pub fn bake(
         let m = by_name
             .get(info.name.as_str())
             .ok_or_else(|| Error::Model(format!("{}: no data to write", info.name)))?;
-        let (data, report) = merge(file, m, &progress)?;
+        let (data, report) = merge(&model.pool, file, m, &progress)?;
         changed.push(report);
         Ok(data)
     })?;

@@ -15,8 +15,9 @@ mod delta;
 mod lora;
 pub mod write;
 
+use super::{Patch, PatchKind};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::model::{Model, Patch, PatchKind, Target};
+use crate::model::{Model, WeightId};
 use crate::{Error, Result};
 use lethe_kernels::quant;
 use std::path::Path;
@@ -135,16 +136,30 @@ fn split_suffix(name: &str) -> (&str, &str) {
     (name, "")
 }
 
+/// A base tensor a patch file changes: its name, the weight it is, and that weight's shape in
+/// the model (`[cols, rows]`).
+struct Base<'a> {
+    name: &'a str,
+    id: WeightId,
+    cols: usize,
+    rows: usize,
+}
+
 /// The base tensor `name` denotes, checked against the model.
-fn target(name: &str, model: &Model) -> Result<(Target, usize, usize)> {
-    let t = Target::parse(name).ok_or_else(|| {
+fn base<'a>(name: &'a str, model: &Model) -> Result<Base<'a>> {
+    let id = WeightId::parse(name).ok_or_else(|| {
         Error::Invalid(format!(
             "{name:?} is not a weight lethe can patch (token_embd.weight, output.weight, or \
              blk.N.{{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}}.weight)"
         ))
     })?;
-    let (cols, rows) = model.target_shape(t)?;
-    Ok((t, cols, rows))
+    let (cols, rows) = model.target_shape(id)?;
+    Ok(Base {
+        name,
+        id,
+        cols,
+        rows,
+    })
 }
 
 /// A whole tensor as f32 (adapter tensors are small).

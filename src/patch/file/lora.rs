@@ -1,9 +1,10 @@
 //! llama.cpp's LoRA adapters, as `convert_lora_to_gguf.py` writes them:
 //! `y = W x + s * (alpha / rank) * B (A x)` (just `s` when alpha is absent or 0).
 
-use super::{check_arch, target, to_f32, transpose};
+use super::{base, check_arch, to_f32, transpose, Base};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::model::{Change, Model, Patch, PatchKind, Target, TensorDelta};
+use crate::model::{Model, WeightId};
+use crate::patch::{Change, Patch, PatchKind, TensorDelta};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 
@@ -12,14 +13,14 @@ pub(super) fn read(f: &GgufFile, model: &Model, source: String) -> Result<Patch>
     let alpha = f.get_f32("adapter.lora.alpha").unwrap_or(0.0);
     let pairs = pairs(f)?;
     let mut tensors = Vec::with_capacity(pairs.len());
-    for (base, (a, b)) in pairs {
-        let (t, cols, rows) = target(&base, model)?;
-        if t == Target::Embd {
+    for (name, (a, b)) in pairs {
+        let base = base(&name, model)?;
+        if base.id == WeightId::Embd {
             return Err(Error::Invalid(format!(
-                "{base}: a LoRA on the token embedding is not supported; write it as a delta"
+                "{name}: a LoRA on the token embedding is not supported; write it as a delta"
             )));
         }
-        tensors.push(low_rank(f, &base, t, cols, rows, a, b, alpha)?);
+        tensors.push(low_rank(f, &base, a, b, alpha)?);
     }
     if tensors.is_empty() {
         return Err(Error::Invalid("the LoRA holds no tensors".into()));
@@ -58,47 +59,44 @@ pub(super) fn pairs(f: &GgufFile) -> Result<BTreeMap<String, (&TensorInfo, &Tens
         .collect()
 }
 
-/// A low-rank delta `B A` from `a` (`[cols, rank]`) and `b` (`[rank, rows]`), with factor
-/// `alpha / rank` (1 when alpha is 0).
-#[allow(clippy::too_many_arguments)]
+/// A low-rank delta `B A` of `base` from `a` (`[cols, rank]`) and `b` (`[rank, rows]`), with
+/// factor `alpha / rank` (1 when alpha is 0).
 pub(super) fn low_rank(
     f: &GgufFile,
-    base: &str,
-    target: Target,
-    cols: usize,
-    rows: usize,
+    base: &Base,
     a: &TensorInfo,
     b: &TensorInfo,
     alpha: f32,
 ) -> Result<TensorDelta> {
+    let (name, cols, rows) = (base.name, base.cols, base.rows);
     let dim = |t: &TensorInfo, i: usize| t.shape.get(i).copied().unwrap_or(1) as usize;
     if a.shape.len() > 2 || b.shape.len() > 2 {
         return Err(Error::Invalid(format!(
-            "{base}: lora_a and lora_b must be 2-D"
+            "{name}: lora_a and lora_b must be 2-D"
         )));
     }
     let rank = dim(a, 1);
     if dim(a, 0) != cols || dim(b, 1) != rows {
         return Err(Error::Invalid(format!(
-            "{base}: lora_a is {:?} and lora_b {:?}; the model's weight is [{cols}, {rows}], so \
+            "{name}: lora_a is {:?} and lora_b {:?}; the model's weight is [{cols}, {rows}], so \
              they must be [{cols}, r] and [r, {rows}]",
             a.shape, b.shape
         )));
     }
     if dim(b, 0) != rank {
         return Err(Error::Invalid(format!(
-            "{base}: lora_a is {:?} and lora_b {:?}: their ranks differ (is lora_a transposed?)",
+            "{name}: lora_a is {:?} and lora_b {:?}: their ranks differ (is lora_a transposed?)",
             a.shape, b.shape
         )));
     }
     if rank == 0 {
-        return Err(Error::Invalid(format!("{base}: rank 0")));
+        return Err(Error::Invalid(format!("{name}: rank 0")));
     }
     let a_f = to_f32(f, a)?;
     let b_f = to_f32(f, b)?;
     if a_f.iter().chain(&b_f).any(|v| !v.is_finite()) {
         return Err(Error::Invalid(format!(
-            "{base}: lora_a or lora_b holds NaN or inf"
+            "{name}: lora_a or lora_b holds NaN or inf"
         )));
     }
     let scale = if alpha != 0.0 {
@@ -107,7 +105,7 @@ pub(super) fn low_rank(
         1.0
     };
     Ok(TensorDelta {
-        target,
+        target: base.id,
         cols,
         rows,
         scale,

@@ -1,9 +1,7 @@
 //! Patches with their scales, sorted by the weight they change, ready to attach to a state.
 
-use super::{axpy, Change, Patch, Slot, Target, TensorDelta};
-use crate::model::weights::ActBuf;
-use crate::model::{Arch, Model, Precision, MAX_BATCH};
-use crate::pool::ThreadPool;
+use super::{axpy, Change, Patch, TensorDelta};
+use crate::model::{Arch, Exec, Model, Proj, WeightId, MAX_BATCH};
 use crate::{Error, Result};
 use half::f16;
 use std::sync::Arc;
@@ -53,7 +51,7 @@ impl Applied {
 
 #[derive(Default)]
 pub(crate) struct BlockPatches {
-    pub(crate) slots: [Vec<Applied>; 7],
+    pub(crate) projs: [Vec<Applied>; 7],
     /// The scaled sum of the control vectors for this block's output.
     cvec: Option<Vec<f32>>,
 }
@@ -110,21 +108,21 @@ impl PatchSet {
                 };
                 let need = match &d.change {
                     Change::LowRank { rank, .. } => MAX_BATCH * rank,
-                    Change::Dense { .. } if d.target == Target::Output => d.rows,
+                    Change::Dense { .. } if d.target == WeightId::Output => d.rows,
                     Change::Dense { .. } => MAX_BATCH * d.rows,
                     Change::Sparse { .. } => 0,
                 }
                 .max(d.cols);
                 set.scratch = set.scratch.max(need);
                 match d.target {
-                    Target::Embd => set.embd.push(a),
-                    Target::Output => set.output.push(a),
-                    Target::Block(n, slot) => {
-                        set.blocks[n].slots[slot as usize].push(a);
+                    WeightId::Embd => set.embd.push(a),
+                    WeightId::Output => set.output.push(a),
+                    WeightId::Block(n, proj) => {
+                        set.blocks[n].projs[proj as usize].push(a);
                         // The fused path keeps every low-rank `A x` of a block's matmul group
                         // in the scratch at once.
                         let ranks: usize = set.blocks[n]
-                            .slots
+                            .projs
                             .iter()
                             .flatten()
                             .map(|a| match &a.delta().change {
@@ -185,69 +183,38 @@ impl PatchSet {
         self.blocks[il].cvec.as_deref()
     }
 
-    pub(crate) fn has_slot(&self, il: usize, slot: Slot) -> bool {
-        !self.blocks[il].slots[slot as usize].is_empty()
+    pub(crate) fn has_proj(&self, il: usize, p: Proj) -> bool {
+        !self.blocks[il].projs[p as usize].is_empty()
     }
 
-    /// `y += deltas of (il, slot) times x` for `n` tokens.
-    #[allow(clippy::too_many_arguments)]
+    /// The deltas of the weight `target`, with their scales.
+    pub(crate) fn deltas(&self, target: WeightId) -> &[Applied] {
+        match target {
+            WeightId::Embd => &self.embd,
+            WeightId::Output => &self.output,
+            WeightId::Block(il, p) => &self.blocks[il].projs[p as usize],
+        }
+    }
+
+    /// `y += deltas of the weight `target` times x` for `n` tokens (`x` `[n, cols]`, `y`
+    /// `[n, rows]`).
     pub(crate) fn apply(
         &self,
-        pool: &ThreadPool,
-        target: Target,
+        ex: &mut Exec,
+        target: WeightId,
         x: &[f32],
         n: usize,
         y: &mut [f32],
-        tmp: &mut [f32],
-        act: &mut ActBuf,
-        precision: Precision,
     ) {
-        self.apply_some(pool, target, x, n, y, tmp, act, precision, false)
-    }
-
-    /// [`PatchSet::apply`], leaving out the low-rank deltas when `skip_low_rank` (the fused
-    /// path did them).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn apply_some(
-        &self,
-        pool: &ThreadPool,
-        target: Target,
-        x: &[f32],
-        n: usize,
-        y: &mut [f32],
-        tmp: &mut [f32],
-        act: &mut ActBuf,
-        precision: Precision,
-        skip_low_rank: bool,
-    ) {
-        let items = match target {
-            Target::Embd => &self.embd,
-            Target::Output => &self.output,
-            Target::Block(il, slot) => &self.blocks[il].slots[slot as usize],
-        };
-        for a in items {
-            if skip_low_rank && a.f16.is_some() {
-                continue;
-            }
-            a.delta().apply(pool, a.scale, x, n, y, tmp, act, precision);
+        for a in self.deltas(target) {
+            a.delta().apply(ex, a.scale, x, n, y);
         }
     }
 
     /// `out[i] += output deltas at row sel[i]` for one token `x`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn apply_output_rows(
-        &self,
-        pool: &ThreadPool,
-        x: &[f32],
-        sel: &[u32],
-        out: &mut [f32],
-        tmp: &mut [f32],
-        act: &mut ActBuf,
-        precision: Precision,
-    ) {
+    pub(crate) fn apply_output_rows(&self, ex: &mut Exec, x: &[f32], sel: &[u32], out: &mut [f32]) {
         for a in &self.output {
-            a.delta()
-                .apply_rows(pool, a.scale, x, sel, out, tmp, act, precision);
+            a.delta().apply_rows(ex, a.scale, x, sel, out);
         }
     }
 }
