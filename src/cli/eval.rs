@@ -2,6 +2,7 @@
 //! base (and a reference never trained on the forget set), locally or through a server.
 
 use super::common::{profile_audit, sweep_points, tokenizer_warnings, ModelArgs};
+use super::report::write_report;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -210,17 +211,7 @@ pub fn main(a: EvalArgs) -> Result<()> {
         }),
     };
     print_summary(&report, &data);
-    if let Some(p) = &a.json {
-        let f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
-        serde_json::to_writer_pretty(std::io::BufWriter::new(f), &report)?;
-        eprintln!("wrote {}", p.display());
-    }
-    if let Some(p) = &a.html {
-        std::fs::write(p, lethe::eval::html::render(&report))
-            .with_context(|| format!("writing {}", p.display()))?;
-        eprintln!("wrote {}", p.display());
-    }
-    Ok(())
+    write_report(&report, a.json.as_deref(), a.html.as_deref())
 }
 
 fn print_summary(report: &Report, data: &TofuData) {

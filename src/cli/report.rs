@@ -78,13 +78,22 @@ pub fn main(a: ReportArgs) -> Result<()> {
         }
     }
     print!("{}", report.rows_table());
-    if let Some(p) = &a.json {
+    write_report(&report, a.json.as_deref(), a.html.as_deref())
+}
+
+/// Write `report` as JSON and as an HTML page, where asked.
+pub fn write_report(
+    report: &Report,
+    json: Option<&std::path::Path>,
+    html: Option<&std::path::Path>,
+) -> Result<()> {
+    if let Some(p) = json {
         let f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
-        serde_json::to_writer_pretty(std::io::BufWriter::new(f), &report)?;
+        serde_json::to_writer_pretty(std::io::BufWriter::new(f), report)?;
         eprintln!("wrote {}", p.display());
     }
-    if let Some(p) = &a.html {
-        std::fs::write(p, lethe::eval::html::render(&report))
+    if let Some(p) = html {
+        std::fs::write(p, lethe::eval::html::render(report))
             .with_context(|| format!("writing {}", p.display()))?;
         eprintln!("wrote {}", p.display());
     }
