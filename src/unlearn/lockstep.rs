@@ -212,7 +212,7 @@ impl LockstepDecoder {
         }
         if sparse {
             // Each decoder's plausible set on its own thread of the pool.
-            each_parallel(&target.pool, ds, |d| d.plausible_rows());
+            target.pool.for_each_mut(ds, |d| d.plausible_rows());
             let mut sts = Vec::with_capacity(ds.len());
             let mut rows = Vec::with_capacity(ds.len());
             let mut outs = Vec::with_capacity(ds.len());
@@ -231,7 +231,7 @@ impl LockstepDecoder {
             models[0]
                 .0
                 .forward_multi_rows(&mut sts, tokens, &rows, &mut outs)?;
-            each_parallel(&target.pool, ds, |d| d.combine_sparse());
+            target.pool.for_each_mut(ds, |d| d.combine_sparse());
             return Ok(());
         }
         for (k, (m, reference)) in models.iter().enumerate().take(n_runs) {
@@ -257,42 +257,9 @@ impl LockstepDecoder {
                 }
             }
         }
-        each_parallel(&target.pool, ds, |d| d.combine_dense());
+        target.pool.for_each_mut(ds, |d| d.combine_dense());
         Ok(())
     }
-}
-
-/// `f(d)` for every decoder, the decoders shared out over the pool's threads (each decoder's
-/// work is its own: its buffers, its logits).
-fn each_parallel(
-    pool: &crate::pool::ThreadPool,
-    ds: &mut [&mut LockstepDecoder],
-    f: impl Fn(&mut LockstepDecoder) + Sync,
-) {
-    if ds.len() < 2 || pool.n_threads() < 2 {
-        for d in ds.iter_mut() {
-            f(d);
-        }
-        return;
-    }
-    struct Ptr(*mut LockstepDecoder);
-    // SAFETY: every index is claimed by one thread (below), so no decoder is touched twice.
-    unsafe impl Sync for Ptr {}
-    let ptrs: Vec<Ptr> = ds
-        .iter_mut()
-        .map(|d| Ptr(&mut **d as *mut LockstepDecoder))
-        .collect();
-    let n = ptrs.len();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    pool.run_dynamic(&|_, _| loop {
-        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if i >= n {
-            break;
-        }
-        // SAFETY: `i < n` is claimed once; the decoders outlive the pool's run.
-        let raw: *mut LockstepDecoder = ptrs[i].0;
-        f(unsafe { &mut *raw });
-    });
 }
 
 impl Decoder for LockstepDecoder {
