@@ -201,10 +201,7 @@ pub fn main(a: BenchArgs) -> Result<()> {
             many.push(decoders_tps(&make, a.parallel, a.n_gen)?);
         }
         let (one, many) = (median(one), median(many));
-        let what = match (
-            &l.forgotten.profile,
-            l.forgotten.terms.is_empty() && l.forgotten.patches.is_none(),
-        ) {
+        let what = match (&l.forgotten.profile, l.forgotten.is_plain()) {
             (Some(p), _) => format!(" (profile {p:?})"),
             (None, false) => " (with its assistants and patches)".into(),
             (None, true) => String::new(),
@@ -220,8 +217,7 @@ pub fn main(a: BenchArgs) -> Result<()> {
         );
         return Ok(());
     }
-    if !l.forgotten.terms.is_empty() || !a.model.patches.is_empty() || l.forgotten.patches.is_some()
-    {
+    if !l.forgotten.is_plain() || !a.model.patches.is_empty() {
         // Unlearning overhead: the base model and the model with its assistants and patches,
         // alternating, in the same run.
         let n_ctx = (a.n_gen + 16).next_multiple_of(256);
