@@ -12,7 +12,7 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
-    #[error("unsupported architecture {0:?} (lethe runs: llama, gemma3)")]
+    #[error("unsupported architecture {0:?} (lethe runs: llama, qwen2, qwen3, phi3, phi2, gemma2, gemma3, olmo2)")]
     UnsupportedArch(String),
     #[error("model: {0}")]
     Model(String),

@@ -69,7 +69,7 @@ fn tiny(seed: u64) -> Model {
     w.set("llama.attention.head_count", N_HEAD as u32).unwrap();
     w.set("llama.attention.head_count_kv", N_HEAD_KV as u32)
         .unwrap();
-    w.set("llama.attention.layer_norm_rms_epsilon", 1e-5f32)
+    w.set("llama.attention.layer_norm_norm_epsilon", 1e-5f32)
         .unwrap();
     w.set("llama.rope.freq_base", 10000f32).unwrap();
     w.set("llama.context_length", 256u32).unwrap();

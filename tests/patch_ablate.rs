@@ -224,8 +224,8 @@ fn gemma3_post_norms_see_nothing_along_the_direction() {
             let t = WeightId::Block(il, slot);
             let l = &m.layers[il];
             let g = match slot {
-                Proj::O => l.post_attn_norm.as_deref().unwrap(),
-                _ => l.post_ffn_norm.as_deref().unwrap(),
+                Proj::O => &l.post_attn_norm.as_ref().unwrap().w,
+                _ => &l.post_ffn_norm.as_ref().unwrap().w,
             };
             let (cols, _) = m.target_shape(t).unwrap();
             let x = noise(2 * cols, il as u64 + 40);

@@ -537,7 +537,7 @@ fn control_vector_on_the_last_block_by_hand() {
             let h: Vec<f64> = (0..e)
                 .map(|c| x[t * e + c] as f64 + s as f64 * v[c] as f64)
                 .collect();
-            let h = rmsnorm64(&h, &m.output_norm, m.cfg.rms_eps);
+            let h = rmsnorm64(&h, &m.output_norm.w, m.cfg.norm_eps);
             for c in 0..e {
                 hn[t * e + c] = h[c] as f32;
             }
@@ -569,7 +569,7 @@ fn control_vector_on_the_last_block_by_hand() {
         // The same through the model's own norm and head, on the last position.
         let mut xn = vec![0.0f32; e];
         let hl: Vec<f32> = (0..e).map(|c| x[(n - 1) * e + c] + s * v[c]).collect();
-        lethe_kernels::ops::rmsnorm(&mut xn, &hl, &m.output_norm, m.cfg.rms_eps);
+        lethe_kernels::ops::rmsnorm(&mut xn, &hl, &m.output_norm.w, m.cfg.norm_eps);
         let head = m.apply_weight(WeightId::Output, &xn, 1, None).unwrap();
         let last = &got[(n - 1) * nv..];
         let d_head = max_diff(&head, last);

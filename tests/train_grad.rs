@@ -189,18 +189,26 @@ fn reference(m: &Model) -> Ref {
         .layers
         .iter()
         .map(|l| RefLayer {
-            attn_norm: to64(&l.attn_norm),
-            ffn_norm: to64(&l.ffn_norm),
-            w: [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                .iter()
-                .map(|w| (deq(m, w), w.cols, w.rows))
-                .collect(),
+            attn_norm: to64(&l.attn_norm.as_ref().unwrap().w),
+            ffn_norm: to64(&l.ffn_norm.as_ref().unwrap().w),
+            w: [
+                &l.wq,
+                &l.wk,
+                &l.wv,
+                &l.wo,
+                l.w_gate.as_ref().unwrap(),
+                &l.w_up,
+                &l.w_down,
+            ]
+            .iter()
+            .map(|w| (deq(m, w), w.cols, w.rows))
+            .collect(),
         })
         .collect();
     Ref {
         emb: deq(m, &m.tok_embd),
         out: deq(m, &m.output),
-        out_norm: to64(&m.output_norm),
+        out_norm: to64(&m.output_norm.w),
         layers,
         heads: Heads {
             n_head: c.n_head,
@@ -208,7 +216,7 @@ fn reference(m: &Model) -> Ref {
             head_dim: c.head_dim,
             scale: c.attn_scale,
         },
-        eps: c.rms_eps as f64,
+        eps: c.norm_eps as f64,
     }
 }
 
@@ -424,7 +432,13 @@ fn frozen_linear_forward_and_transposed_backward() {
     let mut rng = Rng(5);
     for (name, m) in variants() {
         let l = &m.layers[1];
-        for w in [&l.wq, &l.wk, &l.w_gate, &l.w_down, &m.output] {
+        for w in [
+            &l.wq,
+            &l.wk,
+            l.w_gate.as_ref().unwrap(),
+            &l.w_down,
+            &m.output,
+        ] {
             let (cols, rows, n) = (w.cols, w.rows, 5);
             let w64 = deq(&m, w);
             let x = rng.vec(n * cols, 1.0);

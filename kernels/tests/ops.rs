@@ -131,6 +131,45 @@ fn exp_fast_is_within_2_ulp() {
 }
 
 #[test]
+fn layernorm_matches_f64() {
+    for n in [8, 128, 2560] {
+        let x = data(n, 3);
+        let w = data(n, 4);
+        let b = data(n, 5);
+        let mut out = vec![0.0; n];
+        ops::layernorm(&mut out, &x, &w, &b, 1e-5);
+        let mean: f64 = x.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let var: f64 = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        let s = 1.0 / (var + 1e-5).sqrt();
+        for i in 0..n {
+            let r = (x[i] as f64 - mean) * s * w[i] as f64 + b[i] as f64;
+            assert!(
+                (out[i] as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()),
+                "{i}: {} vs {r}",
+                out[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn gelu_inplace_matches_f64() {
+    let x = data(1003, 11);
+    let mut g = x.clone();
+    ops::gelu_tanh_inplace(&mut g);
+    for i in 0..x.len() {
+        let xd = x[i] as f64;
+        let want = 0.5
+            * xd
+            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
+        assert!(
+            (g[i] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "{i}"
+        );
+    }
+}
+
+#[test]
 fn fused_activations_match_f64() {
     let x = data(1003, 9);
     let u = data(1003, 10);

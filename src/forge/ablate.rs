@@ -322,8 +322,8 @@ pub fn output_direction(model: &Model, il: usize, slot: Proj, r: &[f32]) -> Resu
         Error::Invalid(format!("block {il}: the model has {}", model.cfg.n_layer))
     })?;
     let post = match slot {
-        Proj::O => l.post_attn_norm.as_deref(),
-        Proj::Down => l.post_ffn_norm.as_deref(),
+        Proj::O => l.post_attn_norm.as_ref().map(|n| n.w.as_slice()),
+        Proj::Down => l.post_ffn_norm.as_ref().map(|n| n.w.as_slice()),
         _ => {
             return Err(Error::Invalid(format!(
                 "{}: only attn_output and ffn_down write to the residual stream",

@@ -11,6 +11,23 @@ pub struct AttnShape {
     pub scale: f32,
     /// Keys further back than this are masked (sliding-window layers).
     pub window: Option<usize>,
+    /// Scores are squashed to `c * tanh(s / c)` before the softmax (gemma2).
+    pub softcap: Option<f32>,
+}
+
+impl AttnShape {
+    /// Layer `il`'s attention: the model's heads, scale and softcap, and its window if it is a
+    /// sliding-window layer.
+    pub fn of_layer(c: &crate::model::Config, il: usize) -> Self {
+        AttnShape {
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            head_dim: c.head_dim,
+            scale: c.attn_scale,
+            window: c.sliding_window.filter(|_| c.is_local_layer(il)),
+            softcap: c.attn_softcap,
+        }
+    }
 }
 
 /// `out[t, h*hd..]` = softmax(q_t,h · K / sqrt) V for the `n_tok` rows of `q` (`[n_tok,
@@ -51,6 +68,11 @@ pub fn attend<'k>(
             for (j, p) in (lo..=pos).enumerate() {
                 let k = &kc[p * kvd + kh * hd..p * kvd + (kh + 1) * hd];
                 sc[j] = ops::dot_f16(qh, k) * s.scale;
+            }
+            if let Some(cap) = s.softcap {
+                for v in sc.iter_mut() {
+                    *v = cap * (*v / cap).tanh();
+                }
             }
             ops::softmax_inplace(sc);
             let o = unsafe { op.slice(t * qd + h * hd, hd) };

@@ -9,55 +9,46 @@
 //! x += post_ffn_norm(Wdown · (gelu(Wgate·n) * Wup·n))
 //! logits = Wembd · (rmsnorm(x) * output_norm)
 //! ```
+//!
+//! gemma2 runs this block too, without the q/k norms and with its attention softcap.
 
 use super::attention::AttnShape;
-use super::{norm_rows, norm_rows_inplace, Batch, Model, Scratch};
+use super::{norm, Batch, Model, Scratch};
 use crate::model::Proj;
 use lethe_kernels::ops;
-
-/// An optional norm weight (gemma3's are checked present at load).
-fn norm(w: &Option<Vec<f32>>) -> &[f32] {
-    w.as_deref().unwrap_or(&[])
-}
 
 /// The blocks over the batch `b`, whose rows are in `st` (`st.x`: `[n, n_embd]`).
 pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
     let n = b.n();
     let c = &m.cfg;
-    let (e, ff, eps) = (c.n_embd, c.n_ff, c.rms_eps);
+    let (e, ff) = (c.n_embd, c.n_ff);
+    let (qd, kvd) = (c.q_dim(), c.kv_dim());
     let pool = &*m.pool;
     let ps = b.patches();
     let ps = ps.as_deref();
     ops::scale_inplace(&mut st.x[..n * e], (e as f32).sqrt());
     for (il, l) in m.layers.iter().enumerate() {
         b.tap(il, st);
-        let local = c.is_local_layer(il);
-        let rope = if local { &m.rope_local } else { &m.rope_global };
-        let shape = AttnShape {
-            n_head: c.n_head,
-            n_head_kv: c.n_head_kv,
-            head_dim: c.head_dim,
-            scale: c.attn_scale,
-            window: if local { c.sliding_window } else { None },
-        };
-
-        norm_rows(&mut st.xb, &st.x, &l.attn_norm, n, eps);
+        let shape = AttnShape::of_layer(c, il);
+        norm(&l.attn_norm).rows(&mut st.xb, &st.x, n);
         // q [n, n_head*hd], k and v [n, n_head_kv*hd]
         st.mm(m, ps, il, &[Proj::Q, Proj::K, Proj::V], n);
-        norm_rows_inplace(&mut st.q, norm(&l.q_norm), n * c.n_head, eps);
-        norm_rows_inplace(&mut st.k, norm(&l.k_norm), n * c.n_head_kv, eps);
-        b.rope_and_cache(c, rope, il, st);
+        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+            qn.rows_inplace(&mut st.q[..n * qd]);
+            kn.rows_inplace(&mut st.k[..n * kvd]);
+        }
+        b.rope_and_cache(m, il, st);
         b.attend(pool, il, &shape, st); // att [n, n_head*hd], each row over its own cache
         st.mm(m, ps, il, &[Proj::O], n); // xb2 [n, e] = Wo att
-        norm_rows_inplace(&mut st.xb2, norm(&l.post_attn_norm), n, eps);
+        norm(&l.post_attn_norm).rows_inplace(&mut st.xb2[..n * e]);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 
-        norm_rows(&mut st.xb, &st.x, &l.ffn_norm, n, eps);
+        norm(&l.ffn_norm).rows(&mut st.xb, &st.x, n);
         // gate, up [n, n_ff]
         st.mm(m, ps, il, &[Proj::Gate, Proj::Up], n);
         ops::gelu_tanh_mul(&mut st.hg[..n * ff], &st.hu[..n * ff]);
         st.mm(m, ps, il, &[Proj::Down], n); // xb2 [n, e] = Wdown hg
-        norm_rows_inplace(&mut st.xb2, norm(&l.post_ffn_norm), n, eps);
+        norm(&l.post_ffn_norm).rows_inplace(&mut st.xb2[..n * e]);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
         st.add_cvec(ps, il, n);
     }

@@ -498,11 +498,15 @@ impl Scratch {
         n: usize,
     ) {
         let l = &m.layers[il];
-        let cols = l.weight(projs[0]).cols;
+        let w = |p: Proj| {
+            l.weight(p)
+                .expect("the block's architecture has this matrix")
+        };
+        let cols = w(projs[0]).cols;
         let mut job = Job::new(cols);
         for &p in projs {
             let y = self.io(p).1.as_mut_ptr();
-            job.push(Part::weight(&m.file, l.weight(p), y));
+            job.push(Part::weight(&m.file, w(p), y));
         }
         let x = self.io(projs[0]).0.as_ptr();
         // SAFETY: the input holds `B >= n` rows of `cols`; it is none of the outputs, and
@@ -512,6 +516,9 @@ impl Scratch {
         match ps {
             Some(ps) => ps.mm(&mut ex, il, projs, &mut job, x, n),
             None => ex.run(&mut job, x, n),
+        }
+        for &p in projs {
+            w(p).add_bias(self.io(p).1, n);
         }
     }
 }

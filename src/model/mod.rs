@@ -5,14 +5,23 @@
 
 mod attention;
 pub mod config;
+mod gemma2;
 mod gemma3;
 pub mod kv;
 mod llama;
+mod load;
 pub mod matmul;
+pub mod norm;
+mod olmo2;
+mod phi2;
+mod phi3;
+mod qwen2;
+mod qwen3;
 pub mod weights;
 
-pub use config::{Arch, Config};
+pub use config::{Arch, Config, NormKind};
 pub use matmul::{Exec, Precision};
+pub use norm::Norm;
 pub use weights::{Proj, Weight, WeightId};
 
 use crate::gguf::GgufFile;
@@ -21,41 +30,46 @@ use crate::pool::ThreadPool;
 use crate::{Error, Result};
 use attention::AttnShape;
 use kv::KvCache;
-use lethe_kernels::ops::{RopeKind, RopeTable};
+use lethe_kernels::ops::RopeTable;
+use load::load_layer;
 use matmul::ActBuf;
 use std::path::Path;
 use std::sync::Arc;
-use weights::{load, load_vec};
+use weights::{load, load_biased, load_vec};
 
 /// Most tokens pushed through the blocks at once (prefill is chunked to this).
 pub const MAX_BATCH: usize = 128;
 
 pub struct Layer {
-    pub attn_norm: Vec<f32>,              // [n_embd]
-    pub wq: Weight,                       // [n_embd, n_head*hd]
-    pub wk: Weight,                       // [n_embd, n_head_kv*hd]
-    pub wv: Weight,                       // [n_embd, n_head_kv*hd]
-    pub wo: Weight,                       // [n_head*hd, n_embd]
-    pub q_norm: Option<Vec<f32>>,         // [hd] (gemma3)
-    pub k_norm: Option<Vec<f32>>,         // [hd] (gemma3)
-    pub post_attn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
-    pub ffn_norm: Vec<f32>,               // [n_embd]
-    pub w_gate: Weight,                   // [n_embd, n_ff]
-    pub w_up: Weight,                     // [n_embd, n_ff]
-    pub w_down: Weight,                   // [n_ff, n_embd]
-    pub post_ffn_norm: Option<Vec<f32>>,  // [n_embd] (gemma3)
+    pub attn_norm: Option<Norm>, // [n_embd] (none: olmo2)
+    pub wq: Weight,              // [n_embd, n_head*hd]
+    pub wk: Weight,              // [n_embd, n_head_kv*hd]
+    pub wv: Weight,              // [n_embd, n_head_kv*hd]
+    pub wo: Weight,              // [n_head*hd, n_embd]
+    /// `[hd]`, per head (qwen3, gemma3), or `[n_head*hd]`, over the whole q (olmo2).
+    pub q_norm: Option<Norm>,
+    /// `[hd]` per head, or `[n_head_kv*hd]` over the whole k (olmo2).
+    pub k_norm: Option<Norm>,
+    pub post_attn_norm: Option<Norm>, // [n_embd] (gemma2, gemma3, olmo2)
+    pub ffn_norm: Option<Norm>,       // [n_embd] (none: phi2, olmo2)
+    pub w_gate: Option<Weight>,       // [n_embd, n_ff] (none: phi2)
+    pub w_up: Weight,                 // [n_embd, n_ff]
+    pub w_down: Weight,               // [n_ff, n_embd]
+    pub post_ffn_norm: Option<Norm>,  // [n_embd] (gemma2, gemma3, olmo2)
 }
 
 pub struct Model {
     pub file: Arc<GgufFile>,
     pub cfg: Config,
     pub tok_embd: Weight, // [n_embd, n_vocab]
-    pub output_norm: Vec<f32>,
+    pub output_norm: Norm,
     /// The output head; `token_embd` itself when the embeddings are tied.
     pub output: Weight, // [n_embd, n_vocab]
     pub layers: Vec<Layer>,
     pub rope_global: RopeTable,
     pub rope_local: RopeTable,
+    /// LongRoPE's table for contexts longer than the one its factors were trained for (phi3).
+    pub rope_long: Option<RopeTable>,
     pub pool: Arc<ThreadPool>,
     pub precision: Precision,
 }
@@ -69,61 +83,38 @@ impl Model {
     pub fn from_file(file: Arc<GgufFile>, pool: Arc<ThreadPool>) -> Result<Self> {
         let f = &*file;
         let cfg = Config::from_gguf(f)?;
-        let (e, v, hd) = (cfg.n_embd, cfg.n_vocab, cfg.head_dim);
+        let (e, v) = (cfg.n_embd, cfg.n_vocab);
         let tok_embd = load(f, "token_embd.weight", e, v)?;
         let output = if f.tensor("output.weight").is_some() {
-            load(f, "output.weight", e, v)?
+            load_biased(f, "output.weight", e, v)?
         } else {
             tok_embd.clone()
         };
-        let opt_vec = |name: String, n| -> Result<Option<Vec<f32>>> {
-            match f.tensor(&name) {
-                Some(_) => load_vec(f, &name, n).map(Some),
-                None => Ok(None),
-            }
-        };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
-            let n = |s: &str| format!("blk.{i}.{s}.weight");
-            let layer = Layer {
-                attn_norm: load_vec(f, &n("attn_norm"), e)?,
-                wq: load(f, &n("attn_q"), e, cfg.q_dim())?,
-                wk: load(f, &n("attn_k"), e, cfg.kv_dim())?,
-                wv: load(f, &n("attn_v"), e, cfg.kv_dim())?,
-                wo: load(f, &n("attn_output"), cfg.q_dim(), e)?,
-                q_norm: opt_vec(n("attn_q_norm"), hd)?,
-                k_norm: opt_vec(n("attn_k_norm"), hd)?,
-                post_attn_norm: opt_vec(n("post_attention_norm"), e)?,
-                ffn_norm: load_vec(f, &n("ffn_norm"), e)?,
-                w_gate: load(f, &n("ffn_gate"), e, cfg.n_ff)?,
-                w_up: load(f, &n("ffn_up"), e, cfg.n_ff)?,
-                w_down: load(f, &n("ffn_down"), cfg.n_ff, e)?,
-                post_ffn_norm: opt_vec(n("post_ffw_norm"), e)?,
-            };
-            if cfg.arch == Arch::Gemma3
-                && (layer.q_norm.is_none()
-                    || layer.k_norm.is_none()
-                    || layer.post_attn_norm.is_none()
-                    || layer.post_ffn_norm.is_none())
-            {
-                return Err(Error::Model(format!(
-                    "gemma3 block {i} lacks its q/k or post norms"
-                )));
+            layers.push(load_layer(f, &cfg, i)?);
+        }
+        let output_norm = Norm::load(f, "output_norm", e, cfg.norm, cfg.norm_eps)?;
+        let kind = cfg.rope_kind;
+        let table = |base: f32, scale: f32, factors: Option<&str>| -> Result<RopeTable> {
+            let mut t = RopeTable::new(kind, cfg.n_rot, base, scale);
+            // Per-frequency factors divide the frequencies (Llama 3.1, phi3's LongRoPE).
+            if let Some(name) = factors {
+                t.apply_freq_factors(&load_vec(f, name, cfg.n_rot / 2)?);
             }
-            layers.push(layer);
-        }
-        let output_norm = load_vec(f, "output_norm.weight", e)?;
-        let kind = match cfg.arch {
-            Arch::Llama => RopeKind::Norm,
-            Arch::Gemma3 => RopeKind::Neox,
+            if cfg.rope_attn_factor != 1.0 {
+                t.set_mscale(cfg.rope_attn_factor);
+            }
+            Ok(t)
         };
-        let mut rope_global = RopeTable::new(kind, cfg.n_rot, cfg.rope_base, cfg.rope_freq_scale);
-        let rope_local = RopeTable::new(kind, cfg.n_rot, cfg.rope_base_local, 1.0);
-        // Llama 3.1-style per-frequency factors divide the frequencies.
-        if let Some(t) = f.tensor("rope_freqs.weight") {
-            let factors = load_vec(f, &t.name, cfg.n_rot / 2)?;
-            rope_global.apply_freq_factors(&factors);
-        }
+        let has = |name: &'static str| f.tensor(name).map(|_| name);
+        let short = has("rope_freqs.weight").or(has("rope_factors_short.weight"));
+        let rope_global = table(cfg.rope_base, cfg.rope_freq_scale, short)?;
+        let rope_local = table(cfg.rope_base_local, 1.0, None)?;
+        let rope_long = match has("rope_factors_long.weight") {
+            Some(long) => Some(table(cfg.rope_base, cfg.rope_freq_scale, Some(long))?),
+            None => None,
+        };
         Ok(Self {
             file,
             cfg,
@@ -133,9 +124,21 @@ impl Model {
             layers,
             rope_global,
             rope_local,
+            rope_long,
             pool,
             precision: Precision::default(),
         })
+    }
+
+    /// The rotary table of a layer (`local`: a sliding-window one) for a sequence whose
+    /// context holds `n_ctx` tokens: LongRoPE's long factors above the trained context, as
+    /// llama.cpp chooses them.
+    pub fn rope(&self, local: bool, n_ctx: usize) -> &RopeTable {
+        match &self.rope_long {
+            _ if local => &self.rope_local,
+            Some(long) if n_ctx > self.cfg.n_ctx_orig => long,
+            _ => &self.rope_global,
+        }
     }
 
     /// The context of matmuls over this model's weights, with the scratch `act` and `tmp`.
@@ -246,6 +249,7 @@ impl Model {
         let mut tmp = vec![0.0f32; patches.map_or(0, |p| p.scratch_len().max(n * rows))];
         let mut ex = self.exec(&mut act, &mut tmp);
         ex.matmul(w, x, n, &mut y);
+        w.add_bias(&mut y, n);
         if let Some(p) = patches {
             p.apply(&mut ex, t, x, n, &mut y);
         }
@@ -276,7 +280,7 @@ impl Model {
         let mut b = self.output.len_bytes() + self.tok_embd.row_bytes();
         for l in &self.layers {
             for p in Proj::ALL {
-                b += l.weight(p).len_bytes();
+                b += l.weight(p).map_or(0, |w| w.len_bytes());
             }
         }
         b
@@ -335,7 +339,7 @@ impl Model {
                 let e = self.cfg.n_embd;
                 let buf = &mut st.buf;
                 let (x, xb) = (&buf.x[(n - 1) * e..n * e], &mut buf.xb[..e]);
-                lethe_kernels::ops::rmsnorm(xb, x, &self.output_norm, self.cfg.rms_eps);
+                self.output_norm.apply(xb, x);
                 self.head_rows_of_xb(st, rows, out);
             }
             st.pos += n;
@@ -360,7 +364,7 @@ impl Model {
             hidden.resize(start + chunk.len() * e, 0.0);
             for (t, h) in hidden[start..].chunks_exact_mut(e).enumerate() {
                 let x = &st.buf.x[t * e..(t + 1) * e];
-                lethe_kernels::ops::rmsnorm(h, x, &self.output_norm, self.cfg.rms_eps);
+                self.output_norm.apply(h, x);
             }
             st.pos += chunk.len();
         }
@@ -412,6 +416,11 @@ impl Model {
         let x = &buf.xb[..e];
         let mut ex = self.exec(&mut buf.act, &mut buf.patch_tmp);
         ex.matvec_rows(&self.output, x, rows, out);
+        if let Some(b) = &self.output.bias {
+            for (o, &r) in out.iter_mut().zip(rows) {
+                *o += b[r as usize];
+            }
+        }
         if let Some(p) = ps.filter(|p| p.has_output()) {
             p.apply_output_rows(&mut ex, x, rows, out);
         }
@@ -520,12 +529,7 @@ impl Model {
             let e = self.cfg.n_embd;
             for (t, (r, out)) in rows.iter().zip(outs.iter_mut()).enumerate() {
                 let x = &buf.x[t * e..(t + 1) * e];
-                lethe_kernels::ops::rmsnorm(
-                    &mut buf.xb[..e],
-                    x,
-                    &self.output_norm,
-                    self.cfg.rms_eps,
-                );
+                self.output_norm.apply(&mut buf.xb[..e], x);
                 self.head_rows_in(buf, ps, r, out);
             }
         });
@@ -618,7 +622,13 @@ impl Model {
         }
         match self.cfg.arch {
             Arch::Llama => llama::blocks(self, buf, &mut b),
+            Arch::Qwen2 => qwen2::blocks(self, buf, &mut b),
+            Arch::Qwen3 => qwen3::blocks(self, buf, &mut b),
+            Arch::Phi3 => phi3::blocks(self, buf, &mut b),
+            Arch::Phi2 => phi2::blocks(self, buf, &mut b),
+            Arch::Gemma2 => gemma2::blocks(self, buf, &mut b),
             Arch::Gemma3 => gemma3::blocks(self, buf, &mut b),
+            Arch::Olmo2 => olmo2::blocks(self, buf, &mut b),
         }
         b.tap(self.cfg.n_layer, buf);
     }
@@ -633,16 +643,13 @@ impl Model {
     ) {
         let e = self.cfg.n_embd;
         for t in which.clone() {
-            lethe_kernels::ops::rmsnorm(
-                &mut buf.xb[t * e..(t + 1) * e],
-                &buf.x[t * e..(t + 1) * e],
-                &self.output_norm,
-                self.cfg.rms_eps,
-            );
+            self.output_norm
+                .apply(&mut buf.xb[t * e..(t + 1) * e], &buf.x[t * e..(t + 1) * e]);
         }
         let (xs, n) = (&buf.xb[which.start * e..which.end * e], which.len());
         let mut ex = self.exec(&mut buf.act, &mut buf.patch_tmp);
         ex.matmul(&self.output, xs, n, out);
+        self.output.add_bias(out, n);
         if let Some(p) = ps.filter(|p| p.has_output()) {
             p.apply(&mut ex, WeightId::Output, xs, n, out);
         }
@@ -655,16 +662,16 @@ impl Model {
 }
 
 impl Layer {
-    /// The matrix `p` of this block.
-    pub fn weight(&self, p: Proj) -> &Weight {
+    /// The matrix `p` of this block (phi2 has no gate).
+    pub fn weight(&self, p: Proj) -> Option<&Weight> {
         match p {
-            Proj::Q => &self.wq,
-            Proj::K => &self.wk,
-            Proj::V => &self.wv,
-            Proj::O => &self.wo,
-            Proj::Gate => &self.w_gate,
-            Proj::Up => &self.w_up,
-            Proj::Down => &self.w_down,
+            Proj::Q => Some(&self.wq),
+            Proj::K => Some(&self.wk),
+            Proj::V => Some(&self.wv),
+            Proj::O => Some(&self.wo),
+            Proj::Gate => self.w_gate.as_ref(),
+            Proj::Up => Some(&self.w_up),
+            Proj::Down => Some(&self.w_down),
         }
     }
 }
@@ -675,7 +682,7 @@ impl Model {
         match t {
             WeightId::Embd => Some(&self.tok_embd),
             WeightId::Output => Some(&self.output),
-            WeightId::Block(n, p) => Some(self.layers.get(n)?.weight(p)),
+            WeightId::Block(n, p) => self.layers.get(n)?.weight(p),
         }
     }
 
@@ -857,10 +864,13 @@ impl Batch<'_, '_> {
 
     /// Rotate each row's query and key at its position and append its key and value to
     /// layer `il` of its sequence's cache.
-    pub fn rope_and_cache(&mut self, c: &Config, rope: &RopeTable, il: usize, buf: &mut Scratch) {
+    pub fn rope_and_cache(&mut self, m: &Model, il: usize, buf: &mut Scratch) {
+        let c = &m.cfg;
         let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        let local = c.is_local_layer(il);
         for t in 0..self.n() {
             let (i, pos) = self.row(t);
+            let rope = m.rope(local, self.seqs[i].kv.n_ctx);
             rope.fill(pos, &mut buf.rope_cs);
             let q = &mut buf.q[t * qd..(t + 1) * qd];
             lethe_kernels::ops::rope_inplace(rope.kind, q, hd, c.n_rot, &buf.rope_cs);
@@ -885,17 +895,8 @@ impl Batch<'_, '_> {
     }
 }
 
-/// `out[t] = rmsnorm(x[t]) * w` for each of the `n` rows of width `w.len()`.
-pub(crate) fn norm_rows(out: &mut [f32], x: &[f32], w: &[f32], n: usize, eps: f32) {
-    let e = w.len();
-    for t in 0..n {
-        lethe_kernels::ops::rmsnorm(&mut out[t * e..(t + 1) * e], &x[t * e..(t + 1) * e], w, eps);
-    }
-}
-
-/// `x[t] = rmsnorm(x[t]) * w` for each of the `n` rows (or heads) of width `w.len()`.
-pub(crate) fn norm_rows_inplace(x: &mut [f32], w: &[f32], n: usize, eps: f32) {
-    for row in x[..n * w.len()].chunks_exact_mut(w.len()) {
-        lethe_kernels::ops::rmsnorm_inplace(row, w, eps);
-    }
+/// The norm of an architecture that has it (checked at load).
+pub(crate) fn norm(n: &Option<Norm>) -> &Norm {
+    n.as_ref()
+        .expect("the architecture's norms are checked at load")
 }

@@ -4,14 +4,24 @@
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::{Error, Result};
 use lethe_kernels::quant::{self, GgmlType};
+use std::sync::Arc;
 
 /// A 2-D weight `[cols, rows]` in ggml order: `rows` rows of `cols` contiguous elements.
+///
+/// A weight may be some of the rows of its tensor: phi3's fused `attn_qkv` holds q, k and v,
+/// its `ffn_up` the gate and the up projection, one after the other; each is a view
+/// ([`Weight::view`]) that starts at row `row0` of the tensor `name`.
 #[derive(Debug, Clone)]
 pub struct Weight {
+    /// The tensor in the file.
     pub name: String,
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
+    /// First row of this weight in its tensor (0 unless the tensor is fused).
+    pub row0: usize,
+    /// Added to the outputs (`[rows]`: qwen2's q/k/v, phi2's everywhere), when the file has it.
+    pub bias: Option<Arc<[f32]>>,
     /// Byte range in the file.
     start: usize,
     len: usize,
@@ -25,8 +35,42 @@ impl Weight {
             ty: t.ty,
             rows,
             cols: t.row_len(),
+            row0: 0,
+            bias: None,
             start: f.data_offset + t.offset as usize,
             len: t.size as usize,
+        }
+    }
+
+    /// Rows `row0..row0 + rows` of this weight, with their part of the bias.
+    pub fn view(&self, row0: usize, rows: usize) -> Weight {
+        assert!(row0 + rows <= self.rows, "a view inside the weight");
+        let rb = self.row_bytes();
+        Weight {
+            name: self.name.clone(),
+            ty: self.ty,
+            rows,
+            cols: self.cols,
+            row0: self.row0 + row0,
+            bias: self.bias.as_ref().map(|b| b[row0..row0 + rows].into()),
+            start: self.start + row0 * rb,
+            len: rows * rb,
+        }
+    }
+
+    /// Whether this weight is part of a larger (fused) tensor.
+    pub fn is_view(&self, f: &GgufFile) -> bool {
+        self.row0 != 0
+            || f.tensor(&self.name)
+                .is_some_and(|t| t.n_rows() as usize != self.rows)
+    }
+
+    /// Add the bias (if any) to each of the `n` output rows in `y` (`[n, rows]`).
+    pub fn add_bias(&self, y: &mut [f32], n: usize) {
+        if let Some(b) = &self.bias {
+            for row in y[..n * self.rows].chunks_exact_mut(self.rows) {
+                lethe_kernels::ops::add_inplace(row, b);
+            }
         }
     }
 
@@ -164,6 +208,22 @@ pub fn load(f: &GgufFile, name: &str, cols: usize, rows: usize) -> Result<Weight
         )));
     }
     Ok(w)
+}
+
+/// Load a weight and its bias `<name without .weight>.bias` when the file has one.
+pub fn load_biased(f: &GgufFile, name: &str, cols: usize, rows: usize) -> Result<Weight> {
+    let mut w = load(f, name, cols, rows)?;
+    w.bias = load_bias(f, name, rows)?;
+    Ok(w)
+}
+
+/// The bias `[rows]` of the weight `name` (`blk.0.attn_q.weight` -> `blk.0.attn_q.bias`).
+pub fn load_bias(f: &GgufFile, name: &str, rows: usize) -> Result<Option<Arc<[f32]>>> {
+    let bias = format!("{}.bias", name.strip_suffix(".weight").unwrap_or(name));
+    match f.tensor(&bias) {
+        Some(_) => Ok(Some(load_vec(f, &bias, rows)?.into())),
+        None => Ok(None),
+    }
 }
 
 /// A 1-D F32 vector (norm weights), copied out (they are tiny).

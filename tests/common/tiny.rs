@@ -55,7 +55,7 @@ pub fn tiny_bytes(ty: GgmlType, tied: bool, seed: u64) -> Vec<u8> {
     w.set("llama.attention.head_count", N_HEAD as u32).unwrap();
     w.set("llama.attention.head_count_kv", N_HEAD_KV as u32)
         .unwrap();
-    w.set("llama.attention.layer_norm_rms_epsilon", EPS)
+    w.set("llama.attention.layer_norm_norm_epsilon", EPS)
         .unwrap();
     w.set("llama.rope.freq_base", ROPE_BASE).unwrap();
     w.set("llama.context_length", 256u32).unwrap();

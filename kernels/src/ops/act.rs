@@ -62,6 +62,21 @@ fn gelu_tanh_mul_loop(g: &mut [f32], u: &[f32]) {
     }
 }
 
+#[inline(always)]
+fn gelu_tanh_loop(x: &mut [f32]) {
+    for a in x.iter_mut() {
+        let v = *a;
+        let z = SQRT_2_OVER_PI * v * (1.0 + GELU_C * v * v);
+        *a = v / (1.0 + exp_fast(-2.0 * z));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_tanh_avx2(x: &mut [f32]) {
+    gelu_tanh_loop(x)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn silu_mul_avx2(g: &mut [f32], u: &[f32]) {
@@ -86,6 +101,16 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
         return unsafe { silu_mul_avx2(g, u) };
     }
     silu_mul_loop(g, u)
+}
+
+/// `x = gelu_tanh(x)` (phi2's ungated feed-forward).
+pub fn gelu_tanh_inplace(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: AVX2 and FMA are present (isa() is at least Avx2).
+        return unsafe { gelu_tanh_avx2(x) };
+    }
+    gelu_tanh_loop(x)
 }
 
 /// `g = gelu_tanh(g) * u` (GeGLU).

@@ -16,3 +16,18 @@ pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
         *v = *v * scale * g;
     }
 }
+
+/// LayerNorm: `out = (x - mean(x)) / sqrt(var(x) + eps) * w + b` (phi2). Mean and variance are
+/// summed in f64 like ggml's `ggml_norm`.
+pub fn layernorm(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    debug_assert_eq!(out.len(), x.len());
+    debug_assert_eq!(w.len(), x.len());
+    debug_assert_eq!(b.len(), x.len());
+    let n = x.len() as f64;
+    let mean = (x.iter().map(|&v| v as f64).sum::<f64>() / n) as f32;
+    let var: f64 = x.iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>() / n;
+    let scale = 1.0 / (var as f32 + eps).sqrt();
+    for (((o, &v), &g), &c) in out.iter_mut().zip(x).zip(w).zip(b) {
+        *o = (v - mean) * scale * g + c;
+    }
+}

@@ -15,6 +15,8 @@ pub struct RopeTable {
     /// Rotated dimensions (`rope.dimension_count`), at most the head size.
     pub n_rot: usize,
     inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (ggml's `attn_factor`: LongRoPE's `rope.scaling.attn_factor`).
+    mscale: f32,
 }
 
 impl RopeTable {
@@ -28,6 +30,7 @@ impl RopeTable {
             kind,
             n_rot,
             inv_freq,
+            mscale: 1.0,
         }
     }
 
@@ -35,8 +38,8 @@ impl RopeTable {
     pub fn fill(&self, pos: usize, cs: &mut [f32]) {
         for (i, f) in self.inv_freq.iter().enumerate() {
             let theta = pos as f64 * *f as f64;
-            cs[2 * i] = theta.cos() as f32;
-            cs[2 * i + 1] = theta.sin() as f32;
+            cs[2 * i] = theta.cos() as f32 * self.mscale;
+            cs[2 * i + 1] = theta.sin() as f32 * self.mscale;
         }
     }
 }
@@ -72,5 +75,10 @@ impl RopeTable {
         for (f, &k) in self.inv_freq.iter_mut().zip(factors) {
             *f /= k;
         }
+    }
+
+    /// Scale the rotated pairs by `m` (cos and sin both): ggml's `attn_factor`.
+    pub fn set_mscale(&mut self, m: f32) {
+        self.mscale = m;
     }
 }

@@ -22,7 +22,7 @@ use super::loss::Objective;
 use super::ops::{
     rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
 };
-use crate::model::{Arch, Model, Proj};
+use crate::model::{norm, Arch, Model, Proj};
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 
@@ -139,7 +139,9 @@ impl<'m> TrainModel<'m> {
         us: &mut [Option<Vec<f32>>; 7],
     ) -> Vec<f32> {
         let m = self.model;
-        let w = m.layers[il].weight(slot);
+        let w = m.layers[il]
+            .weight(slot)
+            .expect("checked when the LoRA was made");
         let mut y = vec![0f32; n * w.rows]; // [n, rows]
         linear_forward(&m.pool, &m.file, w, x, n, &mut y);
         if let Some(p) = self.lora.get(il, slot) {
@@ -185,7 +187,13 @@ impl<'m> TrainModel<'m> {
         for (il, l) in m.layers[..self.n_layers].iter().enumerate() {
             let mut us: [Option<Vec<f32>>; 7] = Default::default();
             let mut rstd_attn = vec![0f32; n]; // [n]
-            rmsnorm_forward(&x, &l.attn_norm, c.rms_eps, &mut xn, &mut rstd_attn);
+            rmsnorm_forward(
+                &x,
+                &norm(&l.attn_norm).w,
+                c.norm_eps,
+                &mut xn,
+                &mut rstd_attn,
+            );
             let mut q = self.mm(il, Proj::Q, &xn, n, &mut us); // [n, n_head*hd]
             let mut k = self.mm(il, Proj::K, &xn, n, &mut us); // [n, n_head_kv*hd]
             let v = self.mm(il, Proj::V, &xn, n, &mut us); // [n, n_head_kv*hd]
@@ -215,7 +223,13 @@ impl<'m> TrainModel<'m> {
             lethe_kernels::ops::add_inplace(&mut x_mid, &x); // [n, e]
 
             let mut rstd_ffn = vec![0f32; n]; // [n]
-            rmsnorm_forward(&x_mid, &l.ffn_norm, c.rms_eps, &mut xn, &mut rstd_ffn);
+            rmsnorm_forward(
+                &x_mid,
+                &norm(&l.ffn_norm).w,
+                c.norm_eps,
+                &mut xn,
+                &mut rstd_ffn,
+            );
             let gate = self.mm(il, Proj::Gate, &xn, n, &mut us); // [n, n_ff]
             let up = self.mm(il, Proj::Up, &xn, n, &mut us); // [n, n_ff]
             let mut h = vec![0f32; n * c.n_ff]; // [n, n_ff]
@@ -239,7 +253,7 @@ impl<'m> TrainModel<'m> {
             });
         }
         let mut rstd_out = vec![0f32; n]; // [n]
-        rmsnorm_forward(&x, &m.output_norm, c.rms_eps, &mut xn, &mut rstd_out);
+        rmsnorm_forward(&x, &m.output_norm.w, c.norm_eps, &mut xn, &mut rstd_out);
         let mut logits = vec![0f32; n * nv]; // [n, n_vocab]
         linear_forward(pool, &m.file, &m.output, &xn, n, &mut logits);
         Ok(Activations {
@@ -321,7 +335,7 @@ impl<'m> TrainModel<'m> {
         let mut dxn = vec![0f32; n * e]; // [n, e]
         linear_backward(pool, &m.file, &m.output, dlogits, n, &mut dxn);
         let mut dx = vec![0f32; n * e]; // [n, e] gradient of the residual stream
-        rmsnorm_backward(&act.x_out, &m.output_norm, &act.rstd_out, &dxn, &mut dx);
+        rmsnorm_backward(&act.x_out, &m.output_norm.w, &act.rstd_out, &dxn, &mut dx);
 
         for il in (lowest..self.n_layers).rev() {
             let (l, b) = (&m.layers[il], &act.blocks[il]);
@@ -339,17 +353,30 @@ impl<'m> TrainModel<'m> {
             take(il, Proj::Down, &h, &dx);
             let (mut dg, mut du) = (vec![0f32; n * ff], vec![0f32; n * ff]); // [n, n_ff]
             swiglu_backward(&b.gate, &b.up, &dh, &mut dg, &mut du);
-            rmsnorm_forward(&b.x_mid, &l.ffn_norm, c.rms_eps, &mut xn, &mut tmp);
+            rmsnorm_forward(
+                &b.x_mid,
+                &norm(&l.ffn_norm).w,
+                c.norm_eps,
+                &mut xn,
+                &mut tmp,
+            );
             take(il, Proj::Gate, &xn, &dg);
             take(il, Proj::Up, &xn, &du);
             if attn_needed {
                 dxn.fill(0.0);
-                linear_backward(pool, &m.file, &l.w_gate, &dg, n, &mut dxn);
+                linear_backward(
+                    pool,
+                    &m.file,
+                    l.w_gate.as_ref().expect("llama has a gate"),
+                    &dg,
+                    n,
+                    &mut dxn,
+                );
                 linear_backward(pool, &m.file, &l.w_up, &du, n, &mut dxn);
                 self.lora_bwd(act, il, Proj::Gate, &xn, &dg, Some(&mut dxn));
                 self.lora_bwd(act, il, Proj::Up, &xn, &du, Some(&mut dxn));
                 // dx becomes the gradient of x_mid: the residual path plus the norm's.
-                rmsnorm_backward(&b.x_mid, &l.ffn_norm, &b.rstd_ffn, &dxn, &mut dx);
+                rmsnorm_backward(&b.x_mid, &norm(&l.ffn_norm).w, &b.rstd_ffn, &dxn, &mut dx);
             } else {
                 self.lora_bwd(act, il, Proj::Gate, &xn, &dg, None);
                 self.lora_bwd(act, il, Proj::Up, &xn, &du, None);
@@ -386,7 +413,7 @@ impl<'m> TrainModel<'m> {
                 rope_backward(&m.rope_global, &mut dk[kr], len, c.head_dim, 0);
                 (t0, p0) = (t1, p1);
             }
-            rmsnorm_forward(&b.x, &l.attn_norm, c.rms_eps, &mut xn, &mut tmp);
+            rmsnorm_forward(&b.x, &norm(&l.attn_norm).w, c.norm_eps, &mut xn, &mut tmp);
             take(il, Proj::Q, &xn, &dq);
             take(il, Proj::K, &xn, &dk);
             take(il, Proj::V, &xn, &dv);
@@ -402,7 +429,7 @@ impl<'m> TrainModel<'m> {
                 self.lora_bwd(act, il, slot, &xn, dy, dx);
             }
             if need_in {
-                rmsnorm_backward(&b.x, &l.attn_norm, &b.rstd_attn, &dxn, &mut dx);
+                rmsnorm_backward(&b.x, &norm(&l.attn_norm).w, &b.rstd_attn, &dxn, &mut dx);
             }
         }
         Ok(())

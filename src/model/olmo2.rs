@@ -1,0 +1,51 @@
+//! `olmo2`: OLMo 2 (and OLMo 3, which adds sliding windows on three of four layers). No norm
+//! before attention or the feed-forward: q, k and v are projected from the residual stream
+//! itself; q and k are RMS-normed over their whole width (not per head) before rope; each
+//! branch's output is RMS-normed before it is added. NeoX rope, SwiGLU.
+//!
+//! ```text
+//! x  = embd[tok]
+//! q  = rmsnorm(Wq·x) * q_norm,  k = rmsnorm(Wk·x) * k_norm       (over n_head*hd, n_head_kv*hd)
+//! x += rmsnorm(Wo · attn(rope_neox(q), rope_neox(k), Wv·x)) * post_attention_norm
+//! x += rmsnorm(Wdown · (silu(Wgate·x) * Wup·x)) * post_ffw_norm
+//! logits = Wout · (rmsnorm(x) * output_norm)
+//! ```
+
+use super::attention::AttnShape;
+use super::{norm, Batch, Model, Scratch};
+use crate::model::Proj;
+use lethe_kernels::ops;
+
+/// The blocks over the batch `b`, whose rows are in `st` (`st.x`: `[n, n_embd]`).
+pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
+    let n = b.n();
+    let c = &m.cfg;
+    let (e, ff) = (c.n_embd, c.n_ff);
+    let (qd, kvd) = (c.q_dim(), c.kv_dim());
+    let pool = &*m.pool;
+    let ps = b.patches();
+    let ps = ps.as_deref();
+    for (il, l) in m.layers.iter().enumerate() {
+        b.tap(il, st);
+        let shape = AttnShape::of_layer(c, il);
+        // The matmuls read xb: here the residual stream itself, not a norm of it.
+        st.xb[..n * e].copy_from_slice(&st.x[..n * e]);
+        st.mm(m, ps, il, &[Proj::Q, Proj::K, Proj::V], n);
+        norm(&l.q_norm).rows_inplace(&mut st.q[..n * qd]); // over each row's whole q
+        norm(&l.k_norm).rows_inplace(&mut st.k[..n * kvd]);
+        b.rope_and_cache(m, il, st);
+        b.attend(pool, il, &shape, st); // att [n, n_head*hd]
+        st.mm(m, ps, il, &[Proj::O], n); // xb2 [n, e] = Wo att
+        norm(&l.post_attn_norm).rows_inplace(&mut st.xb2[..n * e]);
+        ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
+
+        st.xb[..n * e].copy_from_slice(&st.x[..n * e]);
+        // gate, up [n, n_ff]
+        st.mm(m, ps, il, &[Proj::Gate, Proj::Up], n);
+        ops::silu_mul(&mut st.hg[..n * ff], &st.hu[..n * ff]);
+        st.mm(m, ps, il, &[Proj::Down], n); // xb2 [n, e] = Wdown hg
+        norm(&l.post_ffn_norm).rows_inplace(&mut st.xb2[..n * e]);
+        ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
+        st.add_cvec(ps, il, n);
+    }
+}
