@@ -686,6 +686,29 @@ impl Model {
         }
     }
 
+    /// The block weights the file's tensor `name` holds, by first row: one for a plain tensor,
+    /// several for a fused one (phi3's `attn_qkv`: q, k and v; its `ffn_up`: gate and up).
+    /// Empty when `name` is no block tensor of this model's file.
+    pub fn weights_in_tensor(&self, name: &str) -> Vec<(WeightId, &Weight)> {
+        let Some(il) = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            return Vec::new();
+        };
+        let Some(l) = self.layers.get(il) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(WeightId, &Weight)> = Proj::ALL
+            .into_iter()
+            .filter_map(|p| Some((WeightId::Block(il, p), l.weight(p)?)))
+            .filter(|(_, w)| w.name == name)
+            .collect();
+        out.sort_by_key(|(_, w)| w.row0);
+        out
+    }
+
     /// `[cols, rows]` of the weight `t` names, or a clear error when the model has no such weight.
     pub fn target_shape(&self, t: WeightId) -> Result<(usize, usize)> {
         match self.target_weight(t) {

@@ -223,9 +223,13 @@ struct Merge<'a> {
     /// `W`: the tensor read (`token_embd.weight` for a tied head).
     base: &'a TensorInfo,
     ty: GgmlType,
-    /// Each delta with the user's scale.
-    deltas: Vec<(&'a TensorDelta, f32)>,
+    /// Each delta with the user's scale and its first row in the tensor (0 unless the tensor
+    /// is fused: phi3's `attn_qkv` holds q, k and v).
+    deltas: Vec<Scaled<'a>>,
 }
+
+/// A delta, the user's scale, and its first row in the merged tensor.
+type Scaled<'a> = (&'a TensorDelta, f32, usize);
 
 impl Merge<'_> {
     fn cols(&self) -> usize {
@@ -240,24 +244,29 @@ impl Merge<'_> {
 /// One merge per changed target, its deltas summed over the patches. On a tied model the head
 /// is a new `output.weight` whose `W` is `token_embd.weight`.
 fn merges<'a>(
+    model: &Model,
     file: &'a GgufFile,
     parts: &'a [(Arc<Patch>, f32)],
     ty: BakeType,
 ) -> Result<Vec<Merge<'a>>> {
-    let mut by_target: Vec<(WeightId, Vec<(&TensorDelta, f32)>)> = Vec::new();
+    // By the file's tensor: a fused one gathers the deltas of the matrices it holds.
+    let mut by_tensor: Vec<(String, Vec<Scaled>)> = Vec::new();
     for (p, s) in parts {
         for d in &p.tensors {
-            match by_target.iter_mut().find(|(t, _)| *t == d.target) {
-                Some((_, v)) => v.push((d, *s)),
-                None => by_target.push((d.target, vec![(d, *s)])),
+            let (name, row0) = match (d.target, model.target_weight(d.target)) {
+                (WeightId::Block(..), Some(w)) => (w.name.clone(), w.row0),
+                _ => (d.target.tensor_name(), 0),
+            };
+            match by_tensor.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.push((d, *s, row0)),
+                None => by_tensor.push((name, vec![(d, *s, row0)])),
             }
         }
     }
-    let mut out = Vec::with_capacity(by_target.len());
-    for (target, deltas) in by_target {
-        let name = target.tensor_name();
-        let base_name = match (target, file.tensor(&name)) {
-            (WeightId::Output, None) => "token_embd.weight".to_string(),
+    let mut out = Vec::with_capacity(by_tensor.len());
+    for (name, deltas) in by_tensor {
+        let base_name = match (name.as_str(), file.tensor(&name)) {
+            ("output.weight", None) => "token_embd.weight".to_string(),
             _ => name.clone(),
         };
         let base = file
@@ -292,10 +301,10 @@ fn check_merge(m: &Merge) -> Result<()> {
             m.name, m.ty
         )));
     }
-    for (d, _) in &m.deltas {
-        if (d.cols, d.rows) != (cols, m.rows()) {
+    for (d, _, row0) in &m.deltas {
+        if d.cols != cols || row0 + d.rows > m.rows() {
             return Err(Error::Invalid(format!(
-                "{}: a delta of [{}, {}] for a [{cols}, {}] weight",
+                "{}: a delta of [{}, {}] at row {row0} for a [{cols}, {}] weight",
                 m.name,
                 d.cols,
                 d.rows,
@@ -386,8 +395,10 @@ fn merge_rows(file: &GgufFile, m: &Merge, r0: usize, dst: &mut [u8]) -> Result<S
         let r = r0 + i;
         dequantize_row(m.base.ty, &src[r * rb_in..(r + 1) * rb_in], &mut s.w)?;
         s.d.fill(0.0);
-        for (delta, scale) in &m.deltas {
-            delta.add_row(r, *scale, &mut s.d, &mut s.tmp);
+        for (delta, scale, row0) in &m.deltas {
+            if (*row0..row0 + delta.rows).contains(&r) {
+                delta.add_row(r - row0, *scale, &mut s.d, &mut s.tmp);
+            }
         }
         for ((m, &w), &d) in s.m.iter_mut().zip(&s.w).zip(&s.d) {
             *m = w + d;
@@ -504,7 +515,7 @@ pub fn bake(
     let parts = active_parts(model, parts)?;
     check_output(model_path, out)?;
     let file = &*model.file;
-    let merges = merges(file, &parts, ty)?;
+    let merges = merges(model, file, &parts, ty)?;
     let tied = file.tensor("output.weight").is_none();
     let has = |n: &str| merges.iter().any(|m| m.name == n);
     let head_copied = tied && has("token_embd.weight") && !has("output.weight");

@@ -79,6 +79,44 @@ impl TensorDelta {
         })
     }
 
+    /// Rows `r0..r0 + n` of this delta as a delta of `target` (a fused tensor's change split
+    /// into the weights it holds: phi3's `attn_qkv` into q, k and v).
+    pub fn slice_rows(&self, target: WeightId, r0: usize, n: usize) -> TensorDelta {
+        assert!(r0 + n <= self.rows, "a slice inside the delta");
+        let change = match &self.change {
+            Change::LowRank { rank, a, bt } => Change::LowRank {
+                rank: *rank,
+                a: a.clone(),
+                bt: (0..*rank)
+                    .flat_map(|k| {
+                        bt[k * self.rows + r0..k * self.rows + r0 + n]
+                            .iter()
+                            .copied()
+                    })
+                    .collect(),
+            },
+            Change::Dense { file, w } => Change::Dense {
+                file: file.clone(),
+                w: w.view(r0, n),
+            },
+            Change::Sparse { start, col, val } => {
+                let (a, b) = (start[r0] as usize, start[r0 + n] as usize);
+                Change::Sparse {
+                    start: start[r0..=r0 + n].iter().map(|&x| x - start[r0]).collect(),
+                    col: col[a..b].to_vec(),
+                    val: val[a..b].to_vec(),
+                }
+            }
+        };
+        TensorDelta {
+            target,
+            cols: self.cols,
+            rows: n,
+            scale: self.scale,
+            change,
+        }
+    }
+
     /// `out += s * dW[r, :]` (`out` is `[cols]`): row `r` of the delta, scaled.
     pub fn add_row(&self, r: usize, s: f32, out: &mut [f32], tmp: &mut Vec<f32>) {
         let s = s * self.scale;

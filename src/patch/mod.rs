@@ -25,8 +25,8 @@ mod set;
 
 pub use change::{Change, TensorDelta};
 pub use file::{
-    inspect, kind_of, load, write_cvec, write_delta, write_lora, DeltaEntry, LowRankEntry,
-    PatchInfo,
+    inspect, kind_of, load, to_file_tensors, write_cvec, write_delta, write_lora, DeltaEntry,
+    LowRankEntry, PatchInfo,
 };
 pub use set::PatchSet;
 

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use lethe::model::{Model, Proj, WeightId};
-use lethe::patch::{write_lora, LowRankEntry};
+use lethe::patch::{to_file_tensors, write_lora, LowRankEntry};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -63,7 +63,11 @@ pub fn main(a: RandomArgs) -> Result<()> {
     let model = Model::open(&path, 1).with_context(|| format!("loading {}", path.display()))?;
     let blocks = parse_blocks(&a.blocks, model.cfg.n_layer)?;
     let projs: Vec<Proj> = if a.matrices == "all" {
-        Proj::ALL.to_vec()
+        // The matrices this architecture has (phi2 has no gate).
+        Proj::ALL
+            .into_iter()
+            .filter(|&p| model.target_weight(WeightId::Block(0, p)).is_some())
+            .collect()
     } else {
         a.matrices.split(',').map(proj).collect::<Result<_>>()?
     };
@@ -96,6 +100,9 @@ pub fn main(a: RandomArgs) -> Result<()> {
         }
     }
     let alpha = (a.alpha != 0.0).then_some(a.alpha);
+    let n_matrices = entries.len();
+    // As llama.cpp names the file's tensors (phi3's fused q/k/v and gate+up).
+    let entries = to_file_tensors(&model, entries, alpha)?;
     write_lora(
         &a.output,
         model.cfg.arch.name(),
@@ -108,7 +115,7 @@ pub fn main(a: RandomArgs) -> Result<()> {
         "wrote {}: rank {} on {} matrices of blocks {}..{} ({:.2} MB)",
         a.output.display(),
         a.rank,
-        entries.len(),
+        n_matrices,
         blocks.start,
         blocks.end,
         std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0) as f64 / 1e6

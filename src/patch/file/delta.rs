@@ -111,7 +111,7 @@ pub(super) fn read(f: &Arc<GgufFile>, model: &Model, source: String) -> Result<P
                 )))
             }
         };
-        tensors.push(d);
+        tensors.extend(tensor.split(d));
     }
     if tensors.is_empty() {
         return Err(Error::Invalid("the delta holds no tensors".into()));

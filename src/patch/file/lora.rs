@@ -20,7 +20,7 @@ pub(super) fn read(f: &GgufFile, model: &Model, source: String) -> Result<Patch>
                 "{name}: a LoRA on the token embedding is not supported; write it as a delta"
             )));
         }
-        tensors.push(low_rank(f, &base, a, b, alpha)?);
+        tensors.extend(base.split(low_rank(f, &base, a, b, alpha)?));
     }
     if tensors.is_empty() {
         return Err(Error::Invalid("the LoRA holds no tensors".into()));

@@ -15,7 +15,7 @@ mod delta;
 mod lora;
 pub mod write;
 
-use super::{Patch, PatchKind};
+use super::{Patch, PatchKind, TensorDelta};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::model::{Model, WeightId};
 use crate::{Error, Result};
@@ -136,21 +136,49 @@ fn split_suffix(name: &str) -> (&str, &str) {
     (name, "")
 }
 
-/// A base tensor a patch file changes: its name, the weight it is, and that weight's shape in
-/// the model (`[cols, rows]`).
+/// A base tensor a patch file changes: its name, the first weight it holds, its shape
+/// (`[cols, rows]`), and the model's weights it holds.
 struct Base<'a> {
     name: &'a str,
     id: WeightId,
     cols: usize,
     rows: usize,
+    /// `(weight, first row in the tensor, rows)`: one, or several for a fused tensor (phi3's
+    /// `attn_qkv`: q, k, v; its `ffn_up`: gate, up).
+    parts: Vec<(WeightId, usize, usize)>,
 }
 
-/// The base tensor `name` denotes, checked against the model.
+impl Base<'_> {
+    /// The delta `d` of the whole tensor as deltas of the weights it holds.
+    fn split(&self, d: TensorDelta) -> Vec<TensorDelta> {
+        match self.parts.as_slice() {
+            [(id, 0, rows)] if *rows == d.rows => vec![TensorDelta { target: *id, ..d }],
+            parts => parts
+                .iter()
+                .map(|&(id, r0, n)| d.slice_rows(id, r0, n))
+                .collect(),
+        }
+    }
+}
+
+/// The base tensor `name` denotes, checked against the model: a tensor of the model's file
+/// (plain or fused, as llama.cpp names it), or one of the matrices a fused tensor holds by
+/// its own name (`blk.N.attn_q.weight` on phi3).
 fn base<'a>(name: &'a str, model: &Model) -> Result<Base<'a>> {
+    let inside = model.weights_in_tensor(name);
+    if let Some((id, w)) = inside.first() {
+        return Ok(Base {
+            name,
+            id: *id,
+            cols: w.cols,
+            rows: inside.iter().map(|(_, w)| w.rows).sum(),
+            parts: inside.iter().map(|(id, w)| (*id, w.row0, w.rows)).collect(),
+        });
+    }
     let id = WeightId::parse(name).ok_or_else(|| {
         Error::Invalid(format!(
             "{name:?} is not a weight lethe can patch (token_embd.weight, output.weight, or \
-             blk.N.{{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}}.weight)"
+             blk.N.{{attn_q,attn_k,attn_v,attn_qkv,attn_output,ffn_gate,ffn_up,ffn_down}}.weight)"
         ))
     })?;
     let (cols, rows) = model.target_shape(id)?;
@@ -159,7 +187,76 @@ fn base<'a>(name: &'a str, model: &Model) -> Result<Base<'a>> {
         id,
         cols,
         rows,
+        parts: vec![(id, 0, rows)],
     })
+}
+
+/// Low-rank entries named by weight (`blk.0.attn_q.weight`) as the tensors of `model`'s file
+/// name them, so that llama.cpp loads the LoRA: the entries of the matrices a fused tensor
+/// holds (phi3's `attn_qkv`, its gate+up `ffn_up`) become one entry of that tensor, their
+/// ranks side by side (`A` stacked, `B` block-diagonal, zero on rows no entry changes). With
+/// `alpha`, each tensor's factor is `alpha / rank`, so a merged entry's `B` is rescaled to keep
+/// every part's change as it was.
+pub fn to_file_tensors(
+    model: &Model,
+    entries: Vec<LowRankEntry>,
+    alpha: Option<f32>,
+) -> Result<Vec<LowRankEntry>> {
+    let mut out: Vec<LowRankEntry> = Vec::new();
+    let mut fused: Vec<(String, Vec<(usize, LowRankEntry)>)> = Vec::new();
+    for e in entries {
+        let w = WeightId::parse(&e.base).and_then(|id| model.target_weight(id));
+        match w {
+            Some(w) if w.is_view(&model.file) => {
+                let (name, row0) = (w.name.clone(), w.row0);
+                match fused.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, v)) => v.push((row0, e)),
+                    None => fused.push((name, vec![(row0, e)])),
+                }
+            }
+            _ => out.push(e),
+        }
+    }
+    for (name, parts) in fused {
+        let t = model
+            .file
+            .tensor(&name)
+            .ok_or_else(|| Error::Model(format!("the model has no tensor {name}")))?;
+        let (cols, rows) = (t.row_len(), t.n_rows() as usize);
+        let rank: usize = parts.iter().map(|(_, e)| e.rank).sum();
+        let mut a = Vec::with_capacity(rank * cols);
+        let mut b = vec![0.0f32; rows * rank]; // [rank, rows]: rows of `rank`
+        let mut k0 = 0;
+        for (row0, e) in &parts {
+            if e.cols != cols || row0 + e.rows > rows {
+                return Err(Error::Invalid(format!(
+                    "{}: [{}, {}] does not fit {name} [{cols}, {rows}] at row {row0}",
+                    e.base, e.cols, e.rows
+                )));
+            }
+            a.extend_from_slice(&e.a);
+            let f = if alpha.is_some_and(|a| a != 0.0) {
+                rank as f32 / e.rank as f32
+            } else {
+                1.0
+            };
+            for r in 0..e.rows {
+                for k in 0..e.rank {
+                    b[(row0 + r) * rank + k0 + k] = f * e.b[r * e.rank + k];
+                }
+            }
+            k0 += e.rank;
+        }
+        out.push(LowRankEntry {
+            base: name,
+            cols,
+            rows,
+            rank,
+            a,
+            b,
+        });
+    }
+    Ok(out)
 }
 
 /// A whole tensor as f32 (adapter tensors are small).
