@@ -159,16 +159,12 @@ impl Config {
             }
         };
         let rope_base = optf("rope.freq_base").unwrap_or(10000.0);
+        // `rope.scaling.factor` divides the frequencies whatever the type, as llama.cpp reads
+        // it (linear scaling; LongRoPE files do not set it).
         let mut rope_freq_scale = 1.0;
         if let Ok(kind) = f.get_str(&key("rope.scaling.type")) {
             match kind {
-                "none" => {}
-                "linear" => {
-                    let factor = optf("rope.scaling.factor").unwrap_or(1.0);
-                    if factor > 0.0 {
-                        rope_freq_scale = 1.0 / factor;
-                    }
-                }
+                "none" | "linear" => {}
                 // LongRoPE: per-frequency factors from tensors, plus an attention factor.
                 "longrope" | "su" if arch == Arch::Phi3 => {}
                 other => {
@@ -177,6 +173,9 @@ impl Config {
                     )))
                 }
             }
+        }
+        if let Some(factor) = optf("rope.scaling.factor").filter(|&x| x > 0.0) {
+            rope_freq_scale = 1.0 / factor;
         }
         let n_ctx_train = opt("context_length").unwrap_or(2048);
         // Sliding windows: gemma3 on five of six layers, gemma2 on every other one, OLMo 3 on
