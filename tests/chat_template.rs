@@ -199,3 +199,87 @@ fn hf_jinja_behaviour() {
     let out = apply_chat_template(tok, "gemma3", Some(tmpl), &msgs, false).unwrap();
     assert_eq!(out, "  hello  <eos>");
 }
+
+/// The chat templates of the new architectures' models, as their GGUF files carry them
+/// (tests/fixtures/templates/, the models' own Jinja), rendered by lethe exactly as the models
+/// expect (the tiny qwen2 model's vocabulary: BOS `<s>`, EOS `</s>`; a template's leading
+/// `{{ bos_token }}` is dropped because tokenizing adds BOS; this copy of the R1 distill's
+/// template closes its think block unless `enable_thinking` is set).
+#[test]
+fn templates_of_the_new_architectures() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens/arch/qwen2.gguf");
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let src = |name: &str| {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/templates")
+            .join(format!("{name}.jinja"));
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    let turns = [
+        msg("system", "You are terse."),
+        msg("user", "Hi"),
+        msg("assistant", "Hello."),
+        msg("user", "Bye"),
+    ];
+    let chatml = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+                  <|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n\
+                  <|im_start|>assistant\n";
+    let cases: [(&str, &str, &[ChatMessage], &str); 5] = [
+        ("Qwen-Qwen2.5-7B-Instruct", "qwen2", &turns, chatml),
+        ("Qwen-Qwen3-0.6B", "qwen3", &turns, chatml),
+        (
+            "microsoft-Phi-3.5-mini-instruct",
+            "phi3",
+            &turns,
+            "<|system|>\nYou are terse.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n\
+             <|user|>\nBye<|end|>\n<|assistant|>\n",
+        ),
+        (
+            "google-gemma-2-2b-it",
+            "gemma2",
+            &turns[1..],
+            "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n",
+        ),
+        (
+            "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
+            "qwen2",
+            &turns,
+            "You are terse.<｜User｜>Hi<｜Assistant｜>Hello.<｜end▁of▁sentence｜><｜User｜>Bye\
+             <｜Assistant｜><think>\n</think>",
+        ),
+    ];
+    for (name, arch, msgs, want) in cases {
+        let out = apply_chat_template(&tok, arch, Some(&src(name)), msgs, true)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(out, want, "{name}");
+    }
+    // Qwen2.5 adds its own system message when there is none.
+    let out = apply_chat_template(
+        &tok,
+        "qwen2",
+        Some(&src("Qwen-Qwen2.5-7B-Instruct")),
+        &turns[1..2],
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        out,
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful \
+         assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // Gemma 2 has no system role: the template's own exception, as a clear error.
+    let e = apply_chat_template(
+        &tok,
+        "gemma2",
+        Some(&src("google-gemma-2-2b-it")),
+        &turns,
+        true,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::Template(_)) && e.to_string().contains("System role not supported"),
+        "{e}"
+    );
+}
