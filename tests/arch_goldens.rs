@@ -205,3 +205,63 @@ fn batched_decode_equals_alone() {
         }
     }
 }
+
+/// The tiny phi3 with LongRoPE's tensors and keys added: `rope_factors_short`/`_long`
+/// (`[n_rot/2]`), `rope.scaling.attn_factor`, `rope.scaling.original_context_length`.
+fn phi3_longrope(short: &[f32], long: &[f32], attn_factor: f32, n_ctx_orig: u32) -> Model {
+    use lethe::gguf::{GgufFile, GgufWriter};
+    use lethe_kernels::quant::GgmlType;
+    use std::sync::Arc;
+    let src = GgufFile::open(fixture("goldens/arch/phi3.gguf")).unwrap();
+    let mut w = GgufWriter::from_gguf(&src).unwrap();
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let n = short.len() as u64;
+    w.add_tensor(
+        "rope_factors_short.weight",
+        &[n],
+        GgmlType::F32,
+        bytes(short),
+    )
+    .unwrap();
+    w.add_tensor("rope_factors_long.weight", &[n], GgmlType::F32, bytes(long))
+        .unwrap();
+    w.set("phi3.rope.scaling.attn_factor", attn_factor).unwrap();
+    w.set("phi3.rope.scaling.original_context_length", n_ctx_orig)
+        .unwrap();
+    let f = Arc::new(GgufFile::from_bytes(w.to_bytes().unwrap()).unwrap());
+    Model::from_file(f, Arc::new(lethe::pool::ThreadPool::new(1))).unwrap()
+}
+
+/// Logits of the first golden prompt with a context of `n_ctx`.
+fn logits(m: &Model, n_ctx: usize) -> Vec<f32> {
+    let prompt = ids(&golden("phi3")["prompts"][2]["prompt_ids"]);
+    let mut st = m.new_state(n_ctx);
+    m.forward(&mut st, &prompt, None).unwrap().to_vec()
+}
+
+/// LongRoPE: factors of 1 and an attention factor of 1 change nothing; the short factors
+/// apply up to the trained context and the long ones above it (as llama.cpp picks them by the
+/// context size); the attention factor scales the rotated pairs.
+#[test]
+fn phi3_longrope_factors() {
+    let plain = logits(&model("phi3"), 64);
+    let half = 16; // n_rot 32
+    let ones = vec![1.0f32; half];
+    assert_eq!(logits(&phi3_longrope(&ones, &ones, 1.0, 32), 64), plain);
+    let short: Vec<f32> = (0..half).map(|i| 1.0 + 0.5 * i as f32).collect();
+    let long: Vec<f32> = (0..half).map(|i| 1.0 + 3.0 * i as f32).collect();
+    let m = phi3_longrope(&short, &long, 1.0, 32);
+    let (at_orig, above) = (logits(&m, 32), logits(&m, 64));
+    assert_eq!(at_orig, logits(&phi3_longrope(&short, &short, 1.0, 32), 32));
+    assert_eq!(above, logits(&phi3_longrope(&long, &long, 1.0, 32), 64));
+    assert_ne!(
+        at_orig, above,
+        "the long factors differ from the short ones"
+    );
+    assert_ne!(at_orig, plain);
+    let scaled = logits(&phi3_longrope(&ones, &ones, 1.2, 32), 64);
+    assert_ne!(
+        scaled, plain,
+        "the attention factor scales q and k's rotated pairs"
+    );
+}
