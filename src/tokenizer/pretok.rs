@@ -1,21 +1,29 @@
 //! Pre-tokenizers for byte-level BPE: llama.cpp's table of regex lists keyed by
 //! `tokenizer.ggml.pre`, applied as `unicode_regex_split` applies them (each regex splits every
-//! piece the previous ones left; text between matches stays a piece of its own). The GPT-2 and
-//! LLaMA-3 patterns run through ports of llama.cpp's hand-written matchers, as llama.cpp does.
+//! piece the previous ones left; text between matches stays a piece of its own). The GPT-2,
+//! LLaMA-3, Qwen2 and Qwen3.5 patterns run through ports of llama.cpp's hand-written matchers,
+//! as llama.cpp does.
 
-use super::unicode::{is_letter, is_number, is_whitespace};
+use super::unicode::{is_letter, is_mark, is_number, is_whitespace};
 use crate::{Error, Result};
 
 const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's pattern where letter runs take combining marks (`\p{M}`) too.
+const QWEN35: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// One step of the split.
 pub(crate) enum Splitter {
     /// llama.cpp's `unicode_regex_split_custom_gpt2`.
     Gpt2,
-    /// llama.cpp's `unicode_regex_split_custom_llama3`.
-    Llama3,
+    /// llama.cpp's `unicode_regex_split_custom_llama3`, `_qwen2` and `_qwen35`: one matcher
+    /// whose number runs are at most `digits` long and whose letter runs take combining marks
+    /// when `marks`.
+    Words {
+        digits: usize,
+        marks: bool,
+    },
     Regex(Box<fancy_regex::Regex>),
 }
 
@@ -89,6 +97,10 @@ impl PreTokenizer {
                 clean_spaces = false;
                 vec![QWEN2]
             }
+            "qwen35" => {
+                clean_spaces = false;
+                vec![QWEN35]
+            }
             "stablelm2" | "megrez" => vec![QWEN2],
             "poro-chat" => {
                 clean_spaces = false;
@@ -122,7 +134,7 @@ impl PreTokenizer {
             other => {
                 return Err(Error::Tokenizer(format!(
                     "unknown pre-tokenizer type {other:?} (tokenizer.ggml.pre); lethe knows: default, gpt-2, llama3/llama-bpe, \
-                     qwen2, smollm, starcoder, deepseek-*, falcon, tekken, chameleon and their aliases"
+                     qwen2, qwen35, smollm, starcoder, deepseek-*, falcon, tekken, chameleon and their aliases"
                 )))
             }
         };
@@ -130,7 +142,18 @@ impl PreTokenizer {
         for e in exprs {
             steps.push(match e {
                 GPT2 => Splitter::Gpt2,
-                LLAMA3 => Splitter::Llama3,
+                LLAMA3 => Splitter::Words {
+                    digits: 3,
+                    marks: false,
+                },
+                QWEN2 => Splitter::Words {
+                    digits: 1,
+                    marks: false,
+                },
+                QWEN35 => Splitter::Words {
+                    digits: 1,
+                    marks: true,
+                },
                 _ => Splitter::Regex(Box::new(fancy_regex::Regex::new(e).map_err(|err| {
                     Error::Tokenizer(format!("pre-tokenizer {pre:?}: bad regex {e:?}: {err}"))
                 })?)),
@@ -158,7 +181,9 @@ impl PreTokenizer {
                 let part = &text[s..e];
                 match step {
                     Splitter::Gpt2 => split_gpt2(part, s, &mut next),
-                    Splitter::Llama3 => split_llama3(part, s, &mut next),
+                    Splitter::Words { digits, marks } => {
+                        split_words(part, s, *digits, *marks, &mut next)
+                    }
                     Splitter::Regex(re) => split_regex(re, part, s, &mut next),
                 }
             }
@@ -307,11 +332,17 @@ fn split_gpt2(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
     }
 }
 
-/// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
-fn split_llama3(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
+/// LLaMA-3's `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
+/// with numbers of at most `digits` digits (Qwen2: `\p{N}`), and with `\p{M}` beside `\p{L}`
+/// in the letter runs and the class of other characters when `marks` (Qwen3.5).
+fn split_words(part: &str, base: usize, digits: usize, marks: bool, out: &mut Vec<(usize, usize)>) {
     let cp = Cpts::new(part);
     let n = cp.chars.len();
     let mut em = Emitter { prev: 0, base, out };
+    // `\p{L}`, or `[\p{L}\p{M}]` with marks.
+    let wordish = |i: usize| cp.letter(i) || (marks && cp.get(i).is_some_and(is_mark));
+    // `[^\s\p{L}\p{N}]` (and not `\p{M}` with marks) for an existing codepoint.
+    let other = |i: usize| cp.other(i) && !(marks && cp.get(i).is_some_and(is_mark));
     let mut pos = 0;
     while pos < n {
         let c = cp.chars[pos];
@@ -330,20 +361,20 @@ fn split_llama3(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
             }
         }
         // [^\r\n\p{L}\p{N}]?\p{L}+
-        if !(c == '\r' || c == '\n' || is_number(c)) && (is_letter(c) || cp.letter(pos + 1)) {
+        if !(c == '\r' || c == '\n' || is_number(c)) && (wordish(pos) || wordish(pos + 1)) {
             pos += 1;
-            while cp.letter(pos) {
+            while wordish(pos) {
                 pos += 1;
             }
             em.add(&cp, pos);
             continue;
         }
-        // \p{N}{1,3}
+        // \p{N}{1,digits}
         if is_number(c) {
             let mut ini = pos;
             while cp.number(pos) {
                 pos += 1;
-                if pos - ini >= 3 {
+                if pos - ini >= digits {
                     em.add(&cp, pos);
                     ini = pos;
                 }
@@ -353,9 +384,9 @@ fn split_llama3(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
         }
         // <space>?[^\s\p{L}\p{N}]+[\r\n]*
         let q = if c == ' ' { pos + 1 } else { pos };
-        if cp.other(q) {
+        if other(q) {
             pos = q;
-            while cp.other(pos) {
+            while other(pos) {
                 pos += 1;
             }
             while matches!(cp.get(pos), Some('\r' | '\n')) {
@@ -443,6 +474,25 @@ mod tests {
     }
 
     #[test]
+    fn qwen35_letter_runs_take_marks() {
+        // "Vie\u{0302}\u{0301}t": e with two combining marks stays in the word with qwen35;
+        // qwen2 cuts the word at the first mark and keeps the marks as a piece of their own.
+        let text = "Vie\u{0302}\u{0301}t Nam";
+        assert_eq!(split("qwen35", text), ["Vie\u{0302}\u{0301}t", " Nam"]);
+        assert_eq!(
+            split("qwen2", text),
+            ["Vie", "\u{0302}\u{0301}", "t", " Nam"]
+        );
+        // A mark after a space joins the space and the letters that follow.
+        assert_eq!(split("qwen35", "a \u{0301}b"), ["a", " \u{0301}b"]);
+        // Digits one by one, punctuation runs, newlines as in qwen2.
+        assert_eq!(
+            split("qwen35", "x 12!?\n\ny"),
+            ["x", " ", "1", "2", "!?\n\n", "y"]
+        );
+    }
+
+    #[test]
     fn default_pre() {
         assert_eq!(
             split("default", "a+b=1234"),
@@ -463,6 +513,7 @@ mod tests {
             "gpt-2",
             "llama3",
             "qwen2",
+            "qwen35",
             "smollm",
             "deepseek-llm",
             "deepseek-coder",
