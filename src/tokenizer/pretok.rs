@@ -1,8 +1,12 @@
 //! Pre-tokenizers for byte-level BPE: llama.cpp's table of regex lists keyed by
 //! `tokenizer.ggml.pre`, applied as `unicode_regex_split` applies them (each regex splits every
 //! piece the previous ones left; text between matches stays a piece of its own). The GPT-2,
-//! LLaMA-3, Qwen2 and Qwen3.5 patterns run through ports of llama.cpp's hand-written matchers,
-//! as llama.cpp does.
+//! LLaMA-3, Qwen2 and Qwen3.5 patterns and the newline split run through ports of llama.cpp's
+//! hand-written matchers, as llama.cpp does.
+//!
+//! Most vocabularies are byte-level: each word is spelled in GPT-2's byte-to-unicode alphabet
+//! before the merges. The SentencePiece-style BPE vocabularies (Gemma 4's `gemma4` model) merge
+//! raw UTF-8 instead, with spaces escaped to U+2581 first (`byte_encode`, `escape_whitespaces`).
 
 use super::unicode::{is_letter, is_mark, is_number, is_whitespace};
 use crate::{Error, Result};
@@ -12,6 +16,8 @@ const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's pattern where letter runs take combining marks (`\p{M}`) too.
 const QWEN35: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Runs of newlines and runs of anything else.
+const NEWLINES: &str = r"[^\n]+|[\n]+";
 
 /// One step of the split.
 pub(crate) enum Splitter {
@@ -24,6 +30,8 @@ pub(crate) enum Splitter {
         digits: usize,
         marks: bool,
     },
+    /// llama.cpp's `unicode_regex_split_custom_newlines`.
+    Newlines,
     Regex(Box<fancy_regex::Regex>),
 }
 
@@ -38,6 +46,15 @@ pub(crate) struct PreTokenizer {
     pub ignore_merges: bool,
     /// Default for add_bos when the metadata does not say.
     pub add_bos: bool,
+    /// add_bos is on whatever the metadata says (llama.cpp's override for Gemma 4).
+    pub force_add_bos: bool,
+    /// Words are spelled in GPT-2's byte alphabet before merging; otherwise they merge as raw
+    /// UTF-8 and characters that are no token fall back to `<0xXX>` byte tokens.
+    pub byte_encode: bool,
+    /// Spaces become U+2581 before the split, and U+2581 a space again when decoding.
+    pub escape_whitespaces: bool,
+    /// A word made only of newlines that is a token as a whole skips the merges.
+    pub newline_runs: bool,
 }
 
 impl PreTokenizer {
@@ -45,6 +62,9 @@ impl PreTokenizer {
         let mut clean_spaces = true;
         let mut ignore_merges = false;
         let mut add_bos = false;
+        let mut force_add_bos = false;
+        let mut spm_style = false;
+        let mut newline_runs = false;
         let exprs: Vec<&str> = match pre {
             "default" => vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" => {
@@ -102,6 +122,12 @@ impl PreTokenizer {
                 vec![QWEN35]
             }
             "stablelm2" | "megrez" => vec![QWEN2],
+            "gemma4" => {
+                spm_style = true;
+                newline_runs = true;
+                force_add_bos = true;
+                vec![NEWLINES]
+            }
             "poro-chat" => {
                 clean_spaces = false;
                 vec![r" ?[^(\s|.,!?…。，、।۔،)]+"]
@@ -134,7 +160,7 @@ impl PreTokenizer {
             other => {
                 return Err(Error::Tokenizer(format!(
                     "unknown pre-tokenizer type {other:?} (tokenizer.ggml.pre); lethe knows: default, gpt-2, llama3/llama-bpe, \
-                     qwen2, qwen35, smollm, starcoder, deepseek-*, falcon, tekken, chameleon and their aliases"
+                     qwen2, qwen35, gemma4, smollm, starcoder, deepseek-*, falcon, tekken, chameleon and their aliases"
                 )))
             }
         };
@@ -154,6 +180,7 @@ impl PreTokenizer {
                     digits: 1,
                     marks: true,
                 },
+                NEWLINES => Splitter::Newlines,
                 _ => Splitter::Regex(Box::new(fancy_regex::Regex::new(e).map_err(|err| {
                     Error::Tokenizer(format!("pre-tokenizer {pre:?}: bad regex {e:?}: {err}"))
                 })?)),
@@ -165,6 +192,10 @@ impl PreTokenizer {
             clean_spaces,
             ignore_merges,
             add_bos,
+            force_add_bos,
+            byte_encode: !spm_style,
+            escape_whitespaces: spm_style,
+            newline_runs,
         })
     }
 
@@ -184,6 +215,7 @@ impl PreTokenizer {
                     Splitter::Words { digits, marks } => {
                         split_words(part, s, *digits, *marks, &mut next)
                     }
+                    Splitter::Newlines => split_newlines(part, s, &mut next),
                     Splitter::Regex(re) => split_regex(re, part, s, &mut next),
                 }
             }
@@ -425,6 +457,21 @@ fn split_words(part: &str, base: usize, digits: usize, marks: bool, out: &mut Ve
     }
 }
 
+/// `[^\n]+|[\n]+`: runs of newlines and runs of everything else.
+fn split_newlines(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
+    let b = part.as_bytes();
+    let mut start = 0;
+    while start < b.len() {
+        let newline = b[start] == b'\n';
+        let len = b[start..]
+            .iter()
+            .position(|&x| (x == b'\n') != newline)
+            .unwrap_or(b.len() - start);
+        out.push((base + start, base + start + len));
+        start += len;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,6 +540,15 @@ mod tests {
     }
 
     #[test]
+    fn gemma4_splits_on_newline_runs() {
+        let p = PreTokenizer::new("gemma4").unwrap();
+        assert!(!p.byte_encode && p.escape_whitespaces && p.newline_runs && p.force_add_bos);
+        assert_eq!(split("gemma4", "a b\n\n c\n"), ["a b", "\n\n", " c", "\n"]);
+        assert_eq!(split("gemma4", "\n"), ["\n"]);
+        assert!(split("gemma4", "").is_empty());
+    }
+
+    #[test]
     fn default_pre() {
         assert_eq!(
             split("default", "a+b=1234"),
@@ -514,6 +570,7 @@ mod tests {
             "llama3",
             "qwen2",
             "qwen35",
+            "gemma4",
             "smollm",
             "deepseek-llm",
             "deepseek-coder",
