@@ -154,7 +154,7 @@ fn model_defaults(
 }
 
 /// The defaults of a BPE model with pre-tokenizer `pre`, its merges read from the file;
-/// `special` is the default BOS and EOS id.
+/// `special` is the default BOS and EOS id (no default BOS where the pre-tokenizer says so).
 fn bpe_defaults(
     f: &GgufFile,
     pre: &str,
@@ -166,6 +166,7 @@ fn bpe_defaults(
         .get_array("tokenizer.ggml.merges")
         .map_err(|e| terr(format!("tokenizer merges: {e}")))?;
     let (clean_spaces, add_bos) = (pt.clean_spaces, pt.add_bos);
+    let bos = special.filter(|_| !pt.no_default_bos);
     let b = match merges {
         Array::String(m) => bpe::Bpe::new(pt, m, vocab)?,
         // Merges that are no strings split as empty ones do.
@@ -173,7 +174,7 @@ fn bpe_defaults(
     };
     Ok(ModelDefaults {
         model: Model::Bpe(Box::new(b)),
-        bos: special,
+        bos,
         eos: special,
         unk: None,
         add_bos,

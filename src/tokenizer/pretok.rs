@@ -55,6 +55,8 @@ pub(crate) struct PreTokenizer {
     pub escape_whitespaces: bool,
     /// A word made only of newlines that is a token as a whole skips the merges.
     pub newline_runs: bool,
+    /// The tokenizer model's default BOS id does not apply (ChatGLM's vocabularies).
+    pub no_default_bos: bool,
 }
 
 impl PreTokenizer {
@@ -65,15 +67,25 @@ impl PreTokenizer {
         let mut force_add_bos = false;
         let mut spm_style = false;
         let mut newline_runs = false;
+        let mut no_default_bos = false;
         let exprs: Vec<&str> = match pre {
             "default" => vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" => {
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
+            | "jina-v5-nano" => {
                 ignore_merges = true;
                 add_bos = true;
                 vec![LLAMA3]
             }
             "dbrx" | "smaug-bpe" => vec![LLAMA3],
-            "chatglm-bpe" | "glm4" => vec![LLAMA3],
+            "chatglm-bpe" => {
+                no_default_bos = true;
+                vec![LLAMA3]
+            }
+            "glm4" | "glm5" => {
+                no_default_bos = true;
+                ignore_merges = true;
+                vec![LLAMA3]
+            }
             "deepseek-llm" => {
                 clean_spaces = false;
                 vec![
@@ -97,7 +109,7 @@ impl PreTokenizer {
                 clean_spaces = false;
                 vec![r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"]
             }
-            "deepseek-v3" => {
+            "deepseek-v3" | "hunyuan-dense" | "hy_v4" | "joyai-llm" => {
                 clean_spaces = false;
                 vec![
                     r"\p{N}{1,3}",
@@ -106,14 +118,20 @@ impl PreTokenizer {
                 ]
             }
             "falcon" => vec![r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"],
-            "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" => vec![r"\p{N}", GPT2],
+            "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => vec![r"\p{N}", GPT2],
             "command-r" | "smollm" => {
                 clean_spaces = false;
                 vec![r"\p{N}", GPT2]
             }
             "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v1-en" | "jina-v2-es" | "jina-v2-de"
-            | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais" | "exaone4" | "a.x-4.0" | "mellum" => vec![GPT2],
-            "qwen2" | "deepseek-r1-qwen" => {
+            | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais" | "exaone4" | "a.x-4.0" | "mellum" | "modern-bert" => {
+                vec![GPT2]
+            }
+            "trillion" | "granite-docling" => {
+                clean_spaces = false;
+                vec![GPT2]
+            }
+            "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "solar-open" | "grok-2" => {
                 clean_spaces = false;
                 vec![QWEN2]
             }
@@ -122,10 +140,19 @@ impl PreTokenizer {
                 vec![QWEN35]
             }
             "stablelm2" | "megrez" => vec![QWEN2],
-            "gemma4" => {
+            "laguna" => {
+                clean_spaces = false;
+                vec![NEWLINES, QWEN2]
+            }
+            "gemma4" | "granite-embed-multi-311m" => {
                 spm_style = true;
                 newline_runs = true;
                 force_add_bos = true;
+                vec![NEWLINES]
+            }
+            "sarvam-moe" => {
+                spm_style = true;
+                clean_spaces = false;
                 vec![NEWLINES]
             }
             "poro-chat" => {
@@ -160,7 +187,8 @@ impl PreTokenizer {
             other => {
                 return Err(Error::Tokenizer(format!(
                     "unknown pre-tokenizer type {other:?} (tokenizer.ggml.pre); lethe knows: default, gpt-2, llama3/llama-bpe, \
-                     qwen2, qwen35, gemma4, smollm, starcoder, deepseek-*, falcon, tekken, chameleon and their aliases"
+                     qwen2, qwen35, gemma4, smollm, starcoder, deepseek-*, falcon, tekken, chameleon, laguna, \
+                     sarvam-moe and their aliases"
                 )))
             }
         };
@@ -196,6 +224,7 @@ impl PreTokenizer {
             byte_encode: !spm_style,
             escape_whitespaces: spm_style,
             newline_runs,
+            no_default_bos,
         })
     }
 
@@ -549,6 +578,22 @@ mod tests {
     }
 
     #[test]
+    fn aliases_share_their_patterns_and_flags() {
+        let p = PreTokenizer::new("glm5").unwrap();
+        assert!(p.ignore_merges && p.no_default_bos && p.clean_spaces);
+        let p = PreTokenizer::new("sarvam-moe").unwrap();
+        assert!(p.escape_whitespaces && !p.byte_encode && !p.newline_runs && !p.force_add_bos);
+        assert!(!p.clean_spaces);
+        assert!(!PreTokenizer::new("grok-2").unwrap().clean_spaces);
+        let text = "Hello, WORLD's 12345\n\n  x";
+        assert_eq!(split("jina-v5-nano", text), split("llama3", text));
+        assert_eq!(split("grok-2", text), split("qwen2", text));
+        assert_eq!(split("hy_v4", text), split("deepseek-v3", text));
+        // laguna splits on newline runs first, then as qwen2.
+        assert_eq!(split("laguna", "a b\n\n 1"), ["a", " b", "\n\n", " ", "1"]);
+    }
+
+    #[test]
     fn default_pre() {
         assert_eq!(
             split("default", "a+b=1234"),
@@ -571,6 +616,8 @@ mod tests {
             "qwen2",
             "qwen35",
             "gemma4",
+            "sarvam-moe",
+            "laguna",
             "smollm",
             "deepseek-llm",
             "deepseek-coder",
