@@ -18,6 +18,10 @@ use std::sync::Mutex;
 /// Most words cached before the cache is cleared.
 const CACHE_MAX: usize = 1 << 16;
 
+/// Longest word (in bytes, as spelled for merging) the cache keeps: pre-tokenizers that split
+/// only on newlines (gemma4) make whole lines words, which seldom repeat.
+const CACHE_WORD_MAX: usize = 256;
+
 /// No token and no part of a merge.
 const NONE: u32 = u32::MAX;
 
@@ -163,6 +167,9 @@ impl Bpe {
             }
             let ids = self.encode_word(&word, raw.as_bytes(), vocab);
             out.extend_from_slice(&ids);
+            if word.len() > CACHE_WORD_MAX {
+                continue;
+            }
             if let Ok(mut cache) = self.cache.lock() {
                 if cache.len() >= CACHE_MAX {
                     cache.clear();
