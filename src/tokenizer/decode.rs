@@ -27,18 +27,16 @@ impl Tokenizer {
         match self.model {
             Model::Spm => {
                 if a & attr::NORMAL != 0 {
-                    for (k, part) in text.split('\u{2581}').enumerate() {
-                        if k > 0 {
-                            out.push(b' ');
-                        }
-                        out.extend_from_slice(part.as_bytes());
-                    }
+                    unescape_whitespace(text, out);
                 } else if a & attr::BYTE != 0 {
                     out.push(byte_piece());
                 }
             }
-            Model::Bpe(_) => {
-                if a & attr::NORMAL != 0 {
+            Model::Bpe(ref b) => {
+                if a & attr::NORMAL != 0 && b.pre.escape_whitespaces {
+                    // Raw UTF-8 with spaces escaped.
+                    unescape_whitespace(text, out);
+                } else if a & attr::NORMAL != 0 {
                     for c in text.chars() {
                         match unicode::char_to_byte(c) {
                             Some(b) => out.push(b),
@@ -92,6 +90,16 @@ impl Tokenizer {
             clean_spaces(&mut text);
         }
         text
+    }
+}
+
+/// Appends `text` with each U+2581 a space again (llama.cpp's `llama_unescape_whitespace`).
+fn unescape_whitespace(text: &str, out: &mut Vec<u8>) {
+    for (k, part) in text.split('\u{2581}').enumerate() {
+        if k > 0 {
+            out.push(b' ');
+        }
+        out.extend_from_slice(part.as_bytes());
     }
 }
 

@@ -99,7 +99,7 @@ fn read_vocab(f: &GgufFile) -> Result<FileVocab> {
     })
 }
 
-/// The defaults of tokenizer model `name`; for byte-level BPE, its pre-tokenizer and merges.
+/// The defaults of tokenizer model `name`; for BPE, its pre-tokenizer and merges.
 fn model_defaults(
     f: &GgufFile,
     name: &str,
@@ -130,32 +130,58 @@ fn model_defaults(
             } else {
                 pre
             };
-            let pt = pretok::PreTokenizer::new(pre)?;
-            let merges = f
-                .get_array("tokenizer.ggml.merges")
-                .map_err(|e| terr(format!("tokenizer merges: {e}")))?;
-            let (clean_spaces, add_bos) = (pt.clean_spaces, pt.add_bos);
-            let b = match merges {
-                Array::String(m) => bpe::Bpe::new(pt, m, vocab)?,
-                // Merges that are no strings split as empty ones do.
-                other => bpe::Bpe::new(pt, &(0..other.len()).map(|_| "").collect(), vocab)?,
-            };
-            Ok(ModelDefaults {
-                model: Model::Bpe(Box::new(b)),
-                bos: Some(11),
-                eos: Some(11),
-                unk: None,
-                add_bos,
-                add_eos: false,
-                add_space_prefix: false,
-                clean_spaces,
-            })
+            bpe_defaults(f, pre, vocab, Some(11))
         }
-        other => Err(terr(format!(
-            "unsupported tokenizer model {other:?} (tokenizer.ggml.model); lethe reads \"gpt2\" \
-             and \"llama\""
-        ))),
+        // BPE over raw UTF-8 with SentencePiece's escaped spaces and byte tokens; the model
+        // implies its pre-tokenizer, whatever tokenizer.ggml.pre says, and no default special
+        // tokens.
+        "gemma4" => bpe_defaults(f, "gemma4", vocab, None),
+        other => {
+            let what = match other {
+                "bert" => " (WordPiece)",
+                "t5" => " (Unigram)",
+                "rwkv" => " (RWKV)",
+                "plamo2" => " (PLaMo-2)",
+                _ => "",
+            };
+            Err(terr(format!(
+                "unsupported tokenizer model {other:?}{what} (tokenizer.ggml.model); lethe reads \
+                 \"llama\" (SentencePiece), \"gpt2\" (byte-level BPE) and \"gemma4\" (BPE over \
+                 UTF-8)"
+            )))
+        }
     }
+}
+
+/// The defaults of a BPE model with pre-tokenizer `pre`, its merges read from the file;
+/// `special` is the default BOS and EOS id (no default BOS where the pre-tokenizer says so).
+fn bpe_defaults(
+    f: &GgufFile,
+    pre: &str,
+    vocab: &Vocab,
+    special: Option<u32>,
+) -> Result<ModelDefaults> {
+    let pt = pretok::PreTokenizer::new(pre)?;
+    let merges = f
+        .get_array("tokenizer.ggml.merges")
+        .map_err(|e| terr(format!("tokenizer merges: {e}")))?;
+    let (clean_spaces, add_bos) = (pt.clean_spaces, pt.add_bos);
+    let bos = special.filter(|_| !pt.no_default_bos);
+    let b = match merges {
+        Array::String(m) => bpe::Bpe::new(pt, m, vocab)?,
+        // Merges that are no strings split as empty ones do.
+        other => bpe::Bpe::new(pt, &(0..other.len()).map(|_| "").collect(), vocab)?,
+    };
+    Ok(ModelDefaults {
+        model: Model::Bpe(Box::new(b)),
+        bos,
+        eos: special,
+        unk: None,
+        add_bos,
+        add_eos: false,
+        add_space_prefix: false,
+        clean_spaces,
+    })
 }
 
 fn meta_bool(f: &GgufFile, key: &str) -> Option<bool> {
@@ -223,7 +249,13 @@ impl Tokenizer {
         let add_space_prefix =
             meta_bool(f, "tokenizer.ggml.add_space_prefix").unwrap_or(d.add_space_prefix);
         read_special_ids(f, n, &mut ids, &mut warnings);
-        let add_bos = meta_bool(f, "tokenizer.ggml.add_bos_token").unwrap_or(d.add_bos);
+        let mut add_bos = meta_bool(f, "tokenizer.ggml.add_bos_token").unwrap_or(d.add_bos);
+        if !add_bos && matches!(&d.model, Model::Bpe(b) if b.pre.force_add_bos) {
+            warnings.push(format!(
+                "tokenizer.ggml.add_bos_token is false; {model_name} tokenizers add BOS, using true"
+            ));
+            add_bos = true;
+        }
         let add_eos = meta_bool(f, "tokenizer.ggml.add_eos_token").unwrap_or(d.add_eos);
 
         let eog = ids.detect(&vocab, &mut attrs);
@@ -286,6 +318,64 @@ mod tests {
         assert!(t.warnings().is_empty(), "{:?}", t.warnings());
         assert_eq!((t.bos(), t.eos(), t.unk()), (Some(1), Some(2), Some(0)));
         assert_eq!(t.encode("a", true, false), [1, 3]);
+    }
+
+    #[test]
+    fn gemma4_is_bpe_over_utf8_with_escaped_spaces() {
+        let tokens = [
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<unk>",
+            "a",
+            "b",
+            "\u{2581}",
+            "\u{2581}a",
+            "<0xC3>",
+            "<0xA9>",
+            "ab",
+            ",",
+        ];
+        // normal 1, unknown 2, control 3, byte 6
+        let types: Vec<i32> = vec![3, 3, 3, 2, 1, 1, 1, 1, 6, 6, 1, 1];
+        let merges: Vec<String> = ["\u{2581} a", "a b"]
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        let f = file(
+            "gemma4",
+            &tokens,
+            &[
+                ("tokenizer.ggml.token_type", types.into()),
+                ("tokenizer.ggml.merges", merges.into()),
+                // The model implies its pre-tokenizer, whatever the file says.
+                ("tokenizer.ggml.pre", Value::from("llama-bpe")),
+                ("tokenizer.ggml.bos_token_id", Value::U32(2)),
+                ("tokenizer.ggml.eos_token_id", Value::U32(1)),
+                ("tokenizer.ggml.unknown_token_id", Value::U32(3)),
+                ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+            ],
+        );
+        let t = Tokenizer::from_gguf(&f).unwrap();
+        assert_eq!(t.vocab_type(), super::super::VocabType::Bpe);
+        assert_eq!(t.pre_type(), Some("gemma4"));
+        // BOS is added whatever the file says, with a warning.
+        assert!(t.add_bos());
+        assert_eq!(t.warnings().len(), 1, "{:?}", t.warnings());
+        assert!(t.warnings()[0].contains("add_bos_token"));
+        // "a\u{2581}ab\u{2581}\u{e9}": "\u{2581}a" merges first, so "ab" never forms; the
+        // "\u{e9}" is no token and goes as its two byte tokens.
+        let ids = t.encode("a ab \u{e9}", true, false);
+        assert_eq!(ids, [2, 4, 7, 5, 6, 8, 9]);
+        assert_eq!(t.encode("ab", false, false), [10]);
+        // Decoding: U+2581 is a space again, byte tokens their bytes, BOS only with special.
+        assert_eq!(t.decode(&ids, false), "a ab \u{e9}");
+        assert_eq!(t.decode(&ids, true), "<bos>a ab \u{e9}");
+        assert_eq!(t.token_to_piece(7, false), b" a");
+        assert_eq!(t.token_to_piece(8, false), [0xC3]);
+        // llama.cpp's clean-up of spaces applies to gemma4 as to other BPE vocabularies.
+        let comma = t.encode("a ,", false, false);
+        assert_eq!(t.decode(&comma, false), "a,");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Tokenizers read from GGUF metadata, matching llama.cpp's `llama-vocab.cpp` token for token:
-//! byte-level BPE (`tokenizer.ggml.model = "gpt2"`, with llama.cpp's pre-tokenizer table) and
+//! byte-level BPE (`tokenizer.ggml.model = "gpt2"`, with llama.cpp's pre-tokenizer table), BPE
+//! over raw UTF-8 with SentencePiece's escaped spaces and byte tokens (`"gemma4"`) and
 //! SentencePiece-style merging (`"llama"`), special tokens parsed out of the text first,
 //! detokenizing as `llama_detokenize`, and chat templates (see [`template`]).
 //!
@@ -42,7 +43,7 @@ pub mod attr {
 pub enum VocabType {
     /// SentencePiece-style (`tokenizer.ggml.model = "llama"`).
     Spm,
-    /// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`).
+    /// BPE: byte-level (`tokenizer.ggml.model = "gpt2"`) or over UTF-8 (`"gemma4"`).
     Bpe,
 }
 

@@ -1,21 +1,37 @@
 //! Pre-tokenizers for byte-level BPE: llama.cpp's table of regex lists keyed by
 //! `tokenizer.ggml.pre`, applied as `unicode_regex_split` applies them (each regex splits every
-//! piece the previous ones left; text between matches stays a piece of its own). The GPT-2 and
-//! LLaMA-3 patterns run through ports of llama.cpp's hand-written matchers, as llama.cpp does.
+//! piece the previous ones left; text between matches stays a piece of its own). The GPT-2,
+//! LLaMA-3, Qwen2 and Qwen3.5 patterns and the newline split run through ports of llama.cpp's
+//! hand-written matchers, as llama.cpp does.
+//!
+//! Most vocabularies are byte-level: each word is spelled in GPT-2's byte-to-unicode alphabet
+//! before the merges. The SentencePiece-style BPE vocabularies (Gemma 4's `gemma4` model) merge
+//! raw UTF-8 instead, with spaces escaped to U+2581 first (`byte_encode`, `escape_whitespaces`).
 
-use super::unicode::{is_letter, is_number, is_whitespace};
+use super::unicode::{is_letter, is_mark, is_number, is_whitespace};
 use crate::{Error, Result};
 
 const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's pattern where letter runs take combining marks (`\p{M}`) too.
+const QWEN35: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Runs of newlines and runs of anything else.
+const NEWLINES: &str = r"[^\n]+|[\n]+";
 
 /// One step of the split.
 pub(crate) enum Splitter {
     /// llama.cpp's `unicode_regex_split_custom_gpt2`.
     Gpt2,
-    /// llama.cpp's `unicode_regex_split_custom_llama3`.
-    Llama3,
+    /// llama.cpp's `unicode_regex_split_custom_llama3`, `_qwen2` and `_qwen35`: one matcher
+    /// whose number runs are at most `digits` long and whose letter runs take combining marks
+    /// when `marks`.
+    Words {
+        digits: usize,
+        marks: bool,
+    },
+    /// llama.cpp's `unicode_regex_split_custom_newlines`.
+    Newlines,
     Regex(Box<fancy_regex::Regex>),
 }
 
@@ -30,6 +46,17 @@ pub(crate) struct PreTokenizer {
     pub ignore_merges: bool,
     /// Default for add_bos when the metadata does not say.
     pub add_bos: bool,
+    /// add_bos is on whatever the metadata says (llama.cpp's override for Gemma 4).
+    pub force_add_bos: bool,
+    /// Words are spelled in GPT-2's byte alphabet before merging; otherwise they merge as raw
+    /// UTF-8 and characters that are no token fall back to `<0xXX>` byte tokens.
+    pub byte_encode: bool,
+    /// Spaces become U+2581 before the split, and U+2581 a space again when decoding.
+    pub escape_whitespaces: bool,
+    /// A word made only of newlines that is a token as a whole skips the merges.
+    pub newline_runs: bool,
+    /// The tokenizer model's default BOS id does not apply (ChatGLM's vocabularies).
+    pub no_default_bos: bool,
 }
 
 impl PreTokenizer {
@@ -37,15 +64,28 @@ impl PreTokenizer {
         let mut clean_spaces = true;
         let mut ignore_merges = false;
         let mut add_bos = false;
+        let mut force_add_bos = false;
+        let mut spm_style = false;
+        let mut newline_runs = false;
+        let mut no_default_bos = false;
         let exprs: Vec<&str> = match pre {
             "default" => vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" => {
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
+            | "jina-v5-nano" => {
                 ignore_merges = true;
                 add_bos = true;
                 vec![LLAMA3]
             }
             "dbrx" | "smaug-bpe" => vec![LLAMA3],
-            "chatglm-bpe" | "glm4" => vec![LLAMA3],
+            "chatglm-bpe" => {
+                no_default_bos = true;
+                vec![LLAMA3]
+            }
+            "glm4" | "glm5" => {
+                no_default_bos = true;
+                ignore_merges = true;
+                vec![LLAMA3]
+            }
             "deepseek-llm" => {
                 clean_spaces = false;
                 vec![
@@ -69,7 +109,7 @@ impl PreTokenizer {
                 clean_spaces = false;
                 vec![r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"]
             }
-            "deepseek-v3" => {
+            "deepseek-v3" | "hunyuan-dense" | "hy_v4" | "joyai-llm" => {
                 clean_spaces = false;
                 vec![
                     r"\p{N}{1,3}",
@@ -78,18 +118,43 @@ impl PreTokenizer {
                 ]
             }
             "falcon" => vec![r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"],
-            "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" => vec![r"\p{N}", GPT2],
+            "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => vec![r"\p{N}", GPT2],
             "command-r" | "smollm" => {
                 clean_spaces = false;
                 vec![r"\p{N}", GPT2]
             }
             "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v1-en" | "jina-v2-es" | "jina-v2-de"
-            | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais" | "exaone4" | "a.x-4.0" | "mellum" => vec![GPT2],
-            "qwen2" | "deepseek-r1-qwen" => {
+            | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais" | "exaone4" | "a.x-4.0" | "mellum" | "modern-bert" => {
+                vec![GPT2]
+            }
+            "trillion" | "granite-docling" => {
+                clean_spaces = false;
+                vec![GPT2]
+            }
+            "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "solar-open" | "grok-2" => {
                 clean_spaces = false;
                 vec![QWEN2]
             }
+            "qwen35" => {
+                clean_spaces = false;
+                vec![QWEN35]
+            }
             "stablelm2" | "megrez" => vec![QWEN2],
+            "laguna" => {
+                clean_spaces = false;
+                vec![NEWLINES, QWEN2]
+            }
+            "gemma4" | "granite-embed-multi-311m" => {
+                spm_style = true;
+                newline_runs = true;
+                force_add_bos = true;
+                vec![NEWLINES]
+            }
+            "sarvam-moe" => {
+                spm_style = true;
+                clean_spaces = false;
+                vec![NEWLINES]
+            }
             "poro-chat" => {
                 clean_spaces = false;
                 vec![r" ?[^(\s|.,!?…。，、।۔،)]+"]
@@ -122,7 +187,8 @@ impl PreTokenizer {
             other => {
                 return Err(Error::Tokenizer(format!(
                     "unknown pre-tokenizer type {other:?} (tokenizer.ggml.pre); lethe knows: default, gpt-2, llama3/llama-bpe, \
-                     qwen2, smollm, starcoder, deepseek-*, falcon, tekken, chameleon and their aliases"
+                     qwen2, qwen35, gemma4, smollm, starcoder, deepseek-*, falcon, tekken, chameleon, laguna, \
+                     sarvam-moe and their aliases"
                 )))
             }
         };
@@ -130,7 +196,19 @@ impl PreTokenizer {
         for e in exprs {
             steps.push(match e {
                 GPT2 => Splitter::Gpt2,
-                LLAMA3 => Splitter::Llama3,
+                LLAMA3 => Splitter::Words {
+                    digits: 3,
+                    marks: false,
+                },
+                QWEN2 => Splitter::Words {
+                    digits: 1,
+                    marks: false,
+                },
+                QWEN35 => Splitter::Words {
+                    digits: 1,
+                    marks: true,
+                },
+                NEWLINES => Splitter::Newlines,
                 _ => Splitter::Regex(Box::new(fancy_regex::Regex::new(e).map_err(|err| {
                     Error::Tokenizer(format!("pre-tokenizer {pre:?}: bad regex {e:?}: {err}"))
                 })?)),
@@ -142,6 +220,11 @@ impl PreTokenizer {
             clean_spaces,
             ignore_merges,
             add_bos,
+            force_add_bos,
+            byte_encode: !spm_style,
+            escape_whitespaces: spm_style,
+            newline_runs,
+            no_default_bos,
         })
     }
 
@@ -158,7 +241,10 @@ impl PreTokenizer {
                 let part = &text[s..e];
                 match step {
                     Splitter::Gpt2 => split_gpt2(part, s, &mut next),
-                    Splitter::Llama3 => split_llama3(part, s, &mut next),
+                    Splitter::Words { digits, marks } => {
+                        split_words(part, s, *digits, *marks, &mut next)
+                    }
+                    Splitter::Newlines => split_newlines(part, s, &mut next),
                     Splitter::Regex(re) => split_regex(re, part, s, &mut next),
                 }
             }
@@ -307,11 +393,17 @@ fn split_gpt2(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
     }
 }
 
-/// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
-fn split_llama3(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
+/// LLaMA-3's `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
+/// with numbers of at most `digits` digits (Qwen2: `\p{N}`), and with `\p{M}` beside `\p{L}`
+/// in the letter runs and the class of other characters when `marks` (Qwen3.5).
+fn split_words(part: &str, base: usize, digits: usize, marks: bool, out: &mut Vec<(usize, usize)>) {
     let cp = Cpts::new(part);
     let n = cp.chars.len();
     let mut em = Emitter { prev: 0, base, out };
+    // `\p{L}`, or `[\p{L}\p{M}]` with marks.
+    let wordish = |i: usize| cp.letter(i) || (marks && cp.get(i).is_some_and(is_mark));
+    // `[^\s\p{L}\p{N}]` (and not `\p{M}` with marks) for an existing codepoint.
+    let other = |i: usize| cp.other(i) && !(marks && cp.get(i).is_some_and(is_mark));
     let mut pos = 0;
     while pos < n {
         let c = cp.chars[pos];
@@ -330,20 +422,20 @@ fn split_llama3(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
             }
         }
         // [^\r\n\p{L}\p{N}]?\p{L}+
-        if !(c == '\r' || c == '\n' || is_number(c)) && (is_letter(c) || cp.letter(pos + 1)) {
+        if !(c == '\r' || c == '\n' || is_number(c)) && (wordish(pos) || wordish(pos + 1)) {
             pos += 1;
-            while cp.letter(pos) {
+            while wordish(pos) {
                 pos += 1;
             }
             em.add(&cp, pos);
             continue;
         }
-        // \p{N}{1,3}
+        // \p{N}{1,digits}
         if is_number(c) {
             let mut ini = pos;
             while cp.number(pos) {
                 pos += 1;
-                if pos - ini >= 3 {
+                if pos - ini >= digits {
                     em.add(&cp, pos);
                     ini = pos;
                 }
@@ -353,9 +445,9 @@ fn split_llama3(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
         }
         // <space>?[^\s\p{L}\p{N}]+[\r\n]*
         let q = if c == ' ' { pos + 1 } else { pos };
-        if cp.other(q) {
+        if other(q) {
             pos = q;
-            while cp.other(pos) {
+            while other(pos) {
                 pos += 1;
             }
             while matches!(cp.get(pos), Some('\r' | '\n')) {
@@ -391,6 +483,21 @@ fn split_llama3(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
         }
         pos += 1;
         em.add(&cp, pos);
+    }
+}
+
+/// `[^\n]+|[\n]+`: runs of newlines and runs of everything else.
+fn split_newlines(part: &str, base: usize, out: &mut Vec<(usize, usize)>) {
+    let b = part.as_bytes();
+    let mut start = 0;
+    while start < b.len() {
+        let newline = b[start] == b'\n';
+        let len = b[start..]
+            .iter()
+            .position(|&x| (x == b'\n') != newline)
+            .unwrap_or(b.len() - start);
+        out.push((base + start, base + start + len));
+        start += len;
     }
 }
 
@@ -443,6 +550,50 @@ mod tests {
     }
 
     #[test]
+    fn qwen35_letter_runs_take_marks() {
+        // "Vie\u{0302}\u{0301}t": e with two combining marks stays in the word with qwen35;
+        // qwen2 cuts the word at the first mark and keeps the marks as a piece of their own.
+        let text = "Vie\u{0302}\u{0301}t Nam";
+        assert_eq!(split("qwen35", text), ["Vie\u{0302}\u{0301}t", " Nam"]);
+        assert_eq!(
+            split("qwen2", text),
+            ["Vie", "\u{0302}\u{0301}", "t", " Nam"]
+        );
+        // A mark after a space joins the space and the letters that follow.
+        assert_eq!(split("qwen35", "a \u{0301}b"), ["a", " \u{0301}b"]);
+        // Digits one by one, punctuation runs, newlines as in qwen2.
+        assert_eq!(
+            split("qwen35", "x 12!?\n\ny"),
+            ["x", " ", "1", "2", "!?\n\n", "y"]
+        );
+    }
+
+    #[test]
+    fn gemma4_splits_on_newline_runs() {
+        let p = PreTokenizer::new("gemma4").unwrap();
+        assert!(!p.byte_encode && p.escape_whitespaces && p.newline_runs && p.force_add_bos);
+        assert_eq!(split("gemma4", "a b\n\n c\n"), ["a b", "\n\n", " c", "\n"]);
+        assert_eq!(split("gemma4", "\n"), ["\n"]);
+        assert!(split("gemma4", "").is_empty());
+    }
+
+    #[test]
+    fn aliases_share_their_patterns_and_flags() {
+        let p = PreTokenizer::new("glm5").unwrap();
+        assert!(p.ignore_merges && p.no_default_bos && p.clean_spaces);
+        let p = PreTokenizer::new("sarvam-moe").unwrap();
+        assert!(p.escape_whitespaces && !p.byte_encode && !p.newline_runs && !p.force_add_bos);
+        assert!(!p.clean_spaces);
+        assert!(!PreTokenizer::new("grok-2").unwrap().clean_spaces);
+        let text = "Hello, WORLD's 12345\n\n  x";
+        assert_eq!(split("jina-v5-nano", text), split("llama3", text));
+        assert_eq!(split("grok-2", text), split("qwen2", text));
+        assert_eq!(split("hy_v4", text), split("deepseek-v3", text));
+        // laguna splits on newline runs first, then as qwen2.
+        assert_eq!(split("laguna", "a b\n\n 1"), ["a", " b", "\n\n", " ", "1"]);
+    }
+
+    #[test]
     fn default_pre() {
         assert_eq!(
             split("default", "a+b=1234"),
@@ -463,6 +614,10 @@ mod tests {
             "gpt-2",
             "llama3",
             "qwen2",
+            "qwen35",
+            "gemma4",
+            "sarvam-moe",
+            "laguna",
             "smollm",
             "deepseek-llm",
             "deepseek-coder",

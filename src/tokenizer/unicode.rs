@@ -57,35 +57,45 @@ pub(crate) fn bytes_to_unicode(s: &str) -> String {
     out
 }
 
-/// Ranges (inclusive) of the codepoints in general category L, from the regex engine's tables.
-fn letter_ranges() -> &'static [(u32, u32)] {
-    static R: OnceLock<Vec<(u32, u32)>> = OnceLock::new();
-    R.get_or_init(|| {
-        // Scan a string of every scalar value once; runs of \p{L} give the ranges.
-        let all: String = (0u32..=0x10FFFF).filter_map(char::from_u32).collect();
-        let re = fancy_regex::Regex::new(r"\p{L}+").expect("static regex");
-        let mut ranges = Vec::new();
-        for m in re.find_iter(&all).flatten() {
-            let s = m.as_str();
-            let (Some(first), Some(last)) = (s.chars().next(), s.chars().next_back()) else {
-                continue;
-            };
-            // Runs never span the surrogate gap with a non-letter, but split on gaps anyway.
-            let mut start = first as u32;
-            let mut prev = start;
-            for c in s.chars().skip(1) {
-                let c = c as u32;
-                if c != prev + 1 && !(prev == 0xD7FF && c == 0xE000) {
-                    ranges.push((start, prev));
-                    start = c;
-                }
-                prev = c;
+/// Ranges (inclusive) of the codepoints a `\p{..}+` regex of one class matches, from the
+/// regex engine's tables: a string of every scalar value is scanned once; its runs of matches
+/// give the ranges.
+fn class_ranges(class: &str) -> Vec<(u32, u32)> {
+    let all: String = (0u32..=0x10FFFF).filter_map(char::from_u32).collect();
+    let Ok(re) = fancy_regex::Regex::new(&format!("{class}+")) else {
+        return Vec::new();
+    };
+    let mut ranges = Vec::new();
+    for m in re.find_iter(&all).flatten() {
+        let mut chars = m.as_str().chars().map(|c| c as u32);
+        let Some(first) = chars.next() else { continue };
+        let (mut start, mut prev) = (first, first);
+        // A run that steps over the surrogate gap is still one range of scalar values.
+        for c in chars {
+            if c != prev + 1 && !(prev == 0xD7FF && c == 0xE000) {
+                ranges.push((start, prev));
+                start = c;
             }
-            debug_assert_eq!(prev, last as u32);
-            ranges.push((start, prev));
+            prev = c;
         }
-        ranges
-    })
+        ranges.push((start, prev));
+    }
+    ranges
+}
+
+fn in_ranges(ranges: &[(u32, u32)], c: char) -> bool {
+    let c = c as u32;
+    ranges
+        .binary_search_by(|&(lo, hi)| {
+            if hi < c {
+                std::cmp::Ordering::Less
+            } else if lo > c {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
 }
 
 /// `\p{L}`.
@@ -93,18 +103,17 @@ pub(crate) fn is_letter(c: char) -> bool {
     if c.is_ascii() {
         return c.is_ascii_alphabetic();
     }
-    let c = c as u32;
-    let r = letter_ranges();
-    r.binary_search_by(|&(lo, hi)| {
-        if hi < c {
-            std::cmp::Ordering::Less
-        } else if lo > c {
-            std::cmp::Ordering::Greater
-        } else {
-            std::cmp::Ordering::Equal
-        }
-    })
-    .is_ok()
+    static R: OnceLock<Vec<(u32, u32)>> = OnceLock::new();
+    in_ranges(R.get_or_init(|| class_ranges(r"\p{L}")), c)
+}
+
+/// `\p{M}` (general categories Mn, Mc, Me: combining marks), llama.cpp's "accent mark".
+pub(crate) fn is_mark(c: char) -> bool {
+    if c.is_ascii() {
+        return false;
+    }
+    static R: OnceLock<Vec<(u32, u32)>> = OnceLock::new();
+    in_ranges(R.get_or_init(|| class_ranges(r"\p{M}")), c)
 }
 
 /// `\p{N}` (general categories Nd, Nl, No).
@@ -138,5 +147,13 @@ mod tests {
         assert!(!is_letter('1') && !is_letter(' ') && !is_letter('!') && !is_letter('\u{093F}'));
         assert!(is_number('7') && is_number('½') && is_number('٣'));
         assert!(is_whitespace('\u{3000}') && is_whitespace('\u{85}') && !is_whitespace('\u{FEFF}'));
+        // Combining marks: acute, circumflex, a Devanagari vowel sign (Mc), an enclosing circle (Me).
+        assert!(
+            is_mark('\u{0301}')
+                && is_mark('\u{0302}')
+                && is_mark('\u{093F}')
+                && is_mark('\u{20DD}')
+        );
+        assert!(!is_mark('e') && !is_mark('é') && !is_mark('\'') && !is_mark('1'));
     }
 }
