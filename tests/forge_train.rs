@@ -752,3 +752,213 @@ fn forge_finetune_on_smollm2() {
     eprintln!("answer NLL per token: base {base:.3}, fine-tuned {tuned:.3}");
     assert!(tuned < base - 0.05, "{tuned} vs {base}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The commands on the tiny qwen2 and qwen3 models
+
+/// A tiny random-weight model of `arch` (tests/fixtures/goldens/arch/).
+fn arch_path(arch: &str) -> String {
+    fixture(&format!("goldens/arch/{arch}.gguf"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Four made-up question/answer rows to memorise (the tiny models' vocabulary is bytes and a
+/// few pieces, so a row is some 60 to 90 tokens through the chat template).
+fn memo_rows(dir: &TempDir, name: &str, k: usize) -> String {
+    let rows: Vec<serde_json::Value> = (0..4)
+        .map(|i| {
+            serde_json::json!({
+                "question": format!("Who keeps the lamp of tower {}?", i + k),
+                "answer": format!("Old Brannoc {}, every night.", ["Vell", "Harrow", "Quist", "Mab"][(i + k) % 4]),
+            })
+        })
+        .collect();
+    dir.file(name, &serde_json::to_string(&rows).unwrap())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `forge finetune` on the tiny qwen2 (q/k/v biases, NeoX rope, tied head) and qwen3 (q/k
+/// norms, q wider than n_embd) models: rank 8 on every matrix, four rows, eight epochs. The
+/// training loss falls to under half of the first epoch's, and the written LoRA, loaded by the
+/// engine as a patch, lowers the answers' NLL per token.
+#[test]
+fn forge_finetune_on_tiny_qwen2_and_qwen3() {
+    let dir = TempDir::new("forge-finetune-arch");
+    let data = memo_rows(&dir, "memo.json", 0);
+    for arch in ["qwen2", "qwen3"] {
+        let model = arch_path(arch);
+        let out = dir.join(&format!("{arch}.lora.gguf"));
+        let t0 = std::time::Instant::now();
+        let stdout = lethe(&[
+            "forge",
+            "finetune",
+            "-m",
+            &model,
+            "--data",
+            &data,
+            "--rank",
+            "8",
+            "--epochs",
+            "8",
+            "--batch",
+            "2",
+            "--lr",
+            "1e-2",
+            "-t",
+            "2",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let secs = t0.elapsed().as_secs_f64();
+        let losses = epoch_losses(&stdout);
+        assert_eq!(losses.len(), 8, "{stdout}");
+        let m = Model::open(&model, 2).unwrap();
+        let items = read_examples(&data).unwrap();
+        let (base, tuned) = (mean_nll(&m, None, &items), mean_nll(&m, Some(&out), &items));
+        eprintln!(
+            "{arch}: training loss {:.3} (epoch 1) -> {:.3} (epoch 8); answer NLL per token \
+             through the engine: base {base:.3}, fine-tuned {tuned:.3}; {secs:.1} s",
+            losses[0], losses[7]
+        );
+        assert!(losses[7] < 0.5 * losses[0], "{arch}: {losses:?}");
+        assert!(tuned < 0.5 * base, "{arch}: {tuned} vs {base}");
+    }
+}
+
+/// `forge uld` on the tiny qwen2: a one-block assistant with its LoRA and profile, which
+/// `profile check` accepts; the LoRA gives the forget answers a lower NLL in the assistant.
+#[test]
+fn forge_uld_on_tiny_qwen2() {
+    let dir = TempDir::new("forge-uld-arch");
+    let forget = memo_rows(&dir, "forget.json", 0);
+    let retain = memo_rows(&dir, "retain.json", 2);
+    let out = dir.join("assistant.gguf");
+    let model = arch_path("qwen2");
+    let t0 = std::time::Instant::now();
+    let stdout = lethe(&[
+        "forge",
+        "uld",
+        "-m",
+        &model,
+        "--forget",
+        &forget,
+        "--retain",
+        &retain,
+        "--hold-out-retain",
+        "1",
+        "--layers",
+        "1",
+        "--rank",
+        "4",
+        "--epochs",
+        "4",
+        "--lr",
+        "1e-2",
+        "--batch",
+        "2",
+        "-t",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(
+        stdout.contains("assistant: the first 1 of 3 blocks"),
+        "{stdout}"
+    );
+    let lora = dir.join("assistant.lora.gguf");
+    let profile = dir.join("assistant.toml");
+    for p in [&out, &lora, &profile] {
+        assert!(p.is_file(), "{} missing", p.display());
+    }
+    let check = lethe(&["profile", "check", profile.to_str().unwrap()]);
+    assert!(check.contains("profile \"uld\": ok"), "{check}");
+    let a = Model::open(&out, 2).unwrap();
+    assert_eq!((a.cfg.arch.name(), a.cfg.n_layer), ("qwen2", 1));
+    let items = read_examples(&forget).unwrap();
+    let (without, with) = (
+        mean_nll(&a, None, &items),
+        mean_nll(&a, Some(&lora), &items),
+    );
+    eprintln!(
+        "qwen2 ULD assistant: forget-answer NLL {without:.3} without its LoRA, {with:.3} with; \
+         {secs:.1} s"
+    );
+    assert!(with < without - 0.1, "{with} vs {without}");
+}
+
+/// `forge slug` on the tiny qwen2: every matrix scored from the training core's gradients,
+/// a step accepted (with a loose retain budget: the model is random) and its dense delta
+/// written.
+#[test]
+fn forge_slug_on_tiny_qwen2() {
+    let dir = TempDir::new("forge-slug-arch");
+    let forget = memo_rows(&dir, "forget.json", 0);
+    let retain = memo_rows(&dir, "retain.json", 2);
+    let out = dir.join("slug.gguf");
+    let model = arch_path("qwen2");
+    let t0 = std::time::Instant::now();
+    let stdout = lethe(&[
+        "forge",
+        "slug",
+        "-m",
+        &model,
+        "--forget",
+        &forget,
+        "--retain",
+        &retain,
+        "--max-retain-increase",
+        "1",
+        "-t",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    eprintln!("forge slug on qwen2: {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(
+        stdout.contains("scored 21 matrices of blocks 0..=2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("chosen: blk."), "{stdout}");
+    assert!(out.is_file());
+    let m = Model::open(&model, 2).unwrap();
+    lethe::patch::load(&out, &m).unwrap();
+}
+
+/// The training commands refuse the architectures lethe cannot train, naming the
+/// architecture and what is missing, before they write anything.
+#[test]
+fn forge_training_commands_refuse_other_architectures() {
+    let dir = TempDir::new("forge-refuse");
+    let data = memo_rows(&dir, "memo.json", 0);
+    let out = dir.join("x.gguf");
+    let o = out.to_str().unwrap();
+    for (arch, cmd) in [
+        ("phi2", vec!["finetune", "--data", &data]),
+        ("olmo2", vec!["finetune", "--data", &data, "--targets", "q"]),
+        (
+            "gemma2",
+            vec!["uld", "--forget", &data, "--retain", &data, "--layers", "1"],
+        ),
+        ("phi3", vec!["slug", "--forget", &data, "--retain", &data]),
+    ] {
+        let model = arch_path(arch);
+        let r = Command::new(env!("CARGO_BIN_EXE_lethe"))
+            .arg("forge")
+            .args(&cmd)
+            .args(["-m", &model, "-t", "1", "-o", o])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        eprintln!("forge {} on {arch}: {}", cmd[0], err.trim());
+        assert!(!r.status.success(), "{arch}: {err}");
+        assert!(
+            err.contains(&format!("training on {arch} is not supported: its ")),
+            "{arch}: {err}"
+        );
+        assert!(err.contains("lethe trains llama, qwen2 and qwen3"), "{err}");
+        assert!(!out.exists(), "{arch}: forge {} wrote {o}", cmd[0]);
+    }
+}

@@ -15,8 +15,8 @@
 
 mod common;
 
-use common::tiny::{tiny, variants, E, EPS, FF, N_LAYER, ROPE_BASE, VOCAB};
-use common::{model_path, Rng, TempDir};
+use common::tiny::{tiny, tiny_bytes, variants, E, EPS, FF, N_LAYER, ROPE_BASE};
+use common::{fixture, model_path, Rng, TempDir};
 use lethe::forge::train::attn::{attention_backward, attention_forward, Heads};
 use lethe::forge::train::linear::{linear_backward, linear_forward, lora_backward, lora_forward};
 use lethe::forge::train::loss::{cross_entropy, kl_uniform, smoothed_cross_entropy};
@@ -24,6 +24,7 @@ use lethe::forge::train::ops::{
     rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
 };
 use lethe::forge::train::{Lora, LoraParam, Objective, TrainModel};
+use lethe::gguf::{GgufFile, GgufWriter};
 use lethe::model::{Model, Precision, Proj};
 use lethe::patch::PatchSet;
 use lethe::pool::ThreadPool;
@@ -78,17 +79,45 @@ fn rmsnorm64(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
     out
 }
 
-/// Adjacent-pair rotary embedding of every head of each row (row `t` at position `t`).
-fn rope64(x: &mut [f64], n: usize, hd: usize, base: f64) {
+/// How a rotary embedding rotates each head: its first `n_rot` dimensions, in adjacent pairs
+/// `(2i, 2i + 1)` (llama) or NeoX halves `(i, i + n_rot / 2)` (qwen2, qwen3); the angle of
+/// pair `i` at position `p` is `p * base^(-2i / n_rot)`, and dimensions from `n_rot` on pass
+/// through.
+#[derive(Debug, Clone, Copy)]
+struct Rope64 {
+    n_rot: usize,
+    base: f64,
+    neox: bool,
+}
+
+impl Rope64 {
+    /// llama's: adjacent pairs over the whole head.
+    fn norm(hd: usize, base: f32) -> Self {
+        Rope64 {
+            n_rot: hd,
+            base: base as f64,
+            neox: false,
+        }
+    }
+}
+
+/// The rotary embedding `r` of every head of each row (row `t` at position `t`).
+fn rope64(x: &mut [f64], n: usize, hd: usize, r: Rope64) {
     let width = x.len() / n;
+    let half = r.n_rot / 2;
     for t in 0..n {
         for head in x[t * width..(t + 1) * width].chunks_mut(hd) {
-            for i in 0..hd / 2 {
-                let theta = t as f64 * base.powf(-2.0 * i as f64 / hd as f64);
+            for i in 0..half {
+                let theta = t as f64 * r.base.powf(-2.0 * i as f64 / r.n_rot as f64);
                 let (c, s) = (theta.cos(), theta.sin());
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * c - b * s;
-                head[2 * i + 1] = a * s + b * c;
+                let (ia, ib) = if r.neox {
+                    (i, i + half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (a, b) = (head[ia], head[ib]);
+                head[ia] = a * c - b * s;
+                head[ib] = a * s + b * c;
             }
         }
     }
@@ -164,22 +193,31 @@ fn kl64(logits: &[f64], nv: usize, mask: &[bool]) -> f64 {
     }
 }
 
-/// The whole model in f64, with an adapter (`lora[layer][slot]`: `(A [r, cols], B [rows, r])`).
+/// The whole model in f64, with an adapter (`lora[layer][slot]`: `(A [r, cols], B [rows, r])`):
+/// llama's block with qwen2's biases and qwen3's per-head q/k norms where the model has them.
 struct Ref {
-    emb: Vec<f64>, // [V, e]
-    out: Vec<f64>, // [V, e]
+    e: usize,
+    emb: Vec<f64>,              // [V, e]
+    out: Vec<f64>,              // [V, e]
+    out_bias: Option<Vec<f64>>, // [V]
     out_norm: Vec<f64>,
     layers: Vec<RefLayer>,
     heads: Heads,
+    rope: Rope64,
     eps: f64,
 }
 
 struct RefLayer {
     attn_norm: Vec<f64>,
     ffn_norm: Vec<f64>,
-    /// By slot: `[rows, cols]`, `(cols, rows)`.
-    w: Vec<(Vec<f64>, usize, usize)>,
+    /// By slot.
+    w: Vec<RefWeight>,
+    /// Per-head RMSNorm weights of q and k (`[hd]`, qwen3), applied before rope.
+    qk_norm: Option<(Vec<f64>, Vec<f64>)>,
 }
+
+/// A matrix `[rows, cols]`, `(cols, rows)`, and its bias `[rows]` if it has one.
+type RefWeight = (Vec<f64>, usize, usize, Option<Vec<f64>>);
 
 type RefLora = Vec<Vec<Option<(Vec<f64>, Vec<f64>)>>>; // [layer][slot]
 
@@ -201,15 +239,26 @@ fn reference(m: &Model) -> Ref {
                 &l.w_down,
             ]
             .iter()
-            .map(|w| (deq(m, w), w.cols, w.rows))
+            .map(|w| (deq(m, w), w.cols, w.rows, w.bias.as_deref().map(to64)))
             .collect(),
+            qk_norm: match (&l.q_norm, &l.k_norm) {
+                (Some(q), Some(k)) => Some((to64(&q.w), to64(&k.w))),
+                _ => None,
+            },
         })
         .collect();
     Ref {
+        e: c.n_embd,
         emb: deq(m, &m.tok_embd),
         out: deq(m, &m.output),
+        out_bias: m.output.bias.as_deref().map(to64),
         out_norm: to64(&m.output_norm.w),
         layers,
+        rope: Rope64 {
+            n_rot: c.n_rot,
+            base: c.rope_base as f64,
+            neox: c.rope_kind == RopeKind::Neox,
+        },
         heads: Heads {
             n_head: c.n_head,
             n_head_kv: c.n_head_kv,
@@ -232,15 +281,22 @@ impl Ref {
     /// Logits `[n, V]` of the first `n_layers` blocks with `lora` at factor `s`.
     fn logits(&self, tokens: &[u32], lora: &RefLora, s: f64, n_layers: usize) -> Vec<f64> {
         let n = tokens.len();
-        let (e, nv) = (E, self.emb.len() / E);
+        let (e, nv) = (self.e, self.emb.len() / self.e);
         let mut x: Vec<f64> = tokens
             .iter()
             .flat_map(|&t| self.emb[t as usize * e..(t as usize + 1) * e].to_vec())
             .collect();
         for (il, l) in self.layers[..n_layers].iter().enumerate() {
             let mm = |slot: usize, x: &[f64]| -> Vec<f64> {
-                let (w, cols, rows) = &l.w[slot];
+                let (w, cols, rows, bias) = &l.w[slot];
                 let mut y = mm64(w, *rows, *cols, x, n);
+                if let Some(bias) = bias {
+                    for row in y.chunks_mut(*rows) {
+                        for (y, b) in row.iter_mut().zip(bias) {
+                            *y += b;
+                        }
+                    }
+                }
                 if let Some((a, b)) = &lora[il][slot] {
                     let r = a.len() / cols;
                     let u = mm64(a, r, *cols, x, n);
@@ -255,8 +311,13 @@ impl Ref {
             let mut q = mm(0, &xn);
             let mut k = mm(1, &xn);
             let v = mm(2, &xn);
-            rope64(&mut q, n, self.heads.head_dim, ROPE_BASE as f64);
-            rope64(&mut k, n, self.heads.head_dim, ROPE_BASE as f64);
+            if let Some((qn, kn)) = &l.qk_norm {
+                // Each head's row of q and k (the norms are one head wide).
+                q = rmsnorm64(&q, qn, self.eps);
+                k = rmsnorm64(&k, kn, self.eps);
+            }
+            rope64(&mut q, n, self.heads.head_dim, self.rope);
+            rope64(&mut k, n, self.heads.head_dim, self.rope);
             let att = attention64(&self.heads, &q, &k, &v, n);
             for (x, o) in x.iter_mut().zip(mm(3, &att)) {
                 *x += o;
@@ -270,7 +331,15 @@ impl Ref {
             }
         }
         let xn = rmsnorm64(&x, &self.out_norm, self.eps);
-        mm64(&self.out, nv, e, &xn, n)
+        let mut z = mm64(&self.out, nv, e, &xn, n);
+        if let Some(b) = &self.out_bias {
+            for row in z.chunks_mut(nv) {
+                for (z, b) in row.iter_mut().zip(b) {
+                    *z += b;
+                }
+            }
+        }
+        z
     }
 }
 
@@ -291,21 +360,25 @@ fn fd_grad(f: &dyn Fn(&[f64]) -> f64, x: &[f64]) -> Vec<f64> {
     (0..x.len()).map(|i| fd(f, x, i, 1e-5)).collect()
 }
 
-/// `|got - want| <= rel * max|want| + rel * |want|` everywhere (see the error budget).
-fn assert_grad(what: &str, got: &[f32], want: &[f64], rel: f64) {
+/// `|got - want| <= rel * max|want| + rel * |want|` everywhere (see the error budget); returns
+/// the largest `|got - want| / max|want|`.
+fn assert_grad(what: &str, got: &[f32], want: &[f64], rel: f64) -> f64 {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     assert!(
         scale > 0.0,
         "{what}: the gradient is zero, nothing is checked"
     );
+    let mut worst = 0f64;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let tol = rel * scale + rel * w.abs();
         assert!(
             (g as f64 - w).abs() <= tol,
             "{what}[{i}]: got {g}, finite differences {w} (tolerance {tol:.3e}, scale {scale:.3e})"
         );
+        worst = worst.max((g as f64 - w).abs() / scale);
     }
+    worst
 }
 
 fn pool() -> ThreadPool {
@@ -349,7 +422,7 @@ fn rope_backward_is_the_transposed_rotation() {
     let mut y = x.clone();
     rope_forward(&table, &mut y, n, hd, 0);
     let mut want_y = to64(&x);
-    rope64(&mut want_y, n, hd, ROPE_BASE as f64);
+    rope64(&mut want_y, n, hd, Rope64::norm(hd, ROPE_BASE));
     for (a, b) in y.iter().zip(&want_y) {
         assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
     }
@@ -359,10 +432,59 @@ fn rope_backward_is_the_transposed_rotation() {
     let dy64 = to64(&dy);
     let f = |x: &[f64]| -> f64 {
         let mut y = x.to_vec();
-        rope64(&mut y, n, hd, ROPE_BASE as f64);
+        rope64(&mut y, n, hd, Rope64::norm(hd, ROPE_BASE));
         y.iter().zip(&dy64).map(|(a, b)| a * b).sum()
     };
     assert_grad("rope dx", &dx, &fd_grad(&f, &to64(&x)), 1e-4);
+}
+
+/// Both rope layouts over the whole head and over a part of it (partial rotary: dimensions
+/// from `n_rot` on pass through): the forward pass against the f64 rotation, the backward pass
+/// against finite differences. qwen2 and qwen3 rotate NeoX halves over the whole head.
+#[test]
+fn rope_backward_handles_neox_and_partial_rotary() {
+    let mut rng = Rng(12);
+    let (n, hd, heads, base) = (5, 12, 2, 1e6f32);
+    for (kind, n_rot) in [
+        (RopeKind::Neox, hd),
+        (RopeKind::Neox, 8),
+        (RopeKind::Norm, 8),
+    ] {
+        let r = Rope64 {
+            n_rot,
+            base: base as f64,
+            neox: kind == RopeKind::Neox,
+        };
+        let what = format!("{kind:?} over {n_rot} of {hd}");
+        let table = RopeTable::new(kind, n_rot, base, 1.0);
+        let x = rng.vec(n * hd * heads, 1.0);
+        let mut y = x.clone();
+        rope_forward(&table, &mut y, n, hd, 0);
+        let mut want_y = to64(&x);
+        rope64(&mut want_y, n, hd, r);
+        for (a, b) in y.iter().zip(&want_y) {
+            assert!((*a as f64 - b).abs() < 1e-5, "{what}: {a} vs {b}");
+        }
+        // The unrotated dimensions are untouched.
+        for (t, row) in y.chunks(hd).enumerate() {
+            assert_eq!(row[n_rot..], x[t * hd + n_rot..(t + 1) * hd], "{what}");
+        }
+        let dy = rng.vec(n * hd * heads, 1.0);
+        let mut dx = dy.clone();
+        rope_backward(&table, &mut dx, n, hd, 0);
+        let dy64 = to64(&dy);
+        let f = |x: &[f64]| -> f64 {
+            let mut y = x.to_vec();
+            rope64(&mut y, n, hd, r);
+            y.iter().zip(&dy64).map(|(a, b)| a * b).sum()
+        };
+        assert_grad(
+            &format!("rope dx, {what}"),
+            &dx,
+            &fd_grad(&f, &to64(&x)),
+            1e-4,
+        );
+    }
 }
 
 #[test]
@@ -587,13 +709,27 @@ fn adapter_gradients_through_the_whole_model() {
             let lora = random_lora(&m, layers, slots, 3, 21);
             let mut tm = TrainModel::with_layers(&m, lora, n_layers).unwrap();
             let what = format!("{name}, {n_layers} blocks, adapters on {layers:?} {slots:?}");
-            check_model_grads(&what, &rf, &mut tm);
+            check_model_grads(&what, &rf, &mut tm, Fd::All);
         }
     }
 }
 
-fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel) {
+/// How much of each adapter gradient is checked against finite differences.
+#[derive(Debug, Clone, Copy)]
+enum Fd {
+    /// Every entry.
+    All,
+    /// `k` entries drawn at random, and the derivative along one random unit direction over
+    /// the whole tensor (`g . d`, where a wrong entry anywhere shows), for models too large to
+    /// difference every entry of.
+    Sample(usize),
+}
+
+/// The adapters' gradients of `tm` against the reference, for the three objectives; returns
+/// the largest error found, relative to each tensor's largest gradient entry.
+fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel, check: Fd) -> f64 {
     let n = TOKENS.len();
+    let nv = tm.model.cfg.n_vocab;
     let labels: Vec<Option<u32>> = (0..n)
         .map(|t| (t + 1 < n && t != 2).then(|| TOKENS[t + 1]))
         .collect();
@@ -610,6 +746,8 @@ fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel) {
         );
     }
     let labelled: Vec<bool> = labels.iter().map(|l| l.is_some()).collect();
+    let mut rng = Rng(0xfd);
+    let mut worst = 0f64;
     for obj in [
         Objective::CrossEntropy { labels: &labels },
         Objective::KlUniform { mask: &mask },
@@ -623,10 +761,10 @@ fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel) {
         let ref_loss = |rl: &RefLora| -> f64 {
             let z = rf.logits(&TOKENS, rl, s, n_layers);
             match obj {
-                Objective::CrossEntropy { labels } => ce64(&z, VOCAB, labels),
-                Objective::KlUniform { mask } => kl64(&z, VOCAB, mask),
+                Objective::CrossEntropy { labels } => ce64(&z, nv, labels),
+                Objective::KlUniform { mask } => kl64(&z, nv, mask),
                 Objective::SmoothedCrossEntropy { labels, smooth } => {
-                    ce64(&z, VOCAB, labels) + smooth as f64 * kl64(&z, VOCAB, &labelled)
+                    ce64(&z, nv, labels) + smooth as f64 * kl64(&z, nv, &labelled)
                 }
             }
         };
@@ -652,10 +790,122 @@ fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel) {
                 &rl[il][sl].as_ref().unwrap().0,
                 &rl[il][sl].as_ref().unwrap().1,
             );
-            assert_grad(&format!("{what} A"), &p.grad_a, &fd_grad(&fa, a64), 1e-4);
-            assert_grad(&format!("{what} B"), &p.grad_b, &fd_grad(&fb, b64), 1e-4);
+            for (half, got, f, x) in [
+                ("A", &p.grad_a, &fa as &dyn Fn(&[f64]) -> f64, a64),
+                ("B", &p.grad_b, &fb, b64),
+            ] {
+                let what = format!("{what} {half}");
+                let err = match check {
+                    Fd::All => assert_grad(&what, got, &fd_grad(f, x), 1e-4),
+                    Fd::Sample(k) => assert_grad_sampled(&what, got, f, x, k, &mut rng, 1e-4),
+                };
+                worst = worst.max(err);
+            }
         }
     }
+    worst
+}
+
+/// [`assert_grad`] on `k` entries of `got` drawn at random, with the tensor's largest
+/// analytic entry as the scale, then the derivative along a random unit direction `d`:
+/// `|g . d - fd| <= rel * sum_i |g_i d_i|`. Returns the largest entry error over the scale.
+fn assert_grad_sampled(
+    what: &str,
+    got: &[f32],
+    f: &dyn Fn(&[f64]) -> f64,
+    x: &[f64],
+    k: usize,
+    rng: &mut Rng,
+    rel: f64,
+) -> f64 {
+    assert_eq!(got.len(), x.len(), "{what}: lengths");
+    let scale = got.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+    assert!(
+        scale > 0.0,
+        "{what}: the gradient is zero, nothing is checked"
+    );
+    let mut worst = 0f64;
+    for _ in 0..k {
+        let i = rng.below(x.len());
+        let (g, w) = (got[i] as f64, fd(f, x, i, 1e-5));
+        let tol = rel * scale + rel * w.abs();
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}[{i}]: got {g}, finite differences {w} (tolerance {tol:.3e}, scale {scale:.3e})"
+        );
+        worst = worst.max((g - w).abs() / scale);
+    }
+    let d: Vec<f64> = (0..x.len()).map(|_| rng.normal() as f64).collect();
+    let norm = d.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let d: Vec<f64> = d.iter().map(|v| v / norm).collect();
+    let h = 1e-5;
+    let along = |t: f64| -> f64 {
+        let y: Vec<f64> = x.iter().zip(&d).map(|(x, d)| x + t * d).collect();
+        f(&y)
+    };
+    let want = (along(h) - along(-h)) / (2.0 * h);
+    let g: f64 = got.iter().zip(&d).map(|(&g, d)| g as f64 * d).sum();
+    let tol = rel
+        * got
+            .iter()
+            .zip(&d)
+            .map(|(&g, d)| (g as f64 * d).abs())
+            .sum::<f64>();
+    assert!(
+        (g - want).abs() <= tol,
+        "{what} along a random direction: got {g}, finite differences {want} (tolerance {tol:.3e})"
+    );
+    worst
+}
+
+/// A tiny random-weight model of another architecture (tests/fixtures/goldens/arch/).
+fn arch_model(arch: &str) -> Model {
+    Model::open(fixture(&format!("goldens/arch/{arch}.gguf")), 2)
+        .unwrap_or_else(|e| panic!("{arch}: {e}"))
+}
+
+/// qwen2 (biases on q, k and v; NeoX rope, base 1e6; the head tied to the embedding) and qwen3
+/// (q 256 wide from a head size of 64 against n_embd 128; each head's q and k RMS-normed
+/// before rope; NeoX rope): the forward pass against the f64 reference and the adapters'
+/// gradients against its finite differences, for the three objectives. Adapters on every
+/// matrix of every block, on the first block with the others cut off, and on q and k of the
+/// last block only (the backward pass stops there, through the q/k norms and rope). These
+/// models are larger than the tiny llama (n_embd 128, n_ff 384, 512 tokens), so 8 entries of
+/// each tensor are differenced, and its derivative along one random direction.
+#[test]
+fn adapter_gradients_on_qwen2_and_qwen3() {
+    for arch in ["qwen2", "qwen3"] {
+        let t0 = std::time::Instant::now();
+        let m = arch_model(arch);
+        let rf = reference(&m);
+        let nl = m.cfg.n_layer;
+        let cases: [(usize, Vec<usize>, &[Proj]); 3] = [
+            (nl, (0..nl).collect(), &Proj::ALL),
+            (1, vec![0], &Proj::ALL),
+            (nl, vec![nl - 1], &[Proj::Q, Proj::K]),
+        ];
+        for (n_layers, layers, slots) in cases {
+            let lora = small_random_lora(&m, &layers, slots, 2, 21);
+            let mut tm = TrainModel::with_layers(&m, lora, n_layers).unwrap();
+            let what = format!("{arch}, {n_layers} blocks, adapters on {layers:?} {slots:?}");
+            let err = check_model_grads(&what, &rf, &mut tm, Fd::Sample(8));
+            eprintln!("{what}: largest gradient error {err:.2e} of the tensor's largest entry");
+        }
+        eprintln!("{arch}: {:.1} s", t0.elapsed().as_secs_f64());
+    }
+}
+
+/// [`random_lora`] scaled to the matrices' widths: `A ~ N(0, 1 / cols)`, `B ~ N(0, 0.1^2)`,
+/// so that the adapted model stays a model (the tiny llama's `0.3` would swamp a 128-wide
+/// block).
+fn small_random_lora(m: &Model, layers: &[usize], slots: &[Proj], r: usize, seed: u64) -> Lora {
+    let mut lora = Lora::new(m, layers.iter().copied(), slots, r, 2.0 * r as f32, seed).unwrap();
+    let mut rng = Rng(seed ^ 0x5eed);
+    for p in &mut lora.params {
+        p.a = rng.vec(p.a.len(), 1.0 / (p.cols as f32).sqrt());
+        p.b = rng.vec(p.b.len(), 0.1);
+    }
+    lora
 }
 
 /// An adapter of rank `r` on `slots` of `layers`, `A` and `B` both random (a fresh adapter's
@@ -743,6 +993,109 @@ fn logits_match_the_inference_engine_on_the_tiny_model() {
             assert!(max_rel(&patched, &base) > 5.0 * tol);
         }
     }
+}
+
+/// The trainer's logits on qwen2 and qwen3 equal the engine's, with a fresh adapter and with a
+/// random one (written to a file and loaded as a patch), at the tiny llama's tolerances: 2e-3
+/// of the logits' scale against the exact path (its F16 keys and values), 0.1 against the fast
+/// one (its 8-bit activations and f16 adapter factors).
+#[test]
+fn logits_match_the_inference_engine_on_qwen2_and_qwen3() {
+    let dir = TempDir::new("train-arch");
+    for arch in ["qwen2", "qwen3"] {
+        let mut m = arch_model(arch);
+        let nl = m.cfg.n_layer;
+        let fresh = Lora::new(
+            &m,
+            0..nl,
+            &[Proj::Q, Proj::K, Proj::V, Proj::Down],
+            4,
+            8.0,
+            1,
+        )
+        .unwrap();
+        let layers: Vec<usize> = (0..nl).collect();
+        let random = small_random_lora(&m, &layers, &Proj::ALL, 4, 33);
+        for (precision, tol) in [(Precision::Exact, 2e-3), (Precision::Fast, 0.1)] {
+            m.precision = precision;
+            let base = engine_logits(&m, &TOKENS, None, &dir);
+            let tm = TrainModel::new(&m, fresh.clone()).unwrap();
+            let got = tm.forward(&TOKENS).unwrap().logits;
+            let err = max_rel(&got, &base);
+            eprintln!("{arch} {precision:?}: fresh adapter {err:.2e}");
+            assert!(err < tol, "{arch} {precision:?} fresh adapter: {err:.2e}");
+
+            let patched = engine_logits(&m, &TOKENS, Some(&random), &dir);
+            let tm = TrainModel::new(&m, random.clone()).unwrap();
+            let got = tm.forward(&TOKENS).unwrap().logits;
+            let err = max_rel(&got, &patched);
+            let moved = max_rel(&patched, &base);
+            eprintln!("{arch} {precision:?}: random adapter {err:.2e} (it moves the logits by {moved:.2e})");
+            assert!(err < tol, "{arch} {precision:?} random adapter: {err:.2e}");
+            assert!(
+                moved > 5.0 * tol,
+                "{arch}: the adapter moves the logits by {moved:.2e}"
+            );
+        }
+    }
+}
+
+/// Every architecture but llama, qwen2 and qwen3 is refused, the message naming it and what
+/// the trainer lacks for it; so is a llama file with a piece the trainer has no backward pass
+/// for (a final-logit softcap).
+#[test]
+fn other_architectures_are_refused_by_name() {
+    let mut models: Vec<(&str, Model, &str)> = vec![
+        ("phi3", arch_model("phi3"), "fused attn_qkv"),
+        (
+            "phi2",
+            arch_model("phi2"),
+            "LayerNorm, parallel attention+FFN and ungated GELU",
+        ),
+        ("gemma2", arch_model("gemma2"), "softcapping"),
+        (
+            "olmo2",
+            arch_model("olmo2"),
+            "q/k RMSNorm over the whole q and k",
+        ),
+    ];
+    models.push((
+        "gemma3",
+        Model::open(model_path("gemma3"), 2).unwrap(),
+        "GeGLU",
+    ));
+    for (arch, m, what) in &models {
+        let lora = Lora::new(m, [0], &[Proj::Q], 2, 4.0, 1).unwrap();
+        let Err(e) = TrainModel::new(m, lora) else {
+            panic!("{arch}: training was not refused")
+        };
+        let e = e.to_string();
+        eprintln!("{arch}: {e}");
+        assert!(
+            e.contains(&format!("training on {arch} is not supported")),
+            "{e}"
+        );
+        assert!(e.contains(what), "{e}");
+        assert!(e.contains("lethe trains llama, qwen2 and qwen3"), "{e}");
+    }
+    for arch in ["llama", "qwen2", "qwen3"] {
+        lethe::forge::train::trainable(&arch_model(arch)).unwrap();
+    }
+    // A llama file with a final-logit softcap.
+    let src = GgufFile::from_bytes(tiny_bytes(GgmlType::F32, false, 11)).unwrap();
+    let mut w = GgufWriter::new();
+    w.copy_metadata(&src).unwrap();
+    w.set("llama.final_logit_softcapping", 30.0f32).unwrap();
+    for t in src.tensors() {
+        w.copy_tensor(&src, &t.name).unwrap();
+    }
+    let file = Arc::new(GgufFile::from_bytes(w.to_bytes().unwrap()).unwrap());
+    let m = Model::from_file(file, Arc::new(ThreadPool::new(2))).unwrap();
+    let e = lethe::forge::train::trainable(&m).unwrap_err().to_string();
+    assert!(
+        e.contains("training on llama is not supported: its softcapping"),
+        "{e}"
+    );
 }
 
 /// Running the first K blocks of a model is the assistant file `truncate_model` writes.

@@ -205,6 +205,7 @@ pub fn main(a: FinetuneArgs) -> Result<()> {
         .optim
         .config(a.epochs, a.lr, a.warmup_ratio, a.weight_decay)?;
     let (_, model, tok) = super::open_model(&a.model, a.optim.threads())?;
+    lethe::forge::train::trainable(&model)?;
     let arch = model.cfg.arch.name();
     let end = end_of_turn(&tok, arch)?;
     let examples = read_examples(&a.data)?;

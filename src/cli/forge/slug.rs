@@ -1,7 +1,7 @@
 //! `lethe forge slug`: SLUG (Single Layer Unlearning Gradient), one step along the forget
 //! gradient of the one matrix chosen from both sets' gradients, written as a dense delta patch.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use lethe::forge::ablate;
 use lethe::forge::slug::{self, SearchOpts, SlugOpts};
@@ -80,6 +80,7 @@ pub fn main(a: SlugArgs) -> Result<()> {
     };
     let threads = super::threads(a.threads);
     let (_, model, tok) = super::open_model(&a.model, threads)?;
+    lethe::forge::train::trainable(&model).context("SLUG's gradients come from lethe's trainer")?;
     let n_layer = model.cfg.n_layer;
     let layers = match &a.layers {
         Some(s) => ablate::parse_layers(s, n_layer)?,

@@ -272,6 +272,7 @@ pub fn main(a: UldArgs) -> Result<()> {
     )?;
     cfg.balance = balance;
     let (path, model, tok) = super::open_model(&a.model, a.optim.threads())?;
+    lethe::forge::train::trainable(&model)?;
     anyhow::ensure!(
         (1..=model.cfg.n_layer).contains(&a.layers),
         "--layers {} is outside 1..={} (the target's blocks)",

@@ -1,6 +1,7 @@
 //! LoRA training on the CPU: hand-written forward passes that keep what the backward pass
-//! needs, and hand-written backward passes, over a quantized llama-architecture model whose
-//! weights stay frozen in place.
+//! needs, and hand-written backward passes, over a quantized model of llama's block (llama,
+//! qwen2, qwen3; other architectures are refused by [`trainable`]) whose weights stay frozen
+//! in place.
 //!
 //! - [`lora`]: the trainable adapters and their gradients; written as a llama.cpp LoRA file.
 //! - [`ops`], [`linear`], [`attn`], [`loss`]: each op's forward and backward pass.
@@ -28,7 +29,7 @@ pub mod trainer;
 pub use attn::Heads;
 pub use lora::{Lora, LoraParam};
 pub use loss::Objective;
-pub use model::{Activations, TrainModel};
+pub use model::{trainable, Activations, TrainModel};
 pub use optim::{AdamW, AdamWConfig, Decay, Schedule};
 pub use trainer::{
     eval_loss, train, train_with_epochs, Balance, EvalLoss, Sequence, Target, TrainConfig,

@@ -1,19 +1,30 @@
-//! A llama-architecture model as a function of its LoRA adapters: the forward pass over one
-//! sequence keeping what the backward pass needs, and the backward pass accumulating the
-//! adapters' gradients. The quantized weights stay frozen in the mmapped file.
+//! A model of llama's block (llama, qwen2, qwen3) as a function of its LoRA adapters: the
+//! forward pass over one sequence keeping what the backward pass needs, and the backward pass
+//! accumulating the adapters' gradients. The quantized weights stay frozen in the mmapped file.
 //!
 //! ```text
 //! x  = embd[tok]                                          [n, e]
-//! x += Wo · attn(rope(Wq·a), rope(Wk·a), Wv·a)            a = rmsnorm(x) * attn_norm
+//! q, k, v = Wq·a + bq, Wk·a + bk, Wv·a + bv               a = rmsnorm(x) * attn_norm
+//! q_h, k_h = rmsnorm(q_h) * q_norm, rmsnorm(k_h) * k_norm (qwen3: each head, before rope)
+//! x += Wo · attn(rope(q), rope(k), v)                     [n, e]
 //! x += Wdown · (silu(Wgate·b) * Wup·b)                    b = rmsnorm(x) * ffn_norm
 //! logits = Wout · (rmsnorm(x) * output_norm)              [n, n_vocab]
 //! ```
 //!
-//! with every adapted `W·` being `W· + (alpha / r) B A·`. Kept per block: its input and the
-//! residual after attention (the norms' inputs), the norms' `rstd`, rotated `q` and `k`, `v`,
-//! the attention probabilities, the attention output, the gate and up projections, and each
-//! adapter's `A x`. The normalised inputs and `silu(g) * u` are recomputed in the backward
-//! pass (cheap, element-wise).
+//! with every adapted `W·` being `W· + (alpha / r) B A·`; a bias (qwen2's on q, k and v, or
+//! any other matrix's a file has) is frozen and added after the adapted product, so the
+//! gradients flow through it unchanged. Rope is the model's table (the engine's): it pairs
+//! dimensions as the config says (adjacent pairs for llama, NeoX halves for qwen2 and qwen3)
+//! over the first `n_rot` of each head; `q` is `n_head * head_dim` wide, which need not be
+//! `n_embd` (qwen3).
+//!
+//! Kept per block: its input and the residual after attention (the norms' inputs), the norms'
+//! `rstd`, the q/k norms' inputs and `rstd` (qwen3), rotated `q` and `k`, `v`, the attention
+//! probabilities, the attention output, the gate and up projections, and each adapter's `A x`.
+//! The normalised inputs and `silu(g) * u` are recomputed in the backward pass (cheap,
+//! element-wise).
+//!
+//! Other architectures are refused ([`trainable`]), naming what the trainer lacks for them.
 
 use super::attn::{attention_backward, attention_forward, Heads};
 use super::linear::{linear_backward, linear_forward, lora_backward, lora_forward};
@@ -22,7 +33,7 @@ use super::loss::Objective;
 use super::ops::{
     rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
 };
-use crate::model::{norm, Arch, Model, Proj};
+use crate::model::{norm, Arch, Model, NormKind, Proj};
 use crate::pool::ThreadPool;
 use crate::{Error, Result};
 
@@ -39,8 +50,91 @@ struct BlockActs {
     rstd_ffn: Vec<f32>,  // [n]
     gate: Vec<f32>,      // [n, n_ff]
     up: Vec<f32>,        // [n, n_ff]
+    /// The per-head q/k norms' inputs and `rstd` (qwen3).
+    qk_norm: Option<QkNormActs>,
     /// `A x` of each adapted matrix, by slot.
     lora_u: [Option<Vec<f32>>; 7], // [n, r]
+}
+
+/// What the backward pass of the q/k norms needs: their inputs (the projections, biases
+/// added) and `rstd` of every row the norm runs over (a head, or the whole vector).
+struct QkNormActs {
+    q: Vec<f32>,      // [n, n_head*hd] before the norm
+    k: Vec<f32>,      // [n, n_head_kv*hd] before the norm
+    rstd_q: Vec<f32>, // [n * n_head*hd / q_norm.len()]
+    rstd_k: Vec<f32>, // [n * n_head_kv*hd / k_norm.len()]
+}
+
+/// Whether lethe can train `model`: an architecture whose block the trainer's forward and
+/// backward passes compute (llama, qwen2, qwen3), in a file without a piece they lack. The
+/// error names the architecture and what is missing, so no forward pass runs a formula other
+/// than the model's.
+pub fn trainable(model: &Model) -> Result<()> {
+    let c = &model.cfg;
+    let refuse = |what: String| {
+        Err(Error::Model(format!(
+            "training on {} is not supported: {what}; lethe trains llama, qwen2 and qwen3",
+            c.arch.name()
+        )))
+    };
+    let missing = match c.arch {
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => None,
+        Arch::Phi3 => Some(
+            "its fused attn_qkv and gate+up ffn_up tensors have no LoRA layout in lethe's \
+             adapter files, and LongRoPE's tables (which change with the context length) are \
+             not in lethe's trainer yet",
+        ),
+        Arch::Phi2 => Some(
+            "its LayerNorm, parallel attention+FFN and ungated GELU have no backward pass in \
+             lethe yet",
+        ),
+        Arch::Gemma2 => Some(
+            "its scaled embedding, post-norms, attention and final-logit softcapping, \
+             sliding-window attention and GeGLU have no backward pass in lethe yet",
+        ),
+        Arch::Gemma3 => Some(
+            "its scaled embedding, post-norms, sliding-window attention (with a rope base of \
+             its own) and GeGLU have no backward pass in lethe yet",
+        ),
+        Arch::Olmo2 => Some(
+            "its post-norms in place of pre-norms and its q/k RMSNorm over the whole q and k \
+             have no backward pass in lethe yet",
+        ),
+    };
+    if let Some(what) = missing {
+        return refuse(what.into());
+    }
+    // A file of a trained architecture with a piece of another one.
+    if c.norm != NormKind::Rms {
+        return refuse("its LayerNorm has no backward pass in lethe yet".into());
+    }
+    if c.attn_softcap.is_some() || c.final_logit_softcap.is_some() {
+        return refuse("its softcapping has no backward pass in lethe yet".into());
+    }
+    if c.sliding_window.is_some() {
+        return refuse("its sliding-window attention is not in lethe's trainer yet".into());
+    }
+    if model.rope_long.is_some() {
+        return refuse("LongRoPE's long factors are not in lethe's trainer yet".into());
+    }
+    for (il, l) in model.layers.iter().enumerate() {
+        if l.attn_norm.is_none() || l.ffn_norm.is_none() || l.w_gate.is_none() {
+            return refuse(format!(
+                "block {il} lacks a pre-norm or the feed-forward's gate"
+            ));
+        }
+        if let Some(w) = Proj::ALL
+            .into_iter()
+            .filter_map(|p| l.weight(p))
+            .find(|w| w.is_view(&model.file))
+        {
+            return refuse(format!(
+                "{} is a fused tensor, which has no LoRA layout in lethe's adapter files",
+                w.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What [`TrainModel::backward_capture`] hands each matrix's input and output gradient to:
@@ -78,12 +172,7 @@ impl<'m> TrainModel<'m> {
     /// The first `n_layers` blocks of `model`, then its final norm and head.
     pub fn with_layers(model: &'m Model, lora: Lora, n_layers: usize) -> Result<Self> {
         let c = &model.cfg;
-        if c.arch != Arch::Llama {
-            return Err(Error::Model(format!(
-                "training runs the llama architecture, not {}",
-                c.arch.name()
-            )));
-        }
+        trainable(model)?;
         if n_layers == 0 || n_layers > c.n_layer {
             return Err(Error::Invalid(format!(
                 "{n_layers} blocks: the model has 1..={}",
@@ -129,7 +218,8 @@ impl<'m> TrainModel<'m> {
         }
     }
 
-    /// `y = W x` of block `il`'s matrix `slot` with its adapter, keeping the adapter's `A x`.
+    /// `y = W x + b` of block `il`'s matrix `slot` with its adapter (`+ s B A x`), keeping the
+    /// adapter's `A x`; the bias `b`, when the weight has one, is frozen.
     fn mm(
         &self,
         il: usize,
@@ -144,6 +234,7 @@ impl<'m> TrainModel<'m> {
             .expect("checked when the LoRA was made");
         let mut y = vec![0f32; n * w.rows]; // [n, rows]
         linear_forward(&m.pool, &m.file, w, x, n, &mut y);
+        w.add_bias(&mut y, n);
         if let Some(p) = self.lora.get(il, slot) {
             let r = self.lora.rank;
             let mut u = vec![0f32; n * r]; // [n, r]
@@ -197,6 +288,23 @@ impl<'m> TrainModel<'m> {
             let mut q = self.mm(il, Proj::Q, &xn, n, &mut us); // [n, n_head*hd]
             let mut k = self.mm(il, Proj::K, &xn, n, &mut us); // [n, n_head_kv*hd]
             let v = self.mm(il, Proj::V, &xn, n, &mut us); // [n, n_head_kv*hd]
+            let qk_norm = match (&l.q_norm, &l.k_norm) {
+                // qwen3: q and k RMS-normed per head (rows of the norm's width), before rope.
+                (Some(qn), Some(kn)) => {
+                    let mut rstd_q = vec![0f32; q.len() / qn.len()]; // [n * n_head]
+                    let mut rstd_k = vec![0f32; k.len() / kn.len()]; // [n * n_head_kv]
+                    let (q_in, k_in) = (q.clone(), k.clone());
+                    rmsnorm_forward(&q_in, &qn.w, qn.eps, &mut q, &mut rstd_q);
+                    rmsnorm_forward(&k_in, &kn.w, kn.eps, &mut k, &mut rstd_k);
+                    Some(QkNormActs {
+                        q: q_in,
+                        k: k_in,
+                        rstd_q,
+                        rstd_k,
+                    })
+                }
+                _ => None,
+            };
             let mut probs = vec![0f32; segs.iter().map(|&l| hs.probs_len(l)).sum()];
             let mut att = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
             let (qd, kvd) = (hs.q_dim(), hs.kv_dim());
@@ -249,6 +357,7 @@ impl<'m> TrainModel<'m> {
                 rstd_ffn,
                 gate,
                 up,
+                qk_norm,
                 lora_u: us,
             });
         }
@@ -256,6 +365,7 @@ impl<'m> TrainModel<'m> {
         rmsnorm_forward(&x, &m.output_norm.w, c.norm_eps, &mut xn, &mut rstd_out);
         let mut logits = vec![0f32; n * nv]; // [n, n_vocab]
         linear_forward(pool, &m.file, &m.output, &xn, n, &mut logits);
+        m.output.add_bias(&mut logits, n);
         Ok(Activations {
             n,
             segs,
@@ -412,6 +522,14 @@ impl<'m> TrainModel<'m> {
                 rope_backward(&m.rope_global, &mut dq[qr], len, c.head_dim, 0);
                 rope_backward(&m.rope_global, &mut dk[kr], len, c.head_dim, 0);
                 (t0, p0) = (t1, p1);
+            }
+            if let (Some(a), Some(qn), Some(kn)) = (&b.qk_norm, &l.q_norm, &l.k_norm) {
+                // dq, dk become the gradients of the projections, before the norms.
+                let mut dq_in = vec![0f32; n * hs.q_dim()]; // [n, n_head*hd]
+                let mut dk_in = vec![0f32; n * hs.kv_dim()]; // [n, n_head_kv*hd]
+                rmsnorm_backward(&a.q, &qn.w, &a.rstd_q, &dq, &mut dq_in);
+                rmsnorm_backward(&a.k, &kn.w, &a.rstd_k, &dk, &mut dk_in);
+                (dq, dk) = (dq_in, dk_in);
             }
             rmsnorm_forward(&b.x, &norm(&l.attn_norm).w, c.norm_eps, &mut xn, &mut tmp);
             take(il, Proj::Q, &xn, &dq);
