@@ -8,6 +8,15 @@
 //! of every parallel matmul, attention and training kernel), [`ThreadPool::map`] (one result
 //! per item, in order) and [`ThreadPool::for_each_mut`]; [`SharedMut`] is the one pointer the
 //! threads share to write disjoint parts of a buffer.
+//!
+//! On a busy host a worker may be pre-empted in the middle of its share, and the caller then
+//! waits a scheduler time slice (milliseconds) for a job of microseconds. The pool watches for
+//! that: a job whose caller waited for its workers longer than [`STALL`] and longer than half
+//! its own share is a stall, and [`STALLS`] stalls within [`WINDOW`] jobs send the pool solo
+//! for the next [`SOLO_JOBS`] jobs (the caller runs every share itself, the workers go to
+//! sleep), after which it tries its workers again; each spell that ends in stalls again is
+//! twice as long (up to [`SOLO_JOBS_MAX`]). Which thread computes what never changes a
+//! result (every kernel computes each row the same on any thread), so this changes only speed.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -41,9 +50,37 @@ unsafe impl Send for SendJob {}
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    /// Serialises callers: one job at a time.
-    gate: Mutex<()>,
+    /// Serialises callers: one job at a time; holds the stall watch.
+    gate: Mutex<Watch>,
 }
+
+/// The caller's record of recent stalls ([`ThreadPool::start`]).
+#[derive(Default)]
+struct Watch {
+    /// Jobs run with the workers in the current window.
+    jobs: u32,
+    /// Stalls among them.
+    stalls: u32,
+    /// Jobs left to run solo.
+    solo: u32,
+    /// The length of the next solo spell: doubled each time the workers stall again right
+    /// after one (a host that stays busy), back to [`SOLO_JOBS`] after a window without stalls.
+    solo_len: u32,
+    /// Whether the current window is the first after a solo spell.
+    probing: bool,
+    /// Times the pool went solo (for tests and diagnostics).
+    solo_spells: u64,
+}
+
+/// A wait for the workers longer than this (and than half the caller's own share) is a stall.
+pub const STALL: std::time::Duration = std::time::Duration::from_millis(1);
+/// Stalls within [`WINDOW`] jobs that send the pool solo.
+pub const STALLS: u32 = 2;
+pub const WINDOW: u32 = 512;
+/// Jobs run solo before the workers are tried again (a few decoded tokens).
+pub const SOLO_JOBS: u32 = 4096;
+/// The longest solo spell, on a host that stays busy (some seconds of decoding).
+pub const SOLO_JOBS_MAX: u32 = 1 << 18;
 
 const SPIN_ITERS: usize = 1 << 16;
 const CLOSED: u64 = 1 << 31;
@@ -75,8 +112,16 @@ impl ThreadPool {
         Self {
             shared,
             workers,
-            gate: Mutex::new(()),
+            gate: Mutex::new(Watch::default()),
         }
+    }
+
+    /// How many times the pool has gone solo because its workers stalled.
+    pub fn solo_spells(&self) -> u64 {
+        self.gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .solo_spells
     }
 
     pub fn n_threads(&self) -> usize {
@@ -103,7 +148,18 @@ impl ThreadPool {
             f(0, 1);
             return;
         }
-        let _g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        let mut watch = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        if watch.solo > 0 {
+            watch.solo -= 1;
+            // Every share on the caller: each `ith` once (a dynamic job claims all its work
+            // in the first call).
+            if dynamic {
+                f(0, n);
+            } else {
+                (0..n).for_each(|ith| f(ith, n));
+            }
+            return;
+        }
         let s = &self.shared;
         // SAFETY: the pointer's lifetime is erased; it is used only until `done == n - 1`.
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), Job>(f) };
@@ -117,7 +173,9 @@ impl ThreadPool {
             let _l = s.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
+        let t0 = std::time::Instant::now();
         f(0, n);
+        let own = t0.elapsed();
         // Dynamic jobs wait only for the workers that joined; static ones for all.
         let wait_for = if dynamic {
             let prev = s.entry.fetch_or(CLOSED, Ordering::AcqRel);
@@ -134,6 +192,8 @@ impl ThreadPool {
                 std::thread::yield_now();
             }
         }
+        let waited = t0.elapsed() - own;
+        watch.record(waited > STALL && waited > own / 2);
     }
 
     /// `f(ith, range)` for the consecutive chunks of `0..n` of `chunk` items (the last may be
@@ -199,6 +259,30 @@ impl ThreadPool {
         let per = n.div_ceil(nth);
         let start = (ith * per).min(n);
         start..((ith + 1) * per).min(n)
+    }
+}
+
+impl Watch {
+    /// Count a job run with the workers, and go solo after too many stalls in the window.
+    fn record(&mut self, stalled: bool) {
+        self.jobs += 1;
+        self.stalls += u32::from(stalled);
+        if self.stalls >= STALLS {
+            self.solo_len = if self.probing {
+                (self.solo_len * 2).min(SOLO_JOBS_MAX)
+            } else {
+                SOLO_JOBS
+            };
+            self.solo = self.solo_len;
+            self.solo_spells += 1;
+            self.probing = true;
+            self.jobs = 0;
+            self.stalls = 0;
+        } else if self.jobs >= WINDOW {
+            self.probing = false;
+            self.jobs = 0;
+            self.stalls = 0;
+        }
     }
 }
 
@@ -389,6 +473,50 @@ mod tests {
         let mut v: Vec<usize> = (0..300).collect();
         pool.for_each_mut(&mut v, |x| *x *= 2);
         assert_eq!(v, (0..300).map(|i| 2 * i).collect::<Vec<_>>());
+    }
+
+    /// A worker that stalls (here: sleeps while it holds a share) sends the pool solo: the
+    /// caller then runs every share itself, and every job still does all its work once.
+    #[test]
+    fn stalled_workers_send_the_pool_solo() {
+        use std::time::{Duration, Instant};
+        let pool = ThreadPool::new(2);
+        let busy = |us: u64| {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(us) {
+                std::hint::spin_loop();
+            }
+        };
+        let mut worker_ran = Vec::new();
+        for _ in 0..2 * STALLS as usize + 8 {
+            let sum = AtomicUsize::new(0);
+            let on_worker = AtomicUsize::new(0);
+            pool.for_chunks(20, 1, |ith, r| {
+                if ith == 1 {
+                    on_worker.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(4));
+                } else {
+                    busy(50);
+                }
+                sum.fetch_add(r.start + 1, Ordering::Relaxed);
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 20 * 21 / 2);
+            worker_ran.push(on_worker.load(Ordering::Relaxed));
+        }
+        assert!(pool.solo_spells() >= 1, "no solo spell: {worker_ran:?}");
+        // Once solo, the worker runs nothing (the last jobs are well inside the spell).
+        assert_eq!(
+            worker_ran[worker_ran.len() - 4..],
+            [0, 0, 0, 0],
+            "{worker_ran:?}"
+        );
+        // Static jobs still run every share once while solo.
+        let hits = AtomicUsize::new(0);
+        pool.run(&|ith, nth| {
+            assert!(ith < nth);
+            hits.fetch_add(1 << ith, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 0b11);
     }
 
     #[test]
