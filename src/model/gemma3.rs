@@ -12,7 +12,6 @@
 //!
 //! gemma2 runs this block too, without the q/k norms and with its attention softcap.
 
-use super::attention::AttnShape;
 use super::{norm, Batch, Model, Scratch};
 use crate::model::Proj;
 use lethe_kernels::ops;
@@ -20,26 +19,15 @@ use lethe_kernels::ops;
 /// The blocks over the batch `b`, whose rows are in `st` (`st.x`: `[n, n_embd]`).
 pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
     let n = b.n();
-    let c = &m.cfg;
-    let (e, ff) = (c.n_embd, c.n_ff);
-    let (qd, kvd) = (c.q_dim(), c.kv_dim());
-    let pool = &*m.pool;
+    let (e, ff) = (m.cfg.n_embd, m.cfg.n_ff);
     let ps = b.patches();
     let ps = ps.as_deref();
     ops::scale_inplace(&mut st.x[..n * e], (e as f32).sqrt());
     for (il, l) in m.layers.iter().enumerate() {
         b.tap(il, st);
-        let shape = AttnShape::of_layer(c, il);
         norm(&l.attn_norm).rows(&mut st.xb, &st.x, n);
-        // q [n, n_head*hd], k and v [n, n_head_kv*hd]
-        st.mm(m, ps, il, &[Proj::Q, Proj::K, Proj::V], n);
-        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-            qn.rows_inplace(&mut st.q[..n * qd]);
-            kn.rows_inplace(&mut st.k[..n * kvd]);
-        }
-        b.rope_and_cache(m, il, st);
-        b.attend(pool, il, &shape, st); // att [n, n_head*hd], each row over its own cache
-        st.mm(m, ps, il, &[Proj::O], n); // xb2 [n, e] = Wo att
+        // xb2 [n, e] = Wo attn(...): q/k norms, window and softcap as the layer has them
+        b.attention(m, ps, il, st);
         norm(&l.post_attn_norm).rows_inplace(&mut st.xb2[..n * e]);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 

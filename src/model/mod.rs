@@ -885,9 +885,26 @@ impl Batch<'_, '_> {
         }
     }
 
+    /// Block `il`'s attention over the batch's rows, the same in every architecture: q, k
+    /// and v from `buf.xb` (biases added), the q/k norms the block has (per head, or over the
+    /// whole vector), rope, the KV cache, attention over each row's own sequence, and
+    /// `buf.xb2 = Wo att` (`[n, n_embd]`, plus its bias), with the patches `ps`.
+    pub fn attention(&mut self, m: &Model, ps: Option<&PatchSet>, il: usize, buf: &mut Scratch) {
+        let (c, l, n) = (&m.cfg, &m.layers[il], self.n());
+        // q [n, n_head*hd], k and v [n, n_head_kv*hd]
+        buf.mm(m, ps, il, &[Proj::Q, Proj::K, Proj::V], n);
+        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+            qn.rows_inplace(&mut buf.q[..n * c.q_dim()]);
+            kn.rows_inplace(&mut buf.k[..n * c.kv_dim()]);
+        }
+        self.rope_and_cache(m, il, buf);
+        self.attend(&m.pool, il, &AttnShape::of_layer(c, il), buf); // att [n, n_head*hd]
+        buf.mm(m, ps, il, &[Proj::O], n); // xb2 [n, e] = Wo att
+    }
+
     /// Rotate each row's query and key at its position and append its key and value to
     /// layer `il` of its sequence's cache.
-    pub fn rope_and_cache(&mut self, m: &Model, il: usize, buf: &mut Scratch) {
+    fn rope_and_cache(&mut self, m: &Model, il: usize, buf: &mut Scratch) {
         let c = &m.cfg;
         let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
         let local = c.is_local_layer(il);
@@ -908,7 +925,7 @@ impl Batch<'_, '_> {
 
     /// Attention of every row over its own sequence's cache (layer `il`): `buf.att` from
     /// `buf.q`, one job over all rows and heads.
-    pub fn attend(&self, pool: &ThreadPool, il: usize, shape: &AttnShape, buf: &mut Scratch) {
+    fn attend(&self, pool: &ThreadPool, il: usize, shape: &AttnShape, buf: &mut Scratch) {
         let row = |t: usize| {
             let (i, pos) = self.row(t);
             (&self.seqs[i].kv, pos)

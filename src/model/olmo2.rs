@@ -11,7 +11,6 @@
 //! logits = Wout · (rmsnorm(x) * output_norm)
 //! ```
 
-use super::attention::AttnShape;
 use super::{norm, Batch, Model, Scratch};
 use crate::model::Proj;
 use lethe_kernels::ops;
@@ -19,23 +18,15 @@ use lethe_kernels::ops;
 /// The blocks over the batch `b`, whose rows are in `st` (`st.x`: `[n, n_embd]`).
 pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
     let n = b.n();
-    let c = &m.cfg;
-    let (e, ff) = (c.n_embd, c.n_ff);
-    let (qd, kvd) = (c.q_dim(), c.kv_dim());
-    let pool = &*m.pool;
+    let (e, ff) = (m.cfg.n_embd, m.cfg.n_ff);
     let ps = b.patches();
     let ps = ps.as_deref();
     for (il, l) in m.layers.iter().enumerate() {
         b.tap(il, st);
-        let shape = AttnShape::of_layer(c, il);
         // The matmuls read xb: here the residual stream itself, not a norm of it.
         st.xb[..n * e].copy_from_slice(&st.x[..n * e]);
-        st.mm(m, ps, il, &[Proj::Q, Proj::K, Proj::V], n);
-        norm(&l.q_norm).rows_inplace(&mut st.q[..n * qd]); // over each row's whole q
-        norm(&l.k_norm).rows_inplace(&mut st.k[..n * kvd]);
-        b.rope_and_cache(m, il, st);
-        b.attend(pool, il, &shape, st); // att [n, n_head*hd]
-        st.mm(m, ps, il, &[Proj::O], n); // xb2 [n, e] = Wo att
+        // xb2 [n, e] = Wo attn(...), q and k normed over each row's whole width
+        b.attention(m, ps, il, st);
         norm(&l.post_attn_norm).rows_inplace(&mut st.xb2[..n * e]);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 

@@ -14,7 +14,6 @@
 //!
 //! Older files fuse q, k and v in `attn_qkv` (read as views, as phi3's).
 
-use super::attention::AttnShape;
 use super::{norm, Batch, Model, Scratch};
 use crate::model::Proj;
 use lethe_kernels::ops;
@@ -22,21 +21,15 @@ use lethe_kernels::ops;
 /// The blocks over the batch `b`, whose rows are in `st` (`st.x`: `[n, n_embd]`).
 pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
     let n = b.n();
-    let c = &m.cfg;
-    let (e, ff) = (c.n_embd, c.n_ff);
-    let pool = &*m.pool;
+    let (e, ff) = (m.cfg.n_embd, m.cfg.n_ff);
     let ps = b.patches();
     let ps = ps.as_deref();
     for (il, l) in m.layers.iter().enumerate() {
         b.tap(il, st);
-        let shape = AttnShape::of_layer(c, il);
         // xb [n, e]: the one norm both branches read
         norm(&l.attn_norm).rows(&mut st.xb, &st.x, n);
-        // q [n, n_head*hd], k and v [n, n_head_kv*hd], biased
-        st.mm(m, ps, il, &[Proj::Q, Proj::K, Proj::V], n);
-        b.rope_and_cache(m, il, st); // the first n_rot dims of each head
-        b.attend(pool, il, &shape, st); // att [n, n_head*hd]
-        st.mm(m, ps, il, &[Proj::O], n); // xb2 [n, e] = Wo att + bo
+        // xb2 [n, e] = Wo attn(...) + bo: biased q/k/v, rope on the first n_rot dims of a head
+        b.attention(m, ps, il, st);
         ops::add_inplace(&mut st.x[..n * e], &st.xb2[..n * e]);
 
         // The feed-forward reads the same normed input, still in xb.

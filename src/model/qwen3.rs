@@ -11,6 +11,7 @@
 //! logits = Wout · (rmsnorm(x) * output_norm)
 //! ```
 //!
-//! The q/k norms are the optional step of llama's block, which runs it.
+//! The q/k norms are an optional step of the attention every block shares
+//! (`Batch::attention`), so the block is llama's.
 
 pub(super) use super::llama::blocks;
