@@ -138,6 +138,9 @@ fn layernorm_matches_f64() {
         let b = data(n, 5);
         let mut out = vec![0.0; n];
         ops::layernorm(&mut out, &x, &w, &b, 1e-5);
+        let mut inplace = x.clone();
+        ops::layernorm_inplace(&mut inplace, &w, &b, 1e-5);
+        assert_eq!(inplace, out, "in place, the same bits");
         let mean: f64 = x.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
         let var: f64 = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
         let s = 1.0 / (var + 1e-5).sqrt();

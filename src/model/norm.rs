@@ -61,15 +61,7 @@ impl Norm {
     /// `x = norm(x)` over one row.
     pub fn apply_inplace(&self, x: &mut [f32]) {
         match &self.b {
-            Some(b) => {
-                let n = x.len() as f64;
-                let mean = (x.iter().map(|&v| v as f64).sum::<f64>() / n) as f32;
-                let var = x.iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>() / n;
-                let s = 1.0 / (var as f32 + self.eps).sqrt();
-                for ((v, &g), &c) in x.iter_mut().zip(&self.w).zip(b) {
-                    *v = (*v - mean) * s * g + c;
-                }
-            }
+            Some(b) => ops::layernorm_inplace(x, &self.w, b, self.eps),
             None => ops::rmsnorm_inplace(x, &self.w, self.eps),
         }
     }
