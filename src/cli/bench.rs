@@ -282,6 +282,9 @@ pub fn main(a: BenchArgs) -> Result<()> {
         .unwrap_or_default();
     let threads = m.pool.n_threads();
     let isa = format!("{:?}", lethe_kernels::cpu::isa());
+    // Spells the pool ran on its caller alone because pre-empted workers stalled it (a busy
+    // host): figures from such a run are not the machine's two-thread speed.
+    let solo_spells = m.pool.solo_spells();
     if a.json {
         let j = serde_json::json!({
             "model": name, "threads": threads, "isa": isa,
@@ -289,7 +292,7 @@ pub fn main(a: BenchArgs) -> Result<()> {
             "prefill_tps": r.pp_tps, "decode_tps": r.tg_tps,
             "bandwidth_gbs": r.bandwidth / 1e9, "bytes_per_token": r.bytes_per_token,
             "ceiling_tps": ceiling, "fraction_of_ceiling": r.tg_tps / ceiling,
-            "n_ctx": r.n_ctx, "peak_rss_mib": r.peak_rss_mib,
+            "n_ctx": r.n_ctx, "peak_rss_mib": r.peak_rss_mib, "solo_spells": solo_spells,
         });
         println!("{j}");
         return Ok(());
@@ -312,6 +315,12 @@ pub fn main(a: BenchArgs) -> Result<()> {
         println!(
             "peak RSS {rss:.1} MiB (context {} tokens; before the bandwidth test)",
             r.n_ctx
+        );
+    }
+    if solo_spells > 0 {
+        println!(
+            "pool: {solo_spells} solo spell(s): workers were pre-empted (a busy host), so parts \
+             of this run used one thread"
         );
     }
     Ok(())
