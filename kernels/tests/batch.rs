@@ -537,10 +537,28 @@ fn quantize_row_x8_is_the_usual_quants_interleaved() {
     }
 }
 
+/// The types whose SIMD kernels sum in eight-block lanes.
+const X8_TYPES: [GgmlType; 4] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+];
+
+#[test]
+fn x8_tiles_run_on_every_simd_level() {
+    let simd = lethe_kernels::cpu::isa() != lethe_kernels::cpu::Isa::Scalar;
+    for ty in X8_TYPES {
+        assert_eq!(quant::has_tile_x8(ty), simd, "{ty}");
+    }
+    assert!(!quant::has_tile_x8(GgmlType::Q5_1));
+    assert!(!quant::has_tile_x8(GgmlType::Q4_K));
+}
+
 #[test]
 fn tile_x8_matches_single_row() {
     let mut rng = StdRng::seed_from_u64(6);
-    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+    for ty in X8_TYPES {
         if !quant::has_tile_x8(ty) {
             continue;
         }
@@ -577,7 +595,7 @@ fn tile_x8_matches_single_row() {
 #[test]
 fn tile_x8_extreme_values() {
     let mut rng = StdRng::seed_from_u64(7);
-    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+    for ty in X8_TYPES {
         if !quant::has_tile_x8(ty) {
             continue;
         }

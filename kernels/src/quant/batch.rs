@@ -68,9 +68,9 @@ pub fn vec_dot_batch(
         // `vpdpbusd`/`vpdpwssd` measured faster for every type on Zen 4 (Q4_K included, unlike
         // the single-row kernel: four rows keep the dependency chains apart).
         let vnni = cpu::vnni(isa);
-        // With VNNI, `vec_dot` sums Q4_1 and Q8_0 in eight-block lanes (`x8_x86.rs`), which the
-        // batch kernels do not reproduce: the generic loop keeps the bits.
-        if isa != Isa::Scalar && has_fast_path(ty) && !(vnni && in_x8_order(ty)) {
+        // Q4_0, Q4_1, Q5_0 and Q8_0 sum in eight-block lanes (`x8_x86.rs`), which only their
+        // tiles on interleaved activations reproduce: the generic loop keeps the bits.
+        if isa != Isa::Scalar && has_fast_path(ty) && !in_x8_order(ty) {
             // A lone row left over goes to the single-row kernel, which hides latency better.
             let batched = if n_act % 4 == 1 { n_act - 1 } else { n_act };
             let nb = n / ty.block_size();
@@ -98,11 +98,11 @@ pub fn vec_dot_batch(
 }
 
 /// Tiled [`vec_dot`]: `out[i * out_stride + j] = vec_dot(ty, n, &w[i * w_stride..],
-/// &act[j * act_stride..])` for `i < n_w`, `j < n_act`, the same bits. Where a SIMD tile
-/// kernel exists (Q4_0 and Q5_0 with AVX-512 VNNI) blocks of two weight rows by four
+/// &act[j * act_stride..])` for `i < n_w`, `j < n_act`, the same bits. Where a SIMD kernel
+/// exists ([`has_fast_path`]; AVX2 or AVX-512 VNNI) blocks of two weight rows by four
 /// activation rows share their unpacked weights and loaded activations; other types go
-/// through [`vec_dot_batch`] one weight row at a time. Q4_1 and Q8_0 have their fast tiles
-/// in [`vec_dot_tile_x8`], which takes the activations interleaved.
+/// through [`vec_dot_batch`] one weight row at a time. With VNNI, Q4_1 and Q8_0 have their
+/// fast tiles in [`vec_dot_tile_x8`], which takes the activations interleaved.
 #[allow(clippy::too_many_arguments)]
 pub fn vec_dot_tile(
     ty: GgmlType,
@@ -140,28 +140,32 @@ pub fn vec_dot_tile(
         out.len() >= (n_w - 1) * out_stride + n_act,
         "vec_dot_tile: output too short"
     );
-    // Q4_1 and Q8_0 tiles take interleaved activations (`vec_dot_tile_x8`); with the usual
-    // layout they go through the generic loop.
     #[cfg(target_arch = "x86_64")]
-    if cpu::vnni(cpu::isa()) && matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0) {
-        // SAFETY: the CPU runs VNNI (checked above); `n / 32` blocks of each of the `n_w` weight
-        // rows and `n_act` activation rows, and the `n_w` x `n_act` outputs, are in bounds
-        // (asserted above). The kernels only do unaligned loads.
-        unsafe {
-            x86::vnni::dot_tile(
-                ty,
+    {
+        let isa = cpu::isa();
+        // The eight-block-lane types have their tiles in `vec_dot_tile_x8` (interleaved
+        // activations); with the usual layout they go through the generic loop.
+        if isa != Isa::Scalar && has_fast_path(ty) && !in_x8_order(ty) {
+            let (nb, x, y, o) = (
                 n / ty.block_size(),
                 w.as_ptr(),
-                w_stride,
-                n_w,
                 act.as_ptr(),
-                act_stride,
-                n_act,
                 out.as_mut_ptr(),
-                out_stride,
             );
+            let (ws, ys, os) = (w_stride, act_stride, out_stride);
+            // SAFETY: the CPU runs `isa` (and VNNI where `cpu::vnni` says so); `nb` blocks of
+            // each of the `n_w` weight rows and `n_act` activation rows, and the `n_w` x
+            // `n_act` outputs, are in bounds (asserted above). The kernels only do unaligned
+            // loads.
+            unsafe {
+                if cpu::vnni(isa) {
+                    x86::vnni::dot_tile(ty, nb, x, ws, n_w, y, ys, n_act, o, os);
+                } else {
+                    x86::avx2::dot_tile(ty, nb, x, ws, n_w, y, ys, n_act, o, os);
+                }
+            }
+            return;
         }
-        return;
     }
     for i in 0..n_w {
         vec_dot_batch(
@@ -176,16 +180,22 @@ pub fn vec_dot_tile(
     }
 }
 
-/// Whether [`vec_dot_tile_x8`] runs for weights of `ty` on this CPU (Q4_1 and Q8_0 with
-/// AVX-512 VNNI). Callers that get `false` use [`vec_dot_tile`] with the usual layout.
+/// Whether [`vec_dot_tile_x8`] runs for weights of `ty` on this CPU (Q4_0, Q4_1, Q5_0 and
+/// Q8_0 with AVX2 or AVX-512 VNNI). Callers that get `false` use [`vec_dot_tile`] with the
+/// usual layout.
 pub fn has_tile_x8(ty: GgmlType) -> bool {
-    cpu::vnni(cpu::isa()) && in_x8_order(ty)
+    in_x8_order(ty)
 }
 
-/// The types whose VNNI dot products sum in eight-block lanes (`x8_x86.rs`), the order their
+/// The types whose SIMD dot products sum in eight-block lanes (`x8_x86.rs`), the order their
 /// tile kernels on interleaved activations reproduce.
 fn in_x8_order(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0)
+    cfg!(target_arch = "x86_64")
+        && cpu::isa() != cpu::Isa::Scalar
+        && matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0
+        )
 }
 
 /// Bytes of one activation row of `n` elements (a multiple of 32) in the interleaved layout
@@ -291,10 +301,15 @@ pub fn vec_dot_tile_x8(
     );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `has_tile_x8` checked the CPU level; the bounds were checked above. The
-    // kernel reads only the `n / 32` blocks of each weight row (masked loads and gathers in a
-    // partial group) and whole groups of each activation row.
+    // kernel reads only the `n / 32` blocks of each weight row (skipped loads in a partial
+    // group) and whole groups of each activation row.
     unsafe {
-        super::x8::dot_tile(
+        let tile = if cpu::vnni(cpu::isa()) {
+            super::x8::vnni::dot_tile
+        } else {
+            super::x8::avx2::dot_tile
+        };
+        tile(
             ty,
             n / ty.block_size(),
             w.as_ptr(),

@@ -16,9 +16,7 @@ macro_rules! dot_kernels {
     ($name:ident, $feat:literal, $vnni:literal) => {
         pub mod $name {
             use crate::quant::{wrong_type, Family, GgmlType};
-            use crate::simd_x86::{
-                dot_u8i8, h2f_pair, hsum, ld256, nibbles, q5_signed, q5_unsigned, rd_u32,
-            };
+            use crate::simd_x86::{dot_u8i8, h2f_pair, hsum, ld256, q5_unsigned, rd_u32};
             use core::arch::x86_64::*;
 
             const VNNI: bool = $vnni;
@@ -71,81 +69,6 @@ macro_rules! dot_kernels {
             #[target_feature(enable = $feat)]
             unsafe fn finish_1(acc: __m256, accm: __m128) -> f32 {
                 hsum(acc) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(accm, accm))
-            }
-
-            #[target_feature(enable = $feat)]
-            pub unsafe fn dot_q4_0(nb: usize, x: *const u8, y: *const u8) -> f32 {
-                const XS: usize = 18;
-                const YS: usize = 34;
-                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let eight = _mm256_set1_epi8(8);
-                let mut i = 0;
-                while i + 2 <= nb {
-                    let (x0, y0) = (x.add(i * XS), y.add(i * YS));
-                    let (x1, y1) = (x0.add(XS), y0.add(YS));
-                    let q0 = _mm256_sub_epi8(nibbles(x0.add(2)), eight);
-                    let q1 = _mm256_sub_epi8(nibbles(x1.add(2)), eight);
-                    let p0 = dot_i8i8(q0, ld256(y0.add(2)));
-                    let p1 = dot_i8i8(q1, ld256(y1.add(2)));
-                    acc0 = fma_block(acc0, p0, x0, y0);
-                    acc1 = fma_block(acc1, p1, x1, y1);
-                    i += 2;
-                }
-                if i < nb {
-                    let (x0, y0) = (x.add(i * XS), y.add(i * YS));
-                    let q0 = _mm256_sub_epi8(nibbles(x0.add(2)), eight);
-                    acc0 = fma_block(acc0, dot_i8i8(q0, ld256(y0.add(2))), x0, y0);
-                }
-                hsum(_mm256_add_ps(acc0, acc1))
-            }
-
-            #[target_feature(enable = $feat)]
-            pub unsafe fn dot_q4_1(nb: usize, x: *const u8, y: *const u8) -> f32 {
-                const XS: usize = 20;
-                const YS: usize = 36;
-                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let (mut accm0, mut accm1) = (_mm_setzero_ps(), _mm_setzero_ps());
-                let mut i = 0;
-                while i + 2 <= nb {
-                    let (x0, y0) = (x.add(i * XS), y.add(i * YS));
-                    let (x1, y1) = (x0.add(XS), y0.add(YS));
-                    let p0 = dot_u8i8::<VNNI>(nibbles(x0.add(4)), ld256(y0.add(4)));
-                    let p1 = dot_u8i8::<VNNI>(nibbles(x1.add(4)), ld256(y1.add(4)));
-                    acc0 = fma_block_1(acc0, &mut accm0, p0, x0, y0);
-                    acc1 = fma_block_1(acc1, &mut accm1, p1, x1, y1);
-                    i += 2;
-                }
-                if i < nb {
-                    let (x0, y0) = (x.add(i * XS), y.add(i * YS));
-                    let p0 = dot_u8i8::<VNNI>(nibbles(x0.add(4)), ld256(y0.add(4)));
-                    acc0 = fma_block_1(acc0, &mut accm0, p0, x0, y0);
-                }
-                finish_1(_mm256_add_ps(acc0, acc1), _mm_add_ps(accm0, accm1))
-            }
-
-            #[target_feature(enable = $feat)]
-            pub unsafe fn dot_q5_0(nb: usize, x: *const u8, y: *const u8) -> f32 {
-                const XS: usize = 22;
-                const YS: usize = 34;
-                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut i = 0;
-                while i + 2 <= nb {
-                    let (x0, y0) = (x.add(i * XS), y.add(i * YS));
-                    let (x1, y1) = (x0.add(XS), y0.add(YS));
-                    let q0 = q5_signed::<VNNI>(x0.add(6), rd_u32(x0.add(2)));
-                    let q1 = q5_signed::<VNNI>(x1.add(6), rd_u32(x1.add(2)));
-                    let p0 = dot_i8i8(q0, ld256(y0.add(2)));
-                    let p1 = dot_i8i8(q1, ld256(y1.add(2)));
-                    acc0 = fma_block(acc0, p0, x0, y0);
-                    acc1 = fma_block(acc1, p1, x1, y1);
-                    i += 2;
-                }
-                if i < nb {
-                    let (x0, y0) = (x.add(i * XS), y.add(i * YS));
-                    let q0 = q5_signed::<VNNI>(x0.add(6), rd_u32(x0.add(2)));
-                    acc0 = fma_block(acc0, dot_i8i8(q0, ld256(y0.add(2))), x0, y0);
-                }
-                hsum(_mm256_add_ps(acc0, acc1))
             }
 
             #[target_feature(enable = $feat)]
@@ -207,17 +130,14 @@ macro_rules! dot_kernels {
             }
 
             /// Dispatch on the weight type. `x` holds `nb` blocks of `ty`, `y` `nb` blocks of
-            /// `ty.vec_dot_type()`. With VNNI, Q4_1 and Q8_0 go to the eight-block-lane
+            /// `ty.vec_dot_type()`. Q4_0, Q4_1, Q5_0 and Q8_0 go to the eight-block-lane
             /// kernels of `x8_x86.rs` (the order their tile kernels reproduce).
             pub unsafe fn dot(ty: GgmlType, nb: usize, x: *const u8, y: *const u8) -> f32 {
                 match ty {
-                    GgmlType::Q4_1 if VNNI => crate::quant::x8::dot_q4_1(nb, x, y),
-                    GgmlType::Q8_0 if VNNI => crate::quant::x8::dot_q8_0(nb, x, y),
-                    GgmlType::Q4_0 => dot_q4_0(nb, x, y),
-                    GgmlType::Q4_1 => dot_q4_1(nb, x, y),
-                    GgmlType::Q5_0 => dot_q5_0(nb, x, y),
+                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+                        crate::quant::x8::$name::dot(ty, nb, x, y)
+                    }
                     GgmlType::Q5_1 => dot_q5_1(nb, x, y),
-                    GgmlType::Q8_0 => dot_q8::<34, 2>(nb, x, y),
                     GgmlType::Q8_1 => dot_q8::<36, 4>(nb, x, y),
                     _ => wrong_type(Family::Legacy, ty),
                 }
