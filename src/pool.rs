@@ -13,10 +13,13 @@
 //! waits a scheduler time slice (milliseconds) for a job of microseconds. The pool watches for
 //! that: a job whose caller waited for its workers longer than [`STALL`] and longer than half
 //! its own share is a stall, and [`STALLS`] stalls within [`WINDOW`] jobs send the pool solo
-//! for the next [`SOLO_JOBS`] jobs (the caller runs every share itself, the workers go to
-//! sleep), after which it tries its workers again; each spell that ends in stalls again is
-//! twice as long (up to [`SOLO_JOBS_MAX`]). Which thread computes what never changes a
-//! result (every kernel computes each row the same on any thread), so this changes only speed.
+//! for [`SOLO`] (the caller runs every share itself, the workers go to sleep), after which it
+//! tries its workers again; each spell that ends in stalls again is twice as long (up to
+//! [`SOLO_MAX`]). A spell is a time, not a number of jobs: prefill's jobs take milliseconds
+//! where decode's take microseconds, and a count long enough for decode kept a prefill on one
+//! thread for seconds after a single hiccup of the host. Which thread computes what never
+//! changes a result (every kernel computes each row the same on any thread), so this changes
+//! only speed.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -61,11 +64,11 @@ struct Watch {
     jobs: u32,
     /// Stalls among them.
     stalls: u32,
-    /// Jobs left to run solo.
-    solo: u32,
+    /// The end of the current solo spell.
+    solo_until: Option<std::time::Instant>,
     /// The length of the next solo spell: doubled each time the workers stall again right
-    /// after one (a host that stays busy), back to [`SOLO_JOBS`] after a window without stalls.
-    solo_len: u32,
+    /// after one (a host that stays busy), back to [`SOLO`] after a window without stalls.
+    solo_len: std::time::Duration,
     /// Whether the current window is the first after a solo spell.
     probing: bool,
     /// Times the pool went solo (for tests and diagnostics).
@@ -77,10 +80,10 @@ pub const STALL: std::time::Duration = std::time::Duration::from_millis(1);
 /// Stalls within [`WINDOW`] jobs that send the pool solo.
 pub const STALLS: u32 = 2;
 pub const WINDOW: u32 = 512;
-/// Jobs run solo before the workers are tried again (a few decoded tokens).
-pub const SOLO_JOBS: u32 = 4096;
-/// The longest solo spell, on a host that stays busy (some seconds of decoding).
-pub const SOLO_JOBS_MAX: u32 = 1 << 18;
+/// How long the pool runs solo before the workers are tried again (a few decoded tokens).
+pub const SOLO: std::time::Duration = std::time::Duration::from_millis(100);
+/// The longest solo spell, on a host that stays busy.
+pub const SOLO_MAX: std::time::Duration = std::time::Duration::from_millis(6400);
 
 const SPIN_ITERS: usize = 1 << 16;
 const CLOSED: u64 = 1 << 31;
@@ -149,8 +152,10 @@ impl ThreadPool {
             return;
         }
         let mut watch = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        if watch.solo > 0 {
-            watch.solo -= 1;
+        if watch
+            .solo_until
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
             // Every share on the caller: each `ith` once (a dynamic job claims all its work
             // in the first call).
             if dynamic {
@@ -269,11 +274,11 @@ impl Watch {
         self.stalls += u32::from(stalled);
         if self.stalls >= STALLS {
             self.solo_len = if self.probing {
-                (self.solo_len * 2).min(SOLO_JOBS_MAX)
+                (self.solo_len * 2).min(SOLO_MAX)
             } else {
-                SOLO_JOBS
+                SOLO
             };
-            self.solo = self.solo_len;
+            self.solo_until = Some(std::time::Instant::now() + self.solo_len);
             self.solo_spells += 1;
             self.probing = true;
             self.jobs = 0;
