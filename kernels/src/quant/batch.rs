@@ -4,7 +4,8 @@
 //!
 //! The x86 kernels (`batch_x86.rs`, `x8_x86.rs`) unpack each weight block once and multiply it
 //! against several activation rows while it stays in registers. Types without such a kernel,
-//! and CPUs without AVX2+FMA+F16C, take the generic loop over [`vec_dot`].
+//! the eight-block-lane types with the usual activation layout, and CPUs without
+//! AVX2+FMA+F16C take the generic loop over [`vec_dot`].
 
 use super::{check_len, quantize_row, vec_dot, GgmlType, QK8_0};
 use crate::cpu;
@@ -16,7 +17,10 @@ use crate::KernelError;
 #[path = "batch_x86.rs"]
 mod x86;
 
-/// Whether `ty` has a SIMD batch kernel (on CPUs with AVX2+FMA+F16C).
+/// Whether `ty` has SIMD multi-row kernels (on CPUs with AVX2+FMA+F16C): in
+/// [`vec_dot_batch`] and [`vec_dot_tile`], or for the eight-block-lane types
+/// ([`has_tile_x8`]: Q4_0, Q4_1, Q5_0, Q8_0) in [`vec_dot_tile_x8`], which takes the
+/// activations interleaved (with the usual layout those go through the generic loop).
 pub fn has_fast_path(ty: GgmlType) -> bool {
     matches!(
         ty,

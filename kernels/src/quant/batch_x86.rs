@@ -1,12 +1,14 @@
-//! x86-64 batched dot products (declared from `batch.rs`): one weight row against up to four
-//! activation rows. Each weight block is loaded and unpacked once (nibbles, fifth/sixth bits,
-//! K-quant scales and mins) and then multiplied against the matching block of every activation
-//! row, so prefill stops paying the unpacking once per token.
+//! x86-64 multi-row dot products (declared from `batch.rs`) for the K-quants, Q5_1 and Q8_1:
+//! tiles of up to two weight rows against up to four activation rows. Each weight block is
+//! loaded and unpacked once (fifth/sixth bits, K-quant scales and mins) and each activation
+//! block loaded once for the whole tile, so prefill stops paying them once per pair. (Q4_0,
+//! Q4_1, Q5_0 and Q8_0 have theirs in `x8_x86.rs`.)
 //!
 //! Two builds of the same source (see `batch_kernels!`), as in `legacy_x86.rs`: `avx2`
 //! (AVX2 + FMA + F16C, `vpmaddubsw`/`vpmaddwd`) and `vnni` (adds AVX-512 F/BW/VL/VNNI on
-//! 256-bit vectors: `vpdpbusd`/`vpdpwssd` and byte masks). The integer math per block is the
-//! one of the single-row kernels; only the order of the f32 accumulation differs.
+//! 256-bit vectors: `vpdpbusd`/`vpdpwssd` and byte masks). The arithmetic of every (weight row,
+//! activation row) pair is the single-row kernel's, in its order, so the results are the same
+//! bits as `vec_dot`.
 //!
 //! All loads are unaligned; callers check bounds and CPU features.
 
