@@ -409,10 +409,12 @@ impl<'a> Part<'a> {
                 } else {
                     quant::vec_dot_tile(ty, cols, wr, rb, nr, a, ab, nt, &mut out, TOK_BLOCK);
                 }
-                for i in 0..nr {
-                    for (k, &v) in out[i * TOK_BLOCK..i * TOK_BLOCK + nt].iter().enumerate() {
-                        // SAFETY: each (t, r) is written by exactly one thread.
-                        unsafe { self.y.write((t0 + k) * self.rows + r0 + i, v) };
+                // Token by token, so that the stores of one token's rows are consecutive.
+                for k in 0..nt {
+                    // SAFETY: each (t, r) is written by exactly one thread.
+                    let y = unsafe { self.y.slice((t0 + k) * self.rows + r0, nr) };
+                    for (i, o) in y.iter_mut().enumerate() {
+                        *o = out[i * TOK_BLOCK + k];
                     }
                 }
             }
