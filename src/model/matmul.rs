@@ -272,12 +272,16 @@ impl<'a> Job<'a> {
         &mut self.parts[..self.len]
     }
 
-    /// Whether the quantized matrices pair with one activation format, so that the input is
-    /// quantized once for all of them.
+    /// Whether the quantized matrices pair with one activation format and one layout (the
+    /// interleaved one of [`quant::has_tile_x8`] or the usual), so that the input is quantized
+    /// once for all of them, and each runs its fastest kernel.
     pub(crate) fn one_format(&self) -> bool {
         let mut vt = self.parts().iter().filter(|p| !p.f32_act);
         match vt.next() {
-            Some(first) => vt.all(|p| p.ty.vec_dot_type() == first.ty.vec_dot_type()),
+            Some(first) => vt.all(|p| {
+                p.ty.vec_dot_type() == first.ty.vec_dot_type()
+                    && quant::has_tile_x8(p.ty) == quant::has_tile_x8(first.ty)
+            }),
             None => true,
         }
     }
