@@ -181,8 +181,8 @@ impl<'a> Exec<'a> {
                 debug_assert!(table
                     .iter()
                     .all(|p| p.f32_act || Some(p.ty.vec_dot_type()) == vt));
-                // Q4_1/Q8_0 weights with AVX-512 VNNI take the activations interleaved in groups
-                // of eight blocks (`vec_dot_tile_x8`), one sequence or several alike.
+                // Q4_0/Q4_1/Q5_0/Q8_0 weights (AVX2 or VNNI) take the activations interleaved in
+                // groups of eight blocks (`vec_dot_tile_x8`), one sequence or several alike.
                 let x8 =
                     vt.is_some() && table.iter().all(|p| p.f32_act || quant::has_tile_x8(p.ty));
                 let ab = match vt {

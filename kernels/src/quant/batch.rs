@@ -74,7 +74,7 @@ pub fn vec_dot_batch(
         let vnni = cpu::vnni(isa);
         // Q4_0, Q4_1, Q5_0 and Q8_0 sum in eight-block lanes (`x8_x86.rs`), which only their
         // tiles on interleaved activations reproduce: the generic loop keeps the bits.
-        if isa != Isa::Scalar && has_fast_path(ty) && !in_x8_order(ty) {
+        if isa != Isa::Scalar && has_fast_path(ty) && !has_tile_x8(ty) {
             // A lone row left over goes to the single-row kernel, which hides latency better.
             let batched = if n_act % 4 == 1 { n_act - 1 } else { n_act };
             let nb = n / ty.block_size();
@@ -105,7 +105,7 @@ pub fn vec_dot_batch(
 /// &act[j * act_stride..])` for `i < n_w`, `j < n_act`, the same bits. Where a SIMD kernel
 /// exists ([`has_fast_path`]; AVX2 or AVX-512 VNNI) blocks of two weight rows by four
 /// activation rows share their unpacked weights and loaded activations; other types go
-/// through [`vec_dot_batch`] one weight row at a time. With VNNI, Q4_1 and Q8_0 have their
+/// through [`vec_dot_batch`] one weight row at a time. Q4_0, Q4_1, Q5_0 and Q8_0 have their
 /// fast tiles in [`vec_dot_tile_x8`], which takes the activations interleaved.
 #[allow(clippy::too_many_arguments)]
 pub fn vec_dot_tile(
@@ -149,7 +149,7 @@ pub fn vec_dot_tile(
         let isa = cpu::isa();
         // The eight-block-lane types have their tiles in `vec_dot_tile_x8` (interleaved
         // activations); with the usual layout they go through the generic loop.
-        if isa != Isa::Scalar && has_fast_path(ty) && !in_x8_order(ty) {
+        if isa != Isa::Scalar && has_fast_path(ty) && !has_tile_x8(ty) {
             let (nb, x, y, o) = (
                 n / ty.block_size(),
                 w.as_ptr(),
@@ -185,15 +185,10 @@ pub fn vec_dot_tile(
 }
 
 /// Whether [`vec_dot_tile_x8`] runs for weights of `ty` on this CPU (Q4_0, Q4_1, Q5_0 and
-/// Q8_0 with AVX2 or AVX-512 VNNI). Callers that get `false` use [`vec_dot_tile`] with the
-/// usual layout.
+/// Q8_0 with AVX2 or AVX-512 VNNI): these types' SIMD dot products sum in eight-block lanes
+/// (`x8_x86.rs`), the order their tiles on interleaved activations reproduce. Callers that get
+/// `false` use [`vec_dot_tile`] with the usual layout.
 pub fn has_tile_x8(ty: GgmlType) -> bool {
-    in_x8_order(ty)
-}
-
-/// The types whose SIMD dot products sum in eight-block lanes (`x8_x86.rs`), the order their
-/// tile kernels on interleaved activations reproduce.
-fn in_x8_order(ty: GgmlType) -> bool {
     cfg!(target_arch = "x86_64")
         && cpu::isa() != cpu::Isa::Scalar
         && matches!(

@@ -98,8 +98,7 @@ macro_rules! batch_kernels {
             }
 
             /// Legacy weight rows (`R` of them, `nb` blocks of kind `K`, `xrs` bytes apart
-            /// from `x`) against `N` activation rows (`ys` bytes apart from `y`, Q8_0 or Q8_1
-            /// blocks): `out[r * os + j]`. The single-row kernel sums even and odd blocks
+            /// from `x`) against `N` activation rows (`ys` bytes apart from `y`, Q8_1 blocks): `out[r * os + j]`. The single-row kernel sums even and odd blocks
             /// apart; here the even blocks go first, then the odd ones (the tile's data is in
             /// L1 by then), so each pass needs only one accumulator per pair and the results
             /// are the same bits as `vec_dot` on the same instruction set.
