@@ -252,3 +252,137 @@ fn batched_lockstep_steps_equal_single_steps() {
         assert!(got[specs.len()].is_some());
     }
 }
+
+/// A truncated assistant shares its blocks with the target (the same bytes, found without
+/// being told), and decode steps that run both models' rows through those blocks together
+/// give, bit for bit, what each model alone gives: one decoder and several stepped together,
+/// with and without patches on the assistant (a LoRA on the shared blocks, a control vector),
+/// on SmolLM2 and on gemma3 (whose embeddings are scaled).
+#[test]
+fn shared_blocks_give_the_same_bits() {
+    let dir = common::TempDir::new("lockstep-shared");
+    let smol = Arc::new(Model::open(model_path("smollm2"), 2).unwrap());
+    let gemma = Arc::new(Model::open(model_path("gemma3"), 2).unwrap());
+    assert_eq!(
+        smol.shared_blocks(&gemma),
+        None,
+        "different models share nothing"
+    );
+    for (name, model, k, arch) in [
+        ("smollm2", &smol, 6, "llama"),
+        ("gemma3", &gemma, 7, "gemma3"),
+    ] {
+        let model = model.clone();
+        let path = dir.join(&format!("{name}-a{k}.gguf"));
+        lethe::forge::truncate_model(&model.file, k, &path).unwrap();
+        let am = Arc::new(Model::open(&path, 2).unwrap());
+        assert_eq!(model.shared_blocks(&am).map(|s| s.k()), Some(k), "{name}");
+        assert_eq!(
+            model.shared_blocks(&model).map(|s| s.k()),
+            Some(model.cfg.n_layer),
+            "{name}: a model shares all its blocks with itself"
+        );
+        // A LoRA over blocks 0..3 and a control vector on block 1.
+        let lora = dir.join(&format!("{name}-lora.gguf"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lethe"))
+            .args(["patch", "random", "-m"])
+            .arg(&path)
+            .args(["--rank", "4", "--blocks", "0..3", "--std", "0.01", "-o"])
+            .arg(&lora)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cvec = dir.join(&format!("{name}-cvec.gguf"));
+        let mut rng = common::Rng(17);
+        lethe::patch::write_cvec(&cvec, arch, &[(1, rng.vec(am.cfg.n_embd, 0.3))]).unwrap();
+        let parts = vec![
+            (Arc::new(lethe::patch::load(&lora, &am).unwrap()), 1.0),
+            (Arc::new(lethe::patch::load(&cvec, &am).unwrap()), 1.0),
+        ];
+        let patched = Some(Arc::new(lethe::patch::PatchSet::new(&am, &parts).unwrap()));
+        for patches in [None, patched] {
+            let a = Assistant {
+                model: am.clone(),
+                kind: TermKind::Uld,
+                weight: -0.8,
+                filter: 0.01,
+                reference: None,
+                patches: patches.clone(),
+                score: ScoreRule::Mass,
+            };
+            let make = |share: bool| {
+                LockstepDecoder::new(model.clone(), vec![a.clone()], 64)
+                    .unwrap()
+                    .with_shared_blocks(share)
+            };
+            assert_eq!(make(true).shared_blocks(), k);
+            assert_eq!(make(false).shared_blocks(), 0);
+            let prompts: Vec<Vec<u32>> = (0..3)
+                .map(|i| {
+                    (0..3 + 2 * i)
+                        .map(|j| (300 + 41 * i + 7 * j) as u32)
+                        .collect()
+                })
+                .collect();
+            let steps: Vec<Vec<u32>> = (0..3)
+                .map(|i| (0..4).map(|j| (900 + 53 * i + 13 * j) as u32).collect())
+                .collect();
+            // Each model alone, one decoder at a time.
+            let mut want = Vec::new();
+            for (p, s) in prompts.iter().zip(&steps) {
+                let mut d = make(false);
+                d.feed(p).unwrap();
+                let w: Vec<Vec<f32>> = s.iter().map(|&t| d.feed(&[t]).unwrap().to_vec()).collect();
+                want.push(w);
+            }
+            let bits =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            let what = if patches.is_some() {
+                "patched"
+            } else {
+                "plain"
+            };
+            // Shared, one decoder at a time.
+            for (i, (p, s)) in prompts.iter().zip(&steps).enumerate() {
+                let mut d = make(true);
+                d.feed(p).unwrap();
+                for (j, &t) in s.iter().enumerate() {
+                    let got = d.feed(&[t]).unwrap();
+                    assert!(
+                        bits(got, &want[i][j]),
+                        "{name} {what}: decoder {i} step {j} alone"
+                    );
+                }
+            }
+            // Shared, stepped together.
+            let mut decs: Vec<Box<dyn Decoder>> = prompts
+                .iter()
+                .map(|p| {
+                    let mut d = make(true);
+                    d.feed(p).unwrap();
+                    Box::new(d) as _
+                })
+                .collect();
+            for j in 0..4 {
+                let toks: Vec<u32> = steps.iter().map(|s| s[j]).collect();
+                let mut refs: Vec<&mut dyn Decoder> =
+                    decs.iter_mut().map(|d| d.as_mut() as _).collect();
+                let mut got: Vec<Option<Vec<f32>>> = vec![None; refs.len()];
+                lethe::generate::feed_each(&mut refs, &toks, |i, r| {
+                    got[i] = Some(r.unwrap().to_vec())
+                });
+                for (i, g) in got.iter().enumerate() {
+                    let g = g.as_ref().expect("every decoder stepped");
+                    assert!(
+                        bits(g, &want[i][j]),
+                        "{name} {what}: decoder {i} step {j} batched"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -236,8 +236,9 @@ pub fn main(a: BenchArgs) -> Result<()> {
             .terms
             .iter()
             .map(|t| {
+                let shared = m.shared_blocks(&t.model).map_or(0, |s| s.k());
                 format!(
-                    "{:?} w={} r={} ({} blocks)",
+                    "{:?} w={} r={} ({} blocks, the first {shared} the base's own)",
                     t.kind, t.weight, t.filter, t.model.cfg.n_layer
                 )
             })

@@ -70,7 +70,7 @@ pub enum NormKind {
     Layer,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub arch: Arch,
     pub n_vocab: usize,
@@ -239,6 +239,12 @@ impl Config {
     /// gemma2: the even ones).
     pub fn is_local_layer(&self, il: usize) -> bool {
         self.sliding_window.is_some() && !(il + 1).is_multiple_of(self.swa_period)
+    }
+
+    /// The factor of the token embeddings, where the architecture scales them (gemma2 and
+    /// gemma3: `sqrt(n_embd)`).
+    pub fn embd_scale(&self) -> Option<f32> {
+        matches!(self.arch, Arch::Gemma2 | Arch::Gemma3).then(|| (self.n_embd as f32).sqrt())
     }
 
     pub fn q_dim(&self) -> usize {

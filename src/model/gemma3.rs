@@ -10,9 +10,10 @@
 //! logits = Wembd · (rmsnorm(x) * output_norm)
 //! ```
 //!
-//! gemma2 runs this block too, without the q/k norms and with its attention softcap.
+//! gemma2 runs this block too, without the q/k norms and with its attention softcap. The
+//! embeddings' scale is applied where they are looked up (`Config::embd_scale`).
 
-use super::{norm, Batch, Model, Scratch};
+use super::{norm, Batch, Model, RowPatches, Scratch};
 use crate::model::Proj;
 use lethe_kernels::ops;
 
@@ -21,9 +22,9 @@ pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
     let n = b.n();
     let (e, ff) = (m.cfg.n_embd, m.cfg.n_ff);
     let ps = b.patches();
-    let ps = ps.as_deref();
-    ops::scale_inplace(&mut st.x[..n * e], (e as f32).sqrt());
-    for (il, l) in m.layers.iter().enumerate() {
+    let ps = RowPatches::of(&ps);
+    for il in b.layers.clone() {
+        let l = &m.layers[il];
         b.tap(il, st);
         norm(&l.attn_norm).rows(&mut st.xb, &st.x, n);
         // xb2 [n, e] = Wo attn(...): q/k norms, window and softcap as the layer has them

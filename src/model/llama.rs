@@ -13,7 +13,7 @@
 //! attention every block shares (`Batch::attention`: qwen3's per-head q/k norms); their files
 //! say so.
 
-use super::{norm, Batch, Model, Scratch};
+use super::{norm, Batch, Model, RowPatches, Scratch};
 use crate::model::Proj;
 use lethe_kernels::ops;
 
@@ -22,8 +22,9 @@ pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
     let n = b.n();
     let (e, ff) = (m.cfg.n_embd, m.cfg.n_ff);
     let ps = b.patches();
-    let ps = ps.as_deref();
-    for (il, l) in m.layers.iter().enumerate() {
+    let ps = RowPatches::of(&ps);
+    for il in b.layers.clone() {
+        let l = &m.layers[il];
         b.tap(il, st);
         norm(&l.attn_norm).rows(&mut st.xb, &st.x, n);
         // xb2 [n, e] = Wo attn(...): biases (qwen2) and per-head q/k norms (qwen3) included

@@ -2,9 +2,8 @@
 //! paired format, rows of one or several matrices shared out over the pool.
 
 use super::weights::{Proj, Weight};
-use super::{Model, Scratch};
+use super::{Model, RowPatches, Scratch};
 use crate::gguf::GgufFile;
-use crate::patch::PatchSet;
 use crate::pool::{SharedMut, ThreadPool};
 use lethe_kernels::quant::{self, GgmlType};
 
@@ -494,11 +493,11 @@ impl Scratch {
 
     /// The matmuls `projs` of block `il`, which share their input (q/k/v, o, gate/up or down),
     /// as one job over the `n` rows of the scratch ([`Scratch::io`]), with the deltas of the
-    /// patches `ps` ([`PatchSet::mm`]).
+    /// patches `ps` on the rows they cover ([`crate::patch::PatchSet::mm`]).
     pub(crate) fn mm(
         &mut self,
         m: &Model,
-        ps: Option<&PatchSet>,
+        ps: Option<RowPatches>,
         il: usize,
         projs: &[Proj],
         n: usize,
@@ -520,7 +519,7 @@ impl Scratch {
         let x = unsafe { std::slice::from_raw_parts(x, n * cols) };
         let mut ex = m.exec(&mut self.act, &mut self.patch_tmp);
         match ps {
-            Some(ps) => ps.mm(&mut ex, il, projs, &mut job, x, n),
+            Some(ps) => ps.set.mm(&mut ex, il, projs, &mut job, x, n, ps.from),
             None => ex.run(&mut job, x, n),
         }
         for &p in projs {

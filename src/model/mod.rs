@@ -72,7 +72,13 @@ pub struct Model {
     pub rope_long: Option<RopeTable>,
     pub pool: Arc<ThreadPool>,
     pub precision: Precision,
+    /// What [`Model::shared_blocks`] found, by the assistant's file and block count (a weak
+    /// reference keeps the file's address from being reused).
+    shared: std::sync::Mutex<Vec<SharedMemo>>,
 }
+
+/// One answer of [`Model::shared_blocks`]: the assistant's file, its block count, the answer.
+type SharedMemo = (std::sync::Weak<GgufFile>, usize, Option<SharedBlocks>);
 
 impl Model {
     pub fn open(path: impl AsRef<Path>, n_threads: usize) -> Result<Self> {
@@ -127,6 +133,7 @@ impl Model {
             rope_long,
             pool,
             precision: Precision::default(),
+            shared: Default::default(),
         })
     }
 
@@ -241,7 +248,7 @@ impl Model {
             let buf = &mut st.buf;
             buf.patch_tmp = vec![0.0; patches.map_or(0, |p| p.scratch_len())];
             buf.io(p).0[..n * cols].copy_from_slice(x);
-            buf.mm(self, patches, il, &[p], n);
+            buf.mm(self, RowPatches::all(patches), il, &[p], n);
             y.copy_from_slice(&buf.io(p).1[..n * rows]);
             return Ok(y);
         }
@@ -536,6 +543,174 @@ impl Model {
         Ok(())
     }
 
+    /// How many leading blocks `asst` shares with this model: blocks whose every weight and
+    /// norm holds the same numbers (the same bytes of the same type and shape), in a model of
+    /// the same configuration but the block count, reading tokens the same way (the same
+    /// embeddings). ULD's assistants are truncated copies of their target (`lethe forge
+    /// assistant`), so they share all of theirs; a LoRA on top is a patch, not a change of the
+    /// weights. None when the models differ in anything else, or read rope factors from
+    /// files. The first call for an assistant compares the blocks' bytes; later ones for the
+    /// same assistant file and block count answer from memory.
+    pub fn shared_blocks(&self, asst: &Model) -> Option<SharedBlocks> {
+        let mut memo = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let n = asst.layers.len();
+        let file = Arc::as_ptr(&asst.file);
+        if let Some((_, _, s)) = memo
+            .iter()
+            .find(|(f, k, _)| std::ptr::eq(f.as_ptr(), file) && *k == n)
+        {
+            return *s;
+        }
+        let s = self.find_shared_blocks(asst);
+        memo.retain(|(f, _, _)| f.strong_count() > 0);
+        memo.push((Arc::downgrade(&asst.file), n, s));
+        s
+    }
+
+    fn find_shared_blocks(&self, asst: &Model) -> Option<SharedBlocks> {
+        let plain = |c: &Config| Config {
+            n_layer: 0,
+            ..c.clone()
+        };
+        if plain(&self.cfg) != plain(&asst.cfg)
+            || self.precision != asst.precision
+            || self.rope_long.is_some()
+            || asst.rope_long.is_some()
+            || !same_weight(self, asst, &self.tok_embd, &asst.tok_embd)
+        {
+            return None;
+        }
+        let same_norm = |a: &Option<Norm>, b: &Option<Norm>| match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.kind == b.kind && a.eps == b.eps && a.w == b.w && a.b == b.b,
+            _ => false,
+        };
+        let same_layer = |a: &Layer, b: &Layer| {
+            [
+                (&a.attn_norm, &b.attn_norm),
+                (&a.q_norm, &b.q_norm),
+                (&a.k_norm, &b.k_norm),
+                (&a.post_attn_norm, &b.post_attn_norm),
+                (&a.ffn_norm, &b.ffn_norm),
+                (&a.post_ffn_norm, &b.post_ffn_norm),
+            ]
+            .into_iter()
+            .all(|(x, y)| same_norm(x, y))
+                && Proj::ALL
+                    .into_iter()
+                    .all(|p| match (a.weight(p), b.weight(p)) {
+                        (None, None) => true,
+                        (Some(x), Some(y)) => same_weight(self, asst, x, y),
+                        _ => false,
+                    })
+        };
+        let k = self
+            .layers
+            .iter()
+            .zip(&asst.layers)
+            .take_while(|(a, b)| same_layer(a, b))
+            .count();
+        (k > 0).then(|| SharedBlocks {
+            k,
+            files: pair(self, asst),
+        })
+    }
+
+    /// One decode step of sequences of this model and of an assistant that shares its first
+    /// blocks with it (`shared`, from [`Model::shared_blocks`]), on the same tokens: `states` holds the `d`
+    /// sequences of this model, then the `d` of the assistant (sequence `i` and `d + i` read
+    /// `tokens[i]`). The shared blocks `0..k` run over all `2d` rows at once, so their weights are read
+    /// and unpacked once for both models (the assistant's patches on its rows alone); the
+    /// rest of this model's blocks over its rows, then its head into each of its states'
+    /// `logits`; the rest of the assistant's blocks over its rows. The assistant's final
+    /// hidden states, after its output norm, go to `hidden` (`[d, n_embd]`), for
+    /// [`Model::head_rows`]. Every number is bit for bit what [`Model::forward_multi`] (or
+    /// [`Model::forward`]) of each model alone gives.
+    ///
+    /// This model's sequences run without patches, the assistant's all with the same ones;
+    /// `2d <= MAX_BATCH`.
+    pub fn forward_multi_shared(
+        &self,
+        asst: &Model,
+        shared: &SharedBlocks,
+        states: &mut [&mut State],
+        tokens: &[u32],
+        hidden: &mut [f32],
+    ) -> Result<()> {
+        let (d, e) = (tokens.len(), self.cfg.n_embd);
+        if states.len() != 2 * d || d == 0 || hidden.len() < d * e {
+            return Err(Error::Invalid(format!(
+                "a shared step of {d} tokens needs {} sequences (got {}) and room for {d} \
+                 hidden states",
+                2 * d,
+                states.len()
+            )));
+        }
+        let k = shared.k;
+        if shared.files != pair(self, asst) || k > self.layers.len().min(asst.layers.len()) {
+            return Err(Error::Invalid(
+                "a shared step with blocks found shared by another pair of models".into(),
+            ));
+        }
+        if states[..d].iter().any(|s| s.patches.is_some()) {
+            return Err(Error::Invalid(
+                "a shared step runs the target without patches".into(),
+            ));
+        }
+        self.check_batch(&states[..d], tokens, |_| Ok(()))?;
+        asst.check_batch(&states[d..], tokens, |_| Ok(()))?;
+        let Some(big) = (0..2 * d).max_by_key(|&i| states[i].buf.scores.len()) else {
+            return Ok(());
+        };
+        let mut buf = std::mem::take(&mut states[big].buf);
+        let need = states[d].buf.patch_tmp.len();
+        if buf.patch_tmp.len() < need {
+            buf.patch_tmp.resize(need, 0.0);
+        }
+        // Blocks 0..k over both models' rows.
+        let mut b = Batch {
+            seqs: states,
+            per_seq: 1,
+            layers: 0..k,
+        };
+        self.embed(&mut buf, &b, tokens.iter().chain(tokens).copied());
+        self.run_blocks(&mut buf, &mut b);
+        // The rest of each model over its own rows: this model's first (the assistant's rows
+        // wait in buf.x[d..2d]), then the assistant's moved to the front.
+        let (mine, theirs) = states.split_at_mut(d);
+        let mut b = Batch {
+            seqs: mine,
+            per_seq: 1,
+            layers: k..self.layers.len(),
+        };
+        self.run_blocks(&mut buf, &mut b);
+        let v = self.cfg.n_vocab;
+        let mut logits = std::mem::take(&mut buf.logits);
+        if logits.len() < d * v {
+            logits.resize(d * v, 0.0);
+        }
+        self.head(&mut buf, None, 0..d, &mut logits[..d * v]); // [d, n_vocab]
+        for (st, l) in mine.iter_mut().zip(logits.chunks_exact(v)) {
+            st.logits.copy_from_slice(l);
+        }
+        buf.logits = logits;
+        buf.x.copy_within(d * e..2 * d * e, 0);
+        let mut b = Batch {
+            seqs: theirs,
+            per_seq: 1,
+            layers: k..asst.layers.len(),
+        };
+        asst.run_blocks(&mut buf, &mut b);
+        for (t, h) in hidden[..d * e].chunks_exact_mut(e).enumerate() {
+            asst.output_norm.apply(h, &buf.x[t * e..(t + 1) * e]);
+        }
+        for st in states.iter_mut() {
+            st.pos += 1;
+        }
+        states[big].buf = buf;
+        Ok(())
+    }
+
     /// The checks of a batched step: at most [`MAX_BATCH`] sequences, each with room for its
     /// token and with the same patches as the first; `more(i)` checks sequence `i` further.
     fn check_batch(
@@ -581,6 +756,7 @@ impl Model {
             Batch {
                 seqs: states,
                 per_seq: 1,
+                layers: 0..self.layers.len(),
             },
             tokens,
         );
@@ -602,35 +778,58 @@ impl Model {
             Batch {
                 seqs: &mut one,
                 per_seq,
+                layers: 0..self.layers.len(),
             },
             tokens,
         );
         st.buf = buf;
     }
 
-    /// Embed `tokens` (one row each, in the batch's row order) and run the blocks; leaves the
-    /// final hidden states in `buf.x` (`[n, n_embd]`).
+    /// Embed `tokens` (one row each, in the batch's row order) and run the batch's blocks;
+    /// leaves the final hidden states in `buf.x` (`[n, n_embd]`).
     fn blocks(&self, buf: &mut Scratch, mut b: Batch, tokens: &[u32]) {
+        self.embed(buf, &b, tokens.iter().copied());
+        self.run_blocks(buf, &mut b);
+    }
+
+    /// The embeddings of `tokens` (one row each, in the batch's row order) into `buf.x`
+    /// (`[n, n_embd]`), with the embedding patches of the rows `b` patches and the
+    /// architecture's scale.
+    fn embed(&self, buf: &mut Scratch, b: &Batch, tokens: impl Iterator<Item = u32>) {
         let e = self.cfg.n_embd;
         let ps = b.patches();
-        for (t, &tok) in tokens.iter().enumerate() {
+        let mut n = 0;
+        for (t, tok) in tokens.enumerate() {
             let x = &mut buf.x[t * e..(t + 1) * e];
             self.tok_embd.dequantize_row(&self.file, tok as usize, x);
-            if let Some(p) = &ps {
-                p.embd_row(tok as usize, x, &mut buf.patch_row);
+            if let Some((p, from)) = &ps {
+                if t >= *from {
+                    p.embd_row(tok as usize, x, &mut buf.patch_row);
+                }
             }
+            n = t + 1;
         }
+        if let Some(s) = self.cfg.embd_scale() {
+            lethe_kernels::ops::scale_inplace(&mut buf.x[..n * e], s);
+        }
+    }
+
+    /// Blocks `b.layers` over the batch's rows in `buf.x` (`[n, n_embd]`, left there).
+    fn run_blocks(&self, buf: &mut Scratch, b: &mut Batch) {
+        let b = &mut *b;
         match self.cfg.arch {
-            Arch::Llama => llama::blocks(self, buf, &mut b),
-            Arch::Qwen2 => qwen2::blocks(self, buf, &mut b),
-            Arch::Qwen3 => qwen3::blocks(self, buf, &mut b),
-            Arch::Phi3 => phi3::blocks(self, buf, &mut b),
-            Arch::Phi2 => phi2::blocks(self, buf, &mut b),
-            Arch::Gemma2 => gemma2::blocks(self, buf, &mut b),
-            Arch::Gemma3 => gemma3::blocks(self, buf, &mut b),
-            Arch::Olmo2 => olmo2::blocks(self, buf, &mut b),
+            Arch::Llama => llama::blocks(self, buf, b),
+            Arch::Qwen2 => qwen2::blocks(self, buf, b),
+            Arch::Qwen3 => qwen3::blocks(self, buf, b),
+            Arch::Phi3 => phi3::blocks(self, buf, b),
+            Arch::Phi2 => phi2::blocks(self, buf, b),
+            Arch::Gemma2 => gemma2::blocks(self, buf, b),
+            Arch::Gemma3 => gemma3::blocks(self, buf, b),
+            Arch::Olmo2 => olmo2::blocks(self, buf, b),
         }
-        b.tap(self.cfg.n_layer, buf);
+        if b.layers.end == self.layers.len() {
+            b.tap(self.cfg.n_layer, buf);
+        }
     }
 
     /// Final norm and output head for rows `which` of the chunk, into `out` (`[which.len(), n_vocab]`).
@@ -754,12 +953,12 @@ pub struct Scratch {
 
 impl Scratch {
     /// Add the control vector of block `il` (if any) to the residual stream of `n` tokens.
-    pub(crate) fn add_cvec(&mut self, ps: Option<&PatchSet>, il: usize, n: usize) {
-        let Some(v) = ps.and_then(|ps| ps.cvec(il)) else {
+    pub(crate) fn add_cvec(&mut self, ps: Option<RowPatches>, il: usize, n: usize) {
+        let Some((v, from)) = ps.and_then(|ps| Some((ps.set.cvec(il)?, ps.from))) else {
             return;
         };
         let e = v.len();
-        for x in self.x[..n * e].chunks_exact_mut(e) {
+        for x in self.x[from * e..n * e].chunks_exact_mut(e) {
             crate::patch::axpy(x, 1.0, v);
         }
     }
@@ -852,6 +1051,30 @@ pub fn same_patches(a: &State, b: &State) -> bool {
 pub(crate) struct Batch<'a, 'b> {
     pub seqs: &'a mut [&'b mut State],
     pub per_seq: usize,
+    /// The blocks this step runs: all of them, but in a step that shares blocks between a
+    /// target and its assistant ([`Model::forward_multi_shared`]).
+    pub layers: std::ops::Range<usize>,
+}
+
+/// The patches of a step's rows: `set` applies to rows `from..` of the batch. `from` is 0 but
+/// in a step whose first rows are a target's (unpatched) and the rest its assistant's
+/// ([`Model::forward_multi_shared`]).
+#[derive(Clone, Copy)]
+pub(crate) struct RowPatches<'a> {
+    pub set: &'a PatchSet,
+    pub from: usize,
+}
+
+impl<'a> RowPatches<'a> {
+    /// The rows' patches of what [`Batch::patches`] returned.
+    pub fn of(p: &'a Option<(Arc<PatchSet>, usize)>) -> Option<Self> {
+        p.as_ref().map(|(set, from)| Self { set, from: *from })
+    }
+
+    /// `set` on all the rows.
+    pub fn all(set: Option<&'a PatchSet>) -> Option<Self> {
+        set.map(|set| Self { set, from: 0 })
+    }
 }
 
 impl Batch<'_, '_> {
@@ -860,10 +1083,13 @@ impl Batch<'_, '_> {
         self.seqs.len() * self.per_seq
     }
 
-    /// The patches the batch runs with (an `Arc`, so the scratch can be borrowed mutably
-    /// beside them).
-    pub fn patches(&self) -> Option<Arc<PatchSet>> {
-        self.seqs[0].patches.clone()
+    /// The patches the batch runs with and the first row they apply to: the first patched
+    /// sequence's set (an `Arc`, so the scratch can be borrowed mutably beside them). The
+    /// batch's builder sees that the sequences before it have none and those after it the
+    /// same set.
+    pub fn patches(&self) -> Option<(Arc<PatchSet>, usize)> {
+        let i = self.seqs.iter().position(|s| s.patches.is_some())?;
+        Some((self.seqs[i].patches.clone()?, i * self.per_seq))
     }
 
     /// Row `t`'s sequence and position.
@@ -889,7 +1115,7 @@ impl Batch<'_, '_> {
     /// and v from `buf.xb` (biases added), the q/k norms the block has (per head, or over the
     /// whole vector), rope, the KV cache, attention over each row's own sequence, and
     /// `buf.xb2 = Wo att` (`[n, n_embd]`, plus its bias), with the patches `ps`.
-    pub fn attention(&mut self, m: &Model, ps: Option<&PatchSet>, il: usize, buf: &mut Scratch) {
+    pub fn attention(&mut self, m: &Model, ps: Option<RowPatches>, il: usize, buf: &mut Scratch) {
         let (c, l, n) = (&m.cfg, &m.layers[il], self.n());
         // q [n, n_head*hd], k and v [n, n_head_kv*hd]
         buf.mm(m, ps, il, &[Proj::Q, Proj::K, Proj::V], n);
@@ -933,6 +1159,37 @@ impl Batch<'_, '_> {
         let q = &buf.q[..self.n() * shape.n_head * shape.head_dim]; // [n, n_head*hd]
         attention::attend(pool, il, shape, q, &row, &mut buf.att, &mut buf.scores);
     }
+}
+
+/// The blocks an assistant shares with its target ([`Model::shared_blocks`]): the first `k`,
+/// found for the models of these two files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedBlocks {
+    k: usize,
+    /// The files' addresses, to tell the pair again.
+    files: (usize, usize),
+}
+
+impl SharedBlocks {
+    /// How many leading blocks are shared.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+}
+
+/// The addresses of two models' files, which tell a pair of loaded models apart.
+fn pair(a: &Model, b: &Model) -> (usize, usize) {
+    (Arc::as_ptr(&a.file) as usize, Arc::as_ptr(&b.file) as usize)
+}
+
+/// Whether the weights `x` of `a` and `y` of `b` hold the same numbers: the same type, shape
+/// and bytes (the same bytes of one file without reading them).
+fn same_weight(a: &Model, b: &Model, x: &Weight, y: &Weight) -> bool {
+    if (x.ty, x.rows, x.cols) != (y.ty, y.rows, y.cols) || x.bias != y.bias {
+        return false;
+    }
+    let (p, q) = (x.data(&a.file), y.data(&b.file));
+    std::ptr::eq(p, q) || p == q
 }
 
 /// The norm of an architecture that has it (checked at load).

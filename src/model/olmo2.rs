@@ -11,7 +11,7 @@
 //! logits = Wout · (rmsnorm(x) * output_norm)
 //! ```
 
-use super::{norm, Batch, Model, Scratch};
+use super::{norm, Batch, Model, RowPatches, Scratch};
 use crate::model::Proj;
 use lethe_kernels::ops;
 
@@ -20,8 +20,9 @@ pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
     let n = b.n();
     let (e, ff) = (m.cfg.n_embd, m.cfg.n_ff);
     let ps = b.patches();
-    let ps = ps.as_deref();
-    for (il, l) in m.layers.iter().enumerate() {
+    let ps = RowPatches::of(&ps);
+    for il in b.layers.clone() {
+        let l = &m.layers[il];
         b.tap(il, st);
         // The matmuls read xb: here the residual stream itself, not a norm of it.
         st.xb[..n * e].copy_from_slice(&st.x[..n * e]);

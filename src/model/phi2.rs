@@ -14,7 +14,7 @@
 //!
 //! Older files fuse q, k and v in `attn_qkv` (read as views, as phi3's).
 
-use super::{norm, Batch, Model, Scratch};
+use super::{norm, Batch, Model, RowPatches, Scratch};
 use crate::model::Proj;
 use lethe_kernels::ops;
 
@@ -23,8 +23,9 @@ pub(super) fn blocks(m: &Model, st: &mut Scratch, b: &mut Batch) {
     let n = b.n();
     let (e, ff) = (m.cfg.n_embd, m.cfg.n_ff);
     let ps = b.patches();
-    let ps = ps.as_deref();
-    for (il, l) in m.layers.iter().enumerate() {
+    let ps = RowPatches::of(&ps);
+    for il in b.layers.clone() {
+        let l = &m.layers[il];
         b.tap(il, st);
         // xb [n, e]: the one norm both branches read
         norm(&l.attn_norm).rows(&mut st.xb, &st.x, n);

@@ -9,9 +9,13 @@ use half::f16;
 
 impl PatchSet {
     /// Block `il`'s matrices `projs` (the parts of `job`, in that order) over `x` (`[n, cols]`)
-    /// with this set's deltas of them. Low-rank deltas are fused into the same job: their
-    /// `A x` rows are computed beside the weights' rows, then `B (A x)` is added by one more
-    /// job over the output rows. Dense and sparse deltas follow, one by one.
+    /// with this set's deltas of them on rows `from..n` (the rows before are another model's
+    /// in a shared step, and get the weights alone). Low-rank deltas are fused into the same
+    /// job: their `A x` rows are computed beside the weights' rows (for every row: `rank`
+    /// rows more of the job), then `B (A x)` is added to rows `from..` by one more job over
+    /// the output rows. Dense and sparse deltas follow, one by one. Each row gets the same
+    /// numbers whatever `from` and `n` are.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn mm<'a>(
         &'a self,
         ex: &mut Exec,
@@ -20,6 +24,7 @@ impl PatchSet {
         job: &mut Job<'a>,
         x: &[f32],
         n: usize,
+        from: usize,
     ) {
         let fused = ex.precision == Precision::Fast && job.one_format() && {
             let low_rank = |p: &Proj| {
@@ -32,18 +37,20 @@ impl PatchSet {
         let second = fused.then(|| self.first_halves(ex.tmp, il, projs, job, n));
         ex.run(job, x, n);
         if let Some(second) = second {
-            second.add(ex.pool, ex.tmp, n);
+            second.add(ex.pool, ex.tmp, from..n);
         }
         // The deltas the job did not take.
+        let (cols, m) = (job.cols(), n - from);
         for (&p, part) in projs.iter().zip(job.parts()) {
             if !self.has_proj(il, p) {
                 continue;
             }
             // SAFETY: the part's output holds `n` rows for this call alone.
             let y = unsafe { std::slice::from_raw_parts_mut(part.out(), n * part.rows()) };
+            let (x, y) = (&x[from * cols..n * cols], &mut y[from * part.rows()..]);
             for a in self.deltas(WeightId::Block(il, p)) {
                 if !(fused && a.f16.is_some()) {
-                    a.delta().apply(ex, a.scale, x, n, y);
+                    a.delta().apply(ex, a.scale, x, m, y);
                 }
             }
         }
@@ -117,8 +124,9 @@ struct SecondHalves<'a> {
 }
 
 impl SecondHalves<'_> {
-    /// `y[t] += s * B t_i[t]` for each, `t_i` in `tmp`, over the output rows of all of them.
-    fn add(&self, pool: &ThreadPool, tmp: &[f32], n: usize) {
+    /// `y[t] += s * B t_i[t]` for each and the tokens `ts`, `t_i` in `tmp`, over the output
+    /// rows of all of them.
+    fn add(&self, pool: &ThreadPool, tmp: &[f32], ts: std::ops::Range<usize>) {
         let second = &self.items;
         let rows_total = self.rows;
         let add = |r0: usize, r1: usize| {
@@ -128,7 +136,7 @@ impl SecondHalves<'_> {
                     continue;
                 }
                 let (lo, hi) = (lo - s2.start, hi - s2.start);
-                for t in 0..n {
+                for t in ts.clone() {
                     // SAFETY: rows lo..hi of token t belong to this call alone.
                     let y = unsafe { s2.y.slice(t * s2.rows + lo, hi - lo) };
                     for kk in 0..s2.rank {
@@ -139,6 +147,7 @@ impl SecondHalves<'_> {
                 }
             }
         };
+        let n = ts.len();
         let work: usize = second.iter().flatten().map(|s| s.rows * s.rank * n).sum();
         if work < 1 << 14 {
             add(0, rows_total);

@@ -4,12 +4,17 @@
 //! With one ULD term and its filter on, the assistant's output head is computed only on the
 //! rows of the target's plausible set (the head is most of a small model's cost).
 //! Sampling is invariant to a constant shift over the set, so raw logits suffice there.
+//!
+//! On that path, when the assistant's first blocks are the target's own (ULD's assistants
+//! are truncated copies of the target with a LoRA: [`Model::shared_blocks`]), each decode
+//! step runs both models' rows through those blocks together, so their weights are read once
+//! per step for both ([`Model::forward_multi_shared`]); the numbers are the same bits.
 
 use super::combine::{
     combine_in, plausible_threshold_in, CombineScratch, ScoreRule, Term, TermKind, Use,
 };
 use crate::generate::Decoder;
-use crate::model::{Model, State};
+use crate::model::{Model, SharedBlocks, State, MAX_BATCH};
 use crate::patch::PatchSet;
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -80,6 +85,10 @@ pub struct LockstepDecoder {
     sparse: Vec<f32>,
     scratch: Vec<f32>,
     combine: CombineScratch,
+    /// The blocks the sparse path's assistant shares with the target, if any.
+    shared: Option<SharedBlocks>,
+    /// The assistant's final hidden state of a shared step (`[MAX_BATCH / 2, n_embd]`).
+    hidden: Vec<f32>,
 }
 
 impl LockstepDecoder {
@@ -99,6 +108,16 @@ impl LockstepDecoder {
                 ref_logits: vec![0.0; v],
             });
         }
+        let shared = match runs.as_slice() {
+            [r] if r.spec.kind == TermKind::Uld && r.spec.filter > 0.0 => {
+                target.shared_blocks(&r.spec.model)
+            }
+            _ => None,
+        };
+        let hidden = match shared {
+            Some(_) => vec![0.0; MAX_BATCH / 2 * target.cfg.n_embd],
+            None => Vec::new(),
+        };
         Ok(Self {
             state: target.new_state(n_ctx),
             target,
@@ -109,7 +128,31 @@ impl LockstepDecoder {
             sparse: vec![0.0; v],
             scratch: Vec::with_capacity(v),
             combine: CombineScratch::default(),
+            shared,
+            hidden,
         })
+    }
+
+    /// Whether decode steps run the blocks the assistant shares with the target once for
+    /// both (on by default where they can; off: each model alone, the same numbers slower).
+    pub fn with_shared_blocks(mut self, on: bool) -> Self {
+        if !on {
+            self.shared = None;
+            self.hidden = Vec::new();
+        }
+        self
+    }
+
+    /// How many blocks a decode step runs once for the target and the assistant (0: none).
+    pub fn shared_blocks(&self) -> usize {
+        self.shared.map_or(0, |s| s.k())
+    }
+
+    /// The blocks a decode step of `n` sequences can share: on the sparse path with an
+    /// unpatched target, one token per sequence.
+    fn sharing(&self, n_tokens: usize) -> Option<SharedBlocks> {
+        let ok = self.sparse_uld() && self.state.patches().is_none() && n_tokens <= MAX_BATCH / 2;
+        self.shared.filter(|_| ok)
     }
 
     /// Run the target with `patches` (the cache starts over when they change).
@@ -202,6 +245,9 @@ impl LockstepDecoder {
             .iter()
             .map(|r| (r.spec.model.clone(), r.spec.reference.clone()))
             .collect();
+        if let Some(shared) = first.sharing(ds.len()) {
+            return Self::step_group_shared(ds, tokens, &shared);
+        }
         {
             let mut sts: Vec<&mut State> = ds.iter_mut().map(|d| &mut d.state).collect();
             target.forward_multi(&mut sts, tokens)?;
@@ -262,6 +308,57 @@ impl LockstepDecoder {
     }
 }
 
+impl LockstepDecoder {
+    /// [`LockstepDecoder::step_group`] on the sparse path with shared blocks: the targets'
+    /// and the assistants' rows through the shared blocks at once, the rest of the target,
+    /// its plausible sets, then the assistants' sparse heads per sequence.
+    fn step_group_shared(
+        ds: &mut [&mut LockstepDecoder],
+        tokens: &[u32],
+        shared: &SharedBlocks,
+    ) -> Result<()> {
+        let target = ds[0].target.clone();
+        let am = ds[0].runs[0].spec.model.clone();
+        let (d, e) = (ds.len(), am.cfg.n_embd);
+        {
+            let mut hidden = std::mem::take(&mut ds[0].hidden);
+            let mut sts: Vec<&mut State> = Vec::with_capacity(2 * d);
+            let mut runs = Vec::with_capacity(d);
+            for dec in ds.iter_mut() {
+                let LockstepDecoder { state, runs: r, .. } = &mut **dec;
+                sts.push(state);
+                runs.push(&mut r[0].state);
+            }
+            sts.extend(runs);
+            let r = target.forward_multi_shared(&am, shared, &mut sts, tokens, &mut hidden);
+            drop(sts);
+            // Each decoder's own hidden state, for its sparse head.
+            for (i, dec) in ds.iter_mut().enumerate().skip(1) {
+                dec.hidden[..e].copy_from_slice(&hidden[i * e..(i + 1) * e]);
+            }
+            ds[0].hidden = hidden;
+            r?;
+        }
+        target.pool.for_each_mut(ds, |dec| {
+            dec.target_logits.copy_from_slice(&dec.state.logits);
+            dec.plausible_rows();
+        });
+        for dec in ds.iter_mut() {
+            let LockstepDecoder {
+                runs,
+                rows,
+                sparse,
+                hidden,
+                ..
+            } = &mut **dec;
+            let n = rows.len();
+            am.head_rows(&mut runs[0].state, &hidden[..e], rows, &mut sparse[..n])?;
+        }
+        target.pool.for_each_mut(ds, |dec| dec.combine_sparse());
+        Ok(())
+    }
+}
+
 impl Decoder for LockstepDecoder {
     fn n_vocab(&self) -> usize {
         self.target.cfg.n_vocab
@@ -274,6 +371,25 @@ impl Decoder for LockstepDecoder {
     }
 
     fn feed(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        if let (Some(shared), 1) = (self.sharing(1), tokens.len()) {
+            let run = &mut self.runs[0];
+            let am = run.spec.model.clone();
+            let mut both = [&mut self.state, &mut run.state];
+            self.target
+                .forward_multi_shared(&am, &shared, &mut both, tokens, &mut self.hidden)?;
+            self.target_logits.copy_from_slice(&self.state.logits);
+            self.plausible_rows();
+            let (e, n) = (am.cfg.n_embd, self.rows.len());
+            let run = &mut self.runs[0];
+            am.head_rows(
+                &mut run.state,
+                &self.hidden[..e],
+                &self.rows,
+                &mut self.sparse[..n],
+            )?;
+            self.combine_sparse();
+            return Ok(&self.out);
+        }
         let tl = self.target.forward(&mut self.state, tokens, None)?;
         self.target_logits.copy_from_slice(tl);
         if self.sparse_uld() {
@@ -309,6 +425,7 @@ impl Decoder for LockstepDecoder {
             ptr(&self.target),
             pat(&self.state),
             self.sparse_uld() as usize,
+            self.shared.is_some() as usize,
             self.runs.len(),
         ];
         for r in &self.runs {
