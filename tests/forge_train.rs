@@ -311,7 +311,8 @@ fn the_balances_by_hand_on_the_tiny_model() {
     let mut each = Vec::new();
     for s in [&f1, &f2, &r] {
         tm.lora.zero_grad();
-        tm.loss_and_grad(&s.tokens, s.objective()).unwrap();
+        tm.loss_and_grad(&s.tokens, s.objective().expect("a logit objective"))
+            .unwrap();
         each.push(grads(&tm));
     }
     let f = factors(&[&f1, &f2, &r], Balance::Token);

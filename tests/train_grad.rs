@@ -193,6 +193,59 @@ fn kl64(logits: &[f64], nv: usize, mask: &[bool]) -> f64 {
     }
 }
 
+/// The answer's log-probability: the sum of `log p_t(y_t)` over the labelled positions.
+fn lp64(logits: &[f64], nv: usize, labels: &[Option<u32>]) -> f64 {
+    labels
+        .iter()
+        .enumerate()
+        .filter_map(|(t, y)| Some(log_softmax64(&logits[t * nv..(t + 1) * nv])[(*y)? as usize]))
+        .sum()
+}
+
+/// NPO: `(2 / beta) ln(1 + exp(beta (lp - ref)))`, 0 without labels.
+fn npo64(logits: &[f64], nv: usize, labels: &[Option<u32>], reference: f64, beta: f64) -> f64 {
+    if labels.iter().all(|l| l.is_none()) {
+        return 0.0;
+    }
+    2.0 / beta * (1.0 + (beta * (lp64(logits, nv, labels) - reference)).exp()).ln()
+}
+
+/// SimNPO: `-(2 / beta) ln sigmoid(-(beta / |y|) lp - gamma)`, 0 without labels.
+fn simnpo64(logits: &[f64], nv: usize, labels: &[Option<u32>], beta: f64, gamma: f64) -> f64 {
+    let len = labels.iter().filter(|l| l.is_some()).count() as f64;
+    if len == 0.0 {
+        return 0.0;
+    }
+    let u = -(beta / len) * lp64(logits, nv, labels) - gamma;
+    -2.0 / beta * (1.0 / (1.0 + (-u).exp())).ln()
+}
+
+/// RMU's mean squared error over the masked rows of `h` (`[n, e]`) against `target` (`[e]`
+/// for every row, or `[n, e]`).
+fn mse64(h: &[f64], e: usize, target: &[f64], mask: &[bool]) -> f64 {
+    let (mut s, mut c) = (0.0, 0);
+    for (t, &on) in mask.iter().enumerate() {
+        if on {
+            let w = if target.len() == e {
+                target
+            } else {
+                &target[t * e..(t + 1) * e]
+            };
+            s += h[t * e..(t + 1) * e]
+                .iter()
+                .zip(w)
+                .map(|(x, y)| (x - y) * (x - y))
+                .sum::<f64>();
+            c += e;
+        }
+    }
+    if c == 0 {
+        0.0
+    } else {
+        s / c as f64
+    }
+}
+
 /// The whole model in f64, with an adapter (`lora[layer][slot]`: `(A [r, cols], B [rows, r])`):
 /// llama's block with qwen2's biases and qwen3's per-head q/k norms where the model has them.
 struct Ref {
@@ -280,8 +333,25 @@ fn ref_lora(l: &Lora, n_layer: usize) -> RefLora {
 impl Ref {
     /// Logits `[n, V]` of the first `n_layers` blocks with `lora` at factor `s`.
     fn logits(&self, tokens: &[u32], lora: &RefLora, s: f64, n_layers: usize) -> Vec<f64> {
+        let (n, e, nv) = (tokens.len(), self.e, self.emb.len() / self.e);
+        let x = self.hidden(tokens, lora, s, n_layers);
+        let xn = rmsnorm64(&x, &self.out_norm, self.eps);
+        let mut z = mm64(&self.out, nv, e, &xn, n);
+        if let Some(b) = &self.out_bias {
+            for row in z.chunks_mut(nv) {
+                for (z, b) in row.iter_mut().zip(b) {
+                    *z += b;
+                }
+            }
+        }
+        z
+    }
+
+    /// The residual stream `[n, e]` after the first `n_layers` blocks with `lora` at factor
+    /// `s`.
+    fn hidden(&self, tokens: &[u32], lora: &RefLora, s: f64, n_layers: usize) -> Vec<f64> {
         let n = tokens.len();
-        let (e, nv) = (self.e, self.emb.len() / self.e);
+        let e = self.e;
         let mut x: Vec<f64> = tokens
             .iter()
             .flat_map(|&t| self.emb[t as usize * e..(t as usize + 1) * e].to_vec())
@@ -330,16 +400,7 @@ impl Ref {
                 *x += d;
             }
         }
-        let xn = rmsnorm64(&x, &self.out_norm, self.eps);
-        let mut z = mm64(&self.out, nv, e, &xn, n);
-        if let Some(b) = &self.out_bias {
-            for row in z.chunks_mut(nv) {
-                for (z, b) in row.iter_mut().zip(b) {
-                    *z += b;
-                }
-            }
-        }
-        z
+        x
     }
 }
 
@@ -686,6 +747,91 @@ fn losses_and_their_gradients() {
     assert!(cross_entropy(&z, nv, &[Some(30), None, None, None], &mut d).is_err());
 }
 
+/// The unlearning objectives (gradient ascent, NPO, SimNPO) and RMU's hidden-state loss
+/// against f64 re-implementations and central differences.
+#[test]
+fn unlearning_losses_and_their_gradients() {
+    use lethe::forge::train::loss::{hidden_mse, npo, simnpo, HiddenTarget};
+    let mut rng = Rng(8);
+    let (n, nv) = (5, 30);
+    let z = rng.vec(n * nv, 3.0);
+    let z64 = to64(&z);
+    let labels = [None, Some(3), Some(29), None, Some(0)];
+    let mut d = vec![0f32; n * nv];
+    let check = |what: &str, loss: f64, d: &[f32], f: &dyn Fn(&[f64]) -> f64| {
+        let want = f(&z64);
+        assert!(
+            (loss - want).abs() < 1e-6 * (1.0 + want.abs()),
+            "{what}: {loss} vs {want}"
+        );
+        assert_grad(what, d, &fd_grad(f, &z64), 1e-4);
+    };
+    let loss = Objective::NegCrossEntropy { labels: &labels }
+        .loss(&z, nv, &mut d)
+        .unwrap();
+    check("gradient ascent", loss, &d, &|z| -ce64(z, nv, &labels));
+    assert!(loss < 0.0);
+    let lp = lp64(&z64, nv, &labels);
+    for (beta, reference) in [(0.1f32, lp - 2.0), (1.0, lp + 3.0), (5.0, lp)] {
+        let loss = npo(&z, nv, &labels, reference, beta, &mut d).unwrap();
+        let f = |z: &[f64]| npo64(z, nv, &labels, reference, beta as f64);
+        check(&format!("npo beta {beta}"), loss, &d, &f);
+    }
+    // At the reference NPO is (2 / beta) ln 2 and its gradient that of the log-probability.
+    let loss = npo(&z, nv, &labels, lp, 0.1, &mut d).unwrap();
+    assert!((loss - 20.0 * 2f64.ln()).abs() < 1e-6, "{loss}");
+    // gamma puts -(beta / |y|) lp - gamma at `at`, where the sigmoid is not flat.
+    for (beta, at) in [(2.5f32, 0.5f64), (1.0, -1.0), (0.2, 2.0)] {
+        let gamma = (-(beta as f64 / 3.0) * lp - at) as f32;
+        let loss = simnpo(&z, nv, &labels, beta, gamma, &mut d).unwrap();
+        let f = |z: &[f64]| simnpo64(z, nv, &labels, beta as f64, gamma as f64);
+        check(&format!("simnpo beta {beta} gamma {gamma}"), loss, &d, &f);
+    }
+    // Nothing labelled: zero loss and gradient; a bad beta, reference or gamma is an error.
+    assert_eq!(npo(&z, nv, &[None; 5], 0.0, 0.1, &mut d).unwrap(), 0.0);
+    assert!(d.iter().all(|&g| g == 0.0));
+    assert_eq!(simnpo(&z, nv, &[None; 5], 2.5, 0.0, &mut d).unwrap(), 0.0);
+    assert!(npo(&z, nv, &labels, 0.0, 0.0, &mut d).is_err());
+    assert!(npo(&z, nv, &labels, f64::NAN, 0.1, &mut d).is_err());
+    assert!(simnpo(&z, nv, &labels, -1.0, 0.0, &mut d).is_err());
+    assert!(simnpo(&z, nv, &labels, 1.0, f32::INFINITY, &mut d).is_err());
+
+    // The hidden-state loss, towards one vector and towards a vector per row.
+    let e = 6;
+    let h = rng.vec(n * e, 2.0);
+    let h64 = to64(&h);
+    let mask = [true, false, true, true, false];
+    let fixed = rng.vec(e, 3.0);
+    let rows = rng.vec(n * e, 1.0);
+    let mut dh = vec![0f32; n * e];
+    for (what, target, t64) in [
+        ("towards c u", HiddenTarget::Fixed(&fixed), to64(&fixed)),
+        (
+            "towards the frozen states",
+            HiddenTarget::Rows(&rows),
+            to64(&rows),
+        ),
+    ] {
+        let loss = hidden_mse(&h, e, target, &mask, &mut dh).unwrap();
+        let f = |h: &[f64]| mse64(h, e, &t64, &mask);
+        let want = f(&h64);
+        assert!(
+            (loss - want).abs() < 1e-9 * (1.0 + want),
+            "{what}: {loss} vs {want}"
+        );
+        assert_grad(what, &dh, &fd_grad(&f, &h64), 1e-4);
+        assert!(
+            dh[e..2 * e].iter().all(|&g| g == 0.0),
+            "{what}: a masked row has a gradient"
+        );
+    }
+    assert!(hidden_mse(&h, e, HiddenTarget::Fixed(&fixed[..5]), &mask, &mut dh).is_err());
+    assert_eq!(
+        hidden_mse(&h, e, HiddenTarget::Rows(&rows), &[false; 5], &mut dh).unwrap(),
+        0.0
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The whole model
 
@@ -711,6 +857,90 @@ fn adapter_gradients_through_the_whole_model() {
             let what = format!("{name}, {n_layers} blocks, adapters on {layers:?} {slots:?}");
             check_model_grads(&what, &rf, &mut tm, Fd::All);
         }
+    }
+}
+
+/// RMU's loss on hidden states through the blocks: a model of the first block (or both)
+/// without its head, the adapters' gradients of the mean squared error of the last block's
+/// output against `c u` and against fixed states, checked against central differences of the
+/// reference; the two kinds of backward pass refuse a model of the other kind.
+#[test]
+fn hidden_state_gradients_through_the_blocks() {
+    use lethe::forge::train::loss::{hidden_mse, HiddenTarget};
+    for (name, m) in variants() {
+        let rf = reference(&m);
+        let e = m.cfg.n_embd;
+        let n = TOKENS.len();
+        let mask: Vec<bool> = (0..n).map(|t| t >= 2).collect();
+        let mut rng = Rng(0x77);
+        let to = rng.vec(e, 2.0);
+        let states = rng.vec(n * e, 1.0);
+        for n_layers in [1, N_LAYER] {
+            let layers: Vec<usize> = (0..n_layers).collect();
+            let lora = random_lora(&m, &layers, &Proj::ALL, 3, 29);
+            let mut tm = TrainModel::with_layers(&m, lora, n_layers)
+                .unwrap()
+                .without_head();
+            assert!(!tm.has_head());
+            let s = tm.lora.scale() as f64;
+            let rl = ref_lora(&tm.lora, m.cfg.n_layer);
+            let act = tm.forward(&TOKENS).unwrap();
+            assert!(act.logits.is_empty(), "no head, no logits");
+            let want_h = rf.hidden(&TOKENS, &rl, s, n_layers);
+            for (a, b) in act.hidden().iter().zip(&want_h) {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "{name}: {a} vs {b}"
+                );
+            }
+            for (what, target, t64) in [
+                ("c u", HiddenTarget::Fixed(&to), to64(&to)),
+                ("frozen states", HiddenTarget::Rows(&states), to64(&states)),
+            ] {
+                tm.lora.zero_grad();
+                let act = tm.forward(&TOKENS).unwrap();
+                let mut dh = vec![0f32; n * e];
+                let loss = hidden_mse(act.hidden(), e, target, &mask, &mut dh).unwrap();
+                tm.backward_hidden(&act, &dh).unwrap();
+                let ref_loss =
+                    |rl: &RefLora| mse64(&rf.hidden(&TOKENS, rl, s, n_layers), e, &t64, &mask);
+                let want = ref_loss(&rl);
+                assert!(
+                    (loss - want).abs() < 1e-5 * (1.0 + want),
+                    "{name} {what}: {loss} vs {want}"
+                );
+                for p in &tm.lora.params {
+                    let (il, sl) = (p.layer, p.slot as usize);
+                    let label = format!(
+                        "{name}, {n_layers} blocks, {what}, {}",
+                        p.target().tensor_name()
+                    );
+                    let fa = |a: &[f64]| {
+                        let mut l = rl.clone();
+                        l[il][sl].as_mut().unwrap().0 = a.to_vec();
+                        ref_loss(&l)
+                    };
+                    let fb = |b: &[f64]| {
+                        let mut l = rl.clone();
+                        l[il][sl].as_mut().unwrap().1 = b.to_vec();
+                        ref_loss(&l)
+                    };
+                    let (a64, b64) = (
+                        &rl[il][sl].as_ref().unwrap().0,
+                        &rl[il][sl].as_ref().unwrap().1,
+                    );
+                    assert_grad(&format!("{label} A"), &p.grad_a, &fd_grad(&fa, a64), 1e-4);
+                    assert_grad(&format!("{label} B"), &p.grad_b, &fd_grad(&fb, b64), 1e-4);
+                }
+            }
+            // The other kind of backward pass is refused.
+            let act = tm.forward(&TOKENS).unwrap();
+            let dz = vec![0f32; n * m.cfg.n_vocab];
+            assert!(tm.backward(&act, &dz).is_err());
+        }
+        let mut headed = TrainModel::new(&m, random_lora(&m, &[0], &[Proj::V], 2, 3)).unwrap();
+        let act = headed.forward(&TOKENS).unwrap();
+        assert!(headed.backward_hidden(&act, &vec![0f32; n * e]).is_err());
     }
 }
 
@@ -746,6 +976,8 @@ fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel, check: Fd) -> f6
         );
     }
     let labelled: Vec<bool> = labels.iter().map(|l| l.is_some()).collect();
+    let lp_now = lp64(&want, nv, &labels);
+    let n_labels = labelled.iter().filter(|&&l| l).count() as f64;
     let mut rng = Rng(0xfd);
     let mut worst = 0f64;
     for obj in [
@@ -754,6 +986,19 @@ fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel, check: Fd) -> f6
         Objective::SmoothedCrossEntropy {
             labels: &labels,
             smooth: 0.3,
+        },
+        Objective::NegCrossEntropy { labels: &labels },
+        // The reference and gamma put NPO's and SimNPO's sigmoids near 0.5, where they are
+        // not flat.
+        Objective::Npo {
+            labels: &labels,
+            reference: lp_now - 0.5,
+            beta: 0.5,
+        },
+        Objective::SimNpo {
+            labels: &labels,
+            beta: 2.5,
+            gamma: (-(2.5 / n_labels) * lp_now - 0.5) as f32,
         },
     ] {
         tm.lora.zero_grad();
@@ -766,11 +1011,22 @@ fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel, check: Fd) -> f6
                 Objective::SmoothedCrossEntropy { labels, smooth } => {
                     ce64(&z, nv, labels) + smooth as f64 * kl64(&z, nv, &labelled)
                 }
+                Objective::NegCrossEntropy { labels } => -ce64(&z, nv, labels),
+                Objective::Npo {
+                    labels,
+                    reference,
+                    beta,
+                } => npo64(&z, nv, labels, reference, beta as f64),
+                Objective::SimNpo {
+                    labels,
+                    beta,
+                    gamma,
+                } => simnpo64(&z, nv, labels, beta as f64, gamma as f64),
             }
         };
         let want_loss = ref_loss(&rl);
         assert!(
-            (loss - want_loss).abs() < 1e-5 * (1.0 + want_loss),
+            (loss - want_loss).abs() < 1e-5 * (1.0 + want_loss.abs()),
             "{name}: loss {loss} vs {want_loss}"
         );
         for p in &tm.lora.params {

@@ -137,6 +137,14 @@ pub fn trainable(model: &Model) -> Result<()> {
     Ok(())
 }
 
+/// Where a backward pass starts: the gradient of the logits, or of the hidden states after
+/// the last block (a model without its head).
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    Logits(&'a [f32]),
+    Hidden(&'a [f32]),
+}
+
 /// What [`TrainModel::backward_capture`] hands each matrix's input and output gradient to:
 /// `(block, slot, x [n, cols], dy [n, rows])`.
 pub type Capture<'a> = dyn FnMut(usize, Proj, &[f32], &[f32]) + 'a;
@@ -155,12 +163,22 @@ pub struct Activations {
     rstd_out: Vec<f32>, // [n]
 }
 
+impl Activations {
+    /// The residual stream after the last block that ran (`[n, n_embd]`, before the final
+    /// norm).
+    pub fn hidden(&self) -> &[f32] {
+        &self.x_out
+    }
+}
+
 /// A model with trainable LoRA adapters: the first `n_layers` blocks of `model`, then its
 /// final norm and head (all blocks, or the ULD assistant's first K without writing it out).
 pub struct TrainModel<'m> {
     pub model: &'m Model,
     pub lora: Lora,
     n_layers: usize,
+    /// Whether the final norm and head run (not for a loss on hidden states: RMU).
+    head: bool,
 }
 
 impl<'m> TrainModel<'m> {
@@ -201,7 +219,20 @@ impl<'m> TrainModel<'m> {
             model,
             lora,
             n_layers,
+            head: true,
         })
+    }
+
+    /// The same blocks without the final norm and head: the forward pass ends at the
+    /// residual stream after the last block ([`Activations::hidden`]; no logits), and the
+    /// backward pass starts from its gradient ([`TrainModel::backward_hidden`]).
+    pub fn without_head(mut self) -> Self {
+        self.head = false;
+        self
+    }
+
+    pub fn has_head(&self) -> bool {
+        self.head
     }
 
     pub fn n_layers(&self) -> usize {
@@ -362,10 +393,13 @@ impl<'m> TrainModel<'m> {
             });
         }
         let mut rstd_out = vec![0f32; n]; // [n]
-        rmsnorm_forward(&x, &m.output_norm.w, c.norm_eps, &mut xn, &mut rstd_out);
-        let mut logits = vec![0f32; n * nv]; // [n, n_vocab]
-        linear_forward(pool, &m.file, &m.output, &xn, n, &mut logits);
-        m.output.add_bias(&mut logits, n);
+        let mut logits = Vec::new(); // [n, n_vocab] with the head
+        if self.head {
+            rmsnorm_forward(&x, &m.output_norm.w, c.norm_eps, &mut xn, &mut rstd_out);
+            logits = vec![0f32; n * nv];
+            linear_forward(pool, &m.file, &m.output, &xn, n, &mut logits);
+            m.output.add_bias(&mut logits, n);
+        }
         Ok(Activations {
             n,
             segs,
@@ -379,7 +413,14 @@ impl<'m> TrainModel<'m> {
     /// Add to the adapters' gradients those of `sum(dlogits * logits)`, for the forward pass
     /// `act` (`dlogits`: `[n, n_vocab]`, the loss's gradient with respect to the logits).
     pub fn backward(&mut self, act: &Activations, dlogits: &[f32]) -> Result<()> {
-        self.backward_inner(act, dlogits, None)
+        self.backward_inner(act, Start::Logits(dlogits), None)
+    }
+
+    /// Add to the adapters' gradients those of `sum(dh * h)`, `h` the residual stream after
+    /// the last block ([`Activations::hidden`]) of the forward pass `act` of a model without
+    /// its head (`dh`: `[n, n_embd]`, the loss's gradient with respect to `h`).
+    pub fn backward_hidden(&mut self, act: &Activations, dh: &[f32]) -> Result<()> {
+        self.backward_inner(act, Start::Hidden(dh), None)
     }
 
     /// [`TrainModel::backward`], which also hands `capture` the input `x` (`[n, cols]`) and
@@ -401,24 +442,32 @@ impl<'m> TrainModel<'m> {
                 self.n_layers
             )));
         }
-        self.backward_inner(act, dlogits, Some((from, capture)))
+        self.backward_inner(act, Start::Logits(dlogits), Some((from, capture)))
     }
 
     fn backward_inner(
         &mut self,
         act: &Activations,
-        dlogits: &[f32],
+        start: Start,
         mut cap: Option<(usize, &mut Capture<'_>)>,
     ) -> Result<()> {
         let m = self.model;
         let c = &m.cfg;
         let (n, e, ff) = (act.n, c.n_embd, c.n_ff);
-        if dlogits.len() != n * c.n_vocab || act.blocks.len() != self.n_layers {
+        let (given, width, what) = match start {
+            Start::Logits(d) => (d.len(), c.n_vocab, "logits"),
+            Start::Hidden(d) => (d.len(), e, "hidden states"),
+        };
+        if given != n * width || act.blocks.len() != self.n_layers {
             return Err(Error::Invalid(format!(
-                "backward: {} gradients for {n} tokens of {} logits, or activations of another \
-                 model",
-                dlogits.len(),
-                c.n_vocab
+                "backward: {given} gradients for {n} tokens of {width} {what}, or activations \
+                 of another model"
+            )));
+        }
+        if matches!(start, Start::Logits(_)) != self.head {
+            return Err(Error::Invalid(format!(
+                "backward from the {what} of a model {} its head",
+                if self.head { "with" } else { "without" }
             )));
         }
         let cap_from = cap.as_ref().map(|c| c.0);
@@ -441,11 +490,16 @@ impl<'m> TrainModel<'m> {
         let mut xn = vec![0f32; n * e]; // [n, e] a recomputed norm output
         let mut tmp = vec![0f32; n]; // [n] rstd, recomputed (equal to the kept one)
 
-        // Head and final norm.
+        // Head and final norm, or the gradient of the last block's output as given.
         let mut dxn = vec![0f32; n * e]; // [n, e]
-        linear_backward(pool, &m.file, &m.output, dlogits, n, &mut dxn);
         let mut dx = vec![0f32; n * e]; // [n, e] gradient of the residual stream
-        rmsnorm_backward(&act.x_out, &m.output_norm.w, &act.rstd_out, &dxn, &mut dx);
+        match start {
+            Start::Logits(dlogits) => {
+                linear_backward(pool, &m.file, &m.output, dlogits, n, &mut dxn);
+                rmsnorm_backward(&act.x_out, &m.output_norm.w, &act.rstd_out, &dxn, &mut dx);
+            }
+            Start::Hidden(dh) => dx.copy_from_slice(dh),
+        }
 
         for il in (lowest..self.n_layers).rev() {
             let (l, b) = (&m.layers[il], &act.blocks[il]);
@@ -584,6 +638,11 @@ impl<'m> TrainModel<'m> {
                 tokens.len(),
                 objective.len()
             )));
+        }
+        if !self.head {
+            return Err(Error::Invalid(
+                "a loss on logits needs the model's head".into(),
+            ));
         }
         let act = self.forward(tokens)?;
         let mut dlogits = vec![0f32; act.logits.len()]; // [n, n_vocab]

@@ -28,7 +28,7 @@
 
 use super::lora::Lora;
 use super::loss::Objective;
-use super::model::TrainModel;
+use super::model::{Activations, TrainModel};
 use super::optim::{AdamW, AdamWConfig, Decay, Schedule};
 use crate::{Error, Result};
 use std::time::Instant;
@@ -42,6 +42,78 @@ pub enum Target {
     SmoothedLabels(Vec<Option<u32>>, f32),
     /// KL(uniform || p) wherever `mask[t]`.
     Uniform(Vec<bool>),
+    /// Minus the cross-entropy of the labels: gradient ascent (graddiff's forget side).
+    Ascent(Vec<Option<u32>>),
+    /// NPO on the answer the labels spell; `reference` is its log-probability under the model
+    /// before unlearning. One term per sequence.
+    Npo {
+        labels: Vec<Option<u32>>,
+        reference: f64,
+        beta: f32,
+    },
+    /// SimNPO on the answer the labels spell. One term per sequence.
+    SimNpo {
+        labels: Vec<Option<u32>>,
+        beta: f32,
+        gamma: f32,
+    },
+    /// RMU's forget side: the hidden states (the residual stream after the last block that
+    /// runs) at the positions with `mask[t]` pulled towards `to` (`[n_embd]`), by mean squared
+    /// error. The model runs without its head ([`TrainModel::without_head`]).
+    Steer { mask: Vec<bool>, to: Vec<f32> },
+    /// RMU's retain side: the hidden states at the positions with `mask[t]` kept at `states`
+    /// (`[n, n_embd]`, the model's before unlearning), by mean squared error.
+    Keep { mask: Vec<bool>, states: Vec<f32> },
+}
+
+/// Which of a step's reported means a sequence's loss goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Cross-entropy, plain or smoothed (fine-tuning, ULD's forget side, a retain side).
+    Ce,
+    /// KL(uniform || p) (ULD's retain side).
+    Kl,
+    /// An unlearning objective's forget side.
+    Forget,
+    /// RMU's retain side.
+    Keep,
+}
+
+impl Target {
+    /// The positions it covers (labels or mask entries).
+    pub fn len(&self) -> usize {
+        match self {
+            Target::Labels(l)
+            | Target::SmoothedLabels(l, _)
+            | Target::Ascent(l)
+            | Target::Npo { labels: l, .. }
+            | Target::SimNpo { labels: l, .. } => l.len(),
+            Target::Uniform(m) | Target::Steer { mask: m, .. } | Target::Keep { mask: m, .. } => {
+                m.len()
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether it is a loss on hidden states, not on logits.
+    pub fn on_hidden(&self) -> bool {
+        matches!(self, Target::Steer { .. } | Target::Keep { .. })
+    }
+
+    fn part(&self) -> Part {
+        match self {
+            Target::Labels(_) | Target::SmoothedLabels(..) => Part::Ce,
+            Target::Uniform(_) => Part::Kl,
+            Target::Ascent(_)
+            | Target::Npo { .. }
+            | Target::SimNpo { .. }
+            | Target::Steer { .. } => Part::Forget,
+            Target::Keep { .. } => Part::Keep,
+        }
+    }
 }
 
 /// How a batch's sequences are weighed against each other (see the module doc).
@@ -64,35 +136,71 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    /// Positions that count towards the loss.
+    /// Positions that count towards the loss; NPO and SimNPO count a sequence as one (their
+    /// loss is per answer, not per token).
     pub fn counted(&self) -> usize {
+        let labels = |l: &[Option<u32>]| l.iter().filter(|l| l.is_some()).count();
         match &self.target {
-            Target::Labels(l) | Target::SmoothedLabels(l, _) => {
-                l.iter().filter(|l| l.is_some()).count()
+            Target::Labels(l) | Target::SmoothedLabels(l, _) | Target::Ascent(l) => labels(l),
+            Target::Npo { labels: l, .. } | Target::SimNpo { labels: l, .. } => labels(l).min(1),
+            Target::Uniform(m) | Target::Steer { mask: m, .. } | Target::Keep { mask: m, .. } => {
+                m.iter().filter(|&&m| m).count()
             }
-            Target::Uniform(m) => m.iter().filter(|&&m| m).count(),
         }
     }
 
-    pub fn objective(&self) -> Objective<'_> {
-        match &self.target {
+    /// The objective over the logits (`None` for a loss on hidden states).
+    pub fn objective(&self) -> Option<Objective<'_>> {
+        Some(match &self.target {
             Target::Labels(labels) => Objective::CrossEntropy { labels },
             &Target::SmoothedLabels(ref labels, smooth) => {
                 Objective::SmoothedCrossEntropy { labels, smooth }
             }
             Target::Uniform(mask) => Objective::KlUniform { mask },
+            Target::Ascent(labels) => Objective::NegCrossEntropy { labels },
+            &Target::Npo {
+                ref labels,
+                reference,
+                beta,
+            } => Objective::Npo {
+                labels,
+                reference,
+                beta,
+            },
+            &Target::SimNpo {
+                ref labels,
+                beta,
+                gamma,
+            } => Objective::SimNpo {
+                labels,
+                beta,
+                gamma,
+            },
+            Target::Steer { .. } | Target::Keep { .. } => return None,
+        })
+    }
+
+    /// Its loss over its rows of the model's output (`out`: logits `[n, n_vocab]`, or the
+    /// hidden states `[n, n_embd]` for a loss on them), the gradient into `d` (same shape).
+    pub fn loss(&self, out: &[f32], n_vocab: usize, n_embd: usize, d: &mut [f32]) -> Result<f64> {
+        use super::loss::{hidden_mse, HiddenTarget};
+        match &self.target {
+            Target::Steer { mask, to } => hidden_mse(out, n_embd, HiddenTarget::Fixed(to), mask, d),
+            Target::Keep { mask, states } => {
+                hidden_mse(out, n_embd, HiddenTarget::Rows(states), mask, d)
+            }
+            _ => self
+                .objective()
+                .expect("a logit objective")
+                .loss(out, n_vocab, d),
         }
     }
 
-    fn is_uniform(&self) -> bool {
-        matches!(self.target, Target::Uniform(_))
-    }
-
     /// The group whose positions are averaged together.
-    fn group(&self, balance: Balance) -> (bool, u32) {
+    fn group(&self, balance: Balance) -> (Part, u32) {
         match balance {
-            Balance::Group => (self.is_uniform(), self.weight.to_bits()),
-            Balance::Token => (false, 0),
+            Balance::Group => (self.target.part(), self.weight.to_bits()),
+            Balance::Token => (Part::Ce, 0),
         }
     }
 
@@ -152,6 +260,11 @@ pub struct StepStats {
     pub ce: Option<f64>,
     /// The mean KL(uniform || p) over the batch's masked positions, if it had any.
     pub kl: Option<f64>,
+    /// The mean unlearning objective of the forget side (per token; NPO and SimNPO per
+    /// answer), if the batch had one.
+    pub forget: Option<f64>,
+    /// The mean squared error of RMU's retain side, if the batch had one.
+    pub keep: Option<f64>,
     pub lr: f32,
     /// The gradient's norm before clipping.
     pub grad_norm: f64,
@@ -233,11 +346,11 @@ pub fn train_with_epochs(
         ));
     }
     for (i, s) in data.iter().enumerate() {
-        if s.objective().len() != s.tokens.len() || !s.weight.is_finite() || s.weight < 0.0 {
+        if s.target.len() != s.tokens.len() || !s.weight.is_finite() || s.weight < 0.0 {
             return Err(Error::Invalid(format!(
                 "training sequence {i}: {} tokens, its target covers {}, weight {}",
                 s.tokens.len(),
-                s.objective().len(),
+                s.target.len(),
                 s.weight
             )));
         }
@@ -288,7 +401,7 @@ pub fn train_with_epochs(
 /// over its counted positions (see the module doc).
 pub fn factors(seqs: &[&Sequence], balance: Balance) -> Vec<f64> {
     // N_g: the weighted count of positions per group in this batch.
-    let mut groups: Vec<((bool, u32), f64)> = Vec::new();
+    let mut groups: Vec<((Part, u32), f64)> = Vec::new();
     for s in seqs {
         let n = s.counted() as f64 * s.position_weight(balance);
         match groups.iter_mut().find(|(g, _)| *g == s.group(balance)) {
@@ -321,29 +434,81 @@ pub struct EvalLoss {
     pub ce: Option<f64>,
     /// The mean KL(uniform || p) per masked position.
     pub kl: Option<f64>,
+    /// The mean forget-side objective (per token; NPO and SimNPO per answer).
+    pub forget: Option<f64>,
+    /// The mean squared error of RMU's retain side per position.
+    pub keep: Option<f64>,
+}
+
+/// Sums per reported part: `(sum of loss * counted, counted)`.
+#[derive(Default)]
+struct Parts([(f64, usize); 4]);
+
+impl Parts {
+    fn add(&mut self, s: &Sequence, l: f64) {
+        let p = &mut self.0[s.target.part() as usize];
+        p.0 += l * s.counted() as f64;
+        p.1 += s.counted();
+    }
+
+    fn mean(&self, p: Part) -> Option<f64> {
+        let (sum, n) = self.0[p as usize];
+        (n > 0).then(|| sum / n as f64)
+    }
+}
+
+/// The model's output a sequence's loss reads: its hidden states when the batch's targets are
+/// on hidden states (all or none of them must be), else its logits. Returns the output and
+/// its width.
+fn output<'a>(tm: &TrainModel, act: &'a Activations, hidden: bool) -> (&'a [f32], usize) {
+    if hidden {
+        (act.hidden(), tm.model.cfg.n_embd)
+    } else {
+        (&act.logits, tm.model.cfg.n_vocab)
+    }
+}
+
+/// Whether `seqs` are on hidden states; an error when they mix the two kinds, or when the
+/// model's head and the targets disagree.
+fn on_hidden(tm: &TrainModel, seqs: &[&Sequence]) -> Result<bool> {
+    let hidden = seqs.iter().any(|s| s.target.on_hidden());
+    if hidden && !seqs.iter().all(|s| s.target.on_hidden()) {
+        return Err(Error::Invalid(
+            "a batch mixes losses on hidden states with losses on logits".into(),
+        ));
+    }
+    if hidden == tm.has_head() {
+        return Err(Error::Invalid(if hidden {
+            "losses on hidden states need a model run without its head".into()
+        } else {
+            "losses on logits need the model's head".into()
+        }));
+    }
+    Ok(hidden)
 }
 
 /// The loss of `seqs` taken as one batch, forward passes only (a held-out check).
 pub fn eval_loss(tm: &TrainModel, seqs: &[Sequence], balance: Balance) -> Result<EvalLoss> {
-    let nv = tm.model.cfg.n_vocab;
+    let (nv, e) = (tm.model.cfg.n_vocab, tm.model.cfg.n_embd);
     let used: Vec<&Sequence> = seqs.iter().filter(|s| s.counted() > 0).collect();
+    let hidden = on_hidden(tm, &used)?;
     let f = factors(&used, balance);
     let mut loss = 0.0;
-    let (mut ce, mut kl) = ((0.0f64, 0usize), (0.0f64, 0usize));
+    let mut parts = Parts::default();
     for (s, f) in used.iter().zip(f) {
         let act = tm.forward(&s.tokens)?;
-        let mut dlogits = vec![0f32; act.logits.len()]; // [n, n_vocab]
-        let l = s.objective().loss(&act.logits, nv, &mut dlogits)?;
+        let (out, _) = output(tm, &act, hidden);
+        let mut d = vec![0f32; out.len()];
+        let l = s.loss(out, nv, e, &mut d)?;
         loss += f * l;
-        let part = if s.is_uniform() { &mut kl } else { &mut ce };
-        part.0 += l * s.counted() as f64;
-        part.1 += s.counted();
+        parts.add(s, l);
     }
-    let mean = |(sum, n): (f64, usize)| (n > 0).then(|| sum / n as f64);
     Ok(EvalLoss {
         loss,
-        ce: mean(ce),
-        kl: mean(kl),
+        ce: parts.mean(Part::Ce),
+        kl: parts.mean(Part::Kl),
+        forget: parts.mean(Part::Forget),
+        keep: parts.mean(Part::Keep),
     })
 }
 
@@ -357,53 +522,62 @@ pub fn batch_grad(
     balance: Balance,
     pack: bool,
 ) -> Result<StepStats> {
-    let nv = tm.model.cfg.n_vocab;
+    let (nv, e) = (tm.model.cfg.n_vocab, tm.model.cfg.n_embd);
+    let hidden = on_hidden(tm, seqs)?;
     let factors = factors(seqs, balance);
     tm.lora.zero_grad();
     let (mut loss, mut tokens) = (0.0f64, 0usize);
-    let (mut ce, mut kl) = ((0.0f64, 0usize), (0.0f64, 0usize));
+    let mut parts = Parts::default();
     let mut count = |s: &Sequence, f: f64, l: f64| {
         loss += f * l;
         tokens += s.tokens.len();
-        let part = if s.is_uniform() { &mut kl } else { &mut ce };
-        part.0 += l * s.counted() as f64;
-        part.1 += s.counted();
+        parts.add(s, l);
     };
-    // Each sequence's loss into its rows of `dlogits`, scaled by its factor.
-    let loss_rows = |s: &Sequence, f: f64, logits: &[f32], d: &mut [f32]| -> Result<f64> {
-        let l = s.objective().loss(logits, nv, d)?;
+    // Each sequence's loss into its rows of the output's gradient, scaled by its factor.
+    let loss_rows = |s: &Sequence, f: f64, out: &[f32], d: &mut [f32]| -> Result<f64> {
+        let l = s.loss(out, nv, e, d)?;
         for x in d.iter_mut() {
             *x = (*x as f64 * f) as f32;
         }
         Ok(l)
     };
+    let backward = |tm: &mut TrainModel, act: &Activations, d: &[f32]| {
+        if hidden {
+            tm.backward_hidden(act, d)
+        } else {
+            tm.backward(act, d)
+        }
+    };
     if pack {
         let toks: Vec<&[u32]> = seqs.iter().map(|s| &s.tokens[..]).collect();
         let act = tm.forward_seqs(&toks)?;
-        let mut dlogits = vec![0f32; act.logits.len()]; // [n, n_vocab]
+        let (out, w) = output(tm, &act, hidden);
+        let mut d = vec![0f32; out.len()]; // [n, width]
         let mut r0 = 0;
         for (s, &f) in seqs.iter().zip(&factors) {
-            let rows = r0 * nv..(r0 + s.tokens.len()) * nv;
-            let l = loss_rows(s, f, &act.logits[rows.clone()], &mut dlogits[rows])?;
+            let rows = r0 * w..(r0 + s.tokens.len()) * w;
+            let l = loss_rows(s, f, &out[rows.clone()], &mut d[rows])?;
             count(s, f, l);
             r0 += s.tokens.len();
         }
-        tm.backward(&act, &dlogits)?;
+        backward(tm, &act, &d)?;
     } else {
         for (s, &f) in seqs.iter().zip(&factors) {
             let act = tm.forward(&s.tokens)?;
-            let mut dlogits = vec![0f32; act.logits.len()]; // [n, n_vocab]
-            let l = loss_rows(s, f, &act.logits, &mut dlogits)?;
-            tm.backward(&act, &dlogits)?;
+            let (out, _) = output(tm, &act, hidden);
+            let mut d = vec![0f32; out.len()]; // [n, width]
+            let l = loss_rows(s, f, out, &mut d)?;
+            backward(tm, &act, &d)?;
             count(s, f, l);
         }
     }
-    let mean = |(sum, n): (f64, usize)| (n > 0).then(|| sum / n as f64);
     Ok(StepStats {
         epoch,
         loss,
-        ce: mean(ce),
-        kl: mean(kl),
+        ce: parts.mean(Part::Ce),
+        kl: parts.mean(Part::Kl),
+        forget: parts.mean(Part::Forget),
+        keep: parts.mean(Part::Keep),
         lr: 0.0,
         grad_norm: 0.0,
         tokens,
