@@ -140,6 +140,23 @@ fn the_sparse_path_samples_as_the_dense_combination() {
     }
 }
 
+/// A random LoRA for `model` written to `out` by `lethe patch random` with `args`.
+fn random_lora(model: &std::path::Path, out: &std::path::Path, args: &[&str]) {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_lethe"))
+        .args(["patch", "random", "-m"])
+        .arg(model)
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
 /// An assistant of `k` blocks of SmolLM2, written into a temporary folder.
 fn truncated(k: usize, dir: &common::TempDir) -> Arc<Model> {
     let path = dir.join(&format!("assistant{k}.gguf"));
@@ -160,17 +177,10 @@ fn batched_lockstep_steps_equal_single_steps() {
     let a4 = truncated(4, &dir);
     let a2 = truncated(2, &dir);
     let lora = dir.join("a4-lora.gguf");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lethe"))
-        .args(["patch", "random", "-m"])
-        .arg(dir.join("assistant4.gguf"))
-        .args(["--rank", "4", "--blocks", "0..2", "-o"])
-        .arg(&lora)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    random_lora(
+        &dir.join("assistant4.gguf"),
+        &lora,
+        &["--rank", "4", "--blocks", "0..2"],
     );
     let p = lethe::patch::load(&lora, &a4).unwrap();
     let a4_patches = Some(Arc::new(
@@ -284,17 +294,10 @@ fn shared_blocks_give_the_same_bits() {
         );
         // A LoRA over blocks 0..3 and a control vector on block 1.
         let lora = dir.join(&format!("{name}-lora.gguf"));
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lethe"))
-            .args(["patch", "random", "-m"])
-            .arg(&path)
-            .args(["--rank", "4", "--blocks", "0..3", "--std", "0.01", "-o"])
-            .arg(&lora)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        random_lora(
+            &path,
+            &lora,
+            &["--rank", "4", "--blocks", "0..3", "--std", "0.01"],
         );
         let cvec = dir.join(&format!("{name}-cvec.gguf"));
         let mut rng = common::Rng(17);

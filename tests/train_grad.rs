@@ -915,16 +915,8 @@ fn hidden_state_gradients_through_the_blocks() {
                         "{name}, {n_layers} blocks, {what}, {}",
                         p.target().tensor_name()
                     );
-                    let fa = |a: &[f64]| {
-                        let mut l = rl.clone();
-                        l[il][sl].as_mut().unwrap().0 = a.to_vec();
-                        ref_loss(&l)
-                    };
-                    let fb = |b: &[f64]| {
-                        let mut l = rl.clone();
-                        l[il][sl].as_mut().unwrap().1 = b.to_vec();
-                        ref_loss(&l)
-                    };
+                    let fa = |a: &[f64]| ref_loss(&with_half(&rl, il, sl, Half::A, a));
+                    let fb = |b: &[f64]| ref_loss(&with_half(&rl, il, sl, Half::B, b));
                     let (a64, b64) = (
                         &rl[il][sl].as_ref().unwrap().0,
                         &rl[il][sl].as_ref().unwrap().1,
@@ -942,6 +934,25 @@ fn hidden_state_gradients_through_the_blocks() {
         let act = headed.forward(&TOKENS).unwrap();
         assert!(headed.backward_hidden(&act, &vec![0f32; n * e]).is_err());
     }
+}
+
+/// One half of a reference adapter.
+#[derive(Clone, Copy)]
+enum Half {
+    A,
+    B,
+}
+
+/// `rl` with half `h` of the adapter on block `il`'s slot `sl` replaced by `x`: the point a
+/// finite difference of that half evaluates.
+fn with_half(rl: &RefLora, il: usize, sl: usize, h: Half, x: &[f64]) -> RefLora {
+    let mut l = rl.clone();
+    let pair = l[il][sl].as_mut().unwrap();
+    match h {
+        Half::A => pair.0 = x.to_vec(),
+        Half::B => pair.1 = x.to_vec(),
+    }
+    l
 }
 
 /// How much of each adapter gradient is checked against finite differences.
@@ -1032,16 +1043,8 @@ fn check_model_grads(name: &str, rf: &Ref, tm: &mut TrainModel, check: Fd) -> f6
         for p in &tm.lora.params {
             let what = format!("{name}, {obj:?}, {}", p.target().tensor_name());
             let (il, sl) = (p.layer, p.slot as usize);
-            let fa = |a: &[f64]| {
-                let mut l = rl.clone();
-                l[il][sl].as_mut().unwrap().0 = a.to_vec();
-                ref_loss(&l)
-            };
-            let fb = |b: &[f64]| {
-                let mut l = rl.clone();
-                l[il][sl].as_mut().unwrap().1 = b.to_vec();
-                ref_loss(&l)
-            };
+            let fa = |a: &[f64]| ref_loss(&with_half(&rl, il, sl, Half::A, a));
+            let fb = |b: &[f64]| ref_loss(&with_half(&rl, il, sl, Half::B, b));
             let (a64, b64) = (
                 &rl[il][sl].as_ref().unwrap().0,
                 &rl[il][sl].as_ref().unwrap().1,
