@@ -73,10 +73,14 @@ struct Watch {
     probing: bool,
     /// Times the pool went solo (for tests and diagnostics).
     solo_spells: u64,
+    /// Never go solo ([`ThreadPool::set_steady`]).
+    steady: bool,
 }
 
 /// A wait for the workers longer than this (and than half the caller's own share) is a stall.
 pub const STALL: std::time::Duration = std::time::Duration::from_millis(1);
+/// A job whose caller spent this long on its own share is never counted as a stall.
+pub const LONG_JOB: std::time::Duration = std::time::Duration::from_millis(5);
 /// Stalls within [`WINDOW`] jobs that send the pool solo.
 pub const STALLS: u32 = 2;
 pub const WINDOW: u32 = 512;
@@ -116,6 +120,17 @@ impl ThreadPool {
             shared,
             workers,
             gate: Mutex::new(Watch::default()),
+        }
+    }
+
+    /// Keep every job on all threads, never going solo: for work whose jobs are coarse and
+    /// spaced out (training), where a worker woken late after a pause between jobs is no sign
+    /// of a busy host and running solo halves the speed.
+    pub fn set_steady(&self, steady: bool) {
+        let mut w = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        w.steady = steady;
+        if steady {
+            w.solo_until = None;
         }
     }
 
@@ -198,7 +213,9 @@ impl ThreadPool {
             }
         }
         let waited = t0.elapsed() - own;
-        watch.record(waited > STALL && waited > own / 2);
+        // A long job's wait is a worker finishing its last (long) chunk, the normal end of a
+        // coarse job such as a training matmul, not a pre-empted worker: never a stall.
+        watch.record(waited > STALL && waited > own / 2 && own < LONG_JOB);
     }
 
     /// `f(ith, range)` for the consecutive chunks of `0..n` of `chunk` items (the last may be
@@ -270,6 +287,9 @@ impl ThreadPool {
 impl Watch {
     /// Count a job run with the workers, and go solo after too many stalls in the window.
     fn record(&mut self, stalled: bool) {
+        if self.steady {
+            return;
+        }
         self.jobs += 1;
         self.stalls += u32::from(stalled);
         if self.stalls >= STALLS {
@@ -522,6 +542,26 @@ mod tests {
             hits.fetch_add(1 << ith, Ordering::Relaxed);
         });
         assert_eq!(hits.load(Ordering::Relaxed), 0b11);
+    }
+
+    /// Long jobs whose last chunk keeps a worker busy after the caller is done (a training
+    /// matmul: three 8 ms chunks on two threads) never send the pool solo.
+    #[test]
+    fn long_chunks_are_not_stalls() {
+        use std::time::{Duration, Instant};
+        let pool = ThreadPool::new(2);
+        for _ in 0..2 * STALLS as usize + 6 {
+            let sum = AtomicUsize::new(0);
+            pool.for_chunks(3, 1, |_, r| {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_millis(8) {
+                    std::hint::spin_loop();
+                }
+                sum.fetch_add(r.start + 1, Ordering::Relaxed);
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 6);
+        }
+        assert_eq!(pool.solo_spells(), 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod assistant;
 mod finetune;
 mod slug;
 mod uld;
+mod unlearn;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -32,6 +33,8 @@ pub fn open_model(name: &str, threads: usize) -> Result<(PathBuf, Arc<Model>, Ar
         ..LoadOptions::default()
     };
     let b = Base::open(&path, opts)?;
+    // Training's jobs are coarse and spaced out by serial work: keep both threads on them.
+    b.model.pool.set_steady(true);
     super::common::tokenizer_warnings(&b.tok);
     Ok((b.path, b.model, b.tok))
 }
@@ -57,6 +60,9 @@ pub enum ForgeCmd {
     /// SLUG: score every linear matrix by its forget and retain gradients, step the best one
     /// along its forget gradient, and write that step as a dense delta patch.
     Slug(slug::SlugArgs),
+    /// Train a LoRA patch that makes the target forget (graddiff, NPO, SimNPO or RMU), one
+    /// checkpoint per epoch chosen on held-out rows; writes it and a profile.
+    Unlearn(Box<unlearn::UnlearnArgs>),
 }
 
 pub fn main(a: ForgeArgs) -> Result<()> {
@@ -66,5 +72,6 @@ pub fn main(a: ForgeArgs) -> Result<()> {
         ForgeCmd::Finetune(a) => finetune::main(a),
         ForgeCmd::Uld(a) => uld::main(*a),
         ForgeCmd::Slug(a) => slug::main(a),
+        ForgeCmd::Unlearn(a) => unlearn::main(*a),
     }
 }
