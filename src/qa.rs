@@ -38,8 +38,41 @@ pub fn read_examples(path: impl AsRef<Path>) -> Result<Vec<Example>> {
     })
 }
 
+/// [`read_examples`] for training data: a row with one of TOFU's evaluation fields
+/// ([`EVAL_FIELDS`]) is refused, naming the row, so an evaluation file is never trained on.
+pub fn read_training_examples(path: impl AsRef<Path>) -> Result<Vec<Example>> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    })?;
+    let in_file = |e: Error| match e {
+        Error::Invalid(m) => Error::Invalid(format!("{}: {m}", path.display())),
+        e => e,
+    };
+    let rows = parse_rows(&text).map_err(in_file)?;
+    for (n, v) in &rows {
+        if let Some(f) = EVAL_FIELDS.iter().find(|f| v.get(**f).is_some()) {
+            return Err(in_file(Error::Invalid(format!(
+                "row {n} has {f:?}, a field of TOFU's evaluation: training never reads the \
+                 evaluation's answers (give question/answer rows of training data)"
+            ))));
+        }
+    }
+    rows.iter()
+        .map(|(n, v)| example(*n, v))
+        .collect::<Result<Vec<_>>>()
+        .map_err(in_file)
+}
+
 /// The rows of `text`: a JSON array of objects, or JSON lines.
 pub fn parse_examples(text: &str) -> Result<Vec<Example>> {
+    let rows = parse_rows(text)?;
+    rows.iter().map(|(n, v)| example(*n, v)).collect()
+}
+
+/// The rows of `text` with their 1-based numbers.
+fn parse_rows(text: &str) -> Result<Vec<(usize, serde_json::Value)>> {
     let body = text.trim_start_matches('\u{feff}').trim();
     if body.is_empty() {
         return Err(Error::Invalid("the file is empty".into()));
@@ -72,7 +105,7 @@ pub fn parse_examples(text: &str) -> Result<Vec<Example>> {
     if rows.is_empty() {
         return Err(Error::Invalid("the file holds no rows".into()));
     }
-    rows.iter().map(|(n, v)| example(*n, v)).collect()
+    Ok(rows)
 }
 
 /// One row as an [`Example`]; `n` (1-based) names it in messages.

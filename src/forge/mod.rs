@@ -14,6 +14,7 @@ pub mod assistant;
 pub mod slug;
 pub mod train;
 pub mod uld;
+pub mod unlearn;
 
 pub use ablate::ablation_patch;
 pub use assistant::truncate_model;

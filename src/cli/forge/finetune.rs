@@ -138,7 +138,31 @@ pub fn run_training(
     epoch_end: &mut dyn FnMut(usize, &TrainModel) -> lethe::Result<()>,
 ) -> Result<TrainReport> {
     let used = data.iter().filter(|s| s.counted() > 0).count();
-    let bar = ProgressBar::new(total_steps(used, cfg) as u64);
+    with_progress(
+        total_steps(used, cfg),
+        cfg.epochs,
+        &mut |on_step, on_epoch| train_with_epochs(tm, data, cfg, on_step, on_epoch),
+        epoch_end,
+    )
+}
+
+/// The training function [`with_progress`] runs: it is handed the step and epoch callbacks.
+pub type TrainFn<'a> = dyn FnMut(
+        &mut dyn FnMut(&Progress),
+        &mut dyn FnMut(usize, &TrainModel) -> lethe::Result<()>,
+    ) -> lethe::Result<TrainReport>
+    + 'a;
+
+/// Run `train` (`steps` optimizer steps over `epochs`) with an indicatif bar showing the loss,
+/// its parts and tokens/s (a log line every tenth of the run without a terminal), then print
+/// each epoch's mean loss and the throughput.
+pub fn with_progress(
+    steps: usize,
+    epochs: usize,
+    train: &mut TrainFn<'_>,
+    epoch_end: &mut dyn FnMut(usize, &TrainModel) -> lethe::Result<()>,
+) -> Result<TrainReport> {
+    let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed}<{eta} {msg}")
             .expect("a valid template"),
@@ -148,6 +172,23 @@ pub fn run_training(
     let (mut loss_sum, mut loss_n, mut logged) = (0.0f64, 0usize, 0usize);
     let mut on_step = |p: &Progress| {
         let s = p.last;
+        let mut parts = String::new();
+        for (name, v) in [
+            ("ce", s.ce),
+            ("kl", s.kl),
+            ("forget", s.forget),
+            ("keep", s.keep),
+        ] {
+            if let Some(v) = v {
+                parts += &format!("{}{name} {v:.3}", if parts.is_empty() { "" } else { ", " });
+            }
+        }
+        // One part alone is the loss itself.
+        let parts = if parts.contains(',') {
+            format!(" ({parts})")
+        } else {
+            String::new()
+        };
         if log_lines {
             loss_sum += s.loss;
             loss_n += 1;
@@ -155,7 +196,7 @@ pub fn run_training(
             if due > logged || p.step == p.steps {
                 logged = due;
                 println!(
-                    "step {}/{} epoch {} mean loss {:.4} lr {:.2e} {:.0} tok/s {:.0} s",
+                    "step {}/{} epoch {} mean loss {:.4} lr {:.2e} {:.0} tok/s {:.0} s; last{parts}",
                     p.step,
                     p.steps,
                     s.epoch + 1,
@@ -167,24 +208,18 @@ pub fn run_training(
                 (loss_sum, loss_n) = (0.0, 0);
             }
         }
-        let mut msg = format!(
-            "epoch {} loss {:.4} lr {:.2e} {:.0} tok/s",
+        bar.set_message(format!(
+            "epoch {} loss {:.4} lr {:.2e} {:.0} tok/s{parts}",
             s.epoch + 1,
             s.loss,
             s.lr,
             p.tokens_per_s()
-        );
-        if let (Some(ce), Some(kl)) = (s.ce, s.kl) {
-            msg += &format!(" (ce {ce:.3}, kl {kl:.3})");
-        }
-        bar.set_message(msg);
+        ));
         bar.set_position(p.step as u64);
     };
-    let report = train_with_epochs(tm, data, cfg, &mut on_step, &mut |e, tm| {
-        bar.suspend(|| epoch_end(e, tm))
-    })?;
+    let report = train(&mut on_step, &mut |e, tm| bar.suspend(|| epoch_end(e, tm)))?;
     bar.finish();
-    for e in 0..cfg.epochs {
+    for e in 0..epochs {
         if let Some(l) = report.epoch_loss(e) {
             println!("epoch {}: mean loss {l:.4}", e + 1);
         }

@@ -340,11 +340,90 @@ pub fn train_with_epochs(
     progress: &mut dyn FnMut(&Progress),
     epoch_end: &mut dyn FnMut(usize, &TrainModel) -> Result<()>,
 ) -> Result<TrainReport> {
+    check_run(cfg)?;
+    check_data(data)?;
+    let used = used(data);
+    if used.is_empty() {
+        return Err(Error::Invalid(
+            "no training sequence has a position to train on".into(),
+        ));
+    }
+    let steps = total_steps(used.len(), cfg);
+    let mut opt = AdamW::new(&tm.lora, cfg.adamw, schedule(cfg, steps))?;
+    let mut run = Run::new(steps);
+    for epoch in 0..cfg.epochs {
+        let mut order = used.clone();
+        shuffle(&mut order, cfg.seed, epoch as u64);
+        for batch in order.chunks(cfg.batch) {
+            let seqs: Vec<&Sequence> = batch.iter().map(|&i| &data[i]).collect();
+            let stats = batch_step(tm, &mut opt, &seqs, epoch, cfg)?;
+            run.record(stats, progress);
+        }
+        epoch_end(epoch, tm)?;
+    }
+    Ok(run.report)
+}
+
+/// Unlearning's loop: each step takes `batch` forget sequences and as many retain sequences
+/// (fewer when the retain set is smaller). An epoch is one pass over the forget sequences in a
+/// seeded shuffle; the retain sequences come in a seeded shuffled order that runs on across
+/// epochs (reshuffled whenever it is used up), so every retain row is used as often as the
+/// others. A batch's loss is weighed by `cfg.balance` as any batch's ([`factors`]): with the
+/// group balance, the forget side's mean plus the retain side's mean times its sequences'
+/// weight. Calls `progress` after every step and `epoch_end(epoch, tm)` after each epoch.
+pub fn train_paired(
+    tm: &mut TrainModel,
+    forget: &[Sequence],
+    retain: &[Sequence],
+    cfg: &TrainConfig,
+    progress: &mut dyn FnMut(&Progress),
+    epoch_end: &mut dyn FnMut(usize, &TrainModel) -> Result<()>,
+) -> Result<TrainReport> {
+    check_run(cfg)?;
+    check_data(forget)?;
+    check_data(retain)?;
+    let (f_used, r_used) = (used(forget), used(retain));
+    if f_used.is_empty() {
+        return Err(Error::Invalid(
+            "no forget sequence has a position to train on".into(),
+        ));
+    }
+    let steps = total_steps(f_used.len(), cfg);
+    let mut opt = AdamW::new(&tm.lora, cfg.adamw, schedule(cfg, steps))?;
+    let mut run = Run::new(steps);
+    let (mut r_order, mut r_pos, mut r_round) = (Vec::new(), 0usize, 0u64);
+    for epoch in 0..cfg.epochs {
+        let mut order = f_used.clone();
+        shuffle(&mut order, cfg.seed, epoch as u64);
+        for chunk in order.chunks(cfg.batch) {
+            let mut seqs: Vec<&Sequence> = chunk.iter().map(|&i| &forget[i]).collect();
+            for _ in 0..chunk.len().min(r_used.len()) {
+                if r_pos == r_order.len() {
+                    r_order = r_used.clone();
+                    shuffle(&mut r_order, cfg.seed ^ 0x5245_5441_494E, r_round);
+                    (r_pos, r_round) = (0, r_round + 1);
+                }
+                seqs.push(&retain[r_order[r_pos]]);
+                r_pos += 1;
+            }
+            let stats = batch_step(tm, &mut opt, &seqs, epoch, cfg)?;
+            run.record(stats, progress);
+        }
+        epoch_end(epoch, tm)?;
+    }
+    Ok(run.report)
+}
+
+fn check_run(cfg: &TrainConfig) -> Result<()> {
     if cfg.batch == 0 || cfg.epochs == 0 {
         return Err(Error::Invalid(
             "training needs at least one epoch and a batch of at least one sequence".into(),
         ));
     }
+    Ok(())
+}
+
+fn check_data(data: &[Sequence]) -> Result<()> {
     for (i, s) in data.iter().enumerate() {
         if s.target.len() != s.tokens.len() || !s.weight.is_finite() || s.weight < 0.0 {
             return Err(Error::Invalid(format!(
@@ -355,46 +434,56 @@ pub fn train_with_epochs(
             )));
         }
     }
-    let used: Vec<usize> = (0..data.len()).filter(|&i| data[i].counted() > 0).collect();
-    if used.is_empty() {
-        return Err(Error::Invalid(
-            "no training sequence has a position to train on".into(),
-        ));
-    }
-    let steps = total_steps(used.len(), cfg);
-    let schedule = Schedule {
+    Ok(())
+}
+
+/// The sequences that count a position (the others are left out).
+fn used(data: &[Sequence]) -> Vec<usize> {
+    (0..data.len()).filter(|&i| data[i].counted() > 0).collect()
+}
+
+fn schedule(cfg: &TrainConfig, steps: usize) -> Schedule {
+    Schedule {
         lr: cfg.lr,
         warmup: Schedule::warmup_steps(cfg.warmup_ratio, steps),
         total: steps,
         decay: cfg.decay,
-    };
-    let mut opt = AdamW::new(&tm.lora, cfg.adamw, schedule)?;
-    let t0 = Instant::now();
-    let mut report = TrainReport {
-        steps: Vec::with_capacity(steps),
-        tokens: 0,
-        seconds: 0.0,
-    };
-    for epoch in 0..cfg.epochs {
-        let mut order = used.clone();
-        shuffle(&mut order, cfg.seed, epoch as u64);
-        for batch in order.chunks(cfg.batch) {
-            let seqs: Vec<&Sequence> = batch.iter().map(|&i| &data[i]).collect();
-            let stats = batch_step(tm, &mut opt, &seqs, epoch, cfg)?;
-            report.tokens += stats.tokens;
-            report.seconds = t0.elapsed().as_secs_f64();
-            report.steps.push(stats);
-            progress(&Progress {
-                step: report.steps.len(),
-                steps,
-                last: report.steps.last().expect("just pushed"),
-                tokens: report.tokens,
-                seconds: report.seconds,
-            });
-        }
-        epoch_end(epoch, tm)?;
     }
-    Ok(report)
+}
+
+/// A run's report as it grows, and its clock.
+struct Run {
+    report: TrainReport,
+    steps: usize,
+    t0: Instant,
+}
+
+impl Run {
+    fn new(steps: usize) -> Self {
+        Self {
+            report: TrainReport {
+                steps: Vec::with_capacity(steps),
+                tokens: 0,
+                seconds: 0.0,
+            },
+            steps,
+            t0: Instant::now(),
+        }
+    }
+
+    fn record(&mut self, stats: StepStats, progress: &mut dyn FnMut(&Progress)) {
+        let r = &mut self.report;
+        r.tokens += stats.tokens;
+        r.seconds = self.t0.elapsed().as_secs_f64();
+        r.steps.push(stats);
+        progress(&Progress {
+            step: r.steps.len(),
+            steps: self.steps,
+            last: r.steps.last().expect("just pushed"),
+            tokens: r.tokens,
+            seconds: r.seconds,
+        });
+    }
 }
 
 /// Each sequence's factor in the batch loss: `L = sum_i f_i * l_i`, with `l_i` its own mean

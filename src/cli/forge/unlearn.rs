@@ -1,0 +1,481 @@
+//! `lethe forge unlearn`: a LoRA patch that makes the target forget, trained on the CPU by one
+//! of graddiff, NPO, SimNPO or RMU ([`lethe::forge::unlearn`]); one checkpoint per epoch, the
+//! one kept chosen on held-out rows by `lethe calibrate`'s rule (never on evaluation data).
+//! Writes the LoRA in llama.cpp's layout and a profile that applies it to the target.
+
+use super::finetune::{parse_targets, with_progress, OptimArgs};
+use anyhow::{Context, Result};
+use clap::Args;
+use lethe::eval::calibrate::{calibrate, choose, read_rows, CalRow, PointResult, Yardstick};
+use lethe::eval::run::{Local, Side};
+use lethe::forge::train::data::{end_of_turn, read_paraphrase_rows};
+use lethe::forge::train::trainer::{describe, total_steps};
+use lethe::forge::train::{train_paired, Lora, TrainModel};
+use lethe::forge::unlearn::{build, Method, UnlearnConfig};
+use lethe::model::Model;
+use lethe::qa::{read_training_examples, Example};
+use lethe::unlearn::profile::ProfileFile;
+use lethe::unlearn::{Base, Forgotten, LoadOptions};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The context the checkpoint rule scores its rows in.
+const CTX: usize = 1024;
+
+#[derive(Args, Debug)]
+pub struct UnlearnArgs {
+    /// graddiff, npo, simnpo or rmu.
+    #[arg(long = "method")]
+    pub method: String,
+    /// The target model: a GGUF path or a named model.
+    #[arg(short = 'm', long = "model", default_value = "smollm2")]
+    pub model: String,
+    /// What to forget: question/answer pairs (JSON array or JSON lines; rows with TOFU's
+    /// evaluation fields are refused).
+    #[arg(long)]
+    pub forget: PathBuf,
+    /// What to keep (same format).
+    #[arg(long)]
+    pub retain: PathBuf,
+    /// Also forget the paraphrased pairs of a TOFU augmentation file
+    /// ({question, answer, paraphrased_questions[], paraphrased_answers[]}), this many per
+    /// forget row (the rows whose question is one of --forget's).
+    #[arg(long = "forget-paraphrases")]
+    pub forget_paraphrases: Option<PathBuf>,
+    #[arg(long = "paraphrases-per-row", default_value_t = 1)]
+    pub paraphrases_per_row: usize,
+    /// The retain side's weight lambda.
+    #[arg(long = "retain-weight", default_value_t = 1.0)]
+    pub retain_weight: f32,
+    /// NPO's and SimNPO's beta (default 0.1 for NPO, 4.5 for SimNPO).
+    #[arg(long = "beta")]
+    pub beta: Option<f32>,
+    /// SimNPO's margin gamma.
+    #[arg(long = "gamma", default_value_t = 0.0)]
+    pub gamma: f32,
+    /// RMU: the block whose output is steered (0-based).
+    #[arg(long = "layer", default_value_t = 7)]
+    pub layer: usize,
+    /// RMU: the LoRA covers this many blocks ending at --layer.
+    #[arg(long = "rmu-blocks", default_value_t = 3)]
+    pub rmu_blocks: usize,
+    /// RMU: c, the steering target's norm, as a multiple of the frozen forget states' mean
+    /// norm at --layer.
+    #[arg(long = "steer", default_value_t = 5.0)]
+    pub steer: f32,
+    #[arg(long = "rank", default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long = "lora-alpha", default_value_t = 32.0)]
+    pub lora_alpha: f32,
+    /// Matrices adapted in every block: q,k,v,o,gate,up,down.
+    #[arg(long = "targets", default_value = "q,k,v,o,gate,up,down")]
+    pub targets: String,
+    #[arg(long = "epochs", default_value_t = 5)]
+    pub epochs: usize,
+    /// Peak learning rate.
+    #[arg(long = "lr", default_value_t = 2e-4)]
+    pub lr: f32,
+    #[arg(long = "warmup-ratio", default_value_t = 0.0)]
+    pub warmup_ratio: f32,
+    #[arg(long = "weight-decay", default_value_t = 0.01)]
+    pub weight_decay: f32,
+    /// Held-out forget rows ({question, answer, wrong_answers[]}: an answer not trained on and
+    /// wrong answers to the same question) that choose the checkpoint, by `lethe calibrate`'s
+    /// rule: the epoch whose truth ratios on them best match the yardstick's (KS p), among the
+    /// epochs that raise --check-retain's NLL by at most --max-retain-rise. Without it, the
+    /// last epoch is kept.
+    #[arg(long = "check-forget", requires = "check_retain")]
+    pub check_forget: Option<PathBuf>,
+    /// Held-out retain rows ({question, answer}) for the rule.
+    #[arg(long = "check-retain")]
+    pub check_retain: Option<PathBuf>,
+    /// The yardstick: a model trained like the target but never on the forget set, scoring
+    /// the --check-forget rows.
+    #[arg(long = "stand-in", conflicts_with = "unseen")]
+    pub stand_in: Option<String>,
+    /// The yardstick without a stand-in: rows of the same kind about what the target never
+    /// saw, scored by the target.
+    #[arg(long = "unseen")]
+    pub unseen: Option<PathBuf>,
+    /// The rule's bound on the held-out retain rows' rise in NLL per token.
+    #[arg(long = "max-retain-rise", default_value_t = 0.05)]
+    pub max_retain_rise: f64,
+    /// Keep every epoch's LoRA beside the output (NAME.epochN.gguf).
+    #[arg(long = "keep-checkpoints")]
+    pub keep_checkpoints: bool,
+    /// The profile's name (default: the method's).
+    #[arg(long = "name")]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    /// Output LoRA (GGUF, llama.cpp's adapter layout); the profile goes to NAME.toml beside it.
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+}
+
+/// The checkpoint rule's rows and models.
+struct Check {
+    forget: Vec<CalRow>,
+    retain: Vec<CalRow>,
+    unseen: Vec<CalRow>,
+    base: Local,
+    stand_in: Option<Local>,
+    max_retain_rise: f64,
+    /// The yardstick's mean ln R (set by the first measurement).
+    yard_mean: f64,
+}
+
+impl Check {
+    /// The rule's measurements of the target with `patch` applied.
+    fn measure(&mut self, model: &Arc<Model>, side: &Side, patch: &Path) -> Result<PointResult> {
+        let p = lethe::patch::load(patch, model)?;
+        let forgotten = Forgotten::new(model.clone(), Vec::new(), vec![(Arc::new(p), 1.0)])?;
+        let mut prof = Local::new(
+            Side {
+                forgotten,
+                ..side.clone()
+            },
+            CTX,
+        )?;
+        let yard = match self.stand_in.as_mut() {
+            Some(s) => Yardstick::StandIn(s),
+            None => Yardstick::Unseen(&self.unseen),
+        };
+        let c = calibrate(
+            &mut prof,
+            &mut self.base,
+            &self.forget,
+            yard,
+            &self.retain,
+            self.max_retain_rise,
+            &|_| {},
+        )?;
+        self.yard_mean = c.yardstick_mean_log_r;
+        Ok(c.points.into_iter().next().expect("one point"))
+    }
+}
+
+fn file_name(p: &Path) -> Result<String> {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| anyhow::anyhow!("{} has no file name", p.display()))
+}
+
+/// The forget rows plus up to `per_row` paraphrased pairs of each (the augmentation rows whose
+/// question is a forget question), leaving out any pair whose answer is one of `held_out`
+/// (the checkpoint rule's rows are never trained on). Returns the rows and how many pairs
+/// were left out.
+fn with_paraphrases(
+    forget: &[Example],
+    path: &Path,
+    per_row: usize,
+    held_out: &[String],
+) -> Result<(Vec<Example>, usize)> {
+    let rows = read_paraphrase_rows(path)?;
+    let mut out = forget.to_vec();
+    let (mut matched, mut skipped) = (0, 0);
+    for ex in forget {
+        if let Some((_, pairs)) = rows.iter().find(|(q, _)| *q == ex.question) {
+            let mut taken = 0;
+            for p in pairs {
+                if taken == per_row {
+                    break;
+                }
+                if held_out.iter().any(|h| Some(h) == p.answer.as_ref()) {
+                    skipped += 1;
+                    continue;
+                }
+                out.push(p.clone());
+                taken += 1;
+            }
+            matched += 1;
+        }
+    }
+    anyhow::ensure!(
+        matched > 0,
+        "{}: none of its rows is about a forget question",
+        path.display()
+    );
+    Ok((out, skipped))
+}
+
+pub fn main(a: UnlearnArgs) -> Result<()> {
+    let method = Method::parse(&a.method)?;
+    let slots = parse_targets(&a.targets)?;
+    let cfg = a
+        .optim
+        .config(a.epochs, a.lr, a.warmup_ratio, a.weight_decay)?;
+    let threads = a.optim.threads();
+    let path = lethe::hub::resolve_model(&a.model)?;
+    let base = Base::open(
+        &path,
+        LoadOptions {
+            threads: Some(threads),
+            ..LoadOptions::default()
+        },
+    )?;
+    super::super::common::tokenizer_warnings(&base.tok);
+    let (model, tok) = (base.model.clone(), base.tok.clone());
+    model.pool.set_steady(true);
+    lethe::forge::train::trainable(&model)?;
+    let n_layer = model.cfg.n_layer;
+    let ucfg = UnlearnConfig {
+        method,
+        beta: a.beta.unwrap_or(UnlearnConfig::new(method).beta),
+        gamma: a.gamma,
+        retain_weight: a.retain_weight,
+        layer: a.layer,
+        steer: a.steer,
+        seed: a.optim.seed,
+        max_len: a.optim.max_len,
+    };
+    anyhow::ensure!(
+        method != Method::Rmu || a.layer < n_layer,
+        "--layer {} is past the model's depth: it has blocks 0..={}",
+        a.layer,
+        n_layer - 1
+    );
+    anyhow::ensure!(
+        (1..=a.layer + 1).contains(&a.rmu_blocks) || method != Method::Rmu,
+        "--rmu-blocks {} must be in 1..={} (blocks ending at --layer {})",
+        a.rmu_blocks,
+        a.layer + 1,
+        a.layer
+    );
+    let end = end_of_turn(&tok, model.cfg.arch.name())?;
+    let mut forget = read_training_examples(&a.forget).context("the forget set (--forget)")?;
+    let retain = read_training_examples(&a.retain).context("the retain set (--retain)")?;
+    let n_rows = forget.len();
+    let check_forget = match &a.check_forget {
+        Some(p) => read_rows(p)?,
+        None => Vec::new(),
+    };
+    if let Some(p) = &a.forget_paraphrases {
+        let held_out: Vec<String> = check_forget.iter().map(|r| r.answer.clone()).collect();
+        let skipped;
+        (forget, skipped) = with_paraphrases(&forget, p, a.paraphrases_per_row, &held_out)?;
+        if skipped > 0 {
+            println!("{skipped} paraphrased pairs left out: their answers are --check-forget rows");
+        }
+    }
+
+    // The model trained, and the same model frozen (the LoRA at zero) for what the method
+    // needs computed before training.
+    let layers = match method {
+        Method::Rmu => a.layer + 1 - a.rmu_blocks..a.layer + 1,
+        _ => 0..n_layer,
+    };
+    let lora = Lora::new(
+        &model,
+        layers.clone(),
+        &slots,
+        a.rank,
+        a.lora_alpha,
+        a.optim.seed,
+    )?;
+    let mut tm = match method {
+        Method::Rmu => TrainModel::with_layers(&model, lora, a.layer + 1)?.without_head(),
+        _ => TrainModel::new(&model, lora)?,
+    };
+    let data = build(&tm, &tok, end, &forget, &retain, &ucfg).context("the training data")?;
+    println!(
+        "{}: forget {} rows ({} from {}, {} paraphrased), {} answer tokens; retain {} rows, {} \
+         answer tokens, weight {}",
+        method.name(),
+        data.forget.len(),
+        n_rows,
+        a.forget.display(),
+        data.forget.len() - n_rows,
+        data.forget_tokens,
+        data.retain.len(),
+        data.retain_tokens,
+        a.retain_weight
+    );
+    match method {
+        Method::Npo => println!(
+            "NPO: beta {}; the reference's mean log-probability per answer {:.3}",
+            ucfg.beta,
+            data.reference_logprob.unwrap_or(f64::NAN)
+        ),
+        Method::SimNpo => println!("SimNPO: beta {}, gamma {}", ucfg.beta, ucfg.gamma),
+        Method::Rmu => println!(
+            "RMU: block {}'s output steered to c u, c = {} x {:.3} (the frozen forget states' \
+             mean norm) = {:.3}; LoRA on blocks {}..={}",
+            a.layer,
+            a.steer,
+            data.state_norm.unwrap_or(f64::NAN),
+            data.coefficient.unwrap_or(f32::NAN),
+            layers.start,
+            layers.end - 1
+        ),
+        Method::GradDiff => {}
+    }
+    println!("LoRA {}", describe(&tm.lora));
+
+    let mut check = match &a.check_forget {
+        Some(_) => {
+            let unseen = match &a.unseen {
+                Some(p) => read_rows(p)?,
+                None => Vec::new(),
+            };
+            anyhow::ensure!(
+                a.stand_in.is_some() || !unseen.is_empty(),
+                "--check-forget needs a yardstick: --stand-in MODEL or --unseen ROWS"
+            );
+            let side = |name: &str, b: &Base| Side {
+                name: name.into(),
+                forgotten: b.plain(),
+                tok: b.tok.clone(),
+                audit: json!({}),
+            };
+            let stand_in = match &a.stand_in {
+                Some(m) => {
+                    let b = base.open_other(lethe::hub::resolve_model(m)?)?;
+                    Some(Local::new(side("stand-in", &b), CTX)?)
+                }
+                None => None,
+            };
+            Some(Check {
+                forget: check_forget.clone(),
+                retain: read_rows(a.check_retain.as_ref().expect("required by clap"))?,
+                unseen,
+                base: Local::new(side("target", &base), CTX)?,
+                stand_in,
+                max_retain_rise: a.max_retain_rise,
+                yard_mean: 0.0,
+            })
+        }
+        None => None,
+    };
+
+    let out = &a.output;
+    let profile_path = out.with_extension("toml");
+    anyhow::ensure!(
+        profile_path != *out,
+        "-o {}: name the LoRA NAME.gguf",
+        out.display()
+    );
+    let lora_name = format!("{} unlearning LoRA ({})", method.name(), a.forget.display());
+    let checkpoint = |e: usize| out.with_extension(format!("epoch{}.gguf", e + 1));
+    let side = Side {
+        name: a.name.clone().unwrap_or_else(|| method.name().into()),
+        forgotten: base.plain(),
+        tok: tok.clone(),
+        audit: json!({}),
+    };
+    let mut points: Vec<PointResult> = Vec::new();
+    let mut kept: Vec<Lora> = Vec::new();
+    let steps = total_steps(data.forget.iter().filter(|s| s.counted() > 0).count(), &cfg);
+    let report = with_progress(
+        steps,
+        cfg.epochs,
+        &mut |on_step, on_epoch| {
+            train_paired(&mut tm, &data.forget, &data.retain, &cfg, on_step, on_epoch)
+        },
+        &mut |e, tm| {
+            if a.keep_checkpoints || check.is_some() {
+                tm.lora.write(checkpoint(e), &model, &lora_name)?;
+            }
+            if let Some(c) = check.as_mut() {
+                let p = c
+                    .measure(&model, &side, &checkpoint(e))
+                    .map_err(|e| lethe::Error::Invalid(format!("the checkpoint rule: {e:#}")))?;
+                println!(
+                    "epoch {}: held-out match (KS p) {:.4}, mean ln R {:.4}, retain rise {}",
+                    e + 1,
+                    p.matched,
+                    p.mean_log_r,
+                    p.retain_rise.map_or("-".into(), |x| format!("{x:+.4}"))
+                );
+                points.push(p);
+                kept.push(tm.lora.clone());
+                if !a.keep_checkpoints {
+                    let _ = std::fs::remove_file(checkpoint(e));
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let _ = report;
+    let chosen = match &check {
+        Some(c) => {
+            println!("| epoch | match (KS p) | mean ln R | retain rise | allowed |");
+            println!("|---|---:|---:|---:|---|");
+            let k = choose(&points, c.yard_mean);
+            for (i, p) in points.iter().enumerate() {
+                println!(
+                    "| {}{} | {:.4} | {:.4} | {} | {} |",
+                    i + 1,
+                    if k == Some(i) { " (kept)" } else { "" },
+                    p.matched,
+                    p.mean_log_r,
+                    p.retain_rise.map_or("-".into(), |x| format!("{x:+.4}")),
+                    if p.allowed { "yes" } else { "no" }
+                );
+            }
+            println!(
+                "yardstick mean ln R {:.4} ({})",
+                c.yard_mean,
+                if c.stand_in.is_some() {
+                    "the stand-in on the held-out forget rows"
+                } else {
+                    "the unseen rows under the target"
+                }
+            );
+            match k {
+                Some(k) => {
+                    println!("kept: epoch {}", k + 1);
+                    k
+                }
+                None => anyhow::bail!(
+                    "every epoch raises the held-out retain rows' NLL by more than {} nats per \
+                     token: nothing written (a smaller --lr, fewer --epochs or a larger \
+                     --retain-weight)",
+                    a.max_retain_rise
+                ),
+            }
+        }
+        None => cfg.epochs - 1,
+    };
+    if let Some(l) = kept.get(chosen) {
+        tm.lora = l.clone();
+    }
+    tm.lora
+        .write(out, &model, &lora_name)
+        .with_context(|| format!("writing {}", out.display()))?;
+
+    // A file target is written as an absolute path (the profile resolves relative paths
+    // against its own folder); a named model as given.
+    let base_name = if Path::new(&a.model).exists() {
+        std::fs::canonicalize(&a.model)?
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        a.model.clone()
+    };
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let text = format!(
+        "[[profile]]\nname = {}\nbase = {}\ndescription = {}\n\n[[profile.patch]]\nfile = {}\n\
+         scale = 1.0\n",
+        q(&side.name),
+        q(&base_name),
+        q(&format!(
+            "{}: {} with a LoRA trained to forget {} (epoch {} of {})",
+            method.name(),
+            a.model,
+            a.forget.display(),
+            chosen + 1,
+            cfg.epochs
+        )),
+        q(&file_name(out)?)
+    );
+    std::fs::write(&profile_path, &text)
+        .with_context(|| format!("writing {}", profile_path.display()))?;
+    ProfileFile::load(&profile_path).context("the written profile does not parse")?;
+    for p in [out, &profile_path] {
+        let size = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        println!("wrote {} ({:.2} MB)", p.display(), size as f64 / 1e6);
+    }
+    Ok(())
+}
