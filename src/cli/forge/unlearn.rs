@@ -428,12 +428,24 @@ pub fn main(a: UnlearnArgs) -> Result<()> {
                     println!("kept: epoch {}", k + 1);
                     k
                 }
-                None => anyhow::bail!(
-                    "every epoch raises the held-out retain rows' NLL by more than {} nats per \
-                     token: nothing written (a smaller --lr, fewer --epochs or a larger \
-                     --retain-weight)",
-                    a.max_retain_rise
-                ),
+                None => {
+                    // Nothing within the bound: the least damage, said loudly.
+                    let k = (0..points.len())
+                        .min_by(|&i, &j| {
+                            let r = |p: &PointResult| p.retain_rise.unwrap_or(f64::INFINITY);
+                            r(&points[i]).total_cmp(&r(&points[j]))
+                        })
+                        .expect("one point per epoch");
+                    println!(
+                        "kept: epoch {} -- NO epoch raises the held-out retain rows' NLL by at \
+                         most {} nats per token; this is the smallest rise. Retrain with a \
+                         smaller --lr, fewer --epochs or a larger --retain-weight before \
+                         serving it.",
+                        k + 1,
+                        a.max_retain_rise
+                    );
+                    k
+                }
             }
         }
         None => cfg.epochs - 1,
