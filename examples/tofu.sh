@@ -9,20 +9,27 @@
 #                 (with V1=1 only: 21 minutes for a row the README keeps);
 #        uld-k8   8 blocks with ULD's reference balance (a forget answer token weighs 9 retain
 #                 positions), held-out rows picking the checkpoint;
-#        uld-k16  16 blocks, the same recipe, 5 epochs;
+#        uld-k16  16 blocks, the same recipe, 5 epochs (with K16=1 only: 32 minutes for a row
+#                 the README keeps);
 #      each new assistant's alpha and filter chosen by `lethe calibrate`: held-out training-side
 #      rows of forget01 (an augmentation paraphrase against copies of it with one fact changed)
 #      under the profile, against the same rows under the reference (no evaluation data);
-#   4. SLUG      = one dense delta on the one matrix SLUG picks;
+#   4. SLUG      = one dense delta on the one matrix SLUG picks (with SLUG=1 only: 11 minutes
+#                  for a row the README keeps);
 #   5. ablation  = the forget-minus-retain direction removed from the residual stream;
-#   6. `lethe eval` of everything on forget01 (JSON + HTML; the first assistant score-only, its
+#   6. patches trained to forget (`forge unlearn`): graddiff, NPO, SimNPO and RMU, each a LoRA
+#      whose epoch is chosen by the calibration rule on the same held-out rows, each baked
+#      into an F16-patched model as well (`patch bake`, its report saying how much of the delta the
+#      requantisation kept);
+#   7. `lethe eval` of everything on forget01 (JSON + HTML; the first assistant score-only, its
 #      greedy answers being the same under either scoring rule), score-only sweeps of alpha and
 #      filter for the chart, and one report with every side (`lethe report`).
 #
 # Usage: examples/tofu.sh            (from the repository root; builds lethe if needed)
 # Environment: THREADS (2), WORK (~/.cache/lethe/tofu), TOFU_DATA (data/tofu), LETHE (the
 # binary), EPOCHS (5), MAX_TOKENS (200), LIMIT (score only the first N items of each set),
-# V1 (1: also train and re-score the first assistant).
+# V1 (1: also train and re-score the first assistant), K16 (1: also the 16-block assistant),
+# SLUG (1: also SLUG).
 # Every trained or baked artifact lives in $WORK/cache/<stage>-<key>, the key a sha256 of the
 # stage's command line and of every input file (model, data), so a rerun reuses what it made.
 set -euo pipefail
@@ -35,6 +42,10 @@ EPOCHS=${EPOCHS:-5}
 MAX_TOKENS=${MAX_TOKENS:-200}
 LIMIT=${LIMIT:-}
 V1=${V1:-}
+K16=${K16:-}
+WITH_SLUG=${SLUG:-}
+ULD_SIDES=(uld-k8)
+[[ -n $K16 ]] && ULD_SIDES+=(uld-k16)
 if [[ -z "${LETHE:-}" ]]; then
   cargo build --release --quiet
   LETHE=target/release/lethe
@@ -131,6 +142,7 @@ write("target.json", full[0:400] + forget)
 write("reference.json", full[0:400])
 write("forget01.json", forget)
 write("uld_retain.json", full[300:400])
+write("unlearn_retain.json", full[300:380])
 write("forget01_wrong_answers.json", wrong01)
 # Calibration rows, never trained on and never TOFU's evaluation answers, built the way TOFU
 # builds its perturbed answers (one paraphrase, copies of it with a fact changed): the word
@@ -232,15 +244,49 @@ ULD_K8=$(cached uld-k8 "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${A
   "${K8_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
 # Twice the depth: the first 16 blocks, the same recipe for 5 epochs.
 K16_ARGS=(--preset reference --layers 16 --epochs 5 --hold-out-retain 20 --batch 4 --seed 0)
-ULD_K16=$(cached uld-k16 "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
-  "${K16_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
+if [[ -n $K16 ]]; then
+  ULD_K16=$(cached uld-k16 "${AUG_FILES[@]}" -- "$LETHE" forge uld -m "$TARGET" "${AUG[@]}" \
+    "${K16_ARGS[@]}" -t "$THREADS" -o "{}/assistant.gguf")
+fi
 
-SLUG=$(cached slug "$TARGET" "$D/forget01.json" "$D/uld_retain.json" -- "$LETHE" forge slug \
-  -m "$TARGET" --forget "$D/forget01.json" --retain "$D/uld_retain.json" --max 20 \
-  --candidates 3 --steps 8 -t "$THREADS" -o "{}/slug.gguf")
+if [[ -n $WITH_SLUG ]]; then
+  SLUG=$(cached slug "$TARGET" "$D/forget01.json" "$D/uld_retain.json" -- "$LETHE" forge slug \
+    -m "$TARGET" --forget "$D/forget01.json" --retain "$D/uld_retain.json" --max 20 \
+    --candidates 3 --steps 8 -t "$THREADS" -o "{}/slug.gguf")
+fi
 ABL=$(cached ablate "$TARGET" "$D/forget01.json" "$D/uld_retain.json" -- "$LETHE" forge ablate \
   -m "$TARGET" --forget "$D/forget01.json" --retain "$D/uld_retain.json" --layer 20 \
   --field answer -t "$THREADS" -o "{}/ablate.gguf")
+
+# Patches trained to forget, each at its paper's loss settings (NPO beta 0.1; SimNPO beta 4.5,
+# gamma 0; graddiff, NPO and SimNPO with retain weight 1; RMU at block 7 with c = 5 x the
+# frozen states' norm and WMDP's retain weight 1200, its LoRA on blocks 5-7) and one recipe:
+# LoRA rank 16 on every matrix, 3 epochs (RMU: 6) of batches of 4 forget and 4 retain rows;
+# the forget side is forget01 plus 2 augmentation paraphrases per row (none whose answer is a
+# calibration row), the retain side rows 300-379. The epoch kept is the calibration rule's choice on the
+# rows `lethe calibrate` reads for ULD (the reference as the stand-in; retain rows 380-399
+# held out). The learning rates (and RMU's epochs) are the rule's choice among the runs the
+# README lists.
+UL_METHODS=(graddiff npo simnpo rmu)
+declare -A UL_LR=([graddiff]=1e-4 [npo]=1e-4 [simnpo]=3e-4 [rmu]=5e-4)
+UL_FILES=("$TARGET" "$REFERENCE" "$D/forget01.json" "$DATA/augment/forget01_paraphrases.json"
+  "$D/unlearn_retain.json" "$D/cal_forget.json" "$D/cal_retain.json")
+UL_ARGS=(--forget "$D/forget01.json" --forget-paraphrases "$DATA/augment/forget01_paraphrases.json"
+  --paraphrases-per-row 2 --retain "$D/unlearn_retain.json" --check-forget "$D/cal_forget.json"
+  --check-retain "$D/cal_retain.json" --stand-in "$REFERENCE" --batch 4 --seed 0)
+declare -A UL
+for m in "${UL_METHODS[@]}"; do
+  extra=(--lr "${UL_LR[$m]}" --epochs 3)
+  [[ $m == rmu ]] && extra=(--lr "${UL_LR[$m]}" --epochs 6 --retain-weight 1200)
+  UL[$m]=$(cached "unlearn-$m" "${UL_FILES[@]}" -- "$LETHE" forge unlearn --method "$m" \
+    -m "$TARGET" "${UL_ARGS[@]}" "${extra[@]}" -t "$THREADS" -o "{}/$m.gguf")
+  # Baked into the target (a model llama.cpp runs), the changed matrices in F16: an unlearning
+  # delta is about 0.2% of a weight, below the Q8_0 step, and a Q8_0 bake drops most of it (its
+  # report says so). The report goes to bake.txt.
+  cached "bake-$m" "$TARGET" "${UL[$m]}/$m.gguf" -- bash -c "\"$LETHE\" patch bake -m \
+    \"$TARGET\" --patch \"${UL[$m]}/$m.gguf\" --type f16 -t $THREADS -o {}/$m.baked.gguf \
+    | tee {}/bake.txt" >/dev/null
+done
 
 # uld_profile NAME DIR ALPHA FILTER: one ULD profile of the target.
 uld_profile() {
@@ -266,7 +312,7 @@ SWEEP=(--sweep alpha=0.1,0.2,0.3,0.4,0.5,0.75,1,1.5 --sweep filter=0.01,0.1)
 PROFILE=$WORK/tofu.toml
 {
   uld_profile uld-k8 "$ULD_K8" 0.75 0.01
-  uld_profile uld-k16 "$ULD_K16" 0.75 0.01
+  [[ -n $K16 ]] && uld_profile uld-k16 "$ULD_K16" 0.75 0.01
 } >"$PROFILE"
 # The rule (lethe calibrate): the point whose truth ratios on the held-out forget rows match the
 # reference's on the same rows best (KS p), among the points that raise the held-out retain rows'
@@ -280,7 +326,7 @@ c = json.load(open(sys.argv[1]))["chosen_settings"]
 t = c["terms"][0]
 print("%g %g" % (-t["weight"], t["filter"]))' "$1"
 }
-for p in uld-k8 uld-k16; do
+for p in "${ULD_SIDES[@]}"; do
   dir=$(cached "calibrate-$p" "$PROFILE" "${CAL_FILES[@]}" -- "$LETHE" calibrate \
     --profile "$PROFILE" --use "$p" "${SWEEP[@]}" --forget "$D/cal_forget.json" \
     --stand-in "$REFERENCE" --retain "$D/cal_retain.json" -t "$THREADS" \
@@ -301,16 +347,17 @@ done
   [[ -n $V1 ]] && uld_profile uld-v1 "$ULD_V1" 0.75 0.01
   read -r a f <<<"${CHOSEN[uld-k8]}"
   uld_profile uld-k8 "$ULD_K8" "$a" "$f"
-  read -r a f <<<"${CHOSEN[uld-k16]}"
-  uld_profile uld-k16 "$ULD_K16" "$a" "$f"
+  if [[ -n $K16 ]]; then
+    read -r a f <<<"${CHOSEN[uld-k16]}"
+    uld_profile uld-k16 "$ULD_K16" "$a" "$f"
+  fi
+  for m in "${UL_METHODS[@]}"; do
+    printf '[[profile]]\nname = "%s"\nbase = "%s"\n\n[[profile.patch]]\nfile = "%s"\n\n' \
+      "$m" "$TARGET" "${UL[$m]}/$m.gguf"
+  done
+  [[ -n $WITH_SLUG ]] && printf '[[profile]]\nname = "slug"\nbase = "%s"\n\n[[profile.patch]]\nfile = "%s"\n\n' \
+    "$TARGET" "$SLUG/slug.gguf"
   cat <<EOF
-[[profile]]
-name = "slug"
-base = "$TARGET"
-
-[[profile.patch]]
-file = "$SLUG/slug.gguf"
-
 [[profile]]
 name = "ablated"
 base = "$TARGET"
@@ -335,13 +382,15 @@ if [[ -n $V1 ]]; then
 fi
 # Each new assistant: one pass scores every sweep point (for the chart) and answers greedily at
 # the calibrated one (its full evaluation).
-for p in uld-k8 uld-k16; do
+for p in "${ULD_SIDES[@]}"; do
   read -r a f <<<"${CHOSEN[$p]}"
   log "eval: $p, a sweep with greedy answers at the calibrated point (alpha $a, filter $f)"
   stage "eval $p" "$LETHE" eval --profile "$PROFILE" --use "$p" --no-base "${SWEEP[@]}" \
     --answer-at "alpha=$a,filter=$f" "${EVAL[@]}" --json "$E/sweep-$p.json" --html "$E/$p.html"
 done
-for p in slug ablated; do
+SLUG_SIDE=()
+[[ -n $WITH_SLUG ]] && SLUG_SIDE=(slug)
+for p in "${SLUG_SIDE[@]}" ablated "${UL_METHODS[@]}"; do
   log "eval: $p"
   stage "eval $p" "$LETHE" eval --profile "$PROFILE" --use "$p" --no-base "${EVAL[@]}" \
     --json "$E/$p.json" --html "$E/$p.html"
@@ -353,14 +402,20 @@ stage "eval reference" "$LETHE" eval -m "$REFERENCE" "${EVAL[@]}" \
 log "report"
 V1_JSON=()
 [[ -n $V1 ]] && V1_JSON=("$E/uld-v1.json")
-"$LETHE" report "$E/target.json" "${V1_JSON[@]}" "$E/sweep-uld-k8.json" \
-  "$E/sweep-uld-k16.json" "$E/slug.json" "$E/ablated.json" "$E/reference.json" \
-  --html "$E/story.html" --json "$E/story.json"
+SWEEPS=()
+for p in "${ULD_SIDES[@]}"; do SWEEPS+=("$E/sweep-$p.json"); done
+UL_JSON=()
+for m in "${UL_METHODS[@]}"; do UL_JSON+=("$E/$m.json"); done
+SLUG_JSON=()
+[[ -n $WITH_SLUG ]] && SLUG_JSON=("$E/slug.json")
+"$LETHE" report "$E/target.json" "${V1_JSON[@]}" "${SWEEPS[@]}" "${SLUG_JSON[@]}" \
+  "$E/ablated.json" "${UL_JSON[@]}" "$E/reference.json" --html "$E/story.html" \
+  --json "$E/story.json"
 
 log "summary"
-python3 - "$E" "$TIMES" "$V1" "$RUN_STAGES" <<'EOF2'
+python3 - "$E" "$TIMES" "$V1" "$RUN_STAGES" "$K16" "$WITH_SLUG" <<'EOF2'
 import json, sys
-e, times, v1, run = sys.argv[1:5]
+e, times, v1, run, k16, slug = sys.argv[1:7]
 def side(path, i):
     return json.load(open(f"{e}/{path}"))["sides"][i]
 def best(path):
@@ -376,11 +431,17 @@ def answered(path):
     # The sweep's point answered greedily: the calibrated one.
     return next(x for x in json.load(open(f"{e}/{path}"))["sides"]
                 if x.get("model_utility") is not None)
-rows += [("ULD K=8", answered("sweep-uld-k8.json")), ("ULD K=16", answered("sweep-uld-k16.json")),
-        ("ULD K=8, sweep's best (reads the evaluation; score-only)", best("sweep-uld-k8.json")),
-        ("ULD K=16, sweep's best (reads the evaluation; score-only)", best("sweep-uld-k16.json")),
-        ("SLUG", side("slug.json", 0)),
-        ("ablation", side("ablated.json", 0))]
+rows += [("ULD K=8", answered("sweep-uld-k8.json"))]
+if k16:
+    rows += [("ULD K=16", answered("sweep-uld-k16.json"))]
+rows += [("ULD K=8, sweep's best (reads the evaluation; score-only)", best("sweep-uld-k8.json"))]
+if k16:
+    rows += [("ULD K=16, sweep's best (reads the evaluation; score-only)",
+              best("sweep-uld-k16.json"))]
+if slug:
+    rows += [("SLUG", side("slug.json", 0))]
+rows += [("ablation", side("ablated.json", 0))]
+rows += [(f"{m} (LoRA patch)", side(f"{m}.json", 0)) for m in ("graddiff", "npo", "simnpo", "rmu")]
 def s(d, kind, key):
     for x in d["sets"]:
         if x["kind"] == kind:
@@ -420,4 +481,4 @@ for name in dict.fromkeys(l.strip() for l in open(run) if l.strip()):
     total += secs or 0.0
 print(f"| all | {total:.0f} |")
 EOF2
-echo "reports: $E/story.html (every side, the forget-quality charts), $E/target.html, $E/uld-k8.html, $E/uld-k16.html, $E/slug.html, $E/ablated.html, $E/reference.html"
+echo "reports: $E/story.html (every side, the forget-quality charts), $E/target.html, $E/uld-k8.html, $E/ablated.html, $E/{graddiff,npo,simnpo,rmu}.html, $E/reference.html"
