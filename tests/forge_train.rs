@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::forge::{lethe, mean_nll};
 use common::tiny::{tiny, N_LAYER, VOCAB};
 use common::{fixture, model_path, TempDir};
 use lethe::forge::train::data::{
@@ -19,10 +20,9 @@ use lethe::forge::train::{
 };
 use lethe::model::{Model, Precision, Proj};
 use lethe::patch::PatchSet;
-use lethe::qa::{answer_nll, n_ctx_for, read_examples, Example};
+use lethe::qa::{read_examples, Example};
 use lethe::tokenizer::Tokenizer;
 use lethe_kernels::quant::GgmlType;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -478,20 +478,6 @@ fn chat_sequences_label_the_answer_and_the_end_of_turn() {
 // ---------------------------------------------------------------------------------------------
 // The commands on SmolLM2
 
-fn lethe(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_lethe"))
-        .args(args)
-        .output()
-        .unwrap();
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "lethe {args:?} failed:\n{so}\n{se}");
-    eprintln!("{so}");
-    so.into_owned()
-}
-
 /// The first `n` rows of a fixture, as a JSON file in `dir`.
 fn head(dir: &TempDir, rel: &str, n: usize) -> String {
     let v: Vec<serde_json::Value> =
@@ -500,32 +486,6 @@ fn head(dir: &TempDir, rel: &str, n: usize) -> String {
     dir.file(&name, &serde_json::to_string(&v[..n]).unwrap())
         .to_string_lossy()
         .into_owned()
-}
-
-/// Mean over `items` of the mean NLL per answer token, with `model` and an optional LoRA.
-fn mean_nll(model: &Model, lora: Option<&Path>, items: &[Example]) -> f64 {
-    let tok = Tokenizer::from_gguf(&model.file).unwrap();
-    let n_ctx = n_ctx_for(&tok, model.cfg.arch.name(), items).unwrap();
-    let mut st = model.new_state(n_ctx);
-    if let Some(l) = lora {
-        let p = lethe::patch::load(l, model).unwrap();
-        let ps = PatchSet::new(model, &[(Arc::new(p), 1.0)]).unwrap();
-        model.attach_patches(&mut st, Some(Arc::new(ps))).unwrap();
-    }
-    let sum: f64 = items
-        .iter()
-        .map(|e| {
-            answer_nll(
-                model,
-                &tok,
-                &mut st,
-                &e.question,
-                e.answer.as_deref().unwrap(),
-            )
-            .unwrap()
-        })
-        .sum();
-    sum / items.len() as f64
 }
 
 /// The per-epoch mean losses `forge` prints.

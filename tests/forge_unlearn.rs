@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::forge::{lethe, lethe_out, mean_nll};
 use common::tiny::{tiny, N_LAYER, VOCAB};
 use common::{fixture, python_dump, TempDir};
 use lethe::forge::train::loss::answer_logprob;
@@ -16,12 +17,8 @@ use lethe::forge::train::{
 use lethe::forge::unlearn::{random_unit, Method};
 use lethe::model::{Model, Proj};
 use lethe::patch::bake::{bake, BakeType};
-use lethe::patch::PatchSet;
-use lethe::qa::{answer_nll, n_ctx_for, read_examples, Example};
-use lethe::tokenizer::Tokenizer;
+use lethe::qa::read_examples;
 use lethe_kernels::quant::GgmlType;
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------------------
@@ -241,50 +238,6 @@ fn rmu_steers_the_forget_states_on_the_tiny_model() {
 
 // ---------------------------------------------------------------------------------------------
 // The command
-
-fn lethe_out(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lethe"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn lethe(args: &[&str]) -> String {
-    let out = lethe_out(args);
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "lethe {args:?} failed:\n{so}\n{se}");
-    eprintln!("{so}");
-    so.into_owned()
-}
-
-/// Mean over `items` of the mean NLL per answer token, with `model` and an optional LoRA.
-fn mean_nll(model: &Model, lora: Option<&Path>, items: &[Example]) -> f64 {
-    let tok = Tokenizer::from_gguf(&model.file).unwrap();
-    let n_ctx = n_ctx_for(&tok, model.cfg.arch.name(), items).unwrap();
-    let mut st = model.new_state(n_ctx);
-    if let Some(l) = lora {
-        let p = lethe::patch::load(l, model).unwrap();
-        let ps = PatchSet::new(model, &[(Arc::new(p), 1.0)]).unwrap();
-        model.attach_patches(&mut st, Some(Arc::new(ps))).unwrap();
-    }
-    let sum: f64 = items
-        .iter()
-        .map(|e| {
-            answer_nll(
-                model,
-                &tok,
-                &mut st,
-                &e.question,
-                e.answer.as_deref().unwrap(),
-            )
-            .unwrap()
-        })
-        .sum();
-    sum / items.len() as f64
-}
 
 /// Made-up rows: about the keepers of towers `k..k + 4` (`doors`: the colours of the doors
 /// of houses `k..k + 4`), with a wrong answer each (the rule's rows).

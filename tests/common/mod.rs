@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod forge;
 pub mod python;
 pub mod serve;
 pub mod tiny;

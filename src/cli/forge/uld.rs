@@ -189,12 +189,22 @@ fn per_row(flag: &str, v: &Option<String>, default: Option<usize>) -> Result<Opt
     }
 }
 
+/// The target as a profile names it: a file as an absolute path (the profile resolves relative
+/// paths against its own folder), a named model as given.
+pub(super) fn profile_base(model: &str) -> Result<String> {
+    Ok(if Path::new(model).exists() {
+        std::fs::canonicalize(model)?.to_string_lossy().into_owned()
+    } else {
+        model.to_string()
+    })
+}
+
 /// A TOML string literal.
-fn quote(s: &str) -> String {
+pub(super) fn quote(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-fn file_name(p: &Path) -> Result<String> {
+pub(super) fn file_name(p: &Path) -> Result<String> {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| anyhow::anyhow!("{} has no file name", p.display()))
@@ -427,15 +437,7 @@ pub fn main(a: UldArgs) -> Result<()> {
         .write(&lora_path, &assistant, &lora_name)
         .with_context(|| format!("writing {}", lora_path.display()))?;
 
-    // A file target is written as an absolute path (the profile resolves relative paths
-    // against its own folder); a named model as given.
-    let base = if Path::new(&a.model).exists() {
-        std::fs::canonicalize(&a.model)?
-            .to_string_lossy()
-            .into_owned()
-    } else {
-        a.model.clone()
-    };
+    let base = profile_base(&a.model)?;
     let text = profile_text(
         &a.name,
         &base,

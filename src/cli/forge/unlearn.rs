@@ -4,6 +4,7 @@
 //! Writes the LoRA in llama.cpp's layout and a profile that applies it to the target.
 
 use super::finetune::{parse_targets, with_progress, OptimArgs};
+use super::uld::{file_name, profile_base, quote};
 use anyhow::{Context, Result};
 use clap::Args;
 use lethe::eval::calibrate::{calibrate, choose, read_rows, CalRow, PointResult, Yardstick};
@@ -154,12 +155,6 @@ impl Check {
         self.yard_mean = c.yardstick_mean_log_r;
         Ok(c.points.into_iter().next().expect("one point"))
     }
-}
-
-fn file_name(p: &Path) -> Result<String> {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| anyhow::anyhow!("{} has no file name", p.display()))
 }
 
 /// The forget rows plus up to `per_row` paraphrased pairs of each (the augmentation rows whose
@@ -367,7 +362,7 @@ pub fn main(a: UnlearnArgs) -> Result<()> {
     let mut points: Vec<PointResult> = Vec::new();
     let mut kept: Vec<Lora> = Vec::new();
     let steps = total_steps(data.forget.iter().filter(|s| s.counted() > 0).count(), &cfg);
-    let report = with_progress(
+    with_progress(
         steps,
         cfg.epochs,
         &mut |on_step, on_epoch| {
@@ -397,7 +392,6 @@ pub fn main(a: UnlearnArgs) -> Result<()> {
             Ok(())
         },
     )?;
-    let _ = report;
     let chosen = match &check {
         Some(c) => {
             println!("| epoch | match (KS p) | mean ln R | retain rise | allowed |");
@@ -457,22 +451,13 @@ pub fn main(a: UnlearnArgs) -> Result<()> {
         .write(out, &model, &lora_name)
         .with_context(|| format!("writing {}", out.display()))?;
 
-    // A file target is written as an absolute path (the profile resolves relative paths
-    // against its own folder); a named model as given.
-    let base_name = if Path::new(&a.model).exists() {
-        std::fs::canonicalize(&a.model)?
-            .to_string_lossy()
-            .into_owned()
-    } else {
-        a.model.clone()
-    };
-    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let base_name = profile_base(&a.model)?;
     let text = format!(
         "[[profile]]\nname = {}\nbase = {}\ndescription = {}\n\n[[profile.patch]]\nfile = {}\n\
          scale = 1.0\n",
-        q(&side.name),
-        q(&base_name),
-        q(&format!(
+        quote(&side.name),
+        quote(&base_name),
+        quote(&format!(
             "{}: {} with a LoRA trained to forget {} (epoch {} of {})",
             method.name(),
             a.model,
@@ -480,7 +465,7 @@ pub fn main(a: UnlearnArgs) -> Result<()> {
             chosen + 1,
             cfg.epochs
         )),
-        q(&file_name(out)?)
+        quote(&file_name(out)?)
     );
     std::fs::write(&profile_path, &text)
         .with_context(|| format!("writing {}", profile_path.display()))?;

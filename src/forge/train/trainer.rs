@@ -340,28 +340,7 @@ pub fn train_with_epochs(
     progress: &mut dyn FnMut(&Progress),
     epoch_end: &mut dyn FnMut(usize, &TrainModel) -> Result<()>,
 ) -> Result<TrainReport> {
-    check_run(cfg)?;
-    check_data(data)?;
-    let used = used(data);
-    if used.is_empty() {
-        return Err(Error::Invalid(
-            "no training sequence has a position to train on".into(),
-        ));
-    }
-    let steps = total_steps(used.len(), cfg);
-    let mut opt = AdamW::new(&tm.lora, cfg.adamw, schedule(cfg, steps))?;
-    let mut run = Run::new(steps);
-    for epoch in 0..cfg.epochs {
-        let mut order = used.clone();
-        shuffle(&mut order, cfg.seed, epoch as u64);
-        for batch in order.chunks(cfg.batch) {
-            let seqs: Vec<&Sequence> = batch.iter().map(|&i| &data[i]).collect();
-            let stats = batch_step(tm, &mut opt, &seqs, epoch, cfg)?;
-            run.record(stats, progress);
-        }
-        epoch_end(epoch, tm)?;
-    }
-    Ok(run.report)
+    epochs(tm, data, &[], cfg, "training", progress, epoch_end)
 }
 
 /// Unlearning's loop: each step takes `batch` forget sequences and as many retain sequences
@@ -379,14 +358,28 @@ pub fn train_paired(
     progress: &mut dyn FnMut(&Progress),
     epoch_end: &mut dyn FnMut(usize, &TrainModel) -> Result<()>,
 ) -> Result<TrainReport> {
+    epochs(tm, forget, retain, cfg, "forget", progress, epoch_end)
+}
+
+/// The loop of [`train_paired`] (with no retain sequences: [`train_with_epochs`]); `what`
+/// names the first side in the error when none of it counts a position.
+fn epochs(
+    tm: &mut TrainModel,
+    forget: &[Sequence],
+    retain: &[Sequence],
+    cfg: &TrainConfig,
+    what: &str,
+    progress: &mut dyn FnMut(&Progress),
+    epoch_end: &mut dyn FnMut(usize, &TrainModel) -> Result<()>,
+) -> Result<TrainReport> {
     check_run(cfg)?;
     check_data(forget)?;
     check_data(retain)?;
     let (f_used, r_used) = (used(forget), used(retain));
     if f_used.is_empty() {
-        return Err(Error::Invalid(
-            "no forget sequence has a position to train on".into(),
-        ));
+        return Err(Error::Invalid(format!(
+            "no {what} sequence has a position to train on"
+        )));
     }
     let steps = total_steps(f_used.len(), cfg);
     let mut opt = AdamW::new(&tm.lora, cfg.adamw, schedule(cfg, steps))?;
