@@ -834,3 +834,90 @@ fn disconnect_frees_the_slot() {
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["tokens_predicted"], 4);
 }
+
+/// `logit_bias` in llama-server's forms changes what is sampled: the greedy continuation's
+/// first token banned by id (an array of pairs), by an id as an object key (OpenAI's form)
+/// and by its text; a positive bias makes a chosen token the greedy pick; the settings are
+/// echoed in `generation_settings.logit_bias`, `ignore_eos` bans the end-of-generation tokens
+/// there (the null bias is llama-server's -inf), and malformed entries are 400s naming them.
+#[test]
+fn logit_bias_is_applied() {
+    let model = common::model_path("smollm2");
+    let s = Server::start(&["-m", model.to_str().unwrap()]);
+    let ask = |bias: Value| {
+        let (st, r) = s.post(
+            "/completion",
+            &json!({"prompt": "The capital of France is", "n_predict": 3, "temperature": 0,
+                    "logit_bias": bias, "n_probs": 1}),
+        );
+        assert_eq!(st, 200, "{r}");
+        r
+    };
+    let plain = ask(Value::Null);
+    let first = plain["completion_probabilities"][0]["id"].as_u64().unwrap();
+    let text = plain["completion_probabilities"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(plain["generation_settings"]["logit_bias"], json!([]));
+    for bias in [
+        json!([[first, -100]]),
+        json!([[first, false]]),
+        json!({ first.to_string(): -100 }),
+        json!([[text.clone(), false]]),
+        json!({ text.clone(): false }),
+    ] {
+        let r = ask(bias.clone());
+        let got = r["completion_probabilities"][0]["id"].as_u64().unwrap();
+        assert_ne!(got, first, "{bias}: {r}");
+        assert_ne!(r["content"], plain["content"], "{bias}");
+    }
+    let r = ask(json!([[first, -100]]));
+    assert_eq!(
+        r["generation_settings"]["logit_bias"],
+        json!([{"bias": -100.0, "token": first}])
+    );
+    assert_eq!(
+        ask(json!([[first, false]]))["generation_settings"]["logit_bias"][0]["bias"],
+        Value::Null
+    );
+    // A token far down the list, pushed up to be the pick.
+    let (_, t) = s.post("/tokenize", &json!({"content": " zebra"}));
+    let zebra = t["tokens"][0].as_u64().unwrap();
+    let r = ask(json!({ zebra.to_string(): 100 }));
+    assert_eq!(r["completion_probabilities"][0]["id"], zebra, "{r}");
+
+    // ignore_eos: every end-of-generation token banned, as llama-server lists them.
+    let (st, r) = s.post(
+        "/completion",
+        &json!({"prompt": "Hi", "n_predict": 2, "temperature": 0, "ignore_eos": true}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let lb = r["generation_settings"]["logit_bias"].as_array().unwrap();
+    assert!(!lb.is_empty(), "{r}");
+    assert!(lb.iter().all(|e| e["bias"].is_null()), "{r}");
+
+    // Malformed: a 400 that names the problem; the server goes on.
+    for (bias, says) in [
+        (json!([[49152, -1]]), "not in the vocabulary"),
+        (json!({"-3": -1}), "not in the vocabulary"),
+        (json!([[1, true]]), "number or false"),
+        (json!([[1, "x"]]), "number or false"),
+        (json!([1, 2]), "pairs"),
+        (json!("x"), "pairs"),
+        (json!([[1.5, 1]]), "integer token ids"),
+    ] {
+        let (st, r) = s.post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                    "logit_bias": bias}),
+        );
+        assert_eq!(st, 400, "{bias}: {r}");
+        let msg = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("logit_bias") && msg.contains(says),
+            "{bias}: {msg}"
+        );
+    }
+    assert_eq!(s.get("/health").0, 200);
+}

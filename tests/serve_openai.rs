@@ -262,7 +262,7 @@ fn openai_sdk_against_base_and_profile() {
     let report = run_client(&root, &["base", "forget"]);
     drop(s);
     let rows = report["results"].as_array().expect("results");
-    assert_eq!(rows.len(), 16, "{report}");
+    assert_eq!(rows.len(), 17, "{report}");
     let failed: Vec<String> = rows
         .iter()
         .filter(|r| r.get("error").is_some())
@@ -281,6 +281,13 @@ fn openai_sdk_against_base_and_profile() {
     );
 
     let v1 = format!("{root}/v1");
+    // logit_bias through the SDK (an object of token ids as strings): the banned first word
+    // is gone from the answer's start.
+    let lb = &row(rows, &v1, "base", "logit_bias", false)["result"];
+    let (word, after) = (lb["word"].as_str().unwrap(), lb["after"].as_str().unwrap());
+    assert!(!lb["ids"].as_array().unwrap().is_empty(), "{lb}");
+    assert_ne!(lb["before"], lb["after"], "{lb}");
+    assert_ne!(after.split_whitespace().next(), Some(word), "{lb}");
     let (base_chat, base_text) = check_model(rows, &v1, "base");
     let (forget_chat, forget_text) = check_model(rows, &v1, "forget");
     assert_ne!(

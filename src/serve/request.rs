@@ -4,6 +4,7 @@
 use super::error::{ApiError, ApiResult};
 use super::AppState;
 use crate::generate::{GenerateParams, SamplerParams};
+use crate::tokenizer::Tokenizer;
 use serde_json::{Map, Value};
 
 /// A parsed JSON object body.
@@ -152,14 +153,92 @@ impl Body {
                 .f32("frequency_penalty")?
                 .unwrap_or(d.frequency_penalty),
             seed: if seed < 0 { random_seed() } else { seed as u64 },
-            logit_bias: Vec::new(),
+            logit_bias: self.logit_bias(&state.tok)?,
         };
-        Ok(GenerateParams {
+        let ignore_eos = self.bool("ignore_eos")?.unwrap_or(false);
+        let mut params = GenerateParams {
             n_predict,
             sampler,
             stop: self.stop()?,
-            ignore_eos: self.bool("ignore_eos")?.unwrap_or(false),
-        })
+            ignore_eos,
+        };
+        if ignore_eos {
+            // As llama-server: the end-of-generation tokens are banned, so they are never
+            // sampled (and `generation_settings.logit_bias` lists them).
+            for id in state.tok.eog_tokens() {
+                params.sampler.logit_bias.push((id, f32::NEG_INFINITY));
+            }
+        }
+        Ok(params)
+    }
+
+    /// `logit_bias`, in llama-server's forms: an array of `[token, bias]` pairs or an object
+    /// `{token: bias}` (OpenAI's), where a token is an id (a number, or an object key that is
+    /// one) or a text whose every token gets the bias (tokenized without special tokens), and
+    /// a bias is a number or `false` (the token banned). Unlike llama-server, an id outside the
+    /// vocabulary or a malformed entry is a 400 naming it, not skipped.
+    pub fn logit_bias(&self, tok: &Tokenizer) -> ApiResult<Vec<(u32, f32)>> {
+        const WHAT: &str = "an array of [token, bias] pairs or an object {token: bias}";
+        let n_vocab = tok.n_vocab();
+        let bias_of = |v: &Value, key: &str| -> ApiResult<f32> {
+            match v {
+                Value::Bool(false) => Ok(f32::NEG_INFINITY),
+                Value::Number(n) => match n.as_f64() {
+                    Some(x) if x.is_finite() => Ok(x as f32),
+                    _ => Err(bad("logit_bias", "finite numbers")),
+                },
+                _ => Err(ApiError::InvalidRequest(format!(
+                    "'logit_bias': the bias of {key} must be a number or false, not {v}"
+                ))),
+            }
+        };
+        let id = |x: i64| -> ApiResult<u32> {
+            if (0..n_vocab as i64).contains(&x) {
+                Ok(x as u32)
+            } else {
+                Err(ApiError::InvalidRequest(format!(
+                    "'logit_bias': token {x} is not in the vocabulary (ids 0..{n_vocab})"
+                )))
+            }
+        };
+        let mut out = Vec::new();
+        let mut add = |key: &Value, bias: f32| -> ApiResult<()> {
+            match key {
+                Value::Number(n) => match n.as_i64() {
+                    Some(x) => out.push((id(x)?, bias)),
+                    None => return Err(bad("logit_bias", "keyed by integer token ids or texts")),
+                },
+                Value::String(text) => {
+                    for t in tok.encode(text, false, false) {
+                        out.push((t, bias));
+                    }
+                }
+                _ => return Err(bad("logit_bias", WHAT)),
+            }
+            Ok(())
+        };
+        match self.get("logit_bias") {
+            None => {}
+            Some(Value::Array(pairs)) => {
+                for pair in pairs {
+                    match pair.as_array().map(Vec::as_slice) {
+                        Some([key, bias]) => add(key, bias_of(bias, &key.to_string())?)?,
+                        _ => return Err(bad("logit_bias", WHAT)),
+                    }
+                }
+            }
+            Some(Value::Object(map)) => {
+                for (key, bias) in map {
+                    let bias = bias_of(bias, &format!("{key:?}"))?;
+                    match key.parse::<i64>() {
+                        Ok(x) => add(&Value::from(x), bias)?,
+                        Err(_) => add(&Value::String(key.clone()), bias)?,
+                    }
+                }
+            }
+            Some(_) => return Err(bad("logit_bias", WHAT)),
+        }
+        Ok(out)
     }
 }
 

@@ -100,6 +100,11 @@ fn generation_settings(
         "seed": s.seed,
         "stop": p.stop,
         "ignore_eos": p.ignore_eos,
+        "logit_bias": s
+            .logit_bias
+            .iter()
+            .map(|&(token, bias)| json!({ "bias": bias, "token": token }))
+            .collect::<Vec<_>>(),
         "stream": false,
     })
 }
