@@ -191,6 +191,7 @@ fn tiny_config(seed: u64, epochs: usize) -> TrainConfig {
         adamw: AdamWConfig::default(),
         balance: Balance::Group,
         pack: true,
+        checks: 1,
     }
 }
 

@@ -66,6 +66,7 @@ fn config(epochs: usize, lr: f32) -> TrainConfig {
         adamw: AdamWConfig::default(),
         balance: Balance::Group,
         pack: true,
+        checks: 1,
     }
 }
 
@@ -331,7 +332,8 @@ fn memorised(dir: &TempDir) -> String {
 /// accepts it); the LoRA, loaded by the engine as a patch, raises the forget answers' NLL per
 /// token by more than half a nat, while the retain answers' NLL stays within 0.5 nats of the
 /// target's (eight training rows on a random 3-block model: a loose bound). With the rule's
-/// rows (RMU's run) every epoch is measured and the kept one is named.
+/// rows (RMU's run, two checkpoints an epoch) every checkpoint is measured and the kept one is
+/// named.
 #[test]
 fn forge_unlearn_on_a_memorised_tiny_qwen2() {
     let dir = TempDir::new("forge-unlearn-tiny");
@@ -369,6 +371,8 @@ fn forge_unlearn_on_a_memorised_tiny_qwen2() {
                 original.to_str().unwrap(),
                 "--max-retain-rise",
                 "10",
+                "--checks-per-epoch",
+                "2",
             ],
         ),
     ] {
@@ -415,12 +419,16 @@ fn forge_unlearn_on_a_memorised_tiny_qwen2() {
         }
         if method == "rmu" {
             assert!(stdout.contains("LoRA on blocks 0..=1"), "{stdout}");
+            // Two checkpoints an epoch of two steps: after each step.
             for e in 1..=6 {
                 assert!(
                     stdout.contains(&format!("epoch {e}: held-out match")),
                     "{stdout}"
                 );
+                let half = format!("epoch {}.50 (step {}): held-out match", e - 1, 2 * e - 1);
+                assert!(stdout.contains(&half), "{stdout}");
             }
+            assert_eq!(stdout.matches(": held-out match").count(), 12, "{stdout}");
             assert!(stdout.contains("kept: epoch "), "{stdout}");
         }
     }

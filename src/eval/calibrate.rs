@@ -142,6 +142,135 @@ fn truth_ratios(rs: &[ItemResult]) -> Vec<f64> {
     tofu::raw_truth_ratios(&scores)
 }
 
+/// What the calibration measures once, whatever the profile: the yardstick's truth ratios,
+/// the base's on the forget rows, and the base's retain NLL.
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    /// `stand-in` or `unseen`.
+    pub kind: &'static str,
+    yard_r: Vec<f64>,
+    base_forget_r: Vec<f64>,
+    base_retain: Option<f64>,
+}
+
+impl Baseline {
+    /// Mean ln R of the yardstick.
+    pub fn yardstick_mean_log_r(&self) -> f64 {
+        ln_mean(&self.yard_r)
+    }
+
+    /// Mean ln R of the forget rows under the base.
+    pub fn base_forget_mean_log_r(&self) -> f64 {
+        ln_mean(&self.base_forget_r)
+    }
+
+    /// KS p-value of the forget rows under the base against the yardstick.
+    pub fn base_matched(&self) -> Result<f64> {
+        Ok(ks_2samp(&self.base_forget_r, &self.yard_r)?.pvalue)
+    }
+}
+
+fn ln_mean(r: &[f64]) -> f64 {
+    mean(&r.iter().map(|x| x.ln()).collect::<Vec<_>>())
+}
+
+fn check_rows(forget: &[CalRow], unseen: &[CalRow]) -> Result<()> {
+    for (what, rows) in [("forget", forget), ("unseen", unseen)] {
+        if let Some(r) = rows.iter().find(|r| r.wrong_answers.is_empty()) {
+            return Err(Error::Invalid(format!(
+                "a {what} row has no wrong answer: {:?}",
+                r.question
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every row of `rows` scored at each of `be`'s points; `tick` after every row.
+fn score_all(
+    be: &mut dyn Backend,
+    rows: &[CalRow],
+    tick: &dyn Fn(u64),
+) -> Result<Vec<Vec<ItemResult>>> {
+    let mut out = vec![Vec::with_capacity(rows.len()); be.n_points()];
+    for r in rows {
+        for (k, res) in score_item_points(be, &item(r), false, 0.2)?
+            .into_iter()
+            .enumerate()
+        {
+            out[k].push(res);
+        }
+        tick(1);
+    }
+    Ok(out)
+}
+
+/// The half of [`calibrate`] that does not depend on the profile: `base` (the plain target)
+/// on `forget` and `retain`, the yardstick on its rows. Measured once, it serves any number of
+/// profiles ([`points`]).
+pub fn baseline(
+    base: &mut dyn Backend,
+    forget: &[CalRow],
+    yardstick: Yardstick<'_>,
+    retain: &[CalRow],
+    tick: &dyn Fn(u64),
+) -> Result<Baseline> {
+    let unseen: &[CalRow] = match &yardstick {
+        Yardstick::Unseen(rows) => rows,
+        Yardstick::StandIn(_) => &[],
+    };
+    check_rows(forget, unseen)?;
+    let (kind, yard_r) = match yardstick {
+        Yardstick::Unseen(rows) => ("unseen", truth_ratios(&score_all(base, rows, tick)?[0])),
+        Yardstick::StandIn(m) => ("stand-in", truth_ratios(&score_all(m, forget, tick)?[0])),
+    };
+    let base_forget_r = truth_ratios(&score_all(base, forget, tick)?[0]);
+    let base_retain = if retain.is_empty() {
+        None
+    } else {
+        Some(mean_nll(&score_all(base, retain, tick)?[0]))
+    };
+    Ok(Baseline {
+        kind,
+        yard_r,
+        base_forget_r,
+        base_retain,
+    })
+}
+
+/// The other half: `profile` at each of its points on `forget` and `retain`, measured against
+/// `baseline` (made from the same rows).
+pub fn points(
+    profile: &mut dyn Backend,
+    baseline: &Baseline,
+    forget: &[CalRow],
+    retain: &[CalRow],
+    max_retain_rise: f64,
+    tick: &dyn Fn(u64),
+) -> Result<Vec<PointResult>> {
+    check_rows(forget, &[])?;
+    let np = profile.n_points();
+    let forget_at = score_all(profile, forget, tick)?;
+    let retain_at = if retain.is_empty() {
+        vec![Vec::new(); np]
+    } else {
+        score_all(profile, retain, tick)?
+    };
+    let mut points = Vec::with_capacity(np);
+    for k in 0..np {
+        let r = truth_ratios(&forget_at[k]);
+        let rise = baseline.base_retain.map(|b| mean_nll(&retain_at[k]) - b);
+        points.push(PointResult {
+            name: profile.point(k).0,
+            matched: ks_2samp(&r, &baseline.yard_r)?.pvalue,
+            mean_log_r: ln_mean(&r),
+            retain_rise: rise,
+            allowed: rise.is_none_or(|x| x <= max_retain_rise),
+        });
+    }
+    Ok(points)
+}
+
 /// Run the calibration: `profile` evaluated at each of its points on `forget` and `retain`,
 /// `base` (the plain target) on `forget` and `retain`, the yardstick on its rows; `tick` after
 /// every row of every set.
@@ -154,69 +283,15 @@ pub fn calibrate(
     max_retain_rise: f64,
     tick: &dyn Fn(u64),
 ) -> Result<Calibration> {
-    let unseen: &[CalRow] = match &yardstick {
-        Yardstick::Unseen(rows) => rows,
-        Yardstick::StandIn(_) => &[],
-    };
-    for (what, rows) in [("forget", forget), ("unseen", unseen)] {
-        if let Some(r) = rows.iter().find(|r| r.wrong_answers.is_empty()) {
-            return Err(Error::Invalid(format!(
-                "a {what} row has no wrong answer: {:?}",
-                r.question
-            )));
-        }
-    }
-    let np = profile.n_points();
-    let score_all = |be: &mut dyn Backend, rows: &[CalRow]| -> Result<Vec<Vec<ItemResult>>> {
-        let mut out = vec![Vec::with_capacity(rows.len()); be.n_points()];
-        for r in rows {
-            for (k, res) in score_item_points(be, &item(r), false, 0.2)?
-                .into_iter()
-                .enumerate()
-            {
-                out[k].push(res);
-            }
-            tick(1);
-        }
-        Ok(out)
-    };
-    let (kind, yard_r) = match yardstick {
-        Yardstick::Unseen(rows) => ("unseen", truth_ratios(&score_all(base, rows)?[0])),
-        Yardstick::StandIn(m) => ("stand-in", truth_ratios(&score_all(m, forget)?[0])),
-    };
-    let base_forget = &score_all(base, forget)?[0];
-    let base_forget_r = truth_ratios(base_forget);
-    let base_retain = if retain.is_empty() {
-        None
-    } else {
-        Some(mean_nll(&score_all(base, retain)?[0]))
-    };
-    let forget_at = score_all(profile, forget)?;
-    let retain_at = if retain.is_empty() {
-        vec![Vec::new(); np]
-    } else {
-        score_all(profile, retain)?
-    };
-    let ln_mean = |r: &[f64]| mean(&r.iter().map(|x| x.ln()).collect::<Vec<_>>());
-    let yard_mean = ln_mean(&yard_r);
-    let mut points = Vec::with_capacity(np);
-    for k in 0..np {
-        let r = truth_ratios(&forget_at[k]);
-        let rise = base_retain.map(|b| mean_nll(&retain_at[k]) - b);
-        points.push(PointResult {
-            name: profile.point(k).0,
-            matched: ks_2samp(&r, &yard_r)?.pvalue,
-            mean_log_r: ln_mean(&r),
-            retain_rise: rise,
-            allowed: rise.is_none_or(|x| x <= max_retain_rise),
-        });
-    }
+    let b = baseline(base, forget, yardstick, retain, tick)?;
+    let points = points(profile, &b, forget, retain, max_retain_rise, tick)?;
+    let yard_mean = b.yardstick_mean_log_r();
     let chosen = choose(&points, yard_mean);
     Ok(Calibration {
-        yardstick: kind,
+        yardstick: b.kind,
         yardstick_mean_log_r: yard_mean,
-        base_forget_mean_log_r: ln_mean(&base_forget_r),
-        base_matched: ks_2samp(&base_forget_r, &yard_r)?.pvalue,
+        base_forget_mean_log_r: b.base_forget_mean_log_r(),
+        base_matched: b.base_matched()?,
         points,
         chosen,
         max_retain_rise,

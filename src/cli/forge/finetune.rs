@@ -70,6 +70,7 @@ impl OptimArgs {
             },
             balance: Balance::Group,
             pack: !self.no_pack,
+            checks: 1,
         })
     }
 
@@ -146,21 +147,22 @@ pub fn run_training(
     )
 }
 
-/// The training function [`with_progress`] runs: it is handed the step and epoch callbacks.
-pub type TrainFn<'a> = dyn FnMut(
+/// The training function [`with_progress`] runs: it is handed the step and checkpoint
+/// callbacks (a checkpoint `C`: an epoch's index, or a [`lethe::forge::train::Checkpoint`]).
+pub type TrainFn<'a, C> = dyn FnMut(
         &mut dyn FnMut(&Progress),
-        &mut dyn FnMut(usize, &TrainModel) -> lethe::Result<()>,
+        &mut dyn FnMut(C, &TrainModel) -> lethe::Result<()>,
     ) -> lethe::Result<TrainReport>
     + 'a;
 
 /// Run `train` (`steps` optimizer steps over `epochs`) with an indicatif bar showing the loss,
 /// its parts and tokens/s (a log line every tenth of the run without a terminal), then print
 /// each epoch's mean loss and the throughput.
-pub fn with_progress(
+pub fn with_progress<C>(
     steps: usize,
     epochs: usize,
-    train: &mut TrainFn<'_>,
-    epoch_end: &mut dyn FnMut(usize, &TrainModel) -> lethe::Result<()>,
+    train: &mut TrainFn<'_, C>,
+    checkpoint: &mut dyn FnMut(C, &TrainModel) -> lethe::Result<()>,
 ) -> Result<TrainReport> {
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
@@ -217,7 +219,7 @@ pub fn with_progress(
         ));
         bar.set_position(p.step as u64);
     };
-    let report = train(&mut on_step, &mut |e, tm| bar.suspend(|| epoch_end(e, tm)))?;
+    let report = train(&mut on_step, &mut |c, tm| bar.suspend(|| checkpoint(c, tm)))?;
     bar.finish();
     for e in 0..epochs {
         if let Some(l) = report.epoch_loss(e) {

@@ -1,17 +1,19 @@
 //! `lethe forge unlearn`: a LoRA patch that makes the target forget, trained on the CPU by one
-//! of graddiff, NPO, SimNPO or RMU ([`lethe::forge::unlearn`]); one checkpoint per epoch, the
-//! one kept chosen on held-out rows by `lethe calibrate`'s rule (never on evaluation data).
+//! of graddiff, NPO, SimNPO or RMU ([`lethe::forge::unlearn`]); checkpoints every epoch (or
+//! several an epoch), the one kept chosen on held-out rows by `lethe calibrate`'s rule (never on
+//! evaluation data).
 //! Writes the LoRA in llama.cpp's layout and a profile that applies it to the target.
 
 use super::finetune::{parse_targets, with_progress, OptimArgs};
 use super::uld::{file_name, profile_base, quote};
 use anyhow::{Context, Result};
 use clap::Args;
-use lethe::eval::calibrate::{calibrate, choose, read_rows, CalRow, PointResult, Yardstick};
+use lethe::eval::calibrate::Yardstick;
+use lethe::eval::calibrate::{baseline, choose, points, read_rows, Baseline, CalRow, PointResult};
 use lethe::eval::run::{Local, Side};
 use lethe::forge::train::data::{end_of_turn, read_paraphrase_rows};
 use lethe::forge::train::trainer::{describe, total_steps};
-use lethe::forge::train::{train_paired, Lora, TrainModel};
+use lethe::forge::train::{train_paired, Checkpoint, Lora, TrainModel};
 use lethe::forge::unlearn::{build, Method, UnlearnConfig};
 use lethe::model::Model;
 use lethe::qa::{read_training_examples, Example};
@@ -74,6 +76,11 @@ pub struct UnlearnArgs {
     pub targets: String,
     #[arg(long = "epochs", default_value_t = 5)]
     pub epochs: usize,
+    /// Checkpoints an epoch, evenly spaced (the last at its end): each is measured by the
+    /// rule of --check-forget. More than one finds the point where a method that moves fast
+    /// (RMU) has forgotten most before the retain rows break.
+    #[arg(long = "checks-per-epoch", default_value_t = 1)]
+    pub checks_per_epoch: usize,
     /// Peak learning rate.
     #[arg(long = "lr", default_value_t = 2e-4)]
     pub lr: f32,
@@ -83,9 +90,9 @@ pub struct UnlearnArgs {
     pub weight_decay: f32,
     /// Held-out forget rows ({question, answer, wrong_answers[]}: an answer not trained on and
     /// wrong answers to the same question) that choose the checkpoint, by `lethe calibrate`'s
-    /// rule: the epoch whose truth ratios on them best match the yardstick's (KS p), among the
-    /// epochs that raise --check-retain's NLL by at most --max-retain-rise. Without it, the
-    /// last epoch is kept.
+    /// rule: the checkpoint whose truth ratios on them best match the yardstick's (KS p), among
+    /// the checkpoints that raise --check-retain's NLL by at most --max-retain-rise. Without
+    /// it, the last epoch is kept.
     #[arg(long = "check-forget", requires = "check_retain")]
     pub check_forget: Option<PathBuf>,
     /// Held-out retain rows ({question, answer}) for the rule.
@@ -102,7 +109,8 @@ pub struct UnlearnArgs {
     /// The rule's bound on the held-out retain rows' rise in NLL per token.
     #[arg(long = "max-retain-rise", default_value_t = 0.05)]
     pub max_retain_rise: f64,
-    /// Keep every epoch's LoRA beside the output (NAME.epochN.gguf).
+    /// Keep every checkpoint's LoRA beside the output (NAME.epochN.gguf at an epoch's end,
+    /// NAME.stepN.gguf within one).
     #[arg(long = "keep-checkpoints")]
     pub keep_checkpoints: bool,
     /// The profile's name (default: the method's).
@@ -115,21 +123,22 @@ pub struct UnlearnArgs {
     pub output: PathBuf,
 }
 
-/// The checkpoint rule's rows and models.
+/// The checkpoint rule's rows, the base and yardstick measured once, and the best
+/// checkpoints so far (the rule's, and the one of least retain rise for when none is allowed).
 struct Check {
     forget: Vec<CalRow>,
     retain: Vec<CalRow>,
-    unseen: Vec<CalRow>,
-    base: Local,
-    stand_in: Option<Local>,
+    baseline: Baseline,
     max_retain_rise: f64,
-    /// The yardstick's mean ln R (set by the first measurement).
-    yard_mean: f64,
+    /// Every checkpoint's label and measurements, in order.
+    points: Vec<(String, PointResult)>,
+    best: Option<(usize, Lora)>,
+    least: Option<(usize, Lora)>,
 }
 
 impl Check {
     /// The rule's measurements of the target with `patch` applied.
-    fn measure(&mut self, model: &Arc<Model>, side: &Side, patch: &Path) -> Result<PointResult> {
+    fn measure(&self, model: &Arc<Model>, side: &Side, patch: &Path) -> Result<PointResult> {
         let p = lethe::patch::load(patch, model)?;
         let forgotten = Forgotten::new(model.clone(), Vec::new(), vec![(Arc::new(p), 1.0)])?;
         let mut prof = Local::new(
@@ -139,21 +148,41 @@ impl Check {
             },
             CTX,
         )?;
-        let yard = match self.stand_in.as_mut() {
-            Some(s) => Yardstick::StandIn(s),
-            None => Yardstick::Unseen(&self.unseen),
-        };
-        let c = calibrate(
+        let pts = points(
             &mut prof,
-            &mut self.base,
+            &self.baseline,
             &self.forget,
-            yard,
             &self.retain,
             self.max_retain_rise,
             &|_| {},
         )?;
-        self.yard_mean = c.yardstick_mean_log_r;
-        Ok(c.points.into_iter().next().expect("one point"))
+        Ok(pts.into_iter().next().expect("one point"))
+    }
+
+    /// Records checkpoint `label` (its measurements `p`, its adapters `lora`), keeping a copy
+    /// of the adapters only when it is the best so far by the rule or by retain rise.
+    fn record(&mut self, label: String, p: PointResult, lora: &Lora) {
+        let i = self.points.len();
+        let yard = self.baseline.yardstick_mean_log_r();
+        let better = match &self.best {
+            None => choose(std::slice::from_ref(&p), yard) == Some(0),
+            Some((b, _)) => choose(&[self.points[*b].1.clone(), p.clone()], yard) == Some(1),
+        };
+        if better {
+            self.best = Some((i, lora.clone()));
+        }
+        let rise = |p: &PointResult| p.retain_rise.unwrap_or(f64::INFINITY);
+        if self.best.is_none()
+            && self
+                .least
+                .as_ref()
+                .is_none_or(|(l, _)| rise(&p) < rise(&self.points[*l].1))
+        {
+            self.least = Some((i, lora.clone()));
+        } else if self.best.is_some() {
+            self.least = None;
+        }
+        self.points.push((label, p));
     }
 }
 
@@ -198,9 +227,15 @@ fn with_paraphrases(
 pub fn main(a: UnlearnArgs) -> Result<()> {
     let method = Method::parse(&a.method)?;
     let slots = parse_targets(&a.targets)?;
-    let cfg = a
-        .optim
-        .config(a.epochs, a.lr, a.warmup_ratio, a.weight_decay)?;
+    anyhow::ensure!(
+        a.checks_per_epoch >= 1,
+        "--checks-per-epoch must be at least 1"
+    );
+    let cfg = lethe::forge::train::TrainConfig {
+        checks: a.checks_per_epoch,
+        ..a.optim
+            .config(a.epochs, a.lr, a.warmup_ratio, a.weight_decay)?
+    };
     let threads = a.optim.threads();
     let path = lethe::hub::resolve_model(&a.model)?;
     let base = Base::open(
@@ -331,14 +366,35 @@ pub fn main(a: UnlearnArgs) -> Result<()> {
                 }
                 None => None,
             };
+            let retain = read_rows(a.check_retain.as_ref().expect("required by clap"))?;
+            let mut target = Local::new(side("target", &base), CTX)?;
+            let mut stand_in = stand_in;
+            let yard = match stand_in.as_mut() {
+                Some(s) => Yardstick::StandIn(s),
+                None => Yardstick::Unseen(&unseen),
+            };
+            let baseline = baseline(&mut target, &check_forget, yard, &retain, &|_| {})
+                .context("the checkpoint rule's yardstick")?;
+            println!(
+                "the rule's yardstick: mean ln R {:.4} ({}); the target's {:.4}, match (KS p) \
+                 {:.4}",
+                baseline.yardstick_mean_log_r(),
+                if a.stand_in.is_some() {
+                    "the stand-in on the held-out forget rows"
+                } else {
+                    "the unseen rows under the target"
+                },
+                baseline.base_forget_mean_log_r(),
+                baseline.base_matched()?
+            );
             Some(Check {
                 forget: check_forget.clone(),
-                retain: read_rows(a.check_retain.as_ref().expect("required by clap"))?,
-                unseen,
-                base: Local::new(side("target", &base), CTX)?,
-                stand_in,
+                retain,
+                baseline,
                 max_retain_rise: a.max_retain_rise,
-                yard_mean: 0.0,
+                points: Vec::new(),
+                best: None,
+                least: None,
             })
         }
         None => None,
@@ -352,55 +408,61 @@ pub fn main(a: UnlearnArgs) -> Result<()> {
         out.display()
     );
     let lora_name = format!("{} unlearning LoRA ({})", method.name(), a.forget.display());
-    let checkpoint = |e: usize| out.with_extension(format!("epoch{}.gguf", e + 1));
+    let checkpoint_path = |c: &Checkpoint| {
+        if c.ends_epoch() {
+            out.with_extension(format!("epoch{}.gguf", c.epoch + 1))
+        } else {
+            out.with_extension(format!("step{}.gguf", c.step))
+        }
+    };
     let side = Side {
         name: a.name.clone().unwrap_or_else(|| method.name().into()),
         forgotten: base.plain(),
         tok: tok.clone(),
         audit: json!({}),
     };
-    let mut points: Vec<PointResult> = Vec::new();
-    let mut kept: Vec<Lora> = Vec::new();
     let steps = total_steps(data.forget.iter().filter(|s| s.counted() > 0).count(), &cfg);
+    let mut last: Option<Checkpoint> = None;
     with_progress(
         steps,
         cfg.epochs,
-        &mut |on_step, on_epoch| {
-            train_paired(&mut tm, &data.forget, &data.retain, &cfg, on_step, on_epoch)
+        &mut |on_step, on_check| {
+            train_paired(&mut tm, &data.forget, &data.retain, &cfg, on_step, on_check)
         },
-        &mut |e, tm| {
+        &mut |c, tm| {
+            last = Some(c);
+            let path = checkpoint_path(&c);
             if a.keep_checkpoints || check.is_some() {
-                tm.lora.write(checkpoint(e), &model, &lora_name)?;
+                tm.lora.write(&path, &model, &lora_name)?;
             }
-            if let Some(c) = check.as_mut() {
-                let p = c
-                    .measure(&model, &side, &checkpoint(e))
+            if let Some(ch) = check.as_mut() {
+                let p = ch
+                    .measure(&model, &side, &path)
                     .map_err(|e| lethe::Error::Invalid(format!("the checkpoint rule: {e:#}")))?;
                 println!(
-                    "epoch {}: held-out match (KS p) {:.4}, mean ln R {:.4}, retain rise {}",
-                    e + 1,
+                    "{}: held-out match (KS p) {:.4}, mean ln R {:.4}, retain rise {}",
+                    c.label(),
                     p.matched,
                     p.mean_log_r,
                     p.retain_rise.map_or("-".into(), |x| format!("{x:+.4}"))
                 );
-                points.push(p);
-                kept.push(tm.lora.clone());
+                ch.record(c.label(), p, &tm.lora);
                 if !a.keep_checkpoints {
-                    let _ = std::fs::remove_file(checkpoint(e));
+                    let _ = std::fs::remove_file(&path);
                 }
             }
             Ok(())
         },
     )?;
-    let chosen = match &check {
+    let last = last.expect("training ends with a checkpoint");
+    let chosen = match check.as_mut() {
         Some(c) => {
-            println!("| epoch | match (KS p) | mean ln R | retain rise | allowed |");
+            println!("| checkpoint | match (KS p) | mean ln R | retain rise | allowed |");
             println!("|---|---:|---:|---:|---|");
-            let k = choose(&points, c.yard_mean);
-            for (i, p) in points.iter().enumerate() {
+            let k = c.best.as_ref().or(c.least.as_ref()).map(|(k, _)| *k);
+            for (i, (label, p)) in c.points.iter().enumerate() {
                 println!(
-                    "| {}{} | {:.4} | {:.4} | {} | {} |",
-                    i + 1,
+                    "| {label}{} | {:.4} | {:.4} | {} | {} |",
                     if k == Some(i) { " (kept)" } else { "" },
                     p.matched,
                     p.mean_log_r,
@@ -410,43 +472,32 @@ pub fn main(a: UnlearnArgs) -> Result<()> {
             }
             println!(
                 "yardstick mean ln R {:.4} ({})",
-                c.yard_mean,
-                if c.stand_in.is_some() {
-                    "the stand-in on the held-out forget rows"
-                } else {
-                    "the unseen rows under the target"
-                }
+                c.baseline.yardstick_mean_log_r(),
+                c.baseline.kind
             );
-            match k {
-                Some(k) => {
-                    println!("kept: epoch {}", k + 1);
-                    k
+            let (k, lora) = match (c.best.take(), c.least.take()) {
+                (Some(b), _) => {
+                    println!("kept: {}", c.points[b.0].0);
+                    b
                 }
-                None => {
+                (None, Some(l)) => {
                     // Nothing within the bound: the least damage, said loudly.
-                    let k = (0..points.len())
-                        .min_by(|&i, &j| {
-                            let r = |p: &PointResult| p.retain_rise.unwrap_or(f64::INFINITY);
-                            r(&points[i]).total_cmp(&r(&points[j]))
-                        })
-                        .expect("one point per epoch");
                     println!(
-                        "kept: epoch {} -- NO epoch raises the held-out retain rows' NLL by at \
+                        "kept: {} -- NO checkpoint raises the held-out retain rows' NLL by at \
                          most {} nats per token; this is the smallest rise. Retrain with a \
                          smaller --lr, fewer --epochs or a larger --retain-weight before \
                          serving it.",
-                        k + 1,
-                        a.max_retain_rise
+                        c.points[l.0].0, a.max_retain_rise
                     );
-                    k
+                    l
                 }
-            }
+                (None, None) => unreachable!("every checkpoint is recorded"),
+            };
+            tm.lora = lora;
+            c.points[k].0.clone()
         }
-        None => cfg.epochs - 1,
+        None => last.label(),
     };
-    if let Some(l) = kept.get(chosen) {
-        tm.lora = l.clone();
-    }
     tm.lora
         .write(out, &model, &lora_name)
         .with_context(|| format!("writing {}", out.display()))?;
@@ -458,11 +509,10 @@ pub fn main(a: UnlearnArgs) -> Result<()> {
         quote(&side.name),
         quote(&base_name),
         quote(&format!(
-            "{}: {} with a LoRA trained to forget {} (epoch {} of {})",
+            "{}: {} with a LoRA trained to forget {} ({chosen} of {})",
             method.name(),
             a.model,
             a.forget.display(),
-            chosen + 1,
             cfg.epochs
         )),
         quote(&file_name(out)?)

@@ -32,6 +32,6 @@ pub use loss::Objective;
 pub use model::{trainable, Activations, TrainModel};
 pub use optim::{AdamW, AdamWConfig, Decay, Schedule};
 pub use trainer::{
-    eval_loss, train, train_paired, train_with_epochs, Balance, EvalLoss, Sequence, Target,
-    TrainConfig, TrainReport,
+    eval_loss, train, train_paired, train_with_epochs, Balance, Checkpoint, EvalLoss, Sequence,
+    Target, TrainConfig, TrainReport,
 };

@@ -231,6 +231,9 @@ pub struct TrainConfig {
     /// Run a batch's sequences as one packed pass ([`TrainModel::forward_seqs`]) instead of
     /// one after another: the same gradient up to the order of float sums, faster.
     pub pack: bool,
+    /// Checkpoints per epoch ([`train_paired`]): the callback runs after this many evenly
+    /// spaced steps of each epoch, the last at its end. At least 1.
+    pub checks: usize,
 }
 
 impl Default for TrainConfig {
@@ -245,6 +248,7 @@ impl Default for TrainConfig {
             adamw: AdamWConfig::default(),
             balance: Balance::Group,
             pack: true,
+            checks: 1,
         }
     }
 }
@@ -315,6 +319,50 @@ impl TrainReport {
     }
 }
 
+/// Where a run stands at a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// 0-based.
+    pub epoch: usize,
+    /// Steps taken so far (1-based) and in all.
+    pub step: usize,
+    pub steps: usize,
+    /// Steps an epoch.
+    pub per_epoch: usize,
+}
+
+impl Checkpoint {
+    /// Whether this checkpoint ends its epoch.
+    pub fn ends_epoch(&self) -> bool {
+        self.step.is_multiple_of(self.per_epoch)
+    }
+
+    /// Epochs run, with their fraction: `1.5` halfway through the second.
+    pub fn epochs(&self) -> f64 {
+        self.step as f64 / self.per_epoch as f64
+    }
+
+    /// "epoch 2" at an epoch's end, else "epoch 1.50 (step 15)".
+    pub fn label(&self) -> String {
+        if self.ends_epoch() {
+            format!("epoch {}", self.epoch + 1)
+        } else {
+            format!("epoch {:.2} (step {})", self.epochs(), self.step)
+        }
+    }
+}
+
+/// The steps (1-based, within an epoch of `per_epoch` steps) after which `checks` evenly
+/// spaced checkpoints fall, the last at the epoch's end; never more than one a step.
+pub fn check_steps(per_epoch: usize, checks: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (1..=checks.max(1))
+        .map(|k| (per_epoch * k).div_ceil(checks.max(1)))
+        .filter(|&s| s > 0)
+        .collect();
+    v.dedup();
+    v
+}
+
 /// Optimizer steps of a run: `epochs * ceil(n / batch)`.
 pub fn total_steps(n: usize, cfg: &TrainConfig) -> usize {
     cfg.epochs * n.div_ceil(cfg.batch.max(1))
@@ -340,7 +388,10 @@ pub fn train_with_epochs(
     progress: &mut dyn FnMut(&Progress),
     epoch_end: &mut dyn FnMut(usize, &TrainModel) -> Result<()>,
 ) -> Result<TrainReport> {
-    epochs(tm, data, &[], cfg, "training", progress, epoch_end)
+    let cfg = TrainConfig { checks: 1, ..*cfg };
+    epochs(tm, data, &[], &cfg, "training", progress, &mut |c, tm| {
+        epoch_end(c.epoch, tm)
+    })
 }
 
 /// Unlearning's loop: each step takes `batch` forget sequences and as many retain sequences
@@ -349,16 +400,17 @@ pub fn train_with_epochs(
 /// epochs (reshuffled whenever it is used up), so every retain row is used as often as the
 /// others. A batch's loss is weighed by `cfg.balance` as any batch's ([`factors`]): with the
 /// group balance, the forget side's mean plus the retain side's mean times its sequences'
-/// weight. Calls `progress` after every step and `epoch_end(epoch, tm)` after each epoch.
+/// weight. Calls `progress` after every step and `checkpoint(at, tm)` `cfg.checks` times an
+/// epoch ([`check_steps`]), the last at the epoch's end.
 pub fn train_paired(
     tm: &mut TrainModel,
     forget: &[Sequence],
     retain: &[Sequence],
     cfg: &TrainConfig,
     progress: &mut dyn FnMut(&Progress),
-    epoch_end: &mut dyn FnMut(usize, &TrainModel) -> Result<()>,
+    checkpoint: &mut dyn FnMut(Checkpoint, &TrainModel) -> Result<()>,
 ) -> Result<TrainReport> {
-    epochs(tm, forget, retain, cfg, "forget", progress, epoch_end)
+    epochs(tm, forget, retain, cfg, "forget", progress, checkpoint)
 }
 
 /// The loop of [`train_paired`] (with no retain sequences: [`train_with_epochs`]); `what`
@@ -370,7 +422,7 @@ fn epochs(
     cfg: &TrainConfig,
     what: &str,
     progress: &mut dyn FnMut(&Progress),
-    epoch_end: &mut dyn FnMut(usize, &TrainModel) -> Result<()>,
+    checkpoint: &mut dyn FnMut(Checkpoint, &TrainModel) -> Result<()>,
 ) -> Result<TrainReport> {
     check_run(cfg)?;
     check_data(forget)?;
@@ -382,13 +434,15 @@ fn epochs(
         )));
     }
     let steps = total_steps(f_used.len(), cfg);
+    let per_epoch = f_used.len().div_ceil(cfg.batch);
+    let checks = check_steps(per_epoch, cfg.checks);
     let mut opt = AdamW::new(&tm.lora, cfg.adamw, schedule(cfg, steps))?;
     let mut run = Run::new(steps);
     let (mut r_order, mut r_pos, mut r_round) = (Vec::new(), 0usize, 0u64);
     for epoch in 0..cfg.epochs {
         let mut order = f_used.clone();
         shuffle(&mut order, cfg.seed, epoch as u64);
-        for chunk in order.chunks(cfg.batch) {
+        for (k, chunk) in order.chunks(cfg.batch).enumerate() {
             let mut seqs: Vec<&Sequence> = chunk.iter().map(|&i| &forget[i]).collect();
             for _ in 0..chunk.len().min(r_used.len()) {
                 if r_pos == r_order.len() {
@@ -401,16 +455,26 @@ fn epochs(
             }
             let stats = batch_step(tm, &mut opt, &seqs, epoch, cfg)?;
             run.record(stats, progress);
+            if checks.contains(&(k + 1)) {
+                let at = Checkpoint {
+                    epoch,
+                    step: run.report.steps.len(),
+                    steps,
+                    per_epoch,
+                };
+                checkpoint(at, tm)?;
+            }
         }
-        epoch_end(epoch, tm)?;
     }
     Ok(run.report)
 }
 
 fn check_run(cfg: &TrainConfig) -> Result<()> {
-    if cfg.batch == 0 || cfg.epochs == 0 {
+    if cfg.batch == 0 || cfg.epochs == 0 || cfg.checks == 0 {
         return Err(Error::Invalid(
-            "training needs at least one epoch and a batch of at least one sequence".into(),
+            "training needs at least one epoch, a batch of at least one sequence and a \
+             checkpoint an epoch"
+                .into(),
         ));
     }
     Ok(())
@@ -714,6 +778,23 @@ pub fn describe(lora: &Lora) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoints_are_evenly_spaced_and_end_the_epoch() {
+        assert_eq!(check_steps(30, 1), vec![30]);
+        assert_eq!(check_steps(30, 4), vec![8, 15, 23, 30]);
+        assert_eq!(check_steps(3, 5), vec![1, 2, 3]);
+        assert_eq!(check_steps(1, 3), vec![1]);
+        let c = |step| Checkpoint {
+            epoch: (step - 1) / 30,
+            step,
+            steps: 90,
+            per_epoch: 30,
+        };
+        assert_eq!(c(30).label(), "epoch 1");
+        assert!(c(60).ends_epoch() && !c(45).ends_epoch());
+        assert_eq!(c(45).label(), "epoch 1.50 (step 45)");
+    }
 
     #[test]
     fn shuffles_are_seeded_permutations() {
