@@ -388,9 +388,15 @@ fn tile_extreme_values() {
                 .collect(),
             (0..n).map(|i| (i as f32).sin() * 100.0).collect(),
         ];
-        let act: Vec<u8> = xs.iter().flat_map(|x| quantize(vt, x)).collect();
+        // Nine activation rows (the five above, repeated): tiles of eight and one more.
+        let act: Vec<u8> = xs
+            .iter()
+            .cycle()
+            .take(MAX_ACT)
+            .flat_map(|x| quantize(vt, x))
+            .collect();
         for n_w in 1..=4 {
-            for n_act in 1..=xs.len() {
+            for n_act in 1..=MAX_ACT {
                 check_tile(ty, n, &w, rb, n_w, &act, ab, n_act, "extremes");
             }
         }

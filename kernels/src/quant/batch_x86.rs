@@ -363,7 +363,15 @@ macro_rules! batch_kernels {
                 }
                 while i < n_w {
                     let (x, out) = (x.add(i * xrs), out.add(i * os));
-                    by_fours!(n_act, y, ys, out, N => group::<1, N>(ty, nb, x, xrs, y, ys, out, os));
+                    // With VNNI (32 vector registers) eight activation rows per unpacked
+                    // K-quant block where there are eight, then fours.
+                    let mut j = 0;
+                    while !pairs && j + 8 <= n_act {
+                        group::<1, 8>(ty, nb, x, xrs, y.add(j * ys), ys, out.add(j), os);
+                        j += 8;
+                    }
+                    let (y, out) = (y.add(j * ys), out.add(j));
+                    by_fours!(n_act - j, y, ys, out, N => group::<1, N>(ty, nb, x, xrs, y, ys, out, os));
                     i += 1;
                 }
             }
