@@ -202,6 +202,32 @@ fn errors_and_api_key() {
     // Health and models are public; the rest need the key.
     assert_eq!(s.get("/health").0, 200);
     assert_eq!(s.get("/models").0, 200);
+    // The model list shows what a model is made of (its files' paths and hashes) only with
+    // the key; without it, the ids and the context size.
+    let (st, _, text) = s.request("GET", "/v1/models", &[], b"");
+    let public: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(public["data"][0]["meta"]["n_ctx"], 64);
+    assert!(
+        public["data"][0]["meta"].get("unlearn").is_none(),
+        "{public}"
+    );
+    assert!(!text.contains(".gguf"), "{text}");
+    let (_, _, text) = s.request("GET", "/v1/models", &key, b"");
+    let full: Value = serde_json::from_str(&text).unwrap();
+    assert!(full["data"][0]["meta"]["unlearn"].is_object(), "{full}");
+    assert!(full["data"][0]["meta"]["profile"].is_null(), "{full}");
+    assert_eq!(public["data"][0]["id"], full["data"][0]["id"]);
+    // A known route with a method it does not take: llama-server's 404, in the envelope.
+    for (method, path) in [("GET", "/v1/chat/completions"), ("DELETE", "/health")] {
+        let (st, _, text) = s.request(method, path, &key, b"");
+        let e: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON: {text}"));
+        assert_eq!(
+            (st, error_type(&e)),
+            (404, "not_found_error"),
+            "{method} {path}"
+        );
+    }
     let (st, e) = post("/v1/chat/completions", chat.as_bytes(), &[]);
     assert_eq!((st, error_type(&e)), (401, "authentication_error"));
     let (st, e) = post(
@@ -545,10 +571,13 @@ fn profile_served_by_id_and_lock() {
     drop(s);
 
     let s = Server::start(&["--profile", p, "--alias", "base", "--lock"]);
-    let (_, models) = s.get("/v1/models");
-    let models: Value = serde_json::from_str(&models).unwrap();
+    let (_, text) = s.get("/v1/models");
+    let models: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(models["data"].as_array().unwrap().len(), 1);
     assert_eq!(models["data"][0]["id"], "patched");
+    // Under --lock (no key to show), no file names, hashes or scales.
+    assert!(models["data"][0]["meta"].get("unlearn").is_none(), "{text}");
+    assert!(!text.contains("lora.gguf"), "{text}");
     let mut b = chat_body(PROMPT, 12);
     b["model"] = json!("base");
     let (st, e) = s.post("/v1/chat/completions", &b);
@@ -667,6 +696,7 @@ fn unlearn_per_request() {
         json!({"filter": 1.0}),
         json!({"filter": -0.1}),
         json!({"beta": 1}),
+        json!({"alpha": -0.5}),
         json!(3),
     ] {
         let b = json!({"model": "uld", "prompt": "Hi", "n_predict": 1, "unlearn": bad});

@@ -112,21 +112,28 @@ impl AppState {
 /// Routes that answer without an API key.
 const PUBLIC: [&str; 4] = ["/health", "/v1/health", "/models", "/v1/models"];
 
-/// Check the API key (`Authorization: Bearer KEY` or `X-Api-Key: KEY`).
+impl AppState {
+    /// Whether `headers` carry one of the server's API keys (`Authorization: Bearer KEY` or
+    /// `X-Api-Key: KEY`); false when the server has none.
+    pub fn has_key(&self, headers: &axum::http::HeaderMap) -> bool {
+        let key = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+        key.is_some_and(|k| self.cfg.api_keys.iter().any(|a| a == k))
+    }
+}
+
+/// Check the API key on every route but the public ones.
 async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if state.cfg.api_keys.is_empty() || PUBLIC.contains(&req.uri().path()) {
+    if state.cfg.api_keys.is_empty()
+        || PUBLIC.contains(&req.uri().path())
+        || state.has_key(req.headers())
+    {
         return next.run(req).await;
     }
-    let h = req.headers();
-    let key = h
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()));
-    match key {
-        Some(k) if state.cfg.api_keys.iter().any(|a| a == k) => next.run(req).await,
-        _ => ApiError::Authentication.into_response(),
-    }
+    ApiError::Authentication.into_response()
 }
 
 /// CORS as llama-server does it: the request's `Origin` is echoed back (`*` without one),
@@ -168,6 +175,8 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
     let limit = state.cfg.body_limit;
     routes::routes()
         .fallback(|| async { ApiError::NotFound("File Not Found".into()) })
+        // A known path with a method it does not take: llama-server's 404 envelope.
+        .method_not_allowed_fallback(|| async { ApiError::NotFound("File Not Found".into()) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

@@ -2,6 +2,7 @@
 
 use super::super::AppState;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -12,8 +13,13 @@ pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /models`, `/v1/models`: the base (unless `--lock`) and every profile.
-pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+/// `GET /models`, `/v1/models`: the base (unless `--lock`) and every profile. The route is
+/// public as in llama-server, but a server with `--api-key` or `--lock` shows what each model
+/// is made of (profile, files and their paths and hashes, alpha and filter: a file name can
+/// say what was forgotten) only to a request with a valid key; others get the ids.
+pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Json<Value> {
+    let private = !state.cfg.api_keys.is_empty() || state.cfg.lock;
+    let details = !private || state.has_key(&headers);
     let data: Vec<Value> = state
         .models
         .iter()
@@ -25,11 +31,15 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
                 "object": "model",
                 "created": state.created,
                 "owned_by": "lethe",
-                "meta": {
-                    "n_ctx": state.cfg.n_ctx,
-                    "n_vocab": state.tok.n_vocab(),
-                    "profile": profile,
-                    "unlearn": state.audit[i],
+                "meta": if details {
+                    json!({
+                        "n_ctx": state.cfg.n_ctx,
+                        "n_vocab": state.tok.n_vocab(),
+                        "profile": profile,
+                        "unlearn": state.audit[i],
+                    })
+                } else {
+                    json!({ "n_ctx": state.cfg.n_ctx, "n_vocab": state.tok.n_vocab() })
                 },
             })
         })

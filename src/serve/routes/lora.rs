@@ -163,6 +163,14 @@ pub fn setting(
         };
         let alpha = num("alpha")?;
         let filter = num("filter")?;
+        // A negative alpha would add the assistant's distribution (what was to be forgotten)
+        // instead of taking it away.
+        if alpha.is_some_and(|al| al < 0.0) {
+            return Err(bad(
+                "unlearn.alpha",
+                "at least 0 (a negative alpha adds what the assistant remembers)",
+            ));
+        }
         if filter.is_some_and(|f| !(0.0..1.0).contains(&f)) {
             return Err(bad("unlearn.filter", "in [0, 1)"));
         }
