@@ -951,3 +951,42 @@ fn logit_bias_is_applied() {
     }
     assert_eq!(s.get("/health").0, 200);
 }
+
+/// A client that sends long distinct words (nothing for the tokenizer's word cache to share)
+/// must not grow the server's memory without bound: the cache keeps only short words, and
+/// what one request allocates is given back. Twelve 1 MiB words, then memory measured after
+/// each: after the first few (the allocator's high-water mark) it stays flat.
+#[test]
+fn long_words_do_not_grow_memory() {
+    let model = common::model_path("smollm2");
+    let s = Server::start(&["-m", model.to_str().unwrap(), "-c", "64"]);
+    let Some(start) = s.rss_mib() else {
+        eprintln!("no /proc: memory not measured");
+        return;
+    };
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut rss = Vec::new();
+    for _ in 0..12 {
+        // 1 MiB of pseudo-random letters: one word, different every time.
+        let word: String = (0..1 << 20)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (b'a' + (state % 26) as u8) as char
+            })
+            .collect();
+        let (st, r) = s.post("/tokenize", &json!({ "content": word }));
+        assert_eq!(st, 200);
+        assert!(r["tokens"].as_array().unwrap().len() > 100_000);
+        rss.push(s.rss_mib().unwrap());
+    }
+    eprintln!("RSS {start} MiB at start, then {rss:?}");
+    let plateau = rss[3];
+    let last = *rss.last().unwrap();
+    assert!(
+        last <= plateau + 24,
+        "memory grew from {plateau} to {last} MiB over 8 more long words: {rss:?}"
+    );
+    assert!(last <= start + 160, "{start} -> {rss:?} MiB");
+}

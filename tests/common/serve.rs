@@ -23,6 +23,15 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// The server's resident memory in MiB (Linux `/proc`; `None` elsewhere).
+    #[allow(dead_code)]
+    pub fn rss_mib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024)
+    }
+
     /// Start `lethe serve ARGS --host 127.0.0.1 --port 0` (and `-t 1` unless ARGS sets the
     /// threads) and wait until it listens and answers /health.
     pub fn start(args: &[&str]) -> Server {
