@@ -990,3 +990,47 @@ fn long_words_do_not_grow_memory() {
     );
     assert!(last <= start + 160, "{start} -> {rss:?} MiB");
 }
+
+/// Tokenizing large bodies runs off the HTTP workers: while three clients tokenize 3 MiB
+/// words each (seconds of work), `/health` keeps answering at once.
+#[test]
+fn health_answers_while_large_bodies_tokenize() {
+    let model = common::model_path("smollm2");
+    let s = std::sync::Arc::new(Server::start(&["-m", model.to_str().unwrap(), "-c", "64"]));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..3u8)
+        .map(|k| {
+            let (s, done) = (s.clone(), done.clone());
+            std::thread::spawn(move || {
+                let word: String = (0..3usize << 20)
+                    .map(|i| (b'a' + ((i * 7 + i / 26 + k as usize) % 26) as u8) as char)
+                    .collect();
+                let (st, _) = s.post("/tokenize", &json!({ "content": word }));
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                st
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut worst = std::time::Duration::ZERO;
+    let mut n = 0;
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        let t = std::time::Instant::now();
+        assert_eq!(s.get("/health").0, 200);
+        worst = worst.max(t.elapsed());
+        n += 1;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for c in clients {
+        assert_eq!(c.join().unwrap(), 200);
+    }
+    eprintln!("/health: {n} checks while tokenizing, the slowest {worst:?}");
+    assert!(
+        n >= 3,
+        "the tokenizing ended too soon to measure ({n} checks)"
+    );
+    assert!(
+        worst < std::time::Duration::from_millis(250),
+        "/health took {worst:?} while large bodies were tokenized"
+    );
+}

@@ -6,7 +6,8 @@ use super::super::request::{bad, response_id, Body};
 use super::super::{sse, AppState, Event};
 use super::FINGERPRINT;
 use super::{
-    check_context, collect, finish_reason, now, oai_logprobs, read_body, stream, timings, usage,
+    check_context, collect, finish_reason, now, oai_logprobs, off_workers, read_body, stream,
+    timings, usage,
 };
 use crate::tokenizer::{apply_chat_template, ChatMessage};
 use axum::body::Bytes;
@@ -126,15 +127,20 @@ pub async fn chat(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let body = read_body(body, state.cfg.body_limit)?;
-    body.refuse_unsupported()?;
-    let model = state.resolve_model(body.str("model")?)?;
-    let (setting, _) = super::lora::setting(&state, &body, model)?;
-    let params = body.generate_params(&state)?;
-    let msgs = messages(&body)?;
-    let text = render(&state, &msgs, true)?;
-    let prompt = state.tok.encode(&text, true, true);
-    check_context(&state, &prompt)?;
+    let st = state.clone();
+    let (body, model, setting, params, prompt) = off_workers(move || {
+        let body = read_body(body, st.cfg.body_limit)?;
+        body.refuse_unsupported()?;
+        let model = st.resolve_model(body.str("model")?)?;
+        let (setting, _) = super::lora::setting(&st, &body, model)?;
+        let params = body.generate_params(&st)?;
+        let msgs = messages(&body)?;
+        let text = render(&st, &msgs, true)?;
+        let prompt = st.tok.encode(&text, true, true);
+        check_context(&st, &prompt)?;
+        Ok((body, model, setting, params, prompt))
+    })
+    .await?;
     let streaming = body.bool("stream")?.unwrap_or(false);
     let include_usage = body
         .get("stream_options")

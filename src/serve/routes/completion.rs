@@ -7,7 +7,8 @@ use super::super::request::{bad, response_id, Body};
 use super::super::{sse, AppState, Event};
 use super::FINGERPRINT;
 use super::{
-    check_context, collect, finish_reason, now, oai_logprobs, read_body, stream, timings, usage,
+    check_context, collect, finish_reason, now, oai_logprobs, off_workers, read_body, stream,
+    timings, usage,
 };
 use crate::generate::{FinishReason, GenerateParams, Generation, TokenProbs};
 use axum::body::Bytes;
@@ -141,14 +142,20 @@ pub async fn completion(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let body = read_body(body, state.cfg.body_limit)?;
+    let st = state.clone();
+    let (body, prepared) = off_workers(move || {
+        let body = read_body(body, st.cfg.body_limit)?;
+        let prepared = prepare(&st, &body)?;
+        Ok((body, prepared))
+    })
+    .await?;
     let Prepared {
         model,
         setting,
         audit,
         params,
         prompt,
-    } = prepare(&state, &body)?;
+    } = prepared;
     let streaming = body.bool("stream")?.unwrap_or(false);
     let name = state.models[model].0.clone();
     let mut settings = generation_settings(&state, &audit, model, &params);
@@ -217,14 +224,20 @@ pub async fn oai_completion(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let body = read_body(body, state.cfg.body_limit)?;
+    let st = state.clone();
+    let (body, prepared) = off_workers(move || {
+        let body = read_body(body, st.cfg.body_limit)?;
+        let prepared = prepare(&st, &body)?;
+        Ok((body, prepared))
+    })
+    .await?;
     let Prepared {
         model,
         setting,
         params,
         prompt,
         ..
-    } = prepare(&state, &body)?;
+    } = prepared;
     let streaming = body.bool("stream")?.unwrap_or(false);
     let include_usage = body
         .get("stream_options")

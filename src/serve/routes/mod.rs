@@ -48,6 +48,22 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/score", post(score::score))
 }
 
+/// Run a request's CPU work (parsing a large body, rendering the chat template, tokenizing:
+/// seconds for a body of megabytes) on tokio's blocking pool, at most two at a time, so that
+/// the HTTP workers keep answering every other request (`/health` among them).
+pub async fn off_workers<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    static HEAVY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let _permit = HEAVY
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Unavailable("the server is stopping".into()))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Server(format!("a request's work failed: {e}")))?
+}
+
 /// The request body as a JSON object; a body over the limit is a 413.
 pub fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> ApiResult<Body> {
     match body {

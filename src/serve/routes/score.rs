@@ -16,7 +16,8 @@ use super::super::error::{ApiError, ApiResult};
 use super::super::request::bad;
 use super::super::AppState;
 use super::chat::{messages, render};
-use super::read_body;
+use super::{off_workers, read_body};
+use crate::serve::engine::Setting;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -28,61 +29,9 @@ pub async fn score(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
-    let body = read_body(body, state.cfg.body_limit)?;
-    let model = state.resolve_model(body.str("model")?)?;
-    let (setting, audit) = super::lora::setting(&state, &body, model)?;
-    let prompt = match (body.get("prompt"), body.get("messages")) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::InvalidRequest(
-                "give 'prompt' or 'messages', not both".into(),
-            ))
-        }
-        (Some(_), None) => {
-            let p = body
-                .str("prompt")?
-                .ok_or_else(|| bad("prompt", "a string"))?;
-            state.tok.encode(p, true, true)
-        }
-        (None, Some(_)) => {
-            let text = render(&state, &messages(&body)?, true)?;
-            state.tok.encode(&text, true, true)
-        }
-        (None, None) => {
-            return Err(ApiError::InvalidRequest(
-                "'prompt' or 'messages' is required".into(),
-            ))
-        }
-    };
-    if prompt.is_empty() {
-        return Err(ApiError::InvalidRequest("the prompt is empty".into()));
-    }
-    let texts: Vec<String> = match body.get("continuation") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if !a.is_empty() => a
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| bad("continuation", "a string or an array of strings"))
-            })
-            .collect::<ApiResult<_>>()?,
-        _ => {
-            return Err(bad(
-                "continuation",
-                "a string or a non-empty array of strings",
-            ))
-        }
-    };
-    let conts: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| state.tok.encode(t, false, false))
-        .collect();
-    if let Some(i) = conts.iter().position(Vec::is_empty) {
-        return Err(ApiError::InvalidRequest(format!(
-            "continuation {i} has no tokens"
-        )));
-    }
-    let stats = body.bool("stats")?.unwrap_or(false);
+    let st = state.clone();
+    let (model, setting, audit, prompt, texts, conts, stats) =
+        off_workers(move || parse(&st, body)).await?;
     let n_prompt = prompt.len();
     let scored = state
         .engine
@@ -124,4 +73,76 @@ pub async fn score(
         "results": results,
         "generation_settings": audit,
     })))
+}
+
+/// What a `/score` request asks: model, setting, audit, prompt, continuations (texts and
+/// tokens) and whether to add the per-token statistics.
+type Parsed = (
+    usize,
+    Setting,
+    Value,
+    Vec<u32>,
+    Vec<String>,
+    Vec<Vec<u32>>,
+    bool,
+);
+
+/// Read and tokenize a `/score` body (run off the HTTP workers).
+fn parse(state: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Parsed> {
+    let body = read_body(body, state.cfg.body_limit)?;
+    let model = state.resolve_model(body.str("model")?)?;
+    let (setting, audit) = super::lora::setting(state, &body, model)?;
+    let prompt = match (body.get("prompt"), body.get("messages")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidRequest(
+                "give 'prompt' or 'messages', not both".into(),
+            ))
+        }
+        (Some(_), None) => {
+            let p = body
+                .str("prompt")?
+                .ok_or_else(|| bad("prompt", "a string"))?;
+            state.tok.encode(p, true, true)
+        }
+        (None, Some(_)) => {
+            let text = render(state, &messages(&body)?, true)?;
+            state.tok.encode(&text, true, true)
+        }
+        (None, None) => {
+            return Err(ApiError::InvalidRequest(
+                "'prompt' or 'messages' is required".into(),
+            ))
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::InvalidRequest("the prompt is empty".into()));
+    }
+    let texts: Vec<String> = match body.get("continuation") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if !a.is_empty() => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| bad("continuation", "a string or an array of strings"))
+            })
+            .collect::<ApiResult<_>>()?,
+        _ => {
+            return Err(bad(
+                "continuation",
+                "a string or a non-empty array of strings",
+            ))
+        }
+    };
+    let conts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| state.tok.encode(t, false, false))
+        .collect();
+    if let Some(i) = conts.iter().position(Vec::is_empty) {
+        return Err(ApiError::InvalidRequest(format!(
+            "continuation {i} has no tokens"
+        )));
+    }
+    let stats = body.bool("stats")?.unwrap_or(false);
+    Ok((model, setting, audit, prompt, texts, conts, stats))
 }

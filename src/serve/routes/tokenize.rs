@@ -4,7 +4,7 @@ use super::super::error::{ApiError, ApiResult};
 use super::super::request::bad;
 use super::super::AppState;
 use super::chat::{messages, render};
-use super::read_body;
+use super::{off_workers, read_body};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -18,6 +18,12 @@ pub async fn tokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
+    off_workers(move || tokenize_body(&state, body))
+        .await
+        .map(Json)
+}
+
+fn tokenize_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
     let body = read_body(body, state.cfg.body_limit)?;
     let content = body
         .str("content")?
@@ -26,7 +32,7 @@ pub async fn tokenize(
     let parse_special = body.bool("parse_special")?.unwrap_or(true);
     let ids = state.tok.encode(content, add_special, parse_special);
     if !body.bool("with_pieces")?.unwrap_or(false) {
-        return Ok(Json(json!({ "tokens": ids })));
+        return Ok(json!({ "tokens": ids }));
     }
     let tokens: Vec<Value> = ids
         .iter()
@@ -40,7 +46,7 @@ pub async fn tokenize(
             json!({ "id": id, "piece": piece })
         })
         .collect();
-    Ok(Json(json!({ "tokens": tokens })))
+    Ok(json!({ "tokens": tokens }))
 }
 
 /// `POST /detokenize`: `tokens` (ids) to `content`.
@@ -48,6 +54,12 @@ pub async fn detokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
+    off_workers(move || detokenize_body(&state, body))
+        .await
+        .map(Json)
+}
+
+fn detokenize_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
     let body = read_body(body, state.cfg.body_limit)?;
     let n = state.tok.n_vocab() as u64;
     let ids = match body.get("tokens") {
@@ -63,7 +75,7 @@ pub async fn detokenize(
             .collect::<ApiResult<Vec<u32>>>()?,
         Some(_) => return Err(bad("tokens", "an array of token ids")),
     };
-    Ok(Json(json!({ "content": state.tok.decode(&ids, true) })))
+    Ok(json!({ "content": state.tok.decode(&ids, true) }))
 }
 
 /// `POST /apply-template`: `messages` rendered through the chat template, as `prompt`.
@@ -71,7 +83,10 @@ pub async fn apply_template(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
-    let body = read_body(body, state.cfg.body_limit)?;
-    let msgs = messages(&body)?;
-    Ok(Json(json!({ "prompt": render(&state, &msgs, true)? })))
+    off_workers(move || {
+        let body = read_body(body, state.cfg.body_limit)?;
+        let msgs = messages(&body)?;
+        Ok(Json(json!({ "prompt": render(&state, &msgs, true)? })))
+    })
+    .await
 }
