@@ -140,7 +140,7 @@ fn decode(c: &mut Criterion) {
     const DEC_W: usize = 64;
     const DN: usize = 576;
     let mut rng = StdRng::seed_from_u64(2);
-    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q5_0] {
         let vt = ty.vec_dot_type();
         let (rb, ab) = (ty.row_bytes(DN), vt.row_bytes(DN));
         let ws: Vec<u8> = (0..DEC_W)
