@@ -1034,3 +1034,55 @@ fn health_answers_while_large_bodies_tokenize() {
         "/health took {worst:?} while large bodies were tokenized"
     );
 }
+
+/// A stop signal lets running requests finish until `--shutdown-timeout`, then ends their
+/// generations: an endless stream gets its final event and closes, and the server exits.
+#[test]
+fn stop_signal_ends_endless_streams_at_the_deadline() {
+    let model = common::model_path("smollm2");
+    let m = model.to_str().unwrap();
+    let mut s = Server::start(&["-m", m, "-c", "2048", "--shutdown-timeout", "1"]);
+    let endless = json!({"prompt": "Once upon a time", "n_predict": -1, "ignore_eos": true,
+                         "stream": true});
+    let mut stream = s.open_stream("/completion", &endless);
+    let t = std::time::Instant::now();
+    s.signal("TERM");
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).expect("the stream closes");
+    let ended = t.elapsed();
+    // The rest of the chunked body: the last event is the final one.
+    let at = rest.rfind("data: ").expect("a final event") + "data: ".len();
+    let last = rest[at..].lines().next().unwrap();
+    let v: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["stop"], true, "{last}");
+    assert_eq!(v["stop_type"], "none", "{last}");
+    assert!(
+        ended >= std::time::Duration::from_millis(900),
+        "ended before the deadline: {ended:?}"
+    );
+    let code = s.wait_exit(std::time::Duration::from_secs(10));
+    assert_eq!(code, Some(0), "the server exits after draining");
+    eprintln!(
+        "stream ended {ended:?} after SIGTERM; exited after {:?}",
+        t.elapsed()
+    );
+}
+
+/// A second stop signal exits at once, whatever is running.
+#[test]
+fn second_stop_signal_exits_at_once() {
+    let model = common::model_path("smollm2");
+    let m = model.to_str().unwrap();
+    let mut s = Server::start(&["-m", m, "-c", "2048", "--shutdown-timeout", "600"]);
+    let endless = json!({"prompt": "Once upon a time", "n_predict": -1, "ignore_eos": true,
+                         "stream": true});
+    let _stream = s.open_stream("/completion", &endless);
+    s.signal("TERM");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(s.wait_exit(std::time::Duration::ZERO), None, "draining");
+    let t = std::time::Instant::now();
+    s.signal("INT");
+    let code = s.wait_exit(std::time::Duration::from_secs(5));
+    assert!(code.is_some(), "still running 5 s after the second signal");
+    eprintln!("exited {:?} after the second signal", t.elapsed());
+}

@@ -72,6 +72,14 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at `GET /metrics`.
     #[arg(long)]
     pub metrics: bool,
+    /// On SIGTERM or SIGINT, seconds to let running requests finish before their generations
+    /// are ended (streams get their final event); a second signal exits at once.
+    #[arg(
+        long = "shutdown-timeout",
+        default_value_t = 5.0,
+        value_name = "SECONDS"
+    )]
+    pub shutdown_timeout: f64,
     /// A profile file (TOML): each profile is served as a model id.
     #[arg(long = "profile")]
     pub profile: Option<PathBuf>,
@@ -122,6 +130,8 @@ pub fn main(a: ServeArgs) -> Result<()> {
         body_limit: BODY_LIMIT,
         slots: !a.no_slots,
         metrics: a.metrics,
+        shutdown_timeout: std::time::Duration::try_from_secs_f64(a.shutdown_timeout)
+            .map_err(|_| anyhow::anyhow!("--shutdown-timeout must be a number of seconds >= 0"))?,
     };
     // The socket is bound first (requests get 503 `Loading model`), then the models load.
     let load = move || load(a).map_err(|e| lethe::Error::Invalid(format!("{e:#}")));

@@ -233,6 +233,11 @@ impl Slot {
     }
 }
 
+/// Set when the server's drain deadline has passed: every running generation ends at its next
+/// step (finish reason `Cancelled`, its final event sent, so streams close cleanly) and queued
+/// or new ones are refused with 503.
+pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 struct Scheduler {
     tok: Arc<Tokenizer>,
     models: Vec<ServedModel>,
@@ -259,6 +264,9 @@ impl Scheduler {
             while let Ok(w) = rx.try_recv() {
                 self.take(w);
             }
+            if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                self.stop_all();
+            }
             // Jobs whose client left never start.
             self.queue.retain(|j| !j.events.is_closed());
             let deferred = self.queue.len() as u64;
@@ -273,12 +281,33 @@ impl Scheduler {
         }
     }
 
+    /// End every running generation (its final event sent) and refuse the queued ones.
+    fn stop_all(&mut self) {
+        for job in self.queue.drain(..) {
+            let _ = job.events.send(Event::Error(ApiError::Unavailable(
+                "the server is stopping".into(),
+            )));
+        }
+        for i in 0..self.slots.len() {
+            if let Some(active) = self.slots[i].active.as_mut() {
+                active.gen.cancel();
+                self.finish(i);
+            }
+        }
+    }
+
     /// Queue a generation; run a scoring request at once.
     fn take(&mut self, w: Work) {
         match w {
             Work::Generate(job) => self.queue.push_back(job),
             Work::Score(job) => {
                 if job.reply.is_closed() {
+                    return;
+                }
+                if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = job
+                        .reply
+                        .send(Err(ApiError::Unavailable("the server is stopping".into())));
                     return;
                 }
                 let r = self.score(&job);

@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub slots: bool,
     /// Serve `GET /metrics`.
     pub metrics: bool,
+    /// How long a stop signal lets running requests finish before their generations end.
+    pub shutdown_timeout: std::time::Duration,
 }
 
 /// What the loader hands the server once the models are in memory.
@@ -229,6 +231,7 @@ pub fn run(
                 .local_addr()
                 .map_err(io("reading the bound address"))?,
         );
+        let deadline = cfg.shutdown_timeout;
         let app = Arc::new(OnceLock::new());
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<crate::Error>();
         let loading = app.clone();
@@ -251,7 +254,14 @@ pub fn run(
         let seen = failure.clone();
         let stop = async move {
             tokio::select! {
-                _ = shutdown() => {},
+                _ = shutdown() => {
+                    eprintln!(
+                        "lethe: stopping: running requests get {:.1} s to finish (a second \
+                         signal exits at once)",
+                        deadline.as_secs_f64()
+                    );
+                    tokio::spawn(drain(deadline));
+                },
                 Ok(e) = failed_rx => {
                     *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 },
@@ -308,6 +318,27 @@ fn io(context: &str) -> impl FnOnce(std::io::Error) -> crate::Error {
 }
 
 /// Resolves on SIGINT or SIGTERM.
+/// After the first stop signal: at `deadline`, end every running generation (their streams
+/// get a final event and close, so the graceful shutdown completes); a second signal, or a
+/// server still not stopped a few seconds after the deadline, exits at once.
+async fn drain(deadline: std::time::Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(deadline) => {
+            engine::STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
+                    eprintln!("lethe: still busy 5 s after the deadline; exiting");
+                    std::process::exit(1);
+                }
+                _ = shutdown() => {}
+            }
+        }
+        _ = shutdown() => {}
+    }
+    eprintln!("lethe: second stop signal; exiting");
+    std::process::exit(130);
+}
+
 async fn shutdown() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

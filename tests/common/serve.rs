@@ -23,6 +23,59 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Send the server a signal (`TERM`, `INT`, ...).
+    #[allow(dead_code)]
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait up to `timeout` for the server to exit; its exit code (`Some(-1)` for a signal),
+    /// or `None` if it is still running.
+    #[allow(dead_code)]
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let t = std::time::Instant::now();
+        while t.elapsed() < timeout {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return Some(st.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Open a streamed request and read until its first event; the rest is read from the
+    /// returned socket.
+    #[allow(dead_code)]
+    pub fn open_stream(&self, path: &str, body: &Value) -> BufReader<TcpStream> {
+        let mut s = TcpStream::connect(&self.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let body = body.to_string();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                r.read_line(&mut line).expect("read") > 0,
+                "the stream ended at once"
+            );
+            if line.starts_with("data: ") {
+                return r;
+            }
+        }
+    }
+
     /// The server's resident memory in MiB (Linux `/proc`; `None` elsewhere).
     #[allow(dead_code)]
     pub fn rss_mib(&self) -> Option<u64> {
