@@ -1086,3 +1086,70 @@ fn second_stop_signal_exits_at_once() {
     assert!(code.is_some(), "still running 5 s after the second signal");
     eprintln!("exited {:?} after the second signal", t.elapsed());
 }
+
+/// Half-sent requests cannot hold the server: headers not finished within `--header-timeout`
+/// close the connection, a body not finished within `--timeout` is a 408, and with
+/// `--max-connections` taken by such clients `/health` waits at most about one header
+/// deadline.
+#[test]
+fn half_sent_requests_time_out() {
+    use std::time::{Duration, Instant};
+    let model = common::model_path("smollm2");
+    let m = model.to_str().unwrap();
+    let s = Server::start(&[
+        "-m",
+        m,
+        "-c",
+        "64",
+        "--header-timeout",
+        "1",
+        "--timeout",
+        "1",
+        "--max-connections",
+        "40",
+    ]);
+    // 40 connections (the cap): half a header each, or nothing at all.
+    let t = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..40)
+        .map(|k| {
+            let mut c = TcpStream::connect(&s.addr).unwrap();
+            if k % 2 == 0 {
+                c.write_all(b"POST /completion HTTP/1.1\r\nHost: x\r\n")
+                    .unwrap();
+            }
+            c
+        })
+        .collect();
+    // /health needs a connection of its own: it gets one once the deadline frees them.
+    assert_eq!(s.get("/health").0, 200);
+    let waited = t.elapsed();
+    assert!(waited < Duration::from_secs(5), "/health waited {waited:?}");
+    // Every slow connection was closed by the server.
+    for c in &mut slow {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        let r = c.read_to_end(&mut buf);
+        assert!(r.is_ok(), "still open: {r:?}");
+    }
+    let closed = t.elapsed();
+    // A body that stops halfway: 408 in the envelope.
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(
+        b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"",
+    )
+    .unwrap();
+    let t = Instant::now();
+    let mut raw = Vec::new();
+    let _ = c.read_to_end(&mut raw);
+    let (st, _, body) = common::serve::parse_response(&raw);
+    let e: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("JSON: {body}"));
+    assert_eq!((st, error_type(&e)), (408, "timeout_error"));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    eprintln!(
+        "/health after {waited:?}; slow connections closed after {closed:?}; 408 after {:?}",
+        t.elapsed()
+    );
+    // And the server goes on serving.
+    assert_eq!(s.post("/tokenize", &json!({"content": "hi"})).0, 200);
+}

@@ -72,6 +72,20 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at `GET /metrics`.
     #[arg(long)]
     pub metrics: bool,
+    /// Seconds a client may take to send a request's body (llama-server's read timeout).
+    #[arg(long = "timeout", default_value_t = 600.0, value_name = "SECONDS")]
+    pub timeout: f64,
+    /// Seconds a client may take to send a request's headers, and a keep-alive connection may
+    /// stay idle; slower connections are closed.
+    #[arg(
+        long = "header-timeout",
+        default_value_t = 10.0,
+        value_name = "SECONDS"
+    )]
+    pub header_timeout: f64,
+    /// Most connections open at once (the next waits until one closes).
+    #[arg(long = "max-connections", default_value_t = 1024)]
+    pub max_connections: usize,
     /// On SIGTERM or SIGINT, seconds to let running requests finish before their generations
     /// are ended (streams get their final event); a second signal exits at once.
     #[arg(
@@ -130,8 +144,12 @@ pub fn main(a: ServeArgs) -> Result<()> {
         body_limit: BODY_LIMIT,
         slots: !a.no_slots,
         metrics: a.metrics,
-        shutdown_timeout: std::time::Duration::try_from_secs_f64(a.shutdown_timeout)
-            .map_err(|_| anyhow::anyhow!("--shutdown-timeout must be a number of seconds >= 0"))?,
+        shutdown_timeout: seconds(a.shutdown_timeout, "--shutdown-timeout")?,
+        body_timeout: seconds(a.timeout, "--timeout")?,
+        limits: lethe::serve::conn::Limits {
+            header_timeout: seconds(a.header_timeout, "--header-timeout")?,
+            max_connections: a.max_connections,
+        },
     };
     // The socket is bound first (requests get 503 `Loading model`), then the models load.
     let load = move || load(a).map_err(|e| lethe::Error::Invalid(format!("{e:#}")));
@@ -202,4 +220,10 @@ fn load(a: ServeArgs) -> Result<ServedModels> {
         models,
         default_model,
     })
+}
+
+/// A duration flag: a number of seconds, at least 0.
+fn seconds(v: f64, flag: &str) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("{flag} must be a number of seconds >= 0 (got {v})"))
 }

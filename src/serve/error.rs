@@ -29,6 +29,8 @@ pub enum ApiError {
     Unavailable(String),
     /// 500 `server_error`.
     Server(String),
+    /// 408 `timeout_error`: the client stopped sending its request.
+    Timeout(String),
 }
 
 impl ApiError {
@@ -42,6 +44,7 @@ impl ApiError {
             ApiError::NotSupported(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Server(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -56,6 +59,7 @@ impl ApiError {
             ApiError::ExceedContext { .. } => "exceed_context_size_error",
             ApiError::Unavailable(_) => "unavailable_error",
             ApiError::Server(_) => "server_error",
+            ApiError::Timeout(_) => "timeout_error",
         }
     }
 
@@ -66,7 +70,8 @@ impl ApiError {
             | ApiError::NotFound(m)
             | ApiError::NotSupported(m)
             | ApiError::Unavailable(m)
-            | ApiError::Server(m) => m.clone(),
+            | ApiError::Server(m)
+            | ApiError::Timeout(m) => m.clone(),
             ApiError::Authentication => "Invalid API Key".into(),
             ApiError::TooLarge(limit) => {
                 format!("the request body is larger than the limit of {limit} bytes")

@@ -4,6 +4,7 @@
 //! The HTTP side runs on a small tokio runtime; generation runs on one inference thread
 //! ([`engine`]) that drives the model's own thread pool, fed by a channel.
 
+pub mod conn;
 pub mod engine;
 pub mod error;
 pub mod request;
@@ -52,6 +53,10 @@ pub struct ServeConfig {
     pub metrics: bool,
     /// How long a stop signal lets running requests finish before their generations end.
     pub shutdown_timeout: std::time::Duration,
+    /// Longest wait for a request's body once its headers are in.
+    pub body_timeout: std::time::Duration,
+    /// The connections' header deadline and cap.
+    pub limits: conn::Limits,
 }
 
 /// What the loader hands the server once the models are in memory.
@@ -138,6 +143,30 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
     ApiError::Authentication.into_response()
 }
 
+/// Read a request's whole body within `body_timeout` before its handler runs: a client that
+/// stops sending gets 408 instead of holding the connection and the handler.
+async fn body_deadline(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = state.cfg.body_limit;
+    let read = tokio::time::timeout(state.cfg.body_timeout, axum::body::to_bytes(body, limit));
+    match read.await {
+        Err(_) => ApiError::Timeout(format!(
+            "the request body did not arrive within {} s",
+            state.cfg.body_timeout.as_secs_f64()
+        ))
+        .into_response(),
+        // `to_bytes` says so when the body is over the limit; anything else is a broken body.
+        Ok(Err(e)) if e.to_string().contains("length limit") => {
+            ApiError::TooLarge(limit).into_response()
+        }
+        Ok(Err(e)) => ApiError::InvalidRequest(format!("reading the body: {e}")).into_response(),
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+    }
+}
+
 /// CORS as llama-server does it: the request's `Origin` is echoed back (`*` without one),
 /// and a preflight `OPTIONS` is answered with the allowed methods and headers.
 async fn cors(req: Request, next: Next) -> Response {
@@ -179,6 +208,10 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .fallback(|| async { ApiError::NotFound("File Not Found".into()) })
         // A known path with a method it does not take: llama-server's 404 envelope.
         .method_not_allowed_fallback(|| async { ApiError::NotFound("File Not Found".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            body_deadline,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -232,6 +265,7 @@ pub fn run(
                 .map_err(io("reading the bound address"))?,
         );
         let deadline = cfg.shutdown_timeout;
+        let limits = cfg.limits;
         let app = Arc::new(OnceLock::new());
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<crate::Error>();
         let loading = app.clone();
@@ -267,10 +301,7 @@ pub fn run(
                 },
             }
         };
-        axum::serve(listener, gate(app))
-            .with_graceful_shutdown(stop)
-            .await
-            .map_err(io("serving"))?;
+        conn::serve(listener, gate(app), limits, stop).await;
         let failed = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
         match failed {
             Some(e) => Err(e),
