@@ -36,7 +36,7 @@ enum Cmd {
     /// Layer patch files: inspect, bake into a model, make a random LoRA.
     Patch(cli::patch::PatchArgs),
     /// Serve an HTTP API compatible with llama-server's, each profile a model id.
-    Serve(cli::serve::ServeArgs),
+    Serve(Box<cli::serve::ServeArgs>),
     /// TOFU metrics and membership inference of a forgotten profile against its base.
     Eval(cli::eval::EvalArgs),
     /// Two models answer the same prompts: side by side, first difference, KL.
@@ -70,9 +70,17 @@ fn main() -> anyhow::Result<()> {
         note: |line| eprintln!("lethe: {line}"),
         progress: true,
     });
-    // llama.cpp spells `--parallel` as `-np`, which is not a one-letter flag.
-    let args = std::env::args().map(|a| if a == "-np" { "--parallel".into() } else { a });
-    let cli = Cli::parse_from(args);
+    // llama.cpp spells `--parallel` as `-np`, which is not a one-letter flag; `lethe serve`
+    // takes llama-server's other multi-letter short flags too.
+    let args: Vec<String> = std::env::args().collect();
+    let cli = if args.get(1).map(String::as_str) == Some("serve") {
+        Cli::parse_from(cli::serve_compat::rewrite_shorts(args.into_iter()))
+    } else {
+        Cli::parse_from(
+            args.into_iter()
+                .map(|a| if a == "-np" { "--parallel".into() } else { a }),
+        )
+    };
     match cli.cmd {
         Cmd::Run(a) => cli::run::main(a),
         Cmd::Chat(a) => cli::chat::main(a),
@@ -83,7 +91,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Forge(a) => cli::forge::main(a),
         Cmd::Profile(a) => cli::profile::main(a),
         Cmd::Patch(a) => cli::patch::main(a),
-        Cmd::Serve(a) => cli::serve::main(a),
+        Cmd::Serve(a) => cli::serve::main(*a),
         Cmd::Eval(a) => cli::eval::main(a),
         Cmd::Compare(a) => cli::compare::main(a),
         Cmd::Report(a) => cli::report::main(a),

@@ -815,12 +815,84 @@ fn props_slots_metrics_cors_key_file() {
         header(&headers, "access-control-allow-origin").as_deref(),
         Some("http://example.org")
     );
-    assert!(header(&headers, "access-control-allow-methods")
-        .unwrap()
-        .contains("POST"));
-    assert!(header(&headers, "access-control-allow-headers")
-        .unwrap()
-        .contains("authorization"));
+    assert_eq!(
+        header(&headers, "access-control-allow-methods").as_deref(),
+        Some("GET, POST, DELETE, OPTIONS")
+    );
+    assert_eq!(
+        header(&headers, "access-control-allow-headers").as_deref(),
+        Some("*")
+    );
+    // Header names go out as llama-server writes them.
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nOrigin: http://example.org\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = String::new();
+    c.read_to_string(&mut raw).unwrap();
+    assert!(
+        raw.contains("\r\nAccess-Control-Allow-Origin: http://example.org\r\n"),
+        "{raw}"
+    );
+    drop(s);
+
+    // --cors-origins localhost: only local origins are echoed. The server also takes
+    // llama-server's flags that do not apply here, as the suite passes them.
+    let s = Server::start(&[
+        "-m",
+        m,
+        "--cors-origins",
+        "localhost",
+        "--offline",
+        "-b",
+        "512",
+        "-ub",
+        "512",
+        "-fa",
+        "on",
+        "--kv-unified",
+        "--swa-full",
+        "--verbose",
+        "-ngl",
+        "99",
+        "--reasoning",
+        "off",
+        "--slot-save-path",
+        "/nonexistent",
+    ]);
+    for (origin, echoed) in [
+        ("http://localhost:3000", true),
+        ("http://[::1]", true),
+        ("http://evil.com", false),
+        ("http://localhost.evil.com", false),
+    ] {
+        let (st, headers, _) = s.request(
+            "OPTIONS",
+            "/completions",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+            ],
+            b"",
+        );
+        assert_eq!(st, 200);
+        let got = header(&headers, "access-control-allow-origin");
+        assert_eq!(got.as_deref(), echoed.then_some(origin), "{origin}");
+    }
+    drop(s);
+
+    // --chat-template-file: the file's Jinja source is the template.
+    let tf = dir.join("template.jinja");
+    std::fs::write(
+        &tf,
+        "{% for m in messages %}<<{{ m.content }}>>{% endfor %}",
+    )
+    .unwrap();
+    let s = Server::start(&["-m", m, "--chat-template-file", tf.to_str().unwrap()]);
+    let (st, r) = s.post(
+        "/apply-template",
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!((st, r["prompt"].as_str()), (200, Some("<<hi>>")), "{r}");
     drop(s);
 
     // --no-slots, and no --metrics: 501 for both, as llama-server answers.

@@ -14,4 +14,5 @@ pub mod profile;
 pub mod report;
 pub mod run;
 pub mod serve;
+pub mod serve_compat;
 pub mod tokenize;

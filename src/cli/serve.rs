@@ -2,6 +2,7 @@
 //! model id. Flags are spelled as llama-server spells them.
 
 use super::common::{profile_audit, PatchArgs};
+use super::serve_compat::CompatArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lethe::serve::{ServeConfig, ServedModel, ServedModels};
@@ -104,6 +105,8 @@ pub struct ServeArgs {
     /// Serve only the profiles: the base model is neither listed nor served.
     #[arg(long, requires = "profile")]
     pub lock: bool,
+    #[command(flatten)]
+    pub compat: CompatArgs,
 }
 
 pub fn main(a: ServeArgs) -> Result<()> {
@@ -113,6 +116,15 @@ pub fn main(a: ServeArgs) -> Result<()> {
     if a.slots && a.no_slots {
         bail!("--slots and --no-slots contradict each other");
     }
+    a.compat.check()?;
+    let chat_template = match (&a.chat_template, &a.compat.chat_template_file) {
+        (Some(_), Some(_)) => bail!("give --chat-template or --chat-template-file, not both"),
+        (_, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the chat template file {}", f.display()))?,
+        ),
+        (t, None) => t.clone(),
+    };
     let mut api_keys: Vec<String> = a
         .api_key
         .iter()
@@ -138,7 +150,7 @@ pub fn main(a: ServeArgs) -> Result<()> {
         temperature: a.temp,
         seed: a.seed,
         api_keys,
-        chat_template: a.chat_template.clone(),
+        chat_template,
         default_model: 0,
         lock: a.lock,
         body_limit: BODY_LIMIT,
@@ -150,6 +162,7 @@ pub fn main(a: ServeArgs) -> Result<()> {
             header_timeout: seconds(a.header_timeout, "--header-timeout")?,
             max_connections: a.max_connections,
         },
+        cors_origins: a.compat.cors_origins.clone(),
     };
     // The socket is bound first (requests get 503 `Loading model`), then the models load.
     let load = move || load(a).map_err(|e| lethe::Error::Invalid(format!("{e:#}")));
@@ -164,8 +177,18 @@ fn load(a: ServeArgs) -> Result<ServedModels> {
     let file = a.profile.as_ref().map(ProfileFile::load).transpose()?;
     let path = match (&file, &a.model) {
         (Some(f), None) => profile::locate(&f.dir, &f.profiles[0].base)?,
-        (_, Some(m)) => lethe::hub::resolve_model(m)?,
-        (None, None) => lethe::hub::resolve_model("smollm2")?,
+        (_, Some(m)) => {
+            if a.compat.offline && !std::path::Path::new(m).is_file() {
+                offline_check(m)?;
+            }
+            lethe::hub::resolve_model(m)?
+        }
+        (None, None) => {
+            if a.compat.offline {
+                offline_check("smollm2")?;
+            }
+            lethe::hub::resolve_model("smollm2")?
+        }
     };
     let base = Base::open(
         &path,
@@ -226,4 +249,18 @@ fn load(a: ServeArgs) -> Result<ServedModels> {
 fn seconds(v: f64, flag: &str) -> Result<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(v)
         .map_err(|_| anyhow::anyhow!("{flag} must be a number of seconds >= 0 (got {v})"))
+}
+
+/// Under `--offline`, a model named by name must already be in the cache.
+fn offline_check(name: &str) -> Result<()> {
+    if let Some(entry) = lethe::hub::manifest().models.get(name) {
+        let path = lethe::hub::cache_dir()?.join(&entry.file);
+        if !path.is_file() {
+            bail!(
+                "--offline: model {name:?} is not in the cache ({}); run `lethe fetch {name}` first",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }

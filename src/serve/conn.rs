@@ -59,8 +59,11 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let mut http = hyper::server::conn::http1::Builder::new();
+        // Header names as llama-server writes them (`Access-Control-Allow-Origin`): some
+        // clients compare them case-sensitively.
         http.timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout);
+            .header_read_timeout(limits.header_timeout)
+            .title_case_headers(true);
         let conn =
             http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let conn = graceful.watch(conn);

@@ -57,6 +57,8 @@ pub struct ServeConfig {
     pub body_timeout: std::time::Duration,
     /// The connections' header deadline and cap.
     pub limits: conn::Limits,
+    /// `--cors-origins`: `*`, `localhost` or the value of `Access-Control-Allow-Origin`.
+    pub cors_origins: String,
 }
 
 /// What the loader hands the server once the models are in memory.
@@ -167,33 +169,61 @@ async fn body_deadline(State(state): State<Arc<AppState>>, req: Request, next: N
     }
 }
 
-/// CORS as llama-server does it: the request's `Origin` is echoed back (`*` without one),
-/// and a preflight `OPTIONS` is answered with the allowed methods and headers.
-async fn cors(req: Request, next: Next) -> Response {
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .cloned()
-        .unwrap_or(HeaderValue::from_static("*"));
+/// Whether `origin` is http(s)://localhost, 127.0.0.1 or [::1], with any port.
+fn is_localhost(origin: &str) -> bool {
+    let rest = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    let Some(rest) = rest else {
+        return false;
+    };
+    let host = if rest.starts_with('[') {
+        rest.split(']').next().map(|h| format!("{h}]"))
+    } else {
+        rest.split(':').next().map(str::to_owned)
+    };
+    let Some(host) = host else {
+        return false;
+    };
+    let port_ok = match rest.strip_prefix(host.as_str()) {
+        Some("") => true,
+        Some(p) => p
+            .strip_prefix(':')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        None => false,
+    };
+    port_ok && matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]")
+}
+
+/// CORS as llama-server does it, by `--cors-origins`: `*` echoes the request's `Origin`,
+/// `localhost` echoes it only for a local origin, anything else is sent as it is; a preflight
+/// `OPTIONS` is answered 200 with credentials, llama-server's methods and any header.
+async fn cors(State(origins): State<Arc<str>>, req: Request, next: Next) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let allow = match &*origins {
+        "*" => Some(origin.unwrap_or(HeaderValue::from_static("*"))),
+        "localhost" => origin.filter(|o| o.to_str().is_ok_and(is_localhost)),
+        other => HeaderValue::from_str(other).ok(),
+    };
     let mut res = if req.method() == Method::OPTIONS {
-        let allow_headers = req
-            .headers()
-            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-            .cloned()
-            .unwrap_or(HeaderValue::from_static("*"));
         let mut r = StatusCode::OK.into_response();
         let h = r.headers_mut();
         h.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, OPTIONS"),
+            HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
         );
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allow_headers);
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("*"),
+        );
         r
     } else {
         next.run(req).await
     };
     let h = res.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    if let Some(allow) = allow {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+    }
     h.insert(
         header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
         HeaderValue::from_static("true"),
@@ -219,7 +249,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
 
 /// The server as it starts: every request is answered 503 `Loading model` until the
 /// application is set, then handed to it. CORS applies throughout.
-fn gate(app: Arc<OnceLock<axum::Router>>) -> axum::Router {
+fn gate(app: Arc<OnceLock<axum::Router>>, origins: Arc<str>) -> axum::Router {
     axum::Router::new()
         .fallback(move |req: Request| {
             let app = app.clone();
@@ -236,7 +266,7 @@ fn gate(app: Arc<OnceLock<axum::Router>>) -> axum::Router {
                 }
             }
         })
-        .layer(axum::middleware::from_fn(cors))
+        .layer(axum::middleware::from_fn_with_state(origins, cors))
 }
 
 /// Listen first (requests get 503 `Loading model` meanwhile), then `load` the models (the
@@ -266,6 +296,7 @@ pub fn run(
         );
         let deadline = cfg.shutdown_timeout;
         let limits = cfg.limits;
+        let origins: Arc<str> = cfg.cors_origins.as_str().into();
         let app = Arc::new(OnceLock::new());
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<crate::Error>();
         let loading = app.clone();
@@ -301,7 +332,7 @@ pub fn run(
                 },
             }
         };
-        conn::serve(listener, gate(app), limits, stop).await;
+        conn::serve(listener, gate(app, origins), limits, stop).await;
         let failed = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
         match failed {
             Some(e) => Err(e),
@@ -388,5 +419,34 @@ async fn shutdown() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn localhost_origins() {
+        for o in [
+            "http://localhost",
+            "http://localhost:8080",
+            "http://127.0.0.1",
+            "https://127.0.0.1:3000",
+            "http://[::1]",
+            "http://[::1]:3000",
+        ] {
+            assert!(super::is_localhost(o), "{o}");
+        }
+        for o in [
+            "http://web.mydomain.fr",
+            "http://evil.com",
+            "http://notlocalhost",
+            "http://localhost.evil.com",
+            "http://localhost:",
+            "http://localhost:80x",
+            "localhost",
+            "ftp://localhost",
+        ] {
+            assert!(!super::is_localhost(o), "{o}");
+        }
     }
 }
