@@ -270,11 +270,12 @@ fn errors_and_api_key() {
     let (st, e) = post("/completion", br#"{"n_predict": 4}"#, &key);
     assert_eq!((st, error_type(&e)), (400, "invalid_request_error"));
 
-    // Unknown model and unknown route: 404.
+    // One model served: any model name is that model, as in llama-server.
     let mut b = chat_body("Hi", 4);
-    b["model"] = json!("no-such-model");
-    let (st, e) = post("/v1/chat/completions", b.to_string().as_bytes(), &key);
-    assert_eq!((st, error_type(&e)), (404, "not_found_error"));
+    b["model"] = json!("gpt-3.5-turbo");
+    let (st, r) = post("/v1/chat/completions", b.to_string().as_bytes(), &key);
+    assert_eq!(st, 200, "{r}");
+    // Unknown route: 404.
     let (st, e) = post("/v1/nothing", b"{}", &key);
     assert_eq!((st, error_type(&e)), (404, "not_found_error"));
 
@@ -357,6 +358,11 @@ fn profile_served_by_id_and_lock() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["base", "patched"]);
+    // Several models: an unknown name is a 404, never the base.
+    let mut b = chat_body(PROMPT, 2);
+    b["model"] = json!("pached");
+    let (st, e) = s.post("/v1/chat/completions", &b);
+    assert_eq!((st, error_type(&e)), (404, "not_found_error"));
     let ask = |model: &str| {
         let mut b = chat_body(PROMPT, 12);
         b["model"] = json!(model);
@@ -754,8 +760,13 @@ fn props_slots_metrics_cors_key_file() {
     assert_eq!(props["total_slots"], 2);
     assert!(props["model_path"].as_str().unwrap().ends_with(".gguf"));
     assert!(!props["chat_template"].as_str().unwrap().is_empty());
-    assert_eq!(props["default_generation_settings"]["n_ctx"], 256);
-    assert!(props["build_info"].as_str().unwrap().starts_with("lethe-"));
+    // -c is shared by the slots, as in llama-server: 256 / 2 a slot.
+    assert_eq!(props["default_generation_settings"]["n_ctx"], 128);
+    let build = props["build_info"].as_str().unwrap();
+    assert!(
+        build.starts_with('b') && build.ends_with("-lethe"),
+        "{build}"
+    );
 
     let (st, slots) = get("/slots");
     assert_eq!(st, 200);
@@ -764,7 +775,7 @@ fn props_slots_metrics_cors_key_file() {
     assert_eq!(slots.len(), 2);
     for (i, sl) in slots.iter().enumerate() {
         assert_eq!(sl["id"], i);
-        assert_eq!(sl["n_ctx"], 256);
+        assert_eq!(sl["n_ctx"], 128);
         assert_eq!(sl["is_processing"], false);
     }
 
@@ -773,6 +784,11 @@ fn props_slots_metrics_cors_key_file() {
     assert_eq!(st, 200, "{r}");
     let (st, headers, text) = s.request("GET", "/metrics", &key, b"");
     assert_eq!(st, 200);
+    let started: u64 = header(&headers, "process-start-time-unix")
+        .expect("Process-Start-Time-Unix")
+        .parse()
+        .unwrap();
+    assert!(started > 1_700_000_000);
     assert!(header(&headers, "content-type")
         .unwrap()
         .starts_with("text/plain"));

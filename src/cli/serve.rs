@@ -26,7 +26,9 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Context size of each slot, in tokens (0: the model's training context, capped at 4096).
+    /// Context size in tokens, shared by the slots as in llama-server: each of the --parallel
+    /// slots gets ctx-size / parallel (0: each slot gets the model's training context, capped
+    /// at 4096).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
     pub ctx_size: usize,
     /// Slots: requests served at once (`-np` is accepted too).
@@ -117,6 +119,14 @@ pub fn main(a: ServeArgs) -> Result<()> {
         bail!("--slots and --no-slots contradict each other");
     }
     a.compat.check()?;
+    if a.ctx_size > 0 && a.ctx_size / a.parallel < 8 {
+        bail!(
+            "--ctx-size {} shared by {} slots leaves {} tokens a slot; give a larger -c",
+            a.ctx_size,
+            a.parallel,
+            a.ctx_size / a.parallel
+        );
+    }
     let chat_template = match (&a.chat_template, &a.compat.chat_template_file) {
         (Some(_), Some(_)) => bail!("give --chat-template or --chat-template-file, not both"),
         (_, Some(f)) => Some(
@@ -194,7 +204,7 @@ fn load(a: ServeArgs) -> Result<ServedModels> {
         &path,
         LoadOptions {
             threads: a.threads,
-            n_ctx: a.ctx_size,
+            n_ctx: a.ctx_size / a.parallel,
             ..LoadOptions::default()
         },
     )?;

@@ -97,10 +97,18 @@ impl AppState {
         !self.cfg.lock || self.models[i].1.is_some()
     }
 
-    /// The model a request names (`None` or empty: the default).
+    /// The model a request names (`None` or empty: the default). A server with exactly one
+    /// model takes any name, as llama-server does (clients send `gpt-3.5-turbo` and the like);
+    /// with several, an unknown name is a 404: a mistyped profile must never fall back to
+    /// the unforgotten base.
     pub fn resolve_model(&self, name: Option<&str>) -> ApiResult<usize> {
+        let servable: Vec<usize> = (0..self.models.len())
+            .filter(|&i| self.servable(i))
+            .collect();
+        let known = |n: &str| self.models.iter().any(|(id, _)| id == n);
         let i = match name.filter(|n| !n.is_empty()) {
             None => self.cfg.default_model,
+            Some(n) if servable.len() == 1 && !known(n) => servable[0],
             Some(n) => self
                 .models
                 .iter()

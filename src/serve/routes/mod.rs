@@ -197,7 +197,8 @@ pub fn now() -> u64 {
 }
 
 /// `system_fingerprint` of the OpenAI responses.
-pub const FINGERPRINT: &str = concat!("lethe-", env!("CARGO_PKG_VERSION"));
+/// llama-server's is `b<build>-<commit>`, and clients check the `b`.
+pub const FINGERPRINT: &str = concat!("b", env!("CARGO_PKG_VERSION"), "-lethe");
 
 /// A token's text and its bytes (a piece need not be whole UTF-8).
 fn piece(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {

@@ -169,5 +169,20 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> ApiResult<Response> 
         let _ = writeln!(text, "# TYPE llamacpp:{name} {kind}");
         let _ = writeln!(text, "llamacpp:{name} {value}");
     }
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+    // llama-server sends when the process started in this header.
+    let start = state.created.to_string();
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4".to_string(),
+            ),
+            (
+                header::HeaderName::from_static("process-start-time-unix"),
+                start,
+            ),
+        ],
+        text,
+    )
+        .into_response())
 }
