@@ -259,6 +259,12 @@ fn errors_and_api_key() {
         json!({"messages": "hi"}),
         json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": "hot"}),
         json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": -5}),
+        // Two trailing assistant messages, and a generation prompt after a message to
+        // continue: refused as llama-server refuses them.
+        json!({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"},
+                            {"role": "assistant", "content": "b"}]}),
+        json!({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+               "add_generation_prompt": true, "continue_final_message": true}),
     ] {
         let (st, e) = post("/v1/chat/completions", bad.to_string().as_bytes(), &key);
         assert_eq!(
@@ -801,6 +807,8 @@ fn props_slots_metrics_cors_key_file() {
     };
     assert!(text.contains("# TYPE llamacpp:prompt_tokens_total counter"));
     assert!(metric("prompt_tokens_total") >= 5.0);
+    // One request so far: nothing came from a cache.
+    assert_eq!(metric("prompt_tokens_cached_total"), 0.0);
     assert_eq!(metric("tokens_predicted_total"), 4.0);
     assert_eq!(metric("requests_processing"), 0.0);
     assert_eq!(metric("requests_deferred"), 0.0);

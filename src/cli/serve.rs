@@ -119,12 +119,12 @@ pub fn main(a: ServeArgs) -> Result<()> {
         bail!("--slots and --no-slots contradict each other");
     }
     a.compat.check()?;
-    if a.ctx_size > 0 && a.ctx_size / a.parallel < 8 {
+    if a.ctx_size > 0 && slot_ctx(&a) < 8 {
         bail!(
             "--ctx-size {} shared by {} slots leaves {} tokens a slot; give a larger -c",
             a.ctx_size,
             a.parallel,
-            a.ctx_size / a.parallel
+            slot_ctx(&a)
         );
     }
     let chat_template = match (&a.chat_template, &a.compat.chat_template_file) {
@@ -204,7 +204,7 @@ fn load(a: ServeArgs) -> Result<ServedModels> {
         &path,
         LoadOptions {
             threads: a.threads,
-            n_ctx: a.ctx_size / a.parallel,
+            n_ctx: slot_ctx(&a),
             ..LoadOptions::default()
         },
     )?;
@@ -273,4 +273,14 @@ fn offline_check(name: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Each slot's context: `-c` shared by the slots, as llama-server does; with `--kv-unified`
+/// (llama-server's one cache for all slots) each slot may fill the whole `-c`.
+fn slot_ctx(a: &ServeArgs) -> usize {
+    if a.compat.kv_unified {
+        a.ctx_size
+    } else {
+        a.ctx_size / a.parallel
+    }
 }

@@ -77,7 +77,8 @@ pub struct CompatArgs {
     /// No effect (see --cont-batching).
     #[arg(long = "no-cont-batching")]
     pub no_cont_batching: bool,
-    /// No effect: each slot has its own cache of the full context.
+    /// Each slot may fill the whole -c (llama-server's one cache for all slots); lethe gives
+    /// each slot a cache of that size.
     #[arg(long = "kv-unified")]
     pub kv_unified: bool,
     /// No effect: sliding-window layers keep the full cache.

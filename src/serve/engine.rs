@@ -561,6 +561,7 @@ impl Scheduler {
         let gen = gen.finish();
         self.stats.count(|c| {
             c.prompt_tokens_total += (gen.n_prompt - gen.n_cached) as u64;
+            c.prompt_tokens_cached_total += gen.n_cached as u64;
             c.prompt_seconds_total += gen.prompt_ms / 1e3;
             c.tokens_predicted_total += gen.tokens.len() as u64;
             c.tokens_predicted_seconds_total += gen.gen_ms / 1e3;

@@ -24,6 +24,8 @@ pub struct SlotView {
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
     pub prompt_tokens_total: u64,
+    /// Prompt tokens taken from a slot's cache instead of being processed.
+    pub prompt_tokens_cached_total: u64,
     pub prompt_seconds_total: f64,
     pub tokens_predicted_total: u64,
     pub tokens_predicted_seconds_total: f64,

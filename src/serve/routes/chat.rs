@@ -27,6 +27,16 @@ pub fn messages(body: &Body) -> ApiResult<Vec<ChatMessage>> {
     if list.is_empty() {
         return Err(bad("messages", "a non-empty array"));
     }
+    let role = |m: &Value| m.get("role").and_then(Value::as_str).map(str::to_owned);
+    if list.len() >= 2
+        && list[list.len() - 2..]
+            .iter()
+            .all(|m| role(m).as_deref() == Some("assistant"))
+    {
+        return Err(ApiError::InvalidRequest(
+            "the last two messages are both the assistant's: at most one can be continued".into(),
+        ));
+    }
     list.iter()
         .map(|m| {
             let role = m
@@ -134,6 +144,13 @@ pub async fn chat(
         let model = st.resolve_model(body.str("model")?)?;
         let (setting, _) = super::lora::setting(&st, &body, model)?;
         let params = body.generate_params(&st)?;
+        if body.bool("add_generation_prompt")? == Some(true)
+            && body.bool("continue_final_message")? == Some(true)
+        {
+            return Err(ApiError::InvalidRequest(
+                "add_generation_prompt and continue_final_message cannot both be true".into(),
+            ));
+        }
         let msgs = messages(&body)?;
         let text = render(&st, &msgs, true)?;
         let prompt = st.tok.encode(&text, true, true);

@@ -95,7 +95,13 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> ApiResult<Response> 
     } else {
         0.0
     };
-    let metrics: [(&str, &str, &str, f64); 11] = [
+    let metrics: [(&str, &str, &str, f64); 12] = [
+        (
+            "prompt_tokens_cached_total",
+            "counter",
+            "Number of prompt tokens taken from the cache.",
+            c.prompt_tokens_cached_total as f64,
+        ),
         (
             "prompt_tokens_total",
             "counter",
