@@ -184,6 +184,18 @@ fn routes_stream_and_greedy_match_run() {
         prompt.contains("Hi") && prompt.contains("assistant"),
         "{prompt}"
     );
+    // add_generation_prompt: false leaves the assistant's header out.
+    let (st, p) = s.post(
+        "/apply-template",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "add_generation_prompt": false}),
+    );
+    assert_eq!(st, 200);
+    let without = p["prompt"].as_str().unwrap();
+    assert!(
+        prompt.starts_with(without) && prompt.len() > without.len(),
+        "{without}"
+    );
+    assert!(prompt[without.len()..].contains("assistant"), "{prompt}");
 }
 
 #[test]
@@ -908,7 +920,7 @@ fn props_slots_metrics_cors_key_file() {
     let tf = dir.join("template.jinja");
     std::fs::write(
         &tf,
-        "{% for m in messages %}<<{{ m.content }}>>{% endfor %}",
+        "{% for m in messages %}<<{{ m.content }}>>{% endfor %}|{{ date_string }}|{{ datetime }}",
     )
     .unwrap();
     let s = Server::start(&["-m", m, "--chat-template-file", tf.to_str().unwrap()]);
@@ -916,7 +928,14 @@ fn props_slots_metrics_cors_key_file() {
         "/apply-template",
         &json!({"messages": [{"role": "user", "content": "hi"}]}),
     );
-    assert_eq!((st, r["prompt"].as_str()), (200, Some("<<hi>>")), "{r}");
+    assert_eq!(st, 200, "{r}");
+    // Today's date as llama.cpp hands it to templates: "03 Dec 2026" and "Dec 03 2026".
+    let parts: Vec<&str> = r["prompt"].as_str().unwrap().split('|').collect();
+    assert_eq!(parts[0], "<<hi>>");
+    let (d, t) = (parts[1], parts[2]);
+    assert_eq!((d.len(), t.len()), (11, 11), "{d} {t}");
+    assert_eq!((&d[..2], &d[3..6]), (&t[4..6], &t[..3]), "{d} {t}");
+    assert_eq!(&d[7..], &t[7..]);
     drop(s);
 
     // --no-slots, and no --metrics: 501 for both, as llama-server answers.

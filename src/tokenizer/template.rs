@@ -160,11 +160,15 @@ fn render_jinja(
     env.add_template("chat", src).map_err(template_error)?;
     let tmpl = env.get_template("chat").map_err(template_error)?;
     let special = |id: Option<u32>| id.map(|i| tok.token_str(i).to_string()).unwrap_or_default();
+    // Today's date, as llama.cpp's chat code hands it to every template (`date_string` for
+    // Llama 3.x, `datetime` for firefunction).
     let ctx = minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
         bos_token => special(tok.bos()),
         eos_token => special(tok.eos()),
+        date_string => strftime_now("%d %b %Y".into()),
+        datetime => strftime_now("%b %d %Y".into()),
     };
     let mut out = tmpl.render(ctx).map_err(template_error)?;
     // As llama.cpp's chat code: text that tokenizing with add_special adds again is dropped, so

@@ -78,7 +78,8 @@ fn detokenize_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Api
     Ok(json!({ "content": state.tok.decode(&ids, true) }))
 }
 
-/// `POST /apply-template`: `messages` rendered through the chat template, as `prompt`.
+/// `POST /apply-template`: `messages` rendered through the chat template, as `prompt`
+/// (`add_generation_prompt`, default true, as in llama-server).
 pub async fn apply_template(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -86,7 +87,8 @@ pub async fn apply_template(
     off_workers(move || {
         let body = read_body(body, state.cfg.body_limit)?;
         let msgs = messages(&body)?;
-        Ok(Json(json!({ "prompt": render(&state, &msgs, true)? })))
+        let add = body.bool("add_generation_prompt")?.unwrap_or(true);
+        Ok(Json(json!({ "prompt": render(&state, &msgs, add)? })))
     })
     .await
 }
