@@ -795,11 +795,29 @@ fn props_slots_metrics_cors_key_file() {
         assert_eq!(sl["id"], i);
         assert_eq!(sl["n_ctx"], 128);
         assert_eq!(sl["is_processing"], false);
+        // As in llama-server: a slot that never ran a task has no params or next token.
+        assert!(
+            sl.get("params").is_none() && sl.get("next_token").is_none(),
+            "{sl}"
+        );
     }
 
     let body = json!({"prompt": "The capital of France is", "n_predict": 4, "temperature": 0});
     let (st, _, r) = s.request("POST", "/completion", &key, body.to_string().as_bytes());
     assert_eq!(st, 200, "{r}");
+    // The slot that ran it is idle again: no budget left, nothing being decoded.
+    let (_, slots) = get("/slots");
+    let slots: Value = serde_json::from_str(&slots).unwrap();
+    let used: Vec<&Value> = slots
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|sl| sl.get("next_token").is_some())
+        .collect();
+    assert_eq!(used.len(), 1, "{slots}");
+    assert_eq!(used[0]["next_token"][0]["n_remain"], -1);
+    assert_eq!(used[0]["next_token"][0]["n_decoded"], 0);
+    assert_eq!(used[0]["is_processing"], false);
     let (st, headers, text) = s.request("GET", "/metrics", &key, b"");
     assert_eq!(st, 200);
     let started: u64 = header(&headers, "process-start-time-unix")

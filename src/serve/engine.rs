@@ -569,6 +569,7 @@ impl Scheduler {
         self.stats.slot(i, |v| {
             v.is_processing = false;
             v.id_task = -1;
+            v.n_decoded = 0;
         });
         let _ = events.send(Event::Done { slot: slot.id, gen });
     }

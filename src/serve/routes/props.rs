@@ -11,26 +11,34 @@ use serde_json::{json, Value};
 use std::fmt::Write;
 use std::sync::Arc;
 
-/// A slot in llama-server's shape, with `params` holding the server's defaults.
-fn slot_json(state: &AppState, s: &SlotView) -> Value {
-    json!({
+/// A slot in llama-server's shape. As there, `params` (the server's defaults) and
+/// `next_token` are given only for a slot that has run a task (`always`: for `/props`'s
+/// default settings, always); an idle slot's `next_token` has no budget left (`n_remain`
+/// -1) and nothing decoded.
+fn slot_json(state: &AppState, s: &SlotView, always: bool) -> Value {
+    let mut v = json!({
         "id": s.id,
         "id_task": s.id_task,
         "n_ctx": s.n_ctx,
         "speculative": false,
         "is_processing": s.is_processing,
         "model": s.model,
-        "params": {
+        "n_cached": s.n_cached,
+    });
+    if always || s.model.is_some() {
+        v["params"] = json!({
             "n_predict": state.cfg.n_predict,
             "temperature": state.cfg.temperature,
             "seed": state.cfg.seed,
-        },
-        "next_token": {
+        });
+        v["next_token"] = json!([{
             "has_next_token": s.is_processing,
+            "has_new_line": false,
+            "n_remain": if s.is_processing { state.cfg.n_predict } else { -1 },
             "n_decoded": s.n_decoded,
-        },
-        "n_cached": s.n_cached,
-    })
+        }]);
+    }
+    v
 }
 
 /// `GET /props`: the default generation settings, the number of slots, the model file, the
@@ -39,7 +47,7 @@ pub async fn props(State(state): State<Arc<AppState>>) -> Json<Value> {
     let template = super::chat::template_source(&state);
     let first = state.engine.stats.slots().into_iter().next();
     let default_settings = first
-        .map(|s| slot_json(&state, &s))
+        .map(|s| slot_json(&state, &s, true))
         .unwrap_or_else(|| json!({}));
     let token = |id: Option<u32>| id.map(|t| state.tok.decode(&[t], true)).unwrap_or_default();
     Json(json!({
@@ -68,7 +76,7 @@ pub async fn slots(State(state): State<Arc<AppState>>) -> ApiResult<Json<Value>>
         .stats
         .slots()
         .iter()
-        .map(|s| slot_json(&state, s))
+        .map(|s| slot_json(&state, s, false))
         .collect();
     Ok(Json(Value::Array(slots)))
 }
