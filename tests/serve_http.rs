@@ -624,6 +624,17 @@ fn profile_served_by_id_and_lock() {
     let (st, r) = s.post("/v1/chat/completions", &chat_body(PROMPT, 12));
     assert_eq!(st, 200);
     assert_eq!(r["model"], "patched");
+    // Its settings name the profile, not its files.
+    let (st, c) = s.post(
+        "/completion",
+        &json!({"prompt": PROMPT, "n_predict": 2, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(
+        c["generation_settings"]["unlearn"],
+        json!({"profile": "patched"}),
+        "{c}"
+    );
     assert_eq!(r["choices"][0]["message"]["content"], patched.as_str());
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);

@@ -195,6 +195,11 @@ pub fn setting(
             p["scale"] = json!(s);
         }
     }
+    // Under --lock without a key nobody can prove they may see what a profile is made of
+    // (its files' names can say what was forgotten): responses name the profile only.
+    if state.cfg.lock && state.cfg.api_keys.is_empty() {
+        audit = json!({ "profile": audit["profile"].clone() });
+    }
     Ok((Setting::new(model, &scales, &terms), audit))
 }
 
