@@ -184,6 +184,27 @@ fn routes_stream_and_greedy_match_run() {
         prompt.contains("Hi") && prompt.contains("assistant"),
         "{prompt}"
     );
+    // input_tokens: the prompt a chat would take; verbose: the rendered prompt comes back.
+    let msgs = json!([{"role": "system", "content": "Book"},
+                      {"role": "user", "content": "What is the best book"}]);
+    let (st, n) = s.post(
+        "/chat/completions/input_tokens",
+        &json!({ "messages": msgs }),
+    );
+    assert_eq!(st, 200, "{n}");
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": msgs, "max_tokens": 1, "verbose": true}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(n["input_tokens"], r["usage"]["prompt_tokens"], "{n} {r}");
+    let shown = r["__verbose"]["prompt"].as_str().unwrap();
+    assert!(shown.contains("What is the best book"), "{shown}");
+    let (_, r) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": msgs, "max_tokens": 1}),
+    );
+    assert!(r.get("__verbose").is_none(), "{r}");
     // add_generation_prompt: false leaves the assistant's header out.
     let (st, p) = s.post(
         "/apply-template",

@@ -173,6 +173,7 @@ pub fn main(a: ServeArgs) -> Result<()> {
             max_connections: a.max_connections,
         },
         cors_origins: a.compat.cors_origins.clone(),
+        verbose: a.compat.verbose,
     };
     // The socket is bound first (requests get 503 `Loading model`), then the models load.
     let load = move || load(a).map_err(|e| lethe::Error::Invalid(format!("{e:#}")));

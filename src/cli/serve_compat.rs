@@ -99,7 +99,8 @@ pub struct CompatArgs {
     /// No effect: slots are not saved to disk (`/slots/{id}?action=save` answers 501).
     #[arg(long = "slot-save-path")]
     pub slot_save_path: Option<String>,
-    /// Accepted; logging stays as it is.
+    /// Chat responses carry `__verbose` (the rendered prompt), as llama-server's; logging
+    /// stays as it is.
     #[arg(long, visible_alias = "log-verbose")]
     pub verbose: bool,
     /// No effect: lethe's model list has no tags.

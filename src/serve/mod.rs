@@ -59,6 +59,8 @@ pub struct ServeConfig {
     pub limits: conn::Limits,
     /// `--cors-origins`: `*`, `localhost` or the value of `Access-Control-Allow-Origin`.
     pub cors_origins: String,
+    /// `--verbose`: chat responses carry `__verbose` (the rendered prompt), as llama-server's.
+    pub verbose: bool,
 }
 
 /// What the loader hands the server once the models are in memory.

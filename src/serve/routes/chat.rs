@@ -138,7 +138,7 @@ pub async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let st = state.clone();
-    let (body, model, setting, params, prompt) = off_workers(move || {
+    let (body, model, setting, params, prompt, text) = off_workers(move || {
         let body = read_body(body, st.cfg.body_limit)?;
         body.refuse_unsupported()?;
         let model = st.resolve_model(body.str("model")?)?;
@@ -155,9 +155,12 @@ pub async fn chat(
         let text = render(&st, &msgs, true)?;
         let prompt = st.tok.encode(&text, true, true);
         check_context(&st, &prompt)?;
-        Ok((body, model, setting, params, prompt))
+        Ok((body, model, setting, params, prompt, text))
     })
     .await?;
+    // llama-server's `__verbose` (a request's `verbose`, or the server's --verbose): the
+    // prompt as rendered.
+    let verbose = body.bool("verbose")?.unwrap_or(state.cfg.verbose);
     let streaming = body.bool("stream")?.unwrap_or(false);
     let include_usage = body
         .get("stream_options")
@@ -176,7 +179,7 @@ pub async fn chat(
     let created = now();
     if !streaming {
         let (_, g) = collect(rx).await?;
-        return Ok(Json(json!({
+        let mut r = json!({
             "choices": [{
                 "finish_reason": finish_reason(&g),
                 "index": 0,
@@ -190,8 +193,11 @@ pub async fn chat(
             "usage": usage(&g),
             "id": id,
             "timings": timings(&g),
-        }))
-        .into_response());
+        });
+        if verbose {
+            r["__verbose"] = json!({ "prompt": text, "content": g.text });
+        }
+        return Ok(Json(r).into_response());
     }
     let chunk = move |choices: Value| {
         json!({
@@ -237,4 +243,20 @@ pub async fn chat(
         }
         Event::Error(e) => (vec![sse::event(&e.to_json())], true),
     }))
+}
+
+/// `POST /chat/completions/input_tokens`: how many tokens the conversation's prompt takes, as
+/// the chat route would render and tokenize it.
+pub async fn input_tokens(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    off_workers(move || {
+        let body = read_body(body, state.cfg.body_limit)?;
+        let msgs = messages(&body)?;
+        let text = render(&state, &msgs, true)?;
+        let n = state.tok.encode(&text, true, true).len();
+        Ok(Json(json!({ "input_tokens": n })))
+    })
+    .await
 }

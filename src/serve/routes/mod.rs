@@ -34,6 +34,11 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/models", get(health::models))
         .route("/v1/models", get(health::models))
         .route("/v1/chat/completions", post(chat::chat))
+        .route("/chat/completions/input_tokens", post(chat::input_tokens))
+        .route(
+            "/v1/chat/completions/input_tokens",
+            post(chat::input_tokens),
+        )
         .route("/chat/completions", post(chat::chat))
         .route("/v1/completions", post(completion::oai_completion))
         .route("/completion", post(completion::completion))
