@@ -104,14 +104,16 @@ impl AppState {
     /// with several, an unknown name is a 404: a mistyped profile must never fall back to
     /// the unforgotten base.
     pub fn resolve_model(&self, name: Option<&str>) -> ApiResult<usize> {
-        let servable: Vec<usize> = (0..self.models.len())
-            .filter(|&i| self.servable(i))
-            .collect();
+        let mut servable = (0..self.models.len()).filter(|&i| self.servable(i));
+        let only = match (servable.next(), servable.next()) {
+            (Some(i), None) => Some(i),
+            _ => None,
+        };
         let known = |n: &str| self.models.iter().any(|(id, _)| id == n);
-        let i = match name.filter(|n| !n.is_empty()) {
-            None => self.cfg.default_model,
-            Some(n) if servable.len() == 1 && !known(n) => servable[0],
-            Some(n) => self
+        let i = match (name.filter(|n| !n.is_empty()), only) {
+            (None, _) => self.cfg.default_model,
+            (Some(n), Some(only)) if !known(n) => only,
+            (Some(n), _) => self
                 .models
                 .iter()
                 .position(|(id, _)| id == n)

@@ -82,6 +82,14 @@ pub fn messages(body: &Body) -> ApiResult<Vec<ChatMessage>> {
         .collect()
 }
 
+/// A chat request's prompt: its `messages` rendered with the generation prompt, and the
+/// tokens of that text.
+pub fn chat_prompt(state: &AppState, body: &Body) -> ApiResult<(String, Vec<u32>)> {
+    let text = render(state, &messages(body)?, true)?;
+    let tokens = state.tok.encode(&text, true, true);
+    Ok((text, tokens))
+}
+
 /// The conversation rendered through the chat template, ready to tokenize.
 pub fn render(
     state: &AppState,
@@ -151,9 +159,7 @@ pub async fn chat(
                 "add_generation_prompt and continue_final_message cannot both be true".into(),
             ));
         }
-        let msgs = messages(&body)?;
-        let text = render(&st, &msgs, true)?;
-        let prompt = st.tok.encode(&text, true, true);
+        let (text, prompt) = chat_prompt(&st, &body)?;
         check_context(&st, &prompt)?;
         Ok((body, model, setting, params, prompt, text))
     })
@@ -253,10 +259,8 @@ pub async fn input_tokens(
 ) -> ApiResult<Json<Value>> {
     off_workers(move || {
         let body = read_body(body, state.cfg.body_limit)?;
-        let msgs = messages(&body)?;
-        let text = render(&state, &msgs, true)?;
-        let n = state.tok.encode(&text, true, true).len();
-        Ok(Json(json!({ "input_tokens": n })))
+        let (_, prompt) = chat_prompt(&state, &body)?;
+        Ok(Json(json!({ "input_tokens": prompt.len() })))
     })
     .await
 }

@@ -120,7 +120,21 @@ struct Prepared {
     prompt: Vec<u32>,
 }
 
-fn prepare(state: &AppState, body: &Body) -> ApiResult<Prepared> {
+/// Read and check a completion request off the HTTP workers: its body and what it asks.
+async fn prepare(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(Body, Prepared)> {
+    let st = state.clone();
+    off_workers(move || {
+        let body = read_body(body, st.cfg.body_limit)?;
+        let prepared = prepare_body(&st, &body)?;
+        Ok((body, prepared))
+    })
+    .await
+}
+
+fn prepare_body(state: &AppState, body: &Body) -> ApiResult<Prepared> {
     body.refuse_unsupported()?;
     let model = state.resolve_model(body.str("model")?)?;
     let (setting, audit) = super::lora::setting(state, body, model)?;
@@ -142,13 +156,7 @@ pub async fn completion(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let st = state.clone();
-    let (body, prepared) = off_workers(move || {
-        let body = read_body(body, st.cfg.body_limit)?;
-        let prepared = prepare(&st, &body)?;
-        Ok((body, prepared))
-    })
-    .await?;
+    let (body, prepared) = prepare(&state, body).await?;
     let Prepared {
         model,
         setting,
@@ -224,13 +232,7 @@ pub async fn oai_completion(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let st = state.clone();
-    let (body, prepared) = off_workers(move || {
-        let body = read_body(body, st.cfg.body_limit)?;
-        let prepared = prepare(&st, &body)?;
-        Ok((body, prepared))
-    })
-    .await?;
+    let (body, prepared) = prepare(&state, body).await?;
     let Prepared {
         model,
         setting,

@@ -15,7 +15,7 @@
 use super::super::error::{ApiError, ApiResult};
 use super::super::request::bad;
 use super::super::AppState;
-use super::chat::{messages, render};
+use super::chat::chat_prompt;
 use super::{off_workers, read_body};
 use crate::serve::engine::Setting;
 use axum::body::Bytes;
@@ -104,10 +104,7 @@ fn parse(state: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Par
                 .ok_or_else(|| bad("prompt", "a string"))?;
             state.tok.encode(p, true, true)
         }
-        (None, Some(_)) => {
-            let text = render(state, &messages(&body)?, true)?;
-            state.tok.encode(&text, true, true)
-        }
+        (None, Some(_)) => chat_prompt(state, &body)?.1,
         (None, None) => {
             return Err(ApiError::InvalidRequest(
                 "'prompt' or 'messages' is required".into(),
