@@ -89,6 +89,12 @@ pub struct ServeArgs {
     /// Most connections open at once (the next waits until one closes).
     #[arg(long = "max-connections", default_value_t = 1024)]
     pub max_connections: usize,
+    /// `/score`: most continuations in one request.
+    #[arg(long = "score-max-continuations", default_value_t = 512)]
+    pub score_max_continuations: usize,
+    /// `/score`: most continuation tokens (all continuations together) in one request.
+    #[arg(long = "score-max-tokens", default_value_t = 65536)]
+    pub score_max_tokens: usize,
     /// On SIGTERM or SIGINT, seconds to let running requests finish before their generations
     /// are ended (streams get their final event); a second signal exits at once.
     #[arg(
@@ -164,6 +170,13 @@ pub fn main(a: ServeArgs) -> Result<()> {
         default_model: 0,
         lock: a.lock,
         body_limit: BODY_LIMIT,
+        n_ubatch: match a.compat.ubatch_size {
+            None => 512,
+            Some(n) if n > 0 => n as usize,
+            Some(n) => bail!("--ubatch-size {n}: give a positive number of tokens"),
+        },
+        score_max_conts: a.score_max_continuations,
+        score_max_tokens: a.score_max_tokens,
         slots: !a.no_slots,
         metrics: a.metrics,
         shutdown_timeout: seconds(a.shutdown_timeout, "--shutdown-timeout")?,

@@ -46,10 +46,11 @@ pub struct CompatArgs {
     /// Accepted; lethe has no embedding endpoint (`/v1/embeddings` and `/embedding` answer 501).
     #[arg(long = "embedding", visible_alias = "embeddings")]
     pub embedding: bool,
-    /// No effect: lethe prefills a whole prompt in tiles of 16 tokens.
+    /// No effect: each slot's prompt runs in chunks of at most --ubatch-size tokens.
     #[arg(short = 'b', long = "batch-size", allow_hyphen_values = true)]
     pub batch_size: Option<i64>,
-    /// No effect (see --batch-size).
+    /// The largest chunk of a prompt run between two decode steps (default 512; chunks are
+    /// also sized so that decoding answers wait at most about 50 ms per token).
     #[arg(long = "ubatch-size", allow_hyphen_values = true)]
     pub ubatch_size: Option<i64>,
     /// No effect: lethe runs on the CPU.

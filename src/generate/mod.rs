@@ -306,13 +306,30 @@ pub struct Generator {
     n_probs: Option<usize>,
 }
 
-impl Generator {
-    /// Check the prompt, reuse the cached prefix of `history` (what is in `dec`'s cache) and
-    /// run the rest of the prompt.
-    pub fn start(
+/// A prompt on its way into a decoder's cache, run in chunks so that a scheduler can step
+/// other generations between them ([`Prefill::advance`]); [`Prefill::into_generator`] once
+/// [`Prefill::remaining`] is zero. Chunked or whole, the cache and the final logits are the
+/// same (each token's row goes through the same kernels whatever tile it sits in).
+pub struct Prefill {
+    prompt: Vec<u32>,
+    /// Prompt tokens in the cache (reused or run).
+    done: usize,
+    /// Prompt tokens reused from the cache.
+    common: usize,
+    params: GenerateParams,
+    /// Logits after the last prompt token, once it has run.
+    logits: Vec<f32>,
+    /// Time spent running the prompt (not waiting between chunks).
+    run_ms: f64,
+}
+
+impl Prefill {
+    /// Check the prompt and reuse the cached prefix of `history` (what is in `dec`'s cache):
+    /// the cache is cut back to it, and the rest of the prompt is left to run.
+    pub fn new(
         dec: &mut dyn Decoder,
         history: &mut Vec<u32>,
-        prompt: &[u32],
+        prompt: Vec<u32>,
         params: &GenerateParams,
     ) -> Result<Self> {
         if prompt.is_empty() {
@@ -327,18 +344,54 @@ impl Generator {
         // Reuse the cached prefix, but always run at least the last prompt token.
         let mut common = history
             .iter()
-            .zip(prompt)
+            .zip(&prompt)
             .take_while(|(a, b)| a == b)
             .count();
         common = common.min(prompt.len() - 1).min(dec.pos());
         dec.truncate(common);
         history.truncate(common);
-
-        let t0 = Instant::now();
-        let logits = dec.feed(&prompt[common..])?.to_vec();
-        history.extend_from_slice(&prompt[common..]);
-        let prompt_ms = t0.elapsed().as_secs_f64() * 1000.0;
         Ok(Self {
+            prompt,
+            done: common,
+            common,
+            params: params.clone(),
+            logits: Vec::new(),
+            run_ms: 0.0,
+        })
+    }
+
+    /// Prompt tokens still to run.
+    pub fn remaining(&self) -> usize {
+        self.prompt.len() - self.done
+    }
+
+    /// Run up to `n` (at least one) more prompt tokens, appending them to `history`.
+    pub fn advance(
+        &mut self,
+        dec: &mut dyn Decoder,
+        history: &mut Vec<u32>,
+        n: usize,
+    ) -> Result<()> {
+        let end = (self.done + n.max(1)).min(self.prompt.len());
+        if end == self.done {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let logits = dec.feed(&self.prompt[self.done..end])?;
+        if end == self.prompt.len() {
+            self.logits = logits.to_vec();
+        }
+        history.extend_from_slice(&self.prompt[self.done..end]);
+        self.done = end;
+        self.run_ms += t0.elapsed().as_secs_f64() * 1000.0;
+        Ok(())
+    }
+
+    /// The generation that starts after the prompt. Call once [`Prefill::remaining`] is zero.
+    pub fn into_generator(self) -> Generator {
+        debug_assert_eq!(self.remaining(), 0, "the prompt has not all run");
+        let params = self.params;
+        Generator {
             sampler: Sampler::new(params.sampler.clone()),
             stops: StopMatcher::new(&params.stop),
             stream: StreamDecoder::new(),
@@ -347,13 +400,13 @@ impl Generator {
                 tokens: Vec::new(),
                 finish: FinishReason::Length,
                 stopping_word: None,
-                n_prompt: prompt.len(),
-                n_cached: common,
-                prompt_ms,
+                n_prompt: self.prompt.len(),
+                n_cached: self.common,
+                prompt_ms: self.run_ms,
                 gen_ms: 0.0,
                 probs: Vec::new(),
             },
-            logits,
+            logits: self.logits,
             budget: if params.n_predict < 0 {
                 usize::MAX
             } else {
@@ -363,7 +416,23 @@ impl Generator {
             t1: Instant::now(),
             done: false,
             n_probs: None,
-        })
+        }
+    }
+}
+
+impl Generator {
+    /// Check the prompt, reuse the cached prefix of `history` (what is in `dec`'s cache) and
+    /// run the rest of the prompt in one go.
+    pub fn start(
+        dec: &mut dyn Decoder,
+        history: &mut Vec<u32>,
+        prompt: &[u32],
+        params: &GenerateParams,
+    ) -> Result<Self> {
+        let mut p = Prefill::new(dec, history, prompt.to_vec(), params)?;
+        let n = p.remaining();
+        p.advance(dec, history, n)?;
+        Ok(p.into_generator())
     }
 
     /// Record each token's log-probability and its `n` most likely alternatives.

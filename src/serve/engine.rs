@@ -10,17 +10,32 @@
 //! groups; slots of one ULD profile step together too (the targets in one batched forward, each
 //! assistant in another, whatever each slot's alpha and filter). A job carries its full unlearning
 //! [`Setting`] (model, patch scales, terms' weight and filter): the decoder is built for it,
-//! and a slot's cache is reused only by a job of the same setting. A prompt is prefilled in one go
-//! when its job starts. TODO: interleave prefill in chunks with decoding.
+//! and a slot's cache is reused only by a job of the same setting.
+//!
+//! No request holds the thread for long: prompts run in chunks ([`Prefill`]) and `/score`
+//! requests one continuation (or one chunk of their prompt) at a time, between the decode steps.
+//! This background work runs in slices of time sized in tokens from the prefill rate measured so
+//! far: short slices ([`SLICE_BUSY`]) while some slot is decoding, and then only while it has
+//! had at most [`BACKGROUND_SHARE`] of the time (decoding answers come first: a short chat
+//! behind a long prompt or a large `/score` slows by a small factor, the long work by at most
+//! the inverse of the share); longer slices ([`SLICE_IDLE`]) when no slot decodes, so a new
+//! request waits at most one of them to start. Prompts share a slice shortest-remaining
+//! first, and a prompt that finishes ends the slice (its answer starts at once); prefill and
+//! scoring take turns. Work whose client has gone (its receiver dropped) is dropped at the
+//! next chunk; a cancelled prompt's tokens already run stay in the slot's cache for the next
+//! request to reuse.
 
 use super::error::ApiError;
 use super::stats::Stats;
-use crate::generate::{feed_each, Decoder, GenerateParams, Generation, Generator, TokenProbs};
+use crate::generate::{
+    feed_each, Decoder, GenerateParams, Generation, Generator, Prefill, TokenProbs,
+};
 use crate::tokenizer::Tokenizer;
 use crate::unlearn::Forgotten;
 use std::collections::VecDeque;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// A model the server answers for: the shared base with a profile's assistants and patches
@@ -122,12 +137,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Start the inference thread with `n_slots` slots of `n_ctx` tokens each.
+    /// Start the inference thread with `n_slots` slots of `n_ctx` tokens each, running
+    /// prompts in chunks of at most `n_ubatch` tokens.
     pub fn start(
         tok: Arc<Tokenizer>,
         models: Vec<ServedModel>,
         n_slots: usize,
         n_ctx: usize,
+        n_ubatch: usize,
     ) -> std::io::Result<Self> {
         let (tx, rx) = std_mpsc::channel();
         let n_slots = n_slots.max(1);
@@ -145,6 +162,13 @@ impl Engine {
                     built: VecDeque::new(),
                     scorer: None,
                     queue: VecDeque::new(),
+                    scores: VecDeque::new(),
+                    scoring: None,
+                    n_ubatch: n_ubatch.max(1),
+                    rate: None,
+                    score_turn: false,
+                    owed: 0.0,
+                    begun: 0,
                     stats: shared,
                 };
                 sched.run(rx)
@@ -174,7 +198,7 @@ impl Engine {
     }
 
     /// Score `conts` after `prompt` with `setting`. Runs on the inference thread between
-    /// two decode steps (the slots wait for it).
+    /// decode steps, a continuation at a time; dropping the future cancels what is left.
     pub async fn score(
         &self,
         setting: Setting,
@@ -204,7 +228,24 @@ struct Slot {
     setting: Option<Setting>,
     dec: Option<Box<dyn Decoder>>,
     history: Vec<u32>,
+    /// When it last took a job (the scheduler's count of jobs begun).
+    used: u64,
+    /// A job whose prompt is running.
+    pending: Option<Pending>,
+    /// A job that is generating.
     active: Option<Active>,
+}
+
+struct Pending {
+    prefill: Prefill,
+    events: mpsc::UnboundedSender<Event>,
+    n_probs: Option<usize>,
+}
+
+/// A `/score` request under way: its continuations scored so far.
+struct ScoreTask {
+    job: ScoreJob,
+    out: Vec<ScoredCont>,
 }
 
 struct Active {
@@ -221,8 +262,14 @@ impl Slot {
             setting: None,
             dec: None,
             history: Vec::new(),
+            used: 0,
+            pending: None,
             active: None,
         }
+    }
+
+    fn busy(&self) -> bool {
+        self.pending.is_some() || self.active.is_some()
     }
 
     /// Forget the cache (after a failure, its contents are unknown).
@@ -248,13 +295,38 @@ struct Scheduler {
     /// The scorer of the last scoring request's setting.
     scorer: Option<(Setting, crate::unlearn::Scorer)>,
     queue: VecDeque<Job>,
+    /// Scoring requests waiting for the one under way.
+    scores: VecDeque<ScoreJob>,
+    scoring: Option<ScoreTask>,
+    /// The largest prompt chunk.
+    n_ubatch: usize,
+    /// Prompt tokens per second, a moving average over the chunks run so far.
+    rate: Option<f64>,
+    /// Whose turn it is when prompts and scoring both wait: scoring's when true.
+    score_turn: bool,
+    /// Seconds of decoding owed before the next background slice (while slots decode).
+    owed: f64,
+    /// Jobs begun so far.
+    begun: u64,
     stats: Arc<Stats>,
 }
+
+/// A slice of background work (prompt chunks, scoring) while some slot is decoding, in
+/// seconds: a decoding answer waits at most about this long for its next token.
+const SLICE_BUSY: f64 = 0.03;
+/// The most of the time background work takes while some slot is decoding.
+const BACKGROUND_SHARE: f64 = 1.0 / 3.0;
+/// A slice when no slot is decoding: a new request waits at most about this long to start.
+const SLICE_IDLE: f64 = 0.1;
+/// The smallest prompt chunk (one activation tile of the prefill kernels).
+const MIN_CHUNK: usize = 8;
 
 impl Scheduler {
     fn run(mut self, rx: std_mpsc::Receiver<Work>) {
         loop {
-            let busy = self.slots.iter().any(|s| s.active.is_some());
+            let busy = self.slots.iter().any(Slot::busy)
+                || self.scoring.is_some()
+                || !self.scores.is_empty();
             if !busy && self.queue.is_empty() {
                 match rx.recv() {
                     Ok(w) => self.take(w),
@@ -277,48 +349,188 @@ impl Scheduler {
                 };
                 self.begin(i, job);
             }
+            self.background();
             self.step();
         }
     }
 
-    /// End every running generation (its final event sent) and refuse the queued ones.
-    fn stop_all(&mut self) {
-        for job in self.queue.drain(..) {
-            let _ = job.events.send(Event::Error(ApiError::Unavailable(
-                "the server is stopping".into(),
-            )));
+    /// One slice of prompt chunks or scoring (see the module's notes).
+    fn background(&mut self) {
+        let decoding = self.slots.iter().any(|s| s.active.is_some());
+        if !decoding {
+            self.owed = 0.0;
+        } else if self.owed > 0.0 {
+            return;
         }
-        for i in 0..self.slots.len() {
-            if let Some(active) = self.slots[i].active.as_mut() {
-                active.gen.cancel();
-                self.finish(i);
+        let secs = if decoding { SLICE_BUSY } else { SLICE_IDLE };
+        let t0 = Instant::now();
+        let prompts = self.slots.iter().any(|s| s.pending.is_some());
+        let scores = self.scoring.is_some() || !self.scores.is_empty();
+        if prompts && scores {
+            self.score_turn = !self.score_turn;
+        } else {
+            self.score_turn = scores;
+        }
+        if self.score_turn {
+            self.score_some(secs);
+        } else if prompts {
+            self.prefill_some(self.tokens_in(secs));
+        }
+        if self.slots.iter().any(|s| s.active.is_some()) {
+            let d = t0.elapsed().as_secs_f64();
+            self.owed += d * (1.0 - BACKGROUND_SHARE) / BACKGROUND_SHARE;
+        }
+    }
+
+    /// Prompt tokens that run in about `secs`, at the rate measured so far.
+    fn tokens_in(&self, secs: f64) -> usize {
+        let n = self.rate.map_or(64.0, |r| r * secs) as usize;
+        n.clamp(MIN_CHUNK, self.n_ubatch.max(MIN_CHUNK))
+    }
+
+    /// Note that `n` prompt tokens ran in `secs`.
+    fn measured(&mut self, n: usize, secs: f64) {
+        if n < MIN_CHUNK || secs <= 0.0 {
+            return;
+        }
+        let r = n as f64 / secs;
+        self.rate = Some(self.rate.map_or(r, |old| 0.7 * old + 0.3 * r));
+    }
+
+    /// Run up to `budget` prompt tokens, shortest remaining prompt first (each at least a
+    /// small chunk); prompts that are done start generating.
+    fn prefill_some(&mut self, budget: usize) {
+        let mut order: Vec<(usize, usize)> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.pending.as_ref().map(|p| (p.prefill.remaining(), s.id)))
+            .collect();
+        order.sort_unstable();
+        let mut left = budget;
+        let n = order.len();
+        for (k, &(remaining, i)) in order.iter().enumerate() {
+            if left == 0 {
+                break;
+            }
+            let slot = &mut self.slots[i];
+            let pending = slot.pending.as_mut().expect("listed above");
+            if pending.events.is_closed() {
+                // The client left: what ran stays cached.
+                slot.pending = None;
+                let n_cached = slot.history.len();
+                self.stats.slot(i, |v| {
+                    v.is_processing = false;
+                    v.id_task = -1;
+                    v.n_cached = n_cached;
+                });
+                continue;
+            }
+            let chunk = (left / (n - k)).max(MIN_CHUNK).min(remaining);
+            let dec = slot.dec.as_deref_mut().expect("a busy slot has a decoder");
+            let t0 = Instant::now();
+            let r = pending.prefill.advance(dec, &mut slot.history, chunk);
+            let secs = t0.elapsed().as_secs_f64();
+            left = left.saturating_sub(chunk);
+            match r {
+                Ok(()) => {
+                    let n_cached = slot.history.len();
+                    let done = pending.prefill.remaining() == 0;
+                    self.measured(chunk, secs);
+                    self.stats.slot(i, |v| v.n_cached = n_cached);
+                    self.stats
+                        .count(|c| c.prompt_tokens_run_total += chunk as u64);
+                    if done {
+                        // Its answer starts now; the longer prompts wait for the next slice.
+                        self.started(i);
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let p = slot.pending.take().expect("pending");
+                    let _ = p.events.send(Event::Error(e.into()));
+                    slot.reset();
+                    self.stats.slot(i, |v| *v = idle(v.id, v.n_ctx));
+                }
             }
         }
     }
 
-    /// Queue a generation; run a scoring request at once.
-    fn take(&mut self, w: Work) {
-        match w {
-            Work::Generate(job) => self.queue.push_back(job),
-            Work::Score(job) => {
+    /// Slot `i`'s prompt has run: it starts generating.
+    fn started(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let Some(Pending {
+            prefill,
+            events,
+            n_probs,
+        }) = slot.pending.take()
+        else {
+            return;
+        };
+        slot.active = Some(Active {
+            gen: prefill.into_generator().with_probs(n_probs),
+            events,
+            probs_sent: 0,
+        });
+    }
+
+    /// Score for about `secs`: the next chunk of the current request's prompt or its next
+    /// continuation, then more while time is left. A request whose client left is dropped.
+    fn score_some(&mut self, secs: f64) {
+        let t0 = Instant::now();
+        loop {
+            if self.scoring.is_none() {
+                let Some(job) = self.scores.pop_front() else {
+                    return;
+                };
                 if job.reply.is_closed() {
-                    return;
+                    continue;
                 }
-                if STOP.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = job
-                        .reply
-                        .send(Err(ApiError::Unavailable("the server is stopping".into())));
-                    return;
+                match self.score_begin(&job) {
+                    Ok(()) => {
+                        self.scoring = Some(ScoreTask {
+                            job,
+                            out: Vec::new(),
+                        })
+                    }
+                    Err(e) => {
+                        let _ = job.reply.send(Err(e));
+                        continue;
+                    }
                 }
-                let r = self.score(&job);
-                let _ = job.reply.send(r);
+            }
+            let task = self.scoring.as_ref().expect("set above");
+            if task.job.reply.is_closed() {
+                self.scoring = None;
+                continue;
+            }
+            let chunk = self.tokens_in(secs);
+            let t1 = Instant::now();
+            match self.score_one(chunk) {
+                Ok(Some(n)) => self.measured(n, t1.elapsed().as_secs_f64()),
+                Ok(None) => {}
+                Err(e) => {
+                    // Its caches are in an unknown state.
+                    self.scorer = None;
+                    let task = self.scoring.take().expect("under way");
+                    let _ = task.job.reply.send(Err(e.into()));
+                }
+            }
+            let done = self
+                .scoring
+                .as_ref()
+                .is_some_and(|t| t.out.len() == t.job.conts.len());
+            if done {
+                let task = self.scoring.take().expect("under way");
+                let _ = task.job.reply.send(Ok(task.out));
+            }
+            if t0.elapsed().as_secs_f64() >= secs {
+                return;
             }
         }
     }
 
-    /// Run a scoring request with the scorer of its setting (kept for the next request of
-    /// the same setting).
-    fn score(&mut self, job: &ScoreJob) -> Result<Vec<ScoredCont>, ApiError> {
+    /// Check a scoring request and make the scorer of its setting ready.
+    fn score_begin(&mut self, job: &ScoreJob) -> Result<(), ApiError> {
         let longest = job.conts.iter().map(Vec::len).max().unwrap_or(0);
         let needed = job.prompt.len() + longest.saturating_sub(1);
         if needed > self.n_ctx {
@@ -332,39 +544,113 @@ impl Scheduler {
             let sc = self.build(&job.setting)?.scorer(self.n_ctx)?;
             self.scorer = Some((job.setting.clone(), sc));
         }
-        let (_, sc) = self.scorer.as_mut().expect("set above");
-        let r = (|| {
-            sc.set_prompt(&job.prompt)?;
-            let mut out = Vec::with_capacity(job.conts.len());
-            for c in &job.conts {
-                let mut stats = Vec::new();
-                let logprobs = if job.stats {
-                    sc.score_with(c, |i, lp| {
-                        stats.push(crate::unlearn::score::mink_stats(lp, c[i]))
-                    })?
-                } else {
-                    sc.score(c)?
-                };
-                let stats = stats.into_iter().collect::<crate::Result<_>>()?;
-                out.push(ScoredCont { logprobs, stats });
-            }
-            Ok::<_, crate::Error>(out)
-        })();
-        if r.is_err() {
-            // Its caches are in an unknown state.
-            self.scorer = None;
-        }
-        Ok(r?)
+        Ok(())
     }
 
-    /// A free slot, preferring one whose cache holds the next job's setting.
+    /// One unit of the scoring under way: up to `chunk` tokens of its prompt while the
+    /// prompt is not all in (their number returned), else its next continuation.
+    fn score_one(&mut self, chunk: usize) -> crate::Result<Option<usize>> {
+        let task = self.scoring.as_mut().expect("under way");
+        let (_, sc) = self.scorer.as_mut().expect("made by score_begin");
+        let job = &task.job;
+        let before = if sc.primed_on(&job.prompt) {
+            None
+        } else {
+            Some(sc.primed_len(&job.prompt))
+        };
+        if let Some(before) = before {
+            sc.prime(&job.prompt, chunk)?;
+            return Ok(Some(sc.primed_len(&job.prompt) - before));
+        }
+        let c = &job.conts[task.out.len()];
+        let mut stats = Vec::new();
+        let logprobs = if job.stats {
+            sc.score_with(c, |i, lp| {
+                stats.push(crate::unlearn::score::mink_stats(lp, c[i]))
+            })?
+        } else {
+            sc.score(c)?
+        };
+        let stats = stats.into_iter().collect::<crate::Result<_>>()?;
+        task.out.push(ScoredCont { logprobs, stats });
+        self.stats.count(|c| c.score_continuations_total += 1);
+        Ok(None)
+    }
+
+    /// End every running generation (its final event sent) and refuse the queued ones.
+    fn stop_all(&mut self) {
+        for job in self.queue.drain(..) {
+            let _ = job.events.send(Event::Error(ApiError::Unavailable(
+                "the server is stopping".into(),
+            )));
+        }
+        for job in self.scores.drain(..) {
+            let _ = job
+                .reply
+                .send(Err(ApiError::Unavailable("the server is stopping".into())));
+        }
+        if let Some(task) = self.scoring.take() {
+            let _ = task
+                .job
+                .reply
+                .send(Err(ApiError::Unavailable("the server is stopping".into())));
+        }
+        for i in 0..self.slots.len() {
+            if let Some(p) = self.slots[i].pending.take() {
+                let _ = p.events.send(Event::Error(ApiError::Unavailable(
+                    "the server is stopping".into(),
+                )));
+                self.stats.slot(i, |v| {
+                    v.is_processing = false;
+                    v.id_task = -1;
+                });
+            }
+            if let Some(active) = self.slots[i].active.as_mut() {
+                active.gen.cancel();
+                self.finish(i);
+            }
+        }
+    }
+
+    /// Queue a generation or a scoring request.
+    fn take(&mut self, w: Work) {
+        match w {
+            Work::Generate(job) => self.queue.push_back(job),
+            Work::Score(job) => {
+                if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = job
+                        .reply
+                        .send(Err(ApiError::Unavailable("the server is stopping".into())));
+                    return;
+                }
+                self.scores.push_back(job);
+            }
+        }
+    }
+
+    /// A free slot for the next job: of those whose cache holds its setting, the one sharing
+    /// the longest prefix with its prompt; else an empty slot, else the least recently used
+    /// (so a long prompt does not evict a cache another slot could have taken it without).
     fn free_slot(&self) -> Option<usize> {
-        let want = &self.queue.front()?.setting;
-        let free = || self.slots.iter().filter(|s| s.active.is_none());
-        free()
-            .find(|s| s.setting.as_ref() == Some(want))
-            .or_else(|| free().next())
-            .map(|s| s.id)
+        let job = self.queue.front()?;
+        let free = || self.slots.iter().filter(|s| !s.busy());
+        let common = |s: &Slot| {
+            s.history
+                .iter()
+                .zip(&job.prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        let same = free()
+            .filter(|s| s.setting.as_ref() == Some(&job.setting))
+            .max_by_key(|s| (common(s), std::cmp::Reverse(s.used)));
+        match same {
+            Some(s) if common(s) > 0 => Some(s.id),
+            _ => free()
+                .find(|s| s.history.is_empty())
+                .or_else(|| free().min_by_key(|s| s.used))
+                .map(|s| s.id),
+        }
     }
 
     /// The patches and terms of `setting`, built once while it is among the recent ones
@@ -393,6 +679,8 @@ impl Scheduler {
     }
 
     fn begin(&mut self, i: usize, job: Job) {
+        self.begun += 1;
+        self.slots[i].used = self.begun;
         if self.slots[i].setting.as_ref() != Some(&job.setting) || self.slots[i].dec.is_none() {
             self.slots[i].reset();
             let made = self.build(&job.setting).and_then(|b| b.decoder(self.n_ctx));
@@ -410,12 +698,12 @@ impl Scheduler {
         }
         let slot = &mut self.slots[i];
         let dec = slot.dec.as_mut().expect("set above");
-        match Generator::start(dec.as_mut(), &mut slot.history, &job.prompt, &job.params) {
-            Ok(gen) => {
-                slot.active = Some(Active {
-                    gen: gen.with_probs(job.n_probs),
+        match Prefill::new(dec.as_mut(), &mut slot.history, job.prompt, &job.params) {
+            Ok(prefill) => {
+                slot.pending = Some(Pending {
+                    prefill,
                     events: job.events,
-                    probs_sent: 0,
+                    n_probs: job.n_probs,
                 });
                 let mut task = 0;
                 self.stats.count(|c| {
@@ -485,6 +773,7 @@ impl Scheduler {
         if running.is_empty() {
             return;
         }
+        let t0 = Instant::now();
         let busy = running.len() as u64;
         self.stats.count(|c| {
             c.n_decode_total += 1;
@@ -518,6 +807,7 @@ impl Scheduler {
                 Err(e) => failed.push((running[i].0, e)),
             });
         }
+        self.owed -= t0.elapsed().as_secs_f64();
         for (id, e) in failed {
             let slot = &mut self.slots[id];
             if let Some(active) = slot.active.take() {

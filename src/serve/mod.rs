@@ -47,6 +47,11 @@ pub struct ServeConfig {
     pub lock: bool,
     /// Largest request body, in bytes.
     pub body_limit: usize,
+    /// The largest prompt chunk run between decode steps.
+    pub n_ubatch: usize,
+    /// `/score`: most continuations, and most continuation tokens, in one request.
+    pub score_max_conts: usize,
+    pub score_max_tokens: usize,
     /// Serve `GET /slots`.
     pub slots: bool,
     /// Serve `GET /metrics`.
@@ -367,7 +372,7 @@ fn start(cfg: ServeConfig, loaded: ServedModels) -> crate::Result<AppState> {
     let audit = models.iter().map(|m| m.audit.clone()).collect();
     let arch = base.model.cfg.arch.name().to_string();
     let adapters = routes::lora::Adapters::new(&models);
-    let engine = Engine::start(tok.clone(), models, cfg.n_parallel, cfg.n_ctx)
+    let engine = Engine::start(tok.clone(), models, cfg.n_parallel, cfg.n_ctx, cfg.n_ubatch)
         .map_err(io("starting the inference thread"))?;
     Ok(AppState {
         cfg,

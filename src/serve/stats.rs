@@ -39,6 +39,11 @@ pub struct Counters {
     pub requests_deferred: u64,
     /// Jobs started, numbering `id_task`.
     pub tasks_started: u64,
+    /// lethe's own: prompt tokens run, counted chunk by chunk (so also those of prompts whose
+    /// client left before the end).
+    pub prompt_tokens_run_total: u64,
+    /// lethe's own: `/score` continuations scored.
+    pub score_continuations_total: u64,
 }
 
 /// Shared between the inference thread (writer) and the handlers (readers).

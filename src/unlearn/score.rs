@@ -56,10 +56,16 @@ impl ModelRun {
         })
     }
 
-    fn prefill(&mut self, prompt: &[u32]) -> Result<()> {
-        self.state.reset();
-        let l = self.model.forward(&mut self.state, prompt, None)?;
-        self.last.copy_from_slice(l);
+    /// Run the prompt tokens `part` after those already in the cache (none when `first`: the
+    /// cache is emptied); `last`: they end the prompt, so keep the logits after them.
+    fn prefill(&mut self, part: &[u32], first: bool, last: bool) -> Result<()> {
+        if first {
+            self.state.reset();
+        }
+        let l = self.model.forward(&mut self.state, part, None)?;
+        if last {
+            self.last.copy_from_slice(l);
+        }
         Ok(())
     }
 
@@ -189,6 +195,28 @@ impl Scorer {
     /// Prefill `prompt` (at least one token) into every cache; a no-op when it is already the
     /// prompt.
     pub fn set_prompt(&mut self, prompt: &[u32]) -> Result<()> {
+        while !self.prime(prompt, prompt.len())? {}
+        Ok(())
+    }
+
+    /// Whether `prompt` is all in every cache.
+    pub fn primed_on(&self, prompt: &[u32]) -> bool {
+        self.primed && self.prompt == prompt
+    }
+
+    /// How many of `prompt`'s tokens are in every cache, for [`Scorer::prime`] to go on from.
+    pub fn primed_len(&self, prompt: &[u32]) -> usize {
+        if self.primed_on(prompt) || (!self.primed && prompt.starts_with(&self.prompt)) {
+            self.prompt.len()
+        } else {
+            0
+        }
+    }
+
+    /// [`Scorer::set_prompt`] in steps: run up to `n` (at least one) more tokens of `prompt`
+    /// into every cache, continuing a prompt whose first tokens are already in; true once the
+    /// whole prompt is in.
+    pub fn prime(&mut self, prompt: &[u32], n: usize) -> Result<bool> {
         if prompt.is_empty() {
             return Err(Error::bad_value(
                 "prompt",
@@ -196,20 +224,29 @@ impl Scorer {
             ));
         }
         if self.primed && self.prompt == prompt {
-            return Ok(());
+            return Ok(true);
         }
-        self.primed = false;
-        self.target.prefill(prompt)?;
+        if self.primed || !prompt.starts_with(&self.prompt) {
+            // Another prompt (scoring has also moved the caches past it): start again.
+            self.primed = false;
+            self.prompt.clear();
+        }
+        let from = self.prompt.len();
+        let to = (from + n.max(1)).min(prompt.len());
+        let part = &prompt[from..to];
+        let (first, last) = (from == 0, to == prompt.len());
+        // Unknown contents until the part has run in every cache.
+        self.prompt.clear();
+        self.target.prefill(part, first, last)?;
         for t in &mut self.terms {
-            t.run.prefill(prompt)?;
+            t.run.prefill(part, first, last)?;
             if let Some(r) = t.reference.as_mut() {
-                r.prefill(prompt)?;
+                r.prefill(part, first, last)?;
             }
         }
-        self.prompt.clear();
-        self.prompt.extend_from_slice(prompt);
-        self.primed = true;
-        Ok(())
+        self.prompt.extend_from_slice(&prompt[..to]);
+        self.primed = last;
+        Ok(last)
     }
 
     /// Score `cont` after the current prompt: calls `each(i, logp)` for every token `i` of

@@ -183,6 +183,24 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> ApiResult<Response> 
         let _ = writeln!(text, "# TYPE llamacpp:{name} {kind}");
         let _ = writeln!(text, "llamacpp:{name} {value}");
     }
+    // lethe's own, under its own prefix.
+    let own = [
+        (
+            "prompt_tokens_run_total",
+            "Prompt tokens run, chunk by chunk (including prompts whose client left).",
+            c.prompt_tokens_run_total,
+        ),
+        (
+            "score_continuations_total",
+            "Continuations scored by /score.",
+            c.score_continuations_total,
+        ),
+    ];
+    for (name, help, value) in own {
+        let _ = writeln!(text, "# HELP lethe:{name} {help}");
+        let _ = writeln!(text, "# TYPE lethe:{name} counter");
+        let _ = writeln!(text, "lethe:{name} {value}");
+    }
     // llama-server sends when the process started in this header.
     let start = state.created.to_string();
     Ok((

@@ -140,6 +140,20 @@ fn parse(state: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Par
             "continuation {i} has no tokens"
         )));
     }
+    let max = state.cfg.score_max_conts;
+    if conts.len() > max {
+        return Err(ApiError::InvalidRequest(format!(
+            "{} continuations in one request; this server scores at most {max} (--score-max-continuations)",
+            conts.len()
+        )));
+    }
+    let n_tokens: usize = conts.iter().map(Vec::len).sum();
+    let max = state.cfg.score_max_tokens;
+    if n_tokens > max {
+        return Err(ApiError::InvalidRequest(format!(
+            "{n_tokens} continuation tokens in one request; this server scores at most {max} (--score-max-tokens)"
+        )));
+    }
     let stats = body.bool("stats")?.unwrap_or(false);
     Ok((model, setting, audit, prompt, texts, conts, stats))
 }
