@@ -427,6 +427,18 @@ fn ab_page_matches_the_api() {
         "tooltip p = {p}, API {want}"
     );
     assert!(tip.starts_with("token 1 "), "{tip}");
+    // The keyboard: in a focused answer the arrow keys walk its tokens.
+    b.exec(
+        "document.querySelector(\".turn .side[data-side='b'] .answer\").focus();",
+        &[],
+    )
+    .unwrap();
+    let tip_text = "return document.getElementById('tip').textContent;";
+    for n in [1, 2] {
+        b.keys(&["\u{E014}"]).unwrap();
+        let t = exec_str(&b, tip_text);
+        assert!(t.starts_with(&format!("token {n} ")), "{t}");
+    }
 
     // The strip: one segment per token of A's answer as /score tokenizes it, each the gap
     // between the two models' log-probabilities.
@@ -508,6 +520,11 @@ fn ab_page_matches_the_api() {
     }
 
     // The README's picture: the first difference under the pointer.
+    b.exec(
+        "document.getElementById('settings').open = false; window.scrollTo(0, 0);",
+        &[],
+    )
+    .unwrap();
     let diff = b.find(".turn .side[data-side='b'] .tok.diff").unwrap();
     b.hover(&diff).unwrap();
     b.wait_for(
@@ -553,4 +570,316 @@ fn ab_page_matches_the_api() {
     );
     assert!(narrow.is_ok(), "{narrow:?}");
     screenshot(&b, "webui-narrow.png", false);
+}
+
+/// A profile file: `patched` (a random LoRA) and `uld` (an untrained ULD assistant, the
+/// target's first 8 blocks, alpha 0.5, filter 0.1).
+fn patched_and_uld(dir: &TempDir) -> String {
+    let model = common::model_path("smollm2");
+    let lora = random_patch(dir, "lora.gguf");
+    let asst = dir.join("assistant.gguf");
+    lethe(&[
+        "forge",
+        "assistant",
+        "-m",
+        model.to_str().unwrap(),
+        "--layers",
+        "8",
+        "-o",
+        asst.to_str().unwrap(),
+    ]);
+    let base = model.to_str().unwrap();
+    let text = format!(
+        "[[profile]]\nname = \"patched\"\nbase = {base:?}\n\n[[profile.patch]]\nfile = {lora:?}\n\n\
+         [[profile]]\nname = \"uld\"\nbase = {base:?}\n\n[[profile.assistant]]\n\
+         model = \"assistant.gguf\"\nalpha = 0.5\nfilter = 0.1\n"
+    );
+    dir.file("profiles.toml", &text)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn exec_str(b: &Browser, script: &str) -> String {
+    let v = b.exec(script, &[]).unwrap();
+    v.as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| v.to_string())
+}
+
+/// Pick a model on side `k` ("a" or "b") as a user would (the select's change event).
+fn pick(b: &Browser, side: &str, id: &str) {
+    b.exec(
+        "const s = document.getElementById(arguments[0]); s.value = arguments[1];\
+         s.dispatchEvent(new Event('change'));",
+        &[json!(format!("model-{side}")), json!(id)],
+    )
+    .unwrap();
+}
+
+/// `--api-key`: the page loads and lists the ids, a request without the key or with a wrong
+/// one shows why it failed, the right key (kept in session storage only) answers as the API
+/// does, shows the files' hashes and the ULD overrides, which apply.
+#[test]
+fn key_field_works_against_api_key() {
+    let Some(br) = browser_or_skip("key_field_works_against_api_key") else {
+        return;
+    };
+    let dir = TempDir::new("webui-key");
+    let prof = patched_and_uld(&dir);
+    let s = Server::start(&[
+        "--profile",
+        &prof,
+        "--alias",
+        "base",
+        "--api-key",
+        "sekrit",
+        "-np",
+        "2",
+    ]);
+    let b = open(&br, 1280, 900, &dir.0);
+    b.goto(&url(&s)).unwrap();
+    assert_eq!(wait_models(&b), ["base", "patched", "uld"]);
+    assert!(b.displayed(&b.find("#key-box").unwrap()).unwrap());
+    assert!(exec_str(
+        &b,
+        "return document.getElementById('key-status').textContent;"
+    )
+    .contains("enter the server's key"));
+    set_field(&b, "max-tokens", "8");
+
+    // No key: both sides say so.
+    for (state, _, err) in ask(&b, "Hi there!") {
+        assert_eq!(state, "error");
+        assert!(err.contains("needs an API key (401)"), "{err}");
+    }
+    // A wrong key is refused where the key is typed.
+    let field = b.find("#api-key").unwrap();
+    b.send_keys(&field, &format!("nope{ENTER}")).unwrap();
+    let st = b
+        .wait_for(
+            "the key check",
+            "const t = document.getElementById('key-status').textContent;\
+             return t === 'checking…' ? null : t;",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    assert_eq!(st, "key refused");
+    assert!(
+        exec_str(&b, "return document.getElementById('error').textContent;")
+            .contains("refused this API key")
+    );
+    // The right key.
+    b.clear(&field).unwrap();
+    b.send_keys(&field, &format!("sekrit{ENTER}")).unwrap();
+    b.wait_for(
+        "the key to be accepted",
+        "return document.getElementById('key-status').textContent === 'key accepted';",
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let stored = b
+        .exec(
+            "return [sessionStorage.getItem('lethe-api-key'), localStorage.length];",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        stored,
+        json!(["sekrit", 0]),
+        "the key lives in session storage only"
+    );
+
+    // With the key: what each side runs, and the ULD profile's overrides.
+    pick(&b, "b", "uld");
+    let models = {
+        let (st, _, text) = s.request(
+            "GET",
+            "/v1/models",
+            &[("Authorization", "Bearer sekrit")],
+            b"",
+        );
+        assert_eq!(st, 200);
+        serde_json::from_str::<Value>(&text).unwrap()
+    };
+    let sha = models["data"][2]["meta"]["unlearn"]["files"][1]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(exec_str(
+        &b,
+        "return document.getElementById('audit-body').textContent;"
+    )
+    .contains(&sha));
+    let alpha = b
+        .find("#overrides input[data-kind='alpha'][data-side='1']")
+        .unwrap();
+    b.send_keys(&alpha, "2").unwrap();
+    let sides = ask(&b, QUESTION);
+    for (state, _, err) in &sides {
+        assert_eq!(state, "done", "{err}");
+    }
+    let messages = json!([{"role": "user", "content": QUESTION}]);
+    let want_a = content(&chat(
+        &s,
+        Some("sekrit"),
+        &json!({"model": "base", "messages": messages, "temperature": 0, "seed": 42,
+                "max_tokens": 8}),
+    ));
+    let want_b = content(&chat(
+        &s,
+        Some("sekrit"),
+        &json!({"model": "uld", "messages": messages, "temperature": 0, "seed": 42,
+                "max_tokens": 8, "unlearn": {"alpha": 2.0}}),
+    ));
+    assert_eq!(sides[0].1, want_a);
+    assert_eq!(sides[1].1, want_b, "B ran with alpha 2");
+}
+
+/// `--lock`: the base is neither offered nor overridable, the profiles answer as the API
+/// does, and a request for the base (a page from before the lock, say) shows the 403.
+#[test]
+fn lock_hides_the_base() {
+    let Some(br) = browser_or_skip("lock_hides_the_base") else {
+        return;
+    };
+    let dir = TempDir::new("webui-lock");
+    let prof = patched_and_uld(&dir);
+    let s = Server::start(&["--profile", &prof, "--alias", "base", "--lock", "-np", "2"]);
+    let b = open(&br, 1280, 900, &dir.0);
+    b.goto(&url(&s)).unwrap();
+    assert_eq!(wait_models(&b), ["patched", "uld"]);
+    let b_ids = b
+        .exec(
+            "return [...document.querySelectorAll('#model-b option')].map(o => o.value);",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(b_ids, json!(["patched", "uld"]));
+    assert!(b.displayed(&b.find("#lock-note").unwrap()).unwrap());
+    set_field(&b, "max-tokens", "8");
+    assert!(
+        b.find_all("#overrides input").unwrap().is_empty(),
+        "no overrides under --lock"
+    );
+    assert!(!b.displayed(&b.find("#key-box").unwrap()).unwrap());
+    let sides = ask(&b, "Name a colour.");
+    let messages = json!([{"role": "user", "content": "Name a colour."}]);
+    for (k, model) in ["patched", "uld"].iter().enumerate() {
+        assert_eq!(sides[k].0, "done", "{}", sides[k].2);
+        let want = content(&chat(
+            &s,
+            None,
+            &json!({"model": model, "messages": messages, "temperature": 0, "seed": 42,
+                    "max_tokens": 8}),
+        ));
+        assert_eq!(sides[k].1, want, "{model}");
+    }
+    // A page that still offers the base (from before the lock, say): the server's answer in
+    // words.
+    b.exec(
+        "const s = document.getElementById('model-a'); const o = document.createElement('option');\
+         o.value = 'base'; o.textContent = 'base'; s.append(o); s.value = 'base';",
+        &[],
+    )
+    .unwrap();
+    let sides = ask(&b, "Name a colour.");
+    assert_eq!(sides[0].0, "error");
+    assert!(
+        sides[0].2.contains("(404)") && sides[0].2.contains("model 'base' not found"),
+        "{}",
+        sides[0].2
+    );
+    assert_eq!(sides[1].0, "done", "{}", sides[1].2);
+    // A page that still offers overrides (it missed the lock): the server's 403, in words.
+    pick(&b, "a", "patched");
+    b.exec("S.lock = false; return loadServer();", &[]).unwrap();
+    let scale = b
+        .find("#overrides input[data-kind='scale'][data-side='0']")
+        .unwrap();
+    b.clear(&scale).unwrap();
+    b.send_keys(&scale, "0.5").unwrap();
+    let sides = ask(&b, "Name a colour.");
+    assert_eq!(sides[0].0, "error");
+    assert!(
+        sides[0].2.contains("(403)") && sides[0].2.contains("locked"),
+        "{}",
+        sides[0].2
+    );
+    assert_eq!(sides[1].0, "done", "{}", sides[1].2);
+}
+
+/// What goes wrong shows in words, and the page stays usable: a prompt over the context, a
+/// server killed mid-stream (the partial answer kept), a server that is gone.
+#[test]
+fn errors_show_in_the_page() {
+    let Some(br) = browser_or_skip("errors_show_in_the_page") else {
+        return;
+    };
+    let dir = TempDir::new("webui-errors");
+    let lora = random_patch(&dir, "lora.gguf");
+    let prof = profiles(&dir, &[("patched", &lora)]);
+    let b = open(&br, 1280, 900, &dir.0);
+    let send_enabled = "return !document.getElementById('send').disabled;";
+
+    // A context of 64 tokens: a long question does not fit.
+    let s = Server::start(&["--profile", &prof, "--alias", "base", "-c", "64"]);
+    b.goto(&url(&s)).unwrap();
+    wait_models(&b);
+    b.click(&b.find("input[name=mode][value=chat]").unwrap())
+        .unwrap();
+    let long = "Tell me about the long history of the city of Rome. ".repeat(8);
+    let sides = ask(&b, long.trim());
+    assert_eq!(sides.len(), 1, "chat mode asks one model");
+    assert_eq!(sides[0].0, "error");
+    assert!(
+        sides[0].2.contains("does not fit the model's context"),
+        "{}",
+        sides[0].2
+    );
+    assert_eq!(b.exec(send_enabled, &[]).unwrap(), json!(true));
+    drop(s);
+
+    // The patched model writes new lines until max tokens: kill the server mid-stream.
+    let mut s = Server::start(&["--profile", &prof, "--alias", "base"]);
+    b.goto(&url(&s)).unwrap();
+    wait_models(&b);
+    b.click(&b.find("input[name=mode][value=chat]").unwrap())
+        .unwrap();
+    pick(&b, "a", "patched");
+    set_field(&b, "max-tokens", "4000");
+    let prompt = b.find("#prompt").unwrap();
+    b.send_keys(&prompt, &format!("Hello{ENTER}")).unwrap();
+    b.wait_for(
+        "a few streamed tokens",
+        "return document.querySelectorAll('.turn .tok').length >= 3;",
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    s.signal("KILL");
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some());
+    let v = b
+        .wait_for(
+            "the broken stream's message",
+            "const s = document.querySelector('.turn .side');\
+             return s.dataset.state === 'error' ? s.querySelector('.side-error').textContent : null;",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let msg = v.as_str().unwrap();
+    assert!(msg.contains("before the answer was finished"), "{msg}");
+    assert_eq!(b.exec(send_enabled, &[]).unwrap(), json!(true));
+    let kept = exec_str(
+        &b,
+        "return document.querySelector('.turn .answer').textContent;",
+    );
+    assert!(!kept.is_empty(), "the partial answer stays");
+    // The server is gone: the next question says so.
+    let sides = ask(&b, "Are you there?");
+    assert_eq!(sides[0].0, "error");
+    assert!(
+        sides[0].2.contains("Cannot reach the server"),
+        "{}",
+        sides[0].2
+    );
 }

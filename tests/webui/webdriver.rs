@@ -185,12 +185,6 @@ impl Browser {
             .map(|_| ())
     }
 
-    /// An element's rendered text.
-    pub fn text(&self, el: &str) -> WdResult<String> {
-        let v = self.cmd("GET", &format!("/element/{el}/text"), None)?;
-        Ok(v.as_str().unwrap_or_default().to_string())
-    }
-
     pub fn displayed(&self, el: &str) -> WdResult<bool> {
         let v = self.cmd("GET", &format!("/element/{el}/displayed"), None)?;
         Ok(v.as_bool().unwrap_or(false))
@@ -210,7 +204,7 @@ impl Browser {
         let origin = json!({ ELEMENT: el });
         self.exec(
             "arguments[0].scrollIntoView({block: 'center'});",
-            &[origin.clone()],
+            std::slice::from_ref(&origin),
         )?;
         self.cmd(
             "POST",

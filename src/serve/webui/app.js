@@ -386,14 +386,17 @@ function settings() {
 // ---------------------------------------------------------------------------------------------
 // A conversation: turns, each with one answer per side
 
+// What side `k` has seen: the system prompt, then each earlier turn it answered (a turn it
+// failed or never had is left out, so that asking again does not repeat the question).
 function history(k) {
   const msgs = [];
   const sys = $('system').value;
   if (sys) msgs.push({ role: 'system', content: sys });
   for (const t of S.turns) {
-    msgs.push({ role: 'user', content: t.user });
     const side = t.sides[k];
-    if (side && side.text) msgs.push({ role: 'assistant', content: side.text });
+    if (!side || !(side.state === 'done' || (side.state === 'stopped' && side.text))) continue;
+    msgs.push({ role: 'user', content: t.user });
+    msgs.push({ role: 'assistant', content: side.text });
   }
   return msgs;
 }
@@ -455,7 +458,11 @@ function renderTurn(turn) {
     answers.append(sec);
     side.el = { sec, status, answer, strip, info, err };
     answer.addEventListener('keydown', (ev) => tokenKeys(ev, side));
-    answer.addEventListener('blur', hideTip);
+    answer.addEventListener('blur', () => {
+      hideTip();
+      if (side.cursor !== undefined) side.spans[side.cursor].el.classList.remove('cursor');
+      side.cursor = undefined;
+    });
     strip.addEventListener('click', (ev) => stripClick(ev, side));
     strip.addEventListener('mouseover', (ev) => stripHover(ev, side));
     strip.addEventListener('mouseout', hideTip);
@@ -573,6 +580,17 @@ function firstDiff(a, b) {
   return { tok, ch };
 }
 
+// Mark a span as the first difference: its text after any leading white space is
+// highlighted (the span's text stays as it was).
+function markSpan(span) {
+  span.el.classList.add('diff');
+  const lead = span.text.match(/^\s*/)[0];
+  if (!lead || lead === span.text) return;
+  const mark = document.createElement('mark');
+  mark.textContent = span.text.slice(lead.length);
+  span.el.replaceChildren(lead, mark);
+}
+
 function markDiff(turn) {
   const [a, b] = turn.sides;
   const d = firstDiff(a, b);
@@ -583,7 +601,7 @@ function markDiff(turn) {
   }
   for (const s of [a, b]) {
     const span = s.spans.find((sp) => sp.toks.includes(d.tok));
-    if (span) span.el.classList.add('diff');
+    if (span) markSpan(span);
     s.el.info.textContent = 'First difference at token ' + (d.tok + 1) +
       (span ? ' (marked)' : ' (this answer ends there)') + '.';
   }
