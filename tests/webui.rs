@@ -34,7 +34,10 @@ fn browser_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
     if std::env::var("LETHE_REQUIRE_BROWSER").is_ok_and(|v| v == "1") {
         panic!("{test}: LETHE_REQUIRE_BROWSER=1 but /usr/bin/chromium or chromedriver is missing");
     }
-    eprintln!(
+    // Straight to stderr: the test harness captures `eprintln!` of a passing test.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
         "{test}: skipped: no Chromium/chromedriver (apt-get install chromium chromium-driver)"
     );
     None
@@ -849,13 +852,32 @@ fn errors_show_in_the_page() {
     pick(&b, "a", "patched");
     set_field(&b, "max-tokens", "4000");
     let prompt = b.find("#prompt").unwrap();
+    let streaming = |turn: usize| {
+        b.wait_for(
+            "a few streamed tokens",
+            &format!(
+                "const t = document.querySelectorAll('.turn')[{turn}];\
+                 return t && t.querySelectorAll('.tok').length >= 3;"
+            ),
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    };
+    // Esc stops an answer; the page takes the next question.
     b.send_keys(&prompt, &format!("Hello{ENTER}")).unwrap();
+    streaming(0);
+    b.keys(&["\u{E00C}"]).unwrap();
     b.wait_for(
-        "a few streamed tokens",
-        "return document.querySelectorAll('.turn .tok').length >= 3;",
-        Duration::from_secs(60),
+        "the stop",
+        "return document.querySelector('.turn .side').dataset.state === 'stopped';",
+        Duration::from_secs(20),
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(b.exec(send_enabled, &[]).unwrap(), json!(true));
+    b.exec("document.getElementById('clear').click();", &[])
+        .unwrap();
+    b.send_keys(&prompt, &format!("Hello{ENTER}")).unwrap();
+    streaming(0);
     s.signal("KILL");
     assert!(s.wait_exit(Duration::from_secs(10)).is_some());
     let v = b

@@ -531,9 +531,12 @@ async function runSide(side, s, signal) {
   };
   if (s.stop.length) body.stop = s.stop;
   Object.assign(body, side.overrides);
-  setState(side, 'streaming', 'streaming…');
+  setState(side, 'streaming', 'waiting for the server…');
   try {
-    side.finish = await streamChat(body, signal, (text, lps) => addChunk(side, text, lps));
+    side.finish = await streamChat(body, signal, (text, lps) => {
+      if (!side.text && !side.tokens.length) side.el.status.textContent = 'streaming…';
+      addChunk(side, text, lps);
+    });
     if (side.pending.length && side.spans.length) {
       side.spans[side.spans.length - 1].toks.push(...side.pending);
       side.pending = [];
@@ -705,10 +708,10 @@ function stripHover(ev, side) {
   const i = segAt(ev);
   if (i === null || !side.gap) return;
   const t = side.gap[i];
-  const lines = [JSON.stringify(t.token), 'log p here: ' + t.own.toFixed(3)];
+  const lines = [JSON.stringify(t.token), 'log p here: ' + fixed(t.own)];
   if (t.other !== null) {
-    lines.push('log p under the other side: ' + t.other.toFixed(3));
-    lines.push('gap: ' + t.gap.toFixed(3) + ' nats');
+    lines.push('log p under the other side: ' + fixed(t.other));
+    lines.push('gap: ' + fixed(t.gap) + ' nats');
   }
   placeTip(ev.target.closest('.seg'), lines.join('\n'));
 }
@@ -717,8 +720,13 @@ function stripHover(ev, side) {
 // Token probabilities: on hover, or with the arrow keys in a focused answer
 
 function prob(logprob) {
+  if (typeof logprob !== 'number') return '?';
   const p = Math.exp(logprob);
   return p >= 0.001 ? p.toFixed(4) : p.toExponential(2);
+}
+
+function fixed(x) {
+  return typeof x === 'number' ? x.toFixed(3) : '?';
 }
 
 function tipText(side, i) {
@@ -727,7 +735,7 @@ function tipText(side, i) {
   for (const t of sp.toks) {
     const lp = side.tokens[t];
     lines.push('token ' + (t + 1) + ' ' + JSON.stringify(lp.token) + ': p = ' + prob(lp.logprob) +
-      ' (log p ' + lp.logprob.toFixed(3) + ')');
+      ' (log p ' + fixed(lp.logprob) + ')');
     const alts = (lp.top_logprobs || []).filter((a) => a.id !== lp.id).slice(0, 4);
     for (const a of alts) lines.push('  ' + JSON.stringify(a.token) + ': ' + prob(a.logprob));
   }
