@@ -187,6 +187,7 @@ pub fn main(a: ServeArgs) -> Result<()> {
         },
         cors_origins: a.compat.cors_origins.clone(),
         verbose: a.compat.verbose,
+        webui: !a.compat.no_webui,
     };
     // The socket is bound first (requests get 503 `Loading model`), then the models load.
     let load = move || load(a).map_err(|e| lethe::Error::Invalid(format!("{e:#}")));

@@ -1,9 +1,9 @@
 //! llama-server's flags that `lethe serve` takes so that an existing command line starts it
 //! unchanged, with what each means here. Those that change behaviour are read by
-//! `serve.rs` (`--cors-origins`, `--chat-template-file`, `--offline`, `--embedding`); the
-//! others are accepted and have no effect, for the reason their help gives. Flags that would
-//! change which model is served (`--hf-repo`, `--model-url`, ...) are refused: lethe must not
-//! serve something other than what the command names.
+//! `serve.rs` (`--cors-origins`, `--chat-template-file`, `--offline`, `--embedding`,
+//! `--no-webui`); the others are accepted and have no effect, for the reason their help
+//! gives. Flags that would change which model is served (`--hf-repo`, `--model-url`, ...) are
+//! refused: lethe must not serve something other than what the command names.
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -140,7 +140,7 @@ pub struct CompatArgs {
     /// No effect: pooling is for embeddings, which lethe does not serve.
     #[arg(long)]
     pub pooling: Option<String>,
-    /// No effect: no web page yet.
+    /// Do not serve the web page at `/` (its paths then answer 404 like any unknown route).
     #[arg(long = "no-webui", visible_alias = "no-ui")]
     pub no_webui: bool,
     /// No effect: one model set per server (profiles), loaded at start.

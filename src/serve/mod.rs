@@ -66,6 +66,8 @@ pub struct ServeConfig {
     pub cors_origins: String,
     /// `--verbose`: chat responses carry `__verbose` (the rendered prompt), as llama-server's.
     pub verbose: bool,
+    /// Serve the web page at `/` (off with `--no-webui`).
+    pub webui: bool,
 }
 
 /// What the loader hands the server once the models are in memory.
@@ -155,6 +157,7 @@ impl AppState {
 async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if state.cfg.api_keys.is_empty()
         || PUBLIC.contains(&req.uri().path())
+        || (state.cfg.webui && routes::webui::is_page(req.uri().path()))
         || state.has_key(req.headers())
     {
         return next.run(req).await;
@@ -251,8 +254,13 @@ async fn cors(State(origins): State<Arc<str>>, req: Request, next: Next) -> Resp
 /// The application: every route, the key check and the body limit.
 pub fn router(state: Arc<AppState>) -> axum::Router {
     let limit = state.cfg.body_limit;
-    routes::routes()
-        .fallback(|| async { ApiError::NotFound("File Not Found".into()) })
+    let app = routes::routes();
+    let app = if state.cfg.webui {
+        app.merge(routes::webui::routes())
+    } else {
+        app
+    };
+    app.fallback(|| async { ApiError::NotFound("File Not Found".into()) })
         // A known path with a method it does not take: llama-server's 404 envelope.
         .method_not_allowed_fallback(|| async { ApiError::NotFound("File Not Found".into()) })
         .layer(axum::middleware::from_fn_with_state(

@@ -8,6 +8,7 @@ pub mod lora;
 pub mod props;
 pub mod score;
 pub mod tokenize;
+pub mod webui;
 
 use super::engine::Event;
 use super::error::{ApiError, ApiResult};
