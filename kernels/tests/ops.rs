@@ -197,3 +197,62 @@ fn fused_activations_match_f64() {
         );
     }
 }
+
+/// `attend_group` against the one-head-at-a-time ops (bit for bit: same sums, same order) and
+/// against an f64 reference, for every head count, head sizes with and without a 16-wide
+/// remainder, strides wider than a head, one to many positions, with and without a softcap.
+#[test]
+fn attend_group_matches_single_heads_and_f64() {
+    for g in 1..=ops::GROUP_MAX {
+        for hd in [8, 24, 64, 80, 256] {
+            for n in [1, 7, 100] {
+                for softcap in [None, Some(20.0f32)] {
+                    let stride = 3 * hd;
+                    let q: Vec<f32> = data(g * hd, 5).iter().map(|x| x * 0.3).collect();
+                    let k: Vec<f16> = data(n * stride, 6)
+                        .iter()
+                        .map(|&x| f16::from_f32(x))
+                        .collect();
+                    let v: Vec<f16> = data(n * stride, 7)
+                        .iter()
+                        .map(|&x| f16::from_f32(x))
+                        .collect();
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    let mut sc = vec![0.0; g * n];
+                    let mut out = vec![f32::NAN; g * hd];
+                    ops::attend_group(&q, hd, &k, &v, stride, n, scale, softcap, &mut sc, &mut out);
+                    let mut sc2 = vec![0.0; g * n];
+                    let mut out2 = vec![f32::NAN; g * hd];
+                    ops::attend_group_scalar(
+                        &q, hd, &k, &v, stride, n, scale, softcap, &mut sc2, &mut out2,
+                    );
+                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&out), bits(&out2), "g {g} hd {hd} n {n} {softcap:?}");
+                    for i in 0..g {
+                        let s: Vec<f64> = (0..n)
+                            .map(|j| {
+                                let d: f64 = (0..hd)
+                                    .map(|c| q[i * hd + c] as f64 * k[j * stride + c].to_f64())
+                                    .sum::<f64>()
+                                    * scale as f64;
+                                softcap.map_or(d, |c| c as f64 * (d / c as f64).tanh())
+                            })
+                            .collect();
+                        let m = s.iter().copied().fold(f64::MIN, f64::max);
+                        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for c in 0..hd {
+                            let r: f64 =
+                                (0..n).map(|j| e[j] / z * v[j * stride + c].to_f64()).sum();
+                            let got = out[i * hd + c] as f64;
+                            assert!(
+                                (got - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                                "g {g} hd {hd} n {n} head {i} col {c}: {got} vs {r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -942,7 +942,7 @@ pub struct Scratch {
     pub att: Vec<f32>,     // [B, n_head*hd]
     pub hg: Vec<f32>,      // [B, n_ff]
     pub hu: Vec<f32>,      // [B, n_ff]
-    pub scores: Vec<f32>,  // [n_threads, n_ctx]
+    pub scores: Vec<f32>,  // [n_threads, GROUP_MAX, n_ctx]
     pub rope_cs: Vec<f32>, // [n_rot]
     /// The logits of a multi-sequence step, grown on first use and kept.
     logits: Vec<f32>, // [n_seq, n_vocab]
@@ -976,7 +976,7 @@ impl Scratch {
             att: z(b * c.q_dim()),
             hg: z(b * c.n_ff),
             hu: z(b * c.n_ff),
-            scores: z(n_threads * n_ctx),
+            scores: z(attention::scratch_len(n_threads, n_ctx)),
             rope_cs: z(c.n_rot),
             logits: Vec::new(),
             act: ActBuf::new(b, c.n_embd.max(c.n_ff).max(c.q_dim())),

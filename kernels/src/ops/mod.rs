@@ -8,7 +8,10 @@ mod norm;
 mod rope;
 
 pub use act::{exp_fast, gelu_tanh, gelu_tanh_inplace, gelu_tanh_mul, silu, silu_mul};
-pub use attn::{axpy_f16, dot_f16, f16_to_f32_slice, f32_to_f16_slice};
+pub use attn::{
+    attend_group, attend_group_scalar, axpy_f16, dot_f16, f16_to_f32_slice, f32_to_f16_slice,
+    GROUP_MAX,
+};
 pub use norm::{layernorm, layernorm_inplace, rmsnorm, rmsnorm_inplace};
 pub use rope::{rope_inplace, RopeKind, RopeTable};
 
