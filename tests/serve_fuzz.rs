@@ -741,6 +741,21 @@ fn check(addr: &str, c: &Case) -> Result<u16, String> {
                 }
             }
         }
+        // The stream ends as its route ends one (or with an error): `[DONE]` on the OpenAI
+        // routes, a `stop: true` object on the native ones.
+        let last = events.last().copied().unwrap_or_default();
+        let last_json: Value = serde_json::from_str(last).unwrap_or(Value::Null);
+        let ended = last_json.get("error").is_some()
+            || match c.path {
+                "/completion" | "/completions" => last_json["stop"] == true,
+                _ => last == "[DONE]",
+            };
+        if !ended {
+            return Err(format!(
+                "a stream cut short, its last event {}",
+                clip(last, 300)
+            ));
+        }
     } else if ct.starts_with("application/json") {
         serde_json::from_str::<Value>(text)
             .map_err(|e| format!("a 200 that is not JSON ({e}): {}", clip(text, 300)))?;
@@ -842,7 +857,11 @@ fn mutated_bodies_on_every_post_route_get_an_envelope_or_200_and_never_a_crash()
                             "POST {} (LETHE_FUZZ_SEED={seed:#x} LETHE_FUZZ_ONLY={i}; {}; \
                              Content-Type {:?}): {e}\n  body: {}",
                             c.path,
-                            c.ops.join(", "),
+                            if c.ops.is_empty() {
+                                "unmutated".to_string()
+                            } else {
+                                c.ops.join(", ")
+                            },
                             c.content_type,
                             clip(&format!("{:?}", String::from_utf8_lossy(&c.body)), 400)
                         ));

@@ -263,6 +263,23 @@ fn errors_and_api_key() {
     }
     let (st, e) = post("/v1/chat/completions", chat.as_bytes(), &[]);
     assert_eq!((st, error_type(&e)), (401, "authentication_error"));
+    // Numbers a f64 holds but an f32 does not are refused, not served as infinities.
+    for (field, value) in [
+        ("temperature", json!(1e308)),
+        ("frequency_penalty", json!(-1e300)),
+        ("logit_bias", json!([[42, 1e300]])),
+    ] {
+        let mut b = chat_body("Hi", 4);
+        b[field] = value;
+        let (st, e) = post("/v1/chat/completions", b.to_string().as_bytes(), &key);
+        assert_eq!(
+            (st, error_type(&e)),
+            (400, "invalid_request_error"),
+            "{field}: {e}"
+        );
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(field) && msg.contains("f32"), "{msg}");
+    }
     let (st, e) = post(
         "/v1/chat/completions",
         chat.as_bytes(),

@@ -30,9 +30,10 @@ impl Body {
     pub fn f32(&self, key: &str) -> ApiResult<Option<f32>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => match v.as_f64() {
-                Some(x) if x.is_finite() => Ok(Some(x as f32)),
-                _ => Err(bad(key, "a number")),
+            // A finite f64 can still overflow f32 (1e308): refused, not served as infinity.
+            Some(v) => match v.as_f64().map(|x| x as f32) {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => Err(bad(key, "a number within the range of f32")),
             },
         }
     }
@@ -184,8 +185,8 @@ impl Body {
             match v {
                 Value::Bool(false) => Ok(f32::NEG_INFINITY),
                 Value::Number(n) => match n.as_f64() {
-                    Some(x) if x.is_finite() => Ok(x as f32),
-                    _ => Err(bad("logit_bias", "finite numbers")),
+                    Some(x) if (x as f32).is_finite() => Ok(x as f32),
+                    _ => Err(bad("logit_bias", "finite numbers within the range of f32")),
                 },
                 _ => Err(ApiError::InvalidRequest(format!(
                     "'logit_bias': the bias of {key} must be a number or false, not {v}"
