@@ -85,13 +85,8 @@ fn post_and_leave(s: &Server, path: &str, body: &Value, after: impl FnOnce()) {
 
 /// One of lethe's own counters from `/metrics`.
 fn counter(s: &Server, name: &str) -> u64 {
-    let (st, text) = s.get("/metrics");
-    assert_eq!(st, 200, "{text}");
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&format!("lethe:{name} ")))
-        .unwrap_or_else(|| panic!("no lethe:{name} in /metrics:\n{text}"));
-    line.split(' ').nth(1).unwrap().parse::<f64>().unwrap() as u64
+    s.metric(&format!("lethe:{name}"))
+        .unwrap_or_else(|| panic!("no lethe:{name} in /metrics")) as u64
 }
 
 /// Wait (at most `limit`) until `f` holds.

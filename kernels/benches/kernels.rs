@@ -27,38 +27,40 @@ fn bench(c: &mut Criterion) {
         let mut out = vec![0.0; g * hd];
         let mut grp = c.benchmark_group(format!("attend/{g}x{hd}"));
         grp.throughput(Throughput::Elements((g * n) as u64));
-        grp.bench_function(BenchmarkId::new("group", n), |b| {
-            b.iter(|| {
-                ops::attend_group(
-                    black_box(&q),
-                    hd,
-                    &k,
-                    &v,
-                    stride,
-                    n,
-                    scale,
-                    None,
-                    &mut sc,
-                    &mut out,
-                )
-            })
-        });
-        grp.bench_function(BenchmarkId::new("single", n), |b| {
-            b.iter(|| {
-                ops::attend_group_scalar(
-                    black_box(&q),
-                    hd,
-                    &k,
-                    &v,
-                    stride,
-                    n,
-                    scale,
-                    None,
-                    &mut sc,
-                    &mut out,
-                )
-            })
-        });
+        type Attend = fn(
+            &[f32],
+            usize,
+            &[f16],
+            &[f16],
+            usize,
+            usize,
+            f32,
+            Option<f32>,
+            &mut [f32],
+            &mut [f32],
+        );
+        let ways: [(&str, Attend); 2] = [
+            ("group", ops::attend_group),
+            ("single", ops::attend_group_scalar),
+        ];
+        for (name, attend) in ways {
+            grp.bench_function(BenchmarkId::new(name, n), |b| {
+                b.iter(|| {
+                    attend(
+                        black_box(&q),
+                        hd,
+                        &k,
+                        &v,
+                        stride,
+                        n,
+                        scale,
+                        None,
+                        &mut sc,
+                        &mut out,
+                    )
+                })
+            });
+        }
         grp.finish();
     }
 }

@@ -417,12 +417,7 @@ impl Scheduler {
             if pending.events.is_closed() {
                 // The client left: what ran stays cached.
                 slot.pending = None;
-                let n_cached = slot.history.len();
-                self.stats.slot(i, |v| {
-                    v.is_processing = false;
-                    v.id_task = -1;
-                    v.n_cached = n_cached;
-                });
+                self.stats.slot_free(i, slot.history.len());
                 continue;
             }
             let chunk = (left / (n - k)).max(MIN_CHUNK).min(remaining);
@@ -600,10 +595,7 @@ impl Scheduler {
                 let _ = p.events.send(Event::Error(ApiError::Unavailable(
                     "the server is stopping".into(),
                 )));
-                self.stats.slot(i, |v| {
-                    v.is_processing = false;
-                    v.id_task = -1;
-                });
+                self.stats.slot_free(i, self.slots[i].history.len());
             }
             if let Some(active) = self.slots[i].active.as_mut() {
                 active.gen.cancel();
@@ -745,12 +737,7 @@ impl Scheduler {
                 // The client left: free the slot.
                 active.gen.cancel();
                 slot.active = None;
-                let n_cached = slot.history.len();
-                self.stats.slot(i, |v| {
-                    v.is_processing = false;
-                    v.id_task = -1;
-                    v.n_cached = n_cached;
-                });
+                self.stats.slot_free(i, slot.history.len());
                 continue;
             }
             let dec = slot.dec.as_deref().expect("an active slot has a decoder");

@@ -87,6 +87,15 @@ impl Stats {
         }
     }
 
+    /// Slot `i` has no job any more; its cache holds `n_cached` tokens.
+    pub fn slot_free(&self, i: usize, n_cached: usize) {
+        self.slot(i, |v| {
+            v.is_processing = false;
+            v.id_task = -1;
+            v.n_cached = n_cached;
+        })
+    }
+
     /// Change the counters.
     pub fn count(&self, f: impl FnOnce(&mut Counters)) {
         f(&mut lock(&self.counters))

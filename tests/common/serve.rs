@@ -158,6 +158,17 @@ impl Server {
         parse_response(&raw)
     }
 
+    /// The value of the metric `name` (with its prefix: `llamacpp:...`, `lethe:...`) in
+    /// `/metrics`, if listed; the server must serve `/metrics`.
+    #[allow(dead_code)]
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (st, text) = self.get("/metrics");
+        assert_eq!(st, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(|v| v.parse().expect("a number"))
+    }
+
     pub fn get(&self, path: &str) -> (u16, String) {
         let (status, _, body) = self.request("GET", path, &[], b"");
         (status, body)
